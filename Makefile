@@ -1,0 +1,49 @@
+# recsys-pipeline: `make run` runs the weekly DAG on the bundled sample, `make test` runs the tests.
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+
+VENV := .venv
+BIN := $(VENV)/bin
+RECSYS := $(BIN)/recsys
+# The day after the bundled MovieLens-100k sample ends: the run sees all of it.
+DATE ?= 1998-04-23
+NAME ?=
+export OPENBLAS_NUM_THREADS := 1
+
+## help: list the targets
+help:
+	@sed -n 's/^## //p' $(MAKEFILE_LIST) | column -t -s ':'
+
+$(BIN)/.installed: pyproject.toml
+	@python_bin=$$(scripts/check_prereqs.sh) || exit 1; \
+	  [ -x $(BIN)/python ] || $$python_bin -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+## setup: check Python 3.11 and Java 17+, create .venv and install the project
+setup: $(BIN)/.installed
+
+## init: create the Airflow and MLflow state under var/ (or $RECSYS_HOME)
+init: setup
+	@$(RECSYS) airflow db migrate > /dev/null
+
+## run: run the weekly DAG end to end for DATE (default 1998-04-23) and show what was published
+run: init
+	$(RECSYS) airflow dags test recsys_weekly $(DATE)
+	$(RECSYS) status
+
+## test: run the test suite (slow end-to-end tests included)
+test: init
+	$(BIN)/pytest
+
+## lint: ruff and mypy
+lint: setup
+	$(BIN)/ruff check recsys_pipeline dags jobs tests benchmarks
+	$(BIN)/mypy
+
+## bench: run every benchmark, or one with NAME=x (writes var/bench/x.json)
+bench: setup
+	$(BIN)/python -m benchmarks $(NAME)
+
+.PHONY: help setup init run test lint bench

@@ -1,0 +1,9 @@
+"""spark-submit entry point: build the confidence matrix, holdout and stable ID maps."""
+
+import sys
+
+from recsys_pipeline.interactions import run_interactions
+from recsys_pipeline.jobs import run_spark_job
+
+if __name__ == "__main__":
+    sys.exit(run_spark_job(run_interactions, "recsys-build-interactions", sys.argv[1:]))

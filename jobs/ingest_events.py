@@ -1,0 +1,9 @@
+"""spark-submit entry point: ingest the run's events into the lake, quarantining bad records."""
+
+import sys
+
+from recsys_pipeline.events import run_ingest
+from recsys_pipeline.jobs import run_spark_job
+
+if __name__ == "__main__":
+    sys.exit(run_spark_job(run_ingest, "recsys-ingest-events", sys.argv[1:]))

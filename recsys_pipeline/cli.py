@@ -1,0 +1,156 @@
+"""The ``recsys`` command line: query what the pipeline published; run Airflow on the local state."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from recsys_pipeline.config import (
+    DEFAULT_CONFIG_PATH,
+    PROJECT_ROOT,
+    ConfigError,
+    PipelineConfig,
+    load_config,
+    parse_override,
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="recsys", description=__doc__)
+    parser.add_argument("--config", help=f"pipeline YAML (default: $RECSYS_CONFIG or {DEFAULT_CONFIG_PATH})")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config field (repeatable)",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    status = commands.add_parser("status", help="the version behind the champion alias and its metrics")
+    status.add_argument("--json", action="store_true")
+
+    recommend = commands.add_parser("recommend", help="top-k items for a user from the champion")
+    recommend.add_argument("--user-id", required=True)
+    recommend.add_argument("-k", type=int, default=10)
+    recommend.add_argument("--json", action="store_true")
+
+    similar = commands.add_parser("similar", help="items most similar to an item, from the champion")
+    similar.add_argument("--item-id", required=True)
+    similar.add_argument("-k", type=int, default=10)
+    similar.add_argument("--json", action="store_true")
+
+    airflow = commands.add_parser(
+        "airflow", help="run the airflow CLI on the local state (AIRFLOW_HOME, DAGs folder, Spark connection)"
+    )
+    airflow.add_argument("airflow_args", nargs=argparse.REMAINDER)
+
+    commands.add_parser("mlflow-ui", help="print the command that opens the MLflow UI on the local state")
+    return parser
+
+
+def airflow_environment(config: PipelineConfig, config_path: str | None) -> dict[str, str]:
+    """Environment for Airflow on the project's state; values already set by a deployment win."""
+    home = config.state_home
+    env = dict(os.environ)
+    venv_bin = str(Path(sys.executable).parent)
+    env["PATH"] = f"{venv_bin}{os.pathsep}{env.get('PATH', '')}"
+    defaults = {
+        "RECSYS_HOME": str(home),
+        "AIRFLOW_HOME": str(home / "airflow"),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(PROJECT_ROOT / "dags"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+        "OPENBLAS_NUM_THREADS": "1",
+        "SPARK_CONF_DIR": str(PROJECT_ROOT / "conf" / "spark"),
+        f"AIRFLOW_CONN_{config.spark.conn_id.upper()}": json.dumps(
+            {"conn_type": "spark", "host": config.spark.master}
+        ),
+    }
+    if config_path:
+        defaults["RECSYS_CONFIG"] = str(Path(config_path).resolve())
+    for key, value in defaults.items():
+        env.setdefault(key, value)
+    return env
+
+
+def _print_table(frame: pd.DataFrame, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(frame.to_dict(orient="records"), indent=2))
+    else:
+        print(frame.to_string(index=False))
+
+
+def _status(config: PipelineConfig, as_json: bool) -> None:
+    from recsys_pipeline.publish import champion_status
+
+    status = champion_status(config)
+    if as_json:
+        print(json.dumps(status, indent=2))
+        return
+    window = status["data_window"]
+    print(f"{status['model']} version {status['version']} (aliases: {', '.join(status['aliases'])})")
+    print(f"  data window: {window['start']} -> {window['end']}   created: {status['created_at']}")
+    for name in (
+        "ndcg_at_10",
+        "baseline_ndcg_at_10",
+        "precision_at_10",
+        "recall_at_10",
+        "map_at_10",
+        "coverage_at_10",
+        "index_recall_at_10",
+    ):
+        if name in status["metrics"]:
+            print(f"  {name:<22} {status['metrics'][name]:.4f}")
+
+
+def run(argv: Sequence[str]) -> int:
+    args = _parser().parse_args(argv)
+    overrides = dict(parse_override(item) for item in args.set)
+    config = load_config(args.config, overrides)
+    if args.command == "airflow":
+        import subprocess
+
+        env = airflow_environment(config, args.config)
+        Path(env["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)
+        airflow = str(Path(sys.executable).parent / "airflow")
+        return subprocess.call([airflow, *args.airflow_args], env=env)
+    if args.command == "mlflow-ui":
+        print(f"mlflow ui --backend-store-uri {config.tracking_uri} --port 5000")
+        return 0
+    if args.command == "status":
+        _status(config, args.json)
+        return 0
+    from recsys_pipeline.serving import Recommender
+
+    recommender = Recommender.from_registry(config=config)
+    if args.command == "recommend":
+        _print_table(recommender.recommend(args.user_id, args.k), args.json)
+    elif args.command == "similar":
+        _print_table(recommender.similar(args.item_id, args.k), args.json)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from recsys_pipeline.index import IndexIntegrityError
+    from recsys_pipeline.publish import NothingPublishedError
+    from recsys_pipeline.serving import BundleFormatError, UnknownIdError
+
+    known: tuple[type[Exception], ...] = (
+        ConfigError,
+        NothingPublishedError,
+        UnknownIdError,
+        BundleFormatError,
+        IndexIntegrityError,
+    )
+    try:
+        return run(sys.argv[1:] if argv is None else argv)
+    except known as error:
+        print(f"recsys: {error}", file=sys.stderr)
+        return 1

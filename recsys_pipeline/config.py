@@ -1,0 +1,228 @@
+"""The one typed configuration of the pipeline.
+
+A YAML file in ``conf/`` is validated into :class:`PipelineConfig`. DAG params and
+CLI ``--set section.key=value`` flags override single fields; nothing else holds
+parameters.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG_PATH = PROJECT_ROOT / "conf" / "pipeline.yaml"
+CANONICAL_FIELDS = ("user_id", "item_id", "event_type", "value", "timestamp")
+
+
+class ConfigError(ValueError):
+    """The configuration file is missing, unreadable or invalid."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SourceConfig(_Section):
+    """Where raw events come from and how their columns map onto the canonical schema."""
+
+    name: str = Field(description="Recorded in the `source` column of every ingested event.")
+    path: Path
+    format: Literal["csv", "parquet"] = "csv"
+    delimiter: str = ","
+    header: bool = True
+    column_names: list[str] | None = Field(
+        default=None, description="Names for a header-less CSV, in file order."
+    )
+    mapping: dict[str, str | None] = Field(
+        description="Canonical field (user_id, item_id, event_type, value, timestamp) -> source column."
+    )
+    default_event_type: str | None = Field(
+        default=None, description="Event type for sources without an event-type column."
+    )
+    timestamp_unit: Literal["s", "ms", "us", "format"] = "s"
+    timestamp_format: str | None = Field(default=None, description="Spark datetime pattern when unit=format.")
+
+    @model_validator(mode="after")
+    def _mapping_is_complete(self) -> SourceConfig:
+        unknown = set(self.mapping) - set(CANONICAL_FIELDS)
+        if unknown:
+            raise ValueError(f"mapping has unknown canonical fields {sorted(unknown)}")
+        for required in ("user_id", "item_id", "timestamp"):
+            if not self.mapping.get(required):
+                raise ValueError(f"mapping.{required} must name a source column")
+        if not self.mapping.get("event_type") and not self.default_event_type:
+            raise ValueError("either mapping.event_type or default_event_type must be set")
+        if self.timestamp_unit == "format" and not self.timestamp_format:
+            raise ValueError("timestamp_format is required when timestamp_unit is 'format'")
+        return self
+
+
+class EventsConfig(_Section):
+    event_types: list[str] = ["view", "click", "add_to_cart", "purchase", "rating", "watch"]
+    min_event_time: datetime = Field(
+        default=datetime(1990, 1, 1), description="Events before this are quarantined as 'before_floor'."
+    )
+    max_quarantine_share: float = Field(default=0.05, ge=0, le=1)
+
+
+class EventWeight(_Section):
+    weight: float = Field(default=1.0, ge=0)
+    value_map: dict[float, float] | None = Field(
+        default=None, description="Maps the event value (e.g. a rating) to a multiplier; unmapped -> 0."
+    )
+    scale_by_value: bool = Field(default=False, description="Multiply by the raw value (e.g. watch time).")
+
+
+class InteractionsConfig(_Section):
+    event_weights: dict[str, EventWeight]
+    half_life_days: float | None = Field(
+        default=None, gt=0, description="Exponential time decay; off if null."
+    )
+    aggregation: Literal["sum", "max"] = "sum"
+    max_confidence: float = Field(default=100.0, gt=0)
+    min_user_interactions: int = Field(default=1, ge=1)
+    min_item_interactions: int = Field(default=1, ge=1)
+    holdout_days: int = Field(default=14, ge=1, description="Last N days of the window are held out.")
+    history_days: int | None = Field(default=None, ge=1, description="Training window length; all if null.")
+
+
+class AlsConfig(_Section):
+    factors: int = Field(default=64, ge=1)
+    regularization: float = Field(default=0.05, ge=0)
+    alpha: float = Field(default=1.0, gt=0)
+    iterations: int = Field(default=15, ge=1)
+    use_cg: bool = True
+    random_state: int = 42
+
+
+class GateConfig(_Section):
+    min_lift_over_baseline: float = Field(
+        default=0.0, description="Candidate ndcg must exceed the popularity baseline's by more than this."
+    )
+    max_drop_vs_champion: float = Field(
+        default=0.02, ge=0, description="Candidate ndcg may be at most this far below the champion's."
+    )
+
+
+class EvaluationConfig(_Section):
+    k: int = Field(default=10, ge=1)
+    gate: GateConfig = GateConfig()
+
+
+class IndexConfig(_Section):
+    metric: Literal["dot_product"] = "dot_product"
+    brute_force_below: int = Field(
+        default=20_000, ge=0, description="Catalogue size under which search is exact."
+    )
+    num_leaves: int | None = Field(default=None, ge=2, description="Tree leaves; sqrt(items) if null.")
+    leaves_to_search: int | None = Field(default=None, ge=1)
+    reorder: int = Field(default=200, ge=1)
+    recall_sample_users: int = Field(default=1000, ge=1)
+    min_recall: float = Field(default=0.95, ge=0, le=1)
+
+
+class ValidationConfig(_Section):
+    max_collapsed_share: float = Field(default=0.01, ge=0, le=1)
+    min_mean_norm: float = Field(default=1e-3, ge=0)
+    max_mean_norm: float = Field(default=100.0, gt=0)
+
+
+class SparkConfig(_Section):
+    master: str = "local[*]"
+    conn_id: str = Field(
+        default="recsys_spark", description="Airflow connection the Spark tasks submit through."
+    )
+    conf: dict[str, str] = {}
+
+
+class MlflowConfig(_Section):
+    tracking_uri: str | None = Field(default=None, description="Null: SQLite under the state folder.")
+    experiment: str = "recsys-pipeline"
+    model_name: str = "recsys-als"
+
+
+class PipelineConfig(_Section):
+    state_dir: Path | None = Field(default=None, description="Null: $RECSYS_HOME, else ./var.")
+    source: SourceConfig
+    events: EventsConfig = EventsConfig()
+    interactions: InteractionsConfig
+    als: AlsConfig = AlsConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    index: IndexConfig = IndexConfig()
+    validation: ValidationConfig = ValidationConfig()
+    spark: SparkConfig = SparkConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+
+    @field_validator("state_dir", mode="after")
+    @classmethod
+    def _absolute_state_dir(cls, value: Path | None) -> Path | None:
+        return None if value is None else value.expanduser()
+
+    @property
+    def state_home(self) -> Path:
+        if self.state_dir is not None:
+            return self.state_dir
+        return Path(os.environ.get("RECSYS_HOME") or PROJECT_ROOT / "var").resolve()
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.mlflow.tracking_uri or f"sqlite:///{self.state_home / 'mlflow' / 'mlflow.db'}"
+
+    def resolved(self) -> dict[str, Any]:
+        """The whole configuration as plain JSON-compatible values (what a run logs)."""
+        return self.model_dump(mode="json")
+
+
+def parse_override(assignment: str) -> tuple[str, Any]:
+    """Split ``section.key=value``; the value is read as YAML so numbers and lists keep their type."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {assignment!r} is not of the form section.key=value")
+    return key.strip(), yaml.safe_load(raw)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    for dotted, value in overrides.items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
+            node = child
+        node[leaf] = value
+    return raw
+
+
+def load_config(path: Path | str | None = None, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """Read, override and validate the configuration.
+
+    Relative paths inside the file are resolved against the project root, so the
+    same file works from any working directory.
+    """
+    config_path = Path(path or os.environ.get("RECSYS_CONFIG") or DEFAULT_CONFIG_PATH)
+    try:
+        raw = yaml.safe_load(config_path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {config_path}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {config_path} is not valid YAML: {error}") from None
+    raw = apply_overrides(raw, overrides or {})
+    try:
+        config = PipelineConfig.model_validate(raw)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in issue['loc'])}: {issue['msg']}" for issue in error.errors()
+        )
+        raise ConfigError(f"invalid config {config_path}: {problems}") from None
+    if not config.source.path.is_absolute():
+        config.source.path = PROJECT_ROOT / config.source.path
+    if config.state_dir is not None and not config.state_dir.is_absolute():
+        config.state_dir = PROJECT_ROOT / config.state_dir
+    return config

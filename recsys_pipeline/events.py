@@ -1,0 +1,236 @@
+"""Ingest raw events into a date-partitioned Parquet lake, quarantining bad records.
+
+Canonical event schema (one row per event)::
+
+    user_id STRING, item_id STRING, event_type STRING, value DOUBLE,
+    event_ts TIMESTAMP, ingested_at TIMESTAMP, source STRING   -- partitioned by event_date DATE
+
+Every source row ends up in exactly one of: the lake, the quarantine table (with a
+reason), or the ``events_outside_window`` count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from pyspark.sql import Column, DataFrame, SparkSession, Window
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from recsys_pipeline.config import EventsConfig, PipelineConfig, SourceConfig
+from recsys_pipeline.runs import RunContext, now_utc
+
+CORRUPT_COLUMN = "_corrupt_record"
+EVENT_COLUMNS = ["user_id", "item_id", "event_type", "value", "event_ts", "ingested_at", "source"]
+
+# Checked in this order; a record is quarantined with the first reason that applies.
+QUARANTINE_REASONS = (
+    "unparseable_record",
+    "missing_user_id",
+    "missing_item_id",
+    "unknown_event_type",
+    "invalid_value",
+    "unparseable_timestamp",
+    "before_floor",
+    "future_timestamp",
+    "duplicate",
+)
+
+
+class QuarantineThresholdError(RuntimeError):
+    """Too large a share of a run's records was quarantined to trust the rest."""
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    events: DataFrame
+    quarantine: DataFrame
+    metrics: dict[str, float]
+
+
+def read_source(spark: SparkSession, source: SourceConfig) -> DataFrame:
+    """The source as string columns, plus the corrupt-record column for CSV rows that do not parse."""
+    if source.format == "parquet":
+        frame = spark.read.parquet(str(source.path))
+        return frame.select([F.col(c).cast("string").alias(c) for c in frame.columns]).withColumn(
+            CORRUPT_COLUMN, F.lit(None).cast("string")
+        )
+    reader = spark.read.option("sep", source.delimiter).option("header", source.header)
+    if source.column_names:
+        names = source.column_names
+    else:
+        names = reader.csv(str(source.path)).columns
+    schema = T.StructType(
+        [T.StructField(name, T.StringType()) for name in names]
+        + [T.StructField(CORRUPT_COLUMN, T.StringType())]
+    )
+    return (
+        reader.schema(schema)
+        .option("mode", "PERMISSIVE")
+        .option("columnNameOfCorruptRecord", CORRUPT_COLUMN)
+        .csv(str(source.path))
+    )
+
+
+def _timestamp(raw: Column, source: SourceConfig) -> Column:
+    if source.timestamp_unit == "format":
+        return F.try_to_timestamp(raw, F.lit(source.timestamp_format))
+    number = raw.try_cast("double")
+    scale = {"s": 1.0, "ms": 1e3, "us": 1e6}[source.timestamp_unit]
+    return F.when(F.isnan(number), None).otherwise(F.timestamp_micros((number / scale * 1e6).cast("long")))
+
+
+def canonicalize(
+    raw: DataFrame, source: SourceConfig, events: EventsConfig, ingested_at: datetime
+) -> DataFrame:
+    """Map source columns onto the canonical schema and tag each row with a reason if it is bad."""
+    mapping = source.mapping
+    source_columns = [c for c in raw.columns if c != CORRUPT_COLUMN]
+    raw_value = F.col(mapping["value"]) if mapping.get("value") else F.lit(None).cast("string")
+    event_type = (
+        F.lower(F.trim(F.col(mapping["event_type"])))
+        if mapping.get("event_type")
+        else F.lit(source.default_event_type)
+    )
+    frame = raw.select(
+        F.to_json(F.struct(*[F.col(c) for c in source_columns])).alias("raw_record"),
+        F.col(CORRUPT_COLUMN).alias("corrupt"),
+        F.trim(F.col(mapping["user_id"])).alias("user_id"),
+        F.trim(F.col(mapping["item_id"])).alias("item_id"),
+        event_type.alias("event_type"),
+        raw_value.alias("raw_value"),
+        raw_value.try_cast("double").alias("value"),
+        F.col(mapping["timestamp"]).alias("raw_ts"),
+        _timestamp(F.col(mapping["timestamp"]), source).alias("event_ts"),
+    )
+    bad_value = (F.col("raw_value").isNotNull() & F.col("value").isNull()) | (
+        F.col("value").isNotNull()
+        & (F.isnan("value") | (F.col("value") < 0) | F.col("value").isin(float("inf"), float("-inf")))
+    )
+    reason = (
+        F.when(F.col("corrupt").isNotNull(), "unparseable_record")
+        .when(F.col("user_id").isNull() | (F.col("user_id") == ""), "missing_user_id")
+        .when(F.col("item_id").isNull() | (F.col("item_id") == ""), "missing_item_id")
+        .when(~F.coalesce(F.col("event_type").isin(events.event_types), F.lit(False)), "unknown_event_type")
+        .when(bad_value, "invalid_value")
+        .when(F.col("event_ts").isNull(), "unparseable_timestamp")
+        .when(F.col("event_ts") < F.lit(events.min_event_time), "before_floor")
+        .when(F.col("event_ts") > F.lit(ingested_at), "future_timestamp")
+    )
+    return (
+        frame.withColumn("reason", reason)
+        .withColumn("ingested_at", F.lit(ingested_at))
+        .withColumn("source", F.lit(source.name))
+    )
+
+
+def mark_duplicates(frame: DataFrame) -> DataFrame:
+    """Tag all but one copy of each exactly repeated valid event as a duplicate."""
+    key = ["user_id", "item_id", "event_type", "value", "event_ts"]
+    copy_number = F.row_number().over(Window.partitionBy(*key).orderBy("raw_record"))
+    return frame.withColumn(
+        "reason",
+        F.when(F.col("reason").isNull() & (copy_number > 1), F.lit("duplicate")).otherwise(F.col("reason")),
+    )
+
+
+def ingest(
+    raw: DataFrame,
+    source: SourceConfig,
+    events: EventsConfig,
+    window_start: datetime,
+    window_end: datetime,
+    ingested_at: datetime,
+) -> IngestResult:
+    """Split source rows into good in-window events and quarantined records, with counts.
+
+    Rows whose timestamp parses but falls outside [window_start, window_end) belong to
+    another run and are only counted.
+    """
+    classified = canonicalize(raw, source, events, ingested_at)
+    in_window = F.col("event_ts").isNull() | (
+        (F.col("event_ts") >= F.lit(window_start)) & (F.col("event_ts") < F.lit(window_end))
+    )
+    flagged = F.col("reason").isin("before_floor", "future_timestamp")
+    classified = mark_duplicates(classified.where(in_window | flagged)).cache()
+    counts = {row["reason"]: row["count"] for row in classified.groupBy("reason").count().collect()}
+    total_rows = raw.count()
+    accepted = counts.pop(None, 0)
+    quarantined = sum(counts.values())
+    metrics: dict[str, float] = {
+        "events_read": float(total_rows),
+        "events_ingested": float(accepted),
+        "events_quarantined": float(quarantined),
+        "events_outside_window": float(total_rows - accepted - quarantined),
+        "quarantine_share": quarantined / max(accepted + quarantined, 1),
+    }
+    metrics.update({f"quarantine_{reason}": float(counts.get(reason, 0)) for reason in QUARANTINE_REASONS})
+    good = classified.where(F.col("reason").isNull()).select(*EVENT_COLUMNS)
+    bad = classified.where(F.col("reason").isNotNull()).select(
+        "raw_record", "reason", "event_ts", "ingested_at", "source"
+    )
+    return IngestResult(good, bad, metrics)
+
+
+def check_quarantine_share(metrics: dict[str, float], max_share: float) -> None:
+    share = metrics["quarantine_share"]
+    if share <= max_share:
+        return
+    top = sorted(
+        (
+            (name.removeprefix("quarantine_"), count)
+            for name, count in metrics.items()
+            if name.removeprefix("quarantine_") in QUARANTINE_REASONS and count > 0
+        ),
+        key=lambda pair: -pair[1],
+    )[:3]
+    reasons = ", ".join(f"{reason} ({int(count)})" for reason, count in top)
+    raise QuarantineThresholdError(
+        f"{share:.1%} of records were quarantined, above the limit of {max_share:.1%}; top reasons: {reasons}"
+    )
+
+
+def write_lake(events: DataFrame, lake: Path) -> None:
+    """Overwrite exactly the event dates present in ``events`` (dynamic partition overwrite)."""
+    (
+        events.withColumn("event_date", F.to_date("event_ts"))
+        .repartition("event_date")  # one file per date instead of one per date and task
+        .write.mode("overwrite")
+        .option("partitionOverwriteMode", "dynamic")
+        .partitionBy("event_date")
+        .parquet(str(lake))
+    )
+
+
+def read_lake(spark: SparkSession, lake: Path, start: datetime, end: datetime) -> DataFrame:
+    """Events with start <= event_ts < end, pruning partitions by date."""
+    frame = spark.read.parquet(str(lake))
+    return frame.where(
+        (F.col("event_date") >= F.lit(start.date()))
+        & (F.col("event_date") <= F.lit(end.date()))
+        & (F.col("event_ts") >= F.lit(start))
+        & (F.col("event_ts") < F.lit(end))
+    )
+
+
+def ingest_window(run: RunContext) -> tuple[datetime, datetime]:
+    """The weekly run re-reads the source back to the configured history (or the floor)."""
+    history = run.config.interactions.history_days
+    start = run.interval_end - timedelta(days=history) if history else run.config.events.min_event_time
+    return min(start.replace(tzinfo=run.interval_end.tzinfo), run.interval_start), run.interval_end
+
+
+def run_ingest(spark: SparkSession, run: RunContext) -> dict[str, float]:
+    """Ingest the run's window into the lake; write the quarantine table and metrics."""
+    config: PipelineConfig = run.config
+    window_start, window_end = ingest_window(run)
+    raw = read_source(spark, config.source)
+    result = ingest(raw, config.source, config.events, window_start, window_end, now_utc())
+    result.quarantine.write.mode("overwrite").parquet(str(run.layout.quarantine / run.interval_key))
+    run.write_metrics("ingest", result.metrics)
+    check_quarantine_share(result.metrics, config.events.max_quarantine_share)
+    if result.metrics["events_ingested"] > 0:
+        write_lake(result.events, run.layout.events_lake)
+    return result.metrics

@@ -1,0 +1,221 @@
+"""Approximate nearest-neighbour index over item embeddings (ScaNN), measured against exact search.
+
+Index folder layout::
+
+    scann_assets.pbtxt, *.npy   ScaNN's own serialization, written with relative paths
+    item_idx.npy                row r of the index is the item with dense index item_idx[r]
+    manifest.json               {"format": 1, "files": {name: sha256}, "items": n, "dims": d, "config": ...}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from recsys_pipeline.als import read_embeddings
+from recsys_pipeline.config import IndexConfig
+from recsys_pipeline.runs import RunContext, atomic_dir
+
+log = logging.getLogger(__name__)
+MANIFEST = "manifest.json"
+INDEX_FORMAT = 1
+
+
+class IndexIntegrityError(RuntimeError):
+    """An index folder is incomplete or its files differ from its manifest."""
+
+
+@dataclass(frozen=True)
+class SearchParams:
+    num_leaves: int | None
+    leaves_to_search: int | None
+    reorder: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "num_leaves": self.num_leaves,
+            "leaves_to_search": self.leaves_to_search,
+            "reorder": self.reorder,
+        }
+
+
+def search_params(n_items: int, config: IndexConfig) -> SearchParams:
+    """Exact scoring for small catalogues; a tree of about sqrt(n) leaves with AH and reordering above."""
+    if n_items < config.brute_force_below:
+        return SearchParams(None, None, config.reorder)
+    leaves = config.num_leaves or max(2, int(math.sqrt(n_items)))
+    return SearchParams(leaves, config.leaves_to_search or max(1, leaves // 20), config.reorder)
+
+
+class ItemIndex:
+    """A ScaNN searcher over item vectors that answers in dense item indices."""
+
+    def __init__(self, searcher: Any, item_idx: np.ndarray, params: SearchParams):
+        self.searcher = searcher
+        self.item_idx = item_idx
+        self.params = params
+
+    @classmethod
+    def build(cls, item_idx: np.ndarray, item_factors: np.ndarray, params: SearchParams, k: int) -> ItemIndex:
+        import scann
+
+        vectors = np.ascontiguousarray(item_factors, dtype=np.float32)
+        builder = scann.scann_ops_pybind.builder(vectors, k, "dot_product")
+        if params.num_leaves is None:
+            builder = builder.score_brute_force()
+        else:
+            builder = (
+                builder.tree(
+                    num_leaves=params.num_leaves,
+                    num_leaves_to_search=params.leaves_to_search,
+                    training_sample_size=min(len(vectors), 250_000),
+                )
+                .score_ah(2, anisotropic_quantization_threshold=0.2)
+                .reorder(params.reorder)
+            )
+        return cls(builder.build(), np.asarray(item_idx, dtype=np.int64), params)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (dense item indices, scores) per query row, best first."""
+        k = min(k, len(self.item_idx))
+        rows, scores = self.searcher.search_batched(
+            np.ascontiguousarray(queries, dtype=np.float32),
+            final_num_neighbors=k,
+            pre_reorder_num_neighbors=max(self.params.reorder, k) if self.params.num_leaves else None,
+            leaves_to_search=self.params.leaves_to_search,
+        )
+        return self.item_idx[np.asarray(rows, dtype=np.int64)], np.asarray(scores, dtype=np.float32)
+
+    def save(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.searcher.serialize(str(directory), relative_path=True)
+        np.save(directory / "item_idx.npy", self.item_idx)
+        files = {p.name: _sha256(p) for p in sorted(directory.iterdir()) if p.name != MANIFEST}
+        manifest = {
+            "format": INDEX_FORMAT,
+            "files": files,
+            "items": int(len(self.item_idx)),
+            "params": self.params.as_dict(),
+        }
+        (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+
+    @classmethod
+    def load(cls, directory: Path) -> ItemIndex:
+        """Load after checking every file against the manifest; never hands ScaNN a damaged folder."""
+        import scann
+
+        manifest = verify_manifest(directory)
+        params = SearchParams(**manifest["params"])
+        searcher = scann.scann_ops_pybind.load_searcher(str(directory))
+        return cls(searcher, np.load(directory / "item_idx.npy"), params)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_manifest(directory: Path) -> dict[str, Any]:
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file():
+        raise IndexIntegrityError(f"index folder {directory} has no {MANIFEST}")
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("format") != INDEX_FORMAT:
+        raise IndexIntegrityError(
+            f"index format {manifest.get('format')} is not supported (expected {INDEX_FORMAT})"
+        )
+    for name, expected in manifest["files"].items():
+        path = directory / name
+        if not path.is_file():
+            raise IndexIntegrityError(f"index file {name} listed in the manifest is missing from {directory}")
+        if _sha256(path) != expected:
+            raise IndexIntegrityError(f"index file {name} in {directory} does not match its manifest hash")
+    return manifest
+
+
+def exact_top_k(queries: np.ndarray, item_factors: np.ndarray, k: int, batch_size: int = 2048) -> np.ndarray:
+    """Row positions of the k highest dot products per query (the ground truth for recall)."""
+    k = min(k, len(item_factors))
+    out = np.empty((len(queries), k), dtype=np.int64)
+    for start in range(0, len(queries), batch_size):
+        scores = queries[start : start + batch_size] @ item_factors.T
+        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        order = np.take_along_axis(scores, part, axis=1).argsort(axis=1)[:, ::-1]
+        out[start : start + batch_size] = np.take_along_axis(part, order, axis=1)
+    return out
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
+    """Mean share of each query's true top-k found by the index."""
+    hits = sum(len(np.intersect1d(f, t)) for f, t in zip(found, truth, strict=True))
+    return hits / truth.size if truth.size else 1.0
+
+
+def measure(index: ItemIndex, item_factors: np.ndarray, queries: np.ndarray, k: int) -> dict[str, float]:
+    """Recall@k of the index against exact search on the same queries, with the QPS of both."""
+    started = time.perf_counter()
+    truth_rows = exact_top_k(queries, item_factors, k)
+    exact_s = time.perf_counter() - started
+    started = time.perf_counter()
+    found, _ = index.search(queries, k)
+    index_s = time.perf_counter() - started
+    return {
+        f"index_recall_at_{k}": recall_at_k(found, index.item_idx[truth_rows]),
+        "index_qps": len(queries) / max(index_s, 1e-9),
+        "exact_qps": len(queries) / max(exact_s, 1e-9),
+    }
+
+
+def run_index(run: RunContext) -> dict[str, float]:
+    """Build the index over the run's item vectors, measure it on real user vectors, retune if short."""
+    config = run.config.index
+    k = run.config.evaluation.k
+    embeddings = read_embeddings(run.stage_dir("model"))
+    rng = np.random.default_rng(0)
+    sample = rng.choice(
+        len(embeddings.user_idx), min(config.recall_sample_users, len(embeddings.user_idx)), replace=False
+    )
+    queries = embeddings.user_factors[np.sort(sample)]
+    params = search_params(len(embeddings.item_idx), config)
+    started = time.perf_counter()
+    index = ItemIndex.build(embeddings.item_idx, embeddings.item_factors, params, k)
+    metrics = {"index_build_s": time.perf_counter() - started}
+    metrics.update(measure(index, embeddings.item_factors, queries, k))
+    while (
+        metrics[f"index_recall_at_{k}"] < config.min_recall
+        and params.num_leaves
+        and ((params.leaves_to_search or 0) < params.num_leaves)
+    ):
+        # Searching more leaves and reordering more candidates trades speed for recall.
+        params = SearchParams(
+            params.num_leaves, min(params.num_leaves, 2 * (params.leaves_to_search or 1)), 2 * params.reorder
+        )
+        log.info(
+            "index recall %.3f below %.3f: retrying with %s",
+            metrics[f"index_recall_at_{k}"],
+            config.min_recall,
+            params,
+        )
+        index = ItemIndex(index.searcher, index.item_idx, params)
+        metrics.update(measure(index, embeddings.item_factors, queries, k))
+    with atomic_dir(run.stage_dir("index")) as staging:
+        index.save(staging)
+    recall = metrics[f"index_recall_at_{k}"]
+    passed = recall >= config.min_recall
+    reasons = (
+        [] if passed else [f"index_recall_at_{k}={recall:.4f} is below index.min_recall={config.min_recall}"]
+    )
+    run.write_metrics("index", metrics)
+    run.write_gate("index", passed, reasons)
+    return metrics

@@ -1,0 +1,55 @@
+"""Arrow-backed readers shared by the stages and by serving (no Spark needed to read results)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import scipy.sparse as sp
+
+
+@dataclass(frozen=True)
+class Triples:
+    """A sparse matrix as parallel arrays, straight from Parquet via Arrow."""
+
+    user_idx: np.ndarray
+    item_idx: np.ndarray
+    confidence: np.ndarray
+
+    @property
+    def nnz(self) -> int:
+        return len(self.confidence)
+
+    def to_csr(self, n_users: int, n_items: int) -> sp.csr_matrix:
+        """A CSR matrix of shape (n_users, n_items); duplicate pairs are summed."""
+        matrix = sp.csr_matrix(
+            (self.confidence.astype(np.float32), (self.user_idx, self.item_idx)), shape=(n_users, n_items)
+        )
+        matrix.sum_duplicates()
+        return matrix
+
+
+def read_matrix(path: Path) -> Triples:
+    """Read (user_idx, item_idx, confidence) columns as NumPy arrays without going through pandas."""
+    table = ds.dataset(str(path), format="parquet").to_table(columns=["user_idx", "item_idx", "confidence"])
+    return Triples(
+        table.column("user_idx").to_numpy().astype(np.int64),
+        table.column("item_idx").to_numpy().astype(np.int64),
+        table.column("confidence").to_numpy().astype(np.float32),
+    )
+
+
+def read_id_map(path: Path) -> np.ndarray:
+    """Source ids as strings, positioned by their dense index."""
+    table = ds.dataset(str(path), format="parquet").to_table(columns=["id", "idx"])
+    idx = table.column("idx").to_numpy()
+    ids = np.empty(len(idx), dtype=object)
+    ids[idx] = np.asarray(table.column("id").to_pylist(), dtype=object)
+    return ids
+
+
+def count_rows(path: Path) -> int:
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in sorted(path.glob("*.parquet")))

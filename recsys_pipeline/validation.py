@@ -1,0 +1,203 @@
+"""Great Expectations suites over what a run read and produced, run as one checkpoint per suite.
+
+Each run gets its own file-backed GX project under ``<run_dir>/validation/gx`` so its
+suites, results and Data Docs travel with the run (and into the published bundle).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow.dataset as ds
+
+from recsys_pipeline.als import Embeddings, matrix_shape, read_embeddings
+from recsys_pipeline.config import PipelineConfig
+from recsys_pipeline.events import EVENT_COLUMNS, ingest_window
+from recsys_pipeline.runs import RunContext, atomic_dir, write_json
+
+DATA_DOCS = Path("gx") / "uncommitted" / "data_docs" / "local_site"
+# Cosine above this to another vector counts as a collapsed (duplicate) embedding.
+COLLAPSE_COSINE = 0.9999
+NEIGHBOUR_SAMPLE = 20_000
+
+
+class ValidationFailedError(RuntimeError):
+    """A suite failed; the message names the suite, the expectation and what was observed."""
+
+
+@dataclass(frozen=True)
+class Failure:
+    suite: str
+    expectation: str
+    column: str | None
+    observed: Any
+
+    def __str__(self) -> str:
+        where = f" on {self.column}" if self.column else ""
+        return f"{self.suite}: {self.expectation}{where} failed (observed {self.observed})"
+
+
+def events_suite(config: PipelineConfig, start: pd.Timestamp, end: pd.Timestamp) -> list[Any]:
+    import great_expectations as gx
+
+    E = gx.expectations
+    return [
+        E.ExpectTableColumnsToMatchSet(column_set=[*EVENT_COLUMNS, "event_date"], exact_match=True),
+        E.ExpectTableRowCountToBeBetween(min_value=1),
+        E.ExpectColumnValuesToNotBeNull(column="user_id"),
+        E.ExpectColumnValuesToNotBeNull(column="item_id"),
+        E.ExpectColumnValuesToBeInSet(column="event_type", value_set=config.events.event_types),
+        E.ExpectColumnValuesToBeBetween(column="value", min_value=0),
+        E.ExpectColumnValuesToBeBetween(column="event_ts", min_value=start, max_value=end, strict_max=True),
+    ]
+
+
+def ingest_summary_suite(config: PipelineConfig) -> list[Any]:
+    import great_expectations as gx
+
+    return [
+        gx.expectations.ExpectColumnValuesToBeBetween(
+            column="quarantine_share", min_value=0, max_value=config.events.max_quarantine_share
+        )
+    ]
+
+
+def interactions_suite(n_users: int, n_items: int) -> list[Any]:
+    import great_expectations as gx
+
+    E = gx.expectations
+    return [
+        E.ExpectTableRowCountToBeBetween(min_value=1),
+        E.ExpectColumnValuesToNotBeNull(column="confidence"),
+        E.ExpectColumnValuesToBeBetween(column="confidence", min_value=0, strict_min=True),
+        E.ExpectColumnValuesToBeBetween(column="user_idx", min_value=0, max_value=n_users - 1),
+        E.ExpectColumnValuesToBeBetween(column="item_idx", min_value=0, max_value=n_items - 1),
+        E.ExpectCompoundColumnsToBeUnique(column_list=["user_idx", "item_idx"]),
+    ]
+
+
+def embeddings_suite(config: PipelineConfig, n_items: int, trained_items: int) -> list[Any]:
+    import great_expectations as gx
+
+    E = gx.expectations
+    rules = config.validation
+    return [
+        E.ExpectTableRowCountToEqual(value=trained_items),
+        E.ExpectColumnValuesToBeBetween(column="idx", min_value=0, max_value=n_items - 1),
+        E.ExpectColumnValuesToBeUnique(column="idx"),
+        E.ExpectColumnValuesToBeInSet(column="finite", value_set=[True]),
+        E.ExpectColumnMeanToBeBetween(
+            column="norm", min_value=rules.min_mean_norm, max_value=rules.max_mean_norm
+        ),
+        E.ExpectColumnValuesToBeBetween(
+            column="nearest_cosine", max_value=COLLAPSE_COSINE, mostly=1 - rules.max_collapsed_share
+        ),
+    ]
+
+
+def embedding_profile(
+    idx: np.ndarray, factors: np.ndarray, sample_size: int = NEIGHBOUR_SAMPLE
+) -> pd.DataFrame:
+    """Per-vector norm, finiteness and cosine to its nearest other vector (within a sample for large sets)."""
+    norms = np.linalg.norm(factors, axis=1)
+    unit = factors / np.maximum(norms, 1e-12)[:, None]
+    rng = np.random.default_rng(0)
+    sample = np.sort(rng.choice(len(unit), min(sample_size, len(unit)), replace=False))
+    nearest = np.full(len(unit), np.nan)
+    for start in range(0, len(sample), 2048):
+        rows = sample[start : start + 2048]
+        cosine = unit[rows] @ unit[sample].T
+        cosine[np.arange(len(rows)), start + np.arange(len(rows))] = -np.inf
+        nearest[rows] = cosine.max(axis=1) if len(sample) > 1 else -1.0
+    return pd.DataFrame(
+        {"idx": idx, "norm": norms, "finite": np.isfinite(factors).all(axis=1), "nearest_cosine": nearest}
+    )
+
+
+def validate_frames(project_dir: Path, frames: dict[str, tuple[pd.DataFrame, list[Any]]]) -> list[Failure]:
+    """Run each (frame, expectations) as a GX checkpoint with Data Docs; return every failed expectation."""
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    import great_expectations as gx
+
+    context = gx.get_context(mode="file", project_root_dir=str(project_dir))
+    source = context.data_sources.add_pandas("frames")
+    failures: list[Failure] = []
+    for name, (frame, expectations) in frames.items():
+        batch = source.add_dataframe_asset(name=name).add_batch_definition_whole_dataframe("whole")
+        suite = context.suites.add(gx.ExpectationSuite(name=name, expectations=expectations))
+        definition = context.validation_definitions.add(
+            gx.ValidationDefinition(name=name, data=batch, suite=suite)
+        )
+        checkpoint = context.checkpoints.add(
+            gx.Checkpoint(
+                name=name,
+                validation_definitions=[definition],
+                actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs")],
+            )
+        )
+        result = checkpoint.run(batch_parameters={"dataframe": frame})
+        for validation in result.run_results.values():
+            for outcome in validation.results:
+                if not outcome.success:
+                    observed = outcome.result.get(
+                        "observed_value", outcome.result.get("partial_unexpected_list")
+                    )
+                    failures.append(
+                        Failure(
+                            name,
+                            outcome.expectation_config.type,
+                            outcome.expectation_config.kwargs.get("column"),
+                            observed,
+                        )
+                    )
+    return failures
+
+
+def _lake_frame(run: RunContext) -> pd.DataFrame:
+    start, end = ingest_window(run)
+    dataset = ds.dataset(str(run.layout.events_lake), format="parquet", partitioning="hive")
+    table = dataset.to_table(filter=(ds.field("event_ts") >= start) & (ds.field("event_ts") < end))
+    return table.to_pandas()
+
+
+def run_validation(run: RunContext) -> dict[str, float]:
+    """Validate the run's events, interactions and embeddings; raise naming every failure."""
+    config = run.config
+    interactions_dir = run.stage_dir("interactions")
+    n_users, n_items = matrix_shape(interactions_dir)
+    embeddings: Embeddings = read_embeddings(run.stage_dir("model"))
+    window_start, window_end = ingest_window(run)
+    train = ds.dataset(str(interactions_dir / "train"), format="parquet").to_table().to_pandas()
+    frames: dict[str, tuple[pd.DataFrame, list[Any]]] = {
+        "events": (
+            _lake_frame(run),
+            events_suite(config, pd.Timestamp(window_start), pd.Timestamp(window_end)),
+        ),
+        "ingest_summary": (
+            pd.DataFrame([run.read_metrics()]).reindex(columns=["quarantine_share"]),
+            ingest_summary_suite(config),
+        ),
+        "interactions": (train, interactions_suite(n_users, n_items)),
+        "item_embeddings": (
+            embedding_profile(embeddings.item_idx, embeddings.item_factors),
+            embeddings_suite(config, n_items, len(embeddings.item_idx)),
+        ),
+    }
+    with atomic_dir(run.stage_dir("validation")) as staging:
+        failures = validate_frames(staging, frames)
+        write_json(staging / "failures.json", [str(f) for f in failures])
+    metrics = {"validation_failures": float(len(failures)), "validation_suites": float(len(frames))}
+    run.write_metrics("validate", metrics)
+    run.write_gate("validation", not failures, [str(f) for f in failures])
+    if failures:
+        raise ValidationFailedError("; ".join(str(f) for f in failures))
+    return metrics
+
+
+def data_docs_index(run_dir: Path) -> Path:
+    return run_dir / "validation" / DATA_DOCS / "index.html"
