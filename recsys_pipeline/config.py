@@ -159,6 +159,13 @@ class PipelineConfig(_Section):
     spark: SparkConfig = SparkConfig()
     mlflow: MlflowConfig = MlflowConfig()
 
+    @model_validator(mode="after")
+    def _every_event_type_has_a_weight(self) -> PipelineConfig:
+        unweighted = sorted(set(self.events.event_types) - set(self.interactions.event_weights))
+        if unweighted:
+            raise ValueError(f"interactions.event_weights has no entry for event types {unweighted}")
+        return self
+
     @field_validator("state_dir", mode="after")
     @classmethod
     def _absolute_state_dir(cls, value: Path | None) -> Path | None:

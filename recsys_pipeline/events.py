@@ -51,11 +51,16 @@ class IngestResult:
 
 
 def read_source(spark: SparkSession, source: SourceConfig) -> DataFrame:
-    """The source as string columns, plus the corrupt-record column for CSV rows that do not parse."""
+    """The source as string columns, plus the corrupt-record column.
+
+    Spark's permissive CSV mode puts a row with more or fewer fields than the schema
+    into the corrupt-record column, which becomes the ``unparseable_record`` reason.
+    """
     if source.format == "parquet":
         frame = spark.read.parquet(str(source.path))
-        return frame.select([F.col(c).cast("string").alias(c) for c in frame.columns]).withColumn(
-            CORRUPT_COLUMN, F.lit(None).cast("string")
+        return frame.select(
+            *[F.col(c).cast("string").alias(c) for c in frame.columns],
+            F.lit(None).cast("string").alias(CORRUPT_COLUMN),
         )
     reader = spark.read.option("sep", source.delimiter).option("header", source.header)
     if source.column_names:
@@ -63,8 +68,7 @@ def read_source(spark: SparkSession, source: SourceConfig) -> DataFrame:
     else:
         names = reader.csv(str(source.path)).columns
     schema = T.StructType(
-        [T.StructField(name, T.StringType()) for name in names]
-        + [T.StructField(CORRUPT_COLUMN, T.StringType())]
+        [T.StructField(name, T.StringType()) for name in [*names, CORRUPT_COLUMN]]
     )
     return (
         reader.schema(schema)
@@ -95,8 +99,10 @@ def canonicalize(
         else F.lit(source.default_event_type)
     )
     frame = raw.select(
-        F.to_json(F.struct(*[F.col(c) for c in source_columns])).alias("raw_record"),
-        F.col(CORRUPT_COLUMN).alias("corrupt"),
+        F.coalesce(F.col(CORRUPT_COLUMN), F.to_json(F.struct(*[F.col(c) for c in source_columns]))).alias(
+            "raw_record"
+        ),
+        F.col(CORRUPT_COLUMN).isNotNull().alias("corrupt"),
         F.trim(F.col(mapping["user_id"])).alias("user_id"),
         F.trim(F.col(mapping["item_id"])).alias("item_id"),
         event_type.alias("event_type"),
@@ -110,7 +116,7 @@ def canonicalize(
         & (F.isnan("value") | (F.col("value") < 0) | F.col("value").isin(float("inf"), float("-inf")))
     )
     reason = (
-        F.when(F.col("corrupt").isNotNull(), "unparseable_record")
+        F.when(F.col("corrupt"), "unparseable_record")
         .when(F.col("user_id").isNull() | (F.col("user_id") == ""), "missing_user_id")
         .when(F.col("item_id").isNull() | (F.col("item_id") == ""), "missing_item_id")
         .when(~F.coalesce(F.col("event_type").isin(events.event_types), F.lit(False)), "unknown_event_type")

@@ -1,0 +1,44 @@
+"""Shared fixtures: a small local Spark session and configurations over temporary state folders."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+from recsys_pipeline.config import PipelineConfig, load_config  # noqa: E402
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TEST_SPARK_CONF = {"spark.sql.shuffle.partitions": "2", "spark.ui.enabled": "false"}
+
+
+@pytest.fixture(scope="session")
+def spark() -> Iterator[Any]:
+    from recsys_pipeline.spark import spark_session
+
+    config = load_config(overrides={"spark.conf": TEST_SPARK_CONF})
+    session = spark_session(config, "recsys-tests", master="local[2]")
+    yield session
+    session.stop()
+
+
+ConfigFactory = Callable[..., PipelineConfig]
+
+
+@pytest.fixture
+def make_config(tmp_path: Path) -> ConfigFactory:
+    """The project config with its state under tmp_path and any dotted overrides applied."""
+
+    def factory(**overrides: Any) -> PipelineConfig:
+        base: dict[str, Any] = {"state_dir": str(tmp_path / "state"), "spark.conf": TEST_SPARK_CONF}
+        base.update({key.replace("__", "."): value for key, value in overrides.items()})
+        return load_config(overrides=base)
+
+    return factory

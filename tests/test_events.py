@@ -1,0 +1,111 @@
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pytest
+from pyspark.sql import functions as F
+
+from recsys_pipeline.events import (
+    QuarantineThresholdError,
+    check_quarantine_share,
+    ingest,
+    read_source,
+    run_ingest,
+)
+from recsys_pipeline.runs import RunContext
+from tests.conftest import FIXTURES
+
+BAD_SOURCE = {
+    "source.name": "fixture",
+    "source.path": str(FIXTURES / "events_bad_records.csv"),
+    "source.delimiter": ",",
+    "source.header": True,
+    "source.column_names": None,
+    "source.mapping": {"user_id": "user", "item_id": "item", "event_type": "type", "value": "value",
+                       "timestamp": "ts"},
+    "source.default_event_type": None,
+}
+WINDOW = (datetime(1997, 1, 1, tzinfo=UTC), datetime(2000, 1, 1, tzinfo=UTC))
+EXPECTED_REASONS = {
+    "unparseable_record": 1,
+    "missing_user_id": 1,
+    "missing_item_id": 1,
+    "unknown_event_type": 1,
+    "invalid_value": 4,
+    "unparseable_timestamp": 1,
+    "before_floor": 1,
+    "future_timestamp": 1,
+    "duplicate": 1,
+}
+
+
+def test_each_bad_record_kind_is_quarantined_with_its_reason(spark, make_config) -> None:
+    config = make_config(**BAD_SOURCE)
+    raw = read_source(spark, config.source)
+    result = ingest(raw, config.source, config.events, *WINDOW, datetime(2026, 1, 1, tzinfo=UTC))
+
+    reasons = {row["reason"]: row["count"] for row in result.quarantine.groupBy("reason").count().collect()}
+    assert reasons == EXPECTED_REASONS
+    for reason, count in EXPECTED_REASONS.items():
+        assert result.metrics[f"quarantine_{reason}"] == count
+    good = {(r.user_id, r.item_id, r.event_type) for r in result.events.collect()}
+    assert good == {("u1", "i1", "view"), ("u1", "i2", "purchase"), ("u2", "i1", "click"),
+                    ("u2", "i3", "rating"), ("u3", "i2", "watch"), ("u3", "i3", "view")}
+    assert result.metrics["events_read"] == 18
+    assert result.metrics["events_ingested"] + result.metrics["events_quarantined"] == 18
+    extra = result.quarantine.where(F.col("reason") == "unparseable_record").first()
+    assert "EXTRA" in extra["raw_record"]
+    watch = result.events.where(F.col("event_type") == "watch").first()
+    assert watch["value"] == pytest.approx(120.5)
+    assert watch["source"] == "fixture"
+
+
+def test_rows_outside_the_window_are_counted_not_quarantined(spark, make_config) -> None:
+    config = make_config(**BAD_SOURCE)
+    raw = read_source(spark, config.source)
+    start, end = datetime(1997, 11, 21, tzinfo=UTC), datetime(1997, 11, 22, tzinfo=UTC)
+    result = ingest(raw, config.source, config.events, start, end, datetime(2026, 1, 1, tzinfo=UTC))
+    assert result.metrics["events_ingested"] == 0
+    assert result.metrics["events_outside_window"] > 0
+    assert sum(result.metrics[k] for k in ("events_ingested", "events_quarantined", "events_outside_window")) == 18
+
+
+def test_quarantine_threshold_names_the_top_reasons() -> None:
+    metrics = {"quarantine_share": 0.4, "quarantine_invalid_value": 4.0, "quarantine_duplicate": 1.0,
+               "quarantine_missing_user_id": 0.0}
+    with pytest.raises(QuarantineThresholdError, match=r"40\.0%.*invalid_value \(4\).*duplicate \(1\)"):
+        check_quarantine_share(metrics, 0.05)
+    check_quarantine_share(metrics, 0.5)
+
+
+def test_failing_run_writes_quarantine_but_not_the_lake(spark, make_config) -> None:
+    config = make_config(**BAD_SOURCE)
+    run = RunContext.create(config, "test", *WINDOW)
+    with pytest.raises(QuarantineThresholdError):
+        run_ingest(spark, run)
+    assert not run.layout.events_lake.exists()
+    quarantine = ds.dataset(str(run.layout.quarantine / run.interval_key)).to_table()
+    assert quarantine.num_rows == sum(EXPECTED_REASONS.values())
+
+
+def _lake_rows(lake: Path) -> list[tuple]:
+    table = ds.dataset(str(lake), format="parquet", partitioning="hive").to_table()
+    rows = table.drop_columns(["ingested_at"]).to_pylist()
+    return sorted(tuple(sorted(row.items())) for row in rows)
+
+
+def test_reingesting_an_interval_overwrites_its_partitions_without_duplicates(spark, make_config) -> None:
+    config = make_config(**{"interactions.history_days": 30})
+    run = RunContext.create(config, "test", "1998-03-24", "1998-03-31")
+    run_ingest(spark, run)
+    first = _lake_rows(run.layout.events_lake)
+    files_first = sorted(p.relative_to(run.layout.events_lake).parent for p in
+                         run.layout.events_lake.rglob("*.parquet"))
+    run_ingest(spark, run)
+    assert _lake_rows(run.layout.events_lake) == first
+    files_second = sorted(p.relative_to(run.layout.events_lake).parent for p in
+                          run.layout.events_lake.rglob("*.parquet"))
+    assert files_second == files_first
+    dates = {dict(row)["event_date"] for row in first}
+    assert min(map(str, dates)) >= "1998-03-01" and max(map(str, dates)) <= "1998-03-30"
+    assert len(first) > 1000
