@@ -1,0 +1,64 @@
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from recsys_pipeline.als import Embeddings
+from recsys_pipeline.config import GateConfig
+from recsys_pipeline.evaluate import NO_ITEM, EvaluationSet, gate, ranking_metrics, recommend_popular, top_k
+
+
+def test_metrics_match_hand_computed_values() -> None:
+    recommended = np.array([[1, 2, 3], [4, 5, 6]])
+    relevant = [np.array([2, 9]), np.array([4, 5, 6, 7])]
+    m = ranking_metrics(recommended, relevant, k=3, catalogue_size=10)
+    # user 0: one hit at rank 2; user 1: hits at ranks 1, 2, 3
+    assert m["precision_at_3"] == pytest.approx((1 / 3 + 3 / 3) / 2)
+    assert m["recall_at_3"] == pytest.approx((1 / 2 + 3 / 4) / 2)
+    dcg0, idcg0 = 1 / np.log2(3), 1 + 1 / np.log2(3)
+    assert m["ndcg_at_3"] == pytest.approx((dcg0 / idcg0 + 1.0) / 2)
+    assert m["map_at_3"] == pytest.approx(((1 / 2) / 2 + 1.0) / 2)
+    assert m["coverage_at_3"] == pytest.approx(6 / 10)
+
+
+def test_users_without_relevant_items_are_not_averaged_in() -> None:
+    m = ranking_metrics(np.array([[1, 2], [3, 4]]), [np.array([1]), np.array([], dtype=int)], k=2, catalogue_size=4)
+    assert m["precision_at_2"] == pytest.approx(0.5)
+    assert m["ndcg_at_2"] == pytest.approx(1.0)
+
+
+def test_k_larger_than_the_candidate_list_pads_and_penalises_precision() -> None:
+    scores = np.array([[0.9, 0.1, 0.5]])
+    best = top_k(scores, sp.csr_matrix(np.array([[0, 1, 0]])), k=5)
+    assert best.tolist() == [[0, 2, NO_ITEM, NO_ITEM, NO_ITEM]]
+    m = ranking_metrics(best, [np.array([0, 2])], k=5, catalogue_size=3)
+    assert m["precision_at_5"] == pytest.approx(2 / 5)
+    assert m["recall_at_5"] == pytest.approx(1.0)
+    assert m["ndcg_at_5"] == pytest.approx(1.0)
+
+
+def test_popularity_excludes_seen_and_unpopular_items() -> None:
+    seen = sp.csr_matrix(np.array([[1, 0, 0, 0]]))
+    assert recommend_popular(np.array([5, 3, 0, 4]), seen, 3).tolist() == [[3, 1, NO_ITEM]]
+
+
+def test_evaluation_set_excludes_training_items_and_falls_back_to_popularity() -> None:
+    train = sp.csr_matrix(np.array([[1, 1, 0, 0], [0, 1, 1, 0], [1, 0, 0, 0]], dtype=np.float32))
+    holdout = sp.csr_matrix(np.array([[0, 1, 0, 1], [0, 0, 0, 0], [0, 1, 0, 0]], dtype=np.float32))
+    evaluation = EvaluationSet.build(train, holdout)
+    assert evaluation.users.tolist() == [0, 2]
+    assert [r.tolist() for r in evaluation.relevant] == [[3], [1]]
+    # user 0 has a vector pointing at item 3; user 2 has none and gets popular unseen items (item 1 first)
+    embeddings = Embeddings(np.array([0]), np.array([[1.0, 0.0]], np.float32), np.arange(4),
+                            np.array([[0, 1], [0, 1], [0.5, 0], [1, 0]], np.float32))
+    metrics = evaluation.evaluate(embeddings, k=1)
+    assert metrics["precision_at_1"] == pytest.approx(1.0)
+
+
+def test_gate_requires_beating_baseline_and_staying_near_the_champion() -> None:
+    config = GateConfig(min_lift_over_baseline=0.0, max_drop_vs_champion=0.02)
+    assert gate({"ndcg_at_10": 0.3, "baseline_ndcg_at_10": 0.2}, 10, config) == (True, [])
+    passed, reasons = gate({"ndcg_at_10": 0.2, "baseline_ndcg_at_10": 0.2}, 10, config)
+    assert not passed and "baseline" in reasons[0]
+    passed, reasons = gate({"ndcg_at_10": 0.3, "baseline_ndcg_at_10": 0.2, "champion_ndcg_at_10": 0.33}, 10, config)
+    assert not passed and "champion" in reasons[0]
+    assert gate({"ndcg_at_10": 0.3, "baseline_ndcg_at_10": 0.2, "champion_ndcg_at_10": 0.31}, 10, config)[0]

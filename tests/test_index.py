@@ -1,0 +1,82 @@
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from recsys_pipeline.config import IndexConfig
+from recsys_pipeline.index import IndexIntegrityError, ItemIndex, SearchParams, exact_top_k, measure, search_params
+
+
+def planted(n_items: int = 5000, dims: int = 16, n_queries: int = 200, seed: int = 0):
+    """Items in clusters and queries near cluster centres: a clear true top-k for every query."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(50, dims))
+    items = (centres[rng.integers(0, 50, n_items)] + 0.3 * rng.normal(size=(n_items, dims))).astype(np.float32)
+    queries = (centres[rng.integers(0, 50, n_queries)] + 0.1 * rng.normal(size=(n_queries, dims))).astype(np.float32)
+    return items, queries
+
+
+def test_small_catalogues_use_exact_scoring_that_equals_brute_force() -> None:
+    items, queries = planted(800)
+    params = search_params(len(items), IndexConfig())
+    assert params.num_leaves is None
+    item_idx = np.arange(len(items)) * 3 + 1  # dense ids need not be row numbers
+    index = ItemIndex.build(item_idx, items, params, k=10)
+    found, scores = index.search(queries, 10)
+    truth = item_idx[exact_top_k(queries, items, 10)]
+    np.testing.assert_array_equal(found, truth)
+    np.testing.assert_allclose(scores, np.sort(queries @ items.T, axis=1)[:, ::-1][:, :10], rtol=1e-5)
+
+
+def test_tree_and_hashing_index_reaches_recall_threshold_on_planted_data() -> None:
+    items, queries = planted(20_000)
+    params = search_params(len(items), IndexConfig(brute_force_below=1000, leaves_to_search=30))
+    assert params.num_leaves == int(np.sqrt(len(items)))
+    index = ItemIndex.build(np.arange(len(items)), items, params, k=10)
+    assert measure(index, items, queries, 10)["index_recall_at_10"] >= 0.95
+
+
+@pytest.fixture
+def saved_index(tmp_path: Path) -> tuple[Path, ItemIndex, np.ndarray]:
+    items, queries = planted(3000)
+    index = ItemIndex.build(np.arange(len(items)), items, SearchParams(50, 10, 100), k=10)
+    index.save(tmp_path / "index")
+    return tmp_path / "index", index, queries
+
+
+def test_index_copied_elsewhere_and_read_only_loads_and_answers_the_same(saved_index, tmp_path: Path) -> None:
+    directory, index, queries = saved_index
+    copy = tmp_path / "elsewhere" / "copy"
+    shutil.copytree(directory, copy)
+    shutil.rmtree(directory)
+    for path in [copy, *copy.iterdir()]:
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    try:
+        loaded = ItemIndex.load(copy)
+        np.testing.assert_array_equal(loaded.search(queries, 10)[0], index.search(queries, 10)[0])
+    finally:
+        copy.chmod(0o755)
+
+
+def test_missing_file_is_rejected_with_a_clear_error(saved_index) -> None:
+    directory, _, _ = saved_index
+    (directory / "dataset.npy").unlink()
+    with pytest.raises(IndexIntegrityError, match="dataset.npy .* missing"):
+        ItemIndex.load(directory)
+
+
+def test_tampered_file_is_rejected_with_a_clear_error(saved_index) -> None:
+    directory, _, _ = saved_index
+    with (directory / "dataset.npy").open("r+b") as handle:
+        handle.seek(200)
+        handle.write(b"\x00\x01\x02\x03")
+    with pytest.raises(IndexIntegrityError, match="dataset.npy .* does not match"):
+        ItemIndex.load(directory)
+
+
+def test_missing_manifest_is_rejected(saved_index) -> None:
+    directory, _, _ = saved_index
+    (directory / "manifest.json").unlink()
+    with pytest.raises(IndexIntegrityError, match="no manifest.json"):
+        ItemIndex.load(directory)
