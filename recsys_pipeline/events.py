@@ -67,9 +67,7 @@ def read_source(spark: SparkSession, source: SourceConfig) -> DataFrame:
         names = source.column_names
     else:
         names = reader.csv(str(source.path)).columns
-    schema = T.StructType(
-        [T.StructField(name, T.StringType()) for name in [*names, CORRUPT_COLUMN]]
-    )
+    schema = T.StructType([T.StructField(name, T.StringType()) for name in [*names, CORRUPT_COLUMN]])
     return (
         reader.schema(schema)
         .option("mode", "PERMISSIVE")
@@ -90,26 +88,24 @@ def canonicalize(
     raw: DataFrame, source: SourceConfig, events: EventsConfig, ingested_at: datetime
 ) -> DataFrame:
     """Map source columns onto the canonical schema and tag each row with a reason if it is bad."""
-    mapping = source.mapping
+    column = {field: F.col(name) for field, name in source.mapping.items() if name}
     source_columns = [c for c in raw.columns if c != CORRUPT_COLUMN]
-    raw_value = F.col(mapping["value"]) if mapping.get("value") else F.lit(None).cast("string")
+    raw_value = column.get("value", F.lit(None).cast("string"))
     event_type = (
-        F.lower(F.trim(F.col(mapping["event_type"])))
-        if mapping.get("event_type")
-        else F.lit(source.default_event_type)
+        F.lower(F.trim(column["event_type"])) if "event_type" in column else F.lit(source.default_event_type)
     )
     frame = raw.select(
         F.coalesce(F.col(CORRUPT_COLUMN), F.to_json(F.struct(*[F.col(c) for c in source_columns]))).alias(
             "raw_record"
         ),
         F.col(CORRUPT_COLUMN).isNotNull().alias("corrupt"),
-        F.trim(F.col(mapping["user_id"])).alias("user_id"),
-        F.trim(F.col(mapping["item_id"])).alias("item_id"),
+        F.trim(column["user_id"]).alias("user_id"),
+        F.trim(column["item_id"]).alias("item_id"),
         event_type.alias("event_type"),
         raw_value.alias("raw_value"),
         raw_value.try_cast("double").alias("value"),
-        F.col(mapping["timestamp"]).alias("raw_ts"),
-        _timestamp(F.col(mapping["timestamp"]), source).alias("event_ts"),
+        column["timestamp"].alias("raw_ts"),
+        _timestamp(column["timestamp"], source).alias("event_ts"),
     )
     bad_value = (F.col("raw_value").isNotNull() & F.col("value").isNull()) | (
         F.col("value").isNotNull()

@@ -87,7 +87,7 @@ def extend_id_map(existing: DataFrame | None, ids: DataFrame) -> DataFrame:
     distinct = ids.select(F.col(ids.columns[0]).alias("id")).distinct()
     if existing is None:
         return distinct.withColumn("idx", (F.row_number().over(Window.orderBy("id")) - 1).cast("int"))
-    offset = existing.agg(F.coalesce(F.max("idx") + 1, F.lit(0))).first()[0]
+    offset = existing.agg(F.coalesce(F.max("idx") + 1, F.lit(0))).collect()[0][0]
     new = distinct.join(existing, "id", "left_anti")
     numbered = new.withColumn(
         "idx", (F.row_number().over(Window.orderBy("id")) - 1 + F.lit(offset)).cast("int")
@@ -120,7 +120,7 @@ def run_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]:
         F.sum(
             F.xxhash64("user_id", "item_id", "event_type", "value", "event_ts").cast("decimal(38,0)")
         ).alias("h"),
-    ).first()
+    ).collect()[0]
     train_events = events.where(F.col("event_ts") < F.lit(holdout_start))
     holdout_events = events.where(F.col("event_ts") >= F.lit(holdout_start))
     train_pairs = aggregate(train_events, config, F.lit(holdout_start))

@@ -11,11 +11,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import scipy.sparse as sp
+from mlflow.pyfunc import PythonModel
 
 from recsys_pipeline.als import read_embeddings
 from recsys_pipeline.config import PipelineConfig, load_config
@@ -156,7 +156,7 @@ def model_signature() -> Any:
     )
 
 
-class RecsysPyfunc(mlflow.pyfunc.PythonModel):
+class RecsysPyfunc(PythonModel):
     """The registered model: rows with ``user_id`` get recommendations, rows with ``item_id`` similar items.
 
     Unknown users get the most popular items (a service should always answer);

@@ -143,15 +143,16 @@ def validate_frames(project_dir: Path, frames: dict[str, tuple[pd.DataFrame, lis
         result = checkpoint.run(batch_parameters={"dataframe": frame})
         for validation in result.run_results.values():
             for outcome in validation.results:
-                if not outcome.success:
+                expectation = outcome.expectation_config
+                if not outcome.success and expectation is not None:
                     observed = outcome.result.get(
                         "observed_value", outcome.result.get("partial_unexpected_list")
                     )
                     failures.append(
                         Failure(
                             name,
-                            outcome.expectation_config.type,
-                            outcome.expectation_config.kwargs.get("column"),
+                            expectation.type,
+                            expectation.kwargs.get("column"),
                             observed,
                         )
                     )

@@ -56,6 +56,8 @@ def test_degenerate_inputs_fail_with_a_clear_error(matrix: sp.csr_matrix, messag
 
 
 def test_dense_views_place_vectors_by_index() -> None:
-    embeddings = Embeddings(np.array([2]), np.ones((1, 3), np.float32), np.array([0]), np.ones((1, 3), np.float32))
+    embeddings = Embeddings(
+        np.array([2]), np.ones((1, 3), np.float32), np.array([0]), np.ones((1, 3), np.float32)
+    )
     dense = embeddings.dense_users(4)
     assert dense.shape == (4, 3) and dense[2].sum() == 3 and dense[[0, 1, 3]].sum() == 0

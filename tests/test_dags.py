@@ -1,7 +1,6 @@
 """DAG integrity, plus end-to-end runs of the weekly DAG through the real Airflow CLI."""
 
 import json
-import os
 import subprocess
 import sys
 from datetime import timedelta
@@ -9,12 +8,20 @@ from pathlib import Path
 
 import pytest
 
-from recsys_pipeline.config import PROJECT_ROOT, load_config
 from recsys_pipeline.cli import airflow_environment
+from recsys_pipeline.config import PROJECT_ROOT, load_config
 
 RECSYS = str(Path(sys.executable).parent / "recsys")
-WEEKLY_TASKS = ["ingest_events", "build_interactions", "train", "evaluate", "build_index", "validate", "publish",
-                "promote"]
+WEEKLY_TASKS = [
+    "ingest_events",
+    "build_interactions",
+    "train",
+    "evaluate",
+    "build_index",
+    "validate",
+    "publish",
+    "promote",
+]
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +50,10 @@ def test_weekly_dag_wires_every_stage_in_order(dagbag) -> None:
 def recsys(*args: str, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
     result = subprocess.run([RECSYS, *args], env=env, capture_output=True, text=True, timeout=900)
     if check and result.returncode != 0:
-        raise AssertionError(f"recsys {' '.join(args)} exited {result.returncode}:\n{result.stdout[-4000:]}\n"
-                             f"{result.stderr[-4000:]}")
+        raise AssertionError(
+            f"recsys {' '.join(args)} exited {result.returncode}:\n{result.stdout[-4000:]}\n"
+            f"{result.stderr[-4000:]}"
+        )
     return result
 
 
@@ -64,7 +73,9 @@ def task_states(env: dict[str, str]) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def state_env(tmp_path_factory) -> dict[str, str]:
     home = tmp_path_factory.mktemp("recsys_home")
-    env = airflow_environment(load_config(overrides={"state_dir": str(home)}), None) | {"RECSYS_HOME": str(home)}
+    env = airflow_environment(load_config(overrides={"state_dir": str(home)}), None) | {
+        "RECSYS_HOME": str(home)
+    }
     env["AIRFLOW_HOME"] = str(home / "airflow")
     env["AIRFLOW_CONN_RECSYS_SPARK"] = json.dumps({"conn_type": "spark", "host": "local[2]"})
     recsys("airflow", "db", "migrate", env=env)
@@ -79,8 +90,15 @@ def test_weekly_dag_runs_end_to_end_and_publishes_a_champion(state_env) -> None:
     assert status["model"] == "recsys-als" and status["version"] == 1
     assert {"run_id", "data_window", "created_at"} <= set(status)
     metrics = status["metrics"]
-    for name in ("precision_at_10", "recall_at_10", "ndcg_at_10", "map_at_10", "coverage_at_10",
-                 "baseline_ndcg_at_10", "index_recall_at_10"):
+    for name in (
+        "precision_at_10",
+        "recall_at_10",
+        "ndcg_at_10",
+        "map_at_10",
+        "coverage_at_10",
+        "baseline_ndcg_at_10",
+        "index_recall_at_10",
+    ):
         assert name in metrics
     assert metrics["ndcg_at_10"] > metrics["baseline_ndcg_at_10"]
     recs = json.loads(recsys("recommend", "--user-id", "1", "-k", "5", "--json", env=state_env).stdout)
@@ -88,7 +106,9 @@ def test_weekly_dag_runs_end_to_end_and_publishes_a_champion(state_env) -> None:
     similar = json.loads(recsys("similar", "--item-id", "50", "-k", "3", "--json", env=state_env).stdout)
     assert len(similar) == 3
     unknown = recsys("recommend", "--user-id", "nobody", env=state_env, check=False)
-    assert unknown.returncode == 1 and "unknown user id" in unknown.stderr and "Traceback" not in unknown.stderr
+    assert (
+        unknown.returncode == 1 and "unknown user id" in unknown.stderr and "Traceback" not in unknown.stderr
+    )
 
     # Re-running the same logical date is safe and registers no second version.
     recsys("airflow", "dags", "test", "recsys_weekly", "1998-04-23", env=state_env)
@@ -102,8 +122,9 @@ def test_corrupted_input_fails_the_run_and_keeps_the_champion(state_env, tmp_pat
     corrupted = tmp_path / "u.data"
     corrupted.write_text("\n".join(line if i % 10 else "garbage line" for i, line in enumerate(lines)) + "\n")
     conf = json.dumps({"config_overrides": {"source.path": str(corrupted)}})
-    result = recsys("airflow", "dags", "test", "recsys_weekly", "1998-04-30", "-c", conf, env=state_env,
-                    check=False)
+    result = recsys(
+        "airflow", "dags", "test", "recsys_weekly", "1998-04-30", "-c", conf, env=state_env, check=False
+    )
     assert result.returncode != 0
     states = task_states(state_env)
     assert states["ingest_events"] == "failed" and states["promote"] != "success"

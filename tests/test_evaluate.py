@@ -21,7 +21,9 @@ def test_metrics_match_hand_computed_values() -> None:
 
 
 def test_users_without_relevant_items_are_not_averaged_in() -> None:
-    m = ranking_metrics(np.array([[1, 2], [3, 4]]), [np.array([1]), np.array([], dtype=int)], k=2, catalogue_size=4)
+    m = ranking_metrics(
+        np.array([[1, 2], [3, 4]]), [np.array([1]), np.array([], dtype=int)], k=2, catalogue_size=4
+    )
     assert m["precision_at_2"] == pytest.approx(0.5)
     assert m["ndcg_at_2"] == pytest.approx(1.0)
 
@@ -48,8 +50,12 @@ def test_evaluation_set_excludes_training_items_and_falls_back_to_popularity() -
     assert evaluation.users.tolist() == [0, 2]
     assert [r.tolist() for r in evaluation.relevant] == [[3], [1]]
     # user 0 has a vector pointing at item 3; user 2 has none and gets popular unseen items (item 1 first)
-    embeddings = Embeddings(np.array([0]), np.array([[1.0, 0.0]], np.float32), np.arange(4),
-                            np.array([[0, 1], [0, 1], [0.5, 0], [1, 0]], np.float32))
+    embeddings = Embeddings(
+        np.array([0]),
+        np.array([[1.0, 0.0]], np.float32),
+        np.arange(4),
+        np.array([[0, 1], [0, 1], [0.5, 0], [1, 0]], np.float32),
+    )
     metrics = evaluation.evaluate(embeddings, k=1)
     assert metrics["precision_at_1"] == pytest.approx(1.0)
 
@@ -59,6 +65,8 @@ def test_gate_requires_beating_baseline_and_staying_near_the_champion() -> None:
     assert gate({"ndcg_at_10": 0.3, "baseline_ndcg_at_10": 0.2}, 10, config) == (True, [])
     passed, reasons = gate({"ndcg_at_10": 0.2, "baseline_ndcg_at_10": 0.2}, 10, config)
     assert not passed and "baseline" in reasons[0]
-    passed, reasons = gate({"ndcg_at_10": 0.3, "baseline_ndcg_at_10": 0.2, "champion_ndcg_at_10": 0.33}, 10, config)
+    passed, reasons = gate(
+        {"ndcg_at_10": 0.3, "baseline_ndcg_at_10": 0.2, "champion_ndcg_at_10": 0.33}, 10, config
+    )
     assert not passed and "champion" in reasons[0]
     assert gate({"ndcg_at_10": 0.3, "baseline_ndcg_at_10": 0.2, "champion_ndcg_at_10": 0.31}, 10, config)[0]

@@ -21,8 +21,13 @@ BAD_SOURCE = {
     "source.delimiter": ",",
     "source.header": True,
     "source.column_names": None,
-    "source.mapping": {"user_id": "user", "item_id": "item", "event_type": "type", "value": "value",
-                       "timestamp": "ts"},
+    "source.mapping": {
+        "user_id": "user",
+        "item_id": "item",
+        "event_type": "type",
+        "value": "value",
+        "timestamp": "ts",
+    },
     "source.default_event_type": None,
 }
 WINDOW = (datetime(1997, 1, 1, tzinfo=UTC), datetime(2000, 1, 1, tzinfo=UTC))
@@ -49,8 +54,14 @@ def test_each_bad_record_kind_is_quarantined_with_its_reason(spark, make_config)
     for reason, count in EXPECTED_REASONS.items():
         assert result.metrics[f"quarantine_{reason}"] == count
     good = {(r.user_id, r.item_id, r.event_type) for r in result.events.collect()}
-    assert good == {("u1", "i1", "view"), ("u1", "i2", "purchase"), ("u2", "i1", "click"),
-                    ("u2", "i3", "rating"), ("u3", "i2", "watch"), ("u3", "i3", "view")}
+    assert good == {
+        ("u1", "i1", "view"),
+        ("u1", "i2", "purchase"),
+        ("u2", "i1", "click"),
+        ("u2", "i3", "rating"),
+        ("u3", "i2", "watch"),
+        ("u3", "i3", "view"),
+    }
     assert result.metrics["events_read"] == 18
     assert result.metrics["events_ingested"] + result.metrics["events_quarantined"] == 18
     extra = result.quarantine.where(F.col("reason") == "unparseable_record").first()
@@ -67,12 +78,19 @@ def test_rows_outside_the_window_are_counted_not_quarantined(spark, make_config)
     result = ingest(raw, config.source, config.events, start, end, datetime(2026, 1, 1, tzinfo=UTC))
     assert result.metrics["events_ingested"] == 0
     assert result.metrics["events_outside_window"] > 0
-    assert sum(result.metrics[k] for k in ("events_ingested", "events_quarantined", "events_outside_window")) == 18
+    assert (
+        sum(result.metrics[k] for k in ("events_ingested", "events_quarantined", "events_outside_window"))
+        == 18
+    )
 
 
 def test_quarantine_threshold_names_the_top_reasons() -> None:
-    metrics = {"quarantine_share": 0.4, "quarantine_invalid_value": 4.0, "quarantine_duplicate": 1.0,
-               "quarantine_missing_user_id": 0.0}
+    metrics = {
+        "quarantine_share": 0.4,
+        "quarantine_invalid_value": 4.0,
+        "quarantine_duplicate": 1.0,
+        "quarantine_missing_user_id": 0.0,
+    }
     with pytest.raises(QuarantineThresholdError, match=r"40\.0%.*invalid_value \(4\).*duplicate \(1\)"):
         check_quarantine_share(metrics, 0.05)
     check_quarantine_share(metrics, 0.5)
@@ -99,12 +117,14 @@ def test_reingesting_an_interval_overwrites_its_partitions_without_duplicates(sp
     run = RunContext.create(config, "test", "1998-03-24", "1998-03-31")
     run_ingest(spark, run)
     first = _lake_rows(run.layout.events_lake)
-    files_first = sorted(p.relative_to(run.layout.events_lake).parent for p in
-                         run.layout.events_lake.rglob("*.parquet"))
+    files_first = sorted(
+        p.relative_to(run.layout.events_lake).parent for p in run.layout.events_lake.rglob("*.parquet")
+    )
     run_ingest(spark, run)
     assert _lake_rows(run.layout.events_lake) == first
-    files_second = sorted(p.relative_to(run.layout.events_lake).parent for p in
-                          run.layout.events_lake.rglob("*.parquet"))
+    files_second = sorted(
+        p.relative_to(run.layout.events_lake).parent for p in run.layout.events_lake.rglob("*.parquet")
+    )
     assert files_second == files_first
     dates = {dict(row)["event_date"] for row in first}
     assert min(map(str, dates)) >= "1998-03-01" and max(map(str, dates)) <= "1998-03-30"

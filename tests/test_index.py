@@ -5,15 +5,26 @@ import numpy as np
 import pytest
 
 from recsys_pipeline.config import IndexConfig
-from recsys_pipeline.index import IndexIntegrityError, ItemIndex, SearchParams, exact_top_k, measure, search_params
+from recsys_pipeline.index import (
+    IndexIntegrityError,
+    ItemIndex,
+    SearchParams,
+    exact_top_k,
+    measure,
+    search_params,
+)
 
 
 def planted(n_items: int = 5000, dims: int = 16, n_queries: int = 200, seed: int = 0):
     """Items in clusters and queries near cluster centres: a clear true top-k for every query."""
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(50, dims))
-    items = (centres[rng.integers(0, 50, n_items)] + 0.3 * rng.normal(size=(n_items, dims))).astype(np.float32)
-    queries = (centres[rng.integers(0, 50, n_queries)] + 0.1 * rng.normal(size=(n_queries, dims))).astype(np.float32)
+    items = (centres[rng.integers(0, 50, n_items)] + 0.3 * rng.normal(size=(n_items, dims))).astype(
+        np.float32
+    )
+    queries = (centres[rng.integers(0, 50, n_queries)] + 0.1 * rng.normal(size=(n_queries, dims))).astype(
+        np.float32
+    )
     return items, queries
 
 

@@ -16,7 +16,10 @@ NO_MIN_SUPPORT = {"interactions.min_item_interactions": 1, "interactions.min_use
 
 def _events(spark, rows):
     return spark.createDataFrame(
-        [(u, i, t, float(v) if v is not None else None, AS_OF - timedelta(days=age)) for u, i, t, v, age in rows],
+        [
+            (u, i, t, float(v) if v is not None else None, AS_OF - timedelta(days=age))
+            for u, i, t, v, age in rows
+        ],
         "user_id string, item_id string, event_type string, value double, event_ts timestamp",
     )
 
@@ -27,12 +30,17 @@ def _confidences(frame) -> dict[tuple[str, str], float]:
 
 def test_confidence_weights_value_maps_and_cap(spark, make_config) -> None:
     config = make_config(**NO_MIN_SUPPORT).interactions
-    events = _events(spark, [
-        ("u1", "i1", "view", None, 1), ("u1", "i1", "purchase", None, 1),   # 1 + 10
-        ("u2", "i1", "rating", 5, 1), ("u2", "i2", "rating", 1, 1),          # mapped 5->4, 1->1
-        ("u3", "i3", "watch", 30, 1),                                         # scaled by value
-        *[("u3", "i4", "purchase", None, 1 + d / 100) for d in range(20)],    # 200, capped at 100
-    ])
+    events = _events(
+        spark,
+        [
+            ("u1", "i1", "view", None, 1),
+            ("u1", "i1", "purchase", None, 1),  # 1 + 10
+            ("u2", "i1", "rating", 5, 1),
+            ("u2", "i2", "rating", 1, 1),  # mapped 5->4, 1->1
+            ("u3", "i3", "watch", 30, 1),  # scaled by value
+            *[("u3", "i4", "purchase", None, 1 + d / 100) for d in range(20)],  # 200, capped at 100
+        ],
+    )
     assert _confidences(aggregate(events, config, F.lit(AS_OF))) == pytest.approx(
         {("u1", "i1"): 11.0, ("u2", "i1"): 4.0, ("u2", "i2"): 1.0, ("u3", "i3"): 30.0, ("u3", "i4"): 100.0}
     )
@@ -40,17 +48,32 @@ def test_confidence_weights_value_maps_and_cap(spark, make_config) -> None:
 
 def test_time_decay_halves_confidence_per_half_life(spark, make_config) -> None:
     config = make_config(**NO_MIN_SUPPORT, **{"interactions.half_life_days": 2.0}).interactions
-    events = _events(spark, [("u1", "i1", "purchase", None, 0), ("u1", "i2", "purchase", None, 2),
-                             ("u1", "i3", "purchase", None, 4)])
+    events = _events(
+        spark,
+        [
+            ("u1", "i1", "purchase", None, 0),
+            ("u1", "i2", "purchase", None, 2),
+            ("u1", "i3", "purchase", None, 4),
+        ],
+    )
     assert _confidences(aggregate(events, config, F.lit(AS_OF))) == pytest.approx(
         {("u1", "i1"): 10.0, ("u1", "i2"): 5.0, ("u1", "i3"): 2.5}
     )
 
 
 def test_min_support_and_max_aggregation(spark, make_config) -> None:
-    config = make_config(**{"interactions.min_item_interactions": 2, "interactions.aggregation": "max"}).interactions
-    events = _events(spark, [("u1", "i1", "view", None, 1), ("u1", "i1", "purchase", None, 1),
-                             ("u2", "i1", "click", None, 1), ("u2", "i2", "view", None, 1)])
+    config = make_config(
+        **{"interactions.min_item_interactions": 2, "interactions.aggregation": "max"}
+    ).interactions
+    events = _events(
+        spark,
+        [
+            ("u1", "i1", "view", None, 1),
+            ("u1", "i1", "purchase", None, 1),
+            ("u2", "i1", "click", None, 1),
+            ("u2", "i2", "view", None, 1),
+        ],
+    )
     assert _confidences(aggregate(events, config, F.lit(AS_OF))) == {("u1", "i1"): 10.0, ("u2", "i1"): 2.0}
 
 
@@ -60,11 +83,17 @@ def _write_source(path: Path, rows: list[tuple[str, str, str, int]]) -> Path:
 
 
 def _run(make_config, source: Path, end: str) -> RunContext:
-    config = make_config(**{
-        "source.path": str(source), "source.delimiter": ",", "source.header": True, "source.column_names": None,
-        "source.mapping": {"user_id": "user", "item_id": "item", "event_type": "type", "timestamp": "ts"},
-        "interactions.holdout_days": 1, **NO_MIN_SUPPORT,
-    })
+    config = make_config(
+        **{
+            "source.path": str(source),
+            "source.delimiter": ",",
+            "source.header": True,
+            "source.column_names": None,
+            "source.mapping": {"user_id": "user", "item_id": "item", "event_type": "type", "timestamp": "ts"},
+            "interactions.holdout_days": 1,
+            **NO_MIN_SUPPORT,
+        }
+    )
     end_dt = datetime.fromisoformat(end)
     return RunContext.create(config, "test", end_dt - timedelta(days=7), end_dt)
 
@@ -72,8 +101,12 @@ def _run(make_config, source: Path, end: str) -> RunContext:
 def test_id_maps_keep_old_indices_and_append_new_ids(spark, make_config, tmp_path: Path) -> None:
     day = 86_400
     t0 = int(datetime(2024, 1, 1, tzinfo=UTC).timestamp())
-    first_rows = [("bob", "x", "view", t0), ("alice", "y", "view", t0 + day), ("bob", "y", "click", t0 + 2 * day),
-                  ("alice", "x", "purchase", t0 + 5 * day + 3600)]
+    first_rows = [
+        ("bob", "x", "view", t0),
+        ("alice", "y", "view", t0 + day),
+        ("bob", "y", "click", t0 + 2 * day),
+        ("alice", "x", "purchase", t0 + 5 * day + 3600),
+    ]
     first = _run(make_config, _write_source(tmp_path / "a.csv", first_rows), "2024-01-07")
     run_ingest(spark, first)
     run_interactions(spark, first)
@@ -98,5 +131,9 @@ def test_id_maps_keep_old_indices_and_append_new_ids(spark, make_config, tmp_pat
     assert sorted(zip(holdout.user_idx.tolist(), holdout.item_idx.tolist(), strict=True)) == [(1, 2), (2, 2)]
     train = read_matrix(second.stage_dir("interactions") / "train")
     csr = train.to_csr(3, 3)
-    assert csr[0, 1] == pytest.approx(1.0) and csr[0, 0] == pytest.approx(10.0) and csr[1, 1] == pytest.approx(2.0)
+    assert (
+        csr[0, 1] == pytest.approx(1.0)
+        and csr[0, 0] == pytest.approx(10.0)
+        and csr[1, 1] == pytest.approx(2.0)
+    )
     assert np.all(csr[2].toarray() == 0)

@@ -45,7 +45,9 @@ def copy_run(run: RunContext, start: str, end: str) -> RunContext:
 
 def versions(run: RunContext) -> list[str]:
     client = publish.mlflow_client(run.config)
-    return sorted(str(v.version) for v in client.search_model_versions(f"name = '{run.config.mlflow.model_name}'"))
+    return sorted(
+        str(v.version) for v in client.search_model_versions(f"name = '{run.config.mlflow.model_name}'")
+    )
 
 
 def test_stages_produce_a_model_that_beats_popularity(weekly_run) -> None:

@@ -18,15 +18,24 @@ START, END = pd.Timestamp("2024-01-01", tz="UTC"), pd.Timestamp("2024-01-08", tz
 
 def good_events(n: int = 50) -> pd.DataFrame:
     ts = START + pd.to_timedelta(np.arange(n), unit="h")
-    return pd.DataFrame({
-        "user_id": [f"u{i % 7}" for i in range(n)], "item_id": [f"i{i % 11}" for i in range(n)],
-        "event_type": "view", "value": 1.0, "event_ts": ts, "ingested_at": END, "source": "test",
-        "event_date": ts.date,
-    })
+    return pd.DataFrame(
+        {
+            "user_id": [f"u{i % 7}" for i in range(n)],
+            "item_id": [f"i{i % 11}" for i in range(n)],
+            "event_type": "view",
+            "value": 1.0,
+            "event_ts": ts,
+            "ingested_at": END,
+            "source": "test",
+            "event_date": ts.date,
+        }
+    )
 
 
 def good_interactions() -> pd.DataFrame:
-    return pd.DataFrame({"user_idx": [0, 0, 1, 2], "item_idx": [0, 1, 1, 2], "confidence": [1.0, 2.0, 3.0, 1.5]})
+    return pd.DataFrame(
+        {"user_idx": [0, 0, 1, 2], "item_idx": [0, 1, 1, 2], "confidence": [1.0, 2.0, 3.0, 1.5]}
+    )
 
 
 def good_items(n: int = 200, dims: int = 8) -> tuple[np.ndarray, np.ndarray]:
@@ -40,11 +49,14 @@ def run(tmp_path: Path, name: str, frame: pd.DataFrame, suite: list) -> list:
 def test_good_frames_pass_and_data_docs_are_written(tmp_path: Path, make_config) -> None:
     config = make_config()
     idx, factors = good_items()
-    failures = validate_frames(tmp_path, {
-        "events": (good_events(), events_suite(config, START, END)),
-        "interactions": (good_interactions(), interactions_suite(3, 3)),
-        "item_embeddings": (embedding_profile(idx, factors), embeddings_suite(config, 200, 200)),
-    })
+    failures = validate_frames(
+        tmp_path,
+        {
+            "events": (good_events(), events_suite(config, START, END)),
+            "interactions": (good_interactions(), interactions_suite(3, 3)),
+            "item_embeddings": (embedding_profile(idx, factors), embeddings_suite(config, 200, 200)),
+        },
+    )
     assert failures == []
     assert (tmp_path / DATA_DOCS / "index.html").is_file()
 
@@ -58,8 +70,9 @@ def test_good_frames_pass_and_data_docs_are_written(tmp_path: Path, make_config)
         ("event_ts", END + pd.Timedelta(hours=1), "expect_column_values_to_be_between"),
     ],
 )
-def test_bad_events_fail_naming_suite_expectation_and_value(tmp_path, make_config, column, bad_value,
-                                                            expectation) -> None:
+def test_bad_events_fail_naming_suite_expectation_and_value(
+    tmp_path, make_config, column, bad_value, expectation
+) -> None:
     frame = good_events()
     frame[column] = frame[column].astype(object)
     frame.loc[3, column] = bad_value
@@ -90,13 +103,22 @@ def test_collapsed_embeddings_fail_beyond_the_allowed_share(tmp_path, make_confi
     config = make_config()
     idx, factors = good_items()
     factors[:10] = factors[0] * np.linspace(1, 2, 10)[:, None]  # 5% of vectors point the same way
-    failures = run(tmp_path, "item_embeddings", embedding_profile(idx, factors), embeddings_suite(config, 200, 200))
-    assert [(f.expectation, f.column) for f in failures] == [("expect_column_values_to_be_between", "nearest_cosine")]
+    failures = run(
+        tmp_path, "item_embeddings", embedding_profile(idx, factors), embeddings_suite(config, 200, 200)
+    )
+    assert [(f.expectation, f.column) for f in failures] == [
+        ("expect_column_values_to_be_between", "nearest_cosine")
+    ]
 
 
 def test_non_finite_embeddings_and_wrong_row_count_fail(tmp_path, make_config) -> None:
     config = make_config()
     idx, factors = good_items()
     factors[5, 2] = np.nan
-    failures = run(tmp_path, "item_embeddings", embedding_profile(idx, factors), embeddings_suite(config, 200, 201))
-    assert {f.expectation for f in failures} >= {"expect_column_values_to_be_in_set", "expect_table_row_count_to_equal"}
+    failures = run(
+        tmp_path, "item_embeddings", embedding_profile(idx, factors), embeddings_suite(config, 200, 201)
+    )
+    assert {f.expectation for f in failures} >= {
+        "expect_column_values_to_be_in_set",
+        "expect_table_row_count_to_equal",
+    }
