@@ -46,6 +46,16 @@ def _parser() -> argparse.ArgumentParser:
     similar.add_argument("-k", type=int, default=10)
     similar.add_argument("--json", action="store_true")
 
+    versions = commands.add_parser("versions", help="every registered version with aliases, tags and metrics")
+    versions.add_argument("--json", action="store_true")
+
+    promote = commands.add_parser("promote", help="make a version the champion by hand")
+    promote.add_argument("--version", required=True)
+    promote.add_argument("--reason", default="manual promotion")
+
+    rollback = commands.add_parser("rollback", help="make the previous champion the champion again")
+    rollback.add_argument("--reason", default="manual rollback")
+
     airflow = commands.add_parser(
         "airflow", help="run the airflow CLI on the local state (AIRFLOW_HOME, DAGs folder, Spark connection)"
     )
@@ -110,6 +120,28 @@ def _status(config: PipelineConfig, as_json: bool) -> None:
             print(f"  {name:<22} {status['metrics'][name]:.4f}")
 
 
+def _registry_command(config: PipelineConfig, args: argparse.Namespace) -> int:
+    from recsys_pipeline import publish
+
+    if args.command == "versions":
+        rows = publish.list_versions(config)
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        for row in [] if args.json else rows:
+            ndcg = row["metrics"].get("ndcg_at_10", float("nan"))
+            print(
+                f"{row['version']:>4}  ndcg_at_10={ndcg:.4f}  {','.join(row['aliases']) or '-'}  "
+                f"{row['tags'].get('run_key', '')}"
+            )
+    elif args.command == "promote":
+        publish.promote(config, args.version, reason=args.reason)
+        print(f"{config.mlflow.model_name}@champion -> version {args.version}")
+    else:
+        version = publish.rollback(config, reason=args.reason)
+        print(f"{config.mlflow.model_name}@champion -> version {version} (rolled back)")
+    return 0
+
+
 def run(argv: Sequence[str]) -> int:
     args = _parser().parse_args(argv)
     overrides = dict(parse_override(item) for item in args.set)
@@ -127,6 +159,8 @@ def run(argv: Sequence[str]) -> int:
     if args.command == "status":
         _status(config, args.json)
         return 0
+    if args.command in ("versions", "promote", "rollback"):
+        return _registry_command(config, args)
     from recsys_pipeline.serving import Recommender
 
     recommender = Recommender.from_registry(config=config)

@@ -144,7 +144,7 @@ def verify_manifest(directory: Path) -> dict[str, Any]:
     return manifest
 
 
-def exact_top_k(queries: np.ndarray, item_factors: np.ndarray, k: int, batch_size: int = 2048) -> np.ndarray:
+def exact_top_k(queries: np.ndarray, item_factors: np.ndarray, k: int, batch_size: int = 128) -> np.ndarray:
     """Row positions of the k highest dot products per query (the ground truth for recall)."""
     k = min(k, len(item_factors))
     out = np.empty((len(queries), k), dtype=np.int64)
@@ -177,27 +177,20 @@ def measure(index: ItemIndex, item_factors: np.ndarray, queries: np.ndarray, k: 
     }
 
 
-def run_index(run: RunContext) -> dict[str, float]:
-    """Build the index over the run's item vectors, measure it on real user vectors, retune if short."""
-    config = run.config.index
-    k = run.config.evaluation.k
-    embeddings = read_embeddings(run.stage_dir("model"))
-    rng = np.random.default_rng(0)
-    sample = rng.choice(
-        len(embeddings.user_idx), min(config.recall_sample_users, len(embeddings.user_idx)), replace=False
-    )
-    queries = embeddings.user_factors[np.sort(sample)]
-    params = search_params(len(embeddings.item_idx), config)
+def build_tuned(
+    item_idx: np.ndarray, item_factors: np.ndarray, queries: np.ndarray, config: IndexConfig, k: int
+) -> tuple[ItemIndex, dict[str, float]]:
+    """Build for the catalogue size; while recall is short, search more leaves and reorder more."""
+    params = search_params(len(item_idx), config)
     started = time.perf_counter()
-    index = ItemIndex.build(embeddings.item_idx, embeddings.item_factors, params, k)
+    index = ItemIndex.build(item_idx, item_factors, params, k)
     metrics = {"index_build_s": time.perf_counter() - started}
-    metrics.update(measure(index, embeddings.item_factors, queries, k))
+    metrics.update(measure(index, item_factors, queries, k))
     while (
         metrics[f"index_recall_at_{k}"] < config.min_recall
         and params.num_leaves
-        and ((params.leaves_to_search or 0) < params.num_leaves)
+        and (params.leaves_to_search or 0) < params.num_leaves
     ):
-        # Searching more leaves and reordering more candidates trades speed for recall.
         params = SearchParams(
             params.num_leaves, min(params.num_leaves, 2 * (params.leaves_to_search or 1)), 2 * params.reorder
         )
@@ -208,7 +201,21 @@ def run_index(run: RunContext) -> dict[str, float]:
             params,
         )
         index = ItemIndex(index.searcher, index.item_idx, params)
-        metrics.update(measure(index, embeddings.item_factors, queries, k))
+        metrics.update(measure(index, item_factors, queries, k))
+    return index, metrics
+
+
+def run_index(run: RunContext) -> dict[str, float]:
+    """Build the index over the run's item vectors, measure it on real user vectors, retune if short."""
+    config = run.config.index
+    k = run.config.evaluation.k
+    embeddings = read_embeddings(run.stage_dir("model"))
+    rng = np.random.default_rng(0)
+    sample = rng.choice(
+        len(embeddings.user_idx), min(config.recall_sample_users, len(embeddings.user_idx)), replace=False
+    )
+    queries = embeddings.user_factors[np.sort(sample)]
+    index, metrics = build_tuned(embeddings.item_idx, embeddings.item_factors, queries, config, k)
     with atomic_dir(run.stage_dir("index")) as staging:
         index.save(staging)
     recall = metrics[f"index_recall_at_{k}"]

@@ -27,7 +27,7 @@ import numpy as np
 from recsys_pipeline.als import Embeddings, read_embeddings
 from recsys_pipeline.config import PROJECT_ROOT, PipelineConfig
 from recsys_pipeline.runs import RunContext, StateLayout, atomic_dir, now_utc, write_json
-from recsys_pipeline.tables import read_matrix
+from recsys_pipeline.tables import read_id_map, read_matrix
 
 log = logging.getLogger(__name__)
 BUNDLE_FORMAT = 1
@@ -184,11 +184,22 @@ def run_publish(run: RunContext) -> str:
             python_model=RecsysPyfunc(),
             artifacts={"bundle": str(bundle)},
             signature=model_signature(),
+            input_example=_input_example(bundle),
             pip_requirements=_serving_requirements(),
         )
     version = mlflow.register_model(info.model_uri, config.mlflow.model_name, tags=tags)
     log.info("registered %s version %s", config.mlflow.model_name, version.version)
     return str(version.version)
+
+
+def _input_example(bundle: Path) -> Any:
+    import pandas as pd
+
+    from recsys_pipeline.als import read_factors
+
+    user_idx, _ = read_factors(bundle / "embeddings" / "user_factors.parquet")
+    user_id = read_id_map(bundle / "id_maps" / "users.parquet")[user_idx[0]]
+    return pd.DataFrame({"user_id": [user_id], "k": [10]})
 
 
 def _serving_requirements() -> list[str]:
@@ -281,6 +292,34 @@ def download_bundle(config: PipelineConfig, alias: str = CHAMPION) -> tuple[Any,
                 artifact_uri=f"models:/{name}/{version.version}", dst_path=str(staging)
             )
     return version, bundle
+
+
+def list_versions(config: PipelineConfig) -> list[dict[str, Any]]:
+    """Every registered version, newest first, as ``{version, aliases, tags, metrics}``."""
+    client = mlflow_client(config)
+    name = config.mlflow.model_name
+    # Version search results leave aliases out; the registered model holds them all.
+    aliases = client.get_registered_model(name).aliases
+    rows = [
+        {
+            "version": int(version.version),
+            "aliases": sorted(alias for alias, number in aliases.items() if str(number) == str(version.version)),
+            "tags": dict(sorted(version.tags.items())),
+            "metrics": dict(sorted(client.get_run(version.run_id).data.metrics.items())),
+        }
+        for version in client.search_model_versions(f"name = '{name}'")
+    ]
+    return sorted(rows, key=lambda row: -row["version"])
+
+
+def rollback(config: PipelineConfig, reason: str) -> str:
+    """Make the ``previous`` version champion again (the replaced champion becomes ``previous``)."""
+    client = mlflow_client(config)
+    previous = alias_version(client, config.mlflow.model_name, PREVIOUS)
+    if previous is None:
+        raise NothingPublishedError(f"no version of {config.mlflow.model_name} has the alias '{PREVIOUS}'")
+    promote(config, str(previous.version), reason=f"rollback: {reason}")
+    return str(previous.version)
 
 
 def champion_embeddings(config: PipelineConfig) -> Embeddings | None:

@@ -1,5 +1,6 @@
 """Publishing and consuming through the real MLflow registry (embedded SQLite store) on ML-100k."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -135,3 +136,23 @@ def test_status_without_a_champion_is_a_clear_error(tmp_path: Path) -> None:
     config = load_config(overrides={"state_dir": str(tmp_path)})
     with pytest.raises(publish.NothingPublishedError, match="no version"):
         publish.champion_status(config)
+
+
+def test_cli_versions_promote_and_rollback(weekly_run, capsys) -> None:
+    from recsys_pipeline.cli import main
+
+    state = ["--set", f"state_dir={weekly_run.config.state_home}"]
+    first = publish.run_publish(weekly_run)
+    publish.run_promotion(weekly_run, first)
+    newer = copy_run(weekly_run, "1998-04-19", "1998-04-26")
+    second = publish.run_publish(newer)
+    assert main([*state, "promote", "--version", second, "--reason", "ab test won"]) == 0
+    capsys.readouterr()
+    assert main([*state, "versions", "--json"]) == 0
+    rows = {str(row["version"]): row for row in json.loads(capsys.readouterr().out)}
+    assert rows[second]["aliases"] == ["champion"] and rows[first]["aliases"] == ["previous"]
+    assert rows[second]["tags"]["promotion_reason"] == "ab test won"
+    assert "ndcg_at_10" in rows[second]["metrics"]
+    assert main([*state, "rollback", "--reason", "bad canary"]) == 0
+    assert publish.champion_status(weekly_run.config)["version"] == int(first)
+    assert publish.champion_status(weekly_run.config)["tags"]["promotion_reason"] == "rollback: bad canary"

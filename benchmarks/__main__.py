@@ -1,0 +1,38 @@
+"""Run every benchmark, or one: ``python -m benchmarks [NAME]``; each writes ``var/bench/NAME.json``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from benchmarks import index_search
+from recsys_pipeline.config import load_config
+from recsys_pipeline.runs import StateLayout, write_json
+
+Benchmark = tuple[dict[str, Any], Callable[[dict[str, Any]], dict[str, Any]]]
+BENCHMARKS: dict[str, Benchmark] = {
+    "index": (index_search.PARAMS, index_search.run),
+}
+
+
+def main(argv: list[str]) -> int:
+    names = argv or sorted(BENCHMARKS)
+    unknown = [name for name in names if name not in BENCHMARKS]
+    if unknown:
+        print(f"unknown benchmark(s) {unknown}; available: {sorted(BENCHMARKS)}", file=sys.stderr)
+        return 1
+    out_dir = StateLayout(load_config().state_home).bench
+    for name in names:
+        params, run = BENCHMARKS[name]
+        print(f"== {name} {json.dumps(params)}", flush=True)
+        report = {"name": name, "params": params, "results": run(params)}
+        write_json(out_dir / f"{name}.json", report)
+        print(json.dumps(report["results"], indent=2))
+        print(f"wrote {out_dir / f'{name}.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
