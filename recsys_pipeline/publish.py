@@ -303,7 +303,9 @@ def list_versions(config: PipelineConfig) -> list[dict[str, Any]]:
     rows = [
         {
             "version": int(version.version),
-            "aliases": sorted(alias for alias, number in aliases.items() if str(number) == str(version.version)),
+            "aliases": sorted(
+                alias for alias, number in aliases.items() if str(number) == str(version.version)
+            ),
             "tags": dict(sorted(version.tags.items())),
             "metrics": dict(sorted(client.get_run(version.run_id).data.metrics.items())),
         }
