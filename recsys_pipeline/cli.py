@@ -19,6 +19,7 @@ from recsys_pipeline.config import (
     load_config,
     parse_override,
 )
+from recsys_pipeline.publish import NothingPublishedError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -60,6 +61,11 @@ def _parser() -> argparse.ArgumentParser:
         "airflow", help="run the airflow CLI on the local state (AIRFLOW_HOME, DAGs folder, Spark connection)"
     )
     airflow.add_argument("airflow_args", nargs=argparse.REMAINDER)
+
+    serve = commands.add_parser("serve", help="serve a published version over REST (mlflow models serve)")
+    serve.add_argument("--port", type=int, default=5001)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--alias", default="champion")
 
     commands.add_parser("mlflow-ui", help="print the command that opens the MLflow UI on the local state")
     return parser
@@ -142,6 +148,38 @@ def _registry_command(config: PipelineConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(config: PipelineConfig, args: argparse.Namespace) -> int:
+    """Replace this process with ``mlflow models serve`` on the configured registry, in this environment."""
+    from recsys_pipeline.publish import alias_version, mlflow_client
+
+    name = config.mlflow.model_name
+    if alias_version(mlflow_client(config), name, args.alias) is None:
+        raise NothingPublishedError(f"no version of {name} has the alias '{args.alias}' to serve")
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": config.tracking_uri,
+        "MLFLOW_REGISTRY_URI": config.tracking_uri,
+        # mlflow starts uvicorn by name: it must be this environment's.
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    mlflow = str(Path(sys.executable).parent / "mlflow")
+    command = [
+        mlflow,
+        "models",
+        "serve",
+        "-m",
+        f"models:/{name}@{args.alias}",
+        "--env-manager",
+        "local",
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+    ]
+    os.execve(mlflow, command, env)
+    return 0  # pragma: no cover - execve does not return
+
+
 def run(argv: Sequence[str]) -> int:
     args = _parser().parse_args(argv)
     overrides = dict(parse_override(item) for item in args.set)
@@ -153,6 +191,8 @@ def run(argv: Sequence[str]) -> int:
         Path(env["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)
         airflow = str(Path(sys.executable).parent / "airflow")
         return subprocess.call([airflow, *args.airflow_args], env=env)
+    if args.command == "serve":
+        return _serve(config, args)
     if args.command == "mlflow-ui":
         print(f"mlflow ui --backend-store-uri {config.tracking_uri} --port 5000")
         return 0
@@ -173,7 +213,6 @@ def run(argv: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from recsys_pipeline.index import IndexIntegrityError
-    from recsys_pipeline.publish import NothingPublishedError
     from recsys_pipeline.serving import BundleFormatError, UnknownIdError
 
     known: tuple[type[Exception], ...] = (

@@ -14,6 +14,7 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 from recsys_pipeline.config import PipelineConfig, load_config  # noqa: E402
+from recsys_pipeline.runs import RunContext  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TEST_SPARK_CONF = {"spark.sql.shuffle.partitions": "2", "spark.ui.enabled": "false"}
@@ -42,3 +43,25 @@ def make_config(tmp_path: Path) -> ConfigFactory:
         return load_config(overrides=base)
 
     return factory
+
+
+@pytest.fixture(scope="session")
+def weekly_run(spark, tmp_path_factory) -> RunContext:
+    """Every stage of the weekly pipeline, in process, on the bundled sample (nothing published yet)."""
+    from recsys_pipeline.als import run_training
+    from recsys_pipeline.evaluate import run_evaluation
+    from recsys_pipeline.events import run_ingest
+    from recsys_pipeline.index import run_index
+    from recsys_pipeline.interactions import run_interactions
+    from recsys_pipeline.validation import run_validation
+
+    state = tmp_path_factory.mktemp("state")
+    config = load_config(overrides={"state_dir": str(state), "spark.conf": TEST_SPARK_CONF})
+    run = RunContext.create(config, "recsys_weekly", "1998-04-16", "1998-04-23", "manual__test")
+    run_ingest(spark, run)
+    run_interactions(spark, run)
+    run_training(run)
+    run_evaluation(run)
+    run_index(run)
+    run_validation(run)
+    return run

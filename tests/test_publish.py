@@ -10,32 +10,10 @@ import pandas as pd
 import pytest
 
 from recsys_pipeline import publish
-from recsys_pipeline.als import run_training
 from recsys_pipeline.config import load_config
-from recsys_pipeline.evaluate import run_evaluation
-from recsys_pipeline.events import run_ingest
-from recsys_pipeline.index import run_index
-from recsys_pipeline.interactions import run_interactions
 from recsys_pipeline.runs import RunContext
 from recsys_pipeline.serving import Recommender, UnknownIdError
 from recsys_pipeline.tables import read_id_map
-from recsys_pipeline.validation import run_validation
-from tests.conftest import TEST_SPARK_CONF
-
-
-@pytest.fixture(scope="module")
-def weekly_run(spark, tmp_path_factory) -> RunContext:
-    """Every stage of the weekly pipeline, in process, on the bundled sample."""
-    state = tmp_path_factory.mktemp("state")
-    config = load_config(overrides={"state_dir": str(state), "spark.conf": TEST_SPARK_CONF})
-    run = RunContext.create(config, "recsys_weekly", "1998-04-16", "1998-04-23", "manual__test")
-    run_ingest(spark, run)
-    run_interactions(spark, run)
-    run_training(run)
-    run_evaluation(run)
-    run_index(run)
-    run_validation(run)
-    return run
 
 
 def copy_run(run: RunContext, start: str, end: str) -> RunContext:

@@ -1,0 +1,149 @@
+"""Publishing and consuming over HTTP: a real `mlflow server` and `recsys serve` on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+
+from recsys_pipeline import publish
+from recsys_pipeline.runs import RunContext
+from recsys_pipeline.serving import Recommender
+from recsys_pipeline.tables import read_id_map
+
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(url: str, process: subprocess.Popen, log: Path, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"server exited with {process.returncode}: {log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(1)
+    stop(process)
+    raise AssertionError(f"{url} did not answer within {timeout_s}s: {log.read_text()[-3000:]}")
+
+
+def start(command: list[str], env: dict[str, str], url: str, log: Path) -> subprocess.Popen:
+    """Start a server in its own process group, logging to a file (an unread pipe would fill and block it)."""
+    with log.open("w") as handle:
+        process = subprocess.Popen(
+            command, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    wait_for(url, process, log)
+    return process
+
+
+def stop(process: subprocess.Popen) -> None:
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def tracking_server(tmp_path_factory) -> Iterator[str]:
+    root = tmp_path_factory.mktemp("mlflow_server")
+    port = free_port()
+    process = start(
+        [
+            str(BIN / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        dict(os.environ),
+        f"http://127.0.0.1:{port}/health",
+        root / "server.log",
+    )
+    yield f"http://127.0.0.1:{port}"
+    stop(process)
+
+
+def test_publish_promote_and_consume_through_a_tracking_server(weekly_run, tracking_server) -> None:
+    config = weekly_run.config.model_copy(
+        update={"mlflow": weekly_run.config.mlflow.model_copy(update={"tracking_uri": tracking_server})}
+    )
+    run = RunContext(
+        config, weekly_run.dag_id, weekly_run.run_id, weekly_run.interval_start, weekly_run.interval_end
+    )
+    version = publish.run_publish(run)
+    assert publish.run_publish(run) == version
+    publish.run_promotion(run, version)
+    status = publish.champion_status(config)
+    assert status["version"] == int(version)
+    assert publish.list_versions(config)[0]["aliases"] == ["champion"]
+
+    user_id = read_id_map(run.stage_dir("interactions") / "maps" / "users")[5]
+    model = mlflow.pyfunc.load_model(f"models:/{config.mlflow.model_name}@champion")
+    predicted = model.predict(pd.DataFrame({"user_id": [user_id], "k": [5]}))
+    expected = Recommender.from_registry(config=config).recommend(user_id, 5)
+    pd.testing.assert_frame_equal(predicted[expected.columns].reset_index(drop=True), expected)
+
+
+def test_rest_predictions_equal_in_process_predictions(weekly_run, tmp_path: Path) -> None:
+    version = publish.run_publish(weekly_run)
+    publish.run_promotion(weekly_run, version)
+    port = free_port()
+    env = {**os.environ, "RECSYS_HOME": str(weekly_run.config.state_home)}
+    server = start(
+        [
+            str(BIN / "recsys"),
+            "--set",
+            f"state_dir={weekly_run.config.state_home}",
+            "serve",
+            "--port",
+            str(port),
+        ],
+        env,
+        f"http://127.0.0.1:{port}/ping",
+        tmp_path / "serve.log",
+    )
+    try:
+        users = list(read_id_map(weekly_run.stage_dir("interactions") / "maps" / "users")[:4]) + [
+            "never-seen"
+        ]
+        body = json.dumps({"dataframe_records": [{"user_id": u, "k": 5} for u in users]}).encode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            served = pd.DataFrame(json.loads(response.read())["predictions"])
+    finally:
+        stop(server)
+    recommender = Recommender.from_registry(config=weekly_run.config)
+    expected = pd.concat([recommender.recommend(u, 5, unknown="popular") for u in users], ignore_index=True)
+    pd.testing.assert_frame_equal(served[expected.columns], expected, check_dtype=False)
+    assert served.loc[served["user_id"] == "never-seen", "item_id"].tolist() == list(
+        recommender.item_ids[recommender.popular[:5]]
+    )
