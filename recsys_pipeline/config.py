@@ -116,6 +116,7 @@ class EvaluationConfig(_Section):
 
 
 class IndexConfig(_Section):
+    backend: Literal["scann", "exact"] = "scann"
     metric: Literal["dot_product"] = "dot_product"
     brute_force_below: int = Field(
         default=20_000, ge=0, description="Catalogue size under which search is exact."

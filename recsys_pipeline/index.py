@@ -16,7 +16,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -55,8 +55,22 @@ def search_params(n_items: int, config: IndexConfig) -> SearchParams:
     return SearchParams(leaves, config.leaves_to_search or max(1, leaves // 20), config.reorder)
 
 
-class ItemIndex:
-    """A ScaNN searcher over item vectors that answers in dense item indices."""
+class ItemIndex(Protocol):
+    """Nearest items by dot product, answering in dense item indices (row r holds item ``item_idx[r]``)."""
+
+    item_idx: np.ndarray
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (dense item indices, scores) per query row, best first."""
+        ...
+
+    def save(self, directory: Path) -> None: ...
+
+
+class ScannIndex:
+    """ScaNN: brute force for small catalogues, tree + asymmetric hashing + reordering above."""
+
+    backend = "scann"
 
     def __init__(self, searcher: Any, item_idx: np.ndarray, params: SearchParams):
         self.searcher = searcher
@@ -64,7 +78,9 @@ class ItemIndex:
         self.params = params
 
     @classmethod
-    def build(cls, item_idx: np.ndarray, item_factors: np.ndarray, params: SearchParams, k: int) -> ItemIndex:
+    def build(
+        cls, item_idx: np.ndarray, item_factors: np.ndarray, params: SearchParams, k: int
+    ) -> ScannIndex:
         import scann
 
         vectors = np.ascontiguousarray(item_factors, dtype=np.float32)
@@ -84,7 +100,6 @@ class ItemIndex:
         return cls(builder.build(), np.asarray(item_idx, dtype=np.int64), params)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k (dense item indices, scores) per query row, best first."""
         k = min(k, len(self.item_idx))
         rows, scores = self.searcher.search_batched(
             np.ascontiguousarray(queries, dtype=np.float32),
@@ -98,24 +113,63 @@ class ItemIndex:
         directory.mkdir(parents=True, exist_ok=True)
         self.searcher.serialize(str(directory), relative_path=True)
         np.save(directory / "item_idx.npy", self.item_idx)
-        files = {p.name: _sha256(p) for p in sorted(directory.iterdir()) if p.name != MANIFEST}
-        manifest = {
-            "format": INDEX_FORMAT,
-            "files": files,
-            "items": int(len(self.item_idx)),
-            "params": self.params.as_dict(),
-        }
-        (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        write_manifest(directory, self.backend, len(self.item_idx), self.params.as_dict())
 
     @classmethod
-    def load(cls, directory: Path) -> ItemIndex:
-        """Load after checking every file against the manifest; never hands ScaNN a damaged folder."""
+    def load(cls, directory: Path, manifest: dict[str, Any]) -> ScannIndex:
         import scann
 
-        manifest = verify_manifest(directory)
-        params = SearchParams(**manifest["params"])
         searcher = scann.scann_ops_pybind.load_searcher(str(directory))
-        return cls(searcher, np.load(directory / "item_idx.npy"), params)
+        return cls(searcher, np.load(directory / "item_idx.npy"), SearchParams(**manifest["params"]))
+
+
+class ExactIndex:
+    """Exact search by batched matrix product: the reference the ScaNN index is measured against."""
+
+    backend = "exact"
+
+    def __init__(self, item_idx: np.ndarray, item_factors: np.ndarray):
+        self.item_idx = np.asarray(item_idx, dtype=np.int64)
+        self.item_factors = np.ascontiguousarray(item_factors, dtype=np.float32)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        rows, scores = exact_search(np.asarray(queries, dtype=np.float32), self.item_factors, k)
+        return self.item_idx[rows], scores
+
+    def save(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        np.save(directory / "item_idx.npy", self.item_idx)
+        np.save(directory / "item_factors.npy", self.item_factors)
+        write_manifest(directory, self.backend, len(self.item_idx), {})
+
+    @classmethod
+    def load(cls, directory: Path, manifest: dict[str, Any]) -> ExactIndex:
+        return cls(np.load(directory / "item_idx.npy"), np.load(directory / "item_factors.npy"))
+
+
+def build_index(
+    backend: str, item_idx: np.ndarray, item_factors: np.ndarray, params: SearchParams, k: int
+) -> ItemIndex:
+    if backend == "exact":
+        return ExactIndex(item_idx, item_factors)
+    return ScannIndex.build(item_idx, item_factors, params, k)
+
+
+def load_index(directory: Path) -> ItemIndex:
+    """Load after checking every file against the manifest; never hands a damaged folder to a backend."""
+    manifest = verify_manifest(directory)
+    backend = manifest.get("backend")
+    if backend == "exact":
+        return ExactIndex.load(directory, manifest)
+    if backend == "scann":
+        return ScannIndex.load(directory, manifest)
+    raise IndexIntegrityError(f"index in {directory} names an unknown backend {backend!r}")
+
+
+def write_manifest(directory: Path, backend: str, items: int, params: dict[str, Any]) -> None:
+    files = {p.name: _sha256(p) for p in sorted(directory.iterdir()) if p.name != MANIFEST}
+    manifest = {"format": INDEX_FORMAT, "backend": backend, "files": files, "items": items, "params": params}
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
 
 
 def _sha256(path: Path) -> str:
@@ -144,16 +198,27 @@ def verify_manifest(directory: Path) -> dict[str, Any]:
     return manifest
 
 
-def exact_top_k(queries: np.ndarray, item_factors: np.ndarray, k: int, batch_size: int = 128) -> np.ndarray:
-    """Row positions of the k highest dot products per query (the ground truth for recall)."""
+def exact_search(
+    queries: np.ndarray, item_factors: np.ndarray, k: int, batch_size: int = 128
+) -> tuple[np.ndarray, np.ndarray]:
+    """Row positions and scores of the k highest dot products per query, best first."""
     k = min(k, len(item_factors))
-    out = np.empty((len(queries), k), dtype=np.int64)
+    rows = np.empty((len(queries), k), dtype=np.int64)
+    best = np.empty((len(queries), k), dtype=np.float32)
     for start in range(0, len(queries), batch_size):
         scores = queries[start : start + batch_size] @ item_factors.T
         part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
         order = np.take_along_axis(scores, part, axis=1).argsort(axis=1)[:, ::-1]
-        out[start : start + batch_size] = np.take_along_axis(part, order, axis=1)
-    return out
+        rows[start : start + batch_size] = np.take_along_axis(part, order, axis=1)
+        best[start : start + batch_size] = np.take_along_axis(
+            scores, rows[start : start + batch_size], axis=1
+        )
+    return rows, best
+
+
+def exact_top_k(queries: np.ndarray, item_factors: np.ndarray, k: int) -> np.ndarray:
+    """Row positions of the true top-k (the ground truth for recall)."""
+    return exact_search(queries, item_factors, k)[0]
 
 
 def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
@@ -183,11 +248,12 @@ def build_tuned(
     """Build for the catalogue size; while recall is short, search more leaves and reorder more."""
     params = search_params(len(item_idx), config)
     started = time.perf_counter()
-    index = ItemIndex.build(item_idx, item_factors, params, k)
+    index = build_index(config.backend, item_idx, item_factors, params, k)
     metrics = {"index_build_s": time.perf_counter() - started}
     metrics.update(measure(index, item_factors, queries, k))
     while (
-        metrics[f"index_recall_at_{k}"] < config.min_recall
+        isinstance(index, ScannIndex)
+        and metrics[f"index_recall_at_{k}"] < config.min_recall
         and params.num_leaves
         and (params.leaves_to_search or 0) < params.num_leaves
     ):
@@ -200,7 +266,7 @@ def build_tuned(
             config.min_recall,
             params,
         )
-        index = ItemIndex(index.searcher, index.item_idx, params)
+        index = ScannIndex(index.searcher, index.item_idx, params)
         metrics.update(measure(index, item_factors, queries, k))
     return index, metrics
 

@@ -19,7 +19,7 @@ from mlflow.pyfunc import PythonModel
 
 from recsys_pipeline.als import read_embeddings
 from recsys_pipeline.config import PipelineConfig, load_config
-from recsys_pipeline.index import ItemIndex
+from recsys_pipeline.index import load_index
 from recsys_pipeline.tables import read_id_map
 
 SUPPORTED_BUNDLE_FORMATS = {1}
@@ -59,7 +59,7 @@ class Recommender:
         self.item_vectors = embeddings.dense_items(len(self.item_ids))
         self.has_item_vector = np.zeros(len(self.item_ids), dtype=bool)
         self.has_item_vector[embeddings.item_idx] = True
-        self.index = ItemIndex.load(bundle_dir / "index")
+        self.index = load_index(bundle_dir / "index")
         history = pq.read_table(bundle_dir / "history.parquet")
         self.history = sp.csr_matrix(
             (

@@ -6,10 +6,12 @@ import pytest
 
 from recsys_pipeline.config import IndexConfig
 from recsys_pipeline.index import (
+    ExactIndex,
     IndexIntegrityError,
-    ItemIndex,
+    ScannIndex,
     SearchParams,
     exact_top_k,
+    load_index,
     measure,
     search_params,
 )
@@ -33,7 +35,7 @@ def test_small_catalogues_use_exact_scoring_that_equals_brute_force() -> None:
     params = search_params(len(items), IndexConfig())
     assert params.num_leaves is None
     item_idx = np.arange(len(items)) * 3 + 1  # dense ids need not be row numbers
-    index = ItemIndex.build(item_idx, items, params, k=10)
+    index = ScannIndex.build(item_idx, items, params, k=10)
     found, scores = index.search(queries, 10)
     truth = item_idx[exact_top_k(queries, items, 10)]
     np.testing.assert_array_equal(found, truth)
@@ -44,14 +46,14 @@ def test_tree_and_hashing_index_reaches_recall_threshold_on_planted_data() -> No
     items, queries = planted(20_000)
     params = search_params(len(items), IndexConfig(brute_force_below=1000, leaves_to_search=30))
     assert params.num_leaves == int(np.sqrt(len(items)))
-    index = ItemIndex.build(np.arange(len(items)), items, params, k=10)
+    index = ScannIndex.build(np.arange(len(items)), items, params, k=10)
     assert measure(index, items, queries, 10)["index_recall_at_10"] >= 0.95
 
 
 @pytest.fixture
-def saved_index(tmp_path: Path) -> tuple[Path, ItemIndex, np.ndarray]:
+def saved_index(tmp_path: Path) -> tuple[Path, ScannIndex, np.ndarray]:
     items, queries = planted(3000)
-    index = ItemIndex.build(np.arange(len(items)), items, SearchParams(50, 10, 100), k=10)
+    index = ScannIndex.build(np.arange(len(items)), items, SearchParams(50, 10, 100), k=10)
     index.save(tmp_path / "index")
     return tmp_path / "index", index, queries
 
@@ -64,7 +66,7 @@ def test_index_copied_elsewhere_and_read_only_loads_and_answers_the_same(saved_i
     for path in [copy, *copy.iterdir()]:
         path.chmod(0o555 if path.is_dir() else 0o444)
     try:
-        loaded = ItemIndex.load(copy)
+        loaded = load_index(copy)
         np.testing.assert_array_equal(loaded.search(queries, 10)[0], index.search(queries, 10)[0])
     finally:
         copy.chmod(0o755)
@@ -74,7 +76,7 @@ def test_missing_file_is_rejected_with_a_clear_error(saved_index) -> None:
     directory, _, _ = saved_index
     (directory / "dataset.npy").unlink()
     with pytest.raises(IndexIntegrityError, match="dataset.npy .* missing"):
-        ItemIndex.load(directory)
+        load_index(directory)
 
 
 def test_tampered_file_is_rejected_with_a_clear_error(saved_index) -> None:
@@ -83,11 +85,24 @@ def test_tampered_file_is_rejected_with_a_clear_error(saved_index) -> None:
         handle.seek(200)
         handle.write(b"\x00\x01\x02\x03")
     with pytest.raises(IndexIntegrityError, match="dataset.npy .* does not match"):
-        ItemIndex.load(directory)
+        load_index(directory)
 
 
 def test_missing_manifest_is_rejected(saved_index) -> None:
     directory, _, _ = saved_index
     (directory / "manifest.json").unlink()
     with pytest.raises(IndexIntegrityError, match="no manifest.json"):
-        ItemIndex.load(directory)
+        load_index(directory)
+
+
+def test_exact_backend_equals_brute_force_and_round_trips(tmp_path: Path) -> None:
+    items, queries = planted(500)
+    index = ExactIndex(np.arange(len(items)) + 10, items)
+    found, scores = index.search(queries, 7)
+    scores_all = queries @ items.T
+    np.testing.assert_array_equal(found, np.argsort(-scores_all, axis=1)[:, :7] + 10)
+    np.testing.assert_allclose(scores, np.sort(scores_all, axis=1)[:, ::-1][:, :7], rtol=1e-5)
+    index.save(tmp_path / "exact")
+    loaded = load_index(tmp_path / "exact")
+    assert isinstance(loaded, ExactIndex)
+    np.testing.assert_array_equal(loaded.search(queries, 7)[0], found)
