@@ -6,7 +6,8 @@ interval `[data_interval_start, data_interval_end)` fixes every path the run rea
 writes. The run sees the source's events up to `data_interval_end`.
 
 ingest events → build interactions (Spark) → train ALS → evaluate → build index →
-validate → publish to MLflow → promote `champion` only if every gate passed.
+precompute recommendations for active users → validate → publish to MLflow →
+promote `champion` only if every gate passed.
 """
 
 from __future__ import annotations
@@ -84,6 +85,13 @@ def recsys_weekly() -> None:
         run_index(RunContext.from_airflow(context))
 
     @task
+    def batch_recommend(**context) -> None:
+        from recsys_pipeline.recommendations import run_batch_recommendations
+        from recsys_pipeline.runs import RunContext
+
+        run_batch_recommendations(RunContext.from_airflow(context))
+
+    @task
     def validate(**context) -> None:
         from recsys_pipeline.runs import RunContext
         from recsys_pipeline.validation import run_validation
@@ -107,7 +115,16 @@ def recsys_weekly() -> None:
     ingest = spark_job("ingest_events", "ingest_events.py")
     interactions = spark_job("build_interactions", "build_interactions.py")
     published = publish()
-    ingest >> interactions >> train() >> evaluate() >> build_index() >> validate() >> published
+    (
+        ingest
+        >> interactions
+        >> train()
+        >> evaluate()
+        >> build_index()
+        >> batch_recommend()
+        >> validate()
+        >> published
+    )
     promote(published)
 
 

@@ -128,6 +128,11 @@ class IndexConfig(_Section):
     min_recall: float = Field(default=0.95, ge=0, le=1)
 
 
+class RecommendationsConfig(_Section):
+    top_n: int = Field(default=50, ge=1, description="Precomputed list length per active user.")
+    active_days: int = Field(default=30, ge=1, description="Users with events this recently are active.")
+
+
 class ValidationConfig(_Section):
     max_collapsed_share: float = Field(default=0.01, ge=0, le=1)
     min_mean_norm: float = Field(default=1e-3, ge=0)
@@ -156,6 +161,7 @@ class PipelineConfig(_Section):
     als: AlsConfig = AlsConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     index: IndexConfig = IndexConfig()
+    recommendations: RecommendationsConfig = RecommendationsConfig()
     validation: ValidationConfig = ValidationConfig()
     spark: SparkConfig = SparkConfig()
     mlflow: MlflowConfig = MlflowConfig()

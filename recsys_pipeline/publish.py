@@ -7,6 +7,7 @@ Bundle layout (the ``bundle`` artifact of the registered pyfunc model)::
     id_maps/{users,items}.parquet   (id STRING, idx INT)
     history.parquet              (user_idx, item_idx) training interactions, to exclude seen items
     popularity.npy               training interactions per item, for the popular-items fallback
+    recommendations.parquet      precomputed top-N for active users (user_id, rank, item_id, score)
     index/                       ScaNN index with manifest.json
     metrics.json, gates.json, lineage.json
     validation/                  GX suites, results and Data Docs
@@ -119,6 +120,9 @@ def build_bundle(run: RunContext) -> Path:
         )
         n_items = pq.ParquetFile(staging / "id_maps" / "items.parquet").metadata.num_rows
         np.save(staging / "popularity.npy", np.bincount(train.item_idx, minlength=n_items))
+        recommendations = run.stage_dir("recommendations") / "recommendations.parquet"
+        if recommendations.is_file():
+            shutil.copy(recommendations, staging / "recommendations.parquet")
         write_json(staging / "metrics.json", run.read_metrics())
         write_json(staging / "gates.json", run.read_gates())
         write_json(

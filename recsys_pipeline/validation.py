@@ -100,6 +100,25 @@ def embeddings_suite(config: PipelineConfig, n_items: int, trained_items: int) -
     ]
 
 
+def recommendations_suite(config: PipelineConfig) -> list[Any]:
+    import great_expectations as gx
+
+    E = gx.expectations
+    return [
+        E.ExpectColumnValuesToNotBeNull(column="user_id"),
+        E.ExpectColumnValuesToNotBeNull(column="item_id"),
+        E.ExpectColumnValuesToBeBetween(column="rank", min_value=1, max_value=config.recommendations.top_n),
+        E.ExpectCompoundColumnsToBeUnique(column_list=["user_id", "rank"]),
+        E.ExpectCompoundColumnsToBeUnique(column_list=["user_id", "item_id"]),
+    ]
+
+
+def recommendations_summary_suite() -> list[Any]:
+    import great_expectations as gx
+
+    return [gx.expectations.ExpectColumnValuesToBeBetween(column="active_users_served", min_value=1.0)]
+
+
 def embedding_profile(
     idx: np.ndarray, factors: np.ndarray, sample_size: int = NEIGHBOUR_SAMPLE
 ) -> pd.DataFrame:
@@ -189,6 +208,15 @@ def run_validation(run: RunContext) -> dict[str, float]:
             embeddings_suite(config, n_items, len(embeddings.item_idx)),
         ),
     }
+    recommendations = run.stage_dir("recommendations") / "recommendations.parquet"
+    if recommendations.is_file():
+        frames["recommendations"] = (pd.read_parquet(recommendations), recommendations_suite(config))
+        metrics = run.read_metrics()
+        served = metrics["batch_users_served"] / max(metrics["batch_active_users"], 1.0)
+        frames["recommendations_summary"] = (
+            pd.DataFrame({"active_users_served": [served]}),
+            recommendations_summary_suite(),
+        )
     with atomic_dir(run.stage_dir("validation")) as staging:
         failures = validate_frames(staging, frames)
         write_json(staging / "failures.json", [str(f) for f in failures])

@@ -53,6 +53,7 @@ def weekly_run(spark, tmp_path_factory) -> RunContext:
     from recsys_pipeline.events import run_ingest
     from recsys_pipeline.index import run_index
     from recsys_pipeline.interactions import run_interactions
+    from recsys_pipeline.recommendations import run_batch_recommendations
     from recsys_pipeline.validation import run_validation
 
     state = tmp_path_factory.mktemp("state")
@@ -63,5 +64,6 @@ def weekly_run(spark, tmp_path_factory) -> RunContext:
     run_training(run)
     run_evaluation(run)
     run_index(run)
+    run_batch_recommendations(run)
     run_validation(run)
     return run

@@ -18,6 +18,7 @@ WEEKLY_TASKS = [
     "train",
     "evaluate",
     "build_index",
+    "batch_recommend",
     "validate",
     "publish",
     "promote",

@@ -1,0 +1,43 @@
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from recsys_pipeline.index import ExactIndex
+from recsys_pipeline.recommendations import active_user_indices, recommend_for_users
+from recsys_pipeline.tables import read_id_map, read_matrix
+
+
+def test_lists_skip_seen_items_and_fall_back_to_popular_without_a_vector() -> None:
+    item_vectors = np.array([[1, 0], [0.9, 0], [0, 1], [0, 0.5]], dtype=np.float32)
+    user_vectors = np.array([[1, 0], [0, 1], [0, 0]], dtype=np.float32)
+    seen = sp.csr_matrix(np.array([[1, 0, 0, 0], [0, 0, 0, 0], [0, 1, 0, 0]]))
+    users, ranks, items, scores = recommend_for_users(
+        np.array([0, 1, 2]),
+        user_vectors,
+        np.array([True, True, False]),
+        ExactIndex(np.arange(4), item_vectors),
+        seen,
+        np.array([5, 9, 1, 0]),
+        top_n=2,
+    )
+    rows = list(zip(users.tolist(), ranks.tolist(), items.tolist(), strict=True))
+    assert rows == [(0, 1, 1), (0, 2, 2), (1, 1, 2), (1, 2, 3), (2, 1, 0), (2, 2, 2)]
+    assert scores[4] == 5  # popular fallback scores are interaction counts
+
+
+def test_batch_output_covers_every_active_user_and_never_their_history(weekly_run) -> None:
+    recs = pd.read_parquet(weekly_run.stage_dir("recommendations") / "recommendations.parquet")
+    interactions = weekly_run.stage_dir("interactions")
+    user_ids = read_id_map(interactions / "maps" / "users")
+    item_ids = read_id_map(interactions / "maps" / "items")
+    active = set(user_ids[active_user_indices(weekly_run, user_ids)])
+    assert active and set(recs["user_id"]) == active
+    top_n = weekly_run.config.recommendations.top_n
+    assert recs.groupby("user_id").size().eq(top_n).all()
+    history: set[tuple[str, str]] = set()
+    for part in ("train", "holdout"):
+        matrix = read_matrix(interactions / part)
+        history |= set(zip(user_ids[matrix.user_idx], item_ids[matrix.item_idx], strict=True))
+    assert not history & set(zip(recs["user_id"], recs["item_id"], strict=True))
+    metrics = weekly_run.read_metrics()
+    assert metrics["batch_users_served"] == metrics["batch_active_users"] == len(active)
