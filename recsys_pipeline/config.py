@@ -117,7 +117,10 @@ class EvaluationConfig(_Section):
 
 class IndexConfig(_Section):
     backend: Literal["scann", "exact"] = "scann"
-    metric: Literal["dot_product"] = "dot_product"
+    metric: Literal["dot_product", "cosine"] = Field(
+        default="dot_product",
+        description="dot_product ranks as ALS scores; cosine ignores item popularity in norms.",
+    )
     brute_force_below: int = Field(
         default=20_000, ge=0, description="Catalogue size under which search is exact."
     )

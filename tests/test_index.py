@@ -106,3 +106,15 @@ def test_exact_backend_equals_brute_force_and_round_trips(tmp_path: Path) -> Non
     loaded = load_index(tmp_path / "exact")
     assert isinstance(loaded, ExactIndex)
     np.testing.assert_array_equal(loaded.search(queries, 7)[0], found)
+
+
+def test_cosine_metric_ranks_by_angle_not_norm() -> None:
+    from recsys_pipeline.index import build_tuned
+
+    items = np.array([[10.0, 10.0], [1.0, 0.0], [0.0, 1.0]], dtype=np.float32)
+    query = np.array([[1.0, 0.05]], dtype=np.float32)
+    dot_index, _ = build_tuned(np.arange(3), items, query, IndexConfig(metric="dot_product"), k=1)
+    cosine_index, metrics = build_tuned(np.arange(3), items, query, IndexConfig(metric="cosine"), k=1)
+    assert dot_index.search(query, 1)[0].tolist() == [[0]]
+    assert cosine_index.search(query, 1)[0].tolist() == [[1]]
+    assert metrics["index_recall_at_1"] == 1.0
