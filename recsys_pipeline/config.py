@@ -142,6 +142,18 @@ class ValidationConfig(_Section):
     max_mean_norm: float = Field(default=100.0, gt=0)
 
 
+class DriftConfig(_Section):
+    """Rotation-invariant drift against the champion; a run outside these bounds is not promoted."""
+
+    k: int = Field(default=10, ge=1)
+    sample_items: int = Field(default=2000, ge=1)
+    sample_users: int = Field(default=1000, ge=1)
+    min_neighbour_overlap: float = Field(default=0.1, ge=0, le=1)
+    min_aligned_cosine: float = Field(default=0.3, ge=-1, le=1)
+    min_rec_overlap: float = Field(default=0.1, ge=0, le=1)
+    max_norm_ks: float = Field(default=0.5, ge=0, le=1)
+
+
 class SparkConfig(_Section):
     master: str = "local[*]"
     conn_id: str = Field(
@@ -166,6 +178,7 @@ class PipelineConfig(_Section):
     index: IndexConfig = IndexConfig()
     recommendations: RecommendationsConfig = RecommendationsConfig()
     validation: ValidationConfig = ValidationConfig()
+    drift: DriftConfig = DriftConfig()
     spark: SparkConfig = SparkConfig()
     mlflow: MlflowConfig = MlflowConfig()
 

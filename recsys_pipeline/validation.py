@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.dataset as ds
 
+from recsys_pipeline import drift
 from recsys_pipeline.als import Embeddings, matrix_shape, read_embeddings
 from recsys_pipeline.config import PipelineConfig
 from recsys_pipeline.events import EVENT_COLUMNS, ingest_window
@@ -98,6 +99,41 @@ def embeddings_suite(config: PipelineConfig, n_items: int, trained_items: int) -
             column="nearest_cosine", max_value=COLLAPSE_COSINE, mostly=1 - rules.max_collapsed_share
         ),
     ]
+
+
+def item_drift_suite(config: PipelineConfig) -> list[Any]:
+    import great_expectations as gx
+
+    E = gx.expectations
+    rules = config.drift
+    return [
+        E.ExpectColumnMeanToBeBetween(column="neighbour_jaccard", min_value=rules.min_neighbour_overlap),
+        E.ExpectColumnMeanToBeBetween(column="aligned_cosine", min_value=rules.min_aligned_cosine),
+        E.ExpectColumnValuesToNotBeNull(column="aligned_cosine"),
+    ]
+
+
+def drift_summary_suite(config: PipelineConfig) -> list[Any]:
+    import great_expectations as gx
+
+    E = gx.expectations
+    return [
+        E.ExpectColumnValuesToBeBetween(column="drift_rec_overlap", min_value=config.drift.min_rec_overlap),
+        E.ExpectColumnValuesToBeBetween(column="drift_norm_ks", max_value=config.drift.max_norm_ks),
+    ]
+
+
+def _drift_against_champion(run: RunContext, embeddings: Embeddings) -> drift.DriftReport | None:
+    """Drift of this run's vectors against the champion's; None when there is no champion yet."""
+    from recsys_pipeline.publish import champion_embeddings
+
+    champion = champion_embeddings(run.config)
+    if champion is None:
+        return None
+    rules = run.config.drift
+    report = drift.compare(champion, embeddings, rules.k, rules.sample_items, rules.sample_users)
+    run.write_metrics("drift", report.metrics)
+    return report
 
 
 def recommendations_suite(config: PipelineConfig) -> list[Any]:
@@ -217,7 +253,14 @@ def run_validation(run: RunContext) -> dict[str, float]:
             pd.DataFrame({"active_users_served": [served]}),
             recommendations_summary_suite(),
         )
+    report = _drift_against_champion(run, embeddings)
+    if report is not None:
+        frames["item_drift"] = (report.items, item_drift_suite(config))
+        frames["drift_summary"] = (pd.DataFrame([report.metrics]), drift_summary_suite(config))
     with atomic_dir(run.stage_dir("validation")) as staging:
+        if report is not None:
+            report.items.to_parquet(staging / "item_drift.parquet")
+            drift.plot(report, staging / "drift.png")
         failures = validate_frames(staging, frames)
         write_json(staging / "failures.json", [str(f) for f in failures])
     metrics = {"validation_failures": float(len(failures)), "validation_suites": float(len(frames))}

@@ -1,0 +1,139 @@
+"""Embedding drift between two model versions, measured so that it ignores rotations.
+
+ALS factors are only defined up to an orthogonal transform, so per-dimension comparisons
+are meaningless. Everything here is invariant to rotating a version's user and item
+factors together:
+
+- ``drift_neighbour_overlap``: mean Jaccard of each shared item's top-k cosine neighbours, old vs new;
+- ``drift_aligned_cosine``: mean cosine between new and old item vectors after orthogonal Procrustes
+  alignment of new onto old on the shared items;
+- ``drift_rec_overlap``: mean Jaccard of top-k recommendations (by dot product) for sampled shared users;
+- ``drift_norm_ks`` / ``drift_norm_psi``: shift of the item-norm distribution (KS statistic, PSI).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy.linalg import orthogonal_procrustes
+from scipy.stats import ks_2samp
+
+from recsys_pipeline.als import Embeddings
+from recsys_pipeline.index import exact_top_k
+
+
+@dataclass(frozen=True)
+class DriftReport:
+    metrics: dict[str, float]
+    items: pd.DataFrame  # item_idx, neighbour_jaccard, aligned_cosine
+
+
+def _shared(idx_old: np.ndarray, idx_new: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    shared, rows_old, rows_new = np.intersect1d(idx_old, idx_new, return_indices=True)
+    return shared, rows_old, rows_new
+
+
+def _pad(matrix: np.ndarray, width: int) -> np.ndarray:
+    """Zero-pad factors so versions with different factor counts can be aligned."""
+    return np.pad(matrix, ((0, 0), (0, width - matrix.shape[1])))
+
+
+def _unit(matrix: np.ndarray) -> np.ndarray:
+    return matrix / np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
+
+
+def jaccard_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.array([len(np.intersect1d(x, y)) / len(np.union1d(x, y)) for x, y in zip(a, b, strict=True)])
+
+
+def _without_self(neighbours: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    return np.array([row[row != query][:k] for row, query in zip(neighbours, queries, strict=True)])
+
+
+def neighbour_jaccard(old: np.ndarray, new: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """Per query row: Jaccard of its k nearest (cosine) other rows in old vs new."""
+    old_unit, new_unit = _unit(old), _unit(new)
+    # k + 1 because each item is its own nearest neighbour.
+    old_nn = _without_self(exact_top_k(old_unit[queries], old_unit, k + 1), queries, k)
+    new_nn = _without_self(exact_top_k(new_unit[queries], new_unit, k + 1), queries, k)
+    return jaccard_rows(old_nn, new_nn)
+
+
+def aligned_cosine(old: np.ndarray, new: np.ndarray) -> np.ndarray:
+    """Per row: cosine of new (rotated onto old by orthogonal Procrustes) with old."""
+    width = max(old.shape[1], new.shape[1])
+    old_p, new_p = _pad(old, width), _pad(new, width)
+    rotation, _ = orthogonal_procrustes(new_p, old_p)
+    return np.sum(_unit(new_p @ rotation) * _unit(old_p), axis=1)
+
+
+def population_stability(old: np.ndarray, new: np.ndarray, bins: int = 10) -> float:
+    edges = np.unique(np.quantile(old, np.linspace(0, 1, bins + 1)))
+    edges[0], edges[-1] = -np.inf, np.inf
+    expected = np.histogram(old, edges)[0] / len(old) + 1e-6
+    actual = np.histogram(new, edges)[0] / len(new) + 1e-6
+    return float(np.sum((actual - expected) * np.log(actual / expected)))
+
+
+def compare(
+    old: Embeddings, new: Embeddings, k: int, sample_items: int, sample_users: int, seed: int = 0
+) -> DriftReport:
+    """Drift of ``new`` against ``old`` on the users and items present in both."""
+    rng = np.random.default_rng(seed)
+    items, item_old, item_new = _shared(old.item_idx, new.item_idx)
+    if len(items) <= k:
+        raise ValueError(
+            f"only {len(items)} items are shared by both versions: too few to measure drift at k={k}"
+        )
+    old_items, new_items = old.item_factors[item_old], new.item_factors[item_new]
+    queries = np.sort(rng.choice(len(items), min(sample_items, len(items)), replace=False))
+    jaccard = neighbour_jaccard(old_items, new_items, queries, k)
+    cosine = aligned_cosine(old_items, new_items)
+
+    users, user_old, user_new = _shared(old.user_idx, new.user_idx)
+    picked = np.sort(rng.choice(len(users), min(sample_users, len(users)), replace=False))
+    rec_old = exact_top_k(old.user_factors[user_old[picked]], old_items, k)
+    rec_new = exact_top_k(new.user_factors[user_new[picked]], new_items, k)
+    rec_overlap = jaccard_rows(rec_old, rec_new) if len(picked) else np.array([1.0])
+
+    old_norms, new_norms = np.linalg.norm(old_items, axis=1), np.linalg.norm(new_items, axis=1)
+    neighbour_column = np.full(len(items), np.nan)
+    neighbour_column[queries] = jaccard
+    table = pd.DataFrame({"item_idx": items, "neighbour_jaccard": neighbour_column, "aligned_cosine": cosine})
+    metrics = {
+        "drift_shared_items": float(len(items)),
+        "drift_shared_users": float(len(users)),
+        "drift_neighbour_overlap": float(jaccard.mean()),
+        "drift_aligned_cosine": float(cosine.mean()),
+        "drift_rec_overlap": float(rec_overlap.mean()),
+        "drift_norm_ks": float(ks_2samp(old_norms, new_norms, method="asymp").statistic),
+        "drift_norm_psi": population_stability(old_norms, new_norms),
+    }
+    return DriftReport(metrics, table)
+
+
+def plot(report: DriftReport, path: Path) -> None:
+    """Histograms of per-item neighbour overlap and aligned cosine."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    axes[0].hist(report.items["neighbour_jaccard"].dropna(), bins=20, range=(0, 1))
+    axes[0].set(
+        title=f"top-k neighbour Jaccard (mean {report.metrics['drift_neighbour_overlap']:.3f})",
+        xlabel="Jaccard",
+        ylabel="items",
+    )
+    axes[1].hist(report.items["aligned_cosine"], bins=20, range=(-1, 1))
+    axes[1].set(
+        title=f"Procrustes-aligned cosine (mean {report.metrics['drift_aligned_cosine']:.3f})",
+        xlabel="cosine",
+    )
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
