@@ -137,6 +137,9 @@ class RecommendationsConfig(_Section):
 
 
 class ValidationConfig(_Section):
+    row_count_band: float = Field(
+        default=0.5, ge=0, description="Window events may differ from the champion run's count by this share."
+    )
     max_collapsed_share: float = Field(default=0.01, ge=0, le=1)
     min_mean_norm: float = Field(default=1e-3, ge=0)
     max_mean_norm: float = Field(default=100.0, gt=0)

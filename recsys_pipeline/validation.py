@@ -43,13 +43,24 @@ class Failure:
         return f"{self.suite}: {self.expectation}{where} failed (observed {self.observed})"
 
 
-def events_suite(config: PipelineConfig, start: pd.Timestamp, end: pd.Timestamp) -> list[Any]:
+def events_suite(
+    config: PipelineConfig, start: pd.Timestamp, end: pd.Timestamp, previous_rows: float | None = None
+) -> list[Any]:
+    """Events of the run's window; with ``previous_rows``, the count must stay within the configured band."""
     import great_expectations as gx
 
     E = gx.expectations
+    band = config.validation.row_count_band
+    rows = (
+        E.ExpectTableRowCountToBeBetween(
+            min_value=int(previous_rows * (1 - band)), max_value=int(previous_rows * (1 + band)) + 1
+        )
+        if previous_rows
+        else E.ExpectTableRowCountToBeBetween(min_value=1)
+    )
     return [
         E.ExpectTableColumnsToMatchSet(column_set=[*EVENT_COLUMNS, "event_date"], exact_match=True),
-        E.ExpectTableRowCountToBeBetween(min_value=1),
+        rows,
         E.ExpectColumnValuesToNotBeNull(column="user_id"),
         E.ExpectColumnValuesToNotBeNull(column="item_id"),
         E.ExpectColumnValuesToBeInSet(column="event_type", value_set=config.events.event_types),
@@ -121,6 +132,16 @@ def drift_summary_suite(config: PipelineConfig) -> list[Any]:
         E.ExpectColumnValuesToBeBetween(column="drift_rec_overlap", min_value=config.drift.min_rec_overlap),
         E.ExpectColumnValuesToBeBetween(column="drift_norm_ks", max_value=config.drift.max_norm_ks),
     ]
+
+
+def _champion_rows(run: RunContext) -> float | None:
+    """How many events the champion's run ingested: the reference for this run's row-count band."""
+    from recsys_pipeline.publish import NothingPublishedError, champion_status
+
+    try:
+        return champion_status(run.config)["metrics"].get("events_ingested")
+    except NothingPublishedError:
+        return None
 
 
 def _drift_against_champion(run: RunContext, embeddings: Embeddings) -> drift.DriftReport | None:
@@ -232,7 +253,7 @@ def run_validation(run: RunContext) -> dict[str, float]:
     frames: dict[str, tuple[pd.DataFrame, list[Any]]] = {
         "events": (
             _lake_frame(run),
-            events_suite(config, pd.Timestamp(window_start), pd.Timestamp(window_end)),
+            events_suite(config, pd.Timestamp(window_start), pd.Timestamp(window_end), _champion_rows(run)),
         ),
         "ingest_summary": (
             pd.DataFrame([run.read_metrics()]).reindex(columns=["quarantine_share"]),

@@ -132,3 +132,27 @@ def test_corrupted_input_fails_the_run_and_keeps_the_champion(state_env, tmp_pat
     assert "quarantined" in result.stdout + result.stderr
     after = json.loads(recsys("status", "--json", env=state_env).stdout)
     assert after["version"] == before["version"] and after["run_id"] == before["run_id"]
+
+
+@pytest.mark.slow
+def test_truncated_input_stops_the_run_at_validation_and_keeps_the_champion(
+    state_env, tmp_path: Path
+) -> None:
+    before = json.loads(recsys("status", "--json", env=state_env).stdout)
+    lines = (PROJECT_ROOT / "data" / "ml-100k" / "u.data").read_text().splitlines()
+    truncated = tmp_path / "u.data"
+    truncated.write_text("\n".join(lines[::5]) + "\n")  # an upstream export that lost four rows in five
+    conf = json.dumps({"config_overrides": {"source.path": str(truncated)}})
+    result = recsys(
+        "airflow", "dags", "test", "recsys_weekly", "1998-04-23", "-c", conf, env=state_env, check=False
+    )
+    assert result.returncode != 0
+    states = task_states(state_env)
+    assert states["batch_recommend"] == "success" and states["validate"] == "failed"
+    assert states["publish"] != "success" and states["promote"] != "success"
+    assert (
+        "events: expect_table_row_count_to_be_between failed (observed 20000)"
+        in result.stdout + result.stderr
+    )
+    after = json.loads(recsys("status", "--json", env=state_env).stdout)
+    assert after["version"] == before["version"] and after["run_id"] == before["run_id"]

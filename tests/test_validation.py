@@ -122,3 +122,12 @@ def test_non_finite_embeddings_and_wrong_row_count_fail(tmp_path, make_config) -
         "expect_column_values_to_be_in_set",
         "expect_table_row_count_to_equal",
     }
+
+
+def test_row_count_must_stay_within_the_band_of_the_previous_run(tmp_path, make_config) -> None:
+    config = make_config(**{"validation.row_count_band": 0.2})
+    assert run(tmp_path / "ok", "events", good_events(50), events_suite(config, START, END, 55)) == []
+    failures = run(tmp_path / "low", "events", good_events(30), events_suite(config, START, END, 55))
+    assert [(f.expectation, f.observed) for f in failures] == [("expect_table_row_count_to_be_between", 30)]
+    failures = run(tmp_path / "high", "events", good_events(80), events_suite(config, START, END, 55))
+    assert [f.expectation for f in failures] == ["expect_table_row_count_to_be_between"]
