@@ -7,13 +7,14 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from benchmarks import index_search
+from benchmarks import index_search, interactions
 from recsys_pipeline.config import load_config
 from recsys_pipeline.runs import StateLayout, write_json
 
 Benchmark = tuple[dict[str, Any], Callable[[dict[str, Any]], dict[str, Any]]]
 BENCHMARKS: dict[str, Benchmark] = {
     "index": (index_search.PARAMS, index_search.run),
+    "interactions": (interactions.PARAMS, interactions.run),
 }
 
 

@@ -20,6 +20,7 @@ from recsys_pipeline.config import (
     parse_override,
 )
 from recsys_pipeline.publish import NothingPublishedError
+from recsys_pipeline.synthetic import SOURCE_MAPPING, SyntheticSpec, generate
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -66,6 +67,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=5001)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--alias", default="champion")
+
+    synth = commands.add_parser("synth", help="write a synthetic event log (Parquet) usable as a source")
+    synth.add_argument("--out", required=True, type=Path)
+    for name, default in SyntheticSpec().as_dict().items():
+        if name != "chunk_events":
+            synth.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
 
     commands.add_parser("mlflow-ui", help="print the command that opens the MLflow UI on the local state")
     return parser
@@ -191,6 +198,13 @@ def run(argv: Sequence[str]) -> int:
         Path(env["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)
         airflow = str(Path(sys.executable).parent / "airflow")
         return subprocess.call([airflow, *args.airflow_args], env=env)
+    if args.command == "synth":
+        spec = SyntheticSpec(
+            **{k: getattr(args, k) for k in SyntheticSpec().as_dict() if k != "chunk_events"}
+        )
+        files = generate(spec, args.out)
+        print(f"wrote {spec.events} events in {files} files to {args.out}; source mapping: {SOURCE_MAPPING}")
+        return 0
     if args.command == "serve":
         return _serve(config, args)
     if args.command == "mlflow-ui":

@@ -20,9 +20,14 @@ from recsys_pipeline.config import PipelineConfig, load_config
 
 
 def parse_instant(value: str | datetime) -> datetime:
-    """An aware UTC datetime from an ISO string or datetime (naive means UTC)."""
+    """A plain, aware UTC datetime from an ISO string or any datetime (naive means UTC).
+
+    Airflow hands over pendulum datetimes, whose time zone Arrow does not recognise in filters.
+    """
     instant = value if isinstance(value, datetime) else datetime.fromisoformat(value)
-    return instant.replace(tzinfo=UTC) if instant.tzinfo is None else instant.astimezone(UTC)
+    if instant.tzinfo is None:
+        instant = instant.replace(tzinfo=UTC)
+    return datetime.fromtimestamp(instant.timestamp(), tz=UTC)
 
 
 @dataclass(frozen=True)

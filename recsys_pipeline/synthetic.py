@@ -1,0 +1,107 @@
+"""Synthetic event logs with the shape of real ones, for scale tests and benchmarks.
+
+- item popularity follows a power law (Zipf-like, exponent ``popularity_exponent``);
+- users have latent tastes: each event's item is the best of a few popularity-sampled
+  candidates by taste score plus noise, so the log holds structure ALS can learn;
+- user activity is skewed too; event types follow affinity (purchases go to liked items);
+- timestamps are spread over ``days`` days.
+
+Output: Parquet files ``part-NNNNN.parquet`` with columns ``user`` (string), ``item``
+(string), ``type`` (string), ``value`` (double: watch seconds for ``watch``, else 1) and
+``ts`` (int64 unix seconds), readable as a ``source`` with ``format: parquet``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from recsys_pipeline.runs import atomic_dir
+
+EVENT_TYPES = np.array(["view", "click", "add_to_cart", "purchase", "watch"])
+SOURCE_MAPPING = {
+    "user_id": "user",
+    "item_id": "item",
+    "event_type": "type",
+    "value": "value",
+    "timestamp": "ts",
+}
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    events: int = 1_000_000
+    users: int = 50_000
+    items: int = 20_000
+    latent_factors: int = 16
+    candidates: int = 8
+    popularity_exponent: float = 1.0
+    days: int = 28
+    start: str = "2024-01-01"
+    seed: int = 0
+    chunk_events: int = 2_000_000
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def _power_law_cdf(size: int, exponent: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Cumulative probabilities of a shuffled power law (so popular ids are not simply the smallest)."""
+    weights = 1.0 / np.arange(1, size + 1) ** exponent
+    order = rng.permutation(size)
+    cdf = np.cumsum(weights / weights.sum())
+    return cdf, order
+
+
+def _draw(cdf: np.ndarray, order: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    return order[np.minimum(np.searchsorted(cdf, rng.random(count)), len(cdf) - 1)]
+
+
+def generate(spec: SyntheticSpec, out_dir: Path) -> int:
+    """Write ``spec.events`` events to ``out_dir``; return the number of files."""
+    rng = np.random.default_rng(spec.seed)
+    user_taste = rng.normal(size=(spec.users, spec.latent_factors)).astype(np.float32)
+    item_traits = rng.normal(size=(spec.items, spec.latent_factors)).astype(np.float32)
+    item_cdf, item_order = _power_law_cdf(spec.items, spec.popularity_exponent, rng)
+    user_cdf, user_order = _power_law_cdf(spec.users, 0.5, rng)
+    start = int(datetime.fromisoformat(spec.start).replace(tzinfo=UTC).timestamp())
+    user_names = np.char.add("u", np.arange(spec.users).astype(str)).astype(object)
+    item_names = np.char.add("i", np.arange(spec.items).astype(str)).astype(object)
+    files = 0
+    with atomic_dir(out_dir) as staging:
+        staging.mkdir(parents=True)
+        for offset in range(0, spec.events, spec.chunk_events):
+            count = min(spec.chunk_events, spec.events - offset)
+            users = _draw(user_cdf, user_order, count, rng)
+            candidates = _draw(item_cdf, item_order, count * spec.candidates, rng).reshape(
+                count, spec.candidates
+            )
+            affinity = np.einsum("ef,ecf->ec", user_taste[users], item_traits[candidates]) / np.sqrt(
+                spec.latent_factors
+            )
+            affinity += rng.gumbel(size=affinity.shape).astype(np.float32)
+            best = affinity.argmax(axis=1)
+            items = candidates[np.arange(count), best]
+            strength = affinity[np.arange(count), best]
+            # Stronger affinity moves an event up the funnel: view < click < add_to_cart < purchase.
+            level = np.digitize(strength + rng.normal(scale=0.5, size=count), [1.5, 2.5, 3.2])
+            watch = rng.random(count) < 0.1
+            types = np.where(watch, 4, level)
+            values = np.where(watch, np.round(rng.gamma(2.0, 300.0, count), 1), 1.0)
+            table = pa.table(
+                {
+                    "user": pa.array(user_names[users], pa.string()),
+                    "item": pa.array(item_names[items], pa.string()),
+                    "type": pa.array(EVENT_TYPES[types], pa.string()),
+                    "value": pa.array(values, pa.float64()),
+                    "ts": pa.array(start + rng.integers(0, spec.days * 86_400, count), pa.int64()),
+                }
+            )
+            pq.write_table(table, staging / f"part-{files:05d}.parquet")
+            files += 1
+    return files

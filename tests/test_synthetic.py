@@ -1,0 +1,69 @@
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as ds
+import pytest
+
+from recsys_pipeline.events import ingest, read_source
+from recsys_pipeline.synthetic import SOURCE_MAPPING, SyntheticSpec, generate
+
+SPEC = SyntheticSpec(events=60_000, users=2_000, items=1_500, days=14, chunk_events=25_000, seed=3)
+
+
+@pytest.fixture(scope="module")
+def log(tmp_path_factory) -> tuple[Path, object]:
+    out = tmp_path_factory.mktemp("synthetic") / "events"
+    assert generate(SPEC, out) == 3
+    return out, ds.dataset(str(out), format="parquet").to_table()
+
+
+def test_generation_is_deterministic_per_seed(log, tmp_path: Path) -> None:
+    _, table = log
+    generate(SPEC, tmp_path / "again")
+    assert ds.dataset(str(tmp_path / "again"), format="parquet").to_table().equals(table)
+
+
+def test_popularity_follows_a_power_law_and_timestamps_span_the_days(log) -> None:
+    _, table = log
+    counts = np.sort(np.unique(table.column("item").to_numpy(zero_copy_only=False), return_counts=True)[1])[
+        ::-1
+    ]
+    top_share = counts[: len(counts) // 100].sum() / counts.sum()
+    assert top_share > 0.15  # the top 1% of items draw far more than 1% of events
+    ts = table.column("ts").to_numpy()
+    start = int(datetime(2024, 1, 1, tzinfo=UTC).timestamp())
+    assert ts.min() >= start and ts.max() < start + 14 * 86_400
+    assert set(table.column("type").unique().to_pylist()) == {
+        "view",
+        "click",
+        "add_to_cart",
+        "purchase",
+        "watch",
+    }
+
+
+def test_event_types_follow_affinity_not_chance(log) -> None:
+    """Users' purchases concentrate on fewer items than their views do: choice depends on taste."""
+    _, table = log
+    frame = table.to_pandas()
+    per_type = frame.groupby("type")["item"].nunique() / frame.groupby("type").size()
+    assert per_type["purchase"] < per_type["view"]
+
+
+def test_generated_log_ingests_as_a_parquet_source(log, spark, make_config) -> None:
+    out, _ = log
+    config = make_config(
+        **{"source": {"name": "synthetic", "path": str(out), "format": "parquet", "mapping": SOURCE_MAPPING}}
+    )
+    result = ingest(
+        read_source(spark, config.source),
+        config.source,
+        config.events,
+        datetime(2024, 1, 1, tzinfo=UTC),
+        datetime(2024, 2, 1, tzinfo=UTC),
+        datetime(2026, 1, 1, tzinfo=UTC),
+    )
+    assert result.metrics["events_read"] == SPEC.events
+    assert result.metrics["events_quarantined"] == result.metrics["quarantine_duplicate"]
+    assert result.metrics["quarantine_share"] < 0.001
