@@ -20,6 +20,7 @@ from recsys_pipeline.config import (
     parse_override,
 )
 from recsys_pipeline.publish import NothingPublishedError
+from recsys_pipeline.runs import StateLayout
 from recsys_pipeline.synthetic import SOURCE_MAPPING, SyntheticSpec, generate
 
 
@@ -86,7 +87,7 @@ def airflow_environment(config: PipelineConfig, config_path: str | None) -> dict
     env["PATH"] = f"{venv_bin}{os.pathsep}{env.get('PATH', '')}"
     defaults = {
         "RECSYS_HOME": str(home),
-        "AIRFLOW_HOME": str(home / "airflow"),
+        "AIRFLOW_HOME": str(StateLayout(home).airflow_home),
         "AIRFLOW__CORE__DAGS_FOLDER": str(PROJECT_ROOT / "dags"),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__UNIT_TEST_MODE": "False",

@@ -137,6 +137,14 @@ class RecommendationsConfig(_Section):
 
 
 class ValidationConfig(_Section):
+    min_density: float = Field(default=1e-7, ge=0, le=1)
+    max_top_item_share: float = Field(
+        default=0.2, gt=0, le=1, description="One item's share of interactions."
+    )
+    min_rec_coverage: float = Field(default=0.01, ge=0, le=1)
+    max_rec_popular_share: float = Field(
+        default=0.9, ge=0, le=1, description="Slots going to the top 1% items."
+    )
     row_count_band: float = Field(
         default=0.5, ge=0, description="Window events may differ from the champion run's count by this share."
     )

@@ -20,6 +20,7 @@ from recsys_pipeline.als import Embeddings, matrix_shape, read_embeddings
 from recsys_pipeline.config import PipelineConfig
 from recsys_pipeline.events import EVENT_COLUMNS, ingest_window
 from recsys_pipeline.runs import RunContext, atomic_dir, write_json
+from recsys_pipeline.tables import read_id_map
 
 DATA_DOCS = Path("gx") / "uncommitted" / "data_docs" / "local_site"
 # Cosine above this to another vector counts as a collapsed (duplicate) embedding.
@@ -90,6 +91,33 @@ def interactions_suite(n_users: int, n_items: int) -> list[Any]:
         E.ExpectColumnValuesToBeBetween(column="user_idx", min_value=0, max_value=n_users - 1),
         E.ExpectColumnValuesToBeBetween(column="item_idx", min_value=0, max_value=n_items - 1),
         E.ExpectCompoundColumnsToBeUnique(column_list=["user_idx", "item_idx"]),
+    ]
+
+
+def interaction_profile(train: pd.DataFrame) -> pd.DataFrame:
+    """One row: density over users and items with data, median counts, the top item's share."""
+    per_user = train.groupby("user_idx").size()
+    per_item = train.groupby("item_idx").size()
+    return pd.DataFrame(
+        {
+            "density": [len(train) / max(len(per_user) * len(per_item), 1)],
+            "median_items_per_user": [float(per_user.median())],
+            "median_users_per_item": [float(per_item.median())],
+            "top_item_share": [float(per_item.max() / max(len(train), 1))],
+        }
+    )
+
+
+def interaction_profile_suite(config: PipelineConfig) -> list[Any]:
+    import great_expectations as gx
+
+    E = gx.expectations
+    rules = config.validation
+    return [
+        E.ExpectColumnValuesToBeBetween(column="density", min_value=rules.min_density, max_value=1.0),
+        E.ExpectColumnValuesToBeBetween(column="median_items_per_user", min_value=1.0),
+        E.ExpectColumnValuesToBeBetween(column="median_users_per_item", min_value=1.0),
+        E.ExpectColumnValuesToBeBetween(column="top_item_share", max_value=rules.max_top_item_share),
     ]
 
 
@@ -170,10 +198,30 @@ def recommendations_suite(config: PipelineConfig) -> list[Any]:
     ]
 
 
-def recommendations_summary_suite() -> list[Any]:
+def recommendations_summary(
+    recs: pd.DataFrame, metrics: dict[str, float], popularity: pd.Series
+) -> pd.DataFrame:
+    """Share of active users served, catalogue coverage, and share of slots taken by the top 1% items."""
+    top = set(popularity.sort_values(ascending=False).index[: max(1, len(popularity) // 100)])
+    return pd.DataFrame(
+        {
+            "active_users_served": [metrics["batch_users_served"] / max(metrics["batch_active_users"], 1.0)],
+            "catalogue_coverage": [metrics["batch_coverage"]],
+            "popular_share": [float(recs["item_id"].isin(top).mean()) if len(recs) else 0.0],
+        }
+    )
+
+
+def recommendations_summary_suite(config: PipelineConfig) -> list[Any]:
     import great_expectations as gx
 
-    return [gx.expectations.ExpectColumnValuesToBeBetween(column="active_users_served", min_value=1.0)]
+    E = gx.expectations
+    rules = config.validation
+    return [
+        E.ExpectColumnValuesToBeBetween(column="active_users_served", min_value=1.0),
+        E.ExpectColumnValuesToBeBetween(column="catalogue_coverage", min_value=rules.min_rec_coverage),
+        E.ExpectColumnValuesToBeBetween(column="popular_share", max_value=rules.max_rec_popular_share),
+    ]
 
 
 def embedding_profile(
@@ -260,6 +308,7 @@ def run_validation(run: RunContext) -> dict[str, float]:
             ingest_summary_suite(config),
         ),
         "interactions": (train, interactions_suite(n_users, n_items)),
+        "interaction_profile": (interaction_profile(train), interaction_profile_suite(config)),
         "item_embeddings": (
             embedding_profile(embeddings.item_idx, embeddings.item_factors),
             embeddings_suite(config, n_items, len(embeddings.item_idx)),
@@ -268,17 +317,18 @@ def run_validation(run: RunContext) -> dict[str, float]:
     recommendations = run.stage_dir("recommendations") / "recommendations.parquet"
     if recommendations.is_file():
         frames["recommendations"] = (pd.read_parquet(recommendations), recommendations_suite(config))
-        metrics = run.read_metrics()
-        served = metrics["batch_users_served"] / max(metrics["batch_active_users"], 1.0)
+        item_ids = read_id_map(interactions_dir / "maps" / "items")
+        popularity = train.groupby("item_idx").size().rename(index=lambda idx: item_ids[idx])
         frames["recommendations_summary"] = (
-            pd.DataFrame({"active_users_served": [served]}),
-            recommendations_summary_suite(),
+            recommendations_summary(frames["recommendations"][0], run.read_metrics(), popularity),
+            recommendations_summary_suite(config),
         )
     report = _drift_against_champion(run, embeddings)
     if report is not None:
         frames["item_drift"] = (report.items, item_drift_suite(config))
         frames["drift_summary"] = (pd.DataFrame([report.metrics]), drift_summary_suite(config))
     with atomic_dir(run.stage_dir("validation")) as staging:
+        staging.mkdir(parents=True)
         if report is not None:
             report.items.to_parquet(staging / "item_drift.parquet")
             drift.plot(report, staging / "drift.png")
@@ -290,7 +340,3 @@ def run_validation(run: RunContext) -> dict[str, float]:
     if failures:
         raise ValidationFailedError("; ".join(str(f) for f in failures))
     return metrics
-
-
-def data_docs_index(run_dir: Path) -> Path:
-    return run_dir / "validation" / DATA_DOCS / "index.html"

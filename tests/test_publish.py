@@ -134,3 +134,15 @@ def test_cli_versions_promote_and_rollback(weekly_run, capsys) -> None:
     assert main([*state, "rollback", "--reason", "bad canary"]) == 0
     assert publish.champion_status(weekly_run.config)["version"] == int(first)
     assert publish.champion_status(weekly_run.config)["tags"]["promotion_reason"] == "rollback: bad canary"
+
+
+def test_client_refuses_a_bundle_of_an_unsupported_format(weekly_run, tmp_path: Path) -> None:
+    from recsys_pipeline.serving import BundleFormatError
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(publish.build_bundle(weekly_run), bundle)
+    meta = json.loads((bundle / "bundle.json").read_text())
+    assert Recommender(bundle).meta["format_version"] == meta["format_version"]
+    (bundle / "bundle.json").write_text(json.dumps({**meta, "format_version": 99}))
+    with pytest.raises(BundleFormatError, match="bundle format 99 is not supported"):
+        Recommender(bundle)

@@ -131,3 +131,58 @@ def test_row_count_must_stay_within_the_band_of_the_previous_run(tmp_path, make_
     assert [(f.expectation, f.observed) for f in failures] == [("expect_table_row_count_to_be_between", 30)]
     failures = run(tmp_path / "high", "events", good_events(80), events_suite(config, START, END, 55))
     assert [f.expectation for f in failures] == ["expect_table_row_count_to_be_between"]
+
+
+def test_interaction_profile_flags_one_item_dominating(tmp_path, make_config) -> None:
+    from recsys_pipeline.validation import interaction_profile, interaction_profile_suite
+
+    config = make_config()
+    assert (
+        run(
+            tmp_path / "ok",
+            "profile",
+            interaction_profile(good_interactions()),
+            interaction_profile_suite(make_config(**{"validation.max_top_item_share": 0.5})),
+        )
+        == []
+    )
+    flooded = pd.DataFrame(
+        {
+            "user_idx": np.arange(100),
+            "item_idx": np.r_[np.zeros(90, int), np.arange(1, 11)],
+            "confidence": 1.0,
+        }
+    )
+    failures = run(
+        tmp_path / "bad", "profile", interaction_profile(flooded), interaction_profile_suite(config)
+    )
+    assert [(f.column, f.observed) for f in failures] == [("top_item_share", [0.9])]
+
+
+def test_recommendation_summary_flags_unserved_users_and_popularity_bias(tmp_path, make_config) -> None:
+    from recsys_pipeline.validation import recommendations_summary, recommendations_summary_suite
+
+    config = make_config()
+    popularity = pd.Series({f"i{n}": 1000 - n for n in range(200)})
+    diverse = pd.DataFrame(
+        {"user_id": ["a"] * 10, "rank": range(1, 11), "item_id": [f"i{n}" for n in range(10, 20)]}
+    )
+    metrics = {"batch_users_served": 1.0, "batch_active_users": 1.0, "batch_coverage": 0.05}
+    assert (
+        run(
+            tmp_path / "ok",
+            "recs",
+            recommendations_summary(diverse, metrics, popularity),
+            recommendations_summary_suite(config),
+        )
+        == []
+    )
+    biased = diverse.assign(item_id=["i0", "i1"] * 5)
+    partial = {**metrics, "batch_users_served": 0.0}
+    failures = run(
+        tmp_path / "bad",
+        "recs",
+        recommendations_summary(biased, partial, popularity),
+        recommendations_summary_suite(config),
+    )
+    assert {f.column for f in failures} == {"active_users_served", "popular_share"}
