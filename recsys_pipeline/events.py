@@ -11,8 +11,9 @@ reason), or the ``events_outside_window`` count.
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 from pyspark.sql import Column, DataFrame, SparkSession, Window
@@ -194,16 +195,31 @@ def check_quarantine_share(metrics: dict[str, float], max_share: float) -> None:
     )
 
 
-def write_lake(events: DataFrame, lake: Path) -> None:
-    """Overwrite exactly the event dates present in ``events`` (dynamic partition overwrite)."""
+def write_lake(events: DataFrame, lake: Path, window_start: datetime, window_end: datetime) -> None:
+    """Replace the window's dates in the lake with ``events``.
+
+    Dynamic partition overwrite replaces the dates present in ``events``; dates wholly inside
+    the window that no longer have events are removed too, so a re-ingest of a shrunken
+    source leaves no stale rows behind. Dates the window only partly covers are never removed.
+    """
+    dated = events.withColumn("event_date", F.to_date("event_ts"))
+    written = {row["event_date"] for row in dated.select("event_date").distinct().collect()}
     (
-        events.withColumn("event_date", F.to_date("event_ts"))
-        .repartition("event_date")  # one file per date instead of one per date and task
+        dated.repartition("event_date")  # one file per date instead of one per date and task
         .write.mode("overwrite")
         .option("partitionOverwriteMode", "dynamic")
         .partitionBy("event_date")
         .parquet(str(lake))
     )
+    for partition in lake.glob("event_date=*"):
+        day = date.fromisoformat(partition.name.removeprefix("event_date="))
+        start_of_day = datetime(day.year, day.month, day.day, tzinfo=UTC)
+        if (
+            day not in written
+            and window_start <= start_of_day
+            and start_of_day + timedelta(days=1) <= window_end
+        ):
+            shutil.rmtree(partition)
 
 
 def read_lake(spark: SparkSession, lake: Path, start: datetime, end: datetime) -> DataFrame:
@@ -234,5 +250,5 @@ def run_ingest(spark: SparkSession, run: RunContext) -> dict[str, float]:
     run.write_metrics("ingest", result.metrics)
     check_quarantine_share(result.metrics, config.events.max_quarantine_share)
     if result.metrics["events_ingested"] > 0:
-        write_lake(result.events, run.layout.events_lake)
+        write_lake(result.events, run.layout.events_lake, window_start, window_end)
     return result.metrics

@@ -148,7 +148,7 @@ def test_truncated_input_stops_the_run_at_validation_and_keeps_the_champion(
     )
     assert result.returncode != 0
     states = task_states(state_env)
-    assert states["batch_recommend"] == "success" and states["validate"] == "failed"
+    assert states["batch_recommend"] == "success" and states["validate"] == "failed", result.stdout[-6000:]
     assert states["publish"] != "success" and states["promote"] != "success"
     assert (
         "events: expect_table_row_count_to_be_between failed (observed 20000)"

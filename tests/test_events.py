@@ -129,3 +129,24 @@ def test_reingesting_an_interval_overwrites_its_partitions_without_duplicates(sp
     dates = {dict(row)["event_date"] for row in first}
     assert min(map(str, dates)) >= "1998-03-01" and max(map(str, dates)) <= "1998-03-30"
     assert len(first) > 1000
+
+
+def test_reingesting_a_shrunken_source_leaves_no_stale_dates(spark, make_config, tmp_path: Path) -> None:
+    config = make_config(**{"interactions.history_days": 30})
+    run = RunContext.create(config, "test", "1998-03-24", "1998-03-31")
+    run_ingest(spark, run)
+    lines = (config.source.path).read_text().splitlines()
+    one_day = [line for line in lines if 890_000_000 <= int(line.split("\t")[3]) < 890_086_400]
+    shrunken = tmp_path / "u.data"
+    shrunken.write_text("\n".join(one_day) + "\n")
+    smaller = RunContext.create(
+        config.model_copy(update={"source": config.source.model_copy(update={"path": shrunken})}),
+        "test",
+        "1998-03-24",
+        "1998-03-31",
+    )
+    run_ingest(spark, smaller)
+    rows = _lake_rows(run.layout.events_lake)
+    assert len(rows) == len(one_day)
+    expected_dates = {str(datetime.fromtimestamp(int(line.split("\t")[3]), UTC).date()) for line in one_day}
+    assert {str(dict(row)["event_date"]) for row in rows} == expected_dates == {"1998-03-15", "1998-03-16"}
