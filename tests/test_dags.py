@@ -66,7 +66,7 @@ def airflow_json(*args: str, env: dict[str, str]) -> list[dict]:
 
 def task_states(env: dict[str, str]) -> dict[str, str]:
     runs = airflow_json("dags", "list-runs", "recsys_weekly", env=env)
-    latest = max(runs, key=lambda r: r["start_date"] or "")
+    latest = max(runs, key=lambda r: r["run_after"])  # dags test dates a run by its logical date
     states = airflow_json("tasks", "states-for-dag-run", "recsys_weekly", latest["run_id"], env=env)
     return {row["task_id"]: row["state"] for row in states}
 
