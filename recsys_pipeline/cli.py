@@ -227,12 +227,18 @@ def run(argv: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from mlflow.exceptions import MlflowException
+
     from recsys_pipeline.index import IndexIntegrityError
+    from recsys_pipeline.publish import GateFailedError
     from recsys_pipeline.serving import BundleFormatError, UnknownIdError
 
+    # Registry errors (an unknown version, an unreachable server) are reported, not traced.
     known: tuple[type[Exception], ...] = (
         ConfigError,
         NothingPublishedError,
+        GateFailedError,
+        MlflowException,
         UnknownIdError,
         BundleFormatError,
         IndexIntegrityError,

@@ -146,3 +146,13 @@ def test_client_refuses_a_bundle_of_an_unsupported_format(weekly_run, tmp_path: 
     (bundle / "bundle.json").write_text(json.dumps({**meta, "format_version": 99}))
     with pytest.raises(BundleFormatError, match="bundle format 99 is not supported"):
         Recommender(bundle)
+
+
+def test_cli_reports_registry_errors_without_a_traceback(weekly_run, capsys) -> None:
+    from recsys_pipeline.cli import main
+
+    publish.run_publish(weekly_run)
+    capsys.readouterr()
+    assert main(["--set", f"state_dir={weekly_run.config.state_home}", "promote", "--version", "999"]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("recsys: ") and "version=999" in error and "Traceback" not in error
