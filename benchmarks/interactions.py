@@ -117,6 +117,7 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
                 "spark.sql.shuffle.partitions": "16",
                 "spark.driver.memory": params["spark_driver_memory"],
                 "spark.ui.enabled": "false",
+                "spark.ui.showConsoleProgress": "false",
             },
         }
     )

@@ -91,6 +91,11 @@ def recommend_exact(
     return out
 
 
+def popular_items(popularity: np.ndarray) -> np.ndarray:
+    """Items with any interaction, most popular first (ties keep index order)."""
+    return np.argsort(-popularity, kind="stable")[: int((popularity > 0).sum())]
+
+
 def recommend_popular(popularity: np.ndarray, seen: sp.csr_matrix, k: int) -> np.ndarray:
     """The k most popular unseen items for every row of ``seen``."""
     scores = np.broadcast_to(popularity.astype(np.float32), seen.shape)

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 import scipy.sparse as sp
 
 from recsys_pipeline.als import matrix_shape, read_embeddings
+from recsys_pipeline.evaluate import popular_items
 from recsys_pipeline.index import ItemIndex, load_index
 from recsys_pipeline.runs import RunContext, atomic_dir
 from recsys_pipeline.tables import read_id_map, read_matrix
@@ -50,7 +51,7 @@ def recommend_for_users(
     top_n: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(user_idx, rank, item_idx, score) rows: top-N unseen items per user, popular items without a vector."""
-    popular = np.argsort(-popularity, kind="stable")[: int((popularity > 0).sum())]
+    popular = popular_items(popularity)
     out_users, out_ranks, out_items, out_scores = [], [], [], []
     for start in range(0, len(users), BATCH_USERS):
         batch = users[start : start + BATCH_USERS]

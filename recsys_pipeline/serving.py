@@ -19,6 +19,7 @@ from mlflow.pyfunc import PythonModel
 
 from recsys_pipeline.als import read_embeddings
 from recsys_pipeline.config import PipelineConfig, load_config
+from recsys_pipeline.evaluate import popular_items
 from recsys_pipeline.index import load_index
 from recsys_pipeline.tables import read_id_map
 
@@ -69,7 +70,7 @@ class Recommender:
             shape=(len(self.user_ids), len(self.item_ids)),
         )
         popularity = np.load(bundle_dir / "popularity.npy")
-        self.popular = np.argsort(-popularity, kind="stable")[: int((popularity > 0).sum())]
+        self.popular = popular_items(popularity)
         self.popularity = popularity
 
     @classmethod
