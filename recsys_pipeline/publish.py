@@ -196,6 +196,23 @@ def run_publish(run: RunContext) -> str:
     return str(version.version)
 
 
+def log_rejected_run(run: RunContext, reason: str) -> str:
+    """Log a run that failed validation (metrics incl. drift, gates, Data Docs); register nothing."""
+    import mlflow
+
+    client = mlflow_client(run.config)
+    tags = {**run_tags(run), "rejected": reason[:5000]}
+    experiment_id = _experiment_id(client, run.config)
+    with mlflow.start_run(
+        experiment_id=experiment_id, run_name=f"{tags['run_key']} (rejected)", tags=tags
+    ) as active:
+        mlflow.log_params(_flatten("", run.config.resolved()))
+        mlflow.log_metrics(run.read_metrics())
+        mlflow.log_artifacts(str(run.stage_dir("validation")), artifact_path="validation")
+        mlflow.log_dict(run.read_gates(), "gates.json")
+    return str(active.info.run_id)
+
+
 def _input_example(bundle: Path) -> Any:
     import pandas as pd
 

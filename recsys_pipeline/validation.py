@@ -338,5 +338,9 @@ def run_validation(run: RunContext) -> dict[str, float]:
     run.write_metrics("validate", metrics)
     run.write_gate("validation", not failures, [str(f) for f in failures])
     if failures:
-        raise ValidationFailedError("; ".join(str(f) for f in failures))
+        from recsys_pipeline.publish import log_rejected_run
+
+        message = "; ".join(str(f) for f in failures)
+        log_rejected_run(run, message)
+        raise ValidationFailedError(message)
     return metrics

@@ -156,3 +156,28 @@ def test_cli_reports_registry_errors_without_a_traceback(weekly_run, capsys) -> 
     assert main(["--set", f"state_dir={weekly_run.config.state_home}", "promote", "--version", "999"]) == 1
     error = capsys.readouterr().err
     assert error.startswith("recsys: ") and "version=999" in error and "Traceback" not in error
+
+
+def test_a_run_failing_validation_is_logged_to_mlflow_but_not_registered(weekly_run) -> None:
+    from recsys_pipeline.validation import ValidationFailedError, run_validation
+
+    strict = weekly_run.config.model_copy(
+        update={"validation": weekly_run.config.validation.model_copy(update={"max_top_item_share": 1e-6})}
+    )
+    failing = RunContext(
+        strict, weekly_run.dag_id, "manual__strict", weekly_run.interval_start, weekly_run.interval_end
+    )
+    before = versions(weekly_run)
+    try:
+        with pytest.raises(ValidationFailedError, match="interaction_profile: .* top_item_share"):
+            run_validation(failing)
+        client = publish.mlflow_client(strict)
+        experiment = client.get_experiment_by_name(strict.mlflow.experiment)
+        (rejected,) = client.search_runs([experiment.experiment_id], "tags.airflow_run_id = 'manual__strict'")
+        assert "top_item_share" in rejected.data.tags["rejected"]
+        assert "ndcg_at_10" in rejected.data.metrics
+        logged = {a.path for a in client.list_artifacts(rejected.info.run_id, "validation")}
+        assert "validation/failures.json" in logged and "validation/gx" in logged
+        assert versions(weekly_run) == before
+    finally:
+        run_validation(weekly_run)  # later tests publish this run: leave its validation passing
