@@ -9,6 +9,7 @@ Outputs under ``<run_dir>/interactions``::
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -148,7 +149,7 @@ def run_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]:
     # The shared maps advance only after this run's outputs are safely in place.
     for name in ("users", "items"):
         with atomic_dir(map_dir / name) as staging:
-            spark.read.parquet(str(out / "maps" / name)).coalesce(1).write.parquet(str(staging))
+            shutil.copytree(out / "maps" / name, staging)
 
     train = read_matrix(out / "train")
     holdout = read_matrix(out / "holdout")
