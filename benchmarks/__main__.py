@@ -7,14 +7,16 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from benchmarks import index_search, interactions
+from benchmarks import als, index_search, interactions, quality_ml100k
 from recsys_pipeline.config import load_config
 from recsys_pipeline.runs import StateLayout, write_json
 
 Benchmark = tuple[dict[str, Any], Callable[[dict[str, Any]], dict[str, Any]]]
 BENCHMARKS: dict[str, Benchmark] = {
+    "als": (als.PARAMS, als.run),
     "index": (index_search.PARAMS, index_search.run),
     "interactions": (interactions.PARAMS, interactions.run),
+    "quality_ml100k": (quality_ml100k.PARAMS, quality_ml100k.run),
 }
 
 
@@ -28,7 +30,10 @@ def main(argv: list[str]) -> int:
     for name in names:
         params, run = BENCHMARKS[name]
         print(f"== {name} {json.dumps(params)}", flush=True)
-        report = {"name": name, "params": params, "results": run(params)}
+        results = run(params)
+        report = {"name": name, "params": params, "results": results}
+        if "published" in results:  # peer numbers also at the top level, beside ours
+            report["published"] = results["published"]
         write_json(out_dir / f"{name}.json", report)
         print(json.dumps(report["results"], indent=2))
         print(f"wrote {out_dir / f'{name}.json'}")

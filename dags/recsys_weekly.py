@@ -5,49 +5,22 @@ Weekly full retrain. Each task calls one function of `recsys_pipeline`; the data
 interval `[data_interval_start, data_interval_end)` fixes every path the run reads and
 writes. The run sees the source's events up to `data_interval_end`.
 
-ingest events → build interactions (Spark) → train ALS → evaluate → build index →
+ingest events → build interactions (Spark) → train ALS (implicit or Spark MLlib, after an
+optional sweep) → evaluate → build index →
 precompute recommendations for active users → validate → publish to MLflow →
 promote `champion` only if every gate passed.
 """
 
 from __future__ import annotations
 
-import sys
 from datetime import datetime, timedelta
 
-from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
 from airflow.sdk import DeltaDataIntervalTimetable, Param, dag, task
 
-from recsys_pipeline.config import PROJECT_ROOT, load_config
+from recsys_pipeline.config import load_config
+from recsys_pipeline.orchestration import spark_job
 
 CONFIG = load_config()
-RUN_ARGS = [
-    "--dag-id",
-    "{{ dag.dag_id }}",
-    "--run-id",
-    "{{ run_id }}",
-    "--interval-start",
-    "{{ data_interval_start.isoformat() }}",
-    "--interval-end",
-    "{{ data_interval_end.isoformat() }}",
-    "--overrides-json",
-    "{{ params.config_overrides | tojson }}",
-]
-
-
-def spark_job(task_id: str, script: str) -> SparkSubmitOperator:
-    return SparkSubmitOperator(
-        task_id=task_id,
-        application=str(PROJECT_ROOT / "jobs" / script),
-        conn_id=CONFIG.spark.conn_id,
-        conf={
-            **CONFIG.spark.conf,
-            "spark.pyspark.python": sys.executable,
-            "spark.pyspark.driver.python": sys.executable,
-        },
-        name=f"recsys-{task_id}",
-        application_args=RUN_ARGS,
-    )
 
 
 @dag(
@@ -63,13 +36,6 @@ def spark_job(task_id: str, script: str) -> SparkSubmitOperator:
     params={"config_overrides": Param({}, type="object", description='{"section.key": value} over conf/')},
 )
 def recsys_weekly() -> None:
-    @task
-    def train(**context) -> None:
-        from recsys_pipeline.als import run_training
-        from recsys_pipeline.runs import RunContext
-
-        run_training(RunContext.from_airflow(context))
-
     @task
     def evaluate(**context) -> None:
         from recsys_pipeline.evaluate import run_evaluation
@@ -112,13 +78,14 @@ def recsys_weekly() -> None:
 
         return run_promotion(RunContext.from_airflow(context), version)
 
-    ingest = spark_job("ingest_events", "ingest_events.py")
-    interactions = spark_job("build_interactions", "build_interactions.py")
+    ingest = spark_job(CONFIG, "ingest_events", "ingest_events.py")
+    interactions = spark_job(CONFIG, "build_interactions", "build_interactions.py")
+    train = spark_job(CONFIG, "train", "train_als.py")
     published = publish()
     (
         ingest
         >> interactions
-        >> train()
+        >> train
         >> evaluate()
         >> build_index()
         >> batch_recommend()

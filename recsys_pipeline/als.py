@@ -1,9 +1,12 @@
-"""Train ALS embeddings with ``implicit`` and store them as Parquet keyed by dense index.
+"""Train ALS embeddings (``implicit`` or Spark MLlib) and store them as Parquet keyed by dense index.
 
 Embedding files (``<run_dir>/model``)::
 
     user_factors.parquet   idx INT, factors FIXED_SIZE_LIST<FLOAT32>[factors]   users with training data
     item_factors.parquet   idx INT, factors FIXED_SIZE_LIST<FLOAT32>[factors]   items with training data
+    training_loss.json     loss per iteration
+    params.json            backend and the hyperparameters used (the sweep's choice, if one ran)
+    sweep.json             every sweep trial and its validation metrics (only after a sweep)
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -22,6 +26,9 @@ from threadpoolctl import threadpool_limits
 from recsys_pipeline.config import AlsConfig
 from recsys_pipeline.runs import RunContext, atomic_dir, write_json
 from recsys_pipeline.tables import count_rows, read_matrix
+
+if TYPE_CHECKING:
+    from pyspark.sql import DataFrame, SparkSession
 
 log = logging.getLogger(__name__)
 
@@ -74,32 +81,131 @@ def check_trainable(user_items: sp.csr_matrix, factors: int) -> None:
         )
 
 
-def train(user_items: sp.csr_matrix, config: AlsConfig) -> tuple[Embeddings, list[float]]:
-    """Fit ALS on a (users x items) confidence matrix; return embeddings and the loss per iteration.
-
-    BLAS is pinned to one thread because implicit parallelises over users itself and a
-    multi-threaded BLAS underneath oversubscribes the cores (implicit's documented advice).
+class AlsTrainer(Protocol):
+    """One ALS implementation. Every backend reads the same confidence matrix and config and
+    returns dense (all users x factors, all items x factors) arrays; :func:`train` does the
+    checks and keeps the rows that had data, so later stages never see which backend ran.
     """
-    from implicit.cpu.als import AlternatingLeastSquares
 
-    check_trainable(user_items, config.factors)
-    losses: list[float] = []
+    def fit(self, user_items: sp.csr_matrix, params: AlsConfig) -> tuple[np.ndarray, np.ndarray, list[float]]:
+        """(user factors, item factors, training loss per iteration)."""
+        ...
+
+
+class ImplicitTrainer:
+    """``implicit``'s CPU ALS: confidence = alpha x value, loss reported after every iteration."""
+
+    def fit(self, user_items: sp.csr_matrix, params: AlsConfig) -> tuple[np.ndarray, np.ndarray, list[float]]:
+        from implicit.cpu.als import AlternatingLeastSquares
+
+        losses: list[float] = []
+        # BLAS pinned to one thread: implicit parallelises over users itself and a multi-threaded
+        # BLAS underneath oversubscribes the cores (implicit's documented advice).
+        with threadpool_limits(limits=1, user_api="blas"):
+            model = AlternatingLeastSquares(
+                factors=params.factors,
+                regularization=params.regularization,
+                alpha=params.alpha,
+                iterations=params.iterations,
+                use_cg=params.use_cg,
+                calculate_training_loss=True,
+                random_state=params.random_state,
+                num_threads=os.cpu_count() or 0,
+            )
+            model.fit(
+                user_items,
+                show_progress=False,
+                callback=lambda _it, _elapsed, loss: losses.append(float(loss)),
+            )
+        return np.asarray(model.user_factors), np.asarray(model.item_factors), losses
+
+
+class SparkMllibTrainer:
+    """Spark MLlib ALS with ``implicitPrefs``, for matrices that outgrow one machine.
+
+    MLlib weighs confidence as 1 + alpha x value and scales regularization by each row's
+    count (ALS-WR), so the same numbers regularise differently than in implicit; tune per
+    backend. MLlib reports no loss, so the single loss returned is implicit's objective
+    evaluated at the final factors, comparable across backends.
+    """
+
+    def __init__(self, spark: SparkSession) -> None:
+        self.spark = spark
+
+    def fit(self, user_items: sp.csr_matrix, params: AlsConfig) -> tuple[np.ndarray, np.ndarray, list[float]]:
+        from pyspark.ml.recommendation import ALS
+
+        coo = user_items.tocoo()
+        ratings = self.spark.createDataFrame(
+            pa.table(
+                {
+                    "user": pa.array(coo.row.astype(np.int32)),
+                    "item": pa.array(coo.col.astype(np.int32)),
+                    "confidence": pa.array(coo.data.astype(np.float32)),
+                }
+            )
+        )
+        model = ALS(
+            rank=params.factors,
+            maxIter=params.iterations,
+            regParam=params.regularization,
+            alpha=params.alpha,
+            implicitPrefs=True,
+            seed=params.random_state,
+            userCol="user",
+            itemCol="item",
+            ratingCol="confidence",
+        ).fit(ratings)
+        n_users, n_items = user_items.shape
+        user_factors = _collect_factors(model.userFactors, n_users, params.factors)
+        item_factors = _collect_factors(model.itemFactors, n_items, params.factors)
+        return user_factors, item_factors, [implicit_loss(user_items, user_factors, item_factors, params)]
+
+
+def _collect_factors(frame: DataFrame, size: int, factors: int) -> np.ndarray:
+    table = frame.toArrow()
+    ids = table.column("id").to_numpy()
+    vectors = table.column("features").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    return _scatter(ids, vectors.reshape(-1, factors).astype(np.float32), size)
+
+
+def implicit_loss(
+    user_items: sp.csr_matrix, user_factors: np.ndarray, item_factors: np.ndarray, params: AlsConfig
+) -> float:
+    """implicit's normalised training objective for any factors (its own loss routine)."""
+    from implicit.cpu import _als
+
+    confidence = (params.alpha * user_items).astype(np.float32).tocsr()
     with threadpool_limits(limits=1, user_api="blas"):
-        model = AlternatingLeastSquares(
-            factors=config.factors,
-            regularization=config.regularization,
-            alpha=config.alpha,
-            iterations=config.iterations,
-            use_cg=config.use_cg,
-            calculate_training_loss=True,
-            random_state=config.random_state,
-            num_threads=os.cpu_count() or 0,
+        return float(
+            _als.calculate_loss(
+                confidence,
+                np.ascontiguousarray(user_factors, dtype=np.float32),
+                np.ascontiguousarray(item_factors, dtype=np.float32),
+                params.regularization,
+                num_threads=os.cpu_count() or 0,
+            )
         )
-        model.fit(
-            user_items, show_progress=False, callback=lambda _it, _elapsed, loss: losses.append(float(loss))
-        )
-    user_factors = np.asarray(model.user_factors, dtype=np.float32)
-    item_factors = np.asarray(model.item_factors, dtype=np.float32)
+
+
+def trainer_for(backend: str, spark: SparkSession | None = None) -> AlsTrainer:
+    if backend == "implicit":
+        return ImplicitTrainer()
+    if backend == "spark":
+        if spark is None:
+            raise ModelFitError("als.backend=spark needs a Spark session: train through jobs/train_als.py")
+        return SparkMllibTrainer(spark)
+    raise ModelFitError(f"unknown ALS backend {backend!r}: use implicit or spark")
+
+
+def train(
+    user_items: sp.csr_matrix, params: AlsConfig, spark: SparkSession | None = None
+) -> tuple[Embeddings, list[float]]:
+    """Fit ALS with the configured backend; return embeddings of rows with data and the loss per iteration."""
+    check_trainable(user_items, params.factors)
+    user_factors, item_factors, losses = trainer_for(params.backend, spark).fit(user_items, params)
+    user_factors = np.asarray(user_factors, dtype=np.float32)
+    item_factors = np.asarray(item_factors, dtype=np.float32)
     if not (np.isfinite(user_factors).all() and np.isfinite(item_factors).all()):
         raise ModelFitError("training produced NaN or infinite factors: lower alpha or raise regularization")
     user_idx = np.flatnonzero(np.diff(user_items.indptr) > 0)
@@ -137,14 +243,28 @@ def matrix_shape(interactions_dir: Path) -> tuple[int, int]:
     return count_rows(interactions_dir / "maps" / "users"), count_rows(interactions_dir / "maps" / "items")
 
 
-def run_training(run: RunContext) -> dict[str, float]:
-    """Train on the run's training matrix and write its embeddings."""
+def run_training(spark: SparkSession | None, run: RunContext) -> dict[str, float]:
+    """Train on the run's training matrix (after a sweep, if configured) and write its embeddings.
+
+    ``params.json`` beside the factors records the hyperparameters actually used.
+    """
     interactions_dir = run.stage_dir("interactions")
     user_items = read_matrix(interactions_dir / "train").to_csr(*matrix_shape(interactions_dir))
-    embeddings, losses = train(user_items, run.config.als)
+    params = run.config.als
+    sweep_summary = None
+    if params.sweep is not None:
+        from recsys_pipeline.tuning import run_sweep
+
+        result = run_sweep(user_items, run, params.sweep, spark)
+        params, sweep_summary = result.best, result.summary()
+        log.info("sweep chose %s", params.hyperparameters())
+    embeddings, losses = train(user_items, params, spark)
     with atomic_dir(run.stage_dir("model")) as staging:
         write_embeddings(staging, embeddings)
         write_json(staging / "training_loss.json", losses)
+        write_json(staging / "params.json", {"backend": params.backend, **params.hyperparameters()})
+        if sweep_summary is not None:
+            write_json(staging / "sweep.json", sweep_summary)
     log.info("ALS loss per iteration: %s", ", ".join(f"{loss:.5f}" for loss in losses))
     metrics = {
         "training_loss": losses[-1],

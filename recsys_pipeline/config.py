@@ -92,13 +92,61 @@ class InteractionsConfig(_Section):
     history_days: int | None = Field(default=None, ge=1, description="Training window length; all if null.")
 
 
+TunableParameter = Literal["factors", "regularization", "alpha", "iterations"]
+
+
+class SweepConfig(_Section):
+    """A hyperparameter search on a validation split carved from the training matrix."""
+
+    strategy: Literal["grid", "random"] = "grid"
+    trials: int | None = Field(
+        default=None, ge=1, description="Random: candidates drawn. Grid: null tries every combination."
+    )
+    seed: int = 0
+    validation_share: float = Field(
+        default=0.25, gt=0, lt=1, description="Share of each user's training items held out for validation."
+    )
+    space: dict[TunableParameter, list[float]] = Field(
+        description="Values to try per parameter; parameters left out keep their als value."
+    )
+
+    @model_validator(mode="after")
+    def _space_is_searchable(self) -> SweepConfig:
+        empty = sorted(name for name, values in self.space.items() if not values)
+        if not self.space or empty:
+            raise ValueError(f"sweep.space needs at least one value per listed parameter (empty: {empty})")
+        if self.strategy == "random" and self.trials is None:
+            raise ValueError("a random sweep needs sweep.trials")
+        return self
+
+
 class AlsConfig(_Section):
+    backend: Literal["implicit", "spark"] = Field(
+        default="implicit", description="implicit (one node, fast) or spark (Spark MLlib ALS, implicitPrefs)."
+    )
     factors: int = Field(default=64, ge=1)
     regularization: float = Field(default=0.05, ge=0)
     alpha: float = Field(default=1.0, gt=0)
     iterations: int = Field(default=15, ge=1)
     use_cg: bool = True
     random_state: int = 42
+    sweep: SweepConfig | None = Field(default=None, description="Null: train with the values above.")
+
+    def with_params(self, params: dict[str, float]) -> AlsConfig:
+        """A copy with some hyperparameters replaced (integers kept integral)."""
+        typed = {
+            name: int(value) if name in ("factors", "iterations") else float(value)
+            for name, value in params.items()
+        }
+        return self.model_copy(update=typed)
+
+    def hyperparameters(self) -> dict[str, float]:
+        return {
+            "factors": self.factors,
+            "regularization": self.regularization,
+            "alpha": self.alpha,
+            "iterations": self.iterations,
+        }
 
 
 class GateConfig(_Section):
@@ -165,6 +213,22 @@ class DriftConfig(_Section):
     max_norm_ks: float = Field(default=0.5, ge=0, le=1)
 
 
+class RefreshConfig(_Section):
+    """The nightly fold-in, and when it must give way to a full retrain."""
+
+    solver: Literal["cholesky", "cg"] = Field(
+        default="cholesky",
+        description="cholesky: exact per-user solve; cg: conjugate gradient, warm-started.",
+    )
+    cg_steps: int = Field(default=3, ge=1, description="CG iterations per vector when solver=cg.")
+    max_new_item_share: float = Field(
+        default=0.1, ge=0, le=1, description="New items above this share of the catalogue escalate."
+    )
+    max_parent_age_days: float = Field(
+        default=8.0, gt=0, description="A weekly parent older than this (by data) escalates."
+    )
+
+
 class SparkConfig(_Section):
     master: str = "local[*]"
     conn_id: str = Field(
@@ -190,6 +254,7 @@ class PipelineConfig(_Section):
     recommendations: RecommendationsConfig = RecommendationsConfig()
     validation: ValidationConfig = ValidationConfig()
     drift: DriftConfig = DriftConfig()
+    refresh: RefreshConfig = RefreshConfig()
     spark: SparkConfig = SparkConfig()
     mlflow: MlflowConfig = MlflowConfig()
 

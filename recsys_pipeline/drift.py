@@ -22,6 +22,7 @@ from scipy.linalg import orthogonal_procrustes
 from scipy.stats import ks_2samp
 
 from recsys_pipeline.als import Embeddings
+from recsys_pipeline.config import DriftConfig
 from recsys_pipeline.index import exact_top_k
 
 
@@ -113,6 +114,29 @@ def compare(
         "drift_norm_psi": population_stability(old_norms, new_norms),
     }
     return DriftReport(metrics, table)
+
+
+def violations(metrics: dict[str, float], bounds: DriftConfig) -> list[str]:
+    """Which configured drift bounds the metrics break, each as a readable reason."""
+    checks = [
+        (
+            "drift_neighbour_overlap",
+            metrics["drift_neighbour_overlap"] < bounds.min_neighbour_overlap,
+            f">= {bounds.min_neighbour_overlap}",
+        ),
+        (
+            "drift_aligned_cosine",
+            metrics["drift_aligned_cosine"] < bounds.min_aligned_cosine,
+            f">= {bounds.min_aligned_cosine}",
+        ),
+        (
+            "drift_rec_overlap",
+            metrics["drift_rec_overlap"] < bounds.min_rec_overlap,
+            f">= {bounds.min_rec_overlap}",
+        ),
+        ("drift_norm_ks", metrics["drift_norm_ks"] > bounds.max_norm_ks, f"<= {bounds.max_norm_ks}"),
+    ]
+    return [f"{name}={metrics[name]:.3f}, expected {bound}" for name, broken, bound in checks if broken]
 
 
 def plot(report: DriftReport, path: Path) -> None:

@@ -233,11 +233,18 @@ def read_lake(spark: SparkSession, lake: Path, start: datetime, end: datetime) -
     )
 
 
-def ingest_window(run: RunContext) -> tuple[datetime, datetime]:
-    """The weekly run re-reads the source back to the configured history (or the floor)."""
+def history_window(run: RunContext) -> tuple[datetime, datetime]:
+    """The events a model learns from: back to the configured history (or the floor), up to the end."""
     history = run.config.interactions.history_days
     start = run.interval_end - timedelta(days=history) if history else run.config.events.min_event_time
     return min(start.replace(tzinfo=run.interval_end.tzinfo), run.interval_start), run.interval_end
+
+
+def ingest_window(run: RunContext) -> tuple[datetime, datetime]:
+    """A full run re-ingests the history (so late or corrected records land); a refresh its interval."""
+    if run.mode == "refresh":
+        return run.interval_start, run.interval_end
+    return history_window(run)
 
 
 def run_ingest(spark: SparkSession, run: RunContext) -> dict[str, float]:

@@ -3,8 +3,9 @@
 Index folder layout::
 
     scann_assets.pbtxt, *.npy   ScaNN's own serialization, written with relative paths
-    item_idx.npy                row r of the index is the item with dense index item_idx[r]
-    manifest.json               {"format": 1, "files": {name: sha256}, "items": n, "dims": d, "config": ...}
+    scann_docids.pkl            ScaNN's docids: the dense item index of each searcher row, as strings
+    item_idx.npy, item_factors.npy   the exact backend's items and vectors
+    manifest.json               {"format": 2, "backend", "files": {name: sha256}, "items": n, "params"}
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from recsys_pipeline.als import read_embeddings
+from recsys_pipeline.als import Embeddings, read_embeddings
 from recsys_pipeline.config import IndexConfig
 from recsys_pipeline.runs import RunContext, atomic_dir
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2  # 2: ScaNN indexes carry docids, so they can be updated in place
 
 
 class IndexIntegrityError(RuntimeError):
@@ -56,13 +57,19 @@ def search_params(n_items: int, config: IndexConfig) -> SearchParams:
 
 
 class ItemIndex(Protocol):
-    """Nearest items by dot product, answering in dense item indices (row r holds item ``item_idx[r]``)."""
+    """Nearest items by dot product, answering in dense item indices (``item_idx`` lists the items held)."""
 
     item_idx: np.ndarray
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (dense item indices, scores) per query row, best first."""
         ...
+
+    def upsert(self, item_idx: np.ndarray, vectors: np.ndarray) -> None:
+        """Add new items and replace the vectors of items already held."""
+        ...
+
+    def delete(self, item_idx: np.ndarray) -> None: ...
 
     def save(self, directory: Path) -> None: ...
 
@@ -72,10 +79,14 @@ class ScannIndex:
 
     backend = "scann"
 
-    def __init__(self, searcher: Any, item_idx: np.ndarray, params: SearchParams):
+    def __init__(self, searcher: Any, params: SearchParams):
         self.searcher = searcher
-        self.item_idx = item_idx
         self.params = params
+        self.item_idx = self._held_items()
+
+    def _held_items(self) -> np.ndarray:
+        # ScaNN's docids (strings) are the dense item indices; searcher row r holds docids[r].
+        return np.asarray(self.searcher.docids, dtype=np.int64)
 
     @classmethod
     def build(
@@ -97,7 +108,8 @@ class ScannIndex:
                 .score_ah(2, anisotropic_quantization_threshold=0.2)
                 .reorder(params.reorder)
             )
-        return cls(builder.build(), np.asarray(item_idx, dtype=np.int64), params)
+        # Docids make the searcher updatable in place (upsert/delete) by the nightly refresh.
+        return cls(builder.build(docids=[str(i) for i in item_idx]), params)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         k = min(k, len(self.item_idx))
@@ -107,12 +119,23 @@ class ScannIndex:
             pre_reorder_num_neighbors=max(self.params.reorder, k) if self.params.num_leaves else None,
             leaves_to_search=self.params.leaves_to_search,
         )
-        return self.item_idx[np.asarray(rows, dtype=np.int64)], np.asarray(scores, dtype=np.float32)
+        return np.asarray(rows, dtype=np.int64), np.asarray(scores, dtype=np.float32)
+
+    def upsert(self, item_idx: np.ndarray, vectors: np.ndarray) -> None:
+        if len(item_idx):
+            self.searcher.upsert(
+                [str(i) for i in item_idx], np.ascontiguousarray(vectors, dtype=np.float32), len(item_idx)
+            )
+            self.item_idx = self._held_items()
+
+    def delete(self, item_idx: np.ndarray) -> None:
+        if len(item_idx):
+            self.searcher.delete([str(i) for i in item_idx])
+            self.item_idx = self._held_items()
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.searcher.serialize(str(directory), relative_path=True)
-        np.save(directory / "item_idx.npy", self.item_idx)
         write_manifest(directory, self.backend, len(self.item_idx), self.params.as_dict())
 
     @classmethod
@@ -120,7 +143,9 @@ class ScannIndex:
         import scann
 
         searcher = scann.scann_ops_pybind.load_searcher(str(directory))
-        return cls(searcher, np.load(directory / "item_idx.npy"), SearchParams(**manifest["params"]))
+        if searcher.docids is None:
+            raise IndexIntegrityError(f"ScaNN index in {directory} has no docids (scann_docids.pkl)")
+        return cls(searcher, SearchParams(**manifest["params"]))
 
 
 class ExactIndex:
@@ -135,6 +160,18 @@ class ExactIndex:
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         rows, scores = exact_search(np.asarray(queries, dtype=np.float32), self.item_factors, k)
         return self.item_idx[rows], scores
+
+    def upsert(self, item_idx: np.ndarray, vectors: np.ndarray) -> None:
+        position = {int(item): row for row, item in enumerate(self.item_idx)}
+        known = np.array([int(i) in position for i in item_idx], dtype=bool)
+        rows = np.array([position[int(i)] for i in item_idx[known]], dtype=np.int64)
+        self.item_factors[rows] = vectors[known]
+        self.item_idx = np.concatenate([self.item_idx, np.asarray(item_idx, dtype=np.int64)[~known]])
+        self.item_factors = np.vstack([self.item_factors, np.asarray(vectors, dtype=np.float32)[~known]])
+
+    def delete(self, item_idx: np.ndarray) -> None:
+        keep = ~np.isin(self.item_idx, item_idx)
+        self.item_idx, self.item_factors = self.item_idx[keep], self.item_factors[keep]
 
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
@@ -227,8 +264,10 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
     return hits / truth.size if truth.size else 1.0
 
 
-def measure(index: ItemIndex, item_factors: np.ndarray, queries: np.ndarray, k: int) -> dict[str, float]:
-    """Recall@k of the index against exact search on the same queries, with the QPS of both."""
+def measure(
+    index: ItemIndex, item_idx: np.ndarray, item_factors: np.ndarray, queries: np.ndarray, k: int
+) -> dict[str, float]:
+    """Recall@k of the index against exact search over (item_idx, item_factors), with the QPS of both."""
     started = time.perf_counter()
     truth_rows = exact_top_k(queries, item_factors, k)
     exact_s = time.perf_counter() - started
@@ -236,24 +275,30 @@ def measure(index: ItemIndex, item_factors: np.ndarray, queries: np.ndarray, k: 
     found, _ = index.search(queries, k)
     index_s = time.perf_counter() - started
     return {
-        f"index_recall_at_{k}": recall_at_k(found, index.item_idx[truth_rows]),
+        f"index_recall_at_{k}": recall_at_k(found, np.asarray(item_idx)[truth_rows]),
         "index_qps": len(queries) / max(index_s, 1e-9),
         "exact_qps": len(queries) / max(exact_s, 1e-9),
     }
+
+
+def index_vectors(item_factors: np.ndarray, config: IndexConfig) -> np.ndarray:
+    """The vectors an index holds: unit length for cosine, so a dot product ranks like a cosine
+    (the query's norm does not change its ranking)."""
+    if config.metric == "cosine":
+        return item_factors / np.maximum(np.linalg.norm(item_factors, axis=1, keepdims=True), 1e-12)
+    return item_factors
 
 
 def build_tuned(
     item_idx: np.ndarray, item_factors: np.ndarray, queries: np.ndarray, config: IndexConfig, k: int
 ) -> tuple[ItemIndex, dict[str, float]]:
     """Build for the catalogue size and metric; while recall is short, search more leaves and reorder more."""
-    if config.metric == "cosine":
-        # Unit item vectors make the dot product a cosine (up to the query's norm, which keeps the ranking).
-        item_factors = item_factors / np.maximum(np.linalg.norm(item_factors, axis=1, keepdims=True), 1e-12)
+    item_factors = index_vectors(item_factors, config)
     params = search_params(len(item_idx), config)
     started = time.perf_counter()
     index = build_index(config.backend, item_idx, item_factors, params, k)
     metrics = {"index_build_s": time.perf_counter() - started}
-    metrics.update(measure(index, item_factors, queries, k))
+    metrics.update(measure(index, item_idx, item_factors, queries, k))
     while (
         isinstance(index, ScannIndex)
         and metrics[f"index_recall_at_{k}"] < config.min_recall
@@ -269,9 +314,23 @@ def build_tuned(
             config.min_recall,
             params,
         )
-        index = ScannIndex(index.searcher, index.item_idx, params)
-        metrics.update(measure(index, item_factors, queries, k))
+        index = ScannIndex(index.searcher, params)
+        metrics.update(measure(index, item_idx, item_factors, queries, k))
     return index, metrics
+
+
+def _gate(run: RunContext, metrics: dict[str, float], min_recall: float, k: int) -> None:
+    recall = metrics[f"index_recall_at_{k}"]
+    passed = recall >= min_recall
+    reasons = [] if passed else [f"index_recall_at_{k}={recall:.4f} is below index.min_recall={min_recall}"]
+    run.write_metrics("index", metrics)
+    run.write_gate("index", passed, reasons)
+
+
+def _recall_queries(embeddings: Embeddings, sample_users: int) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    sample = rng.choice(len(embeddings.user_idx), min(sample_users, len(embeddings.user_idx)), replace=False)
+    return embeddings.user_factors[np.sort(sample)]
 
 
 def run_index(run: RunContext) -> dict[str, float]:
@@ -279,19 +338,49 @@ def run_index(run: RunContext) -> dict[str, float]:
     config = run.config.index
     k = run.config.evaluation.k
     embeddings = read_embeddings(run.stage_dir("model"))
-    rng = np.random.default_rng(0)
-    sample = rng.choice(
-        len(embeddings.user_idx), min(config.recall_sample_users, len(embeddings.user_idx)), replace=False
-    )
-    queries = embeddings.user_factors[np.sort(sample)]
+    queries = _recall_queries(embeddings, config.recall_sample_users)
     index, metrics = build_tuned(embeddings.item_idx, embeddings.item_factors, queries, config, k)
     with atomic_dir(run.stage_dir("index")) as staging:
         index.save(staging)
-    recall = metrics[f"index_recall_at_{k}"]
-    passed = recall >= config.min_recall
-    reasons = (
-        [] if passed else [f"index_recall_at_{k}={recall:.4f} is below index.min_recall={config.min_recall}"]
-    )
-    run.write_metrics("index", metrics)
-    run.write_gate("index", passed, reasons)
+    _gate(run, metrics, config.min_recall, k)
+    return metrics
+
+
+def changed_items(old: Embeddings, new: Embeddings) -> tuple[np.ndarray, np.ndarray]:
+    """(items whose vector is new or different, items no longer present) from ``old`` to ``new``."""
+    shared, old_rows, new_rows = np.intersect1d(old.item_idx, new.item_idx, return_indices=True)
+    moved = shared[(old.item_factors[old_rows] != new.item_factors[new_rows]).any(axis=1)]
+    added = np.setdiff1d(new.item_idx, old.item_idx)
+    return np.union1d(moved, added), np.setdiff1d(old.item_idx, new.item_idx)
+
+
+def update_index(run: RunContext, parent_bundle: Path) -> dict[str, float]:
+    """Upsert new and changed item vectors into the parent's index; rebuild if its recall falls short.
+
+    Either way the index's recall against exact search is measured on real user vectors and gated.
+    """
+    config = run.config.index
+    k = run.config.evaluation.k
+    parent = read_embeddings(parent_bundle / "embeddings")
+    embeddings = read_embeddings(run.stage_dir("model"))
+    upserts, deletes = changed_items(parent, embeddings)
+    queries = _recall_queries(embeddings, config.recall_sample_users)
+    vectors = index_vectors(embeddings.item_factors, config)
+    started = time.perf_counter()
+    index = load_index(parent_bundle / "index")
+    index.upsert(upserts, vectors[np.searchsorted(embeddings.item_idx, upserts)])
+    index.delete(deletes)
+    metrics = {"index_update_s": time.perf_counter() - started}
+    metrics.update(measure(index, embeddings.item_idx, vectors, queries, k))
+    if not metrics.get(f"index_recall_at_{k}", 0.0) >= config.min_recall:
+        log.warning("updated index recall below %.3f: rebuilding", config.min_recall)
+        index, built = build_tuned(embeddings.item_idx, embeddings.item_factors, queries, config, k)
+        metrics.update(built)
+        metrics["index_rebuilt"] = 1.0
+    else:
+        metrics["index_rebuilt"] = 0.0
+    metrics.update({"index_upserted": float(len(upserts)), "index_deleted": float(len(deletes))})
+    with atomic_dir(run.stage_dir("index")) as staging:
+        index.save(staging)
+    _gate(run, metrics, config.min_recall, k)
     return metrics

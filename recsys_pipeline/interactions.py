@@ -5,6 +5,7 @@ Outputs under ``<run_dir>/interactions``::
     train/     Parquet (user_idx INT, item_idx INT, confidence FLOAT)   events before the holdout
     holdout/   Parquet (user_idx INT, item_idx INT, confidence FLOAT)   the last holdout_days
     maps/users, maps/items   Parquet (id STRING, idx INT)                snapshot of the ID maps used
+    recent/users, recent/items   Parquet (idx INT)                       active in the run's interval
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from recsys_pipeline.config import InteractionsConfig
-from recsys_pipeline.events import ingest_window, read_lake
+from recsys_pipeline.events import history_window, read_lake
 from recsys_pipeline.runs import RunContext, atomic_dir
 from recsys_pipeline.tables import count_rows, read_matrix
 
@@ -111,10 +112,15 @@ def _indexed(pairs: DataFrame, maps: IdMaps) -> DataFrame:
 
 
 def run_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]:
-    """Read the window from the lake, extend the ID maps, write train/holdout matrices."""
+    """Read the history from the lake, extend the ID maps, write train/holdout matrices.
+
+    A refresh run holds nothing out: its model is the champion's, folded over the whole history.
+    ``recent/`` lists the users and items with events in the run's own interval.
+    """
     config = run.config.interactions
-    window_start, window_end = ingest_window(run)
-    holdout_start = window_end - timedelta(days=config.holdout_days)
+    window_start, window_end = history_window(run)
+    holdout_days = 0 if run.mode == "refresh" else config.holdout_days
+    holdout_start = window_end - timedelta(days=holdout_days)
     events = read_lake(spark, run.layout.events_lake, window_start, window_end).cache()
     fingerprint_row = events.agg(
         F.count("*").alias("n"),
@@ -146,6 +152,16 @@ def run_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]:
         _indexed(holdout_pairs, maps).write.parquet(str(staging / "holdout"))
         users.orderBy("idx").coalesce(1).write.parquet(str(staging / "maps" / "users"))
         items.orderBy("idx").coalesce(1).write.parquet(str(staging / "maps" / "items"))
+        recent = events.where(F.col("event_ts") >= F.lit(run.interval_start))
+        for name, column, id_map in (("users", "user_id", users), ("items", "item_id", items)):
+            (
+                recent.select(F.col(column).alias("id"))
+                .distinct()
+                .join(id_map, "id")
+                .select("idx")
+                .coalesce(1)
+                .write.parquet(str(staging / "recent" / name))
+            )
     # The shared maps advance only after this run's outputs are safely in place.
     for name in ("users", "items"):
         with atomic_dir(map_dir / name) as staging:

@@ -28,12 +28,20 @@ def run_arguments() -> argparse.ArgumentParser:
     parser.add_argument("--run-id", default=None)
     parser.add_argument("--interval-start", required=True, help="ISO-8601 data interval start")
     parser.add_argument("--interval-end", required=True, help="ISO-8601 data interval end (exclusive)")
+    parser.add_argument(
+        "--mode",
+        choices=["full", "refresh"],
+        default="full",
+        help="full retrain (weekly) or refresh (nightly)",
+    )
     return parser
 
 
 def run_context(args: argparse.Namespace) -> RunContext:
     config = load_config(args.config, json.loads(args.overrides_json or "{}"))
-    return RunContext.create(config, args.dag_id, args.interval_start, args.interval_end, args.run_id)
+    return RunContext.create(
+        config, args.dag_id, args.interval_start, args.interval_end, args.run_id, args.mode
+    )
 
 
 def run_spark_job(stage: SparkStage, app_name: str, argv: Sequence[str], master: str | None = None) -> int:

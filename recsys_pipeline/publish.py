@@ -33,7 +33,20 @@ from recsys_pipeline.tables import read_id_map, read_matrix
 log = logging.getLogger(__name__)
 BUNDLE_FORMAT = 1
 CHAMPION, PREVIOUS = "champion", "previous"
-REQUIRED_GATES = ("evaluation", "index", "validation")
+REQUIRED_GATES = {
+    "full": ("evaluation", "index", "validation"),
+    # A fold-in has no untouched holdout to evaluate on; its gate is staying close to its parent.
+    "refresh": ("refresh", "index", "validation"),
+}
+REFRESH_TAGS = (
+    "parent_version",
+    "derived_from_version",
+    "refresh_day",
+    "users_updated",
+    "users_added",
+    "items_added",
+    "refresh_s",
+)
 
 
 class GateFailedError(RuntimeError):
@@ -57,7 +70,7 @@ def mlflow_client(config: PipelineConfig) -> Any:
     return MlflowClient(config.tracking_uri, config.tracking_uri)
 
 
-def _experiment_id(client: Any, config: PipelineConfig) -> str:
+def experiment_id(client: Any, config: PipelineConfig) -> str:
     experiment = client.get_experiment_by_name(config.mlflow.experiment)
     if experiment is not None:
         return str(experiment.experiment_id)
@@ -83,6 +96,7 @@ def _code_version() -> str:
 
 def run_tags(run: RunContext) -> dict[str, str]:
     fingerprint = (run.stage_dir("interactions") / "fingerprint.txt").read_text().strip()
+    trained = json.loads((run.stage_dir("model") / "params.json").read_text())
     return {
         "dag_id": run.dag_id,
         "airflow_run_id": run.run_id,
@@ -91,9 +105,20 @@ def run_tags(run: RunContext) -> dict[str, str]:
         "data_interval_end": run.interval_end.isoformat(),
         "input_fingerprint": fingerprint,
         "code_version": _code_version(),
-        "backend": "implicit",
+        "backend": trained["backend"],
         "bundle_format": str(BUNDLE_FORMAT),
+        "kind": run.mode,
+        **refresh_tags(run),
     }
+
+
+def refresh_tags(run: RunContext) -> dict[str, str]:
+    """A refreshed version's lineage: its weekly parent, the day folded in, counts and time."""
+    path = run.stage_dir("refresh") / "refresh.json"
+    if run.mode != "refresh" or not path.is_file():
+        return {}
+    record = json.loads(path.read_text())
+    return {name: str(record[name]) for name in REFRESH_TAGS}
 
 
 def build_bundle(run: RunContext) -> Path:
@@ -150,6 +175,16 @@ def _flatten(prefix: str, value: Any) -> dict[str, str]:
     return {prefix: json.dumps(value) if isinstance(value, list) else str(value)}
 
 
+def _trained_params(run: RunContext) -> dict[str, str]:
+    """The hyperparameters the model was trained with (``als.*`` holds the config, before any sweep)."""
+    model_dir = run.stage_dir("model")
+    params = _flatten("trained", json.loads((model_dir / "params.json").read_text()))
+    sweep = model_dir / "sweep.json"
+    if sweep.is_file():
+        params["trained.sweep_run_id"] = str(json.loads(sweep.read_text())["mlflow_run_id"])
+    return params
+
+
 def find_version(client: Any, model_name: str, tags: dict[str, str]) -> Any | None:
     """The version already registered for this run and input, if any."""
     query = (
@@ -176,8 +211,9 @@ def run_publish(run: RunContext) -> str:
     bundle = build_bundle(run)
     metrics = run.read_metrics()
     losses = json.loads((run.stage_dir("model") / "training_loss.json").read_text())
-    with mlflow.start_run(experiment_id=_experiment_id(client, config), run_name=tags["run_key"], tags=tags):
+    with mlflow.start_run(experiment_id=experiment_id(client, config), run_name=tags["run_key"], tags=tags):
         mlflow.log_params(_flatten("", config.resolved()))
+        mlflow.log_params(_trained_params(run))
         mlflow.log_metrics(metrics)
         for step, loss in enumerate(losses):
             mlflow.log_metric("training_loss_per_iteration", loss, step=step)
@@ -202,9 +238,8 @@ def log_rejected_run(run: RunContext, reason: str) -> str:
 
     client = mlflow_client(run.config)
     tags = {**run_tags(run), "rejected": reason[:5000]}
-    experiment_id = _experiment_id(client, run.config)
     with mlflow.start_run(
-        experiment_id=experiment_id, run_name=f"{tags['run_key']} (rejected)", tags=tags
+        experiment_id=experiment_id(client, run.config), run_name=f"{tags['run_key']} (rejected)", tags=tags
     ) as active:
         mlflow.log_params(_flatten("", run.config.resolved()))
         mlflow.log_metrics(run.read_metrics())
@@ -281,7 +316,7 @@ def run_promotion(run: RunContext, version: str) -> str:
     gates = run.read_gates()
     failed = [
         f"{gate}: {'; '.join(gates[gate]['reasons']) or 'not run'}"
-        for gate in REQUIRED_GATES
+        for gate in REQUIRED_GATES[run.mode]
         if not gates.get(gate, {}).get("passed", False)
     ]
     client = mlflow_client(run.config)
@@ -296,8 +331,6 @@ def run_promotion(run: RunContext, version: str) -> str:
 
 def download_bundle(config: PipelineConfig, alias: str = CHAMPION) -> tuple[Any, Path]:
     """(model version, local bundle folder) behind ``alias``, cached per version under the state home."""
-    import mlflow
-
     client = mlflow_client(config)
     name = config.mlflow.model_name
     version = alias_version(client, name, alias)
@@ -305,14 +338,22 @@ def download_bundle(config: PipelineConfig, alias: str = CHAMPION) -> tuple[Any,
         raise NothingPublishedError(
             f"no version of {name} has the alias '{alias}' yet: run the weekly DAG first"
         )
-    cache = StateLayout(config.state_home).model_cache / name / str(version.version)
+    return version, version_bundle(config, str(version.version))
+
+
+def version_bundle(config: PipelineConfig, version: str) -> Path:
+    """The local bundle folder of one registered version, downloaded once into the cache."""
+    import mlflow
+
+    name = config.mlflow.model_name
+    cache = StateLayout(config.state_home).model_cache / name / version
     bundle = cache / "artifacts" / "bundle"
     if not (bundle / "bundle.json").is_file():
         with atomic_dir(cache) as staging:
             mlflow.artifacts.download_artifacts(
-                artifact_uri=f"models:/{name}/{version.version}", dst_path=str(staging)
+                artifact_uri=f"models:/{name}/{version}", dst_path=str(staging)
             )
-    return version, bundle
+    return bundle
 
 
 def list_versions(config: PipelineConfig) -> list[dict[str, Any]]:
@@ -363,15 +404,38 @@ def champion_status(config: PipelineConfig) -> dict[str, Any]:
         raise NothingPublishedError(f"no version of {name} is the champion yet: run `make run` first")
     run = client.get_run(version.run_id)
     tags = version.tags
-    return {
+    status = {
         "model": name,
         "version": int(version.version),
         "aliases": list(version.aliases),
         "run_id": version.run_id,
+        "kind": tags.get("kind", "full"),
         "data_window": {"start": tags.get("data_interval_start"), "end": tags.get("data_interval_end")},
         "created_at": _millis_iso(version.creation_timestamp),
         "metrics": dict(sorted(run.data.metrics.items())),
         "tags": dict(sorted(tags.items())),
+    }
+    if status["kind"] == "refresh":
+        status["refresh"] = {
+            "parent_version": int(tags["parent_version"]),
+            "derived_from_version": int(tags["derived_from_version"]),
+            "day": tags["refresh_day"],
+            "users_updated": int(tags["users_updated"]),
+            "users_added": int(tags["users_added"]),
+            "items_added": int(tags["items_added"]),
+            "refresh_s": float(tags["refresh_s"]),
+        }
+    return status
+
+
+def version_status(config: PipelineConfig, version: str) -> dict[str, Any]:
+    """Tags and run metrics of one registered version."""
+    client = mlflow_client(config)
+    model_version = client.get_model_version(config.mlflow.model_name, version)
+    return {
+        "version": int(model_version.version),
+        "tags": dict(model_version.tags),
+        "metrics": dict(client.get_run(model_version.run_id).data.metrics),
     }
 
 

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from recsys_pipeline.config import PipelineConfig, load_config
 
@@ -69,15 +69,24 @@ class StateLayout:
         return self.home / "bench"
 
 
+RunMode = Literal["full", "refresh"]
+
+
 @dataclass(frozen=True)
 class RunContext:
-    """One pipeline run: its configuration, identity and data interval [start, end)."""
+    """One pipeline run: its configuration, identity and data interval [start, end).
+
+    ``mode`` is ``full`` for a retrain (the weekly DAG: re-ingest history, hold out the last
+    days for evaluation) and ``refresh`` for a fold-in (the nightly DAG: ingest only the
+    interval, fold the whole history into the champion's model).
+    """
 
     config: PipelineConfig
     dag_id: str
     run_id: str
     interval_start: datetime
     interval_end: datetime
+    mode: RunMode = "full"
 
     @classmethod
     def create(
@@ -87,16 +96,17 @@ class RunContext:
         interval_start: str | datetime,
         interval_end: str | datetime,
         run_id: str | None = None,
+        mode: RunMode = "full",
     ) -> RunContext:
         start, end = parse_instant(interval_start), parse_instant(interval_end)
         if end <= start:
             raise ValueError(
                 f"data interval end {end.isoformat()} is not after its start {start.isoformat()}"
             )
-        return cls(config, dag_id, run_id or f"manual__{end.isoformat()}", start, end)
+        return cls(config, dag_id, run_id or f"manual__{end.isoformat()}", start, end, mode)
 
     @classmethod
-    def from_airflow(cls, context: Mapping[str, Any]) -> RunContext:
+    def from_airflow(cls, context: Mapping[str, Any], mode: RunMode = "full") -> RunContext:
         """The run described by an Airflow task context; ``params.config_overrides`` override the config."""
         overrides = dict(context["params"].get("config_overrides") or {})
         return cls.create(
@@ -105,6 +115,7 @@ class RunContext:
             context["data_interval_start"],
             context["data_interval_end"],
             context["run_id"],
+            mode,
         )
 
     @property

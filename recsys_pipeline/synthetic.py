@@ -13,6 +13,7 @@ Output: Parquet files ``part-NNNNN.parquet`` with columns ``user`` (string), ``i
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import scipy.sparse as sp
 
 from recsys_pipeline.runs import atomic_dir
 
@@ -62,44 +64,75 @@ def _draw(cdf: np.ndarray, order: np.ndarray, count: int, rng: np.random.Generat
     return order[np.minimum(np.searchsorted(cdf, rng.random(count)), len(cdf) - 1)]
 
 
-def generate(spec: SyntheticSpec, out_dir: Path) -> int:
-    """Write ``spec.events`` events to ``out_dir``; return the number of files."""
+@dataclass(frozen=True)
+class EventChunk:
+    """Events as dense integer ids: ``users``/``items`` index the spec's users and items."""
+
+    users: np.ndarray
+    items: np.ndarray
+    types: np.ndarray
+    values: np.ndarray
+    ts: np.ndarray
+
+
+def sample_events(spec: SyntheticSpec) -> Iterator[EventChunk]:
+    """The spec's events in chunks of at most ``chunk_events``, reproducibly from ``seed``."""
     rng = np.random.default_rng(spec.seed)
     user_taste = rng.normal(size=(spec.users, spec.latent_factors)).astype(np.float32)
     item_traits = rng.normal(size=(spec.items, spec.latent_factors)).astype(np.float32)
     item_cdf, item_order = _power_law_cdf(spec.items, spec.popularity_exponent, rng)
     user_cdf, user_order = _power_law_cdf(spec.users, 0.5, rng)
     start = int(datetime.fromisoformat(spec.start).replace(tzinfo=UTC).timestamp())
+    for offset in range(0, spec.events, spec.chunk_events):
+        count = min(spec.chunk_events, spec.events - offset)
+        users = _draw(user_cdf, user_order, count, rng)
+        candidates = _draw(item_cdf, item_order, count * spec.candidates, rng).reshape(count, spec.candidates)
+        affinity = np.einsum("ef,ecf->ec", user_taste[users], item_traits[candidates]) / np.sqrt(
+            spec.latent_factors
+        )
+        affinity += rng.gumbel(size=affinity.shape).astype(np.float32)
+        best = affinity.argmax(axis=1)
+        items = candidates[np.arange(count), best]
+        strength = affinity[np.arange(count), best]
+        # Stronger affinity moves an event up the funnel: view < click < add_to_cart < purchase.
+        level = np.digitize(strength + rng.normal(scale=0.5, size=count), [1.5, 2.5, 3.2])
+        watch = rng.random(count) < 0.1
+        yield EventChunk(
+            users=users,
+            items=items,
+            types=np.where(watch, 4, level),
+            values=np.where(watch, np.round(rng.gamma(2.0, 300.0, count), 1), 1.0),
+            ts=start + rng.integers(0, spec.days * 86_400, count),
+        )
+
+
+def interaction_matrix(spec: SyntheticSpec, until_ts: int | None = None) -> sp.csr_matrix:
+    """(users x items) count of events per pair, optionally only events before ``until_ts``."""
+    matrix = sp.csr_matrix((spec.users, spec.items), dtype=np.float32)
+    for chunk in sample_events(spec):
+        keep = slice(None) if until_ts is None else chunk.ts < until_ts
+        matrix = matrix + sp.csr_matrix(
+            (np.ones(len(chunk.users[keep]), np.float32), (chunk.users[keep], chunk.items[keep])),
+            shape=matrix.shape,
+        )
+    return matrix
+
+
+def generate(spec: SyntheticSpec, out_dir: Path) -> int:
+    """Write ``spec.events`` events to ``out_dir``; return the number of files."""
     user_names = np.char.add("u", np.arange(spec.users).astype(str)).astype(object)
     item_names = np.char.add("i", np.arange(spec.items).astype(str)).astype(object)
     files = 0
     with atomic_dir(out_dir) as staging:
         staging.mkdir(parents=True)
-        for offset in range(0, spec.events, spec.chunk_events):
-            count = min(spec.chunk_events, spec.events - offset)
-            users = _draw(user_cdf, user_order, count, rng)
-            candidates = _draw(item_cdf, item_order, count * spec.candidates, rng).reshape(
-                count, spec.candidates
-            )
-            affinity = np.einsum("ef,ecf->ec", user_taste[users], item_traits[candidates]) / np.sqrt(
-                spec.latent_factors
-            )
-            affinity += rng.gumbel(size=affinity.shape).astype(np.float32)
-            best = affinity.argmax(axis=1)
-            items = candidates[np.arange(count), best]
-            strength = affinity[np.arange(count), best]
-            # Stronger affinity moves an event up the funnel: view < click < add_to_cart < purchase.
-            level = np.digitize(strength + rng.normal(scale=0.5, size=count), [1.5, 2.5, 3.2])
-            watch = rng.random(count) < 0.1
-            types = np.where(watch, 4, level)
-            values = np.where(watch, np.round(rng.gamma(2.0, 300.0, count), 1), 1.0)
+        for chunk in sample_events(spec):
             table = pa.table(
                 {
-                    "user": pa.array(user_names[users], pa.string()),
-                    "item": pa.array(item_names[items], pa.string()),
-                    "type": pa.array(EVENT_TYPES[types], pa.string()),
-                    "value": pa.array(values, pa.float64()),
-                    "ts": pa.array(start + rng.integers(0, spec.days * 86_400, count), pa.int64()),
+                    "user": pa.array(user_names[chunk.users], pa.string()),
+                    "item": pa.array(item_names[chunk.items], pa.string()),
+                    "type": pa.array(EVENT_TYPES[chunk.types], pa.string()),
+                    "value": pa.array(chunk.values, pa.float64()),
+                    "ts": pa.array(chunk.ts, pa.int64()),
                 }
             )
             pq.write_table(table, staging / f"part-{files:05d}.parquet")

@@ -53,3 +53,9 @@ def read_id_map(path: Path) -> np.ndarray:
 
 def count_rows(path: Path) -> int:
     return sum(pq.ParquetFile(f).metadata.num_rows for f in sorted(path.glob("*.parquet")))
+
+
+def read_indices(path: Path) -> np.ndarray:
+    """The ``idx`` column of a Parquet folder (e.g. the users active in a run)."""
+    table = ds.dataset(str(path), format="parquet").to_table(columns=["idx"])
+    return table.column("idx").to_numpy().astype(np.int64)

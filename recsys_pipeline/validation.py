@@ -163,13 +163,23 @@ def drift_summary_suite(config: PipelineConfig) -> list[Any]:
 
 
 def _champion_rows(run: RunContext) -> float | None:
-    """How many events the champion's run ingested: the reference for this run's row-count band."""
-    from recsys_pipeline.publish import NothingPublishedError, champion_status
+    """How many events the champion's weekly run ingested: the reference for a full run's row-count band.
 
+    A refresh ingests one day, so it has no comparable reference (None: no band).
+    """
+    from recsys_pipeline.publish import NothingPublishedError, champion_status, version_status
+
+    if run.mode == "refresh":
+        return None
     try:
-        return champion_status(run.config)["metrics"].get("events_ingested")
+        status = champion_status(run.config)
     except NothingPublishedError:
         return None
+    if status["kind"] == "refresh":
+        return version_status(run.config, status["refresh"]["parent_version"])["metrics"].get(
+            "events_ingested"
+        )
+    return status["metrics"].get("events_ingested")
 
 
 def _drift_against_champion(run: RunContext, embeddings: Embeddings) -> drift.DriftReport | None:

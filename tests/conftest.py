@@ -30,6 +30,22 @@ def spark() -> Iterator[Any]:
     session.stop()
 
 
+@pytest.fixture(scope="session")
+def movielens() -> Any:
+    """The bundled MovieLens-100k ratings as a binary (users x items) CSR matrix, ids minus one."""
+    import numpy as np
+    import pandas as pd
+    import scipy.sparse as sp
+
+    ratings = pd.read_csv(
+        load_config().source.path, sep="\t", names=["user", "item", "rating", "ts"], usecols=[0, 1]
+    )
+    return sp.csr_matrix(
+        (np.ones(len(ratings), np.float32), (ratings.user - 1, ratings.item - 1)),
+        shape=(ratings.user.max(), ratings.item.max()),
+    )
+
+
 ConfigFactory = Callable[..., PipelineConfig]
 
 
@@ -61,7 +77,7 @@ def weekly_run(spark, tmp_path_factory) -> RunContext:
     run = RunContext.create(config, "recsys_weekly", "1998-04-16", "1998-04-23", "manual__test")
     run_ingest(spark, run)
     run_interactions(spark, run)
-    run_training(run)
+    run_training(spark, run)
     run_evaluation(run)
     run_index(run)
     run_batch_recommendations(run)

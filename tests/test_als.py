@@ -1,11 +1,38 @@
+import json
+
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import scipy.sparse as sp
 
-from recsys_pipeline.als import Embeddings, ModelFitError, read_embeddings, train, write_embeddings
+from recsys_pipeline.als import (
+    Embeddings,
+    ImplicitTrainer,
+    ModelFitError,
+    implicit_loss,
+    read_embeddings,
+    run_training,
+    train,
+    write_embeddings,
+)
 from recsys_pipeline.config import AlsConfig
+from recsys_pipeline.runs import RunContext
 
-CONFIG = AlsConfig(factors=4, regularization=0.01, alpha=1.0, iterations=15, use_cg=False, random_state=0)
+CONFIG = AlsConfig(factors=4, regularization=0.1, alpha=10.0, iterations=15, use_cg=False, random_state=0)
+BACKENDS = ["implicit", "spark"]
+
+
+@pytest.fixture(params=BACKENDS)
+def fit(request):
+    """train() bound to one backend: every contract test below runs on both."""
+    backend = request.param
+    spark = request.getfixturevalue("spark") if backend == "spark" else None
+
+    def fit_with(matrix: sp.csr_matrix, params: AlsConfig = CONFIG):
+        return train(matrix, params.model_copy(update={"backend": backend}), spark)
+
+    return fit_with
 
 
 def checker_board(n: int) -> sp.csr_matrix:
@@ -15,24 +42,25 @@ def checker_board(n: int) -> sp.csr_matrix:
     return sp.csr_matrix((np.ones(keep.sum(), dtype=np.float32), (rows[keep], cols[keep])), shape=(n, n))
 
 
-def test_withheld_item_of_the_users_block_ranks_above_other_block() -> None:
+def test_withheld_item_of_the_users_block_ranks_above_other_block(fit) -> None:
     matrix = checker_board(20)
-    embeddings, losses = train(matrix, CONFIG)
+    embeddings, losses = fit(matrix)
     scores = embeddings.user_factors @ embeddings.item_factors.T
     for user in range(20):
         other_block = [i for i in range(20) if (i + user) % 2 == 1]
         assert scores[user, user] > scores[user, other_block].max()
-    assert len(losses) == CONFIG.iterations
+    assert losses and all(np.isfinite(losses))
     assert losses[-1] <= losses[0]
 
 
-def test_embeddings_cover_only_users_and_items_with_data_and_round_trip(tmp_path) -> None:
+def test_embeddings_cover_only_users_and_items_with_data_and_round_trip(fit, tmp_path) -> None:
     matrix = checker_board(12).tolil()
     matrix[3, :] = 0
     matrix[:, 7] = 0
-    embeddings, _ = train(matrix.tocsr(), CONFIG)
+    embeddings, _ = fit(matrix.tocsr())
     assert 3 not in embeddings.user_idx and 7 not in embeddings.item_idx
     assert embeddings.user_factors.shape == (11, 4) and embeddings.item_factors.shape == (11, 4)
+    assert embeddings.user_factors.dtype == np.float32 and np.abs(embeddings.item_factors).sum() > 0
     write_embeddings(tmp_path, embeddings)
     loaded = read_embeddings(tmp_path)
     np.testing.assert_array_equal(loaded.item_idx, embeddings.item_idx)
@@ -50,9 +78,55 @@ def test_embeddings_cover_only_users_and_items_with_data_and_round_trip(tmp_path
         (sp.csr_matrix(np.eye(3, dtype=np.float32)), "factors=4 exceeds"),
     ],
 )
-def test_degenerate_inputs_fail_with_a_clear_error(matrix: sp.csr_matrix, message: str) -> None:
+def test_degenerate_inputs_fail_with_a_clear_error(fit, matrix: sp.csr_matrix, message: str) -> None:
     with pytest.raises(ModelFitError, match=message):
-        train(matrix, CONFIG)
+        fit(matrix)
+
+
+def test_spark_backend_without_a_session_says_how_to_run_it() -> None:
+    with pytest.raises(ModelFitError, match="train_als.py"):
+        train(checker_board(10), CONFIG.model_copy(update={"backend": "spark"}))
+
+
+def test_loss_routine_used_for_spark_matches_implicits_own_report() -> None:
+    matrix = checker_board(16)
+    params = CONFIG.model_copy(update={"alpha": 3.0, "regularization": 0.5})
+    user_factors, item_factors, losses = ImplicitTrainer().fit(matrix, params)
+    assert implicit_loss(matrix, user_factors, item_factors, params) == pytest.approx(losses[-1], rel=1e-5)
+
+
+def write_interactions(run: RunContext, matrix: sp.csr_matrix) -> None:
+    """A minimal interactions stage output: training triples and the two ID maps."""
+    directory = run.stage_dir("interactions")
+    coo = matrix.tocoo()
+    (directory / "train").mkdir(parents=True)
+    pq.write_table(
+        pa.table({"user_idx": coo.row.astype(np.int32), "item_idx": coo.col, "confidence": coo.data}),
+        directory / "train" / "part-0.parquet",
+    )
+    for name, size in (("users", matrix.shape[0]), ("items", matrix.shape[1])):
+        (directory / "maps" / name).mkdir(parents=True)
+        ids = pa.array([str(i) for i in range(size)])
+        pq.write_table(
+            pa.table({"id": ids, "idx": pa.array(range(size))}), directory / "maps" / name / "p.parquet"
+        )
+
+
+def test_training_stage_records_the_hyperparameters_it_used(make_config) -> None:
+    config = make_config(als__factors=4, als__iterations=5)
+    run = RunContext.create(config, "recsys_weekly", "1998-04-16", "1998-04-23", "manual__t")
+    write_interactions(run, checker_board(20))
+    metrics = run_training(None, run)
+    model_dir = run.stage_dir("model")
+    assert json.loads((model_dir / "params.json").read_text()) == {
+        "backend": "implicit",
+        "factors": 4,
+        "regularization": config.als.regularization,
+        "alpha": config.als.alpha,
+        "iterations": 5,
+    }
+    assert len(json.loads((model_dir / "training_loss.json").read_text())) == 5
+    assert metrics["trained_users"] == 20 and not (model_dir / "sweep.json").exists()
 
 
 def test_dense_views_place_vectors_by_index() -> None:

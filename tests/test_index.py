@@ -47,7 +47,7 @@ def test_tree_and_hashing_index_reaches_recall_threshold_on_planted_data() -> No
     params = search_params(len(items), IndexConfig(brute_force_below=1000, leaves_to_search=30))
     assert params.num_leaves == int(np.sqrt(len(items)))
     index = ScannIndex.build(np.arange(len(items)), items, params, k=10)
-    assert measure(index, items, queries, 10)["index_recall_at_10"] >= 0.95
+    assert measure(index, np.arange(len(items)), items, queries, 10)["index_recall_at_10"] >= 0.95
 
 
 @pytest.fixture
@@ -118,3 +118,38 @@ def test_cosine_metric_ranks_by_angle_not_norm() -> None:
     assert dot_index.search(query, 1)[0].tolist() == [[0]]
     assert cosine_index.search(query, 1)[0].tolist() == [[1]]
     assert metrics["index_recall_at_1"] == 1.0
+
+
+@pytest.mark.parametrize("kind", ["brute_force", "tree", "exact"])
+def test_upsert_and_delete_update_the_index_in_place_and_survive_a_reload(kind: str, tmp_path: Path) -> None:
+    items, queries = planted(3000)
+    item_idx = np.arange(len(items)) * 2  # dense ids, not row numbers
+    tree = IndexConfig(brute_force_below=1000, leaves_to_search=50)
+    params = search_params(len(items), tree if kind == "tree" else IndexConfig(brute_force_below=10**6))
+    if kind == "exact":
+        index = ExactIndex(item_idx, items)
+    else:
+        index = ScannIndex.build(item_idx, items, params, k=10)
+    rng = np.random.default_rng(1)
+    probes = rng.normal(size=(5, items.shape[1])).astype(np.float32)
+    # Long vectors along each probe: every probe's best match is its own upserted item.
+    targets = 20 * probes / np.linalg.norm(probes, axis=1, keepdims=True)
+    new_idx, new_vectors = np.array([7001, 7003, 7005]), targets[:3]
+    moved_idx, moved_vectors = item_idx[[10, 20]], targets[3:]
+    index.upsert(np.concatenate([new_idx, moved_idx]), np.vstack([new_vectors, moved_vectors]))
+    index.delete(item_idx[[30, 40]])
+    assert len(index.item_idx) == len(items) + 3 - 2
+    assert not np.isin(item_idx[[30, 40]], index.item_idx).any()
+    found, _ = index.search(probes, 10)
+    np.testing.assert_array_equal(found[:, 0], [7001, 7003, 7005, item_idx[10], item_idx[20]])
+    index.save(tmp_path / "index")
+    reloaded = load_index(tmp_path / "index")
+    np.testing.assert_array_equal(np.sort(reloaded.item_idx), np.sort(index.item_idx))
+    np.testing.assert_array_equal(reloaded.search(probes, 10)[0][:, 0], found[:, 0])
+    current = items.copy()
+    current[[10, 20]] = moved_vectors
+    keep = ~np.isin(item_idx, item_idx[[30, 40]])
+    truth_idx = np.concatenate([item_idx[keep], new_idx])
+    truth_vectors = np.vstack([current[keep], new_vectors])
+    recall = measure(reloaded, truth_idx, truth_vectors, queries[rng.permutation(len(queries))], 10)
+    assert recall["index_recall_at_10"] >= (0.9 if kind == "tree" else 1.0)

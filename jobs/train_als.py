@@ -1,0 +1,9 @@
+"""spark-submit entry point: train ALS (implicit on the driver, or Spark MLlib) after an optional sweep."""
+
+import sys
+
+from recsys_pipeline.als import run_training
+from recsys_pipeline.jobs import run_spark_job
+
+if __name__ == "__main__":
+    sys.exit(run_spark_job(run_training, "recsys-train-als", sys.argv[1:]))

@@ -1,0 +1,87 @@
+import json
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from recsys_pipeline.als import ModelFitError, read_embeddings, run_training
+from recsys_pipeline.config import AlsConfig, ConfigError, SweepConfig, load_config
+from recsys_pipeline.publish import mlflow_client
+from recsys_pipeline.runs import RunContext
+from recsys_pipeline.tuning import candidates, run_sweep, sweep, validation_split
+from tests.test_als import write_interactions
+
+BASE = AlsConfig(factors=8, regularization=1.0, alpha=2.0, iterations=8)
+
+
+def test_validation_split_is_a_reproducible_per_user_partition(movielens) -> None:
+    fit, valid = validation_split(movielens, 0.25, seed=3)
+    assert fit.nnz + valid.nnz == movielens.nnz and fit.multiply(valid).nnz == 0
+    assert (fit + valid != movielens).nnz == 0
+    counts, valid_counts = np.diff(movielens.indptr), np.diff(valid.indptr)
+    np.testing.assert_array_equal(valid_counts, np.round(0.25 * counts))
+    again, _ = validation_split(movielens, 0.25, seed=3)
+    other, _ = validation_split(movielens, 0.25, seed=4)
+    assert (again != fit).nnz == 0 and (other != fit).nnz > 0
+
+
+def test_every_user_keeps_an_item_to_fit_on() -> None:
+    matrix = sp.csr_matrix(np.array([[1, 0, 0], [1, 1, 0], [0, 0, 0]], dtype=np.float32))
+    fit, valid = validation_split(matrix, 0.9, seed=0)
+    np.testing.assert_array_equal(np.diff(fit.indptr), [1, 1, 0])
+    np.testing.assert_array_equal(np.diff(valid.indptr), [0, 1, 0])
+
+
+def test_grid_tries_every_combination_and_random_draws_distinct_ones() -> None:
+    space = {"factors": [8, 16], "regularization": [0.1, 1, 10], "alpha": [1, 4]}
+    grid = candidates(SweepConfig(space=space))
+    assert len(grid) == 12 and len({json.dumps(c, sort_keys=True) for c in grid}) == 12
+    drawn = candidates(SweepConfig(strategy="random", trials=5, seed=1, space=space))
+    assert len({json.dumps(c, sort_keys=True) for c in drawn}) == 5
+    assert drawn == candidates(SweepConfig(strategy="random", trials=5, seed=1, space=space))
+    with pytest.raises(ConfigError, match="random sweep needs sweep.trials"):
+        load_config(overrides={"als.sweep": {"strategy": "random", "space": space}})
+
+
+def test_sweep_keeps_the_best_validation_ndcg_and_survives_a_failing_trial(movielens) -> None:
+    config = SweepConfig(space={"factors": [4, 5000], "regularization": [0.01, 30.0]}, seed=0)
+    result = sweep(movielens, BASE, config, k=10)
+    scored = [t for t in result.trials if "metrics" in t]
+    failed = [t for t in result.trials if "error" in t]
+    assert len(scored) == 2 and len(failed) == 2 and "factors=5000 exceeds" in failed[0]["error"]
+    best = max(scored, key=lambda t: t["metrics"]["ndcg_at_10"])
+    assert result.best.hyperparameters() == BASE.with_params(best["params"]).hyperparameters()
+    assert scored[0]["metrics"]["ndcg_at_10"] != scored[1]["metrics"]["ndcg_at_10"]
+    with pytest.raises(ModelFitError, match="every sweep trial failed"):
+        sweep(movielens, BASE, SweepConfig(space={"factors": [5000]}), k=10)
+
+
+def test_sweep_is_one_mlflow_parent_run_with_a_nested_run_per_trial(make_config, movielens) -> None:
+    space = {"factors": [4, 8], "alpha": [1.0, 4.0]}
+    config = make_config(als__sweep={"space": space}, als__iterations=5)
+    run = RunContext.create(config, "recsys_weekly", "1998-04-16", "1998-04-23", "manual__sweep")
+    result = run_sweep(movielens, run, config.als.sweep, spark=None)
+    client = mlflow_client(config)
+    parent = client.get_run(result.mlflow_run_id)
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    assert len(children) == 4
+    best_child = max(children, key=lambda r: r.data.metrics["validation_ndcg_at_10"])
+    assert (
+        parent.data.metrics["best_validation_ndcg_at_10"] == best_child.data.metrics["validation_ndcg_at_10"]
+    )
+    assert float(parent.data.params["best.alpha"]) == float(best_child.data.params["alpha"])
+    assert parent.data.tags["run_key"] == "recsys_weekly/" + run.interval_key
+
+
+def test_training_stage_trains_the_final_model_with_the_sweeps_choice(make_config, movielens) -> None:
+    config = make_config(als__sweep={"space": {"factors": [2, 6]}}, als__iterations=5)
+    run = RunContext.create(config, "recsys_weekly", "1998-04-16", "1998-04-23", "manual__sweep")
+    write_interactions(run, movielens)
+    run_training(None, run)
+    model_dir = run.stage_dir("model")
+    chosen = json.loads((model_dir / "sweep.json").read_text())
+    params = json.loads((model_dir / "params.json").read_text())
+    assert params["factors"] == chosen["best"]["factors"]
+    assert read_embeddings(model_dir).item_factors.shape[1] == params["factors"]
