@@ -33,6 +33,11 @@ run: init
 	$(RECSYS) airflow dags test recsys_weekly $(DATE)
 	$(RECSYS) status
 
+## nightly: run the nightly refresh DAG for the day before DATE (needs a champion: make run first)
+nightly: init
+	$(RECSYS) airflow dags test recsys_nightly $(DATE)
+	$(RECSYS) status
+
 ## test: run the test suite (slow end-to-end tests included)
 test: init
 	$(BIN)/pytest

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from benchmarks import als, index_search, interactions, quality_ml100k
+from benchmarks import als, index_search, interactions, quality_ml100k, refresh
 from recsys_pipeline.config import load_config
 from recsys_pipeline.runs import StateLayout, write_json
 
@@ -17,6 +17,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "index": (index_search.PARAMS, index_search.run),
     "interactions": (interactions.PARAMS, interactions.run),
     "quality_ml100k": (quality_ml100k.PARAMS, quality_ml100k.run),
+    "refresh": (refresh.PARAMS, refresh.run),
 }
 
 

@@ -121,6 +121,14 @@ def _status(config: PipelineConfig, as_json: bool) -> None:
     window = status["data_window"]
     print(f"{status['model']} version {status['version']} (aliases: {', '.join(status['aliases'])})")
     print(f"  data window: {window['start']} -> {window['end']}   created: {status['created_at']}")
+    refresh = status.get("refresh")
+    if refresh:
+        print(
+            f"  nightly refresh of {refresh['day']} on weekly version {refresh['parent_version']} "
+            f"(folded into version {refresh['derived_from_version']}): {refresh['users_updated']} users "
+            f"updated, {refresh['users_added']} added, {refresh['items_added']} items added "
+            f"in {refresh['refresh_s']:.2f}s"
+        )
     for name in (
         "ndcg_at_10",
         "baseline_ndcg_at_10",

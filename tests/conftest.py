@@ -61,9 +61,8 @@ def make_config(tmp_path: Path) -> ConfigFactory:
     return factory
 
 
-@pytest.fixture(scope="session")
-def weekly_run(spark, tmp_path_factory) -> RunContext:
-    """Every stage of the weekly pipeline, in process, on the bundled sample (nothing published yet)."""
+def run_weekly_stages(spark: Any, run: RunContext) -> None:
+    """Every stage of the weekly pipeline up to validation, in process (nothing published)."""
     from recsys_pipeline.als import run_training
     from recsys_pipeline.evaluate import run_evaluation
     from recsys_pipeline.events import run_ingest
@@ -72,9 +71,6 @@ def weekly_run(spark, tmp_path_factory) -> RunContext:
     from recsys_pipeline.recommendations import run_batch_recommendations
     from recsys_pipeline.validation import run_validation
 
-    state = tmp_path_factory.mktemp("state")
-    config = load_config(overrides={"state_dir": str(state), "spark.conf": TEST_SPARK_CONF})
-    run = RunContext.create(config, "recsys_weekly", "1998-04-16", "1998-04-23", "manual__test")
     run_ingest(spark, run)
     run_interactions(spark, run)
     run_training(spark, run)
@@ -82,4 +78,13 @@ def weekly_run(spark, tmp_path_factory) -> RunContext:
     run_index(run)
     run_batch_recommendations(run)
     run_validation(run)
+
+
+@pytest.fixture(scope="session")
+def weekly_run(spark, tmp_path_factory) -> RunContext:
+    """Every stage of the weekly pipeline, in process, on the bundled sample (nothing published yet)."""
+    state = tmp_path_factory.mktemp("state")
+    config = load_config(overrides={"state_dir": str(state), "spark.conf": TEST_SPARK_CONF})
+    run = RunContext.create(config, "recsys_weekly", "1998-04-16", "1998-04-23", "manual__test")
+    run_weekly_stages(spark, run)
     return run

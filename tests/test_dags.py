@@ -32,9 +32,33 @@ def dagbag():
     return DagBag(dag_folder=str(PROJECT_ROOT / "dags"))
 
 
+NIGHTLY_TASKS = [
+    "ingest_events",
+    "build_interactions",
+    "fold_in",
+    "escalate_or_continue",
+    "update_index",
+    "batch_recommend",
+    "validate",
+    "publish",
+    "promote",
+]
+
+
 def test_dags_import_without_errors(dagbag) -> None:
     assert dagbag.import_errors == {}
-    assert "recsys_weekly" in dagbag.dags
+    assert {"recsys_weekly", "recsys_nightly"} <= set(dagbag.dags)
+
+
+def test_nightly_dag_folds_in_daily_and_can_hand_over_to_a_full_retrain(dagbag) -> None:
+    dag = dagbag.dags["recsys_nightly"]
+    assert set(dag.task_ids) == {*NIGHTLY_TASKS, "trigger_full_retrain"}
+    for upstream, downstream in zip(NIGHTLY_TASKS, NIGHTLY_TASKS[1:], strict=False):
+        assert downstream in dag.get_task(upstream).downstream_task_ids
+    assert "trigger_full_retrain" in dag.get_task("escalate_or_continue").downstream_task_ids
+    assert dag.get_task("trigger_full_retrain").trigger_dag_id == "recsys_weekly"
+    assert dag.timetable.delta == timedelta(days=1)
+    assert "--mode" in dag.get_task("ingest_events").application_args
 
 
 def test_weekly_dag_wires_every_stage_in_order(dagbag) -> None:
@@ -64,10 +88,10 @@ def airflow_json(*args: str, env: dict[str, str]) -> list[dict]:
     return json.loads(next(line for line in reversed(stdout.splitlines()) if line.startswith("[")))
 
 
-def task_states(env: dict[str, str]) -> dict[str, str]:
-    runs = airflow_json("dags", "list-runs", "recsys_weekly", env=env)
+def task_states(env: dict[str, str], dag_id: str = "recsys_weekly") -> dict[str, str]:
+    runs = airflow_json("dags", "list-runs", dag_id, env=env)
     latest = max(runs, key=lambda r: r["run_after"])  # dags test dates a run by its logical date
-    states = airflow_json("tasks", "states-for-dag-run", "recsys_weekly", latest["run_id"], env=env)
+    states = airflow_json("tasks", "states-for-dag-run", dag_id, latest["run_id"], env=env)
     return {row["task_id"]: row["state"] for row in states}
 
 
@@ -156,3 +180,29 @@ def test_truncated_input_stops_the_run_at_validation_and_keeps_the_champion(
     )
     after = json.loads(recsys("status", "--json", env=state_env).stdout)
     assert after["version"] == before["version"] and after["run_id"] == before["run_id"]
+
+
+@pytest.mark.slow
+def test_nightly_dag_refreshes_the_champion_or_escalates(state_env) -> None:
+    before = json.loads(recsys("status", "--json", env=state_env).stdout)
+    # The sample's last day, folded into the weekly champion (trained on all but its last 14 days).
+    recsys("airflow", "dags", "test", "recsys_nightly", "1998-04-23", env=state_env)
+    states = task_states(state_env, "recsys_nightly")
+    assert states == {**dict.fromkeys(NIGHTLY_TASKS, "success"), "trigger_full_retrain": "skipped"}
+    status = json.loads(recsys("status", "--json", env=state_env).stdout)
+    assert status["version"] == before["version"] + 1 and status["kind"] == "refresh"
+    assert status["refresh"]["parent_version"] == before["version"]
+    assert status["refresh"]["day"] == "1998-04-22"
+    # Users first seen in the weekly model's holdout days had no vector; the fold-in gives them one.
+    assert status["refresh"]["users_added"] > 0 and status["refresh"]["users_updated"] > 0
+
+    # Drift past a bound from the weekly parent: the run says why and hands over to the weekly DAG.
+    conf = json.dumps({"config_overrides": {"drift.min_rec_overlap": 1.0}})
+    result = recsys("airflow", "dags", "test", "recsys_nightly", "1998-04-22", "-c", conf, env=state_env)
+    states = task_states(state_env, "recsys_nightly")
+    assert states["escalate_or_continue"] == "success" and states["update_index"] == "skipped"
+    assert states["trigger_full_retrain"] == "success" and states["promote"] == "skipped"
+    assert "drift from the weekly parent: drift_rec_overlap=" in result.stdout + result.stderr
+    weekly_runs = airflow_json("dags", "list-runs", "recsys_weekly", env=state_env)
+    assert any(run["logical_date"].startswith("1998-04-22") for run in weekly_runs)
+    assert json.loads(recsys("status", "--json", env=state_env).stdout)["version"] == status["version"]
