@@ -33,7 +33,7 @@ run: init
 	$(RECSYS) airflow dags test recsys_weekly $(DATE)
 	$(RECSYS) status
 
-## nightly: run the nightly refresh DAG for the day before DATE (needs a champion: make run first)
+## nightly: fold the day before DATE into the champion with the nightly DAG (after make run)
 nightly: init
 	$(RECSYS) airflow dags test recsys_nightly $(DATE)
 	$(RECSYS) status

@@ -114,6 +114,7 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
             "interactions.holdout_days": 1,
             "interactions.min_item_interactions": 1,
             "spark.conf": {
+                **load_config().spark.conf,
                 "spark.sql.shuffle.partitions": "16",
                 "spark.driver.memory": params["spark_driver_memory"],
                 "spark.ui.enabled": "false",

@@ -17,10 +17,10 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
-from airflow.sdk import DeltaDataIntervalTimetable, Param, dag, task
+from airflow.sdk import DeltaDataIntervalTimetable, dag, task
 
 from recsys_pipeline.config import load_config
-from recsys_pipeline.orchestration import spark_job
+from recsys_pipeline.orchestration import DEFAULT_ARGS, run_params, spark_job
 
 CONFIG = load_config()
 
@@ -33,8 +33,8 @@ CONFIG = load_config()
     max_active_runs=1,
     tags=["recsys", "nightly"],
     doc_md=__doc__,
-    default_args={"owner": "recsys", "retries": 0},
-    params={"config_overrides": Param({}, type="object", description='{"section.key": value} over conf/')},
+    default_args=DEFAULT_ARGS,
+    params=run_params(),
 )
 def recsys_nightly() -> None:
     @task

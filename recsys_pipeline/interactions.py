@@ -11,11 +11,13 @@ Outputs under ``<run_dir>/interactions``::
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
+from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
@@ -51,20 +53,23 @@ def confidence_expression(config: InteractionsConfig) -> Column:
     return expression
 
 
-def aggregate(events: DataFrame, config: InteractionsConfig, as_of: Column) -> DataFrame:
-    """(user_id, item_id, confidence) with decay, aggregation, cap and min-support filters."""
-    weighted = events.withColumn("confidence", confidence_expression(config))
-    if config.half_life_days:
-        age_days = (F.unix_timestamp(as_of) - F.unix_timestamp("event_ts")) / 86400.0
-        weighted = weighted.withColumn(
-            "confidence", F.col("confidence") * F.pow(0.5, age_days / config.half_life_days)
-        )
-    combine = F.sum if config.aggregation == "sum" else F.max
-    pairs = (
-        weighted.groupBy("user_id", "item_id")
-        .agg(combine("confidence").alias("confidence"))
-        .where(F.col("confidence") > 0)
-        .withColumn("confidence", F.least(F.col("confidence"), F.lit(config.max_confidence)))
+def decayed(config: InteractionsConfig, as_of: Column) -> Column:
+    """Per-event confidence, halved every ``half_life_days`` of age at ``as_of`` (if decay is on)."""
+    confidence = confidence_expression(config)
+    if not config.half_life_days:
+        return confidence
+    age_days = (F.unix_timestamp(as_of) - F.unix_timestamp("event_ts")) / 86400.0
+    return confidence * F.pow(0.5, age_days / config.half_life_days)
+
+
+def _combine(config: InteractionsConfig) -> Callable[[Column], Column]:
+    return F.sum if config.aggregation == "sum" else F.max
+
+
+def supported(pairs: DataFrame, config: InteractionsConfig) -> DataFrame:
+    """Positive, capped (user_id, item_id, confidence) pairs that meet the min-support filters."""
+    pairs = pairs.where(F.col("confidence") > 0).withColumn(
+        "confidence", F.least(F.col("confidence"), F.lit(config.max_confidence))
     )
     if config.min_item_interactions > 1:
         pairs = (
@@ -79,6 +84,42 @@ def aggregate(events: DataFrame, config: InteractionsConfig, as_of: Column) -> D
             .drop("n")
         )
     return pairs
+
+
+def aggregate(events: DataFrame, config: InteractionsConfig, as_of: Column) -> DataFrame:
+    """(user_id, item_id, confidence) with decay, aggregation, cap and min-support filters."""
+    pairs = events.groupBy("user_id", "item_id").agg(
+        _combine(config)(decayed(config, as_of)).alias("confidence")
+    )
+    return supported(pairs, config)
+
+
+def pair_totals(
+    events: DataFrame,
+    config: InteractionsConfig,
+    holdout_start: datetime,
+    window_end: datetime,
+    recent_start: datetime,
+) -> DataFrame:
+    """Everything the stage needs from the events, in one shuffle: per (user, item) the training and
+    holdout confidence, whether it is active since ``recent_start``, and its events' count and hash sum
+    (the run's input fingerprint)."""
+    combine = _combine(config)
+    in_training = F.col("event_ts") < F.lit(holdout_start)
+    return events.groupBy("user_id", "item_id").agg(
+        combine(F.when(in_training, decayed(config, F.lit(holdout_start)))).alias("train_confidence"),
+        combine(F.when(~in_training, decayed(config, F.lit(window_end)))).alias("holdout_confidence"),
+        F.max(F.col("event_ts") >= F.lit(recent_start)).alias("recent"),
+        F.count("*").alias("events"),
+        # A 64-bit hash summed as two 32-bit halves: long sums cannot overflow below 2^31 events
+        # and are far cheaper than decimal arithmetic.
+        F.sum(F.shiftrightunsigned(_event_hash(), 32)).alias("hash_high"),
+        F.sum(_event_hash().bitwiseAND(F.lit(0xFFFFFFFF))).alias("hash_low"),
+    )
+
+
+def _event_hash() -> Column:
+    return F.xxhash64("user_id", "item_id", "event_type", "value", "event_ts")
 
 
 def extend_id_map(existing: DataFrame | None, ids: DataFrame) -> DataFrame:
@@ -121,20 +162,19 @@ def run_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]:
     window_start, window_end = history_window(run)
     holdout_days = 0 if run.mode == "refresh" else config.holdout_days
     holdout_start = window_end - timedelta(days=holdout_days)
-    events = read_lake(spark, run.layout.events_lake, window_start, window_end).cache()
-    fingerprint_row = events.agg(
-        F.count("*").alias("n"),
-        F.sum(
-            F.xxhash64("user_id", "item_id", "event_type", "value", "event_ts").cast("decimal(38,0)")
-        ).alias("h"),
+    events = read_lake(spark, run.layout.events_lake, window_start, window_end)
+    totals = pair_totals(events, config, holdout_start, window_end, run.interval_start).persist(
+        StorageLevel.MEMORY_AND_DISK
+    )
+    fingerprint_row = totals.agg(
+        F.sum("events").alias("n"), F.sum("hash_high").alias("high"), F.sum("hash_low").alias("low")
     ).collect()[0]
-    train_events = events.where(F.col("event_ts") < F.lit(holdout_start))
-    holdout_events = events.where(F.col("event_ts") >= F.lit(holdout_start))
-    train_pairs = aggregate(train_events, config, F.lit(holdout_start))
-    holdout_pairs = aggregate(
-        holdout_events,
+    train_pairs = supported(
+        totals.select("user_id", "item_id", F.col("train_confidence").alias("confidence")), config
+    )
+    holdout_pairs = supported(
+        totals.select("user_id", "item_id", F.col("holdout_confidence").alias("confidence")),
         config.model_copy(update={"min_user_interactions": 1, "min_item_interactions": 1}),
-        F.lit(window_end),
     )
     if train_pairs.limit(1).count() == 0:
         raise EmptyInteractionsError(
@@ -143,8 +183,13 @@ def run_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]:
         )
 
     map_dir = run.layout.id_maps
-    users = extend_id_map(_read_map(spark, map_dir / "users"), events.select("user_id")).cache()
-    items = extend_id_map(_read_map(spark, map_dir / "items"), events.select("item_id")).cache()
+    # One small aggregate per side gives both the ids to map and which of them were active lately.
+    activity = {
+        column: totals.groupBy(F.col(column).alias("id")).agg(F.max("recent").alias("recent")).cache()
+        for column in ("user_id", "item_id")
+    }
+    users = extend_id_map(_read_map(spark, map_dir / "users"), activity["user_id"].select("id")).cache()
+    items = extend_id_map(_read_map(spark, map_dir / "items"), activity["item_id"].select("id")).cache()
     maps = IdMaps(users, items)
     out = run.stage_dir("interactions")
     with atomic_dir(out) as staging:
@@ -152,11 +197,10 @@ def run_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]:
         _indexed(holdout_pairs, maps).write.parquet(str(staging / "holdout"))
         users.orderBy("idx").coalesce(1).write.parquet(str(staging / "maps" / "users"))
         items.orderBy("idx").coalesce(1).write.parquet(str(staging / "maps" / "items"))
-        recent = events.where(F.col("event_ts") >= F.lit(run.interval_start))
         for name, column, id_map in (("users", "user_id", users), ("items", "item_id", items)):
             (
-                recent.select(F.col(column).alias("id"))
-                .distinct()
+                activity[column]
+                .where("recent")
                 .join(id_map, "id")
                 .select("idx")
                 .coalesce(1)
@@ -175,8 +219,10 @@ def run_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]:
         "train_interactions": float(train.nnz),
         "holdout_interactions": float(holdout.nnz),
         "holdout_users": float(len(np.unique(holdout.user_idx))),
-        "window_events": float(fingerprint_row["n"]),
+        "window_events": float(fingerprint_row["n"] or 0),
     }
+    totals.unpersist()
     run.write_metrics("interactions", metrics)
-    (out / "fingerprint.txt").write_text(f"{fingerprint_row['n']}:{fingerprint_row['h']}\n")
+    n, high, low = fingerprint_row["n"], fingerprint_row["high"], fingerprint_row["low"]
+    (out / "fingerprint.txt").write_text(f"{n}:{high}:{low}\n")
     return metrics

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from recsys_pipeline.config import PROJECT_ROOT, PipelineConfig
 from recsys_pipeline.runs import RunMode
 
 if TYPE_CHECKING:
     from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
+
+def run_params() -> dict[str, Any]:
+    """The params every recsys DAG takes: single config fields overridden for one run."""
+    from airflow.sdk import Param
+
+    return {"config_overrides": Param({}, type="object", description='{"section.key": value} over conf/')}
+
+
+DEFAULT_ARGS = {"owner": "recsys", "retries": 0}
 
 RUN_ARGS = [
     "--dag-id",
