@@ -65,7 +65,7 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
 
     started = time.perf_counter()
     changed, new_items = rows_to_refresh(current, parent, np.unique(users[parent_end:new_end]))
-    refreshed = fold_in(parent, current, changed, new_items, als, RefreshConfig()).embeddings
+    refreshed = fold_in(parent, current, changed, new_items, als, RefreshConfig())
     refresh_s = time.perf_counter() - started
 
     evaluation = EvaluationSet.build(current, holdout)

@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -44,13 +43,6 @@ log = logging.getLogger(__name__)
 FULL_RETRAIN, CONTINUE = "trigger_full_retrain", "update_index"
 
 
-@dataclass(frozen=True)
-class FoldIn:
-    embeddings: Embeddings
-    users: np.ndarray  # users re-solved (existing and new)
-    new_items: np.ndarray
-
-
 def fold_in(
     parent: Embeddings,
     user_items: sp.csr_matrix,
@@ -58,7 +50,7 @@ def fold_in(
     new_items: np.ndarray,
     params: AlsConfig,
     config: RefreshConfig,
-) -> FoldIn:
+) -> Embeddings:
     """Solve ``new_items`` (users fixed), then ``users`` (items fixed) on the full ``user_items``."""
     from implicit.cpu import _als
     from implicit.cpu.als import AlternatingLeastSquares
@@ -94,8 +86,7 @@ def fold_in(
             model.user_factors[users] = vectors
     user_idx = np.union1d(parent.user_idx, users)
     item_idx = np.union1d(parent.item_idx, new_items)
-    embeddings = Embeddings(user_idx, model.user_factors[user_idx], item_idx, model.item_factors[item_idx])
-    return FoldIn(embeddings, np.asarray(users), np.asarray(new_items))
+    return Embeddings(user_idx, model.user_factors[user_idx], item_idx, model.item_factors[item_idx])
 
 
 def rows_to_refresh(
@@ -172,9 +163,8 @@ def run_refresh(run: RunContext) -> dict[str, Any]:
     recent = read_indices(interactions_dir / "recent" / "users")
     users, new_items = rows_to_refresh(user_items, parent, recent)
     started = time.perf_counter()
-    result = fold_in(parent, user_items, users, new_items, params, config.refresh)
+    refreshed = fold_in(parent, user_items, users, new_items, params, config.refresh)
     refresh_s = time.perf_counter() - started
-    refreshed = result.embeddings
     if not (np.isfinite(refreshed.user_factors).all() and np.isfinite(refreshed.item_factors).all()):
         raise ValueError("the fold-in produced NaN or infinite factors")
 

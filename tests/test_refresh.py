@@ -38,7 +38,7 @@ def test_folded_in_users_equal_the_exact_least_squares_solution(split) -> None:
     full, parent = split
     users = np.array([0, 5, 17, full.shape[0] - 1, full.shape[0] - 2])  # existing and brand-new users
     result = fold_in(parent, full, users, np.array([], dtype=np.int64), PARAMS, RefreshConfig())
-    vectors = result.embeddings.dense_users(full.shape[0])
+    vectors = result.dense_users(full.shape[0])
     items = parent.dense_items(full.shape[1])
     for user in users:
         np.testing.assert_allclose(
@@ -55,10 +55,10 @@ def test_conjugate_gradient_fold_in_is_within_its_stated_tolerance(split) -> Non
     cg = fold_in(
         parent, full, users, np.array([], dtype=np.int64), PARAMS, RefreshConfig(solver="cg", cg_steps=8)
     )
-    found = cg.embeddings.dense_users(full.shape[0])[users]
+    found = cg.dense_users(full.shape[0])[users]
     assert np.linalg.norm(found - exact) / np.linalg.norm(exact) < 1e-3
     three = fold_in(parent, full, users, np.array([], dtype=np.int64), PARAMS, RefreshConfig(solver="cg"))
-    rough = three.embeddings.dense_users(full.shape[0])[users]
+    rough = three.dense_users(full.shape[0])[users]
     assert np.linalg.norm(rough - exact) / np.linalg.norm(exact) > 1e-3  # fewer steps: visibly inexact
 
 
@@ -69,7 +69,7 @@ def test_new_items_are_solved_against_fixed_user_factors_and_nothing_else_moves(
     result = fold_in(parent, full, np.array([3]), new_items, PARAMS, RefreshConfig())
     users = parent.dense_users(full.shape[0])
     item_users = full.T.tocsr()
-    refreshed_items = result.embeddings.dense_items(full.shape[1])
+    refreshed_items = result.dense_items(full.shape[1])
     for item in new_items[:10]:
         np.testing.assert_allclose(
             refreshed_items[item], exact_solution(users, item_users[item], PARAMS), rtol=1e-4, atol=1e-5
@@ -77,7 +77,7 @@ def test_new_items_are_solved_against_fixed_user_factors_and_nothing_else_moves(
     np.testing.assert_array_equal(refreshed_items[parent.item_idx], parent.item_factors)
     untouched = np.setdiff1d(parent.user_idx, [3])
     np.testing.assert_array_equal(
-        result.embeddings.dense_users(full.shape[0])[untouched], parent.dense_users(full.shape[0])[untouched]
+        result.dense_users(full.shape[0])[untouched], parent.dense_users(full.shape[0])[untouched]
     )
 
 
