@@ -211,12 +211,11 @@ def run_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]:
         with atomic_dir(map_dir / name) as staging:
             shutil.copytree(out / "maps" / name, staging)
 
-    train = read_matrix(out / "train")
     holdout = read_matrix(out / "holdout")
     metrics = {
         "users": float(count_rows(out / "maps" / "users")),
         "items": float(count_rows(out / "maps" / "items")),
-        "train_interactions": float(train.nnz),
+        "train_interactions": float(count_rows(out / "train")),
         "holdout_interactions": float(holdout.nnz),
         "holdout_users": float(len(np.unique(holdout.user_idx))),
         "window_events": float(fingerprint_row["n"] or 0),
