@@ -20,7 +20,7 @@ import scipy.sparse as sp
 
 from recsys_pipeline.als import train
 from recsys_pipeline.config import AlsConfig, SweepConfig, load_config
-from recsys_pipeline.evaluate import EvaluationSet, ranking_metrics, recommend_exact
+from recsys_pipeline.evaluate import EvaluationSet, ranking_metrics
 from recsys_pipeline.tuning import sweep, validation_split
 
 SOURCE = (
@@ -87,13 +87,8 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     chosen = sweep(train_part, base, SweepConfig(**params["sweep"]), k)
     embeddings, _ = train(train_part, chosen.best)
     test = EvaluationSet.build(train_part, test_part)
-    n_users, n_items = ratings.shape
-    has_vector = np.zeros(n_items, dtype=bool)
-    has_vector[embeddings.item_idx] = True
-    recommended = recommend_exact(
-        embeddings.dense_users(n_users)[test.users], embeddings.dense_items(n_items), has_vector, test.seen, k
-    )
-    ours = ranking_metrics(recommended, test.relevant, k, int(has_vector.sum()))
+    recommended, catalogue_size = test.recommend(embeddings, k)
+    ours = ranking_metrics(recommended, test.relevant, k, catalogue_size)
     results = {
         "map": peer_map(recommended, test.relevant),
         "ndcg_at_10": ours[f"ndcg_at_{k}"],

@@ -22,6 +22,7 @@ from recsys_pipeline.config import AlsConfig, RefreshConfig
 from recsys_pipeline.evaluate import EvaluationSet
 from recsys_pipeline.refresh import fold_in, rows_to_refresh
 from recsys_pipeline.synthetic import SyntheticSpec, sample_events
+from recsys_pipeline.tables import Triples
 
 # About 100 events per user, so there is taste to learn beyond popularity (with ~20 per user the
 # generator's next events are best predicted by the most-popular list and both models just echo it).
@@ -38,9 +39,7 @@ PARAMS: dict[str, Any] = {
 
 
 def counts(users: np.ndarray, items: np.ndarray, shape: tuple[int, int]) -> sp.csr_matrix:
-    matrix = sp.csr_matrix((np.ones(len(users), np.float32), (users, items)), shape=shape)
-    matrix.sum_duplicates()
-    return matrix
+    return Triples(users, items, np.ones(len(users), np.float32)).to_csr(*shape)
 
 
 def run(params: dict[str, Any]) -> dict[str, Any]:

@@ -188,6 +188,14 @@ def implicit_loss(
         )
 
 
+def check_finite(user_factors: np.ndarray, item_factors: np.ndarray, producer: str) -> None:
+    """Nothing downstream may see a NaN or infinite factor."""
+    if not (np.isfinite(user_factors).all() and np.isfinite(item_factors).all()):
+        raise ModelFitError(
+            f"{producer} produced NaN or infinite factors: lower alpha or raise regularization"
+        )
+
+
 def trainer_for(backend: str, spark: SparkSession | None = None) -> AlsTrainer:
     if backend == "implicit":
         return ImplicitTrainer()
@@ -206,8 +214,7 @@ def train(
     user_factors, item_factors, losses = trainer_for(params.backend, spark).fit(user_items, params)
     user_factors = np.asarray(user_factors, dtype=np.float32)
     item_factors = np.asarray(item_factors, dtype=np.float32)
-    if not (np.isfinite(user_factors).all() and np.isfinite(item_factors).all()):
-        raise ModelFitError("training produced NaN or infinite factors: lower alpha or raise regularization")
+    check_finite(user_factors, item_factors, "training")
     user_idx = np.flatnonzero(np.diff(user_items.indptr) > 0)
     item_idx = np.flatnonzero(user_items.getnnz(axis=0) > 0)
     return Embeddings(user_idx, user_factors[user_idx], item_idx, item_factors[item_idx]), losses

@@ -125,7 +125,13 @@ class EvaluationSet:
         return cls(holdout_users, seen, relevant, np.asarray(train.getnnz(axis=0)), train.shape)
 
     def evaluate(self, embeddings: Embeddings, k: int) -> dict[str, float]:
-        """Metrics for the embeddings; users without a vector get the popularity list, as in serving."""
+        """Metrics for the embeddings' top-k lists (see :meth:`recommend`)."""
+        recommended, catalogue_size = self.recommend(embeddings, k)
+        return ranking_metrics(recommended, self.relevant, k, catalogue_size)
+
+    def recommend(self, embeddings: Embeddings, k: int) -> tuple[np.ndarray, int]:
+        """(top-k per evaluated user, items with a vector); users without a vector get the popularity
+        list, as in serving."""
         n_users, n_items = self.shape
         known_items = embeddings.item_idx[embeddings.item_idx < n_items]
         has_vector = np.zeros(n_items, dtype=bool)
@@ -143,7 +149,7 @@ class EvaluationSet:
         unknown = ~np.isin(self.users, users.user_idx)
         if unknown.any():
             recommended[unknown] = recommend_popular(self.popularity, self.seen[unknown], k)
-        return ranking_metrics(recommended, self.relevant, k, int(has_vector.sum()))
+        return recommended, int(has_vector.sum())
 
     def evaluate_popularity(self, k: int) -> dict[str, float]:
         recommended = recommend_popular(self.popularity, self.seen, k)

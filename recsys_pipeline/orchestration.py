@@ -11,6 +11,7 @@ from recsys_pipeline.runs import RunMode
 if TYPE_CHECKING:
     from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
 
+
 def run_params() -> dict[str, Any]:
     """The params every recsys DAG takes: single config fields overridden for one run."""
     from airflow.sdk import Param

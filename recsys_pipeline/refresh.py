@@ -30,6 +30,7 @@ from threadpoolctl import threadpool_limits
 from recsys_pipeline import drift
 from recsys_pipeline.als import (
     Embeddings,
+    check_finite,
     implicit_loss,
     matrix_shape,
     read_embeddings,
@@ -165,10 +166,9 @@ def run_refresh(run: RunContext) -> dict[str, Any]:
     started = time.perf_counter()
     refreshed = fold_in(parent, user_items, users, new_items, params, config.refresh)
     refresh_s = time.perf_counter() - started
-    if not (np.isfinite(refreshed.user_factors).all() and np.isfinite(refreshed.item_factors).all()):
-        raise ValueError("the fold-in produced NaN or infinite factors")
+    check_finite(refreshed.user_factors, refreshed.item_factors, "the fold-in")
 
-    weekly = read_embeddings(weekly_bundle / "embeddings")
+    weekly = parent if weekly_bundle == champion_bundle else read_embeddings(weekly_bundle / "embeddings")
     rules = config.drift
     drift_metrics = drift.compare(weekly, refreshed, rules.k, rules.sample_items, rules.sample_users).metrics
     reasons = escalation_reasons(

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 import scipy.sparse as sp
 
 from recsys_pipeline.runs import atomic_dir
+from recsys_pipeline.tables import Triples
 
 EVENT_TYPES = np.array(["view", "click", "add_to_cart", "purchase", "watch"])
 SOURCE_MAPPING = {
@@ -106,16 +107,12 @@ def sample_events(spec: SyntheticSpec) -> Iterator[EventChunk]:
         )
 
 
-def interaction_matrix(spec: SyntheticSpec, until_ts: int | None = None) -> sp.csr_matrix:
-    """(users x items) count of events per pair, optionally only events before ``until_ts``."""
-    matrix = sp.csr_matrix((spec.users, spec.items), dtype=np.float32)
-    for chunk in sample_events(spec):
-        keep = slice(None) if until_ts is None else chunk.ts < until_ts
-        matrix = matrix + sp.csr_matrix(
-            (np.ones(len(chunk.users[keep]), np.float32), (chunk.users[keep], chunk.items[keep])),
-            shape=matrix.shape,
-        )
-    return matrix
+def interaction_matrix(spec: SyntheticSpec) -> sp.csr_matrix:
+    """(users x items) count of events per pair."""
+    chunks = list(sample_events(spec))
+    users = np.concatenate([chunk.users for chunk in chunks])
+    items = np.concatenate([chunk.items for chunk in chunks])
+    return Triples(users, items, np.ones(len(users), np.float32)).to_csr(spec.users, spec.items)
 
 
 def generate(spec: SyntheticSpec, out_dir: Path) -> int:
