@@ -100,7 +100,7 @@ def run_tags(run: RunContext) -> dict[str, str]:
     return {
         "dag_id": run.dag_id,
         "airflow_run_id": run.run_id,
-        "run_key": f"{run.dag_id}/{run.interval_key}",
+        "run_key": run.run_key,
         "data_interval_start": run.interval_start.isoformat(),
         "data_interval_end": run.interval_end.isoformat(),
         "input_fingerprint": fingerprint,

@@ -127,6 +127,11 @@ class RunContext:
         return f"{self.interval_start:%Y-%m-%dT%H%M}_{self.interval_end:%Y-%m-%dT%H%M}"
 
     @property
+    def run_key(self) -> str:
+        """Identifies the run across re-runs of the same DAG and interval (MLflow tags use it)."""
+        return f"{self.dag_id}/{self.interval_key}"
+
+    @property
     def run_dir(self) -> Path:
         return self.layout.home / "runs" / self.dag_id / self.interval_key
 

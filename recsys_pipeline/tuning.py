@@ -69,6 +69,7 @@ def candidates(sweep: SweepConfig) -> list[dict[str, float]]:
 class SweepResult:
     best: AlsConfig
     objective: str
+    score: float  # the best trial's validation objective
     trials: list[dict[str, Any]] = field(default_factory=list)
     mlflow_run_id: str | None = None
 
@@ -117,7 +118,7 @@ def sweep(
     if best is None:
         reasons = "; ".join(sorted({trial["error"] for trial in trials}))
         raise ModelFitError(f"every sweep trial failed: {reasons}")
-    return SweepResult(best[1], objective, trials)
+    return SweepResult(best[1], objective, best[0], trials)
 
 
 def run_sweep(
@@ -131,7 +132,6 @@ def run_sweep(
     config = run.config
     client = mlflow_client(config)
     experiment = experiment_id(client, config)
-    run_key = f"{run.dag_id}/{run.interval_key}"
 
     def log_trial(
         number: int, params: dict[str, float], metrics: dict[str, float] | None, error: str | None
@@ -145,13 +145,12 @@ def run_sweep(
 
     with mlflow.start_run(
         experiment_id=experiment,
-        run_name=f"sweep {run_key}",
-        tags={"run_key": run_key, "kind": "sweep"},
+        run_name=f"sweep {run.run_key}",
+        tags={"run_key": run.run_key, "kind": "sweep"},
     ) as parent:
         result = sweep(user_items, config.als, sweep_config, config.evaluation.k, spark, log_trial)
         mlflow.log_params({f"best.{name}": value for name, value in result.best.hyperparameters().items()})
-        best_score = max(t["metrics"][result.objective] for t in result.trials if "metrics" in t)
-        mlflow.log_metric(f"best_validation_{result.objective}", best_score)
+        mlflow.log_metric(f"best_validation_{result.objective}", result.score)
         result.mlflow_run_id = parent.info.run_id
         mlflow.log_dict(result.summary(), "sweep.json")
     return result
