@@ -17,7 +17,6 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
-from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
@@ -88,38 +87,41 @@ def supported(pairs: DataFrame, config: InteractionsConfig) -> DataFrame:
 
 def aggregate(events: DataFrame, config: InteractionsConfig, as_of: Column) -> DataFrame:
     """(user_id, item_id, confidence) with decay, aggregation, cap and min-support filters."""
-    pairs = events.groupBy("user_id", "item_id").agg(
-        _combine(config)(decayed(config, as_of)).alias("confidence")
+    # Almost every (user, item) pair is unique within a file, so a map-side partial aggregation would
+    # hash every event for nothing: shuffling the raw events by pair first skips it.
+    pairs = (
+        events.repartition("user_id", "item_id")
+        .groupBy("user_id", "item_id")
+        .agg(_combine(config)(decayed(config, as_of)).alias("confidence"))
     )
     return supported(pairs, config)
 
 
-def pair_totals(
-    events: DataFrame,
-    config: InteractionsConfig,
-    holdout_start: datetime,
-    window_end: datetime,
-    recent_start: datetime,
-) -> DataFrame:
-    """Everything the stage needs from the events, in one shuffle: per (user, item) the training and
-    holdout confidence, whether it is active since ``recent_start``, and its events' count and hash sum
-    (the run's input fingerprint)."""
-    combine = _combine(config)
-    in_training = F.col("event_ts") < F.lit(holdout_start)
-    return events.groupBy("user_id", "item_id").agg(
-        combine(F.when(in_training, decayed(config, F.lit(holdout_start)))).alias("train_confidence"),
-        combine(F.when(~in_training, decayed(config, F.lit(window_end)))).alias("holdout_confidence"),
-        F.max(F.col("event_ts") >= F.lit(recent_start)).alias("recent"),
-        F.count("*").alias("events"),
-        # A 64-bit hash summed as two 32-bit halves: long sums cannot overflow below 2^31 events
-        # and are far cheaper than decimal arithmetic.
-        F.sum(F.shiftrightunsigned(_event_hash(), 32)).alias("hash_high"),
-        F.sum(_event_hash().bitwiseAND(F.lit(0xFFFFFFFF))).alias("hash_low"),
+def entity_activity(events: DataFrame, column: str, recent_start: datetime, *sums: Column) -> DataFrame:
+    """(id, recent, *sums): every id of ``column`` in the events, whether it has any since
+    ``recent_start``, and any further per-id aggregates."""
+    return events.groupBy(F.col(column).alias("id")).agg(
+        F.max(F.col("event_ts") >= F.lit(recent_start)).alias("recent"), *sums
     )
 
 
-def _event_hash() -> Column:
-    return F.xxhash64("user_id", "item_id", "event_type", "value", "event_ts")
+def fingerprint_sums() -> list[Column]:
+    """Aggregates of a group's events (count and 64-bit hash sum) that add up to the input fingerprint."""
+    event_hash = F.xxhash64("user_id", "item_id", "event_type", "value", "event_ts")
+    return [
+        F.count("*").alias("events"),
+        # The hash summed as two 32-bit halves: long sums cannot overflow below 2^31 events
+        # and are far cheaper than decimal arithmetic.
+        F.sum(F.shiftrightunsigned(event_hash, 32)).alias("hash_high"),
+        F.sum(event_hash.bitwiseAND(F.lit(0xFFFFFFFF))).alias("hash_low"),
+    ]
+
+
+def input_fingerprint(groups: DataFrame) -> str:
+    """Events count and hash sum from groups carrying ``fingerprint_sums``: equal for the same events
+    however the lake's files are cut."""
+    row = groups.agg(*(F.sum(name) for name in ("events", "hash_high", "hash_low"))).collect()[0]
+    return ":".join(str(value or 0) for value in row)
 
 
 def extend_id_map(existing: DataFrame | None, ids: DataFrame) -> DataFrame:
@@ -163,53 +165,57 @@ def run_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]:
     holdout_days = 0 if run.mode == "refresh" else config.holdout_days
     holdout_start = window_end - timedelta(days=holdout_days)
     events = read_lake(spark, run.layout.events_lake, window_start, window_end)
-    totals = pair_totals(events, config, holdout_start, window_end, run.interval_start).persist(
-        StorageLevel.MEMORY_AND_DISK
+    # Training and holdout pairs come from disjoint events (the holdout's few days are read apart,
+    # pruned by date), so neither needs the other's aggregate kept around.
+    train_pairs = aggregate(
+        events.where(F.col("event_ts") < F.lit(holdout_start)), config, F.lit(holdout_start)
     )
-    fingerprint_row = totals.agg(
-        F.sum("events").alias("n"), F.sum("hash_high").alias("high"), F.sum("hash_low").alias("low")
-    ).collect()[0]
-    train_pairs = supported(
-        totals.select("user_id", "item_id", F.col("train_confidence").alias("confidence")), config
-    )
-    holdout_pairs = supported(
-        totals.select("user_id", "item_id", F.col("holdout_confidence").alias("confidence")),
+    holdout_pairs = aggregate(
+        events.where(F.col("event_ts") >= F.lit(holdout_start)),
         config.model_copy(update={"min_user_interactions": 1, "min_item_interactions": 1}),
+        F.lit(window_end),
     )
-    if train_pairs.limit(1).count() == 0:
-        raise EmptyInteractionsError(
-            f"no interactions before {holdout_start.isoformat()} in the window starting "
-            f"{window_start.isoformat()}: check the source, the window and the event weights"
-        )
-
-    map_dir = run.layout.id_maps
-    # One small aggregate per side gives both the ids to map and which of them were active lately.
+    # The items' pass (the one with fewer keys) also sums the input fingerprint.
     activity = {
-        column: totals.groupBy(F.col(column).alias("id")).agg(F.max("recent").alias("recent")).cache()
-        for column in ("user_id", "item_id")
+        "users": entity_activity(events, "user_id", run.interval_start).cache(),
+        "items": entity_activity(events, "item_id", run.interval_start, *fingerprint_sums()).cache(),
     }
-    users = extend_id_map(_read_map(spark, map_dir / "users"), activity["user_id"].select("id")).cache()
-    items = extend_id_map(_read_map(spark, map_dir / "items"), activity["item_id"].select("id")).cache()
-    maps = IdMaps(users, items)
+    map_dir = run.layout.id_maps
+    maps = IdMaps(
+        users=extend_id_map(_read_map(spark, map_dir / "users"), activity["users"].select("id")).cache(),
+        items=extend_id_map(_read_map(spark, map_dir / "items"), activity["items"].select("id")).cache(),
+    )
     out = run.stage_dir("interactions")
-    with atomic_dir(out) as staging:
-        _indexed(train_pairs, maps).write.parquet(str(staging / "train"))
-        _indexed(holdout_pairs, maps).write.parquet(str(staging / "holdout"))
-        users.orderBy("idx").coalesce(1).write.parquet(str(staging / "maps" / "users"))
-        items.orderBy("idx").coalesce(1).write.parquet(str(staging / "maps" / "items"))
-        for name, column, id_map in (("users", "user_id", users), ("items", "item_id", items)):
-            (
-                activity[column]
-                .where("recent")
-                .join(id_map, "id")
-                .select("idx")
-                .coalesce(1)
-                .write.parquet(str(staging / "recent" / name))
-            )
+    try:
+        fingerprint = input_fingerprint(activity["items"])
+        with atomic_dir(out) as staging:
+            # Maps first: writing them fills the caches the matrices' joins then share (jobs started
+            # together would each compute an uncached aggregate).
+            for side, id_map in (("users", maps.users), ("items", maps.items)):
+                id_map.orderBy("idx").coalesce(1).write.parquet(str(staging / "maps" / side))
+                (
+                    activity[side]
+                    .where("recent")
+                    .join(id_map, "id")
+                    .select("idx")
+                    .coalesce(1)
+                    .write.parquet(str(staging / "recent" / side))
+                )
+            _indexed(train_pairs, maps).write.parquet(str(staging / "train"))
+            if count_rows(staging / "train") == 0:
+                raise EmptyInteractionsError(
+                    f"no interactions before {holdout_start.isoformat()} in the window starting "
+                    f"{window_start.isoformat()}: check the source, the window and the event weights"
+                )
+            _indexed(holdout_pairs, maps).write.parquet(str(staging / "holdout"))
+            (staging / "fingerprint.txt").write_text(fingerprint + "\n")
+    finally:
+        for cached in (*activity.values(), maps.users, maps.items):
+            cached.unpersist()
     # The shared maps advance only after this run's outputs are safely in place.
-    for name in ("users", "items"):
-        with atomic_dir(map_dir / name) as staging:
-            shutil.copytree(out / "maps" / name, staging)
+    for side in ("users", "items"):
+        with atomic_dir(map_dir / side) as staging:
+            shutil.copytree(out / "maps" / side, staging)
 
     holdout = read_matrix(out / "holdout")
     metrics = {
@@ -218,10 +224,7 @@ def run_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]:
         "train_interactions": float(count_rows(out / "train")),
         "holdout_interactions": float(holdout.nnz),
         "holdout_users": float(len(np.unique(holdout.user_idx))),
-        "window_events": float(fingerprint_row["n"] or 0),
+        "window_events": float(fingerprint.split(":")[0]),
     }
-    totals.unpersist()
     run.write_metrics("interactions", metrics)
-    n, high, low = fingerprint_row["n"], fingerprint_row["high"], fingerprint_row["low"]
-    (out / "fingerprint.txt").write_text(f"{n}:{high}:{low}\n")
     return metrics
