@@ -30,6 +30,10 @@ class EmptyInteractionsError(RuntimeError):
     """No usable interaction is left in the training window."""
 
 
+ID_PAIR = ("user_id", "item_id")
+INDEX_PAIR = ("user_idx", "item_idx")
+
+
 @dataclass(frozen=True)
 class IdMaps:
     users: DataFrame
@@ -65,36 +69,41 @@ def _combine(config: InteractionsConfig) -> Callable[[Column], Column]:
     return F.sum if config.aggregation == "sum" else F.max
 
 
-def supported(pairs: DataFrame, config: InteractionsConfig) -> DataFrame:
-    """Positive, capped (user_id, item_id, confidence) pairs that meet the min-support filters."""
+def supported(pairs: DataFrame, config: InteractionsConfig, keys: tuple[str, str] = ID_PAIR) -> DataFrame:
+    """Positive, capped (user, item, confidence) pairs that meet the min-support filters."""
+    user, item = keys
     pairs = pairs.where(F.col("confidence") > 0).withColumn(
         "confidence", F.least(F.col("confidence"), F.lit(config.max_confidence))
     )
     if config.min_item_interactions > 1:
         pairs = (
-            pairs.withColumn("n", F.count("*").over(Window.partitionBy("item_id")))
+            pairs.withColumn("n", F.count("*").over(Window.partitionBy(item)))
             .where(F.col("n") >= config.min_item_interactions)
             .drop("n")
         )
     if config.min_user_interactions > 1:
         pairs = (
-            pairs.withColumn("n", F.count("*").over(Window.partitionBy("user_id")))
+            pairs.withColumn("n", F.count("*").over(Window.partitionBy(user)))
             .where(F.col("n") >= config.min_user_interactions)
             .drop("n")
         )
     return pairs
 
 
-def aggregate(events: DataFrame, config: InteractionsConfig, as_of: Column) -> DataFrame:
-    """(user_id, item_id, confidence) with decay, aggregation, cap and min-support filters."""
+def aggregate(
+    events: DataFrame, config: InteractionsConfig, as_of: Column, keys: tuple[str, str] = ID_PAIR
+) -> DataFrame:
+    """(user, item, confidence) per pair of ``keys`` with decay, aggregation, cap and min-support filters."""
+    user, item = keys
     # Almost every (user, item) pair is unique within a file, so a map-side partial aggregation would
-    # hash every event for nothing: shuffling the raw events by pair first skips it.
+    # hash every event for nothing: the per-event confidences are shuffled by pair instead.
     pairs = (
-        events.repartition("user_id", "item_id")
-        .groupBy("user_id", "item_id")
-        .agg(_combine(config)(decayed(config, as_of)).alias("confidence"))
+        events.select(user, item, decayed(config, as_of).alias("confidence"))
+        .repartition(user, item)
+        .groupBy(user, item)
+        .agg(_combine(config)("confidence").alias("confidence"))
     )
-    return supported(pairs, config)
+    return supported(pairs, config, keys)
 
 
 def entity_activity(events: DataFrame, column: str, recent_start: datetime, *sums: Column) -> DataFrame:
@@ -144,14 +153,26 @@ def _read_map(spark: SparkSession, path: Path) -> DataFrame | None:
     return spark.read.parquet(str(path)) if path.exists() else None
 
 
-def _indexed(pairs: DataFrame, maps: IdMaps) -> DataFrame:
-    users = maps.users.withColumnRenamed("id", "user_id").withColumnRenamed("idx", "user_idx")
-    items = maps.items.withColumnRenamed("id", "item_id").withColumnRenamed("idx", "item_idx")
-    return (
-        pairs.join(users, "user_id")
-        .join(items, "item_id")
-        .select("user_idx", "item_idx", F.col("confidence").cast("float"))
-    )
+def indexed_events(
+    events: DataFrame, maps: IdMaps, id_hash: Callable[[Column], Column] = F.xxhash64
+) -> DataFrame:
+    """The events with ``user_idx`` and ``item_idx`` from maps that hold every one of their ids.
+
+    The joins match a 64-bit hash of the id, which probes far cheaper than the string. That is exact
+    because every event's id is in its map: a wrong match needs two ids of one map with the same hash,
+    and a map where that happens joins on the ids themselves.
+    """
+    for column, id_map in (("user", maps.users), ("item", maps.items)):
+        hashed = id_map.select(id_hash(F.col("id")).alias("key"), F.col("idx").alias(f"{column}_idx"))
+        if hashed.select("key").distinct().count() == hashed.count():
+            events = events.join(hashed, id_hash(F.col(f"{column}_id")) == hashed["key"]).drop("key")
+        else:
+            events = events.join(id_map.toDF(f"{column}_id", f"{column}_idx"), f"{column}_id")
+    return events
+
+
+def _matrix(pairs: DataFrame) -> DataFrame:
+    return pairs.select("user_idx", "item_idx", F.col("confidence").cast("float"))
 
 
 def run_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]:
@@ -165,16 +186,6 @@ def run_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]:
     holdout_days = 0 if run.mode == "refresh" else config.holdout_days
     holdout_start = window_end - timedelta(days=holdout_days)
     events = read_lake(spark, run.layout.events_lake, window_start, window_end)
-    # Training and holdout pairs come from disjoint events (the holdout's few days are read apart,
-    # pruned by date), so neither needs the other's aggregate kept around.
-    train_pairs = aggregate(
-        events.where(F.col("event_ts") < F.lit(holdout_start)), config, F.lit(holdout_start)
-    )
-    holdout_pairs = aggregate(
-        events.where(F.col("event_ts") >= F.lit(holdout_start)),
-        config.model_copy(update={"min_user_interactions": 1, "min_item_interactions": 1}),
-        F.lit(window_end),
-    )
     # The items' pass (the one with fewer keys) also sums the input fingerprint.
     activity = {
         "users": entity_activity(events, "user_id", run.interval_start).cache(),
@@ -184,6 +195,19 @@ def run_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]:
     maps = IdMaps(
         users=extend_id_map(_read_map(spark, map_dir / "users"), activity["users"].select("id")).cache(),
         items=extend_id_map(_read_map(spark, map_dir / "items"), activity["items"].select("id")).cache(),
+    )
+    # Ids become dense indices before the aggregation: integer pairs shuffle and hash far cheaper than
+    # strings. Training and holdout pairs come from disjoint events (the holdout's few days are read
+    # apart, pruned by date), so neither needs the other's aggregate kept around.
+    indexed = indexed_events(events, maps)
+    train_pairs = aggregate(
+        indexed.where(F.col("event_ts") < F.lit(holdout_start)), config, F.lit(holdout_start), INDEX_PAIR
+    )
+    holdout_pairs = aggregate(
+        indexed.where(F.col("event_ts") >= F.lit(holdout_start)),
+        config.model_copy(update={"min_user_interactions": 1, "min_item_interactions": 1}),
+        F.lit(window_end),
+        INDEX_PAIR,
     )
     out = run.stage_dir("interactions")
     try:
@@ -201,13 +225,13 @@ def run_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]:
                     .coalesce(1)
                     .write.parquet(str(staging / "recent" / side))
                 )
-            _indexed(train_pairs, maps).write.parquet(str(staging / "train"))
+            _matrix(train_pairs).write.parquet(str(staging / "train"))
             if count_rows(staging / "train") == 0:
                 raise EmptyInteractionsError(
                     f"no interactions before {holdout_start.isoformat()} in the window starting "
                     f"{window_start.isoformat()}: check the source, the window and the event weights"
                 )
-            _indexed(holdout_pairs, maps).write.parquet(str(staging / "holdout"))
+            _matrix(holdout_pairs).write.parquet(str(staging / "holdout"))
             (staging / "fingerprint.txt").write_text(fingerprint + "\n")
     finally:
         for cached in (*activity.values(), maps.users, maps.items):

@@ -6,7 +6,7 @@ import pytest
 from pyspark.sql import functions as F
 
 from recsys_pipeline.events import run_ingest
-from recsys_pipeline.interactions import aggregate, run_interactions
+from recsys_pipeline.interactions import IdMaps, aggregate, indexed_events, run_interactions
 from recsys_pipeline.runs import RunContext
 from recsys_pipeline.tables import read_id_map, read_matrix
 
@@ -137,3 +137,21 @@ def test_id_maps_keep_old_indices_and_append_new_ids(spark, make_config, tmp_pat
         and csr[1, 1] == pytest.approx(2.0)
     )
     assert np.all(csr[2].toarray() == 0)
+
+
+@pytest.mark.parametrize("id_hash", [F.xxhash64, lambda _: F.lit(7)], ids=["hashed", "colliding"])
+def test_events_get_the_indices_of_their_own_ids(spark, id_hash) -> None:
+    """A hash that collides for every id must fall back to joining on the ids, not mix entities up."""
+    events = _events(
+        spark, [("u1", "i1", "view", None, 1), ("u2", "i2", "view", None, 1), ("u2", "i1", "view", None, 2)]
+    )
+    maps = IdMaps(
+        users=spark.createDataFrame([("u2", 0), ("u1", 1), ("u9", 2)], "id string, idx int"),
+        items=spark.createDataFrame([("i2", 5), ("i1", 3)], "id string, idx int"),
+    )
+    indexed = indexed_events(events, maps, id_hash).select("user_id", "user_idx", "item_id", "item_idx")
+    assert sorted(tuple(row) for row in indexed.collect()) == [
+        ("u1", 1, "i1", 3),
+        ("u2", 0, "i1", 3),
+        ("u2", 0, "i2", 5),
+    ]
