@@ -101,7 +101,7 @@ def aggregate(
         events.select(user, item, decayed(config, as_of).alias("confidence"))
         .repartition(user, item)
         .groupBy(user, item)
-        .agg(_combine(config)("confidence").alias("confidence"))
+        .agg(_combine(config)(F.col("confidence")).alias("confidence"))
     )
     return supported(pairs, config, keys)
 
@@ -162,12 +162,14 @@ def indexed_events(
     because every event's id is in its map: a wrong match needs two ids of one map with the same hash,
     and a map where that happens joins on the ids themselves.
     """
-    for column, id_map in (("user", maps.users), ("item", maps.items)):
-        hashed = id_map.select(id_hash(F.col("id")).alias("key"), F.col("idx").alias(f"{column}_idx"))
+    for entity, id_map in (("user", maps.users), ("item", maps.items)):
+        id_column, idx_column = f"{entity}_id", f"{entity}_idx"
+        hashed = id_map.select(id_hash(F.col("id")).alias("key"), F.col("idx").alias(idx_column))
         if hashed.select("key").distinct().count() == hashed.count():
-            events = events.join(hashed, id_hash(F.col(f"{column}_id")) == hashed["key"]).drop("key")
+            events = events.join(hashed, id_hash(F.col(id_column)) == hashed["key"]).drop("key")
         else:
-            events = events.join(id_map.toDF(f"{column}_id", f"{column}_idx"), f"{column}_id")
+            by_id = id_map.select(F.col("id").alias(id_column), F.col("idx").alias(idx_column))
+            events = events.join(by_id, id_column)
     return events
 
 
