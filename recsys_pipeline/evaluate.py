@@ -96,6 +96,14 @@ def popular_items(popularity: np.ndarray) -> np.ndarray:
     return np.argsort(-popularity, kind="stable")[: int((popularity > 0).sum())]
 
 
+def first_unseen(
+    items: np.ndarray, scores: np.ndarray, seen: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The first k entries of a ranked list (items with their scores) whose item is not in ``seen``."""
+    keep = ~np.isin(items, seen)
+    return items[keep][:k], scores[keep][:k]
+
+
 def recommend_popular(popularity: np.ndarray, seen: sp.csr_matrix, k: int) -> np.ndarray:
     """The k most popular unseen items for every row of ``seen``."""
     scores = np.broadcast_to(popularity.astype(np.float32), seen.shape)

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import scipy.sparse as sp
 
 from recsys_pipeline.als import matrix_shape, read_embeddings
-from recsys_pipeline.evaluate import popular_items
+from recsys_pipeline.evaluate import first_unseen, popular_items
 from recsys_pipeline.index import ItemIndex, load_index
 from recsys_pipeline.runs import RunContext, atomic_dir
 from recsys_pipeline.tables import read_id_map, read_matrix
@@ -52,6 +52,7 @@ def recommend_for_users(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(user_idx, rank, item_idx, score) rows: top-N unseen items per user, popular items without a vector."""
     popular = popular_items(popularity)
+    popular_scores = popularity[popular].astype(np.float32)
     out_users, out_ranks, out_items, out_scores = [], [], [], []
     for start in range(0, len(users), BATCH_USERS):
         batch = users[start : start + BATCH_USERS]
@@ -63,9 +64,8 @@ def recommend_for_users(
             found = {int(u): (items[row], scores[row]) for row, u in enumerate(with_vector)}
         for user in batch:
             history = seen.indices[seen.indptr[user] : seen.indptr[user + 1]]
-            items, scores = found.get(int(user), (popular, popularity[popular].astype(np.float32)))
-            keep = ~np.isin(items, history)
-            items, scores = items[keep][:top_n], scores[keep][:top_n]
+            ranked, ranked_scores = found.get(int(user), (popular, popular_scores))
+            items, scores = first_unseen(ranked, ranked_scores, history, top_n)
             out_users.append(np.full(len(items), user))
             out_ranks.append(np.arange(1, len(items) + 1))
             out_items.append(items)

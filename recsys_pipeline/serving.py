@@ -19,7 +19,7 @@ from mlflow.pyfunc import PythonModel
 
 from recsys_pipeline.als import read_embeddings
 from recsys_pipeline.config import PipelineConfig, load_config
-from recsys_pipeline.evaluate import popular_items
+from recsys_pipeline.evaluate import first_unseen, popular_items
 from recsys_pipeline.index import load_index
 from recsys_pipeline.tables import read_id_map
 
@@ -94,12 +94,11 @@ class Recommender:
             raise UnknownIdError(f"unknown user id {user_id!r}: not in this version's ID map")
         seen = self.history[idx].indices if idx is not None else np.empty(0, dtype=np.int64)
         if idx is None or not self.has_user_vector[idx]:
-            items = [i for i in self.popular if i not in set(seen)][:k]
-            scores = self.popularity[items].astype(np.float32)
+            ranked, ranked_scores = self.popular, self.popularity[self.popular].astype(np.float32)
         else:
             found, found_scores = self.index.search(self.user_vectors[idx][None, :], k + len(seen))
-            keep = ~np.isin(found[0], seen)
-            items, scores = found[0][keep][:k], found_scores[0][keep][:k]
+            ranked, ranked_scores = found[0], found_scores[0]
+        items, scores = first_unseen(ranked, ranked_scores, seen, k)
         return pd.DataFrame(
             {
                 "user_id": str(user_id),
