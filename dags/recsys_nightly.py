@@ -9,7 +9,7 @@ publishes a version that records its weekly parent; `champion` moves only if eve
 
 When the fold-in drifts too far from its weekly parent, too much of the catalogue is new, or
 the parent is too old, the run says why and triggers `recsys_weekly` for the same end date
-instead of publishing.
+(with the same `config_overrides`) instead of publishing.
 """
 
 from __future__ import annotations
@@ -89,8 +89,10 @@ def recsys_nightly() -> None:
     full_retrain = TriggerDagRunOperator(
         task_id="trigger_full_retrain",
         trigger_dag_id="recsys_weekly",
-        # The weekly run covers the week ending where this day ends, with the deployed config.
+        # The weekly run covers the week ending where this day ends, with this run's overrides
+        # (the operator parses a rendered JSON string back into the conf dict).
         logical_date="{{ data_interval_end.isoformat() }}",
+        conf='{"config_overrides": {{ params.config_overrides | tojson }}}',
         skip_when_already_exists=True,
     )
     ingest = spark_job(CONFIG, "ingest_events", "ingest_events.py", mode="refresh")

@@ -56,7 +56,12 @@ def test_nightly_dag_folds_in_daily_and_can_hand_over_to_a_full_retrain(dagbag) 
     for upstream, downstream in zip(NIGHTLY_TASKS, NIGHTLY_TASKS[1:], strict=False):
         assert downstream in dag.get_task(upstream).downstream_task_ids
     assert "trigger_full_retrain" in dag.get_task("escalate_or_continue").downstream_task_ids
-    assert dag.get_task("trigger_full_retrain").trigger_dag_id == "recsys_weekly"
+    trigger = dag.get_task("trigger_full_retrain")
+    assert trigger.trigger_dag_id == "recsys_weekly"
+    # The weekly run it starts gets this run's overrides back as a dict, quotes and braces intact.
+    overrides = {"source.path": '/data/events {"x"}', "drift.min_rec_overlap": 1.0}
+    rendered = trigger.render_template(trigger.conf, {"params": {"config_overrides": overrides}})
+    assert json.loads(rendered) == {"config_overrides": overrides}
     assert dag.timetable.delta == timedelta(days=1)
     assert "--mode" in dag.get_task("ingest_events").application_args
 
