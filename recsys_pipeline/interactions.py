@@ -198,25 +198,23 @@ def run_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]:
         users=extend_id_map(_read_map(spark, map_dir / "users"), activity["users"].select("id")).cache(),
         items=extend_id_map(_read_map(spark, map_dir / "items"), activity["items"].select("id")).cache(),
     )
-    # Ids become dense indices before the aggregation: integer pairs shuffle and hash far cheaper than
-    # strings. Training and holdout pairs come from disjoint events (the holdout's few days are read
-    # apart, pruned by date), so neither needs the other's aggregate kept around.
-    indexed = indexed_events(events, maps)
-    train_pairs = aggregate(
-        indexed.where(F.col("event_ts") < F.lit(holdout_start)), config, F.lit(holdout_start), INDEX_PAIR
-    )
-    holdout_pairs = aggregate(
-        indexed.where(F.col("event_ts") >= F.lit(holdout_start)),
-        config.model_copy(update={"min_user_interactions": 1, "min_item_interactions": 1}),
-        F.lit(window_end),
-        INDEX_PAIR,
-    )
     out = run.stage_dir("interactions")
     try:
+        # Ids become dense indices before the aggregation: integer pairs shuffle and hash far cheaper than
+        # strings. Training and holdout pairs come from disjoint events (the holdout's few days are read
+        # apart, pruned by date), so neither needs the other's aggregate kept around.
+        indexed = indexed_events(events, maps)
+        train_pairs = aggregate(
+            indexed.where(F.col("event_ts") < F.lit(holdout_start)), config, F.lit(holdout_start), INDEX_PAIR
+        )
+        holdout_pairs = aggregate(
+            indexed.where(F.col("event_ts") >= F.lit(holdout_start)),
+            config.model_copy(update={"min_user_interactions": 1, "min_item_interactions": 1}),
+            F.lit(window_end),
+            INDEX_PAIR,
+        )
         fingerprint = input_fingerprint(activity["items"])
         with atomic_dir(out) as staging:
-            # Maps first: writing them fills the caches the matrices' joins then share (jobs started
-            # together would each compute an uncached aggregate).
             for side, id_map in (("users", maps.users), ("items", maps.items)):
                 id_map.orderBy("idx").coalesce(1).write.parquet(str(staging / "maps" / side))
                 (
