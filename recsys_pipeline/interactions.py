@@ -165,7 +165,7 @@ def indexed_events(
     for entity, id_map in (("user", maps.users), ("item", maps.items)):
         id_column, idx_column = f"{entity}_id", f"{entity}_idx"
         hashed = id_map.select(id_hash(F.col("id")).alias("key"), F.col("idx").alias(idx_column))
-        if hashed.select("key").distinct().count() == hashed.count():
+        if hashed.select(F.count_distinct("key") == F.count("*")).collect()[0][0]:
             events = events.join(hashed, id_hash(F.col(id_column)) == hashed["key"]).drop("key")
         else:
             by_id = id_map.select(F.col("id").alias(id_column), F.col("idx").alias(idx_column))
