@@ -4,7 +4,7 @@
 Daily refresh between weekly retrains. The data interval is one day: the run ingests that
 day's events, extends the interactions over the whole history (new IDs appended to the
 stable maps), folds the changed and new users and the new items into the current champion
-(`recsys_pipeline.refresh`), updates the champion's ScaNN index in place, validates, and
+(`recsys_pipeline.stages.refresh`), updates the champion's ScaNN index in place, validates, and
 publishes a version that records its weekly parent; `champion` moves only if every gate passed.
 
 When the fold-in drifts too far from its weekly parent, too much of the catalogue is new, or
@@ -17,12 +17,20 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
-from airflow.sdk import DeltaDataIntervalTimetable, dag, task
+from airflow.sdk import DeltaDataIntervalTimetable, dag
 
 from recsys_pipeline.config import load_config
-from recsys_pipeline.orchestration import DEFAULT_ARGS, run_params, spark_job
+from recsys_pipeline.orchestration import (
+    DEFAULT_ARGS,
+    branch_task,
+    publish_tail,
+    run_params,
+    spark_job,
+    stage_task,
+)
 
 CONFIG = load_config()
+MODE = "refresh"
 
 
 @dag(
@@ -37,55 +45,6 @@ CONFIG = load_config()
     params=run_params(),
 )
 def recsys_nightly() -> None:
-    @task
-    def fold_in(**context) -> None:
-        from recsys_pipeline.refresh import run_refresh
-        from recsys_pipeline.runs import RunContext
-
-        run_refresh(RunContext.from_airflow(context, mode="refresh"))
-
-    @task.branch
-    def escalate_or_continue(**context) -> str:
-        from recsys_pipeline.refresh import next_step
-        from recsys_pipeline.runs import RunContext
-
-        return next_step(RunContext.from_airflow(context, mode="refresh"))
-
-    @task
-    def update_index(**context) -> None:
-        from recsys_pipeline.refresh import run_index_refresh
-        from recsys_pipeline.runs import RunContext
-
-        run_index_refresh(RunContext.from_airflow(context, mode="refresh"))
-
-    @task
-    def batch_recommend(**context) -> None:
-        from recsys_pipeline.recommendations import run_batch_recommendations
-        from recsys_pipeline.runs import RunContext
-
-        run_batch_recommendations(RunContext.from_airflow(context, mode="refresh"))
-
-    @task
-    def validate(**context) -> None:
-        from recsys_pipeline.runs import RunContext
-        from recsys_pipeline.validation import run_validation
-
-        run_validation(RunContext.from_airflow(context, mode="refresh"))
-
-    @task
-    def publish(**context) -> str:
-        from recsys_pipeline.publish import run_publish
-        from recsys_pipeline.runs import RunContext
-
-        return run_publish(RunContext.from_airflow(context, mode="refresh"))
-
-    @task
-    def promote(version: str, **context) -> str:
-        from recsys_pipeline.publish import run_promotion
-        from recsys_pipeline.runs import RunContext
-
-        return run_promotion(RunContext.from_airflow(context, mode="refresh"), version)
-
     full_retrain = TriggerDagRunOperator(
         task_id="trigger_full_retrain",
         trigger_dag_id="recsys_weekly",
@@ -95,14 +54,23 @@ def recsys_nightly() -> None:
         conf='{"config_overrides": {{ params.config_overrides | tojson }}}',
         skip_when_already_exists=True,
     )
-    ingest = spark_job(CONFIG, "ingest_events", "ingest_events.py", mode="refresh")
-    interactions = spark_job(CONFIG, "build_interactions", "build_interactions.py", mode="refresh")
-    branch = escalate_or_continue()
-    published = publish()
-    ingest >> interactions >> fold_in() >> branch
+    update_index = stage_task("index:run_index_refresh", MODE, "update_index")()
+    branch = branch_task(
+        "refresh:refresh_escalated",
+        MODE,
+        "escalate_or_continue",
+        if_true=full_retrain.task_id,
+        if_false=update_index.operator.task_id,
+    )
+    tail_start, _ = publish_tail(MODE)
+    (
+        spark_job(CONFIG, "ingest_events", "ingest_events.py", MODE)
+        >> spark_job(CONFIG, "build_interactions", "build_interactions.py", MODE)
+        >> stage_task("refresh:run_refresh", MODE, "fold_in")()
+        >> branch
+    )
     branch >> full_retrain
-    branch >> update_index() >> batch_recommend() >> validate() >> published
-    promote(published)
+    branch >> update_index >> tail_start
 
 
 recsys_nightly()

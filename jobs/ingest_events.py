@@ -2,8 +2,8 @@
 
 import sys
 
-from recsys_pipeline.events import run_ingest
 from recsys_pipeline.jobs import run_spark_job
+from recsys_pipeline.stages.ingest import run_ingest
 
 if __name__ == "__main__":
     sys.exit(run_spark_job(run_ingest, "recsys-ingest-events", sys.argv[1:]))

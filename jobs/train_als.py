@@ -2,8 +2,8 @@
 
 import sys
 
-from recsys_pipeline.als import run_training
 from recsys_pipeline.jobs import run_spark_job
+from recsys_pipeline.stages.train import run_training
 
 if __name__ == "__main__":
     sys.exit(run_spark_job(run_training, "recsys-train-als", sys.argv[1:]))

@@ -1,67 +1,30 @@
-"""Train ALS embeddings (``implicit`` or Spark MLlib) and store them as Parquet keyed by dense index.
+"""ALS trainers (``implicit`` or Spark MLlib) behind one interface, returning :class:`Embeddings`.
 
-Embedding files (``<run_dir>/model``)::
-
-    user_factors.parquet   idx INT, factors FIXED_SIZE_LIST<FLOAT32>[factors]   users with training data
-    item_factors.parquet   idx INT, factors FIXED_SIZE_LIST<FLOAT32>[factors]   items with training data
-    training_loss.json     loss per iteration
-    params.json            backend and the hyperparameters used (the sweep's choice, if one ran)
-    sweep.json             every sweep trial and its validation metrics (only after a sweep)
+Only the rows with training data get a vector; every backend passes the same contract tests,
+so later stages never see which one ran.
 """
 
 from __future__ import annotations
 
-import logging
 import os
-from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
 from recsys_pipeline.config import AlsConfig
-from recsys_pipeline.runs import RunContext, atomic_dir, write_json
-from recsys_pipeline.tables import count_rows, read_matrix
+from recsys_pipeline.embeddings import Embeddings, scatter
+from recsys_pipeline.errors import RecsysError
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
-log = logging.getLogger(__name__)
 
 
-class ModelFitError(RuntimeError):
+class ModelFitError(RecsysError):
     """Training could not produce usable factors from this input."""
-
-
-@dataclass(frozen=True)
-class Embeddings:
-    """Factors for the users and items that had training data.
-
-    ``user_idx``/``item_idx`` are dense indices from the ID maps; row ``r`` of
-    ``user_factors`` is the vector of user ``user_idx[r]``.
-    """
-
-    user_idx: np.ndarray
-    user_factors: np.ndarray
-    item_idx: np.ndarray
-    item_factors: np.ndarray
-
-    def dense_users(self, n_users: int) -> np.ndarray:
-        """(n_users, factors) with zero rows for users without a vector."""
-        return _scatter(self.user_idx, self.user_factors, n_users)
-
-    def dense_items(self, n_items: int) -> np.ndarray:
-        return _scatter(self.item_idx, self.item_factors, n_items)
-
-
-def _scatter(idx: np.ndarray, factors: np.ndarray, size: int) -> np.ndarray:
-    dense = np.zeros((size, factors.shape[1]), dtype=np.float32)
-    dense[idx] = factors
-    return dense
 
 
 def check_trainable(user_items: sp.csr_matrix, factors: int) -> None:
@@ -166,7 +129,7 @@ def _collect_factors(frame: DataFrame, size: int, factors: int) -> np.ndarray:
     table = frame.toArrow()
     ids = table.column("id").to_numpy()
     vectors = table.column("features").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    return _scatter(ids, vectors.reshape(-1, factors).astype(np.float32), size)
+    return scatter(ids, vectors.reshape(-1, factors).astype(np.float32), size)
 
 
 def implicit_loss(
@@ -218,65 +181,3 @@ def train(
     user_idx = np.flatnonzero(np.diff(user_items.indptr) > 0)
     item_idx = np.flatnonzero(user_items.getnnz(axis=0) > 0)
     return Embeddings(user_idx, user_factors[user_idx], item_idx, item_factors[item_idx]), losses
-
-
-def write_factors(path: Path, idx: np.ndarray, factors: np.ndarray) -> None:
-    flat = pa.array(factors.astype(np.float32).ravel())
-    vectors = pa.FixedSizeListArray.from_arrays(flat, factors.shape[1])
-    pq.write_table(pa.table({"idx": pa.array(idx.astype(np.int32)), "factors": vectors}), path)
-
-
-def read_factors(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    table = pq.read_table(path)
-    column = table.column("factors").combine_chunks()
-    width = column.type.list_size
-    factors = column.flatten().to_numpy(zero_copy_only=False).reshape(-1, width).astype(np.float32)
-    return table.column("idx").to_numpy().astype(np.int64), factors
-
-
-def write_embeddings(directory: Path, embeddings: Embeddings) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    write_factors(directory / "user_factors.parquet", embeddings.user_idx, embeddings.user_factors)
-    write_factors(directory / "item_factors.parquet", embeddings.item_idx, embeddings.item_factors)
-
-
-def read_embeddings(directory: Path) -> Embeddings:
-    user_idx, user_factors = read_factors(directory / "user_factors.parquet")
-    item_idx, item_factors = read_factors(directory / "item_factors.parquet")
-    return Embeddings(user_idx, user_factors, item_idx, item_factors)
-
-
-def matrix_shape(interactions_dir: Path) -> tuple[int, int]:
-    return count_rows(interactions_dir / "maps" / "users"), count_rows(interactions_dir / "maps" / "items")
-
-
-def run_training(spark: SparkSession | None, run: RunContext) -> dict[str, float]:
-    """Train on the run's training matrix (after a sweep, if configured) and write its embeddings.
-
-    ``params.json`` beside the factors records the hyperparameters actually used.
-    """
-    interactions_dir = run.stage_dir("interactions")
-    user_items = read_matrix(interactions_dir / "train").to_csr(*matrix_shape(interactions_dir))
-    params = run.config.als
-    sweep_summary = None
-    if params.sweep is not None:
-        from recsys_pipeline.tuning import run_sweep
-
-        result = run_sweep(user_items, run, params.sweep, spark)
-        params, sweep_summary = result.best, result.summary()
-        log.info("sweep chose %s", params.hyperparameters())
-    embeddings, losses = train(user_items, params, spark)
-    with atomic_dir(run.stage_dir("model")) as staging:
-        write_embeddings(staging, embeddings)
-        write_json(staging / "training_loss.json", losses)
-        write_json(staging / "params.json", {"backend": params.backend, **params.hyperparameters()})
-        if sweep_summary is not None:
-            write_json(staging / "sweep.json", sweep_summary)
-    log.info("ALS loss per iteration: %s", ", ".join(f"{loss:.5f}" for loss in losses))
-    metrics = {
-        "training_loss": losses[-1],
-        "trained_users": float(len(embeddings.user_idx)),
-        "trained_items": float(len(embeddings.item_idx)),
-    }
-    run.write_metrics("train", metrics)
-    return metrics

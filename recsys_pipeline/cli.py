@@ -11,15 +11,15 @@ from pathlib import Path
 
 import pandas as pd
 
+from recsys_pipeline import registry
 from recsys_pipeline.config import (
     DEFAULT_CONFIG_PATH,
     PROJECT_ROOT,
-    ConfigError,
     PipelineConfig,
     load_config,
     parse_override,
 )
-from recsys_pipeline.publish import NothingPublishedError
+from recsys_pipeline.errors import RecsysError
 from recsys_pipeline.runs import StateLayout
 from recsys_pipeline.synthetic import SOURCE_MAPPING, SyntheticSpec, generate
 
@@ -112,9 +112,7 @@ def _print_table(frame: pd.DataFrame, as_json: bool) -> None:
 
 
 def _status(config: PipelineConfig, as_json: bool) -> None:
-    from recsys_pipeline.publish import champion_status
-
-    status = champion_status(config)
+    status = registry.champion_status(config)
     if as_json:
         print(json.dumps(status, indent=2))
         return
@@ -129,48 +127,46 @@ def _status(config: PipelineConfig, as_json: bool) -> None:
             f"updated, {refresh['users_added']} added, {refresh['items_added']} items added "
             f"in {refresh['refresh_s']:.2f}s"
         )
+    k = config.evaluation.k
     for name in (
-        "ndcg_at_10",
-        "baseline_ndcg_at_10",
-        "precision_at_10",
-        "recall_at_10",
-        "map_at_10",
-        "coverage_at_10",
-        "index_recall_at_10",
+        f"ndcg_at_{k}",
+        f"baseline_ndcg_at_{k}",
+        f"precision_at_{k}",
+        f"recall_at_{k}",
+        f"map_at_{k}",
+        f"coverage_at_{k}",
+        f"index_recall_at_{k}",
     ):
         if name in status["metrics"]:
             print(f"  {name:<22} {status['metrics'][name]:.4f}")
 
 
 def _registry_command(config: PipelineConfig, args: argparse.Namespace) -> int:
-    from recsys_pipeline import publish
-
     if args.command == "versions":
-        rows = publish.list_versions(config)
+        rows = registry.list_versions(config)
         if args.json:
             print(json.dumps(rows, indent=2))
+        ndcg_name = f"ndcg_at_{config.evaluation.k}"
         for row in [] if args.json else rows:
-            ndcg = row["metrics"].get("ndcg_at_10", float("nan"))
+            ndcg = row["metrics"].get(ndcg_name, float("nan"))
             print(
-                f"{row['version']:>4}  ndcg_at_10={ndcg:.4f}  {','.join(row['aliases']) or '-'}  "
+                f"{row['version']:>4}  {ndcg_name}={ndcg:.4f}  {','.join(row['aliases']) or '-'}  "
                 f"{row['tags'].get('run_key', '')}"
             )
     elif args.command == "promote":
-        publish.promote(config, args.version, reason=args.reason)
+        registry.promote(config, args.version, reason=args.reason)
         print(f"{config.mlflow.model_name}@champion -> version {args.version}")
     else:
-        version = publish.rollback(config, reason=args.reason)
+        version = registry.rollback(config, reason=args.reason)
         print(f"{config.mlflow.model_name}@champion -> version {version} (rolled back)")
     return 0
 
 
 def _serve(config: PipelineConfig, args: argparse.Namespace) -> int:
     """Replace this process with ``mlflow models serve`` on the configured registry, in this environment."""
-    from recsys_pipeline.publish import alias_version, mlflow_client
-
     name = config.mlflow.model_name
-    if alias_version(mlflow_client(config), name, args.alias) is None:
-        raise NothingPublishedError(f"no version of {name} has the alias '{args.alias}' to serve")
+    if registry.alias_version(config, args.alias) is None:
+        raise registry.NothingPublishedError(f"no version of {name} has the alias '{args.alias}' to serve")
     env = {
         **os.environ,
         "MLFLOW_TRACKING_URI": config.tracking_uri,
@@ -237,22 +233,10 @@ def run(argv: Sequence[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     from mlflow.exceptions import MlflowException
 
-    from recsys_pipeline.index import IndexIntegrityError
-    from recsys_pipeline.publish import GateFailedError
-    from recsys_pipeline.serving import BundleFormatError, UnknownIdError
-
-    # Registry errors (an unknown version, an unreachable server) are reported, not traced.
-    known: tuple[type[Exception], ...] = (
-        ConfigError,
-        NothingPublishedError,
-        GateFailedError,
-        MlflowException,
-        UnknownIdError,
-        BundleFormatError,
-        IndexIntegrityError,
-    )
+    # Errors meant for users, and registry errors (an unknown version, an unreachable server), are
+    # reported in one line; anything else is a bug and keeps its traceback.
     try:
         return run(sys.argv[1:] if argv is None else argv)
-    except known as error:
+    except (RecsysError, MlflowException) as error:
         print(f"recsys: {error}", file=sys.stderr)
         return 1

@@ -15,12 +15,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from recsys_pipeline.errors import RecsysError
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_PATH = PROJECT_ROOT / "conf" / "pipeline.yaml"
 CANONICAL_FIELDS = ("user_id", "item_id", "event_type", "value", "timestamp")
 
 
-class ConfigError(ValueError):
+class ConfigError(RecsysError, ValueError):
     """The configuration file is missing, unreadable or invalid."""
 
 

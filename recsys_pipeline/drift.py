@@ -21,8 +21,9 @@ import pandas as pd
 from scipy.linalg import orthogonal_procrustes
 from scipy.stats import ks_2samp
 
-from recsys_pipeline.als import Embeddings
 from recsys_pipeline.config import DriftConfig
+from recsys_pipeline.embeddings import Embeddings
+from recsys_pipeline.errors import RecsysError
 from recsys_pipeline.index import exact_top_k
 
 
@@ -86,8 +87,9 @@ def compare(
     rng = np.random.default_rng(seed)
     items, item_old, item_new = _shared(old.item_idx, new.item_idx)
     if len(items) <= k:
-        raise ValueError(
-            f"only {len(items)} items are shared by both versions: too few to measure drift at k={k}"
+        raise RecsysError(
+            f"only {len(items)} items are shared by both versions: too few to measure drift at k={k}; "
+            "lower drift.k or compare against a version with more items in common"
         )
     old_items, new_items = old.item_factors[item_old], new.item_factors[item_new]
     queries = np.sort(rng.choice(len(items), min(sample_items, len(items)), replace=False))

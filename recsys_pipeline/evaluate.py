@@ -13,20 +13,15 @@ Users without holdout items are not evaluated; averages are over evaluated users
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
 
-from recsys_pipeline.als import Embeddings, matrix_shape, read_embeddings
 from recsys_pipeline.config import GateConfig
-from recsys_pipeline.runs import RunContext
-from recsys_pipeline.tables import read_matrix
-
-log = logging.getLogger(__name__)
-NO_ITEM = -1
+from recsys_pipeline.embeddings import Embeddings, presence_mask
+from recsys_pipeline.ranking import NO_ITEM, dot_top_k, pad, popular_unseen
 
 
 def ranking_metrics(
@@ -59,58 +54,6 @@ def ranking_metrics(
     return metrics
 
 
-def top_k(scores: np.ndarray, exclude: sp.csr_matrix, k: int) -> np.ndarray:
-    """Best k columns per row of ``scores``, skipping excluded (nonzero) and -inf entries."""
-    scores = scores.astype(np.float32, copy=True)
-    rows, cols = exclude.nonzero()
-    scores[rows, cols] = -np.inf
-    k_eff = min(k, scores.shape[1])
-    part = np.argpartition(-scores, k_eff - 1, axis=1)[:, :k_eff]
-    order = np.take_along_axis(scores, part, axis=1).argsort(axis=1)[:, ::-1]
-    best = np.take_along_axis(part, order, axis=1)
-    best[~np.isfinite(np.take_along_axis(scores, best, axis=1))] = NO_ITEM
-    if k_eff < k:
-        best = np.hstack([best, np.full((len(best), k - k_eff), NO_ITEM)])
-    return best
-
-
-def recommend_exact(
-    user_vectors: np.ndarray,
-    item_vectors: np.ndarray,
-    has_vector: np.ndarray,
-    seen: sp.csr_matrix,
-    k: int,
-    batch_size: int = 4096,
-) -> np.ndarray:
-    """Exact top-k by dot product over items that have a vector, excluding seen items."""
-    out = np.empty((len(user_vectors), k), dtype=np.int64)
-    for start in range(0, len(user_vectors), batch_size):
-        scores = user_vectors[start : start + batch_size] @ item_vectors.T
-        scores[:, ~has_vector] = -np.inf
-        out[start : start + batch_size] = top_k(scores, seen[start : start + batch_size], k)
-    return out
-
-
-def popular_items(popularity: np.ndarray) -> np.ndarray:
-    """Items with any interaction, most popular first (ties keep index order)."""
-    return np.argsort(-popularity, kind="stable")[: int((popularity > 0).sum())]
-
-
-def first_unseen(
-    items: np.ndarray, scores: np.ndarray, seen: np.ndarray, k: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """The first k entries of a ranked list (items with their scores) whose item is not in ``seen``."""
-    keep = ~np.isin(items, seen)
-    return items[keep][:k], scores[keep][:k]
-
-
-def recommend_popular(popularity: np.ndarray, seen: sp.csr_matrix, k: int) -> np.ndarray:
-    """The k most popular unseen items for every row of ``seen``."""
-    scores = np.broadcast_to(popularity.astype(np.float32), seen.shape)
-    scores = np.where(popularity > 0, scores, -np.inf)
-    return top_k(scores, seen, k)
-
-
 @dataclass(frozen=True)
 class EvaluationSet:
     """Users to evaluate, what they saw in training and what they went on to interact with."""
@@ -140,27 +83,34 @@ class EvaluationSet:
     def recommend(self, embeddings: Embeddings, k: int) -> tuple[np.ndarray, int]:
         """(top-k per evaluated user, items with a vector); users without a vector get the popularity
         list, as in serving."""
-        n_users, n_items = self.shape
-        known_items = embeddings.item_idx[embeddings.item_idx < n_items]
-        has_vector = np.zeros(n_items, dtype=bool)
-        has_vector[known_items] = True
-        keep_users = embeddings.user_idx < n_users
-        users = Embeddings(
-            embeddings.user_idx[keep_users],
-            embeddings.user_factors[keep_users],
-            known_items,
-            embeddings.item_factors[embeddings.item_idx < n_items],
+        n_items = self.shape[1]
+        in_catalogue = embeddings.item_idx < n_items
+        has_vector = presence_mask(embeddings.item_idx, n_items)
+        item_vectors = np.zeros((n_items, embeddings.item_factors.shape[1]), dtype=np.float32)
+        item_vectors[embeddings.item_idx[in_catalogue]] = embeddings.item_factors[in_catalogue]
+        order = np.argsort(embeddings.user_idx, kind="stable")
+        position = np.clip(np.searchsorted(embeddings.user_idx[order], self.users), 0, max(len(order) - 1, 0))
+        known = (
+            embeddings.user_idx[order][position] == self.users
+            if len(order)
+            else np.zeros(len(self.users), dtype=bool)
         )
-        recommended = recommend_exact(
-            users.dense_users(n_users)[self.users], users.dense_items(n_items), has_vector, self.seen, k
-        )
-        unknown = ~np.isin(self.users, users.user_idx)
-        if unknown.any():
-            recommended[unknown] = recommend_popular(self.popularity, self.seen[unknown], k)
+        recommended = np.full((len(self.users), k), NO_ITEM, dtype=np.int64)
+        if known.any():
+            ranked, _ = dot_top_k(
+                embeddings.user_factors[order[position[known]]],
+                item_vectors,
+                k,
+                allowed=has_vector,
+                seen=self.seen[np.flatnonzero(known)],
+            )
+            recommended[known] = pad(ranked, k)
+        if (~known).any():
+            recommended[~known] = popular_unseen(self.popularity, self.seen[np.flatnonzero(~known)], k)
         return recommended, int(has_vector.sum())
 
     def evaluate_popularity(self, k: int) -> dict[str, float]:
-        recommended = recommend_popular(self.popularity, self.seen, k)
+        recommended = popular_unseen(self.popularity, self.seen, k)
         metrics = ranking_metrics(recommended, self.relevant, k, int((self.popularity > 0).sum()))
         return {f"baseline_{name}": value for name, value in metrics.items()}
 
@@ -181,28 +131,3 @@ def gate(metrics: dict[str, float], k: int, config: GateConfig) -> tuple[bool, l
             f"the champion's {champion:.4f} on the same holdout"
         )
     return not reasons, reasons
-
-
-def run_evaluation(run: RunContext) -> dict[str, float]:
-    """Evaluate the run's model, the popularity baseline and (if any) the champion on the same holdout."""
-    from recsys_pipeline.publish import champion_embeddings
-
-    champion = champion_embeddings(run.config)
-    interactions_dir = run.stage_dir("interactions")
-    shape = matrix_shape(interactions_dir)
-    train = read_matrix(interactions_dir / "train").to_csr(*shape)
-    holdout = read_matrix(interactions_dir / "holdout").to_csr(*shape)
-    evaluation = EvaluationSet.build(train, holdout)
-    k = run.config.evaluation.k
-    metrics = evaluation.evaluate(read_embeddings(run.stage_dir("model")), k)
-    metrics.update(evaluation.evaluate_popularity(k))
-    metrics["eval_users"] = float(sum(len(rel) > 0 for rel in evaluation.relevant))
-    if champion is not None:
-        metrics.update(
-            {f"champion_{name}": value for name, value in evaluation.evaluate(champion, k).items()}
-        )
-    passed, reasons = gate(metrics, k, run.config.evaluation.gate)
-    run.write_metrics("evaluate", metrics)
-    run.write_gate("evaluation", passed, reasons)
-    log.info("evaluation gate %s %s", "passed" if passed else "failed", reasons)
-    return metrics

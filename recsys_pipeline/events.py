@@ -20,8 +20,9 @@ from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from recsys_pipeline.config import EventsConfig, PipelineConfig, SourceConfig
-from recsys_pipeline.runs import RunContext, now_utc
+from recsys_pipeline.config import EventsConfig, SourceConfig
+from recsys_pipeline.errors import RecsysError
+from recsys_pipeline.runs import RunContext
 
 CORRUPT_COLUMN = "_corrupt_record"
 EVENT_COLUMNS = ["user_id", "item_id", "event_type", "value", "event_ts", "ingested_at", "source"]
@@ -40,7 +41,7 @@ QUARANTINE_REASONS = (
 )
 
 
-class QuarantineThresholdError(RuntimeError):
+class QuarantineThresholdError(RecsysError):
     """Too large a share of a run's records was quarantined to trust the rest."""
 
 
@@ -245,17 +246,3 @@ def ingest_window(run: RunContext) -> tuple[datetime, datetime]:
     if run.mode == "refresh":
         return run.interval_start, run.interval_end
     return history_window(run)
-
-
-def run_ingest(spark: SparkSession, run: RunContext) -> dict[str, float]:
-    """Ingest the run's window into the lake; write the quarantine table and metrics."""
-    config: PipelineConfig = run.config
-    window_start, window_end = ingest_window(run)
-    raw = read_source(spark, config.source)
-    result = ingest(raw, config.source, config.events, window_start, window_end, now_utc())
-    result.quarantine.write.mode("overwrite").parquet(str(run.layout.quarantine / run.interval_key))
-    run.write_metrics("ingest", result.metrics)
-    check_quarantine_share(result.metrics, config.events.max_quarantine_share)
-    if result.metrics["events_ingested"] > 0:
-        write_lake(result.events, run.layout.events_lake, window_start, window_end)
-    return result.metrics

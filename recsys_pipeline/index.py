@@ -21,16 +21,17 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from recsys_pipeline.als import Embeddings, read_embeddings
 from recsys_pipeline.config import IndexConfig
-from recsys_pipeline.runs import RunContext, atomic_dir
+from recsys_pipeline.embeddings import Embeddings
+from recsys_pipeline.errors import RecsysError
+from recsys_pipeline.ranking import dot_top_k
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 INDEX_FORMAT = 2  # 2: ScaNN indexes carry docids, so they can be updated in place
 
 
-class IndexIntegrityError(RuntimeError):
+class IndexIntegrityError(RecsysError):
     """An index folder is incomplete or its files differ from its manifest."""
 
 
@@ -239,18 +240,7 @@ def exact_search(
     queries: np.ndarray, item_factors: np.ndarray, k: int, batch_size: int = 128
 ) -> tuple[np.ndarray, np.ndarray]:
     """Row positions and scores of the k highest dot products per query, best first."""
-    k = min(k, len(item_factors))
-    rows = np.empty((len(queries), k), dtype=np.int64)
-    best = np.empty((len(queries), k), dtype=np.float32)
-    for start in range(0, len(queries), batch_size):
-        scores = queries[start : start + batch_size] @ item_factors.T
-        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-        order = np.take_along_axis(scores, part, axis=1).argsort(axis=1)[:, ::-1]
-        rows[start : start + batch_size] = np.take_along_axis(part, order, axis=1)
-        best[start : start + batch_size] = np.take_along_axis(
-            scores, rows[start : start + batch_size], axis=1
-        )
-    return rows, best
+    return dot_top_k(queries, item_factors, k, batch_size=batch_size)
 
 
 def exact_top_k(queries: np.ndarray, item_factors: np.ndarray, k: int) -> np.ndarray:
@@ -319,31 +309,11 @@ def build_tuned(
     return index, metrics
 
 
-def _gate(run: RunContext, metrics: dict[str, float], min_recall: float, k: int) -> None:
-    recall = metrics[f"index_recall_at_{k}"]
-    passed = recall >= min_recall
-    reasons = [] if passed else [f"index_recall_at_{k}={recall:.4f} is below index.min_recall={min_recall}"]
-    run.write_metrics("index", metrics)
-    run.write_gate("index", passed, reasons)
-
-
-def _recall_queries(embeddings: Embeddings, sample_users: int) -> np.ndarray:
+def recall_queries(embeddings: Embeddings, sample_users: int) -> np.ndarray:
+    """Real user vectors (a seeded sample) to measure an index's recall with."""
     rng = np.random.default_rng(0)
     sample = rng.choice(len(embeddings.user_idx), min(sample_users, len(embeddings.user_idx)), replace=False)
     return embeddings.user_factors[np.sort(sample)]
-
-
-def run_index(run: RunContext) -> dict[str, float]:
-    """Build the index over the run's item vectors, measure it on real user vectors, retune if short."""
-    config = run.config.index
-    k = run.config.evaluation.k
-    embeddings = read_embeddings(run.stage_dir("model"))
-    queries = _recall_queries(embeddings, config.recall_sample_users)
-    index, metrics = build_tuned(embeddings.item_idx, embeddings.item_factors, queries, config, k)
-    with atomic_dir(run.stage_dir("index")) as staging:
-        index.save(staging)
-    _gate(run, metrics, config.min_recall, k)
-    return metrics
 
 
 def changed_items(old: Embeddings, new: Embeddings) -> tuple[np.ndarray, np.ndarray]:
@@ -354,20 +324,21 @@ def changed_items(old: Embeddings, new: Embeddings) -> tuple[np.ndarray, np.ndar
     return np.union1d(moved, added), np.setdiff1d(old.item_idx, new.item_idx)
 
 
-def update_index(run: RunContext, parent_bundle: Path) -> dict[str, float]:
+def update(
+    index: ItemIndex,
+    parent: Embeddings,
+    embeddings: Embeddings,
+    queries: np.ndarray,
+    config: IndexConfig,
+    k: int,
+) -> tuple[ItemIndex, dict[str, float]]:
     """Upsert new and changed item vectors into the parent's index; rebuild if its recall falls short.
 
-    Either way the index's recall against exact search is measured on real user vectors and gated.
+    Either way the index's recall against exact search is measured on ``queries`` and reported.
     """
-    config = run.config.index
-    k = run.config.evaluation.k
-    parent = read_embeddings(parent_bundle / "embeddings")
-    embeddings = read_embeddings(run.stage_dir("model"))
     upserts, deletes = changed_items(parent, embeddings)
-    queries = _recall_queries(embeddings, config.recall_sample_users)
     vectors = index_vectors(embeddings.item_factors, config)
     started = time.perf_counter()
-    index = load_index(parent_bundle / "index")
     index.upsert(upserts, vectors[np.searchsorted(embeddings.item_idx, upserts)])
     index.delete(deletes)
     metrics = {"index_update_s": time.perf_counter() - started}
@@ -380,7 +351,4 @@ def update_index(run: RunContext, parent_bundle: Path) -> dict[str, float]:
     else:
         metrics["index_rebuilt"] = 0.0
     metrics.update({"index_upserted": float(len(upserts)), "index_deleted": float(len(deletes))})
-    with atomic_dir(run.stage_dir("index")) as staging:
-        index.save(staging)
-    _gate(run, metrics, config.min_recall, k)
-    return metrics
+    return index, metrics

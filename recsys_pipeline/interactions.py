@@ -1,6 +1,6 @@
-"""Build the user-item confidence matrix, its time-based holdout and stable ID maps.
+"""Build the user-item confidence matrix, its time-based holdout and stable ID maps (Spark).
 
-Outputs under ``<run_dir>/interactions``::
+The stage that writes them (``stages.interactions``) produces::
 
     train/     Parquet (user_idx INT, item_idx INT, confidence FLOAT)   events before the holdout
     holdout/   Parquet (user_idx INT, item_idx INT, confidence FLOAT)   the last holdout_days
@@ -10,23 +10,19 @@ Outputs under ``<run_dir>/interactions``::
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 
-import numpy as np
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from recsys_pipeline.config import InteractionsConfig
-from recsys_pipeline.events import history_window, read_lake
-from recsys_pipeline.runs import RunContext, atomic_dir
-from recsys_pipeline.tables import count_rows, read_matrix
+from recsys_pipeline.errors import RecsysError
 
 
-class EmptyInteractionsError(RuntimeError):
+class EmptyInteractionsError(RecsysError):
     """No usable interaction is left in the training window."""
 
 
@@ -149,7 +145,8 @@ def extend_id_map(existing: DataFrame | None, ids: DataFrame) -> DataFrame:
     return existing.unionByName(numbered)
 
 
-def _read_map(spark: SparkSession, path: Path) -> DataFrame | None:
+def read_id_map_frame(spark: SparkSession, path: Path) -> DataFrame | None:
+    """A shared ID map as a DataFrame, or None before the first run has written one."""
     return spark.read.parquet(str(path)) if path.exists() else None
 
 
@@ -173,82 +170,6 @@ def indexed_events(
     return events
 
 
-def _matrix(pairs: DataFrame) -> DataFrame:
+def matrix_columns(pairs: DataFrame) -> DataFrame:
+    """The (user_idx, item_idx, confidence FLOAT) columns a matrix is stored with."""
     return pairs.select("user_idx", "item_idx", F.col("confidence").cast("float"))
-
-
-def run_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]:
-    """Read the history from the lake, extend the ID maps, write train/holdout matrices.
-
-    A refresh run holds nothing out: its model is the champion's, folded over the whole history.
-    ``recent/`` lists the users and items with events in the run's own interval.
-    """
-    config = run.config.interactions
-    window_start, window_end = history_window(run)
-    holdout_days = 0 if run.mode == "refresh" else config.holdout_days
-    holdout_start = window_end - timedelta(days=holdout_days)
-    events = read_lake(spark, run.layout.events_lake, window_start, window_end)
-    # The items' pass (the one with fewer keys) also sums the input fingerprint.
-    activity = {
-        "users": entity_activity(events, "user_id", run.interval_start).cache(),
-        "items": entity_activity(events, "item_id", run.interval_start, *fingerprint_sums()).cache(),
-    }
-    map_dir = run.layout.id_maps
-    maps = IdMaps(
-        users=extend_id_map(_read_map(spark, map_dir / "users"), activity["users"].select("id")).cache(),
-        items=extend_id_map(_read_map(spark, map_dir / "items"), activity["items"].select("id")).cache(),
-    )
-    out = run.stage_dir("interactions")
-    try:
-        # Ids become dense indices before the aggregation: integer pairs shuffle and hash far cheaper than
-        # strings. Training and holdout pairs come from disjoint events (the holdout's few days are read
-        # apart, pruned by date), so neither needs the other's aggregate kept around.
-        indexed = indexed_events(events, maps)
-        train_pairs = aggregate(
-            indexed.where(F.col("event_ts") < F.lit(holdout_start)), config, F.lit(holdout_start), INDEX_PAIR
-        )
-        holdout_pairs = aggregate(
-            indexed.where(F.col("event_ts") >= F.lit(holdout_start)),
-            config.model_copy(update={"min_user_interactions": 1, "min_item_interactions": 1}),
-            F.lit(window_end),
-            INDEX_PAIR,
-        )
-        fingerprint = input_fingerprint(activity["items"])
-        with atomic_dir(out) as staging:
-            for side, id_map in (("users", maps.users), ("items", maps.items)):
-                id_map.orderBy("idx").coalesce(1).write.parquet(str(staging / "maps" / side))
-                (
-                    activity[side]
-                    .where("recent")
-                    .join(id_map, "id")
-                    .select("idx")
-                    .coalesce(1)
-                    .write.parquet(str(staging / "recent" / side))
-                )
-            _matrix(train_pairs).write.parquet(str(staging / "train"))
-            if count_rows(staging / "train") == 0:
-                raise EmptyInteractionsError(
-                    f"no interactions before {holdout_start.isoformat()} in the window starting "
-                    f"{window_start.isoformat()}: check the source, the window and the event weights"
-                )
-            _matrix(holdout_pairs).write.parquet(str(staging / "holdout"))
-            (staging / "fingerprint.txt").write_text(fingerprint + "\n")
-    finally:
-        for cached in (*activity.values(), maps.users, maps.items):
-            cached.unpersist()
-    # The shared maps advance only after this run's outputs are safely in place.
-    for side in ("users", "items"):
-        with atomic_dir(map_dir / side) as staging:
-            shutil.copytree(out / "maps" / side, staging)
-
-    holdout = read_matrix(out / "holdout")
-    metrics = {
-        "users": float(count_rows(out / "maps" / "users")),
-        "items": float(count_rows(out / "maps" / "items")),
-        "train_interactions": float(count_rows(out / "train")),
-        "holdout_interactions": float(holdout.nnz),
-        "holdout_users": float(len(np.unique(holdout.user_idx))),
-        "window_events": float(fingerprint.split(":")[0]),
-    }
-    run.write_metrics("interactions", metrics)
-    return metrics

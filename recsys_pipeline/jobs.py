@@ -9,11 +9,13 @@ from collections.abc import Callable, Sequence
 
 from pyspark.sql import SparkSession
 
-from recsys_pipeline.config import load_config
+from recsys_pipeline.errors import RecsysError
 from recsys_pipeline.runs import RunContext
 from recsys_pipeline.spark import spark_session
 
 SparkStage = Callable[[SparkSession, RunContext], dict[str, float]]
+# The exit code of a job that failed on its input or a gate: retrying cannot help.
+USER_ERROR_EXIT = 3
 
 
 def run_arguments() -> argparse.ArgumentParser:
@@ -38,23 +40,34 @@ def run_arguments() -> argparse.ArgumentParser:
 
 
 def run_context(args: argparse.Namespace) -> RunContext:
-    config = load_config(args.config, json.loads(args.overrides_json or "{}"))
-    return RunContext.create(
-        config, args.dag_id, args.interval_start, args.interval_end, args.run_id, args.mode
+    """The run the arguments name, with the config snapshot of its first task."""
+    return RunContext.open(
+        args.dag_id,
+        args.run_id or f"manual__{args.interval_end}",
+        args.interval_start,
+        args.interval_end,
+        args.mode,
+        config_path=args.config,
+        overrides=json.loads(args.overrides_json or "{}"),
     )
 
 
 def run_spark_job(stage: SparkStage, app_name: str, argv: Sequence[str], master: str | None = None) -> int:
-    """Run one Spark stage; a known failure prints one clear line and exits 1 instead of a traceback."""
+    """Run one Spark stage; a user-facing failure (:class:`RecsysError`) prints one clear line and exits
+    with ``USER_ERROR_EXIT``.
+
+    Anything else is a bug and keeps its traceback.
+    """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    run = run_context(run_arguments().parse_args(argv))
-    spark = spark_session(run.config, f"{app_name}:{run.interval_key}", master)
     try:
-        metrics = stage(spark, run)
-    except (ValueError, RuntimeError) as error:
+        run = run_context(run_arguments().parse_args(argv))
+        spark = spark_session(run.config, f"{app_name}:{run.interval_key}", master)
+        try:
+            metrics = stage(spark, run)
+        finally:
+            spark.stop()
+    except RecsysError as error:
         logging.error("%s failed: %s", app_name, error)
-        return 1
-    finally:
-        spark.stop()
+        return USER_ERROR_EXIT
     logging.info("%s done: %s", app_name, json.dumps(metrics, sort_keys=True))
     return 0

@@ -1,25 +1,36 @@
-"""Airflow wiring shared by the DAG files: Spark stages are submitted through the provider's operator."""
+"""Airflow wiring shared by the DAG files: tasks that call one stage function each, Spark stages
+submitted through the provider's operator, and the tail every DAG ends with.
+
+A :class:`~recsys_pipeline.errors.RecsysError` (bad input, a failed gate) fails its task at once:
+running it again would fail the same way. Anything else (a lost executor, a killed process) is
+retried with exponential backoff; every stage is safe to re-run.
+"""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from datetime import timedelta
+from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 from recsys_pipeline.config import PROJECT_ROOT, PipelineConfig
-from recsys_pipeline.runs import RunMode
+from recsys_pipeline.errors import RecsysError
+from recsys_pipeline.jobs import USER_ERROR_EXIT
+from recsys_pipeline.runs import RunContext, RunMode
 
 if TYPE_CHECKING:
     from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
 
-
-def run_params() -> dict[str, Any]:
-    """The params every recsys DAG takes: single config fields overridden for one run."""
-    from airflow.sdk import Param
-
-    return {"config_overrides": Param({}, type="object", description='{"section.key": value} over conf/')}
-
-
-DEFAULT_ARGS = {"owner": "recsys", "retries": 0}
+STAGES = "recsys_pipeline.stages"
+DEFAULT_ARGS: dict[str, Any] = {
+    "owner": "recsys",
+    "retries": 2,
+    "retry_delay": timedelta(minutes=1),
+    "retry_exponential_backoff": True,
+    "max_retry_delay": timedelta(minutes=10),
+    "execution_timeout": timedelta(hours=4),
+}
 
 RUN_ARGS = [
     "--dag-id",
@@ -35,13 +46,81 @@ RUN_ARGS = [
 ]
 
 
+def run_params() -> dict[str, Any]:
+    """The params every recsys DAG takes: single config fields overridden for one run."""
+    from airflow.sdk import Param
+
+    return {"config_overrides": Param({}, type="object", description='{"section.key": value} over conf/')}
+
+
+def call_stage(target: str, mode: RunMode, context: dict[str, Any], *upstream: Any) -> Any:
+    """Call ``recsys_pipeline.stages.<module>:<function>`` for the task's run; a user-facing failure
+    fails the task without retries."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    module, _, function = target.partition(":")
+    stage: Callable[..., Any] = getattr(import_module(f"{STAGES}.{module}"), function)
+    try:
+        return stage(RunContext.from_airflow(context, mode), *upstream)
+    except RecsysError as error:
+        raise AirflowFailException(str(error)) from error
+
+
+def stage_task(target: str, mode: RunMode, task_id: str, *, returns: bool = False) -> Any:
+    """A TaskFlow task running one stage (``module:function`` under ``recsys_pipeline.stages``).
+
+    Only a task with ``returns`` pushes the stage's result (e.g. the published version) to XCom.
+    """
+    from airflow.sdk import task
+
+    @task(task_id=task_id)
+    def run_stage(*upstream: Any, **context: Any) -> Any:
+        result = call_stage(target, mode, context, *upstream)
+        return result if returns else None
+
+    return run_stage
+
+
+def branch_task(target: str, mode: RunMode, task_id: str, *, if_true: str, if_false: str) -> Any:
+    """A branch that follows ``if_true`` when the stage function returns True, else ``if_false``."""
+    from airflow.sdk import task
+
+    @task.branch(task_id=task_id)
+    def decide(**context: Any) -> str:
+        return if_true if call_stage(target, mode, context) else if_false
+
+    return decide()
+
+
+def publish_tail(mode: RunMode) -> tuple[Any, Any]:
+    """batch_recommend >> validate >> publish >> promote, shared by every DAG: (first task, last task)."""
+    recommend = stage_task("recommend:run_batch_recommendations", mode, "batch_recommend")()
+    validate = stage_task("validate:run_validation", mode, "validate")()
+    published = stage_task("publish:run_publish", mode, "publish", returns=True)()
+    promoted = stage_task("publish:run_promotion", mode, "promote")(published)
+    recommend >> validate >> published
+    return recommend, promoted
+
+
 def spark_job(
     config: PipelineConfig, task_id: str, script: str, mode: RunMode = "full"
 ) -> SparkSubmitOperator:
     """A ``jobs/<script>`` stage submitted to the configured Spark connection for the run's interval."""
     from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
+    from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
-    return SparkSubmitOperator(
+    class StageSparkSubmitOperator(SparkSubmitOperator):
+        """A job that exits with ``USER_ERROR_EXIT`` failed on its input: fail without retries."""
+
+        def execute(self, context: Any) -> None:
+            try:
+                super().execute(context)
+            except AirflowException as error:
+                if f"Error code is: {USER_ERROR_EXIT}." in str(error):
+                    raise AirflowFailException(f"{task_id} failed on its input; see the log above") from error
+                raise
+
+    return StageSparkSubmitOperator(
         task_id=task_id,
         application=str(PROJECT_ROOT / "jobs" / script),
         conn_id=config.spark.conn_id,

@@ -1,6 +1,6 @@
 """Precompute top-N recommendations for active users, off-peak, so services can serve them by key lookup.
 
-Output ``<run_dir>/recommendations/recommendations.parquet``::
+Output (``RunContext.recommendations_file``)::
 
     user_id STRING, rank INT (1 = best), item_id STRING, score FLOAT
 
@@ -12,30 +12,25 @@ training interaction count).
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime
+from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.dataset as ds
-import pyarrow.parquet as pq
 import scipy.sparse as sp
 
-from recsys_pipeline.als import matrix_shape, read_embeddings
-from recsys_pipeline.evaluate import first_unseen, popular_items
-from recsys_pipeline.index import ItemIndex, load_index
-from recsys_pipeline.runs import RunContext, atomic_dir
-from recsys_pipeline.tables import read_id_map, read_matrix
+from recsys_pipeline.index import ItemIndex
+from recsys_pipeline.ranking import first_unseen, popular_items
 
 BATCH_USERS = 1024
 
 
-def active_user_indices(run: RunContext, user_ids: np.ndarray) -> np.ndarray:
-    """Dense indices of users with an event in the last ``active_days`` of the run's interval."""
-    since = run.interval_end - timedelta(days=run.config.recommendations.active_days)
-    dataset = ds.dataset(str(run.layout.events_lake), format="parquet", partitioning="hive")
+def active_user_indices(lake: Path, since: datetime, until: datetime, user_ids: np.ndarray) -> np.ndarray:
+    """Dense indices of users with an event in the lake between ``since`` and ``until``."""
+    dataset = ds.dataset(str(lake), format="parquet", partitioning="hive")
     table = dataset.to_table(
         columns=["user_id"],
-        filter=(ds.field("event_ts") >= since) & (ds.field("event_ts") < run.interval_end),
+        filter=(ds.field("event_ts") >= since) & (ds.field("event_ts") < until),
     )
     active = set(table.column("user_id").unique().to_pylist())
     return np.flatnonzero(np.fromiter((user in active for user in user_ids), dtype=bool, count=len(user_ids)))
@@ -77,47 +72,3 @@ def recommend_for_users(
         np.concatenate(out_items or [empty]),
         np.concatenate(out_scores or [empty]).astype(np.float32),
     )
-
-
-def run_batch_recommendations(run: RunContext) -> dict[str, float]:
-    """Write top-N lists for the run's active users through the run's index."""
-    interactions_dir = run.stage_dir("interactions")
-    n_users, n_items = matrix_shape(interactions_dir)
-    train = read_matrix(interactions_dir / "train")
-    holdout = read_matrix(interactions_dir / "holdout")
-    seen = (train.to_csr(n_users, n_items) + holdout.to_csr(n_users, n_items)).tocsr()
-    embeddings = read_embeddings(run.stage_dir("model"))
-    has_vector = np.zeros(n_users, dtype=bool)
-    has_vector[embeddings.user_idx] = True
-    user_ids = read_id_map(interactions_dir / "maps" / "users")
-    item_ids = read_id_map(interactions_dir / "maps" / "items")
-    active = active_user_indices(run, user_ids)
-    users, ranks, items, scores = recommend_for_users(
-        active,
-        embeddings.dense_users(n_users),
-        has_vector,
-        load_index(run.stage_dir("index")),
-        seen,
-        np.bincount(train.item_idx, minlength=n_items),
-        run.config.recommendations.top_n,
-    )
-    table = pa.table(
-        {
-            "user_id": pa.array(user_ids[users].tolist(), pa.string()),
-            "rank": pa.array(ranks.astype(np.int32)),
-            "item_id": pa.array(item_ids[items].tolist(), pa.string()),
-            "score": pa.array(scores),
-        }
-    )
-    with atomic_dir(run.stage_dir("recommendations")) as staging:
-        staging.mkdir(parents=True)
-        pq.write_table(table, staging / "recommendations.parquet")
-    served = len(np.unique(users))
-    metrics = {
-        "batch_active_users": float(len(active)),
-        "batch_users_served": float(served),
-        "batch_fallback_users": float((~has_vector[active]).sum()),
-        "batch_coverage": len(np.unique(items)) / max(len(embeddings.item_idx), 1),
-    }
-    run.write_metrics("recommendations", metrics)
-    return metrics

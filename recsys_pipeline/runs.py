@@ -2,6 +2,17 @@
 
 Every stage writes into a temporary sibling and renames it into place on success, so
 a crashed stage never leaves a half-written output and re-running a stage is safe.
+Each stage output has one typed reader and writer here, so no other module names its files.
+
+Run folder (``<state>/runs/<dag_id>/<interval>/``)::
+
+    run.json                the run id and the resolved config every task of the run uses
+    interactions/           train/, holdout/, maps/{users,items}/, recent/{users,items}/, fingerprint.txt
+    model/                  user_factors.parquet, item_factors.parquet, training_loss.json, params.json,
+                            sweep.json (after a sweep)
+    refresh/refresh.json    a nightly refresh's lineage and escalation decision
+    index/ recommendations/ validation/ bundle/
+    metrics/<stage>.json    gates/<gate>.json
 """
 
 from __future__ import annotations
@@ -11,12 +22,21 @@ import shutil
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from recsys_pipeline.config import PipelineConfig, load_config
+import numpy as np
+import scipy.sparse as sp
+
+from recsys_pipeline.config import AlsConfig, PipelineConfig, load_config
+from recsys_pipeline.embeddings import Embeddings, read_embeddings, write_embeddings
+from recsys_pipeline.errors import RecsysError
+from recsys_pipeline.tables import Triples, count_rows, read_id_map, read_indices, read_matrix
+
+RUN_RECORD = "run.json"
+TRAINED_PARAMS, TRAINING_LOSS, SWEEP = "params.json", "training_loss.json", "sweep.json"
 
 
 def parse_instant(value: str | datetime) -> datetime:
@@ -100,23 +120,52 @@ class RunContext:
     ) -> RunContext:
         start, end = parse_instant(interval_start), parse_instant(interval_end)
         if end <= start:
-            raise ValueError(
+            raise RecsysError(
                 f"data interval end {end.isoformat()} is not after its start {start.isoformat()}"
             )
         return cls(config, dag_id, run_id or f"manual__{end.isoformat()}", start, end, mode)
 
     @classmethod
+    def open(
+        cls,
+        dag_id: str,
+        run_id: str,
+        interval_start: str | datetime,
+        interval_end: str | datetime,
+        mode: RunMode = "full",
+        config_path: Path | str | None = None,
+        overrides: dict[str, Any] | None = None,
+    ) -> RunContext:
+        """The run as a task sees it: the config snapshot its first task took, or a new snapshot.
+
+        Every task of one run uses the same configuration even if the YAML changes mid-run;
+        a new run (another run id) of the same interval snapshots afresh.
+        """
+        config = load_config(config_path, overrides)
+        return cls.create(config, dag_id, interval_start, interval_end, run_id, mode).snapshot_config()
+
+    @classmethod
     def from_airflow(cls, context: Mapping[str, Any], mode: RunMode = "full") -> RunContext:
         """The run described by an Airflow task context; ``params.config_overrides`` override the config."""
-        overrides = dict(context["params"].get("config_overrides") or {})
-        return cls.create(
-            load_config(overrides=overrides),
+        return cls.open(
             context["dag"].dag_id,
+            context["run_id"],
             context["data_interval_start"],
             context["data_interval_end"],
-            context["run_id"],
             mode,
+            overrides=dict(context["params"].get("config_overrides") or {}),
         )
+
+    def snapshot_config(self) -> RunContext:
+        """This run with the configuration recorded by its first task (recording it if this is the first)."""
+        path = self.run_dir / RUN_RECORD
+        if path.is_file():
+            record = json.loads(path.read_text())
+            if record.get("run_id") == self.run_id:
+                return replace(self, config=PipelineConfig.model_validate(record["config"]))
+        pinned = self.config.model_copy(update={"state_dir": self.config.state_home})
+        write_json(path, {"run_id": self.run_id, "config": pinned.resolved()})
+        return replace(self, config=pinned)
 
     @property
     def layout(self) -> StateLayout:
@@ -138,6 +187,94 @@ class RunContext:
     def stage_dir(self, stage: str) -> Path:
         return self.run_dir / stage
 
+    # interactions/: written by the Spark interactions stage, read by every later stage.
+    @property
+    def interactions_dir(self) -> Path:
+        return self.stage_dir("interactions")
+
+    def id_map_dir(self, side: Literal["users", "items"]) -> Path:
+        return self.interactions_dir / "maps" / side
+
+    def ids(self, side: Literal["users", "items"]) -> np.ndarray:
+        """The source ids of one side, positioned by dense index."""
+        return read_id_map(self.id_map_dir(side))
+
+    def matrix_shape(self) -> tuple[int, int]:
+        return count_rows(self.id_map_dir("users")), count_rows(self.id_map_dir("items"))
+
+    def train_triples(self) -> Triples:
+        return read_matrix(self.interactions_dir / "train")
+
+    def holdout_triples(self) -> Triples:
+        return read_matrix(self.interactions_dir / "holdout")
+
+    def train_matrix(self) -> sp.csr_matrix:
+        """The training confidences as a (users x items) CSR matrix."""
+        return self.train_triples().to_csr(*self.matrix_shape())
+
+    def holdout_matrix(self) -> sp.csr_matrix:
+        return self.holdout_triples().to_csr(*self.matrix_shape())
+
+    def recent(self, side: Literal["users", "items"]) -> np.ndarray:
+        """Dense indices active in the run's own interval."""
+        return read_indices(self.interactions_dir / "recent" / side)
+
+    def input_fingerprint(self) -> str:
+        return (self.interactions_dir / "fingerprint.txt").read_text().strip()
+
+    # model/: the embeddings a run trained or refreshed, with how they were made.
+    @property
+    def model_dir(self) -> Path:
+        return self.stage_dir("model")
+
+    def write_model(
+        self,
+        embeddings: Embeddings,
+        losses: list[float],
+        params: AlsConfig,
+        sweep_summary: dict[str, Any] | None = None,
+    ) -> None:
+        with atomic_dir(self.model_dir) as staging:
+            write_model_dir(staging, embeddings, losses, params, sweep_summary)
+
+    def embeddings(self) -> Embeddings:
+        return read_embeddings(self.model_dir)
+
+    def training_losses(self) -> list[float]:
+        return [float(loss) for loss in json.loads((self.model_dir / TRAINING_LOSS).read_text())]
+
+    def trained_params(self) -> AlsConfig:
+        return read_trained_params(self.model_dir, self.config.als)
+
+    def sweep_summary(self) -> dict[str, Any] | None:
+        path = self.model_dir / SWEEP
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    # refresh/: a nightly run's lineage and its escalation decision.
+    def write_refresh_record(self, record: RefreshRecord) -> None:
+        with atomic_dir(self.stage_dir("refresh")) as staging:
+            write_json(staging / "refresh.json", asdict(record))
+
+    def refresh_record(self) -> RefreshRecord | None:
+        path = self.stage_dir("refresh") / "refresh.json"
+        return RefreshRecord(**json.loads(path.read_text())) if path.is_file() else None
+
+    @property
+    def index_dir(self) -> Path:
+        return self.stage_dir("index")
+
+    @property
+    def recommendations_file(self) -> Path:
+        return self.stage_dir("recommendations") / "recommendations.parquet"
+
+    @property
+    def validation_dir(self) -> Path:
+        return self.stage_dir("validation")
+
+    @property
+    def bundle_dir(self) -> Path:
+        return self.stage_dir("bundle")
+
     def write_metrics(self, stage: str, metrics: dict[str, float]) -> None:
         write_json(self.run_dir / "metrics" / f"{stage}.json", metrics)
 
@@ -155,6 +292,62 @@ class RunContext:
             path.stem: json.loads(path.read_text())
             for path in sorted((self.run_dir / "gates").glob("*.json"))
         }
+
+
+@dataclass(frozen=True)
+class RefreshRecord:
+    """What a nightly refresh did: its lineage (registry versions), counts, time and decision."""
+
+    parent_version: str  # the weekly version the refreshed model descends from
+    derived_from_version: str  # the champion it folded into
+    refresh_day: str
+    users_updated: int
+    users_added: int
+    items_added: int
+    refresh_s: float
+    solver: str
+    escalate: bool
+    reasons: list[str]
+
+    # Registered with the version as tags and shown by ``recsys status``.
+    LINEAGE_TAGS: ClassVar[tuple[str, ...]] = (
+        "parent_version",
+        "derived_from_version",
+        "refresh_day",
+        "users_updated",
+        "users_added",
+        "items_added",
+        "refresh_s",
+    )
+
+    def tags(self) -> dict[str, str]:
+        return {name: str(getattr(self, name)) for name in self.LINEAGE_TAGS}
+
+
+def write_model_dir(
+    directory: Path,
+    embeddings: Embeddings,
+    losses: list[float],
+    params: AlsConfig,
+    sweep_summary: dict[str, Any] | None = None,
+) -> None:
+    """A model folder: factors, loss per iteration, the hyperparameters used (and the sweep, if any)."""
+    write_embeddings(directory, embeddings)
+    write_json(directory / TRAINING_LOSS, losses)
+    write_json(directory / TRAINED_PARAMS, {"backend": params.backend, **params.hyperparameters()})
+    if sweep_summary is not None:
+        write_json(directory / SWEEP, sweep_summary)
+
+
+def read_trained_params(directory: Path, fallback: AlsConfig) -> AlsConfig:
+    """The ALS settings a model folder was trained with (``fallback``'s where it records none)."""
+    path = directory / TRAINED_PARAMS
+    if not path.is_file():
+        return fallback
+    recorded = json.loads(path.read_text())
+    return fallback.with_params({name: recorded[name] for name in fallback.hyperparameters()}).model_copy(
+        update={"backend": recorded.get("backend", fallback.backend)}
+    )
 
 
 @contextmanager

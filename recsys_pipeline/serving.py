@@ -7,77 +7,61 @@ dataset's original IDs.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import scipy.sparse as sp
 from mlflow.pyfunc import PythonModel
 
-from recsys_pipeline.als import read_embeddings
+from recsys_pipeline.bundle import Bundle
 from recsys_pipeline.config import PipelineConfig, load_config
-from recsys_pipeline.evaluate import first_unseen, popular_items
-from recsys_pipeline.index import load_index
-from recsys_pipeline.tables import read_id_map
+from recsys_pipeline.embeddings import presence_mask
+from recsys_pipeline.errors import RecsysError
+from recsys_pipeline.ranking import dot_top_k, first_unseen, popular_items
+from recsys_pipeline.registry import CHAMPION, download
 
-SUPPORTED_BUNDLE_FORMATS = {1}
 RESULT_COLUMNS = ["rank", "item_id", "score"]
 
 
-class UnknownIdError(KeyError):
+class UnknownIdError(RecsysError, KeyError):
     """An id the published version has never seen."""
 
     def __str__(self) -> str:
         return str(self.args[0])
 
 
-class BundleFormatError(RuntimeError):
-    """The bundle was written in a format this code does not read."""
-
-
 class Recommender:
     """In-process access to one published version; loads maps, vectors and index once."""
 
-    def __init__(self, bundle_dir: Path):
-        meta = json.loads((bundle_dir / "bundle.json").read_text())
-        if meta.get("format_version") not in SUPPORTED_BUNDLE_FORMATS:
-            raise BundleFormatError(
-                f"bundle format {meta.get('format_version')} is not supported (supported: "
-                f"{sorted(SUPPORTED_BUNDLE_FORMATS)}); upgrade recsys-pipeline"
-            )
-        self.meta = meta
-        self.user_ids = read_id_map(bundle_dir / "id_maps" / "users.parquet")
-        self.item_ids = read_id_map(bundle_dir / "id_maps" / "items.parquet")
+    def __init__(self, bundle: Bundle):
+        self.meta = bundle.meta
+        self.user_ids = bundle.ids("users")
+        self.item_ids = bundle.ids("items")
         self.user_lookup = {user_id: idx for idx, user_id in enumerate(self.user_ids)}
         self.item_lookup = {item_id: idx for idx, item_id in enumerate(self.item_ids)}
-        embeddings = read_embeddings(bundle_dir / "embeddings")
+        embeddings = bundle.embeddings()
         self.user_vectors = embeddings.dense_users(len(self.user_ids))
-        self.has_user_vector = np.zeros(len(self.user_ids), dtype=bool)
-        self.has_user_vector[embeddings.user_idx] = True
+        self.has_user_vector = presence_mask(embeddings.user_idx, len(self.user_ids))
         self.item_vectors = embeddings.dense_items(len(self.item_ids))
-        self.has_item_vector = np.zeros(len(self.item_ids), dtype=bool)
-        self.has_item_vector[embeddings.item_idx] = True
-        self.index = load_index(bundle_dir / "index")
-        history = pq.read_table(bundle_dir / "history.parquet")
+        self.has_item_vector = presence_mask(embeddings.item_idx, len(self.item_ids))
+        self.index = bundle.index()
+        user_idx, item_idx = bundle.history()
         self.history = sp.csr_matrix(
-            (
-                np.ones(history.num_rows, dtype=np.int8),
-                (history.column("user_idx").to_numpy(), history.column("item_idx").to_numpy()),
-            ),
+            (np.ones(len(user_idx), dtype=np.int8), (user_idx, item_idx)),
             shape=(len(self.user_ids), len(self.item_ids)),
         )
-        popularity = np.load(bundle_dir / "popularity.npy")
-        self.popular = popular_items(popularity)
-        self.popularity = popularity
+        self.popularity = bundle.popularity()
+        self.popular = popular_items(self.popularity)
 
     @classmethod
-    def from_registry(cls, alias: str = "champion", config: PipelineConfig | None = None) -> Recommender:
-        from recsys_pipeline.publish import download_bundle
+    def from_path(cls, path: Path) -> Recommender:
+        return cls(Bundle(path))
 
-        _, bundle = download_bundle(config or load_config(), alias)
+    @classmethod
+    def from_registry(cls, alias: str = CHAMPION, config: PipelineConfig | None = None) -> Recommender:
+        _, bundle = download(config or load_config(), alias)
         return cls(bundle)
 
     def _user_idx(self, user_id: str) -> int | None:
@@ -115,18 +99,16 @@ class Recommender:
             raise UnknownIdError(f"unknown item id {item_id!r}: not in this version's ID map")
         if not self.has_item_vector[idx]:
             raise UnknownIdError(f"item id {item_id!r} has no vector in this version (no training data)")
-        norms = np.linalg.norm(self.item_vectors, axis=1)
-        cosine = self.item_vectors @ self.item_vectors[idx] / np.maximum(norms * norms[idx], 1e-12)
-        cosine[~self.has_item_vector] = -np.inf
-        cosine[idx] = -np.inf
-        k = min(k, int(self.has_item_vector.sum()) - 1)
-        best = np.argsort(-cosine, kind="stable")[:k]
+        unit = self.item_vectors / np.maximum(np.linalg.norm(self.item_vectors, axis=1, keepdims=True), 1e-12)
+        allowed = self.has_item_vector.copy()
+        allowed[idx] = False
+        best, cosine = dot_top_k(unit[idx][None, :], unit, min(k, int(allowed.sum())), allowed=allowed)
         return pd.DataFrame(
             {
                 "query_item_id": str(item_id),
-                "rank": np.arange(1, len(best) + 1),
-                "item_id": self.item_ids[best],
-                "score": cosine[best].astype(np.float64),
+                "rank": np.arange(1, best.shape[1] + 1),
+                "item_id": self.item_ids[best[0]],
+                "score": cosine[0].astype(np.float64),
             }
         )
 
@@ -164,7 +146,7 @@ class RecsysPyfunc(PythonModel):
     """
 
     def load_context(self, context: Any) -> None:
-        self.recommender = Recommender(Path(context.artifacts["bundle"]))
+        self.recommender = Recommender.from_path(Path(context.artifacts["bundle"]))
 
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
@@ -177,5 +159,5 @@ class RecsysPyfunc(PythonModel):
             elif pd.notna(row.get("item_id")):
                 frames.append(self.recommender.similar(str(row["item_id"]), k))
             else:
-                raise ValueError("each input row needs a user_id or an item_id")
+                raise RecsysError("each input row needs a user_id or an item_id")
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=RESULT_COLUMNS)

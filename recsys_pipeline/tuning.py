@@ -22,8 +22,6 @@ from recsys_pipeline.evaluate import EvaluationSet
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
-    from recsys_pipeline.runs import RunContext
-
 log = logging.getLogger(__name__)
 
 
@@ -119,38 +117,3 @@ def sweep(
         reasons = "; ".join(sorted({trial["error"] for trial in trials}))
         raise ModelFitError(f"every sweep trial failed: {reasons}")
     return SweepResult(best[1], objective, best[0], trials)
-
-
-def run_sweep(
-    user_items: sp.csr_matrix, run: RunContext, sweep_config: SweepConfig, spark: SparkSession | None
-) -> SweepResult:
-    """Sweep for the run, logged as one MLflow parent run with a nested run per trial."""
-    import mlflow
-
-    from recsys_pipeline.publish import experiment_id, mlflow_client
-
-    config = run.config
-    client = mlflow_client(config)
-    experiment = experiment_id(client, config)
-
-    def log_trial(
-        number: int, params: dict[str, float], metrics: dict[str, float] | None, error: str | None
-    ) -> None:
-        with mlflow.start_run(experiment_id=experiment, run_name=f"trial {number}", nested=True):
-            mlflow.log_params(params)
-            if metrics is not None:
-                mlflow.log_metrics({f"validation_{name}": value for name, value in metrics.items()})
-            else:
-                mlflow.set_tag("error", error or "")
-
-    with mlflow.start_run(
-        experiment_id=experiment,
-        run_name=f"sweep {run.run_key}",
-        tags={"run_key": run.run_key, "kind": "sweep"},
-    ) as parent:
-        result = sweep(user_items, config.als, sweep_config, config.evaluation.k, spark, log_trial)
-        mlflow.log_params({f"best.{name}": value for name, value in result.best.hyperparameters().items()})
-        mlflow.log_metric(f"best_validation_{result.objective}", result.score)
-        result.mlflow_run_id = parent.info.run_id
-        mlflow.log_dict(result.summary(), "sweep.json")
-    return result

@@ -1,7 +1,8 @@
 """Great Expectations suites over what a run read and produced, run as one checkpoint per suite.
 
-Each run gets its own file-backed GX project under ``<run_dir>/validation/gx`` so its
-suites, results and Data Docs travel with the run (and into the published bundle).
+:func:`validate_frames` runs them in a file-backed GX project (the validate stage puts it
+under the run's ``validation/gx``), so suites, results and Data Docs travel with the run
+and into the published bundle.
 """
 
 from __future__ import annotations
@@ -13,14 +14,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow.dataset as ds
 
-from recsys_pipeline import drift
-from recsys_pipeline.als import Embeddings, matrix_shape, read_embeddings
 from recsys_pipeline.config import PipelineConfig
-from recsys_pipeline.events import EVENT_COLUMNS, ingest_window
-from recsys_pipeline.runs import RunContext, atomic_dir, write_json
-from recsys_pipeline.tables import read_id_map
+from recsys_pipeline.errors import RecsysError
+from recsys_pipeline.events import EVENT_COLUMNS
 
 DATA_DOCS = Path("gx") / "uncommitted" / "data_docs" / "local_site"
 # Cosine above this to another vector counts as a collapsed (duplicate) embedding.
@@ -28,7 +25,7 @@ COLLAPSE_COSINE = 0.9999
 NEIGHBOUR_SAMPLE = 20_000
 
 
-class ValidationFailedError(RuntimeError):
+class ValidationFailedError(RecsysError):
     """A suite failed; the message names the suite, the expectation and what was observed."""
 
 
@@ -162,39 +159,6 @@ def drift_summary_suite(config: PipelineConfig) -> list[Any]:
     ]
 
 
-def _champion_rows(run: RunContext) -> float | None:
-    """How many events the champion's weekly run ingested: the reference for a full run's row-count band.
-
-    A refresh ingests one day, so it has no comparable reference (None: no band).
-    """
-    from recsys_pipeline.publish import NothingPublishedError, champion_status, version_status
-
-    if run.mode == "refresh":
-        return None
-    try:
-        status = champion_status(run.config)
-    except NothingPublishedError:
-        return None
-    if status["kind"] == "refresh":
-        return version_status(run.config, status["refresh"]["parent_version"])["metrics"].get(
-            "events_ingested"
-        )
-    return status["metrics"].get("events_ingested")
-
-
-def _drift_against_champion(run: RunContext, embeddings: Embeddings) -> drift.DriftReport | None:
-    """Drift of this run's vectors against the champion's; None when there is no champion yet."""
-    from recsys_pipeline.publish import champion_embeddings
-
-    champion = champion_embeddings(run.config)
-    if champion is None:
-        return None
-    rules = run.config.drift
-    report = drift.compare(champion, embeddings, rules.k, rules.sample_items, rules.sample_users)
-    run.write_metrics("drift", report.metrics)
-    return report
-
-
 def recommendations_suite(config: PipelineConfig) -> list[Any]:
     import great_expectations as gx
 
@@ -291,66 +255,3 @@ def validate_frames(project_dir: Path, frames: dict[str, tuple[pd.DataFrame, lis
                         )
                     )
     return failures
-
-
-def _lake_frame(run: RunContext) -> pd.DataFrame:
-    start, end = ingest_window(run)
-    dataset = ds.dataset(str(run.layout.events_lake), format="parquet", partitioning="hive")
-    table = dataset.to_table(filter=(ds.field("event_ts") >= start) & (ds.field("event_ts") < end))
-    return table.to_pandas()
-
-
-def run_validation(run: RunContext) -> dict[str, float]:
-    """Validate the run's events, interactions and embeddings; raise naming every failure."""
-    config = run.config
-    interactions_dir = run.stage_dir("interactions")
-    n_users, n_items = matrix_shape(interactions_dir)
-    embeddings: Embeddings = read_embeddings(run.stage_dir("model"))
-    window_start, window_end = ingest_window(run)
-    train = ds.dataset(str(interactions_dir / "train"), format="parquet").to_table().to_pandas()
-    frames: dict[str, tuple[pd.DataFrame, list[Any]]] = {
-        "events": (
-            _lake_frame(run),
-            events_suite(config, pd.Timestamp(window_start), pd.Timestamp(window_end), _champion_rows(run)),
-        ),
-        "ingest_summary": (
-            pd.DataFrame([run.read_metrics()]).reindex(columns=["quarantine_share"]),
-            ingest_summary_suite(config),
-        ),
-        "interactions": (train, interactions_suite(n_users, n_items)),
-        "interaction_profile": (interaction_profile(train), interaction_profile_suite(config)),
-        "item_embeddings": (
-            embedding_profile(embeddings.item_idx, embeddings.item_factors),
-            embeddings_suite(config, n_items, len(embeddings.item_idx)),
-        ),
-    }
-    recommendations = run.stage_dir("recommendations") / "recommendations.parquet"
-    if recommendations.is_file():
-        frames["recommendations"] = (pd.read_parquet(recommendations), recommendations_suite(config))
-        item_ids = read_id_map(interactions_dir / "maps" / "items")
-        popularity = train.groupby("item_idx").size().rename(index=lambda idx: item_ids[idx])
-        frames["recommendations_summary"] = (
-            recommendations_summary(frames["recommendations"][0], run.read_metrics(), popularity),
-            recommendations_summary_suite(config),
-        )
-    report = _drift_against_champion(run, embeddings)
-    if report is not None:
-        frames["item_drift"] = (report.items, item_drift_suite(config))
-        frames["drift_summary"] = (pd.DataFrame([report.metrics]), drift_summary_suite(config))
-    with atomic_dir(run.stage_dir("validation")) as staging:
-        staging.mkdir(parents=True)
-        if report is not None:
-            report.items.to_parquet(staging / "item_drift.parquet")
-            drift.plot(report, staging / "drift.png")
-        failures = validate_frames(staging, frames)
-        write_json(staging / "failures.json", [str(f) for f in failures])
-    metrics = {"validation_failures": float(len(failures)), "validation_suites": float(len(frames))}
-    run.write_metrics("validate", metrics)
-    run.write_gate("validation", not failures, [str(f) for f in failures])
-    if failures:
-        from recsys_pipeline.publish import log_rejected_run
-
-        message = "; ".join(str(f) for f in failures)
-        log_rejected_run(run, message)
-        raise ValidationFailedError(message)
-    return metrics

@@ -1,0 +1,79 @@
+"""The ``Embeddings`` type and its Parquet files, shared by training, refresh, index, drift and serving.
+
+Factor files::
+
+    user_factors.parquet   idx INT, factors FIXED_SIZE_LIST<FLOAT32>[factors]   users with a vector
+    item_factors.parquet   idx INT, factors FIXED_SIZE_LIST<FLOAT32>[factors]   items with a vector
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+USER_FACTORS, ITEM_FACTORS = "user_factors.parquet", "item_factors.parquet"
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    """Factors for the users and items that had training data.
+
+    ``user_idx``/``item_idx`` are dense indices from the ID maps; row ``r`` of
+    ``user_factors`` is the vector of user ``user_idx[r]``.
+    """
+
+    user_idx: np.ndarray
+    user_factors: np.ndarray
+    item_idx: np.ndarray
+    item_factors: np.ndarray
+
+    def dense_users(self, n_users: int) -> np.ndarray:
+        """(n_users, factors) with zero rows for users without a vector."""
+        return scatter(self.user_idx, self.user_factors, n_users)
+
+    def dense_items(self, n_items: int) -> np.ndarray:
+        return scatter(self.item_idx, self.item_factors, n_items)
+
+
+def scatter(idx: np.ndarray, factors: np.ndarray, size: int) -> np.ndarray:
+    """(size, factors) with row ``idx[r]`` = ``factors[r]`` and zeros elsewhere."""
+    dense = np.zeros((size, factors.shape[1]), dtype=np.float32)
+    dense[idx] = factors
+    return dense
+
+
+def presence_mask(idx: np.ndarray, size: int) -> np.ndarray:
+    """Boolean (size,) that is True at the given dense indices: which rows have a vector."""
+    mask = np.zeros(size, dtype=bool)
+    mask[idx[idx < size]] = True
+    return mask
+
+
+def write_factors(path: Path, idx: np.ndarray, factors: np.ndarray) -> None:
+    flat = pa.array(factors.astype(np.float32).ravel())
+    vectors = pa.FixedSizeListArray.from_arrays(flat, factors.shape[1])
+    pq.write_table(pa.table({"idx": pa.array(idx.astype(np.int32)), "factors": vectors}), path)
+
+
+def read_factors(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    table = pq.read_table(path)
+    column = table.column("factors").combine_chunks()
+    width = column.type.list_size
+    factors = column.flatten().to_numpy(zero_copy_only=False).reshape(-1, width).astype(np.float32)
+    return table.column("idx").to_numpy().astype(np.int64), factors
+
+
+def write_embeddings(directory: Path, embeddings: Embeddings) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    write_factors(directory / USER_FACTORS, embeddings.user_idx, embeddings.user_factors)
+    write_factors(directory / ITEM_FACTORS, embeddings.item_idx, embeddings.item_factors)
+
+
+def read_embeddings(directory: Path) -> Embeddings:
+    user_idx, user_factors = read_factors(directory / USER_FACTORS)
+    item_idx, item_factors = read_factors(directory / ITEM_FACTORS)
+    return Embeddings(user_idx, user_factors, item_idx, item_factors)

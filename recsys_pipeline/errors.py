@@ -1,0 +1,11 @@
+"""The one base class for errors meant for the person running the pipeline.
+
+Every ``RecsysError`` says what failed and what to do about it. ``jobs`` and the CLI print
+these as one line; any other exception is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class RecsysError(Exception):
+    """A failure the user can act on: bad input, a failed gate, a missing version, a bad request."""

@@ -1,0 +1,111 @@
+"""One top-k kernel for evaluation, exact search, batch recommendations and serving.
+
+Every ranking in the pipeline goes through :func:`top_k` (best columns of a score block)
+or :func:`dot_top_k` (batched dot products, then ``top_k``), so ties, padding and the
+handling of excluded items are the same everywhere. Memory stays bounded by the batch:
+a (batch x items) score block and its partition, never (users x items).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+
+NO_ITEM = -1
+# Score elements partitioned at once: 4M float32 scores plus their int64 positions, about 48 MB.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(columns, scores) of the ``min(k, columns)`` highest scores per row, best first.
+
+    Entries that are not finite (excluded items are set to -inf) come back as ``NO_ITEM``.
+    """
+    n_rows, n_cols = scores.shape
+    width = min(k, n_cols)
+    columns = np.full((n_rows, width), NO_ITEM, dtype=np.int64)
+    best = np.full((n_rows, width), -np.inf, dtype=np.float32)
+    if width == 0:
+        return columns, best
+    step = max(1, CHUNK_ELEMENTS // n_cols)
+    for start in range(0, n_rows, step):
+        block = scores[start : start + step]
+        part = np.argpartition(block, n_cols - width, axis=1)[:, n_cols - width :]
+        part_scores = np.take_along_axis(block, part, axis=1)
+        order = np.argsort(-part_scores, axis=1, kind="stable")
+        chosen = np.take_along_axis(part, order, axis=1)
+        chosen_scores = np.take_along_axis(part_scores, order, axis=1)
+        chosen[~np.isfinite(chosen_scores)] = NO_ITEM
+        columns[start : start + step] = chosen
+        best[start : start + step] = chosen_scores
+    return columns, best
+
+
+def exclude(scores: np.ndarray, rows: sp.csr_matrix) -> None:
+    """Set -inf, in place, wherever ``rows`` (one sparse row per score row) has an entry."""
+    row, col = rows.nonzero()
+    scores[row, col] = -np.inf
+
+
+def dot_top_k(
+    queries: np.ndarray,
+    vectors: np.ndarray,
+    k: int,
+    *,
+    allowed: np.ndarray | None = None,
+    seen: sp.csr_matrix | None = None,
+    batch_size: int = 1024,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k rows of ``vectors`` by dot product per query, in batches of ``batch_size`` queries.
+
+    ``allowed`` (bool per vector) masks rows that may be returned; ``seen`` (one sparse row per
+    query) excludes each query's own items.
+    """
+    width = min(k, len(vectors))
+    columns = np.empty((len(queries), width), dtype=np.int64)
+    best = np.empty((len(queries), width), dtype=np.float32)
+    for start in range(0, len(queries), batch_size):
+        stop = start + batch_size
+        scores = np.asarray(queries[start:stop], dtype=np.float32) @ vectors.T
+        if allowed is not None:
+            scores[:, ~allowed] = -np.inf
+        if seen is not None:
+            exclude(scores, seen[start:stop])
+        columns[start:stop], best[start:stop] = top_k(scores, k)
+    return columns, best
+
+
+def pad(columns: np.ndarray, k: int) -> np.ndarray:
+    """Widen a ranked list to k columns with ``NO_ITEM``."""
+    if columns.shape[1] >= k:
+        return columns
+    return np.hstack([columns, np.full((len(columns), k - columns.shape[1]), NO_ITEM, dtype=np.int64)])
+
+
+def popular_items(popularity: np.ndarray) -> np.ndarray:
+    """Items with any interaction, most popular first (ties keep index order)."""
+    return np.argsort(-popularity, kind="stable")[: int((popularity > 0).sum())]
+
+
+def first_unseen(
+    items: np.ndarray, scores: np.ndarray, seen: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The first k entries of a ranked list (items with their scores) whose item is not in ``seen``."""
+    keep = ~np.isin(items, seen) & (items != NO_ITEM)
+    return items[keep][:k], scores[keep][:k]
+
+
+def popular_unseen(popularity: np.ndarray, seen: sp.csr_matrix, k: int) -> np.ndarray:
+    """The k most popular unseen items for every row of ``seen``, padded with ``NO_ITEM``.
+
+    Each row looks only at the head of the popular list it needs (k plus its own history),
+    so memory is (rows x k), whatever the catalogue size.
+    """
+    popular = popular_items(popularity)
+    out = np.full((seen.shape[0], k), NO_ITEM, dtype=np.int64)
+    for row in range(seen.shape[0]):
+        history = seen.indices[seen.indptr[row] : seen.indptr[row + 1]]
+        head = popular[: k + len(history)]
+        items, _ = first_unseen(head, head, history, k)
+        out[row, : len(items)] = items
+    return out

@@ -1,0 +1,178 @@
+"""The model registry: versions, aliases (``champion``, ``previous``), promotion, rollback, downloads
+and the status report the CLI shows."""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from recsys_pipeline import tracking
+from recsys_pipeline.bundle import Bundle
+from recsys_pipeline.config import PipelineConfig
+from recsys_pipeline.embeddings import Embeddings
+from recsys_pipeline.errors import RecsysError
+from recsys_pipeline.runs import StateLayout, atomic_dir
+
+log = logging.getLogger(__name__)
+CHAMPION, PREVIOUS = "champion", "previous"
+
+
+class GateFailedError(RecsysError):
+    """A gate did not pass, so the champion alias was left where it was."""
+
+
+class NothingPublishedError(RecsysError, LookupError):
+    """The registry holds no version behind the requested alias."""
+
+
+def find_version(config: PipelineConfig, tags: dict[str, str]) -> Any | None:
+    """The newest version registered with the same ``run_key`` and ``input_fingerprint`` tags, if any."""
+    query = (
+        f"name = '{config.mlflow.model_name}' and tags.run_key = '{tags['run_key']}' "
+        f"and tags.input_fingerprint = '{tags['input_fingerprint']}'"
+    )
+    versions = tracking.client(config).search_model_versions(query)
+    return max(versions, key=lambda v: int(v.version)) if versions else None
+
+
+def alias_version(config: PipelineConfig, alias: str) -> Any | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return tracking.client(config).get_model_version_by_alias(config.mlflow.model_name, alias)
+    except MlflowException:
+        return None
+
+
+def wait_until_ready(config: PipelineConfig, version: str, timeout_s: float = 300) -> None:
+    bound = tracking.client(config)
+    name = config.mlflow.model_name
+    deadline = time.monotonic() + timeout_s
+    while (status := bound.get_model_version(name, version).status) != "READY":
+        if status == "FAILED_REGISTRATION" or time.monotonic() > deadline:
+            raise GateFailedError(f"{name} version {version} is {status}, not READY: not promoted")
+        time.sleep(1)
+
+
+def promote(config: PipelineConfig, version: str, reason: str) -> None:
+    """Point ``champion`` at ``version``; the version it replaces keeps ``previous``."""
+    bound = tracking.client(config)
+    name = config.mlflow.model_name
+    wait_until_ready(config, version)
+    current = alias_version(config, CHAMPION)
+    if current is not None and str(current.version) == str(version):
+        return
+    if current is not None:
+        bound.set_registered_model_alias(name, PREVIOUS, current.version)
+    bound.set_registered_model_alias(name, CHAMPION, version)
+    bound.set_model_version_tag(name, version, "promotion_reason", reason)
+    log.info("%s@%s -> version %s (%s)", name, CHAMPION, version, reason)
+
+
+def rollback(config: PipelineConfig, reason: str) -> str:
+    """Make the ``previous`` version champion again (the replaced champion becomes ``previous``)."""
+    previous = alias_version(config, PREVIOUS)
+    if previous is None:
+        raise NothingPublishedError(f"no version of {config.mlflow.model_name} has the alias '{PREVIOUS}'")
+    promote(config, str(previous.version), reason=f"rollback: {reason}")
+    return str(previous.version)
+
+
+def download(config: PipelineConfig, alias: str = CHAMPION) -> tuple[Any, Bundle]:
+    """(model version, its bundle) behind ``alias``, cached per version under the state home."""
+    version = alias_version(config, alias)
+    if version is None:
+        raise NothingPublishedError(
+            f"no version of {config.mlflow.model_name} has the alias '{alias}' yet: run the weekly DAG first"
+        )
+    return version, version_bundle(config, str(version.version))
+
+
+def version_bundle(config: PipelineConfig, version: str) -> Bundle:
+    """The bundle of one registered version, downloaded once into the cache."""
+    import mlflow
+
+    name = config.mlflow.model_name
+    cache = StateLayout(config.state_home).model_cache / name / version
+    folder = cache / "artifacts" / "bundle"
+    if not (folder / "bundle.json").is_file():
+        with tracking.fluent(config), atomic_dir(cache) as staging:
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=f"models:/{name}/{version}", dst_path=str(staging)
+            )
+    return Bundle(folder)
+
+
+def champion_embeddings(config: PipelineConfig) -> Embeddings | None:
+    """The champion's vectors, to compare a candidate with; None before anything is published."""
+    try:
+        _, bundle = download(config, CHAMPION)
+    except NothingPublishedError:
+        return None
+    return bundle.embeddings()
+
+
+def list_versions(config: PipelineConfig) -> list[dict[str, Any]]:
+    """Every registered version, newest first, as ``{version, aliases, tags, metrics}``."""
+    bound = tracking.client(config)
+    name = config.mlflow.model_name
+    # Version search results leave aliases out; the registered model holds them all.
+    aliases = bound.get_registered_model(name).aliases
+    rows = [
+        {
+            "version": int(version.version),
+            "aliases": sorted(
+                alias for alias, number in aliases.items() if str(number) == str(version.version)
+            ),
+            "tags": dict(sorted(version.tags.items())),
+            "metrics": dict(sorted(bound.get_run(version.run_id).data.metrics.items())),
+        }
+        for version in bound.search_model_versions(f"name = '{name}'")
+    ]
+    return sorted(rows, key=lambda row: -row["version"])
+
+
+def champion_status(config: PipelineConfig) -> dict[str, Any]:
+    """What ``recsys status`` reports about the version behind ``champion``."""
+    bound = tracking.client(config)
+    name = config.mlflow.model_name
+    version = alias_version(config, CHAMPION)
+    if version is None:
+        raise NothingPublishedError(f"no version of {name} is the champion yet: run `make run` first")
+    run = bound.get_run(version.run_id)
+    tags = version.tags
+    status = {
+        "model": name,
+        "version": int(version.version),
+        "aliases": list(version.aliases),
+        "run_id": version.run_id,
+        "kind": tags.get("kind", "full"),
+        "data_window": {"start": tags.get("data_interval_start"), "end": tags.get("data_interval_end")},
+        "created_at": datetime.fromtimestamp(version.creation_timestamp / 1000, tz=UTC).isoformat(),
+        "metrics": dict(sorted(run.data.metrics.items())),
+        "tags": dict(sorted(tags.items())),
+    }
+    if status["kind"] == "refresh":
+        status["refresh"] = {
+            "parent_version": int(tags["parent_version"]),
+            "derived_from_version": int(tags["derived_from_version"]),
+            "day": tags["refresh_day"],
+            "users_updated": int(tags["users_updated"]),
+            "users_added": int(tags["users_added"]),
+            "items_added": int(tags["items_added"]),
+            "refresh_s": float(tags["refresh_s"]),
+        }
+    return status
+
+
+def version_status(config: PipelineConfig, version: str) -> dict[str, Any]:
+    """Tags and run metrics of one registered version."""
+    bound = tracking.client(config)
+    model_version = bound.get_model_version(config.mlflow.model_name, version)
+    return {
+        "version": int(model_version.version),
+        "tags": dict(model_version.tags),
+        "metrics": dict(bound.get_run(model_version.run_id).data.metrics),
+    }

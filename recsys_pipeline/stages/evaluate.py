@@ -1,0 +1,31 @@
+"""Evaluate the run's model, the popularity baseline and the champion on the run's holdout."""
+
+from __future__ import annotations
+
+import logging
+
+from recsys_pipeline.evaluate import EvaluationSet, gate
+from recsys_pipeline.registry import champion_embeddings
+from recsys_pipeline.runs import RunContext
+
+log = logging.getLogger(__name__)
+
+
+def run_evaluation(run: RunContext) -> dict[str, float]:
+    """Metrics of the candidate, ``baseline_*`` of popularity and ``champion_*`` of the champion (if any),
+    all on the same users; writes the evaluation gate."""
+    champion = champion_embeddings(run.config)
+    evaluation = EvaluationSet.build(run.train_matrix(), run.holdout_matrix())
+    k = run.config.evaluation.k
+    metrics = evaluation.evaluate(run.embeddings(), k)
+    metrics.update(evaluation.evaluate_popularity(k))
+    metrics["eval_users"] = float(sum(len(rel) > 0 for rel in evaluation.relevant))
+    if champion is not None:
+        metrics.update(
+            {f"champion_{name}": value for name, value in evaluation.evaluate(champion, k).items()}
+        )
+    passed, reasons = gate(metrics, k, run.config.evaluation.gate)
+    run.write_metrics("evaluate", metrics)
+    run.write_gate("evaluation", passed, reasons)
+    log.info("evaluation gate %s %s", "passed" if passed else "failed", reasons)
+    return metrics

@@ -1,0 +1,166 @@
+"""Publish a run's bundle as a registered model version, log rejected runs, and promote through gates."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+from typing import Any
+
+from recsys_pipeline import tracking
+from recsys_pipeline.bundle import BUNDLE_FORMAT, Bundle, write_bundle
+from recsys_pipeline.config import PROJECT_ROOT
+from recsys_pipeline.registry import GateFailedError, find_version, promote
+from recsys_pipeline.runs import RunContext
+from recsys_pipeline.serving import RecsysPyfunc, model_signature
+
+log = logging.getLogger(__name__)
+REQUIRED_GATES = {
+    "full": ("evaluation", "index", "validation"),
+    # A fold-in has no untouched holdout to evaluate on; its gate is staying close to its parent.
+    "refresh": ("refresh", "index", "validation"),
+}
+SERVING_REQUIREMENTS = (
+    "mlflow",
+    "scann",
+    "pyarrow",
+    "pandas",
+    "numpy",
+    "scipy",
+    "pydantic",
+    "pyyaml",
+    "threadpoolctl",
+)
+
+
+def code_version() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        from importlib.metadata import version
+
+        return version("recsys-pipeline")
+
+
+def run_tags(run: RunContext) -> dict[str, str]:
+    """The tags a run's MLflow run and model version carry: identity, window, input, code, lineage."""
+    record = run.refresh_record() if run.mode == "refresh" else None
+    return {
+        "dag_id": run.dag_id,
+        "airflow_run_id": run.run_id,
+        "run_key": run.run_key,
+        "data_interval_start": run.interval_start.isoformat(),
+        "data_interval_end": run.interval_end.isoformat(),
+        "input_fingerprint": run.input_fingerprint(),
+        "code_version": code_version(),
+        "backend": run.trained_params().backend,
+        "bundle_format": str(BUNDLE_FORMAT),
+        "kind": run.mode,
+        **(record.tags() if record is not None else {}),
+    }
+
+
+def flatten(prefix: str, value: Any) -> dict[str, str]:
+    """Nested config values as ``a.b.c`` params (lists as JSON)."""
+    if isinstance(value, dict):
+        flat: dict[str, str] = {}
+        for key, child in value.items():
+            flat.update(flatten(f"{prefix}.{key}" if prefix else str(key), child))
+        return flat
+    return {prefix: json.dumps(value) if isinstance(value, list) else str(value)}
+
+
+def trained_params(run: RunContext) -> dict[str, str]:
+    """The hyperparameters the model was trained with (``als.*`` holds the config, before any sweep)."""
+    trained = run.trained_params()
+    params = flatten("trained", {"backend": trained.backend, **trained.hyperparameters()})
+    sweep = run.sweep_summary()
+    if sweep is not None:
+        params["trained.sweep_run_id"] = str(sweep["mlflow_run_id"])
+    return params
+
+
+def run_publish(run: RunContext) -> str:
+    """Log the run and register its bundle as a new model version (or return the one already there)."""
+    import mlflow
+
+    config = run.config
+    tags = run_tags(run)
+    existing = find_version(config, tags)
+    if existing is not None:
+        log.info("run %s already published as version %s", tags["run_key"], existing.version)
+        return str(existing.version)
+    bundle = write_bundle(run, {"tags": tags, "config": config.resolved(), "source": str(config.source.path)})
+    with tracking.fluent(config) as bound:
+        with mlflow.start_run(
+            experiment_id=tracking.experiment_id(bound, config), run_name=tags["run_key"], tags=tags
+        ):
+            mlflow.log_params(flatten("", config.resolved()))
+            mlflow.log_params(trained_params(run))
+            mlflow.log_metrics(run.read_metrics())
+            for step, loss in enumerate(run.training_losses()):
+                mlflow.log_metric("training_loss_per_iteration", loss, step=step)
+            mlflow.log_artifacts(str(run.validation_dir), artifact_path="validation")
+            mlflow.log_dict(run.read_gates(), "gates.json")
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=RecsysPyfunc(),
+                artifacts={"bundle": str(bundle)},
+                signature=model_signature(),
+                input_example=input_example(Bundle(bundle)),
+                pip_requirements=serving_requirements(),
+            )
+        version = mlflow.register_model(info.model_uri, config.mlflow.model_name, tags=tags)
+    log.info("registered %s version %s", config.mlflow.model_name, version.version)
+    return str(version.version)
+
+
+def log_rejected_run(run: RunContext, reason: str) -> str:
+    """Log a run that failed validation (metrics incl. drift, gates, Data Docs); register nothing."""
+    import mlflow
+
+    config = run.config
+    tags = {**run_tags(run), "rejected": reason[:5000]}
+    with tracking.fluent(config) as bound:
+        with mlflow.start_run(
+            experiment_id=tracking.experiment_id(bound, config),
+            run_name=f"{tags['run_key']} (rejected)",
+            tags=tags,
+        ) as active:
+            mlflow.log_params(flatten("", config.resolved()))
+            mlflow.log_metrics(run.read_metrics())
+            mlflow.log_artifacts(str(run.validation_dir), artifact_path="validation")
+            mlflow.log_dict(run.read_gates(), "gates.json")
+    return str(active.info.run_id)
+
+
+def input_example(bundle: Bundle) -> Any:
+    import pandas as pd
+
+    user_idx = bundle.embeddings().user_idx
+    return pd.DataFrame({"user_id": [bundle.ids("users")[user_idx[0]]], "k": [10]})
+
+
+def serving_requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in SERVING_REQUIREMENTS]
+
+
+def run_promotion(run: RunContext, version: str) -> str:
+    """Promote the run's version only if every gate recorded for the run passed."""
+    gates = run.read_gates()
+    failed = [
+        f"{gate}: {'; '.join(gates[gate]['reasons']) or 'not run'}"
+        for gate in REQUIRED_GATES[run.mode]
+        if not gates.get(gate, {}).get("passed", False)
+    ]
+    tracking.client(run.config).set_model_version_tag(
+        run.config.mlflow.model_name, version, "gates_passed", str(not failed).lower()
+    )
+    if failed:
+        raise GateFailedError(f"version {version} not promoted; failed gates: {' | '.join(failed)}")
+    promote(run.config, version, reason=f"gates passed in {run.dag_id} {run.interval_key}")
+    return version

@@ -1,0 +1,93 @@
+"""Fold the run's history into the champion (nightly), record lineage and decide whether to escalate."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict
+
+import numpy as np
+
+from recsys_pipeline import drift
+from recsys_pipeline.als import check_finite, implicit_loss
+from recsys_pipeline.errors import RecsysError
+from recsys_pipeline.refresh import escalation_reasons, fold_in, rows_to_refresh
+from recsys_pipeline.registry import download, version_bundle, version_status
+from recsys_pipeline.runs import RefreshRecord, RunContext, parse_instant
+
+log = logging.getLogger(__name__)
+
+
+def run_refresh(run: RunContext) -> RefreshRecord:
+    """Refresh the champion's vectors with the run's history; write the model, the record and the gate."""
+    config = run.config
+    champion, champion_bundle = download(config)
+    champion_tags = dict(champion.tags)
+    if champion_tags.get("kind") == "refresh":
+        weekly_version = champion_tags["parent_version"]
+        weekly = version_bundle(config, weekly_version).embeddings()
+        weekly_tags = version_status(config, weekly_version)["tags"]
+    else:
+        weekly_version, weekly, weekly_tags = str(champion.version), None, champion_tags
+    parent = champion_bundle.embeddings()
+    weekly = weekly if weekly is not None else parent
+    params = champion_bundle.trained_params(config.als)
+
+    user_items = run.train_matrix()
+    users, new_items = rows_to_refresh(user_items, parent, run.recent("users"))
+    started = time.perf_counter()
+    refreshed = fold_in(parent, user_items, users, new_items, params, config.refresh)
+    refresh_s = time.perf_counter() - started
+    check_finite(refreshed.user_factors, refreshed.item_factors, "the fold-in")
+
+    rules = config.drift
+    drift_metrics = drift.compare(weekly, refreshed, rules.k, rules.sample_items, rules.sample_users).metrics
+    reasons = escalation_reasons(
+        new_items=len(new_items),
+        catalogue_items=len(refreshed.item_idx),
+        parent_data_end=parse_instant(weekly_tags["data_interval_end"]),
+        run_end=run.interval_end,
+        drift_metrics=drift_metrics,
+        run_config=config,
+    )
+    users_added = int(np.isin(users, parent.user_idx, invert=True).sum())
+    record = RefreshRecord(
+        parent_version=weekly_version,
+        derived_from_version=str(champion.version),
+        refresh_day=run.interval_start.date().isoformat(),
+        users_updated=len(users) - users_added,
+        users_added=users_added,
+        items_added=len(new_items),
+        refresh_s=round(refresh_s, 4),
+        solver=config.refresh.solver,
+        escalate=bool(reasons),
+        reasons=reasons,
+    )
+    n_users, n_items = user_items.shape
+    loss = implicit_loss(user_items, refreshed.dense_users(n_users), refreshed.dense_items(n_items), params)
+    run.write_model(refreshed, [loss], params)
+    run.write_refresh_record(record)
+    run.write_metrics(
+        "refresh",
+        {
+            "refresh_s": refresh_s,
+            "refresh_users_updated": float(record.users_updated),
+            "refresh_users_added": float(users_added),
+            "refresh_items_added": float(len(new_items)),
+            **{f"refresh_{name}": value for name, value in drift_metrics.items()},
+        },
+    )
+    run.write_gate("refresh", not reasons, reasons)
+    if reasons:
+        log.warning("refresh escalates to a full retrain: %s", "; ".join(reasons))
+    log.info("refresh: %s", json.dumps(asdict(record)))
+    return record
+
+
+def refresh_escalated(run: RunContext) -> bool:
+    """Whether the run's refresh decided a full retrain must replace it."""
+    record = run.refresh_record()
+    if record is None:
+        raise RecsysError(f"no refresh record in {run.run_dir}: run the fold-in first")
+    return record.escalate

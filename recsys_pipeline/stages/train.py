@@ -1,0 +1,74 @@
+"""Train the run's ALS model (after a hyperparameter sweep, if configured) and record how."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from recsys_pipeline import tracking
+from recsys_pipeline.als import train
+from recsys_pipeline.config import SweepConfig
+from recsys_pipeline.runs import RunContext
+from recsys_pipeline.tuning import SweepResult, sweep
+
+if TYPE_CHECKING:
+    import scipy.sparse as sp
+    from pyspark.sql import SparkSession
+
+log = logging.getLogger(__name__)
+
+
+def run_training(spark: SparkSession | None, run: RunContext) -> dict[str, float]:
+    """Train on the run's training matrix and write its model folder (the hyperparameters used included)."""
+    user_items = run.train_matrix()
+    params = run.config.als
+    sweep_summary = None
+    if params.sweep is not None:
+        result = run_sweep(user_items, run, params.sweep, spark)
+        params, sweep_summary = result.best, result.summary()
+        log.info("sweep chose %s", params.hyperparameters())
+    embeddings, losses = train(user_items, params, spark)
+    run.write_model(embeddings, losses, params, sweep_summary)
+    log.info("ALS loss per iteration: %s", ", ".join(f"{loss:.5f}" for loss in losses))
+    metrics = {
+        "training_loss": losses[-1],
+        "trained_users": float(len(embeddings.user_idx)),
+        "trained_items": float(len(embeddings.item_idx)),
+    }
+    run.write_metrics("train", metrics)
+    return metrics
+
+
+def run_sweep(
+    user_items: sp.csr_matrix, run: RunContext, sweep_config: SweepConfig, spark: SparkSession | None
+) -> SweepResult:
+    """Sweep for the run, logged as one MLflow parent run with a nested run per trial."""
+    import mlflow
+
+    config = run.config
+    with tracking.fluent(config) as bound:
+        experiment = tracking.experiment_id(bound, config)
+
+        def log_trial(
+            number: int, params: dict[str, float], metrics: dict[str, float] | None, error: str | None
+        ) -> None:
+            with mlflow.start_run(experiment_id=experiment, run_name=f"trial {number}", nested=True):
+                mlflow.log_params(params)
+                if metrics is not None:
+                    mlflow.log_metrics({f"validation_{name}": value for name, value in metrics.items()})
+                else:
+                    mlflow.set_tag("error", error or "")
+
+        with mlflow.start_run(
+            experiment_id=experiment,
+            run_name=f"sweep {run.run_key}",
+            tags={"run_key": run.run_key, "kind": "sweep"},
+        ) as parent:
+            result = sweep(user_items, config.als, sweep_config, config.evaluation.k, spark, log_trial)
+            mlflow.log_params(
+                {f"best.{name}": value for name, value in result.best.hyperparameters().items()}
+            )
+            mlflow.log_metric(f"best_validation_{result.objective}", result.score)
+            result.mlflow_run_id = parent.info.run_id
+            mlflow.log_dict(result.summary(), "sweep.json")
+    return result

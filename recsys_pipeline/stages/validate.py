@@ -1,0 +1,124 @@
+"""Validate what the run read and produced (GX suites, drift against the champion); log a rejected run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+import pyarrow.dataset as ds
+
+from recsys_pipeline import drift
+from recsys_pipeline.embeddings import Embeddings
+from recsys_pipeline.events import ingest_window
+from recsys_pipeline.registry import (
+    NothingPublishedError,
+    champion_embeddings,
+    champion_status,
+    version_status,
+)
+from recsys_pipeline.runs import RunContext, atomic_dir, write_json
+from recsys_pipeline.stages.publish import log_rejected_run
+from recsys_pipeline.validation import (
+    ValidationFailedError,
+    drift_summary_suite,
+    embedding_profile,
+    embeddings_suite,
+    events_suite,
+    ingest_summary_suite,
+    interaction_profile,
+    interaction_profile_suite,
+    interactions_suite,
+    item_drift_suite,
+    recommendations_suite,
+    recommendations_summary,
+    recommendations_summary_suite,
+    validate_frames,
+)
+
+
+def champion_rows(run: RunContext) -> float | None:
+    """How many events the champion's weekly run ingested: the reference for a full run's row-count band.
+
+    A refresh ingests one day, so it has no comparable reference (None: no band).
+    """
+    if run.mode == "refresh":
+        return None
+    try:
+        status = champion_status(run.config)
+    except NothingPublishedError:
+        return None
+    if status["kind"] == "refresh":
+        return version_status(run.config, str(status["refresh"]["parent_version"]))["metrics"].get(
+            "events_ingested"
+        )
+    return status["metrics"].get("events_ingested")
+
+
+def drift_against_champion(run: RunContext, embeddings: Embeddings) -> drift.DriftReport | None:
+    """Drift of this run's vectors against the champion's; None when there is no champion yet."""
+    champion = champion_embeddings(run.config)
+    if champion is None:
+        return None
+    rules = run.config.drift
+    report = drift.compare(champion, embeddings, rules.k, rules.sample_items, rules.sample_users)
+    run.write_metrics("drift", report.metrics)
+    return report
+
+
+def lake_frame(run: RunContext) -> pd.DataFrame:
+    start, end = ingest_window(run)
+    dataset = ds.dataset(str(run.layout.events_lake), format="parquet", partitioning="hive")
+    table = dataset.to_table(filter=(ds.field("event_ts") >= start) & (ds.field("event_ts") < end))
+    return table.to_pandas()
+
+
+def run_validation(run: RunContext) -> dict[str, float]:
+    """Validate the run's events, interactions and embeddings; raise naming every failure."""
+    config = run.config
+    n_users, n_items = run.matrix_shape()
+    embeddings = run.embeddings()
+    window_start, window_end = ingest_window(run)
+    train = ds.dataset(str(run.interactions_dir / "train"), format="parquet").to_table().to_pandas()
+    frames: dict[str, tuple[pd.DataFrame, list[Any]]] = {
+        "events": (
+            lake_frame(run),
+            events_suite(config, pd.Timestamp(window_start), pd.Timestamp(window_end), champion_rows(run)),
+        ),
+        "ingest_summary": (
+            pd.DataFrame([run.read_metrics()]).reindex(columns=["quarantine_share"]),
+            ingest_summary_suite(config),
+        ),
+        "interactions": (train, interactions_suite(n_users, n_items)),
+        "interaction_profile": (interaction_profile(train), interaction_profile_suite(config)),
+        "item_embeddings": (
+            embedding_profile(embeddings.item_idx, embeddings.item_factors),
+            embeddings_suite(config, n_items, len(embeddings.item_idx)),
+        ),
+    }
+    if run.recommendations_file.is_file():
+        frames["recommendations"] = (pd.read_parquet(run.recommendations_file), recommendations_suite(config))
+        item_ids = run.ids("items")
+        popularity = train.groupby("item_idx").size().rename(index=lambda idx: item_ids[idx])
+        frames["recommendations_summary"] = (
+            recommendations_summary(frames["recommendations"][0], run.read_metrics(), popularity),
+            recommendations_summary_suite(config),
+        )
+    report = drift_against_champion(run, embeddings)
+    if report is not None:
+        frames["item_drift"] = (report.items, item_drift_suite(config))
+        frames["drift_summary"] = (pd.DataFrame([report.metrics]), drift_summary_suite(config))
+    with atomic_dir(run.validation_dir) as staging:
+        staging.mkdir(parents=True)
+        if report is not None:
+            report.items.to_parquet(staging / "item_drift.parquet")
+            drift.plot(report, staging / "drift.png")
+        failures = validate_frames(staging, frames)
+        write_json(staging / "failures.json", [str(f) for f in failures])
+    metrics = {"validation_failures": float(len(failures)), "validation_suites": float(len(frames))}
+    run.write_metrics("validate", metrics)
+    run.write_gate("validation", not failures, [str(f) for f in failures])
+    if failures:
+        message = "; ".join(str(f) for f in failures)
+        log_rejected_run(run, message)
+        raise ValidationFailedError(message)
+    return metrics

@@ -1,0 +1,58 @@
+"""MLflow clients bound to the configured tracking server (or the embedded SQLite store).
+
+Clients are built per call with explicit URIs; MLflow's process-wide tracking and registry URIs
+are set only inside :func:`fluent`, for code that needs MLflow's fluent API (runs, model logging),
+and restored after it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from recsys_pipeline.config import PipelineConfig
+from recsys_pipeline.runs import StateLayout
+
+# Progress bars would land in task logs as noise.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def client(config: PipelineConfig) -> Any:
+    """An ``MlflowClient`` for the configured tracking and registry store."""
+    from mlflow import MlflowClient
+
+    if config.mlflow.tracking_uri is None:
+        StateLayout(config.state_home).mlflow_dir.mkdir(parents=True, exist_ok=True)
+    return MlflowClient(config.tracking_uri, config.tracking_uri)
+
+
+@contextmanager
+def fluent(config: PipelineConfig) -> Iterator[Any]:
+    """MLflow's fluent API pointed at the configured store for the block; yields a client too."""
+    import mlflow
+
+    bound = client(config)
+    previous = (mlflow.get_tracking_uri(), mlflow.get_registry_uri())
+    mlflow.set_tracking_uri(config.tracking_uri)
+    mlflow.set_registry_uri(config.tracking_uri)
+    try:
+        yield bound
+    finally:
+        mlflow.set_tracking_uri(previous[0])
+        mlflow.set_registry_uri(previous[1])
+
+
+def experiment_id(bound: Any, config: PipelineConfig) -> str:
+    """The configured experiment, created on first use."""
+    experiment = bound.get_experiment_by_name(config.mlflow.experiment)
+    if experiment is not None:
+        return str(experiment.experiment_id)
+    # The embedded store keeps artifacts beside its database; a tracking server decides for itself.
+    location = (
+        StateLayout(config.state_home).mlflow_artifacts.as_uri()
+        if config.mlflow.tracking_uri is None
+        else None
+    )
+    return str(bound.create_experiment(config.mlflow.experiment, artifact_location=location))
