@@ -1,8 +1,15 @@
-"""Shared fixtures: a small local Spark session and configurations over temporary state folders."""
+"""Shared fixtures and helpers: a small local Spark session, configurations over temporary state
+folders, the weekly stages run once per session, and copies of its state for tests that change it.
+
+Test tiers (markers): ``unit`` (no Spark, seconds), ``spark`` (a local Spark session or a whole
+pipeline in process), ``e2e`` (whole DAG runs and external servers). A test without a tier marker
+is ``spark`` if it uses the Spark session (directly or through a fixture), else ``unit``.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +25,15 @@ from recsys_pipeline.runs import RunContext  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TEST_SPARK_CONF = {"spark.sql.shuffle.partitions": "2", "spark.ui.enabled": "false"}
+TIERS = ("unit", "spark", "e2e")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if any(item.get_closest_marker(tier) for tier in TIERS):
+            continue
+        tier = "spark" if "spark" in getattr(item, "fixturenames", ()) else "unit"
+        item.add_marker(getattr(pytest.mark, tier))
 
 
 @pytest.fixture(scope="session")
@@ -63,13 +79,13 @@ def make_config(tmp_path: Path) -> ConfigFactory:
 
 def run_weekly_stages(spark: Any, run: RunContext) -> None:
     """Every stage of the weekly pipeline up to validation, in process (nothing published)."""
-    from recsys_pipeline.als import run_training
-    from recsys_pipeline.evaluate import run_evaluation
-    from recsys_pipeline.events import run_ingest
-    from recsys_pipeline.index import run_index
-    from recsys_pipeline.interactions import run_interactions
-    from recsys_pipeline.recommendations import run_batch_recommendations
-    from recsys_pipeline.validation import run_validation
+    from recsys_pipeline.stages.evaluate import run_evaluation
+    from recsys_pipeline.stages.index import run_index
+    from recsys_pipeline.stages.ingest import run_ingest
+    from recsys_pipeline.stages.interactions import run_interactions
+    from recsys_pipeline.stages.recommend import run_batch_recommendations
+    from recsys_pipeline.stages.train import run_training
+    from recsys_pipeline.stages.validate import run_validation
 
     run_ingest(spark, run)
     run_interactions(spark, run)
@@ -82,9 +98,58 @@ def run_weekly_stages(spark: Any, run: RunContext) -> None:
 
 @pytest.fixture(scope="session")
 def weekly_run(spark, tmp_path_factory) -> RunContext:
-    """Every stage of the weekly pipeline, in process, on the bundled sample (nothing published yet)."""
+    """Every stage of the weekly pipeline, in process, on the bundled sample (nothing published).
+
+    Shared by the session: tests that publish, promote or otherwise write state use ``own_weekly_run``.
+    """
     state = tmp_path_factory.mktemp("state")
     config = load_config(overrides={"state_dir": str(state), "spark.conf": TEST_SPARK_CONF})
     run = RunContext.create(config, "recsys_weekly", "1998-04-16", "1998-04-23", "manual__test")
     run_weekly_stages(spark, run)
     return run
+
+
+@pytest.fixture
+def own_weekly_run(weekly_run: RunContext, tmp_path: Path) -> RunContext:
+    """The weekly run's outputs in a state folder of this test's own (its registry starts empty)."""
+    state = tmp_path / "state"
+    shutil.copytree(weekly_run.config.state_home, state, ignore=shutil.ignore_patterns("mlflow", "cache"))
+    config = weekly_run.config.model_copy(update={"state_dir": state})
+    return RunContext.create(
+        config, weekly_run.dag_id, weekly_run.interval_start, weekly_run.interval_end, weekly_run.run_id
+    )
+
+
+def copy_run(run: RunContext, start: str, end: str) -> RunContext:
+    """The run's outputs under another interval of the same state folder (a later run with equal results)."""
+    other = RunContext.create(run.config, run.dag_id, start, end, f"manual__{end}")
+    shutil.copytree(run.run_dir, other.run_dir, dirs_exist_ok=True)
+    return other
+
+
+def write_interactions(run: RunContext, matrix: Any) -> None:
+    """Write a (users x items) matrix as the run's training interactions, with ID maps, no holdout."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    coo = matrix.tocoo()
+    out = run.interactions_dir
+    for name, rows, cols, values in (("train", coo.row, coo.col, coo.data), ("holdout", [], [], [])):
+        (out / name).mkdir(parents=True, exist_ok=True)
+        pq.write_table(
+            pa.table(
+                {
+                    "user_idx": pa.array(np.asarray(rows, dtype=np.int32)),
+                    "item_idx": pa.array(np.asarray(cols, dtype=np.int32)),
+                    "confidence": pa.array(np.asarray(values, dtype=np.float32)),
+                }
+            ),
+            out / name / "part-0.parquet",
+        )
+    for side, size in (("users", matrix.shape[0]), ("items", matrix.shape[1])):
+        run.id_map_dir(side).mkdir(parents=True, exist_ok=True)
+        pq.write_table(
+            pa.table({"id": [str(i) for i in range(size)], "idx": pa.array(np.arange(size, dtype=np.int32))}),
+            run.id_map_dir(side) / "part-0.parquet",
+        )

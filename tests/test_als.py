@@ -1,23 +1,13 @@
-import json
-
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import scipy.sparse as sp
 
-from recsys_pipeline.als import (
-    Embeddings,
-    ImplicitTrainer,
-    ModelFitError,
-    implicit_loss,
-    read_embeddings,
-    run_training,
-    train,
-    write_embeddings,
-)
+from recsys_pipeline.als import ImplicitTrainer, ModelFitError, implicit_loss, train
 from recsys_pipeline.config import AlsConfig
+from recsys_pipeline.embeddings import Embeddings, read_embeddings, write_embeddings
 from recsys_pipeline.runs import RunContext
+from recsys_pipeline.stages.train import run_training
+from tests.conftest import write_interactions
 
 CONFIG = AlsConfig(factors=4, regularization=0.1, alpha=10.0, iterations=15, use_cg=False, random_state=0)
 BACKENDS = ["implicit", "spark"]
@@ -95,38 +85,24 @@ def test_loss_routine_used_for_spark_matches_implicits_own_report() -> None:
     assert implicit_loss(matrix, user_factors, item_factors, params) == pytest.approx(losses[-1], rel=1e-5)
 
 
-def write_interactions(run: RunContext, matrix: sp.csr_matrix) -> None:
-    """A minimal interactions stage output: training triples and the two ID maps."""
-    directory = run.stage_dir("interactions")
-    coo = matrix.tocoo()
-    (directory / "train").mkdir(parents=True)
-    pq.write_table(
-        pa.table({"user_idx": coo.row.astype(np.int32), "item_idx": coo.col, "confidence": coo.data}),
-        directory / "train" / "part-0.parquet",
-    )
-    for name, size in (("users", matrix.shape[0]), ("items", matrix.shape[1])):
-        (directory / "maps" / name).mkdir(parents=True)
-        ids = pa.array([str(i) for i in range(size)])
-        pq.write_table(
-            pa.table({"id": ids, "idx": pa.array(range(size))}), directory / "maps" / name / "p.parquet"
-        )
-
-
 def test_training_stage_records_the_hyperparameters_it_used(make_config) -> None:
     config = make_config(als__factors=4, als__iterations=5)
     run = RunContext.create(config, "recsys_weekly", "1998-04-16", "1998-04-23", "manual__t")
     write_interactions(run, checker_board(20))
     metrics = run_training(None, run)
-    model_dir = run.stage_dir("model")
-    assert json.loads((model_dir / "params.json").read_text()) == {
-        "backend": "implicit",
+    # Read back against another config: the values must come from the model folder, not the config.
+    recorded = run.trained_params()
+    assert recorded.backend == "implicit"
+    assert recorded.hyperparameters() == {
         "factors": 4,
         "regularization": config.als.regularization,
         "alpha": config.als.alpha,
         "iterations": 5,
     }
-    assert len(json.loads((model_dir / "training_loss.json").read_text())) == 5
-    assert metrics["trained_users"] == 20 and not (model_dir / "sweep.json").exists()
+    other = RunContext.create(make_config(), run.dag_id, run.interval_start, run.interval_end, run.run_id)
+    assert other.trained_params().factors == 4
+    assert len(run.training_losses()) == 5
+    assert metrics["trained_users"] == 20 and run.sweep_summary() is None
 
 
 def test_dense_views_place_vectors_by_index() -> None:

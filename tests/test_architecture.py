@@ -115,5 +115,7 @@ def test_imports_have_no_cycle() -> None:
 
 def test_the_checker_sees_imports_inside_functions(tmp_path: Path) -> None:
     source = tmp_path / "probe.py"
-    source.write_text("def f():\n    from recsys_pipeline.registry import download\n    import recsys_pipeline.als\n")
+    source.write_text(
+        "def f():\n    from recsys_pipeline.registry import download\n    import recsys_pipeline.als\n"
+    )
     assert imported_modules(source, {"registry", "als"}) == {"registry", "als"}

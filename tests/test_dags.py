@@ -50,6 +50,37 @@ def test_dags_import_without_errors(dagbag) -> None:
     assert {"recsys_weekly", "recsys_nightly"} <= set(dagbag.dags)
 
 
+@pytest.mark.parametrize("dag_id", ["recsys_weekly", "recsys_nightly"])
+def test_dag_integrity_docs_tags_owner_retries_and_timeouts(dagbag, dag_id: str) -> None:
+    dag = dagbag.dags[dag_id]
+    assert dag.doc_md and dag_id in dag.doc_md
+    assert "recsys" in dag.tags
+    assert dag.max_active_runs == 1 and not dag.catchup
+    for task in dag.tasks:
+        assert task.owner == "recsys", task.task_id
+        assert task.retries >= 2 and task.retry_exponential_backoff, task.task_id
+        assert task.execution_timeout is not None, task.task_id
+
+
+def test_a_user_facing_failure_fails_the_task_without_retries(tmp_path: Path) -> None:
+    """A RecsysError (bad input, a gate) would fail the same way again, so the task fails for good."""
+    from types import SimpleNamespace
+
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from recsys_pipeline.orchestration import call_stage
+
+    context = {
+        "dag": SimpleNamespace(dag_id="recsys_nightly"),
+        "run_id": "manual__probe",
+        "data_interval_start": "1998-04-22T00:00:00+00:00",
+        "data_interval_end": "1998-04-23T00:00:00+00:00",
+        "params": {"config_overrides": {"state_dir": str(tmp_path)}},
+    }
+    with pytest.raises(AirflowFailException, match="no refresh record .* run the fold-in first"):
+        call_stage("refresh:refresh_escalated", "refresh", context)
+
+
 def test_nightly_dag_folds_in_daily_and_can_hand_over_to_a_full_retrain(dagbag) -> None:
     dag = dagbag.dags["recsys_nightly"]
     assert set(dag.task_ids) == {*NIGHTLY_TASKS, "trigger_full_retrain"}
@@ -112,7 +143,7 @@ def state_env(tmp_path_factory) -> dict[str, str]:
     return env
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_weekly_dag_runs_end_to_end_and_publishes_a_champion(state_env) -> None:
     recsys("airflow", "dags", "test", "recsys_weekly", "1998-04-23", env=state_env)
     assert task_states(state_env) == dict.fromkeys(WEEKLY_TASKS, "success")
@@ -145,7 +176,7 @@ def test_weekly_dag_runs_end_to_end_and_publishes_a_champion(state_env) -> None:
     assert json.loads(recsys("status", "--json", env=state_env).stdout)["version"] == 1
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_corrupted_input_fails_the_run_and_keeps_the_champion(state_env, tmp_path: Path) -> None:
     before = json.loads(recsys("status", "--json", env=state_env).stdout)
     lines = (PROJECT_ROOT / "data" / "ml-100k" / "u.data").read_text().splitlines()
@@ -159,11 +190,13 @@ def test_corrupted_input_fails_the_run_and_keeps_the_champion(state_env, tmp_pat
     states = task_states(state_env)
     assert states["ingest_events"] == "failed" and states["promote"] != "success"
     assert "quarantined" in result.stdout + result.stderr
+    # The job exits with the user-error code, so the task fails at once instead of retrying.
+    assert "failed on its input" in result.stdout + result.stderr
     after = json.loads(recsys("status", "--json", env=state_env).stdout)
     assert after["version"] == before["version"] and after["run_id"] == before["run_id"]
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_truncated_input_stops_the_run_at_validation_and_keeps_the_champion(
     state_env, tmp_path: Path
 ) -> None:
@@ -187,7 +220,7 @@ def test_truncated_input_stops_the_run_at_validation_and_keeps_the_champion(
     assert after["version"] == before["version"] and after["run_id"] == before["run_id"]
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_nightly_dag_refreshes_the_champion_or_escalates(state_env) -> None:
     before = json.loads(recsys("status", "--json", env=state_env).stdout)
     # The sample's last day, folded into the weekly champion (trained on all but its last 14 days).

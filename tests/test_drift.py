@@ -5,8 +5,8 @@ import pandas as pd
 import pytest
 from scipy.stats import ortho_group
 
-from recsys_pipeline.als import Embeddings
 from recsys_pipeline.drift import compare, plot
+from recsys_pipeline.embeddings import Embeddings
 from recsys_pipeline.validation import drift_summary_suite, item_drift_suite, validate_frames
 
 

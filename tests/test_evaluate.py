@@ -2,9 +2,10 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from recsys_pipeline.als import Embeddings
 from recsys_pipeline.config import GateConfig
-from recsys_pipeline.evaluate import NO_ITEM, EvaluationSet, gate, ranking_metrics, recommend_popular, top_k
+from recsys_pipeline.embeddings import Embeddings
+from recsys_pipeline.evaluate import EvaluationSet, gate, ranking_metrics
+from recsys_pipeline.ranking import NO_ITEM, exclude, pad, top_k
 
 
 def test_metrics_match_hand_computed_values() -> None:
@@ -29,18 +30,14 @@ def test_users_without_relevant_items_are_not_averaged_in() -> None:
 
 
 def test_k_larger_than_the_candidate_list_pads_and_penalises_precision() -> None:
-    scores = np.array([[0.9, 0.1, 0.5]])
-    best = top_k(scores, sp.csr_matrix(np.array([[0, 1, 0]])), k=5)
+    scores = np.array([[0.9, 0.1, 0.5]], dtype=np.float32)
+    exclude(scores, sp.csr_matrix(np.array([[0, 1, 0]])))
+    best = pad(top_k(scores, k=5)[0], 5)
     assert best.tolist() == [[0, 2, NO_ITEM, NO_ITEM, NO_ITEM]]
     m = ranking_metrics(best, [np.array([0, 2])], k=5, catalogue_size=3)
     assert m["precision_at_5"] == pytest.approx(2 / 5)
     assert m["recall_at_5"] == pytest.approx(1.0)
     assert m["ndcg_at_5"] == pytest.approx(1.0)
-
-
-def test_popularity_excludes_seen_and_unpopular_items() -> None:
-    seen = sp.csr_matrix(np.array([[1, 0, 0, 0]]))
-    assert recommend_popular(np.array([5, 3, 0, 4]), seen, 3).tolist() == [[3, 1, NO_ITEM]]
 
 
 def test_evaluation_set_excludes_training_items_and_falls_back_to_popularity() -> None:

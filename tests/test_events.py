@@ -10,9 +10,9 @@ from recsys_pipeline.events import (
     check_quarantine_share,
     ingest,
     read_source,
-    run_ingest,
 )
 from recsys_pipeline.runs import RunContext
+from recsys_pipeline.stages.ingest import run_ingest
 from tests.conftest import FIXTURES
 
 BAD_SOURCE = {

@@ -4,8 +4,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from recsys_pipeline.als import Embeddings, write_embeddings
 from recsys_pipeline.config import IndexConfig
+from recsys_pipeline.embeddings import Embeddings
 from recsys_pipeline.index import (
     ExactIndex,
     IndexIntegrityError,
@@ -14,10 +14,10 @@ from recsys_pipeline.index import (
     exact_top_k,
     load_index,
     measure,
+    recall_queries,
     search_params,
-    update_index,
+    update,
 )
-from recsys_pipeline.runs import RunContext
 
 
 def planted(n_items: int = 5000, dims: int = 16, n_queries: int = 200, seed: int = 0):
@@ -158,38 +158,33 @@ def test_upsert_and_delete_update_the_index_in_place_and_survive_a_reload(kind: 
     assert recall["index_recall_at_10"] >= (0.9 if kind == "tree" else 1.0)
 
 
-def _parent_bundle(path: Path, items: np.ndarray, users: np.ndarray, params: SearchParams) -> Embeddings:
+def _parent(items: np.ndarray, users: np.ndarray, params: SearchParams) -> tuple[Embeddings, ScannIndex]:
     parent = Embeddings(np.arange(len(users)), users, np.arange(len(items)), items)
-    write_embeddings(path / "embeddings", parent)
-    ScannIndex.build(parent.item_idx, items, params, k=10).save(path / "index")
-    return parent
+    return parent, ScannIndex.build(parent.item_idx, items, params, k=10)
 
 
-def test_index_update_upserts_new_and_changed_items_in_place(make_config, tmp_path: Path) -> None:
+def test_index_update_upserts_new_and_changed_items_in_place() -> None:
     items, queries = planted(3000)
-    parent = _parent_bundle(tmp_path / "parent", items, queries, SearchParams(None, None, 200))
-    run = RunContext.create(make_config(), "recsys_nightly", "1998-04-22", "1998-04-23", mode="refresh")
+    parent, index = _parent(items, queries, SearchParams(None, None, 200))
     changed = items.copy()
     changed[:5] *= -1
     new_items = planted(40, seed=3)[0]
     refreshed = Embeddings(
         parent.user_idx, parent.user_factors, np.arange(3040), np.vstack([changed, new_items])
     )
-    write_embeddings(run.stage_dir("model"), refreshed)
-    metrics = update_index(run, tmp_path / "parent")
+    config = IndexConfig()
+    updated, metrics = update(index, parent, refreshed, recall_queries(refreshed, 1000), config, 10)
+    assert updated is index, "a good enough update keeps the parent's index object"
     assert metrics["index_upserted"] == 45 and metrics["index_deleted"] == 0
     assert metrics["index_rebuilt"] == 0 and metrics["index_recall_at_10"] == 1.0
-    assert run.read_gates()["index"]["passed"]
-    assert len(load_index(run.stage_dir("index")).item_idx) == 3040
+    assert len(updated.item_idx) == 3040
 
 
-def test_index_update_rebuilds_when_the_updated_index_misses_the_recall_gate(make_config, tmp_path) -> None:
+def test_index_update_rebuilds_when_the_updated_index_misses_the_recall_gate() -> None:
     items, queries = planted(3000)
     starved = SearchParams(num_leaves=50, leaves_to_search=1, reorder=10)  # a parent index tuned too tight
-    parent = _parent_bundle(tmp_path / "parent", items, queries, starved)
-    config = make_config(index__brute_force_below=1000, index__min_recall=0.95)
-    run = RunContext.create(config, "recsys_nightly", "1998-04-22", "1998-04-23", mode="refresh")
-    write_embeddings(run.stage_dir("model"), parent)
-    metrics = update_index(run, tmp_path / "parent")
+    parent, index = _parent(items, queries, starved)
+    config = IndexConfig(brute_force_below=1000, min_recall=0.95)
+    rebuilt, metrics = update(index, parent, parent, recall_queries(parent, 1000), config, 10)
     assert metrics["index_rebuilt"] == 1 and metrics["index_recall_at_10"] >= 0.95
-    assert run.read_gates()["index"]["passed"]
+    assert rebuilt is not index

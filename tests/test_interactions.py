@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 from pyspark.sql import functions as F
 
-from recsys_pipeline.events import run_ingest
-from recsys_pipeline.interactions import IdMaps, aggregate, indexed_events, run_interactions
+from recsys_pipeline.interactions import IdMaps, aggregate, indexed_events
 from recsys_pipeline.runs import RunContext
-from recsys_pipeline.tables import read_id_map, read_matrix
+from recsys_pipeline.stages.ingest import run_ingest
+from recsys_pipeline.stages.interactions import run_interactions
+from recsys_pipeline.tables import read_id_map
 
 AS_OF = datetime(2024, 1, 10, tzinfo=UTC)
 NO_MIN_SUPPORT = {"interactions.min_item_interactions": 1, "interactions.min_user_interactions": 1}
@@ -125,11 +126,11 @@ def test_id_maps_keep_old_indices_and_append_new_ids(spark, make_config, tmp_pat
     assert list(items_after) == ["x", "y", "w"]
     assert metrics["users"] == 3 and metrics["items"] == 3
     # The first run's snapshot is untouched by the second run.
-    assert list(read_id_map(first.stage_dir("interactions") / "maps" / "users")) == ["alice", "bob"]
+    assert list(first.ids("users")) == ["alice", "bob"]
 
-    holdout = read_matrix(second.stage_dir("interactions") / "holdout")
+    holdout = second.holdout_triples()
     assert sorted(zip(holdout.user_idx.tolist(), holdout.item_idx.tolist(), strict=True)) == [(1, 2), (2, 2)]
-    train = read_matrix(second.stage_dir("interactions") / "train")
+    train = second.train_triples()
     csr = train.to_csr(3, 3)
     assert (
         csr[0, 1] == pytest.approx(1.0)

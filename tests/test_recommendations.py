@@ -1,10 +1,11 @@
+from datetime import timedelta
+
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
 from recsys_pipeline.index import ExactIndex
 from recsys_pipeline.recommendations import active_user_indices, recommend_for_users
-from recsys_pipeline.tables import read_id_map, read_matrix
 
 
 def test_lists_skip_seen_items_and_fall_back_to_popular_without_a_vector() -> None:
@@ -26,17 +27,17 @@ def test_lists_skip_seen_items_and_fall_back_to_popular_without_a_vector() -> No
 
 
 def test_batch_output_covers_every_active_user_and_never_their_history(weekly_run) -> None:
-    recs = pd.read_parquet(weekly_run.stage_dir("recommendations") / "recommendations.parquet")
-    interactions = weekly_run.stage_dir("interactions")
-    user_ids = read_id_map(interactions / "maps" / "users")
-    item_ids = read_id_map(interactions / "maps" / "items")
-    active = set(user_ids[active_user_indices(weekly_run, user_ids)])
+    recs = pd.read_parquet(weekly_run.recommendations_file)
+    user_ids, item_ids = weekly_run.ids("users"), weekly_run.ids("items")
+    since = weekly_run.interval_end - timedelta(days=weekly_run.config.recommendations.active_days)
+    active = set(
+        user_ids[active_user_indices(weekly_run.layout.events_lake, since, weekly_run.interval_end, user_ids)]
+    )
     assert active and set(recs["user_id"]) == active
     top_n = weekly_run.config.recommendations.top_n
     assert recs.groupby("user_id").size().eq(top_n).all()
     history: set[tuple[str, str]] = set()
-    for part in ("train", "holdout"):
-        matrix = read_matrix(interactions / part)
+    for matrix in (weekly_run.train_triples(), weekly_run.holdout_triples()):
         history |= set(zip(user_ids[matrix.user_idx], item_ids[matrix.item_idx], strict=True))
     assert not history & set(zip(recs["user_id"], recs["item_id"], strict=True))
     metrics = weekly_run.read_metrics()

@@ -8,29 +8,30 @@ import pandas as pd
 import pytest
 
 from recsys_pipeline.config import load_config
-from recsys_pipeline.events import run_ingest
-from recsys_pipeline.interactions import run_interactions
-from recsys_pipeline.publish import champion_status, list_versions, run_promotion, run_publish, version_bundle
-from recsys_pipeline.recommendations import run_batch_recommendations
-from recsys_pipeline.refresh import CONTINUE, next_step, run_index_refresh, run_refresh
-from recsys_pipeline.runs import RunContext
+from recsys_pipeline.registry import champion_status, list_versions, version_bundle
+from recsys_pipeline.runs import RefreshRecord, RunContext
 from recsys_pipeline.serving import Recommender
-from recsys_pipeline.tables import read_id_map
-from recsys_pipeline.validation import run_validation
+from recsys_pipeline.stages.index import run_index_refresh
+from recsys_pipeline.stages.ingest import run_ingest
+from recsys_pipeline.stages.interactions import run_interactions
+from recsys_pipeline.stages.publish import run_promotion, run_publish
+from recsys_pipeline.stages.recommend import run_batch_recommendations
+from recsys_pipeline.stages.refresh import refresh_escalated, run_refresh
+from recsys_pipeline.stages.validate import run_validation
 from tests.conftest import TEST_SPARK_CONF, run_weekly_stages
 
 WEEKLY_END = datetime(1998, 3, 20)
 NIGHTS = 3
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 
-def nightly(spark, config, day: datetime) -> tuple[RunContext, dict]:
+def nightly(spark, config, day: datetime) -> tuple[RunContext, RefreshRecord]:
     run = RunContext.create(config, "recsys_nightly", day, day + timedelta(days=1), mode="refresh")
     run_ingest(spark, run)
     run_interactions(spark, run)
     record = run_refresh(run)
-    assert next_step(run) == CONTINUE, record["reasons"]
+    assert not refresh_escalated(run), record.reasons
     run_index_refresh(run)
     run_batch_recommendations(run)
     run_validation(run)
@@ -39,7 +40,7 @@ def nightly(spark, config, day: datetime) -> tuple[RunContext, dict]:
 
 
 def id_map(run: RunContext, name: str) -> dict[str, int]:
-    ids = read_id_map(run.stage_dir("interactions") / "maps" / name)
+    ids = run.ids(name)
     return {source_id: idx for idx, source_id in enumerate(ids)}
 
 
@@ -66,7 +67,7 @@ def test_each_night_publishes_a_version_derived_from_the_one_before(replay) -> N
         assert tags["derived_from_version"] == str(1 + offset)
         assert tags["refresh_day"] == (WEEKLY_END + timedelta(days=offset)).date().isoformat()
         assert int(tags["users_updated"]) + int(tags["users_added"]) > 0
-        assert record["users_added"] == int(tags["users_added"])
+        assert record.users_added == int(tags["users_added"])
     status = champion_status(config)
     assert status["version"] == 4 and status["kind"] == "refresh"
     assert status["refresh"]["parent_version"] == 1 and status["refresh"]["day"] == "1998-03-22"
@@ -112,7 +113,8 @@ def test_id_maps_keep_every_old_index(replay) -> None:
 def test_refresh_record_is_in_the_bundle_lineage(replay) -> None:
     config, _, (first, *_) = replay
     run, record = first
-    lineage = json.loads((version_bundle(config, "2") / "lineage.json").read_text())
+    lineage = json.loads((version_bundle(config, "2").path / "lineage.json").read_text())
     assert lineage["tags"]["parent_version"] == "1" and lineage["tags"]["kind"] == "refresh"
-    assert record["escalate"] is False and record["reasons"] == []
-    assert np.isfinite(record["refresh_s"])
+    assert record.escalate is False and record.reasons == []
+    assert np.isfinite(record.refresh_s)
+    assert run.refresh_record() == record

@@ -4,6 +4,7 @@ from pathlib import Path
 import pendulum
 import pytest
 
+from recsys_pipeline.errors import RecsysError
 from recsys_pipeline.runs import RunContext, atomic_dir, parse_instant
 
 
@@ -18,7 +19,7 @@ def test_run_paths_derive_from_the_interval(make_config) -> None:
     run = RunContext.create(make_config(), "recsys_weekly", "1998-04-16", "1998-04-23")
     assert run.run_dir.name == "1998-04-16T0000_1998-04-23T0000"
     assert run.run_dir.parent.name == "recsys_weekly"
-    with pytest.raises(ValueError, match="is not after its start"):
+    with pytest.raises(RecsysError, match="is not after its start"):
         RunContext.create(make_config(), "d", "1998-04-23", "1998-04-23")
 
 
@@ -33,3 +34,28 @@ def test_atomic_dir_replaces_only_on_success(tmp_path: Path) -> None:
         raise RuntimeError("stage crashed")
     assert (target / "a").read_text() == "first"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_every_task_of_a_run_uses_the_config_its_first_task_saw(tmp_path: Path) -> None:
+    state = {"state_dir": str(tmp_path / "state")}
+    first = RunContext.open(
+        "recsys_weekly", "run-1", "1998-04-16", "1998-04-23", overrides={**state, "als.factors": 8}
+    )
+    # The YAML (here: the overrides) changes while the run is under way: its later tasks keep 8.
+    later = RunContext.open(
+        "recsys_weekly", "run-1", "1998-04-16", "1998-04-23", overrides={**state, "als.factors": 32}
+    )
+    assert first.config.als.factors == later.config.als.factors == 8
+    assert later.config == first.config
+    assert later.config.interactions.event_weights["rating"].value_map == {
+        1.0: 1,
+        2.0: 1,
+        3.0: 2,
+        4.0: 3,
+        5.0: 4,
+    }
+    # Another run of the same interval takes its own snapshot.
+    rerun = RunContext.open(
+        "recsys_weekly", "run-2", "1998-04-16", "1998-04-23", overrides={**state, "als.factors": 32}
+    )
+    assert rerun.config.als.factors == 32

@@ -17,13 +17,13 @@ import mlflow
 import pandas as pd
 import pytest
 
-from recsys_pipeline import publish
+from recsys_pipeline import registry, tracking
 from recsys_pipeline.runs import RunContext
 from recsys_pipeline.serving import Recommender
-from recsys_pipeline.tables import read_id_map
+from recsys_pipeline.stages.publish import run_promotion, run_publish
 
 BIN = Path(sys.executable).parent
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 
 def free_port() -> int:
@@ -90,37 +90,42 @@ def tracking_server(tmp_path_factory) -> Iterator[str]:
     stop(process)
 
 
-def test_publish_promote_and_consume_through_a_tracking_server(weekly_run, tracking_server) -> None:
-    config = weekly_run.config.model_copy(
-        update={"mlflow": weekly_run.config.mlflow.model_copy(update={"tracking_uri": tracking_server})}
+def test_publish_promote_and_consume_through_a_tracking_server(own_weekly_run, tracking_server) -> None:
+    config = own_weekly_run.config.model_copy(
+        update={"mlflow": own_weekly_run.config.mlflow.model_copy(update={"tracking_uri": tracking_server})}
     )
     run = RunContext(
-        config, weekly_run.dag_id, weekly_run.run_id, weekly_run.interval_start, weekly_run.interval_end
+        config,
+        own_weekly_run.dag_id,
+        own_weekly_run.run_id,
+        own_weekly_run.interval_start,
+        own_weekly_run.interval_end,
     )
-    version = publish.run_publish(run)
-    assert publish.run_publish(run) == version
-    publish.run_promotion(run, version)
-    status = publish.champion_status(config)
+    version = run_publish(run)
+    assert run_publish(run) == version
+    run_promotion(run, version)
+    status = registry.champion_status(config)
     assert status["version"] == int(version)
-    assert publish.list_versions(config)[0]["aliases"] == ["champion"]
+    assert registry.list_versions(config)[0]["aliases"] == ["champion"]
 
-    user_id = read_id_map(run.stage_dir("interactions") / "maps" / "users")[5]
-    model = mlflow.pyfunc.load_model(f"models:/{config.mlflow.model_name}@champion")
+    user_id = run.ids("users")[5]
+    with tracking.fluent(config):
+        model = mlflow.pyfunc.load_model(f"models:/{config.mlflow.model_name}@champion")
     predicted = model.predict(pd.DataFrame({"user_id": [user_id], "k": [5]}))
     expected = Recommender.from_registry(config=config).recommend(user_id, 5)
     pd.testing.assert_frame_equal(predicted[expected.columns].reset_index(drop=True), expected)
 
 
-def test_rest_predictions_equal_in_process_predictions(weekly_run, tmp_path: Path) -> None:
-    version = publish.run_publish(weekly_run)
-    publish.run_promotion(weekly_run, version)
+def test_rest_predictions_equal_in_process_predictions(own_weekly_run, tmp_path: Path) -> None:
+    version = run_publish(own_weekly_run)
+    run_promotion(own_weekly_run, version)
     port = free_port()
-    env = {**os.environ, "RECSYS_HOME": str(weekly_run.config.state_home)}
+    env = {**os.environ, "RECSYS_HOME": str(own_weekly_run.config.state_home)}
     server = start(
         [
             str(BIN / "recsys"),
             "--set",
-            f"state_dir={weekly_run.config.state_home}",
+            f"state_dir={own_weekly_run.config.state_home}",
             "serve",
             "--port",
             str(port),
@@ -130,9 +135,7 @@ def test_rest_predictions_equal_in_process_predictions(weekly_run, tmp_path: Pat
         tmp_path / "serve.log",
     )
     try:
-        users = list(read_id_map(weekly_run.stage_dir("interactions") / "maps" / "users")[:4]) + [
-            "never-seen"
-        ]
+        users = [*own_weekly_run.ids("users")[:4], "never-seen"]
         body = json.dumps({"dataframe_records": [{"user_id": u, "k": 5} for u in users]}).encode()
         request = urllib.request.Request(
             f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"}
@@ -141,7 +144,7 @@ def test_rest_predictions_equal_in_process_predictions(weekly_run, tmp_path: Pat
             served = pd.DataFrame(json.loads(response.read())["predictions"])
     finally:
         stop(server)
-    recommender = Recommender.from_registry(config=weekly_run.config)
+    recommender = Recommender.from_registry(config=own_weekly_run.config)
     expected = pd.concat([recommender.recommend(u, 5, unknown="popular") for u in users], ignore_index=True)
     pd.testing.assert_frame_equal(served[expected.columns], expected, check_dtype=False)
     assert served.loc[served["user_id"] == "never-seen", "item_id"].tolist() == list(

@@ -4,12 +4,13 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from recsys_pipeline.als import ModelFitError, read_embeddings, run_training
+from recsys_pipeline import tracking
+from recsys_pipeline.als import ModelFitError
 from recsys_pipeline.config import AlsConfig, ConfigError, SweepConfig, load_config
-from recsys_pipeline.publish import mlflow_client
 from recsys_pipeline.runs import RunContext
-from recsys_pipeline.tuning import candidates, run_sweep, sweep, validation_split
-from tests.test_als import write_interactions
+from recsys_pipeline.stages.train import run_sweep, run_training
+from recsys_pipeline.tuning import candidates, sweep, validation_split
+from tests.conftest import write_interactions
 
 BASE = AlsConfig(factors=8, regularization=1.0, alpha=2.0, iterations=8)
 
@@ -61,7 +62,7 @@ def test_sweep_is_one_mlflow_parent_run_with_a_nested_run_per_trial(make_config,
     config = make_config(als__sweep={"space": space}, als__iterations=5)
     run = RunContext.create(config, "recsys_weekly", "1998-04-16", "1998-04-23", "manual__sweep")
     result = run_sweep(movielens, run, config.als.sweep, spark=None)
-    client = mlflow_client(config)
+    client = tracking.client(config)
     parent = client.get_run(result.mlflow_run_id)
     children = client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
@@ -80,8 +81,7 @@ def test_training_stage_trains_the_final_model_with_the_sweeps_choice(make_confi
     run = RunContext.create(config, "recsys_weekly", "1998-04-16", "1998-04-23", "manual__sweep")
     write_interactions(run, movielens)
     run_training(None, run)
-    model_dir = run.stage_dir("model")
-    chosen = json.loads((model_dir / "sweep.json").read_text())
-    params = json.loads((model_dir / "params.json").read_text())
-    assert params["factors"] == chosen["best"]["factors"]
-    assert read_embeddings(model_dir).item_factors.shape[1] == params["factors"]
+    chosen = run.sweep_summary()
+    assert chosen is not None
+    assert run.trained_params().factors == chosen["best"]["factors"]
+    assert run.embeddings().item_factors.shape[1] == chosen["best"]["factors"]
