@@ -38,9 +38,13 @@ nightly: init
 	$(RECSYS) airflow dags test recsys_nightly $(DATE)
 	$(RECSYS) status
 
-## test: run the test suite (slow end-to-end tests included)
+## test: run the test suite: unit, spark and e2e tiers (whole DAG runs and servers included)
 test: init
 	$(BIN)/pytest
+
+## test-fast: run the unit tier only (no Spark, no servers; under a minute)
+test-fast: setup
+	$(BIN)/pytest -m unit
 
 ## lint: ruff and mypy
 lint: setup
@@ -51,4 +55,4 @@ lint: setup
 bench: setup
 	$(BIN)/python -m benchmarks $(NAME)
 
-.PHONY: help setup init run test lint bench
+.PHONY: help setup init run test test-fast lint bench

@@ -28,7 +28,7 @@ from recsys_pipeline.config import AlsConfig
 from recsys_pipeline.embeddings import Embeddings, read_embeddings
 from recsys_pipeline.errors import RecsysError
 from recsys_pipeline.index import ItemIndex, load_index
-from recsys_pipeline.runs import RunContext, atomic_dir, now_utc, read_trained_params, write_json
+from recsys_pipeline.runs import SIDES, RunContext, atomic_dir, now_utc, read_trained_params, write_json
 from recsys_pipeline.tables import read_id_map
 
 BUNDLE_FORMAT = 1
@@ -47,7 +47,7 @@ def write_bundle(run: RunContext, lineage: dict[str, Any]) -> Path:
         shutil.copytree(run.index_dir, staging / "index")
         shutil.copytree(run.validation_dir, staging / "validation")
         (staging / "id_maps").mkdir()
-        for side in ("users", "items"):
+        for side in SIDES:
             (part,) = sorted(run.id_map_dir(side).glob("*.parquet"))
             shutil.copy(part, staging / "id_maps" / f"{side}.parquet")
         train = run.train_triples()

@@ -35,6 +35,8 @@ from recsys_pipeline.embeddings import Embeddings, read_embeddings, write_embedd
 from recsys_pipeline.errors import RecsysError
 from recsys_pipeline.tables import Triples, count_rows, read_id_map, read_indices, read_matrix
 
+Side = Literal["users", "items"]
+SIDES: tuple[Side, ...] = ("users", "items")
 RUN_RECORD = "run.json"
 TRAINED_PARAMS, TRAINING_LOSS, SWEEP = "params.json", "training_loss.json", "sweep.json"
 
@@ -192,10 +194,10 @@ class RunContext:
     def interactions_dir(self) -> Path:
         return self.stage_dir("interactions")
 
-    def id_map_dir(self, side: Literal["users", "items"]) -> Path:
+    def id_map_dir(self, side: Side) -> Path:
         return self.interactions_dir / "maps" / side
 
-    def ids(self, side: Literal["users", "items"]) -> np.ndarray:
+    def ids(self, side: Side) -> np.ndarray:
         """The source ids of one side, positioned by dense index."""
         return read_id_map(self.id_map_dir(side))
 
@@ -215,7 +217,7 @@ class RunContext:
     def holdout_matrix(self) -> sp.csr_matrix:
         return self.holdout_triples().to_csr(*self.matrix_shape())
 
-    def recent(self, side: Literal["users", "items"]) -> np.ndarray:
+    def recent(self, side: Side) -> np.ndarray:
         """Dense indices active in the run's own interval."""
         return read_indices(self.interactions_dir / "recent" / side)
 

@@ -10,7 +10,7 @@ from recsys_pipeline.stages.train import run_training
 from tests.conftest import write_interactions
 
 CONFIG = AlsConfig(factors=4, regularization=0.1, alpha=10.0, iterations=15, use_cg=False, random_state=0)
-BACKENDS = ["implicit", "spark"]
+BACKENDS = ["implicit", pytest.param("spark", marks=pytest.mark.spark)]
 
 
 @pytest.fixture(params=BACKENDS)

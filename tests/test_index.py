@@ -9,6 +9,7 @@ from recsys_pipeline.embeddings import Embeddings
 from recsys_pipeline.index import (
     ExactIndex,
     IndexIntegrityError,
+    ItemIndex,
     ScannIndex,
     SearchParams,
     exact_top_k,
@@ -98,19 +99,6 @@ def test_missing_manifest_is_rejected(saved_index) -> None:
         load_index(directory)
 
 
-def test_exact_backend_equals_brute_force_and_round_trips(tmp_path: Path) -> None:
-    items, queries = planted(500)
-    index = ExactIndex(np.arange(len(items)) + 10, items)
-    found, scores = index.search(queries, 7)
-    scores_all = queries @ items.T
-    np.testing.assert_array_equal(found, np.argsort(-scores_all, axis=1)[:, :7] + 10)
-    np.testing.assert_allclose(scores, np.sort(scores_all, axis=1)[:, ::-1][:, :7], rtol=1e-5)
-    index.save(tmp_path / "exact")
-    loaded = load_index(tmp_path / "exact")
-    assert isinstance(loaded, ExactIndex)
-    np.testing.assert_array_equal(loaded.search(queries, 7)[0], found)
-
-
 def test_cosine_metric_ranks_by_angle_not_norm() -> None:
     from recsys_pipeline.index import build_tuned
 
@@ -123,39 +111,95 @@ def test_cosine_metric_ranks_by_angle_not_norm() -> None:
     assert metrics["index_recall_at_1"] == 1.0
 
 
-@pytest.mark.parametrize("kind", ["brute_force", "tree", "exact"])
-def test_upsert_and_delete_update_the_index_in_place_and_survive_a_reload(kind: str, tmp_path: Path) -> None:
-    items, queries = planted(3000)
-    item_idx = np.arange(len(items)) * 2  # dense ids, not row numbers
-    tree = IndexConfig(brute_force_below=1000, leaves_to_search=50)
-    params = search_params(len(items), tree if kind == "tree" else IndexConfig(brute_force_below=10**6))
+KINDS = ["scann_tree", "scann_brute_force", "exact"]
+
+
+def build_kind(kind: str, item_idx: np.ndarray, items: np.ndarray) -> ItemIndex:
     if kind == "exact":
-        index = ExactIndex(item_idx, items)
+        return ExactIndex(item_idx, items)
+    if kind == "scann_tree":
+        params = SearchParams(num_leaves=max(2, int(np.sqrt(len(items)))), leaves_to_search=50, reorder=200)
     else:
-        index = ScannIndex.build(item_idx, items, params, k=10)
-    rng = np.random.default_rng(1)
-    probes = rng.normal(size=(5, items.shape[1])).astype(np.float32)
-    # Long vectors along each probe: every probe's best match is its own upserted item.
-    targets = 20 * probes / np.linalg.norm(probes, axis=1, keepdims=True)
-    new_idx, new_vectors = np.array([7001, 7003, 7005]), targets[:3]
-    moved_idx, moved_vectors = item_idx[[10, 20]], targets[3:]
-    index.upsert(np.concatenate([new_idx, moved_idx]), np.vstack([new_vectors, moved_vectors]))
-    index.delete(item_idx[[30, 40]])
-    assert len(index.item_idx) == len(items) + 3 - 2
-    assert not np.isin(item_idx[[30, 40]], index.item_idx).any()
-    found, _ = index.search(probes, 10)
-    np.testing.assert_array_equal(found[:, 0], [7001, 7003, 7005, item_idx[10], item_idx[20]])
-    index.save(tmp_path / "index")
-    reloaded = load_index(tmp_path / "index")
-    np.testing.assert_array_equal(np.sort(reloaded.item_idx), np.sort(index.item_idx))
-    np.testing.assert_array_equal(reloaded.search(probes, 10)[0][:, 0], found[:, 0])
-    current = items.copy()
-    current[[10, 20]] = moved_vectors
-    keep = ~np.isin(item_idx, item_idx[[30, 40]])
-    truth_idx = np.concatenate([item_idx[keep], new_idx])
-    truth_vectors = np.vstack([current[keep], new_vectors])
-    recall = measure(reloaded, truth_idx, truth_vectors, queries[rng.permutation(len(queries))], 10)
-    assert recall["index_recall_at_10"] >= (0.9 if kind == "tree" else 1.0)
+        params = SearchParams(None, None, 200)
+    return ScannIndex.build(item_idx, items, params, k=10)
+
+
+class TestItemIndexContract:
+    """What every ``ItemIndex`` backend promises; later stages never see which one they hold."""
+
+    @pytest.fixture(params=KINDS)
+    def kind(self, request) -> str:
+        return request.param
+
+    @pytest.fixture
+    def catalogue(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        items, queries = planted(3000)
+        return np.arange(len(items)) * 2 + 1, items, queries  # dense ids, not row numbers
+
+    def test_answers_in_item_ids_best_first_with_their_scores(self, kind: str, catalogue) -> None:
+        item_idx, items, queries = catalogue
+        index = build_kind(kind, item_idx, items)
+        found, scores = index.search(queries, 10)
+        assert found.shape == scores.shape == (len(queries), 10)
+        assert np.isin(found, item_idx).all()
+        assert (np.diff(scores, axis=1) <= 1e-5).all()
+        rows = (found - 1) // 2
+        np.testing.assert_allclose(
+            scores, np.einsum("qd,qkd->qk", queries, items[rows]), rtol=1e-2, atol=1e-2
+        )
+        recall = measure(index, item_idx, items, queries, 10)["index_recall_at_10"]
+        assert recall >= (0.9 if kind == "scann_tree" else 1.0)
+
+    def test_never_returns_more_items_than_it_holds(self, kind: str) -> None:
+        items, queries = planted(60, n_queries=5)
+        index = build_kind(kind, np.arange(60), items)
+        found, _ = index.search(queries, 100)
+        assert found.shape[1] <= 60 and all(len(set(row)) == len(row) for row in found.tolist())
+
+    def test_round_trips_through_its_verified_folder(self, kind: str, catalogue, tmp_path: Path) -> None:
+        item_idx, items, queries = catalogue
+        index = build_kind(kind, item_idx, items)
+        index.save(tmp_path / "index")
+        loaded = load_index(tmp_path / "index")
+        assert type(loaded) is type(index)
+        np.testing.assert_array_equal(loaded.search(queries, 10)[0], index.search(queries, 10)[0])
+        listed = sorted(p for p in (tmp_path / "index").iterdir() if p.name != "manifest.json")
+        with listed[0].open("r+b") as handle:
+            handle.seek(0)
+            first = handle.read(1)
+            handle.seek(0)
+            handle.write(bytes([first[0] ^ 0xFF]))
+        with pytest.raises(IndexIntegrityError, match="does not match its manifest"):
+            load_index(tmp_path / "index")
+
+    def test_upsert_and_delete_update_in_place_and_survive_a_reload(
+        self, kind: str, catalogue, tmp_path: Path
+    ) -> None:
+        item_idx, items, queries = catalogue
+        index = build_kind(kind, item_idx, items)
+        rng = np.random.default_rng(1)
+        probes = rng.normal(size=(5, items.shape[1])).astype(np.float32)
+        # Long vectors along each probe: every probe's best match is its own upserted item.
+        targets = 20 * probes / np.linalg.norm(probes, axis=1, keepdims=True)
+        new_idx, new_vectors = np.array([7001, 7003, 7005]), targets[:3]
+        moved_idx, moved_vectors = item_idx[[10, 20]], targets[3:]
+        index.upsert(np.concatenate([new_idx, moved_idx]), np.vstack([new_vectors, moved_vectors]))
+        index.delete(item_idx[[30, 40]])
+        assert len(index.item_idx) == len(items) + 3 - 2
+        assert not np.isin(item_idx[[30, 40]], index.item_idx).any()
+        found, _ = index.search(probes, 10)
+        np.testing.assert_array_equal(found[:, 0], [7001, 7003, 7005, item_idx[10], item_idx[20]])
+        index.save(tmp_path / "index")
+        reloaded = load_index(tmp_path / "index")
+        np.testing.assert_array_equal(np.sort(reloaded.item_idx), np.sort(index.item_idx))
+        np.testing.assert_array_equal(reloaded.search(probes, 10)[0][:, 0], found[:, 0])
+        current = items.copy()
+        current[[10, 20]] = moved_vectors
+        keep = ~np.isin(item_idx, item_idx[[30, 40]])
+        truth_idx = np.concatenate([item_idx[keep], new_idx])
+        truth_vectors = np.vstack([current[keep], new_vectors])
+        recall = measure(reloaded, truth_idx, truth_vectors, queries[rng.permutation(len(queries))], 10)
+        assert recall["index_recall_at_10"] >= (0.9 if kind == "scann_tree" else 1.0)
 
 
 def _parent(items: np.ndarray, users: np.ndarray, params: SearchParams) -> tuple[Embeddings, ScannIndex]:

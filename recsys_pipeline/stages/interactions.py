@@ -23,7 +23,7 @@ from recsys_pipeline.interactions import (
     matrix_columns,
     read_id_map_frame,
 )
-from recsys_pipeline.runs import RunContext, atomic_dir
+from recsys_pipeline.runs import SIDES, RunContext, atomic_dir
 from recsys_pipeline.tables import count_rows
 
 
@@ -91,7 +91,7 @@ def run_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]:
         for cached in (*activity.values(), maps.users, maps.items):
             cached.unpersist()
     # The shared maps advance only after this run's outputs are safely in place.
-    for side in ("users", "items"):
+    for side in SIDES:
         with atomic_dir(map_dir / side) as staging:
             shutil.copytree(run.id_map_dir(side), staging)
 
