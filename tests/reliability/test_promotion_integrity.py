@@ -1,0 +1,69 @@
+"""A version is promoted only on its own gates, and a registry that cannot be read fails closed
+(issue #14, items 5 and 6)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from recsys_pipeline import registry
+from recsys_pipeline.runs import RunContext
+from recsys_pipeline.stages.publish import run_promotion, run_publish
+
+
+def test_a_rerun_with_another_config_is_another_version_promoted_only_on_its_own_gates(own_weekly_run) -> None:
+    first = run_publish(own_weekly_run)
+    run_promotion(own_weekly_run, first)
+    # The same interval and input, run again with another config whose evaluation failed.
+    changed = own_weekly_run.config.model_copy(
+        update={"als": own_weekly_run.config.als.model_copy(update={"factors": 8})}
+    )
+    rerun = RunContext(
+        changed, own_weekly_run.dag_id, "manual__rerun", own_weekly_run.interval_start, own_weekly_run.interval_end
+    )
+    rerun.write_gate("evaluation", False, ["ndcg_at_10=0.1 does not beat baseline_ndcg_at_10=0.2"])
+    second = run_publish(rerun)
+    assert second != first, "another config must not reuse the earlier version"
+    with pytest.raises(registry.GateFailedError, match="evaluation"):
+        run_promotion(rerun, second)
+    # Neither run can promote the other's version on its own gates.
+    with pytest.raises(registry.GateFailedError, match=f"version {first} was not published by this run"):
+        run_promotion(rerun, first)
+    status = registry.champion_status(own_weekly_run.config)
+    assert status["version"] == int(first) and status["tags"]["gates_passed"] == "true"
+
+
+def closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_an_unreachable_registry_fails_closed_instead_of_meaning_no_champion(make_config, monkeypatch) -> None:
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    config = make_config(mlflow__tracking_uri=f"http://127.0.0.1:{closed_port()}")
+    with pytest.raises(registry.RegistryUnavailableError, match="could not be read"):
+        registry.alias_version(config, registry.CHAMPION)
+    with pytest.raises(registry.RegistryUnavailableError):
+        registry.champion_embeddings(config)  # what evaluation and drift ask before comparing
+
+
+def test_a_missing_alias_on_a_working_registry_is_simply_absent(make_config) -> None:
+    assert registry.alias_version(make_config(), registry.CHAMPION) is None
+
+
+def test_the_cli_says_the_registry_is_unreachable_in_one_line(tmp_path: Path) -> None:
+    recsys = str(Path(sys.executable).parent / "recsys")
+    result = subprocess.run(
+        [recsys, "--set", f"state_dir={tmp_path}", "--set", f"mlflow.tracking_uri=http://127.0.0.1:{closed_port()}", "status"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("recsys: the model registry at http://127.0.0.1:")
+    assert "Traceback" not in result.stderr and "nothing" not in result.stderr.lower()
