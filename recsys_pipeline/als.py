@@ -22,7 +22,6 @@ if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
 
 
-
 class ModelFitError(RecsysError):
     """Training could not produce usable factors from this input."""
 

@@ -231,6 +231,11 @@ def run(argv: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # A person waits at the terminal: an unreachable registry should be reported in seconds, not
+    # after MLflow's default retries (minutes). Values the user exported win.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     from mlflow.exceptions import MlflowException
 
     # Errors meant for users, and registry errors (an unknown version, an unreachable server), are

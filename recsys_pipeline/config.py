@@ -71,6 +71,9 @@ class EventsConfig(_Section):
         default=datetime(1990, 1, 1), description="Events before this are quarantined as 'before_floor'."
     )
     max_quarantine_share: float = Field(default=0.05, ge=0, le=1)
+    max_id_length: int = Field(
+        default=256, ge=1, description="Longer user or item ids are quarantined as 'invalid_id'."
+    )
 
 
 class EventWeight(_Section):
@@ -285,6 +288,15 @@ class PipelineConfig(_Section):
     def resolved(self) -> dict[str, Any]:
         """The whole configuration as plain JSON-compatible values (what a run logs)."""
         return self.model_dump(mode="json")
+
+    def fingerprint(self) -> str:
+        """sha256 of every setting that shapes a model (where state lives and which servers run it
+        do not), so a run with another config is another version."""
+        import hashlib
+        import json
+
+        shaping = self.model_dump(mode="json", exclude={"state_dir", "spark", "mlflow"})
+        return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()
 
 
 def parse_override(assignment: str) -> tuple[str, Any]:

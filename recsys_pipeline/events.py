@@ -25,6 +25,8 @@ from recsys_pipeline.errors import RecsysError
 from recsys_pipeline.runs import RunContext
 
 CORRUPT_COLUMN = "_corrupt_record"
+# C0 and C1 control characters (tabs and newlines included): never part of a real id.
+CONTROL_CHARACTERS = "[\\x00-\\x1f\\x7f-\\x9f]"
 EVENT_COLUMNS = ["user_id", "item_id", "event_type", "value", "event_ts", "ingested_at", "source"]
 
 # Checked in this order; a record is quarantined with the first reason that applies.
@@ -32,6 +34,7 @@ QUARANTINE_REASONS = (
     "unparseable_record",
     "missing_user_id",
     "missing_item_id",
+    "invalid_id",
     "unknown_event_type",
     "invalid_value",
     "unparseable_timestamp",
@@ -43,6 +46,10 @@ QUARANTINE_REASONS = (
 
 class QuarantineThresholdError(RecsysError):
     """Too large a share of a run's records was quarantined to trust the rest."""
+
+
+class EmptyIntervalError(RecsysError):
+    """The run's own interval has no events: the feed stopped, or the source points elsewhere."""
 
 
 @dataclass(frozen=True)
@@ -113,10 +120,16 @@ def canonicalize(
         F.col("value").isNotNull()
         & (F.isnan("value") | (F.col("value") < 0) | F.col("value").isin(float("inf"), float("-inf")))
     )
+    invalid_id = F.lit(False)
+    for name in ("user_id", "item_id"):
+        invalid_id = (
+            invalid_id | (F.length(name) > events.max_id_length) | F.col(name).rlike(CONTROL_CHARACTERS)
+        )
     reason = (
         F.when(F.col("corrupt"), "unparseable_record")
         .when(F.col("user_id").isNull() | (F.col("user_id") == ""), "missing_user_id")
         .when(F.col("item_id").isNull() | (F.col("item_id") == ""), "missing_item_id")
+        .when(invalid_id, "invalid_id")
         .when(~F.coalesce(F.col("event_type").isin(events.event_types), F.lit(False)), "unknown_event_type")
         .when(bad_value, "invalid_value")
         .when(F.col("event_ts").isNull(), "unparseable_timestamp")
@@ -151,13 +164,14 @@ def ingest(
     """Split source rows into good in-window events and quarantined records, with counts.
 
     Rows whose timestamp parses but falls outside [window_start, window_end) belong to
-    another run and are only counted.
+    another run and are only counted. A broken record's timestamp cannot be trusted (a shifted
+    column puts anything there), so it is quarantined whatever its timestamp says.
     """
     classified = canonicalize(raw, source, events, ingested_at)
     in_window = F.col("event_ts").isNull() | (
         (F.col("event_ts") >= F.lit(window_start)) & (F.col("event_ts") < F.lit(window_end))
     )
-    flagged = F.col("reason").isin("before_floor", "future_timestamp")
+    flagged = F.col("corrupt") | F.col("reason").isin("before_floor", "future_timestamp")
     classified = mark_duplicates(classified.where(in_window | flagged)).cache()
     counts = {row["reason"]: row["count"] for row in classified.groupBy("reason").count().collect()}
     total_rows = raw.count()

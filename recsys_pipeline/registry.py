@@ -17,6 +17,8 @@ from recsys_pipeline.runs import StateLayout, atomic_dir
 
 log = logging.getLogger(__name__)
 CHAMPION, PREVIOUS = "champion", "previous"
+# What makes two runs the same version: the same DAG and window, input, resolved config and code.
+IDENTITY_TAGS = ("run_key", "input_fingerprint", "config_hash", "code_version")
 
 
 class GateFailedError(RecsysError):
@@ -27,23 +29,44 @@ class NothingPublishedError(RecsysError, LookupError):
     """The registry holds no version behind the requested alias."""
 
 
+class RegistryUnavailableError(RecsysError):
+    """The registry did not answer, or answered with an error other than "does not exist"."""
+
+
+def is_absent(error: Exception) -> bool:
+    """Whether a registry error says the thing asked for does not exist (and nothing else went wrong)."""
+    code = getattr(error, "error_code", "")
+    return code == "RESOURCE_DOES_NOT_EXIST" or (
+        code == "INVALID_PARAMETER_VALUE" and "not found" in str(error)
+    )
+
+
 def find_version(config: PipelineConfig, tags: dict[str, str]) -> Any | None:
-    """The newest version registered with the same ``run_key`` and ``input_fingerprint`` tags, if any."""
-    query = (
-        f"name = '{config.mlflow.model_name}' and tags.run_key = '{tags['run_key']}' "
-        f"and tags.input_fingerprint = '{tags['input_fingerprint']}'"
+    """The newest version with the same identity (``IDENTITY_TAGS``: run, input, config and code), if any."""
+    query = " and ".join(
+        [f"name = '{config.mlflow.model_name}'", *(f"tags.{name} = '{tags[name]}'" for name in IDENTITY_TAGS)]
     )
     versions = tracking.client(config).search_model_versions(query)
     return max(versions, key=lambda v: int(v.version)) if versions else None
 
 
 def alias_version(config: PipelineConfig, alias: str) -> Any | None:
+    """The version behind ``alias``; None only when the registry says there is none.
+
+    Any other registry error fails closed: a run that cannot see its champion must not skip the
+    champion comparison, the drift check or the row-count band as if there were none.
+    """
     from mlflow.exceptions import MlflowException
 
     try:
         return tracking.client(config).get_model_version_by_alias(config.mlflow.model_name, alias)
-    except MlflowException:
-        return None
+    except MlflowException as error:
+        if is_absent(error):
+            return None
+        raise RegistryUnavailableError(
+            f"the model registry at {tracking.display_uri(config)} could not be read ({error.error_code}): "
+            "check that it is running and reachable, then retry"
+        ) from error
 
 
 def wait_until_ready(config: PipelineConfig, version: str, timeout_s: float = 300) -> None:

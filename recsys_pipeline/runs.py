@@ -174,6 +174,11 @@ class RunContext:
         return StateLayout(self.config.state_home)
 
     @property
+    def quarantine_dir(self) -> Path:
+        """This run's quarantine table: one per run id, so a failed re-run keeps the earlier run's."""
+        return self.layout.quarantine / self.interval_key / self.run_id.replace("/", "_").replace(":", "-")
+
+    @property
     def interval_key(self) -> str:
         return f"{self.interval_start:%Y-%m-%dT%H%M}_{self.interval_end:%Y-%m-%dT%H%M}"
 

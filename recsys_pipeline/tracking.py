@@ -19,6 +19,18 @@ from recsys_pipeline.runs import StateLayout
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
+def display_uri(config: PipelineConfig) -> str:
+    """The tracking URI without any user or password it may carry, for messages and logs."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(config.tracking_uri)
+    if parts.username is None and parts.password is None:
+        return config.tracking_uri
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 def client(config: PipelineConfig) -> Any:
     """An ``MlflowClient`` for the configured tracking and registry store."""
     from mlflow import MlflowClient

@@ -102,7 +102,7 @@ def test_failing_run_writes_quarantine_but_not_the_lake(spark, make_config) -> N
     with pytest.raises(QuarantineThresholdError):
         run_ingest(spark, run)
     assert not run.layout.events_lake.exists()
-    quarantine = ds.dataset(str(run.layout.quarantine / run.interval_key)).to_table()
+    quarantine = ds.dataset(str(run.quarantine_dir)).to_table()
     assert quarantine.num_rows == sum(EXPECTED_REASONS.values())
 
 

@@ -10,7 +10,7 @@ from typing import Any
 from recsys_pipeline import tracking
 from recsys_pipeline.bundle import BUNDLE_FORMAT, Bundle, write_bundle
 from recsys_pipeline.config import PROJECT_ROOT
-from recsys_pipeline.registry import GateFailedError, find_version, promote
+from recsys_pipeline.registry import IDENTITY_TAGS, GateFailedError, find_version, promote
 from recsys_pipeline.runs import RunContext
 from recsys_pipeline.serving import RecsysPyfunc, model_signature
 
@@ -54,6 +54,7 @@ def run_tags(run: RunContext) -> dict[str, str]:
         "data_interval_start": run.interval_start.isoformat(),
         "data_interval_end": run.interval_end.isoformat(),
         "input_fingerprint": run.input_fingerprint(),
+        "config_hash": run.config.fingerprint(),
         "code_version": code_version(),
         "backend": run.trained_params().backend,
         "bundle_format": str(BUNDLE_FORMAT),
@@ -150,14 +151,23 @@ def serving_requirements() -> list[str]:
 
 
 def run_promotion(run: RunContext, version: str) -> str:
-    """Promote the run's version only if every gate recorded for the run passed."""
+    """Promote the run's version only if it is this run's own and every gate recorded for the run passed."""
+    client = tracking.client(run.config)
+    registered = client.get_model_version(run.config.mlflow.model_name, version).tags
+    expected = run_tags(run)
+    foreign = [name for name in IDENTITY_TAGS if registered.get(name) != expected[name]]
+    if foreign:
+        raise GateFailedError(
+            f"version {version} was not published by this run (its {', '.join(foreign)} differ): "
+            "its gates are not this run's, so it is not promoted"
+        )
     gates = run.read_gates()
     failed = [
         f"{gate}: {'; '.join(gates[gate]['reasons']) or 'not run'}"
         for gate in REQUIRED_GATES[run.mode]
         if not gates.get(gate, {}).get("passed", False)
     ]
-    tracking.client(run.config).set_model_version_tag(
+    client.set_model_version_tag(
         run.config.mlflow.model_name, version, "gates_passed", str(not failed).lower()
     )
     if failed:

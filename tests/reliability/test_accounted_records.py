@@ -25,7 +25,9 @@ def accounted(metrics: dict[str, float]) -> float:
     return metrics["events_ingested"] + metrics["events_quarantined"] + metrics["events_outside_window"]
 
 
-def test_a_row_shifted_by_a_tab_in_an_id_is_quarantined_not_lost_outside_the_window(spark, make_config) -> None:
+def test_a_row_shifted_by_a_tab_in_an_id_is_quarantined_not_lost_outside_the_window(
+    spark, make_config
+) -> None:
     config = make_config(**BAD_IDS)
     result = ingest(read_source(spark, config.source), config.source, config.events, *WEEK, datetime.now(UTC))
     reasons = {row["reason"]: row["count"] for row in result.quarantine.groupBy("reason").count().collect()}
@@ -44,7 +46,9 @@ def test_overlong_ids_and_ids_with_control_characters_are_invalid(spark, make_co
     assert any("\\u0007" in row["raw_record"] or "\x07" in row["raw_record"] for row in invalid)
     assert result.metrics["events_ingested"] == 20
     shorter = make_config(**BAD_IDS, events__max_id_length=1000)
-    kept = ingest(read_source(spark, shorter.source), shorter.source, shorter.events, *WEEK, datetime.now(UTC))
+    kept = ingest(
+        read_source(spark, shorter.source), shorter.source, shorter.events, *WEEK, datetime.now(UTC)
+    )
     assert kept.metrics["quarantine_invalid_id"] == 1  # the long id is now allowed; the bell is not
 
 

@@ -15,7 +15,9 @@ from recsys_pipeline.runs import RunContext
 from recsys_pipeline.stages.publish import run_promotion, run_publish
 
 
-def test_a_rerun_with_another_config_is_another_version_promoted_only_on_its_own_gates(own_weekly_run) -> None:
+def test_a_rerun_with_another_config_is_another_version_promoted_only_on_its_own_gates(
+    own_weekly_run,
+) -> None:
     first = run_publish(own_weekly_run)
     run_promotion(own_weekly_run, first)
     # The same interval and input, run again with another config whose evaluation failed.
@@ -23,7 +25,11 @@ def test_a_rerun_with_another_config_is_another_version_promoted_only_on_its_own
         update={"als": own_weekly_run.config.als.model_copy(update={"factors": 8})}
     )
     rerun = RunContext(
-        changed, own_weekly_run.dag_id, "manual__rerun", own_weekly_run.interval_start, own_weekly_run.interval_end
+        changed,
+        own_weekly_run.dag_id,
+        "manual__rerun",
+        own_weekly_run.interval_start,
+        own_weekly_run.interval_end,
     )
     rerun.write_gate("evaluation", False, ["ndcg_at_10=0.1 does not beat baseline_ndcg_at_10=0.2"])
     second = run_publish(rerun)
@@ -43,7 +49,9 @@ def closed_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_an_unreachable_registry_fails_closed_instead_of_meaning_no_champion(make_config, monkeypatch) -> None:
+def test_an_unreachable_registry_fails_closed_instead_of_meaning_no_champion(
+    make_config, monkeypatch
+) -> None:
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     config = make_config(mlflow__tracking_uri=f"http://127.0.0.1:{closed_port()}")
     with pytest.raises(registry.RegistryUnavailableError, match="could not be read"):
@@ -59,7 +67,14 @@ def test_a_missing_alias_on_a_working_registry_is_simply_absent(make_config) -> 
 def test_the_cli_says_the_registry_is_unreachable_in_one_line(tmp_path: Path) -> None:
     recsys = str(Path(sys.executable).parent / "recsys")
     result = subprocess.run(
-        [recsys, "--set", f"state_dir={tmp_path}", "--set", f"mlflow.tracking_uri=http://127.0.0.1:{closed_port()}", "status"],
+        [
+            recsys,
+            "--set",
+            f"state_dir={tmp_path}",
+            "--set",
+            f"mlflow.tracking_uri=http://127.0.0.1:{closed_port()}",
+            "status",
+        ],
         capture_output=True,
         text=True,
         timeout=120,
