@@ -23,6 +23,26 @@ from recsys_pipeline.ranking import dot_top_k, first_unseen, popular_items
 from recsys_pipeline.registry import CHAMPION, download
 
 RESULT_COLUMNS = ["rank", "item_id", "score"]
+DEFAULT_K = 10
+# Requests larger than this are refused: one answer holds at most MAX_K items per row and
+# MAX_BATCH_ROWS rows, so a single call cannot ask the service for an unbounded response.
+MAX_K = 1000
+MAX_BATCH_ROWS = 1000
+
+
+class BadRequestError(RecsysError):
+    """A request the service cannot answer as asked (a bad ``k``, a row without a key)."""
+
+
+def checked_k(value: Any) -> int:
+    """``k`` as a whole number from 1 to ``MAX_K`` (missing: ``DEFAULT_K``), else :class:`BadRequestError`."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return DEFAULT_K
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise BadRequestError(f"k must be a whole number from 1 to {MAX_K}, got {value!r}")
+    if not float(value).is_integer() or not 1 <= value <= MAX_K:
+        raise BadRequestError(f"k must be a whole number from 1 to {MAX_K}, got {value!r}")
+    return int(value)
 
 
 class UnknownIdError(RecsysError, KeyError):
@@ -67,12 +87,13 @@ class Recommender:
     def _user_idx(self, user_id: str) -> int | None:
         return self.user_lookup.get(str(user_id))
 
-    def recommend(self, user_id: str, k: int = 10, unknown: str = "error") -> pd.DataFrame:
-        """Top-k unseen items for a user.
+    def recommend(self, user_id: str, k: int = DEFAULT_K, unknown: str = "error") -> pd.DataFrame:
+        """Top-k unseen items for a user (k from 1 to ``MAX_K``).
 
         A user without a vector (new, or no training data) gets the most popular unseen
         items. A user id never seen raises :class:`UnknownIdError` unless ``unknown="popular"``.
         """
+        k = checked_k(k)
         idx = self._user_idx(user_id)
         if idx is None and unknown == "error":
             raise UnknownIdError(f"unknown user id {user_id!r}: not in this version's ID map")
@@ -92,8 +113,9 @@ class Recommender:
             }
         )
 
-    def similar(self, item_id: str, k: int = 10) -> pd.DataFrame:
-        """The k items whose vectors have the highest cosine with the item's, itself excluded."""
+    def similar(self, item_id: str, k: int = DEFAULT_K) -> pd.DataFrame:
+        """The k items (1 to ``MAX_K``) whose vectors have the highest cosine with the item's, itself excluded."""
+        k = checked_k(k)
         idx = self.item_lookup.get(str(item_id))
         if idx is None:
             raise UnknownIdError(f"unknown item id {item_id!r}: not in this version's ID map")
@@ -114,16 +136,18 @@ class Recommender:
 
 
 def model_signature() -> Any:
-    """Input: ``user_id`` (recommend) or ``item_id`` (similar) strings, optional ``k``."""
+    """Input: ``user_id`` (recommend) or ``item_id`` (similar) strings, optional ``k`` (1 to ``MAX_K``)."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
+    from mlflow.types.schema import AnyType
 
     return ModelSignature(
         inputs=Schema(
             [
                 ColSpec("string", "user_id", required=False),
                 ColSpec("string", "item_id", required=False),
-                ColSpec("long", "k", required=False),
+                # Any type: MLflow would otherwise truncate k=2.5 to 2 before the model could refuse it.
+                ColSpec(AnyType(), "k", required=False),
             ]
         ),
         outputs=Schema(
@@ -141,8 +165,9 @@ def model_signature() -> Any:
 class RecsysPyfunc(PythonModel):
     """The registered model: rows with ``user_id`` get recommendations, rows with ``item_id`` similar items.
 
-    Unknown users get the most popular items (a service should always answer);
-    unknown items raise an error.
+    Unknown users get the most popular items (a service should always answer). A request with
+    an unknown item, a bad ``k``, a row without a key or more than ``MAX_BATCH_ROWS`` rows is
+    refused as a whole with one short reason per bad row (HTTP 400 from ``mlflow models serve``).
     """
 
     def load_context(self, context: Any) -> None:
@@ -151,13 +176,35 @@ class RecsysPyfunc(PythonModel):
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> pd.DataFrame:
-        frames = []
-        for row in model_input.to_dict(orient="records"):
-            k = int(row["k"]) if pd.notna(row.get("k")) else 10
-            if pd.notna(row.get("user_id")):
-                frames.append(self.recommender.recommend(str(row["user_id"]), k, unknown="popular"))
-            elif pd.notna(row.get("item_id")):
-                frames.append(self.recommender.similar(str(row["item_id"]), k))
-            else:
-                raise RecsysError("each input row needs a user_id or an item_id")
+        from mlflow.exceptions import MlflowException
+
+        if len(model_input) == 0:
+            # MLflow's JSON parsing turns rows without known columns (``[{}]``) into no rows at all.
+            raise MlflowException.invalid_parameter_value(
+                "the request has no usable rows: each row needs a user_id or an item_id"
+            )
+        if len(model_input) > MAX_BATCH_ROWS:
+            raise MlflowException.invalid_parameter_value(
+                f"{len(model_input)} rows in one request: send at most {MAX_BATCH_ROWS}"
+            )
+        frames, problems = [], []
+        for number, row in enumerate(model_input.to_dict(orient="records")):
+            try:
+                frames.append(self._answer(row))
+            except RecsysError as error:
+                problems.append(f"row {number}: {error}")
+        if problems:
+            raise MlflowException.invalid_parameter_value("; ".join(problems))
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=RESULT_COLUMNS)
+
+    def _answer(self, row: dict[str, Any]) -> pd.DataFrame:
+        k = checked_k(row.get("k"))
+        if _present(row.get("user_id")):
+            return self.recommender.recommend(str(row["user_id"]), k, unknown="popular")
+        if _present(row.get("item_id")):
+            return self.recommender.similar(str(row["item_id"]), k)
+        raise BadRequestError("each row needs a user_id or an item_id")
+
+
+def _present(value: Any) -> bool:
+    return value is not None and not (isinstance(value, float) and np.isnan(value))

@@ -10,6 +10,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -153,3 +158,42 @@ def write_interactions(run: RunContext, matrix: Any) -> None:
             pa.table({"id": [str(i) for i in range(size)], "idx": pa.array(np.arange(size, dtype=np.int32))}),
             run.id_map_dir(side) / "part-0.parquet",
         )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(url: str, process: subprocess.Popen, log: Path, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"server exited with {process.returncode}: {log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(1)
+    stop(process)
+    raise AssertionError(f"{url} did not answer within {timeout_s}s: {log.read_text()[-3000:]}")
+
+
+def start(command: list[str], env: dict[str, str], url: str, log: Path) -> subprocess.Popen:
+    """Start a server in its own process group, logging to a file (an unread pipe would fill and block it)."""
+    with log.open("w") as handle:
+        process = subprocess.Popen(
+            command, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    wait_for(url, process, log)
+    return process
+
+
+def stop(process: subprocess.Popen) -> None:
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
