@@ -114,7 +114,7 @@ class Recommender:
         )
 
     def similar(self, item_id: str, k: int = DEFAULT_K) -> pd.DataFrame:
-        """The k items (1 to ``MAX_K``) whose vectors have the highest cosine with the item's, itself excluded."""
+        """The k items (1 to ``MAX_K``) with the highest cosine to the item's vector, itself excluded."""
         k = checked_k(k)
         idx = self.item_lookup.get(str(item_id))
         if idx is None:
