@@ -11,13 +11,19 @@ Layout (the ``bundle`` artifact of a registered pyfunc model)::
     index/                       the item index with its manifest.json
     metrics.json, gates.json, lineage.json
     validation/                  GX suites, results and Data Docs
+
+Nothing in it is a pickle. The registered model around it (MLmodel, the model's code, its
+requirements and this folder) is covered file by file by one manifest (``MODEL_MANIFEST``, logged
+beside the model), whose own sha256 the registry holds as the version's tag ``MANIFEST_TAG``:
+:func:`verify_tree` checks a downloaded model against it before anything in it is loaded.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -31,13 +37,92 @@ from recsys_pipeline.index import ItemIndex, load_index
 from recsys_pipeline.runs import SIDES, RunContext, atomic_dir, now_utc, read_trained_params, write_json
 from recsys_pipeline.tables import read_id_map
 
-BUNDLE_FORMAT = 1
+# 2: no pickle anywhere (index docids as .npy, the pyfunc as code) and a registry-held manifest.
+BUNDLE_FORMAT = 2
 SUPPORTED_FORMATS = frozenset({BUNDLE_FORMAT})
 META = "bundle.json"
+MODEL_MANIFEST = "model_manifest.json"
+MANIFEST_TAG = "model_manifest_sha256"
+# Written by MLflow's downloader itself (which registered name and version a copy came from): not
+# part of what was published, so neither hashed nor refused.
+DOWNLOAD_METADATA = frozenset({"registered_model_meta"})
+# How pickles of protocol 2 to 5 begin (4 and 5 always open with a FRAME opcode, 0x95).
+PICKLE_HEADERS = (b"\x80\x02", b"\x80\x03", b"\x80\x04\x95", b"\x80\x05\x95")
 
 
 class BundleFormatError(RecsysError):
     """The bundle was written in a format this code does not read."""
+
+
+class BundleIntegrityError(RecsysError):
+    """A published model's files differ from the manifest whose hash the registry holds."""
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def tree_manifest(directory: Path) -> dict[str, str]:
+    """{relative POSIX path: sha256} of every file below ``directory``; refuses pickles."""
+    manifest: dict[str, str] = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        name = path.relative_to(directory).as_posix()
+        if name in DOWNLOAD_METADATA:
+            continue
+        if path.suffix in (".pkl", ".pickle") or is_pickle(path):
+            raise BundleIntegrityError(f"{name} is a pickle: a published model must not hold one")
+        manifest[name] = file_sha256(path)
+    return manifest
+
+
+def is_pickle(path: Path) -> bool:
+    with path.open("rb") as handle:
+        head = handle.read(3)
+    return any(head.startswith(header) for header in PICKLE_HEADERS)
+
+
+def manifest_bytes(manifest: dict[str, str]) -> bytes:
+    """The canonical serialisation whose sha256 the registry holds."""
+    return json.dumps({"files": manifest}, indent=1, sort_keys=True).encode()
+
+
+def manifest_sha256(manifest: dict[str, str]) -> str:
+    return hashlib.sha256(manifest_bytes(manifest)).hexdigest()
+
+
+def safe_name(name: str) -> bool:
+    """A manifest entry is a plain relative path inside the model: no '..', no absolute path."""
+    path = PurePosixPath(name)
+    return bool(name) and "\\" not in name and not path.is_absolute() and ".." not in path.parts
+
+
+def verify_tree(directory: Path, manifest_file: Path, expected_sha256: str) -> None:
+    """Check a downloaded model against its manifest and the manifest against the registry's hash.
+
+    Every listed file must be there with its hash, and nothing else may be: an added file (a pickle
+    planted beside the model, say) fails as surely as a changed one.
+    """
+    raw = manifest_file.read_bytes()
+    if hashlib.sha256(raw).hexdigest() != expected_sha256:
+        raise BundleIntegrityError(f"{manifest_file.name} does not match the hash the registry holds")
+    listed: dict[str, str] = json.loads(raw)["files"]
+    unsafe = sorted(name for name in listed if not safe_name(name))
+    if unsafe:
+        raise BundleIntegrityError(f"the manifest names paths outside the model: {unsafe[:3]}")
+    present = {p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file()}
+    present -= DOWNLOAD_METADATA
+    if present - set(listed):
+        raise BundleIntegrityError(f"files not in the manifest: {sorted(present - set(listed))[:3]}")
+    for name, expected in listed.items():
+        path = directory / name
+        if not path.is_file():
+            raise BundleIntegrityError(f"{name} is listed in the manifest but missing")
+        if file_sha256(path) != expected:
+            raise BundleIntegrityError(f"{name} does not match its manifest hash")
 
 
 def write_bundle(run: RunContext, lineage: dict[str, Any]) -> Path:

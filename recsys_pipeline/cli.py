@@ -164,9 +164,14 @@ def _registry_command(config: PipelineConfig, args: argparse.Namespace) -> int:
 
 def _serve(config: PipelineConfig, args: argparse.Namespace) -> int:
     """Replace this process with ``mlflow models serve`` on the configured registry, in this environment."""
-    name = config.mlflow.model_name
-    if registry.alias_version(config, args.alias) is None:
-        raise registry.NothingPublishedError(f"no version of {name} has the alias '{args.alias}' to serve")
+    version = registry.alias_version(config, args.alias)
+    if version is None:
+        raise registry.NothingPublishedError(
+            f"no version of {config.mlflow.model_name} has the alias '{args.alias}' to serve"
+        )
+    # Serve the local copy that was just verified against the registry's manifest hash, not a
+    # fresh download nobody checked.
+    model = registry.verified_model(config, str(version.version))
     env = {
         **os.environ,
         "MLFLOW_TRACKING_URI": config.tracking_uri,
@@ -180,7 +185,7 @@ def _serve(config: PipelineConfig, args: argparse.Namespace) -> int:
         "models",
         "serve",
         "-m",
-        f"models:/{name}@{args.alias}",
+        str(model),
         "--env-manager",
         "local",
         "--host",

@@ -3,7 +3,8 @@
 Index folder layout::
 
     scann_assets.pbtxt, *.npy   ScaNN's own serialization, written with relative paths
-    scann_docids.pkl            ScaNN's docids: the dense item index of each searcher row, as strings
+    docids.npy                  the dense item index of each ScaNN searcher row (int64; ScaNN's own
+                                docids pickle is never written or read)
     item_idx.npy, item_factors.npy   the exact backend's items and vectors
     manifest.json               {"format": 2, "backend", "files": {name: sha256}, "items": n, "params"}
 """
@@ -28,7 +29,10 @@ from recsys_pipeline.ranking import dot_top_k
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
-INDEX_FORMAT = 2  # 2: ScaNN indexes carry docids, so they can be updated in place
+# 2: ScaNN indexes carry docids, so they can be updated in place. 3: docids as .npy, never a pickle.
+INDEX_FORMAT = 3
+SCANN_DOCIDS_PICKLE = "scann_docids.pkl"
+DOCIDS = "docids.npy"
 
 
 class IndexIntegrityError(RecsysError):
@@ -137,15 +141,20 @@ class ScannIndex:
     def save(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.searcher.serialize(str(directory), relative_path=True)
+        # ScaNN pickles its docids beside the index; a bundle holds no pickle, so they go to .npy.
+        (directory / SCANN_DOCIDS_PICKLE).unlink(missing_ok=True)
+        np.save(directory / DOCIDS, self.item_idx, allow_pickle=False)
         write_manifest(directory, self.backend, len(self.item_idx), self.params.as_dict())
 
     @classmethod
     def load(cls, directory: Path, manifest: dict[str, Any]) -> ScannIndex:
         import scann
 
-        searcher = scann.scann_ops_pybind.load_searcher(str(directory))
-        if searcher.docids is None:
-            raise IndexIntegrityError(f"ScaNN index in {directory} has no docids (scann_docids.pkl)")
+        if not (directory / DOCIDS).is_file():
+            raise IndexIntegrityError(f"ScaNN index in {directory} has no {DOCIDS}")
+        loaded = scann.scann_ops_pybind.load_searcher(str(directory))
+        docids = [str(i) for i in np.load(directory / DOCIDS, allow_pickle=False)]
+        searcher = scann.scann_ops_pybind.ScannSearcher(loaded.searcher, docids)
         return cls(searcher, SearchParams(**manifest["params"]))
 
 
@@ -182,7 +191,10 @@ class ExactIndex:
 
     @classmethod
     def load(cls, directory: Path, manifest: dict[str, Any]) -> ExactIndex:
-        return cls(np.load(directory / "item_idx.npy"), np.load(directory / "item_factors.npy"))
+        return cls(
+            np.load(directory / "item_idx.npy", allow_pickle=False),
+            np.load(directory / "item_factors.npy", allow_pickle=False),
+        )
 
 
 def build_index(
@@ -223,6 +235,8 @@ def verify_manifest(directory: Path) -> dict[str, Any]:
     if not manifest_path.is_file():
         raise IndexIntegrityError(f"index folder {directory} has no {MANIFEST}")
     manifest = json.loads(manifest_path.read_text())
+    if (directory / SCANN_DOCIDS_PICKLE).exists():
+        raise IndexIntegrityError(f"index folder {directory} holds a pickle ({SCANN_DOCIDS_PICKLE}): refused")
     if manifest.get("format") != INDEX_FORMAT:
         raise IndexIntegrityError(
             f"index format {manifest.get('format')} is not supported (expected {INDEX_FORMAT})"

@@ -4,12 +4,14 @@ and the status report the CLI shows."""
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from recsys_pipeline import tracking
-from recsys_pipeline.bundle import Bundle
+from recsys_pipeline.bundle import MANIFEST_TAG, MODEL_MANIFEST, Bundle, BundleIntegrityError, verify_tree
 from recsys_pipeline.config import PipelineConfig
 from recsys_pipeline.embeddings import Embeddings
 from recsys_pipeline.errors import RecsysError
@@ -114,18 +116,54 @@ def download(config: PipelineConfig, alias: str = CHAMPION) -> tuple[Any, Bundle
 
 
 def version_bundle(config: PipelineConfig, version: str) -> Bundle:
-    """The bundle of one registered version, downloaded once into the cache."""
+    """The bundle of one registered version, from a verified local copy (see :func:`verified_model`)."""
+    return Bundle(verified_model(config, version) / "artifacts" / "bundle")
+
+
+def verified_model(config: PipelineConfig, version: str) -> Path:
+    """The local folder of one registered model version, every file checked before it is returned.
+
+    The copy is cached under the state home and checked against the manifest whose sha256 the
+    registry holds on every call, cache included. A copy that fails is downloaded again once; a
+    second failure is refused: the stored model itself differs from what was published.
+    """
+    name = config.mlflow.model_name
+    expected = tracking.client(config).get_model_version(name, version).tags.get(MANIFEST_TAG)
+    if expected is None:
+        raise BundleIntegrityError(
+            f"{name} version {version} was published without a manifest (an older format): republish it"
+        )
+    cache = StateLayout(config.state_home).model_cache / name / version
+    for attempt in (1, 2):
+        if not (cache / MODEL_MANIFEST).is_file():
+            _download(config, version, cache)
+        try:
+            verify_tree(cache / "model", cache / MODEL_MANIFEST, expected)
+            return cache / "model"
+        except BundleIntegrityError as error:
+            if attempt == 2:
+                raise BundleIntegrityError(
+                    f"{name} version {version} fails verification after a fresh download ({error}): "
+                    "the stored model differs from what was published; refusing to load it"
+                ) from error
+            log.warning(
+                "cached %s version %s failed verification (%s): downloading again", name, version, error
+            )
+            shutil.rmtree(cache, ignore_errors=True)
+    raise AssertionError("unreachable")
+
+
+def _download(config: PipelineConfig, version: str, cache: Path) -> None:
     import mlflow
 
     name = config.mlflow.model_name
-    cache = StateLayout(config.state_home).model_cache / name / version
-    folder = cache / "artifacts" / "bundle"
-    if not (folder / "bundle.json").is_file():
-        with tracking.fluent(config), atomic_dir(cache) as staging:
-            mlflow.artifacts.download_artifacts(
-                artifact_uri=f"models:/{name}/{version}", dst_path=str(staging)
-            )
-    return Bundle(folder)
+    run_id = tracking.client(config).get_model_version(name, version).run_id
+    with tracking.fluent(config) as bound, atomic_dir(cache) as staging:
+        staging.mkdir(parents=True)
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{name}/{version}", dst_path=str(staging / "model")
+        )
+        bound.download_artifacts(run_id, MODEL_MANIFEST, str(staging))
 
 
 def champion_embeddings(config: PipelineConfig) -> Embeddings | None:

@@ -33,7 +33,7 @@ LAYERS: list[tuple[str, set[str]]] = [
         },
     ),
     ("artifacts and registry", {"tracking", "bundle", "registry"}),
-    ("consumers", {"serving", "cli"}),
+    ("consumers", {"serving", "pyfunc_entry", "cli"}),
     ("stages", {"stages"}),
     ("entry points", {"jobs", "orchestration"}),
 ]

@@ -5,16 +5,29 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from recsys_pipeline import tracking
-from recsys_pipeline.bundle import BUNDLE_FORMAT, Bundle, write_bundle
+from recsys_pipeline.bundle import (
+    BUNDLE_FORMAT,
+    MANIFEST_TAG,
+    MODEL_MANIFEST,
+    Bundle,
+    manifest_bytes,
+    manifest_sha256,
+    tree_manifest,
+    write_bundle,
+)
 from recsys_pipeline.config import PROJECT_ROOT
 from recsys_pipeline.registry import IDENTITY_TAGS, GateFailedError, find_version, promote
 from recsys_pipeline.runs import RunContext
-from recsys_pipeline.serving import RecsysPyfunc, model_signature
+from recsys_pipeline.serving import model_signature
 
 log = logging.getLogger(__name__)
+# Logged as the model's code (models-from-code): the pyfunc is never pickled.
+PYFUNC_CODE = Path(__file__).resolve().parent.parent / "pyfunc_entry.py"
 REQUIRED_GATES = {
     "full": ("evaluation", "index", "validation"),
     # A fold-in has no untouched holdout to evaluate on; its gate is staying close to its parent.
@@ -84,7 +97,11 @@ def trained_params(run: RunContext) -> dict[str, str]:
 
 
 def run_publish(run: RunContext) -> str:
-    """Log the run and register its bundle as a new model version (or return the one already there)."""
+    """Log the run and register its bundle as a new model version (or return the one already there).
+
+    The model is downloaded back once logged and hashed file by file; that manifest is logged beside
+    it and its sha256 registered with the version, so every later load can be checked against it.
+    """
     import mlflow
 
     config = run.config
@@ -107,13 +124,19 @@ def run_publish(run: RunContext) -> str:
             mlflow.log_dict(run.read_gates(), "gates.json")
             info = mlflow.pyfunc.log_model(
                 name="model",
-                python_model=RecsysPyfunc(),
+                python_model=str(PYFUNC_CODE),
                 artifacts={"bundle": str(bundle)},
                 signature=model_signature(),
                 input_example=input_example(Bundle(bundle)),
                 pip_requirements=serving_requirements(),
             )
-        version = mlflow.register_model(info.model_uri, config.mlflow.model_name, tags=tags)
+            manifest = logged_model_manifest(info.model_uri)
+            with tempfile.TemporaryDirectory() as staging:
+                (Path(staging) / MODEL_MANIFEST).write_bytes(manifest_bytes(manifest))
+                mlflow.log_artifact(str(Path(staging) / MODEL_MANIFEST))
+        version = mlflow.register_model(
+            info.model_uri, config.mlflow.model_name, tags={**tags, MANIFEST_TAG: manifest_sha256(manifest)}
+        )
     log.info("registered %s version %s", config.mlflow.model_name, version.version)
     return str(version.version)
 
@@ -135,6 +158,15 @@ def log_rejected_run(run: RunContext, reason: str) -> str:
             mlflow.log_artifacts(str(run.validation_dir), artifact_path="validation")
             mlflow.log_dict(run.read_gates(), "gates.json")
     return str(active.info.run_id)
+
+
+def logged_model_manifest(model_uri: str) -> dict[str, str]:
+    """The manifest of a logged model as stored: downloaded back, every file hashed."""
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as staging:
+        mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=staging)
+        return tree_manifest(Path(staging))
 
 
 def input_example(bundle: Bundle) -> Any:
