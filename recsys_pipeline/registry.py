@@ -82,17 +82,21 @@ def wait_until_ready(config: PipelineConfig, version: str, timeout_s: float = 30
 
 
 def promote(config: PipelineConfig, version: str, reason: str) -> None:
-    """Point ``champion`` at ``version``; the version it replaces keeps ``previous``."""
+    """Point ``champion`` at ``version``; the version it replaces keeps ``previous``.
+
+    The two alias moves happen under the state lock, so two promotions cannot interleave them.
+    """
     bound = tracking.client(config)
     name = config.mlflow.model_name
     wait_until_ready(config, version)
-    current = alias_version(config, CHAMPION)
-    if current is not None and str(current.version) == str(version):
-        return
-    if current is not None:
-        bound.set_registered_model_alias(name, PREVIOUS, current.version)
-    bound.set_registered_model_alias(name, CHAMPION, version)
-    bound.set_model_version_tag(name, version, "promotion_reason", reason)
+    with StateLayout(config.state_home).lock():
+        current = alias_version(config, CHAMPION)
+        if current is not None and str(current.version) == str(version):
+            return
+        if current is not None:
+            bound.set_registered_model_alias(name, PREVIOUS, current.version)
+        bound.set_registered_model_alias(name, CHAMPION, version)
+        bound.set_model_version_tag(name, version, "promotion_reason", reason)
     log.info("%s@%s -> version %s (%s)", name, CHAMPION, version, reason)
 
 

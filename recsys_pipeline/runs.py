@@ -17,7 +17,9 @@ Run folder (``<state>/runs/<dag_id>/<interval>/``)::
 
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
 import shutil
 import uuid
 from collections.abc import Iterator, Mapping
@@ -38,6 +40,7 @@ from recsys_pipeline.tables import Triples, count_rows, read_id_map, read_indice
 Side = Literal["users", "items"]
 SIDES: tuple[Side, ...] = ("users", "items")
 RUN_RECORD = "run.json"
+log = logging.getLogger(__name__)
 TRAINED_PARAMS, TRAINING_LOSS, SWEEP = "params.json", "training_loss.json", "sweep.json"
 
 
@@ -89,6 +92,29 @@ class StateLayout:
     @property
     def bench(self) -> Path:
         return self.home / "bench"
+
+    @contextmanager
+    def lock(self, shared: bool = False) -> Iterator[None]:
+        """Hold the state lock: exclusive to write what all runs share (lake partitions, ID maps,
+        aliases), shared to read it. Another process holding it makes this one wait, not fail.
+
+        ``flock`` covers every process on this machine (Airflow tasks, ``spark-submit`` drivers,
+        ``dags test``, the CLI); a state folder shared between machines needs a filesystem whose
+        locks reach all of them.
+        """
+        path = self.home / "locks" / "state.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+        with path.open("a+") as handle:
+            try:
+                fcntl.flock(handle, mode | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("waiting for another run to release the state lock %s", path)
+                fcntl.flock(handle, mode)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 RunMode = Literal["full", "refresh"]

@@ -136,7 +136,13 @@ def test_reingesting_a_shrunken_source_leaves_no_stale_dates(spark, make_config,
     run = RunContext.create(config, "test", "1998-03-24", "1998-03-31")
     run_ingest(spark, run)
     lines = (config.source.path).read_text().splitlines()
-    one_day = [line for line in lines if 890_000_000 <= int(line.split("\t")[3]) < 890_086_400]
+    # One day from the history and one from the run's own interval (an interval without events fails).
+    one_day = [
+        line
+        for line in lines
+        if 890_000_000 <= int(line.split("\t")[3]) < 890_086_400
+        or 890_784_000 <= int(line.split("\t")[3]) < 890_870_400
+    ]
     shrunken = tmp_path / "u.data"
     shrunken.write_text("\n".join(one_day) + "\n")
     smaller = RunContext.create(
@@ -149,4 +155,5 @@ def test_reingesting_a_shrunken_source_leaves_no_stale_dates(spark, make_config,
     rows = _lake_rows(run.layout.events_lake)
     assert len(rows) == len(one_day)
     expected_dates = {str(datetime.fromtimestamp(int(line.split("\t")[3]), UTC).date()) for line in one_day}
-    assert {str(dict(row)["event_date"]) for row in rows} == expected_dates == {"1998-03-15", "1998-03-16"}
+    assert {str(dict(row)["event_date"]) for row in rows} == expected_dates
+    assert expected_dates == {"1998-03-15", "1998-03-16", "1998-03-25"}

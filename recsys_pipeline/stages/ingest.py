@@ -37,5 +37,6 @@ def run_ingest(spark: SparkSession, run: RunContext) -> dict[str, float]:
             "and the run's date; nothing was trained or published"
         )
     if result.metrics["events_ingested"] > 0:
-        write_lake(result.events, run.layout.events_lake, window_start, window_end)
+        with run.layout.lock():
+            write_lake(result.events, run.layout.events_lake, window_start, window_end)
     return result.metrics

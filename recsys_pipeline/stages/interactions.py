@@ -28,6 +28,13 @@ from recsys_pipeline.tables import count_rows
 
 
 def run_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]:
+    """:func:`build_interactions` holding the state lock: it reads the lake and advances the shared
+    ID maps, which no other run may change meanwhile."""
+    with run.layout.lock():
+        return build_interactions(spark, run)
+
+
+def build_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]:
     """Read the history from the lake, extend the ID maps, write train/holdout matrices.
 
     A refresh run holds nothing out: its model is the champion's, folded over the whole history.

@@ -23,7 +23,8 @@ def run_batch_recommendations(run: RunContext) -> dict[str, float]:
     has_vector = presence_mask(embeddings.user_idx, n_users)
     user_ids, item_ids = run.ids("users"), run.ids("items")
     since = run.interval_end - timedelta(days=run.config.recommendations.active_days)
-    active = active_user_indices(run.layout.events_lake, since, run.interval_end, user_ids)
+    with run.layout.lock(shared=True):
+        active = active_user_indices(run.layout.events_lake, since, run.interval_end, user_ids)
     users, ranks, items, scores = recommend_for_users(
         active,
         embeddings.dense_users(n_users),

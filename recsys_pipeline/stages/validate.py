@@ -67,8 +67,9 @@ def drift_against_champion(run: RunContext, embeddings: Embeddings) -> drift.Dri
 
 def lake_frame(run: RunContext) -> pd.DataFrame:
     start, end = ingest_window(run)
-    dataset = ds.dataset(str(run.layout.events_lake), format="parquet", partitioning="hive")
-    table = dataset.to_table(filter=(ds.field("event_ts") >= start) & (ds.field("event_ts") < end))
+    with run.layout.lock(shared=True):
+        dataset = ds.dataset(str(run.layout.events_lake), format="parquet", partitioning="hive")
+        table = dataset.to_table(filter=(ds.field("event_ts") >= start) & (ds.field("event_ts") < end))
     return table.to_pandas()
 
 

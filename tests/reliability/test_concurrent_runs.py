@@ -1,0 +1,108 @@
+"""Two weekly runs and a nightly started at once on one state folder all finish, and leave the lake,
+the ID maps and the aliases intact (issue #14, item 7).
+
+Each run is a separate process with its own Spark driver, as Airflow tasks, ``spark-submit`` jobs
+and ``dags test`` runs are; this file is also the worker they run (``python this_file STATE KIND START END``).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pytest
+
+from recsys_pipeline.config import PROJECT_ROOT, load_config
+from recsys_pipeline.registry import CHAMPION, PREVIOUS, list_versions
+from recsys_pipeline.tables import read_id_map
+
+# Gates and drift bounds opened wide: this test is about shared state, not about which run wins.
+LAX = {
+    "spark.conf": {"spark.sql.shuffle.partitions": "2", "spark.ui.enabled": "false"},
+    "evaluation.gate.max_drop_vs_champion": 1.0,
+    "evaluation.gate.min_lift_over_baseline": -1.0,
+    "validation.row_count_band": 100.0,
+    "drift.min_neighbour_overlap": 0.0,
+    "drift.min_aligned_cosine": -1.0,
+    "drift.min_rec_overlap": 0.0,
+    "drift.max_norm_ks": 1.0,
+}
+# The nightly may get the lake before either weekly has filled in the history: keep its one day.
+NIGHTLY = {"interactions.min_item_interactions": 1}
+RUNS = [
+    ("weekly", "1998-04-09", "1998-04-16"),
+    ("weekly", "1998-04-16", "1998-04-23"),
+    ("nightly", "1998-04-21", "1998-04-22"),
+]
+
+
+def work(state: str, kind: str, start: str, end: str) -> None:
+    from recsys_pipeline.runs import RunContext
+    from recsys_pipeline.spark import spark_session
+    from recsys_pipeline.stages.evaluate import run_evaluation
+    from recsys_pipeline.stages.index import run_index
+    from recsys_pipeline.stages.ingest import run_ingest
+    from recsys_pipeline.stages.interactions import run_interactions
+    from recsys_pipeline.stages.publish import run_promotion, run_publish
+    from recsys_pipeline.stages.recommend import run_batch_recommendations
+    from recsys_pipeline.stages.train import run_training
+    from recsys_pipeline.stages.validate import run_validation
+
+    config = load_config(overrides={"state_dir": state, **LAX, **(NIGHTLY if kind == "nightly" else {})})
+    mode = "refresh" if kind == "nightly" else "full"
+    run = RunContext.create(config, f"recsys_{kind}", start, end, f"concurrent__{kind}_{end}", mode)
+    spark = spark_session(config, f"concurrent-{kind}-{end}", master="local[1]")
+    try:
+        run_ingest(spark, run)
+        run_interactions(spark, run)
+        if kind == "weekly":
+            run_training(spark, run)
+    finally:
+        spark.stop()
+    if kind == "weekly":
+        run_evaluation(run)
+        run_index(run)
+        run_batch_recommendations(run)
+        run_validation(run)
+        run_promotion(run, run_publish(run))
+
+
+@pytest.mark.e2e
+def test_two_weeklies_and_a_nightly_at_once_leave_shared_state_intact(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    workers = [
+        subprocess.Popen(
+            [sys.executable, __file__, str(state), kind, start, end],
+            cwd=PROJECT_ROOT,
+            stdout=(tmp_path / f"{kind}-{end}.log").open("w"),
+            stderr=subprocess.STDOUT,
+        )
+        for kind, start, end in RUNS
+    ]
+    codes = [worker.wait(timeout=1200) for worker in workers]
+    logs = {path.name: path.read_text()[-3000:] for path in tmp_path.glob("*.log")}
+    assert codes == [0, 0, 0], json.dumps(logs, indent=1)
+
+    config = load_config(overrides={"state_dir": str(state)})
+    lake = config.state_home / "lake" / "events"
+    assert not list(lake.glob("event_date=*/event_date=*")), "nested partitions from interleaved writes"
+    events = ds.dataset(str(lake), format="parquet", partitioning="hive").to_table(columns=["user_id"])
+    assert events.num_rows > 0
+    users = read_id_map(config.state_home / "id_maps" / "users")
+    assert len(set(users)) == len(users) and set(events.column("user_id").to_pylist()) <= set(users)
+    for run_dir in (config.state_home / "runs").glob("*/*"):
+        snapshot = read_id_map(run_dir / "interactions" / "maps" / "users")
+        assert list(users[: len(snapshot)]) == list(snapshot), f"{run_dir.name}: a map index moved"
+
+    rows = list_versions(config)
+    assert len(rows) == 2
+    aliases = sorted(alias for row in rows for alias in row["aliases"])
+    assert aliases == sorted([CHAMPION, PREVIOUS])
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(PROJECT_ROOT))
+    work(*sys.argv[1:5])
