@@ -139,6 +139,19 @@ def _status(config: PipelineConfig, as_json: bool) -> None:
     ):
         if name in status["metrics"]:
             print(f"  {name:<22} {status['metrics'][name]:.4f}")
+    metrics = status["metrics"]
+    if "events_read" in metrics:
+        print(
+            f"  records: {metrics['events_read']:.0f} read = {metrics['events_ingested']:.0f} ingested"
+            f" + {metrics['events_quarantined']:.0f} quarantined"
+            f" + {metrics['events_outside_window']:.0f} outside the window"
+        )
+    dropped = {name: value for name, value in metrics.items() if name.startswith("dropped_pairs_")}
+    if dropped:
+        reasons = ", ".join(
+            f"{value:.0f} {name.removeprefix('dropped_pairs_')}" for name, value in dropped.items()
+        )
+        print(f"  training pairs: {metrics.get('train_interactions', 0):.0f} kept, dropped: {reasons}")
 
 
 def _registry_command(config: PipelineConfig, args: argparse.Namespace) -> int:

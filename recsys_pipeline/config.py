@@ -79,9 +79,17 @@ class EventsConfig(_Section):
 class EventWeight(_Section):
     weight: float = Field(default=1.0, ge=0)
     value_map: dict[float, float] | None = Field(
-        default=None, description="Maps the event value (e.g. a rating) to a multiplier; unmapped -> 0."
+        default=None,
+        description="Event value (e.g. a rating) -> multiplier; values between keys interpolate linearly.",
     )
     scale_by_value: bool = Field(default=False, description="Multiply by the raw value (e.g. watch time).")
+
+    @field_validator("value_map")
+    @classmethod
+    def _value_map_has_points(cls, value: dict[float, float] | None) -> dict[float, float] | None:
+        if value is not None and not value:
+            raise ValueError("value_map needs at least one value: multiplier pair (or null for none)")
+        return value
 
 
 class InteractionsConfig(_Section):
@@ -91,6 +99,9 @@ class InteractionsConfig(_Section):
     )
     aggregation: Literal["sum", "max"] = "sum"
     max_confidence: float = Field(default=100.0, gt=0)
+    max_zero_confidence_share: float = Field(
+        default=0.05, ge=0, le=1, description="A run dropping more pairs for zero confidence fails."
+    )
     min_user_interactions: int = Field(default=1, ge=1)
     min_item_interactions: int = Field(default=1, ge=1)
     holdout_days: int = Field(default=14, ge=1, description="Last N days of the window are held out.")

@@ -42,14 +42,32 @@ def confidence_expression(config: InteractionsConfig) -> Column:
     for event_type, spec in reversed(list(config.event_weights.items())):
         multiplier: Column = F.lit(1.0)
         if spec.value_map:
-            mapped = F.create_map(*[F.lit(v) for pair in spec.value_map.items() for v in pair])
-            multiplier = F.coalesce(mapped[F.col("value")], F.lit(0.0))
+            multiplier = value_multiplier(spec.value_map)
         elif spec.scale_by_value:
             multiplier = F.coalesce(F.col("value"), F.lit(0.0))
         expression = F.when(F.col("event_type") == event_type, F.lit(spec.weight) * multiplier).otherwise(
             expression
         )
     return expression
+
+
+def value_multiplier(value_map: dict[float, float]) -> Column:
+    """The multiplier of an event's value: the map's own where it has the value, linear between the
+    two nearest mapped values otherwise, and the end value beyond either end.
+
+    So a half-star 3.5 between ``3: 2`` and ``4: 3`` weighs 2.5, where an exact lookup would have
+    given it 0 and dropped it. An event without a value weighs 0 (counted when its pair is dropped).
+    """
+    points = sorted(value_map.items())
+    value = F.col("value")
+    multiplier: Column = F.lit(float(points[-1][1]))
+    for (low, low_weight), (high, high_weight) in reversed(list(zip(points, points[1:], strict=False))):
+        slope = (high_weight - low_weight) / (high - low)
+        multiplier = F.when(value <= high, F.lit(low_weight) + (value - F.lit(low)) * F.lit(slope)).otherwise(
+            multiplier
+        )
+    multiplier = F.when(value <= points[0][0], F.lit(float(points[0][1]))).otherwise(multiplier)
+    return F.when(value.isNull(), F.lit(0.0)).otherwise(multiplier)
 
 
 def decayed(config: InteractionsConfig, as_of: Column) -> Column:
@@ -65,9 +83,56 @@ def _combine(config: InteractionsConfig) -> Callable[[Column], Column]:
     return F.sum if config.aggregation == "sum" else F.max
 
 
-def supported(pairs: DataFrame, config: InteractionsConfig, keys: tuple[str, str] = ID_PAIR) -> DataFrame:
+class PairCounts:
+    """Pairs counted as they pass each filter of :func:`supported`, without a pass of their own:
+    Spark fills the counts in while the pairs are written (``DataFrame.observe``)."""
+
+    def __init__(self, name: str):
+        from pyspark.sql import Observation
+
+        self.aggregated = Observation(f"{name}_aggregated")
+        self.item_supported = Observation(f"{name}_item_supported")
+
+    def dropped(self, kept: int) -> dict[str, float]:
+        """Pairs dropped per reason, given how many were kept in the end (read after the write)."""
+        # A sum over no rows is null: no pairs at all.
+        aggregated = {name: value or 0 for name, value in self.aggregated.get.items()}
+        item_supported = self.item_supported.get["pairs"] or 0
+        positive = aggregated["pairs"] - aggregated["zero_confidence"]
+        return {
+            "pairs_aggregated": float(aggregated["pairs"]),
+            "dropped_pairs_zero_confidence": float(aggregated["zero_confidence"]),
+            "dropped_pairs_min_item_support": float(positive - item_supported),
+            "dropped_pairs_min_user_support": float(item_supported - kept),
+        }
+
+
+def check_zero_confidence_share(dropped: dict[str, float], max_share: float) -> None:
+    """Pairs whose events all weigh 0 are dropped; more than ``max_share`` of them is a config or
+    feed problem (an unweighted event type, values missing), not something to train past."""
+    share = dropped["dropped_pairs_zero_confidence"] / max(dropped["pairs_aggregated"], 1.0)
+    if share > max_share:
+        raise EmptyInteractionsError(
+            f"{share:.1%} of (user, item) pairs have zero confidence and would be dropped, above "
+            f"interactions.max_zero_confidence_share={max_share:.1%}: give their event types a weight "
+            "in interactions.event_weights, or check that their values arrive"
+        )
+
+
+def supported(
+    pairs: DataFrame,
+    config: InteractionsConfig,
+    keys: tuple[str, str] = ID_PAIR,
+    counts: PairCounts | None = None,
+) -> DataFrame:
     """Positive, capped (user, item, confidence) pairs that meet the min-support filters."""
     user, item = keys
+    if counts is not None:
+        pairs = pairs.observe(
+            counts.aggregated,
+            F.count(F.lit(1)).alias("pairs"),
+            F.sum(F.when(F.col("confidence") > 0, 0).otherwise(1)).alias("zero_confidence"),
+        )
     pairs = pairs.where(F.col("confidence") > 0).withColumn(
         "confidence", F.least(F.col("confidence"), F.lit(config.max_confidence))
     )
@@ -77,6 +142,8 @@ def supported(pairs: DataFrame, config: InteractionsConfig, keys: tuple[str, str
             .where(F.col("n") >= config.min_item_interactions)
             .drop("n")
         )
+    if counts is not None:
+        pairs = pairs.observe(counts.item_supported, F.count(F.lit(1)).alias("pairs"))
     if config.min_user_interactions > 1:
         pairs = (
             pairs.withColumn("n", F.count("*").over(Window.partitionBy(user)))
@@ -87,7 +154,11 @@ def supported(pairs: DataFrame, config: InteractionsConfig, keys: tuple[str, str
 
 
 def aggregate(
-    events: DataFrame, config: InteractionsConfig, as_of: Column, keys: tuple[str, str] = ID_PAIR
+    events: DataFrame,
+    config: InteractionsConfig,
+    as_of: Column,
+    keys: tuple[str, str] = ID_PAIR,
+    counts: PairCounts | None = None,
 ) -> DataFrame:
     """(user, item, confidence) per pair of ``keys`` with decay, aggregation, cap and min-support filters."""
     user, item = keys
@@ -99,7 +170,7 @@ def aggregate(
         .groupBy(user, item)
         .agg(_combine(config)(F.col("confidence")).alias("confidence"))
     )
-    return supported(pairs, config, keys)
+    return supported(pairs, config, keys, counts)
 
 
 def entity_activity(events: DataFrame, column: str, recent_start: datetime, *sums: Column) -> DataFrame:

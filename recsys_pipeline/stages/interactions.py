@@ -14,7 +14,9 @@ from recsys_pipeline.interactions import (
     INDEX_PAIR,
     EmptyInteractionsError,
     IdMaps,
+    PairCounts,
     aggregate,
+    check_zero_confidence_share,
     entity_activity,
     extend_id_map,
     fingerprint_sums,
@@ -65,8 +67,13 @@ def build_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]
         # strings. Training and holdout pairs come from disjoint events (the holdout's few days are read
         # apart, pruned by date), so neither needs the other's aggregate kept around.
         indexed = indexed_events(events, maps)
+        train_counts = PairCounts("train")
         train_pairs = aggregate(
-            indexed.where(F.col("event_ts") < F.lit(holdout_start)), config, F.lit(holdout_start), INDEX_PAIR
+            indexed.where(F.col("event_ts") < F.lit(holdout_start)),
+            config,
+            F.lit(holdout_start),
+            INDEX_PAIR,
+            train_counts,
         )
         holdout_pairs = aggregate(
             indexed.where(F.col("event_ts") >= F.lit(holdout_start)),
@@ -87,7 +94,10 @@ def build_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]
                     .write.parquet(str(staging / "recent" / side))
                 )
             matrix_columns(train_pairs).write.parquet(str(staging / "train"))
-            if count_rows(staging / "train") == 0:
+            train_rows = count_rows(staging / "train")
+            dropped = train_counts.dropped(train_rows)
+            check_zero_confidence_share(dropped, config.max_zero_confidence_share)
+            if train_rows == 0:
                 raise EmptyInteractionsError(
                     f"no interactions before {holdout_start.isoformat()} in the window starting "
                     f"{window_start.isoformat()}: check the source, the window and the event weights"
@@ -111,6 +121,7 @@ def build_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]
         "holdout_interactions": float(holdout.nnz),
         "holdout_users": float(len(np.unique(holdout.user_idx))),
         "window_events": float(fingerprint.split(":")[0]),
+        **dropped,
     }
     run.write_metrics("interactions", metrics)
     return metrics

@@ -73,3 +73,61 @@ def test_a_failed_rerun_keeps_the_quarantine_of_the_earlier_run(spark, make_conf
     assert first.quarantine_dir != rerun.quarantine_dir
     assert ds.dataset(str(first.quarantine_dir)).to_table().num_rows == 4
     assert ds.dataset(str(rerun.quarantine_dir)).to_table().num_rows == 4
+
+
+HALF_STARS = {
+    "source.name": "half-stars",
+    "source.path": str(FIXTURES / "ratings_half_stars.csv"),
+    "source.format": "csv",
+    "source.delimiter": ",",
+    "source.header": True,
+    "source.column_names": None,
+    "source.mapping": {"user_id": "userId", "item_id": "movieId", "value": "rating", "timestamp": "timestamp"},
+    "interactions.min_item_interactions": 1,
+    "interactions.holdout_days": 2,  # the fixture spans five days
+}
+
+
+def test_half_star_ratings_between_mapped_values_interpolate_instead_of_vanishing(spark, make_config) -> None:
+    from recsys_pipeline.interactions import aggregate
+
+    config = make_config(interactions__min_item_interactions=1).interactions  # rating map 1:1 2:1 3:2 4:3 5:4
+    events = spark.createDataFrame(
+        [("u", f"i{n}", "rating", value) for n, value in enumerate([0.5, 1.0, 2.5, 3.0, 3.5, 4.5, 5.0])],
+        "user_id string, item_id string, event_type string, value double",
+    ).withColumn("event_ts", F.lit(datetime(1998, 4, 1, tzinfo=UTC)))
+    confidence = {row.item_id: row.confidence for row in aggregate(events, config, F.lit(WEEK[1])).collect()}
+    assert confidence == pytest.approx(
+        {"i0": 1.0, "i1": 1.0, "i2": 1.5, "i3": 2.0, "i4": 2.5, "i5": 3.5, "i6": 4.0}
+    )
+
+
+def test_every_aggregated_pair_is_kept_or_counted_with_its_reason(spark, make_config) -> None:
+    config = make_config(**HALF_STARS)
+    run = RunContext.create(config, "recsys_weekly", *WEEK, "manual__half")
+    ingested = run_ingest(spark, run)
+    assert ingested["events_read"] == 120 == accounted(ingested)
+    from recsys_pipeline.stages.interactions import run_interactions
+
+    metrics = run_interactions(spark, run)
+    assert metrics["dropped_pairs_zero_confidence"] == 0  # no half star lost to an exact lookup
+    kept = metrics["train_interactions"]
+    dropped = sum(value for name, value in metrics.items() if name.startswith("dropped_pairs_"))
+    assert kept + dropped == metrics["pairs_aggregated"] > 0
+    # With item support required, the pairs it removes are counted under their own reason.
+    strict = make_config(**{**HALF_STARS, "interactions.min_item_interactions": 12})
+    stricter = RunContext.create(strict, "recsys_weekly", *WEEK, "manual__strict")
+    counted = run_interactions(spark, stricter)
+    assert counted["dropped_pairs_min_item_support"] > 0
+    assert counted["train_interactions"] + counted["dropped_pairs_min_item_support"] == counted["pairs_aggregated"]
+
+
+def test_pairs_left_without_confidence_fail_the_run_naming_the_setting(spark, make_config) -> None:
+    from recsys_pipeline.interactions import EmptyInteractionsError
+    from recsys_pipeline.stages.interactions import run_interactions
+
+    unweighted = {**HALF_STARS, "interactions.event_weights.rating": {"weight": 0}}
+    run = RunContext.create(make_config(**unweighted), "recsys_weekly", *WEEK, "manual__zero")
+    run_ingest(spark, run)
+    with pytest.raises(EmptyInteractionsError, match="zero confidence .*max_zero_confidence_share"):
+        run_interactions(spark, run)
