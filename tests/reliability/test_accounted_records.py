@@ -82,7 +82,12 @@ HALF_STARS = {
     "source.delimiter": ",",
     "source.header": True,
     "source.column_names": None,
-    "source.mapping": {"user_id": "userId", "item_id": "movieId", "value": "rating", "timestamp": "timestamp"},
+    "source.mapping": {
+        "user_id": "userId",
+        "item_id": "movieId",
+        "value": "rating",
+        "timestamp": "timestamp",
+    },
     "interactions.min_item_interactions": 1,
     "interactions.holdout_days": 2,  # the fixture spans five days
 }
@@ -119,7 +124,10 @@ def test_every_aggregated_pair_is_kept_or_counted_with_its_reason(spark, make_co
     stricter = RunContext.create(strict, "recsys_weekly", *WEEK, "manual__strict")
     counted = run_interactions(spark, stricter)
     assert counted["dropped_pairs_min_item_support"] > 0
-    assert counted["train_interactions"] + counted["dropped_pairs_min_item_support"] == counted["pairs_aggregated"]
+    assert (
+        counted["train_interactions"] + counted["dropped_pairs_min_item_support"]
+        == counted["pairs_aggregated"]
+    )
 
 
 def test_pairs_left_without_confidence_fail_the_run_naming_the_setting(spark, make_config) -> None:
