@@ -245,6 +245,20 @@ class RefreshConfig(_Section):
     )
 
 
+def _without_credentials(value: str | None, field: str, where_instead: str) -> str | None:
+    """Refuse a URI that carries a user's password: config is logged, snapshotted and published,
+    so a secret in it would end up in logs, params and artifacts. The value is never echoed."""
+    from urllib.parse import urlsplit
+
+    if value is None:
+        return value
+    # A nested scheme (k8s://https://user:pw@host) keeps its credentials after the last '//'.
+    parts = urlsplit(value.split("://", 1)[-1] if value.count("://") > 1 else value)
+    if parts.password is not None or "@" in (parts.netloc or ""):
+        raise ValueError(f"{field} carries credentials: remove them and {where_instead}")
+    return value
+
+
 class SparkConfig(_Section):
     master: str = "local[*]"
     conn_id: str = Field(
@@ -252,11 +266,29 @@ class SparkConfig(_Section):
     )
     conf: dict[str, str] = {}
 
+    @field_validator("master")
+    @classmethod
+    def _master_without_credentials(cls, value: str) -> str:
+        return (
+            _without_credentials(value, "spark.master", "put them in the Airflow connection spark.conn_id")
+            or value
+        )
+
 
 class MlflowConfig(_Section):
     tracking_uri: str | None = Field(default=None, description="Null: SQLite under the state folder.")
     experiment: str = "recsys-pipeline"
     model_name: str = "recsys-als"
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _tracking_uri_without_credentials(cls, value: str | None) -> str | None:
+        return _without_credentials(
+            value,
+            "mlflow.tracking_uri",
+            "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the "
+            "environment, which MLflow reads itself",
+        )
 
 
 class PipelineConfig(_Section):
