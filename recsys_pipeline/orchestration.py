@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
 
 STAGES = "recsys_pipeline.stages"
+CREDENTIALS_IN_URI = "://[^/@\\s]*@"
 DEFAULT_ARGS: dict[str, Any] = {
     "owner": "recsys",
     "retries": 2,
@@ -50,7 +51,15 @@ def run_params() -> dict[str, Any]:
     """The params every recsys DAG takes: single config fields overridden for one run."""
     from airflow.sdk import Param
 
-    return {"config_overrides": Param({}, type="object", description='{"section.key": value} over conf/')}
+    return {
+        "config_overrides": Param(
+            {},
+            type="object",
+            description='{"section.key": value} over conf/',
+            # A URI with a user and password would be stored with the run: refused before the run exists.
+            additionalProperties={"not": {"type": "string", "pattern": CREDENTIALS_IN_URI}},
+        )
+    }
 
 
 def call_stage(target: str, mode: RunMode, context: dict[str, Any], *upstream: Any) -> Any:

@@ -62,6 +62,19 @@ def test_dag_integrity_docs_tags_owner_retries_and_timeouts(dagbag, dag_id: str)
         assert task.execution_timeout is not None, task.task_id
 
 
+@pytest.mark.parametrize("dag_id", ["recsys_weekly", "recsys_nightly"])
+def test_run_overrides_carrying_credentials_are_refused_before_a_run_exists(dagbag, dag_id: str) -> None:
+    from airflow.sdk.definitions.param import ParamValidationError
+
+    param = dagbag.dags[dag_id].params.get_param("config_overrides")
+    with pytest.raises(ParamValidationError):
+        param.resolve(value={"mlflow.tracking_uri": "http://bob:canary-7f3e9c@host:5000"})
+    assert (
+        param.resolve(value={"mlflow.tracking_uri": "http://host:5000", "als.factors": 32})["als.factors"]
+        == 32
+    )
+
+
 def test_a_user_facing_failure_fails_the_task_without_retries(tmp_path: Path) -> None:
     """A RecsysError (bad input, a gate) would fail the same way again, so the task fails for good."""
     from types import SimpleNamespace

@@ -52,7 +52,14 @@ def test_a_tracking_uri_with_credentials_is_refused_without_echoing_them(tmp_pat
 def test_the_cli_refuses_credentials_in_one_line_without_them(tmp_path: Path) -> None:
     recsys = str(Path(sys.executable).parent / "recsys")
     result = subprocess.run(
-        [recsys, "--set", f"state_dir={tmp_path}", "--set", f"mlflow.tracking_uri={WITH_CREDENTIALS}", "status"],
+        [
+            recsys,
+            "--set",
+            f"state_dir={tmp_path}",
+            "--set",
+            f"mlflow.tracking_uri={WITH_CREDENTIALS}",
+            "status",
+        ],
         capture_output=True,
         text=True,
         timeout=120,
