@@ -176,6 +176,12 @@ class GateConfig(_Section):
 
 class EvaluationConfig(_Section):
     k: int = Field(default=10, ge=1)
+    max_users: int = Field(
+        default=20_000,
+        ge=1,
+        description="Holdout users scored (a seeded sample, the same for candidate, baseline and champion).",
+    )
+    sample_seed: int = 0
     gate: GateConfig = GateConfig()
 
 

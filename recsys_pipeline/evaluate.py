@@ -65,9 +65,21 @@ class EvaluationSet:
     shape: tuple[int, int]
 
     @classmethod
-    def build(cls, train: sp.csr_matrix, holdout: sp.csr_matrix) -> EvaluationSet:
+    def build(
+        cls,
+        train: sp.csr_matrix,
+        holdout: sp.csr_matrix,
+        max_users: int | None = None,
+        seed: int = 0,
+    ) -> EvaluationSet:
+        """The holdout's users, or a seeded sample of ``max_users`` of them: evaluation's memory and time
+        then depend on the sample, not on how many users the holdout has. Every model evaluated on
+        one set is scored on the same users, so comparisons between them are paired."""
         holdout = holdout.tocsr()
         holdout_users = np.flatnonzero(np.diff(holdout.indptr) > 0)
+        if max_users is not None and len(holdout_users) > max_users:
+            rng = np.random.default_rng(seed)
+            holdout_users = np.sort(rng.choice(holdout_users, max_users, replace=False))
         seen = train[holdout_users]
         relevant = [
             np.setdiff1d(holdout.indices[holdout.indptr[u] : holdout.indptr[u + 1]], seen[row].indices)

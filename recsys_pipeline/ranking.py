@@ -14,6 +14,8 @@ import scipy.sparse as sp
 NO_ITEM = -1
 # Score elements partitioned at once: 4M float32 scores plus their int64 positions, about 48 MB.
 CHUNK_ELEMENTS = 1 << 22
+# Score elements one batch of dot products may hold: 16M float32, 64 MB, whatever the catalogue size.
+SCORE_BUDGET = 1 << 24
 
 
 def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -56,11 +58,13 @@ def dot_top_k(
     seen: sp.csr_matrix | None = None,
     batch_size: int = 1024,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k rows of ``vectors`` by dot product per query, in batches of ``batch_size`` queries.
+    """Exact top-k rows of ``vectors`` by dot product per query, in batches of at most ``batch_size``
+    queries and never more than ``SCORE_BUDGET`` scores at once (fewer queries for a larger catalogue).
 
     ``allowed`` (bool per vector) masks rows that may be returned; ``seen`` (one sparse row per
     query) excludes each query's own items.
     """
+    batch_size = max(1, min(batch_size, SCORE_BUDGET // max(len(vectors), 1)))
     width = min(k, len(vectors))
     columns = np.empty((len(queries), width), dtype=np.int64)
     best = np.empty((len(queries), width), dtype=np.float32)

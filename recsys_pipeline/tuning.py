@@ -90,10 +90,12 @@ def sweep(
     k: int,
     spark: SparkSession | None = None,
     on_trial: TrialCallback | None = None,
+    max_users: int | None = None,
 ) -> SweepResult:
-    """Train every candidate on the fitting part, score it on validation, keep the best ``ndcg_at_k``."""
+    """Train every candidate on the fitting part, score it on validation (a seeded sample of at most
+    ``max_users`` users, the same for every trial), keep the best ``ndcg_at_k``."""
     fit, valid = validation_split(user_items, config.validation_share, config.seed)
-    evaluation = EvaluationSet.build(fit, valid)
+    evaluation = EvaluationSet.build(fit, valid, max_users, config.seed)
     objective = f"ndcg_at_{k}"
     best: tuple[float, AlsConfig] | None = None
     trials: list[dict[str, Any]] = []

@@ -67,3 +67,64 @@ def test_gate_requires_beating_baseline_and_staying_near_the_champion() -> None:
     )
     assert not passed and "champion" in reasons[0]
     assert gate({"ndcg_at_10": 0.3, "baseline_ndcg_at_10": 0.2, "champion_ndcg_at_10": 0.31}, 10, config)[0]
+
+
+def test_evaluation_scores_a_seeded_sample_the_same_for_every_model() -> None:
+    rng = np.random.default_rng(0)
+    train = sp.random(400, 60, density=0.1, random_state=1, format="csr", dtype=np.float32)
+    holdout = sp.random(400, 60, density=0.05, random_state=2, format="csr", dtype=np.float32)
+    sampled = EvaluationSet.build(train, holdout, max_users=50, seed=3)
+    again = EvaluationSet.build(train, holdout, max_users=50, seed=3)
+    assert len(sampled.users) == 50 and (sampled.users == again.users).all()
+    assert set(sampled.users) <= set(np.flatnonzero(holdout.getnnz(axis=1)))
+    full = EvaluationSet.build(train, holdout)
+    assert len(full.users) == (holdout.getnnz(axis=1) > 0).sum() > 50
+    embeddings = Embeddings(
+        np.arange(400),
+        rng.normal(size=(400, 4)).astype(np.float32),
+        np.arange(60),
+        rng.normal(size=(60, 4)).astype(np.float32),
+    )
+    # Scoring the sample twice gives the same figures: candidate, baseline and champion see the same users.
+    assert sampled.evaluate(embeddings, 5) == again.evaluate(embeddings, 5)
+
+
+def test_no_users_x_items_array_with_a_two_million_item_catalogue() -> None:
+    """50k users and 2M items: a dense (users x items) score matrix would be 400 GB."""
+    import tracemalloc
+
+    from recsys_pipeline.index import ExactIndex
+    from recsys_pipeline.recommendations import recommend_for_users
+
+    n_users, n_items, dims = 50_000, 2_000_000, 8
+    rng = np.random.default_rng(0)
+    train = sp.csr_matrix(
+        (
+            np.ones(n_users * 4, np.float32),
+            (np.repeat(np.arange(n_users), 4), rng.integers(0, n_items, n_users * 4)),
+        ),
+        shape=(n_users, n_items),
+    )
+    holdout = sp.csr_matrix(
+        (np.ones(n_users, np.float32), (np.arange(n_users), rng.integers(0, n_items, n_users))),
+        shape=(n_users, n_items),
+    )
+    embeddings = Embeddings(
+        np.arange(n_users),
+        rng.normal(size=(n_users, dims)).astype(np.float32),
+        np.arange(n_items),
+        rng.normal(size=(n_items, dims)).astype(np.float32),
+    )
+    index = ExactIndex(embeddings.item_idx, embeddings.item_factors)
+    popularity = np.asarray(train.getnnz(axis=0))
+    tracemalloc.start()
+    evaluation = EvaluationSet.build(train, holdout, max_users=200, seed=0)
+    metrics = evaluation.evaluate(embeddings, 10) | evaluation.evaluate_popularity(10)
+    users, _, items, _ = recommend_for_users(
+        np.arange(200), embeddings.user_factors, np.ones(n_users, bool), index, train, popularity, 20
+    )
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert len(evaluation.users) == 200 and 0 <= metrics["ndcg_at_10"] <= 1
+    assert len(np.unique(users)) == 200 and len(items) == 200 * 20
+    assert peak < 600 * 2**20, f"peak {peak / 2**20:.0f} MB"

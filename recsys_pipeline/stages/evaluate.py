@@ -15,16 +15,20 @@ def run_evaluation(run: RunContext) -> dict[str, float]:
     """Metrics of the candidate, ``baseline_*`` of popularity and ``champion_*`` of the champion (if any),
     all on the same users; writes the evaluation gate."""
     champion = champion_embeddings(run.config)
-    evaluation = EvaluationSet.build(run.train_matrix(), run.holdout_matrix())
-    k = run.config.evaluation.k
+    settings = run.config.evaluation
+    holdout = run.holdout_matrix()
+    evaluation = EvaluationSet.build(run.train_matrix(), holdout, settings.max_users, settings.sample_seed)
+    k = settings.k
     metrics = evaluation.evaluate(run.embeddings(), k)
     metrics.update(evaluation.evaluate_popularity(k))
     metrics["eval_users"] = float(sum(len(rel) > 0 for rel in evaluation.relevant))
+    metrics["eval_holdout_users"] = float((holdout.getnnz(axis=1) > 0).sum())
+    metrics["eval_users_sampled"] = float(len(evaluation.users))
     if champion is not None:
         metrics.update(
             {f"champion_{name}": value for name, value in evaluation.evaluate(champion, k).items()}
         )
-    passed, reasons = gate(metrics, k, run.config.evaluation.gate)
+    passed, reasons = gate(metrics, k, settings.gate)
     run.write_metrics("evaluate", metrics)
     run.write_gate("evaluation", passed, reasons)
     log.info("evaluation gate %s %s", "passed" if passed else "failed", reasons)

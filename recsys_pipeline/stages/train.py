@@ -64,7 +64,15 @@ def run_sweep(
             run_name=f"sweep {run.run_key}",
             tags={"run_key": run.run_key, "kind": "sweep"},
         ) as parent:
-            result = sweep(user_items, config.als, sweep_config, config.evaluation.k, spark, log_trial)
+            result = sweep(
+                user_items,
+                config.als,
+                sweep_config,
+                config.evaluation.k,
+                spark,
+                log_trial,
+                config.evaluation.max_users,
+            )
             mlflow.log_params(
                 {f"best.{name}": value for name, value in result.best.hyperparameters().items()}
             )
