@@ -205,7 +205,7 @@ def champion_status(config: PipelineConfig) -> dict[str, Any]:
     name = config.mlflow.model_name
     version = alias_version(config, CHAMPION)
     if version is None:
-        raise NothingPublishedError(f"no version of {name} is the champion yet: run `make run` first")
+        raise NothingPublishedError(f"no version of {name} is the champion: {why_no_champion(config)}")
     run = bound.get_run(version.run_id)
     tags = version.tags
     status = {
@@ -230,6 +230,31 @@ def champion_status(config: PipelineConfig) -> dict[str, Any]:
             "refresh_s": float(tags["refresh_s"]),
         }
     return status
+
+
+def why_no_champion(config: PipelineConfig) -> str:
+    """What the registry says about the latest attempt, for a user wondering why nothing is champion."""
+    bound = tracking.client(config)
+    versions = bound.search_model_versions(f"name = '{config.mlflow.model_name}'")
+    if versions:
+        latest = max(versions, key=lambda v: int(v.version))
+        failed = latest.tags.get("gates_failed")
+        if failed:
+            return f"version {latest.version} failed its gates: {failed}"
+        return f"version {latest.version} is registered but was never promoted (recsys promote --version N)"
+    experiment = bound.get_experiment_by_name(config.mlflow.experiment)
+    if experiment is not None:
+        rejected = bound.search_runs(
+            [experiment.experiment_id],
+            "tags.rejected != ''",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        if rejected:
+            tags = rejected[0].data.tags
+            run_key = tags.get("run_key", rejected[0].info.run_id)
+            return f"run {run_key} failed validation: {tags['rejected'][:500]}"
+    return "nothing has been published yet: run the weekly DAG (make run)"
 
 
 def version_status(config: PipelineConfig, version: str) -> dict[str, Any]:

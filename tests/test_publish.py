@@ -111,8 +111,20 @@ def test_registered_pyfunc_answers_like_the_in_process_client(own_weekly_run) ->
 
 def test_status_without_a_champion_is_a_clear_error(tmp_path: Path) -> None:
     config = load_config(overrides={"state_dir": str(tmp_path)})
-    with pytest.raises(registry.NothingPublishedError, match="no version"):
+    with pytest.raises(registry.NothingPublishedError, match="no version .* nothing has been published yet"):
         registry.champion_status(config)
+
+
+def test_status_says_why_nothing_is_champion(own_weekly_run) -> None:
+    own_weekly_run.write_gate("evaluation", False, ["ndcg_at_10=0.1 does not beat baseline_ndcg_at_10=0.2"])
+    version = run_publish(own_weekly_run)
+    with pytest.raises(registry.GateFailedError):
+        run_promotion(own_weekly_run, version)
+    with pytest.raises(
+        registry.NothingPublishedError,
+        match=f"version {version} failed its gates: evaluation: ndcg_at_10=0.1 does not beat",
+    ):
+        registry.champion_status(own_weekly_run.config)
 
 
 def test_cli_versions_promote_and_rollback(own_weekly_run, capsys) -> None:
@@ -188,3 +200,5 @@ def test_a_run_failing_validation_is_logged_to_mlflow_but_not_registered(own_wee
     logged = {a.path for a in client.list_artifacts(rejected.info.run_id, "validation")}
     assert "validation/failures.json" in logged and "validation/gx" in logged
     assert versions(own_weekly_run) == before
+    with pytest.raises(registry.NothingPublishedError, match="failed validation: interaction_profile"):
+        registry.champion_status(strict)

@@ -199,10 +199,10 @@ def run_promotion(run: RunContext, version: str) -> str:
         for gate in REQUIRED_GATES[run.mode]
         if not gates.get(gate, {}).get("passed", False)
     ]
-    client.set_model_version_tag(
-        run.config.mlflow.model_name, version, "gates_passed", str(not failed).lower()
-    )
+    name = run.config.mlflow.model_name
+    client.set_model_version_tag(name, version, "gates_passed", str(not failed).lower())
     if failed:
+        client.set_model_version_tag(name, version, "gates_failed", " | ".join(failed)[:5000])
         raise GateFailedError(f"version {version} not promoted; failed gates: {' | '.join(failed)}")
     promote(run.config, version, reason=f"gates passed in {run.dag_id} {run.interval_key}")
     return version
