@@ -146,6 +146,12 @@ def _status(config: PipelineConfig, as_json: bool) -> None:
             f" + {metrics['events_quarantined']:.0f} quarantined"
             f" + {metrics['events_outside_window']:.0f} outside the window"
         )
+    if status["stages"]:
+        costs = ", ".join(
+            f"{task} {cost['seconds']:.0f}s/{cost['peak_rss_mb']:.0f}MB"
+            for task, cost in status["stages"].items()
+        )
+        print(f"  stages (time/peak memory): {costs}")
     dropped = {name: value for name, value in metrics.items() if name.startswith("dropped_pairs_")}
     if dropped:
         reasons = ", ".join(

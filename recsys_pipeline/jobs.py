@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from pyspark.sql import SparkSession
 
 from recsys_pipeline.errors import RecsysError
+from recsys_pipeline.resources import measured
 from recsys_pipeline.runs import RunContext
 from recsys_pipeline.spark import spark_session
 
@@ -27,6 +28,7 @@ def run_arguments() -> argparse.ArgumentParser:
         "--overrides-json", default="{}", help='{"section.key": value} applied over the config'
     )
     parser.add_argument("--dag-id", required=True)
+    parser.add_argument("--task-id", default=None, help="Airflow task id, names the stage's cost metrics")
     parser.add_argument("--run-id", default=None)
     parser.add_argument("--interval-start", required=True, help="ISO-8601 data interval start")
     parser.add_argument("--interval-end", required=True, help="ISO-8601 data interval end (exclusive)")
@@ -60,12 +62,18 @@ def run_spark_job(stage: SparkStage, app_name: str, argv: Sequence[str], master:
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
-        run = run_context(run_arguments().parse_args(argv))
-        spark = spark_session(run.config, f"{app_name}:{run.interval_key}", master)
+        args = run_arguments().parse_args(argv)
+        run = run_context(args)
+        cost: dict[str, float] = {}
         try:
-            metrics = stage(spark, run)
+            with measured(args.task_id or app_name, cost):
+                spark = spark_session(run.config, f"{app_name}:{run.interval_key}", master)
+                try:
+                    metrics = stage(spark, run)
+                finally:
+                    spark.stop()
         finally:
-            spark.stop()
+            run.write_metrics(f"stage_{args.task_id or app_name}", cost)
     except RecsysError as error:
         logging.error("%s failed: %s", app_name, error)
         return USER_ERROR_EXIT

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from recsys_pipeline.config import PROJECT_ROOT, PipelineConfig
 from recsys_pipeline.errors import RecsysError
 from recsys_pipeline.jobs import USER_ERROR_EXIT
+from recsys_pipeline.resources import measured
 from recsys_pipeline.runs import RunContext, RunMode
 
 if TYPE_CHECKING:
@@ -36,6 +37,8 @@ DEFAULT_ARGS: dict[str, Any] = {
 RUN_ARGS = [
     "--dag-id",
     "{{ dag.dag_id }}",
+    "--task-id",
+    "{{ task.task_id }}",
     "--run-id",
     "{{ run_id }}",
     "--interval-start",
@@ -69,10 +72,19 @@ def call_stage(target: str, mode: RunMode, context: dict[str, Any], *upstream: A
 
     module, _, function = target.partition(":")
     stage: Callable[..., Any] = getattr(import_module(f"{STAGES}.{module}"), function)
+    task_id = context["task"].task_id
     try:
-        return stage(RunContext.from_airflow(context, mode), *upstream)
+        run = RunContext.from_airflow(context, mode)
     except RecsysError as error:
         raise AirflowFailException(str(error)) from error
+    cost: dict[str, float] = {}
+    try:
+        with measured(task_id, cost):
+            return stage(run, *upstream)
+    except RecsysError as error:
+        raise AirflowFailException(str(error)) from error
+    finally:
+        run.write_metrics(f"stage_{task_id}", cost)
 
 
 def stage_task(target: str, mode: RunMode, task_id: str, *, returns: bool = False) -> Any:

@@ -218,6 +218,7 @@ def champion_status(config: PipelineConfig) -> dict[str, Any]:
         "created_at": datetime.fromtimestamp(version.creation_timestamp / 1000, tz=UTC).isoformat(),
         "metrics": dict(sorted(run.data.metrics.items())),
         "tags": dict(sorted(tags.items())),
+        "stages": stage_costs(run.data.metrics),
     }
     if status["kind"] == "refresh":
         status["refresh"] = {
@@ -230,6 +231,19 @@ def champion_status(config: PipelineConfig) -> dict[str, Any]:
             "refresh_s": float(tags["refresh_s"]),
         }
     return status
+
+
+def stage_costs(metrics: dict[str, float]) -> dict[str, dict[str, float]]:
+    """``{task: {seconds, peak_rss_mb}}`` from the ``stage_seconds_<task>`` and ``stage_peak_rss_mb_<task>``
+    metrics each task recorded."""
+    return {
+        name.removeprefix("stage_seconds_"): {
+            "seconds": value,
+            "peak_rss_mb": metrics.get(f"stage_peak_rss_mb_{name.removeprefix('stage_seconds_')}", 0.0),
+        }
+        for name, value in sorted(metrics.items())
+        if name.startswith("stage_seconds_")
+    }
 
 
 def why_no_champion(config: PipelineConfig) -> str:

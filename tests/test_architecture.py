@@ -15,7 +15,7 @@ pytestmark = pytest.mark.unit
 
 PACKAGE = Path(__file__).resolve().parent.parent / "recsys_pipeline"
 LAYERS: list[tuple[str, set[str]]] = [
-    ("foundations", {"errors", "config", "runs", "tables", "embeddings", "ranking", "spark"}),
+    ("foundations", {"errors", "config", "runs", "tables", "embeddings", "ranking", "resources", "spark"}),
     (
         "algorithms",
         {

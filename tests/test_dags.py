@@ -85,6 +85,7 @@ def test_a_user_facing_failure_fails_the_task_without_retries(tmp_path: Path) ->
 
     context = {
         "dag": SimpleNamespace(dag_id="recsys_nightly"),
+        "task": SimpleNamespace(task_id="escalate_or_continue"),
         "run_id": "manual__probe",
         "data_interval_start": "1998-04-22T00:00:00+00:00",
         "data_interval_end": "1998-04-23T00:00:00+00:00",
@@ -92,6 +93,11 @@ def test_a_user_facing_failure_fails_the_task_without_retries(tmp_path: Path) ->
     }
     with pytest.raises(AirflowFailException, match="no refresh record .* run the fold-in first"):
         call_stage("refresh:refresh_escalated", "refresh", context)
+    # Even a failed task records what it cost.
+    (cost,) = (tmp_path / "runs" / "recsys_nightly").glob("*/metrics/stage_escalate_or_continue.json")
+    recorded = json.loads(cost.read_text())
+    assert recorded["stage_seconds_escalate_or_continue"] >= 0
+    assert recorded["stage_peak_rss_mb_escalate_or_continue"] > 0
 
 
 def test_nightly_dag_folds_in_daily_and_can_hand_over_to_a_full_retrain(dagbag) -> None:
@@ -175,6 +181,10 @@ def test_weekly_dag_runs_end_to_end_and_publishes_a_champion(state_env) -> None:
     ):
         assert name in metrics
     assert metrics["ndcg_at_10"] > metrics["baseline_ndcg_at_10"]
+    # Every task before publishing recorded its wall time and peak memory (the JVM's included for Spark).
+    for task in WEEKLY_TASKS[: WEEKLY_TASKS.index("publish")]:
+        assert status["stages"][task]["seconds"] > 0 and status["stages"][task]["peak_rss_mb"] > 0, task
+    assert status["stages"]["ingest_events"]["peak_rss_mb"] > 250  # a Python driver alone stays near 100 MB
     recs = json.loads(recsys("recommend", "--user-id", "1", "-k", "5", "--json", env=state_env).stdout)
     assert [r["rank"] for r in recs] == [1, 2, 3, 4, 5] and all(r["user_id"] == "1" for r in recs)
     similar = json.loads(recsys("similar", "--item-id", "50", "-k", "3", "--json", env=state_env).stdout)
