@@ -219,6 +219,11 @@ class ValidationConfig(_Section):
         default=0.5, ge=0, description="Window events may differ from the champion run's count by this share."
     )
     max_collapsed_share: float = Field(default=0.01, ge=0, le=1)
+    sample_rows: int = Field(
+        default=200_000,
+        ge=1,
+        description="Row-level suites check a seeded sample this big.",
+    )
     min_mean_norm: float = Field(default=1e-3, ge=0)
     max_mean_norm: float = Field(default=100.0, gt=0)
 

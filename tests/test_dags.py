@@ -236,7 +236,7 @@ def test_truncated_input_stops_the_run_at_validation_and_keeps_the_champion(
     assert states["batch_recommend"] == "success" and states["validate"] == "failed", result.stdout[-6000:]
     assert states["publish"] != "success" and states["promote"] != "success"
     assert (
-        "events: expect_table_row_count_to_be_between failed (observed 20000)"
+        "events_volume: expect_column_values_to_be_between on rows failed (observed [20000])"
         in result.stdout + result.stderr
     )
     after = json.loads(recsys("status", "--json", env=state_env).stdout)

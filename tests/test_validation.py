@@ -125,12 +125,19 @@ def test_non_finite_embeddings_and_wrong_row_count_fail(tmp_path, make_config) -
 
 
 def test_row_count_must_stay_within_the_band_of_the_previous_run(tmp_path, make_config) -> None:
+    from recsys_pipeline.validation import events_volume_suite
+
     config = make_config(**{"validation.row_count_band": 0.2})
-    assert run(tmp_path / "ok", "events", good_events(50), events_suite(config, START, END, 55)) == []
-    failures = run(tmp_path / "low", "events", good_events(30), events_suite(config, START, END, 55))
-    assert [(f.expectation, f.observed) for f in failures] == [("expect_table_row_count_to_be_between", 30)]
-    failures = run(tmp_path / "high", "events", good_events(80), events_suite(config, START, END, 55))
-    assert [f.expectation for f in failures] == ["expect_table_row_count_to_be_between"]
+
+    def volume(rows: int) -> pd.DataFrame:
+        return pd.DataFrame({"rows": [rows]})
+
+    assert run(tmp_path / "ok", "events_volume", volume(50), events_volume_suite(config, 55)) == []
+    failures = run(tmp_path / "low", "events_volume", volume(30), events_volume_suite(config, 55))
+    assert [(f.expectation, f.observed) for f in failures] == [("expect_column_values_to_be_between", [30])]
+    failures = run(tmp_path / "high", "events_volume", volume(80), events_volume_suite(config, 55))
+    assert [f.expectation for f in failures] == ["expect_column_values_to_be_between"]
+    assert run(tmp_path / "none", "events_volume", volume(0), events_volume_suite(config, None))
 
 
 def test_interaction_profile_flags_one_item_dominating(tmp_path, make_config) -> None:
@@ -141,7 +148,9 @@ def test_interaction_profile_flags_one_item_dominating(tmp_path, make_config) ->
         run(
             tmp_path / "ok",
             "profile",
-            interaction_profile(good_interactions()),
+            interaction_profile(
+                good_interactions().user_idx.to_numpy(), good_interactions().item_idx.to_numpy()
+            ),
             interaction_profile_suite(make_config(**{"validation.max_top_item_share": 0.5})),
         )
         == []
@@ -154,7 +163,10 @@ def test_interaction_profile_flags_one_item_dominating(tmp_path, make_config) ->
         }
     )
     failures = run(
-        tmp_path / "bad", "profile", interaction_profile(flooded), interaction_profile_suite(config)
+        tmp_path / "bad",
+        "profile",
+        interaction_profile(flooded.user_idx.to_numpy(), flooded.item_idx.to_numpy()),
+        interaction_profile_suite(config),
     )
     assert [(f.column, f.observed) for f in failures] == [("top_item_share", [0.9])]
 
@@ -186,3 +198,20 @@ def test_recommendation_summary_flags_unserved_users_and_popularity_bias(tmp_pat
         recommendations_summary_suite(config),
     )
     assert {f.column for f in failures} == {"active_users_served", "popular_share"}
+
+
+def test_validation_reads_a_bounded_sample_of_the_window_and_its_exact_count(weekly_run) -> None:
+    from recsys_pipeline.runs import RunContext
+    from recsys_pipeline.stages.validate import lake_sample, sample_positions
+
+    small = weekly_run.config.model_copy(
+        update={"validation": weekly_run.config.validation.model_copy(update={"sample_rows": 500})}
+    )
+    run = RunContext(
+        small, weekly_run.dag_id, weekly_run.run_id, weekly_run.interval_start, weekly_run.interval_end
+    )
+    events, rows = lake_sample(run)
+    assert len(events) == 500 and rows == weekly_run.read_metrics()["events_ingested"]
+    again, _ = lake_sample(run)
+    assert events.equals(again)  # seeded: a re-run validates the same rows
+    assert sample_positions(10, 50).tolist() == list(range(10))

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 
 from recsys_pipeline import drift
 from recsys_pipeline.embeddings import Embeddings
@@ -24,6 +26,7 @@ from recsys_pipeline.validation import (
     embedding_profile,
     embeddings_suite,
     events_suite,
+    events_volume_suite,
     ingest_summary_suite,
     interaction_profile,
     interaction_profile_suite,
@@ -65,12 +68,26 @@ def drift_against_champion(run: RunContext, embeddings: Embeddings) -> drift.Dri
     return report
 
 
-def lake_frame(run: RunContext) -> pd.DataFrame:
+def lake_sample(run: RunContext) -> tuple[pd.DataFrame, int]:
+    """(a seeded sample of at most ``validation.sample_rows`` of the window's events, their exact count).
+
+    Only the sample becomes a DataFrame: the window may hold hundreds of millions of events.
+    """
     start, end = ingest_window(run)
+    window = (ds.field("event_ts") >= start) & (ds.field("event_ts") < end)
     with run.layout.lock(shared=True):
         dataset = ds.dataset(str(run.layout.events_lake), format="parquet", partitioning="hive")
-        table = dataset.to_table(filter=(ds.field("event_ts") >= start) & (ds.field("event_ts") < end))
-    return table.to_pandas()
+        rows = dataset.count_rows(filter=window)
+        picked = sample_positions(rows, run.config.validation.sample_rows)
+        table = dataset.take(picked, filter=window) if len(picked) else dataset.head(0, filter=window)
+    return table.to_pandas(), rows
+
+
+def sample_positions(rows: int, size: int, seed: int = 0) -> np.ndarray:
+    """Sorted, seeded positions of at most ``size`` of ``rows`` rows (all of them when fewer)."""
+    if rows <= size:
+        return np.arange(rows)
+    return np.sort(np.random.default_rng(seed).choice(rows, size, replace=False))
 
 
 def run_validation(run: RunContext) -> dict[str, float]:
@@ -79,27 +96,47 @@ def run_validation(run: RunContext) -> dict[str, float]:
     n_users, n_items = run.matrix_shape()
     embeddings = run.embeddings()
     window_start, window_end = ingest_window(run)
-    train = ds.dataset(str(run.interactions_dir / "train"), format="parquet").to_table().to_pandas()
+    sample_rows = config.validation.sample_rows
+    train = run.train_triples()
+    picked = sample_positions(train.nnz, sample_rows)
+    train_sample = pd.DataFrame(
+        {
+            "user_idx": train.user_idx[picked],
+            "item_idx": train.item_idx[picked],
+            "confidence": train.confidence[picked],
+        }
+    )
+    events, event_count = lake_sample(run)
     frames: dict[str, tuple[pd.DataFrame, list[Any]]] = {
-        "events": (
-            lake_frame(run),
-            events_suite(config, pd.Timestamp(window_start), pd.Timestamp(window_end), champion_rows(run)),
+        "events": (events, events_suite(config, pd.Timestamp(window_start), pd.Timestamp(window_end))),
+        "events_volume": (
+            pd.DataFrame({"rows": [event_count]}),
+            events_volume_suite(config, champion_rows(run)),
         ),
         "ingest_summary": (
             pd.DataFrame([run.read_metrics()]).reindex(columns=["quarantine_share"]),
             ingest_summary_suite(config),
         ),
-        "interactions": (train, interactions_suite(n_users, n_items)),
-        "interaction_profile": (interaction_profile(train), interaction_profile_suite(config)),
+        "interactions": (train_sample, interactions_suite(n_users, n_items)),
+        "interaction_profile": (
+            interaction_profile(train.user_idx, train.item_idx),
+            interaction_profile_suite(config),
+        ),
         "item_embeddings": (
             embedding_profile(embeddings.item_idx, embeddings.item_factors),
             embeddings_suite(config, n_items, len(embeddings.item_idx)),
         ),
     }
     if run.recommendations_file.is_file():
-        frames["recommendations"] = (pd.read_parquet(run.recommendations_file), recommendations_suite(config))
-        item_ids = run.ids("items")
-        popularity = train.groupby("item_idx").size().rename(index=lambda idx: item_ids[idx])
+        # Lists are written user by user: the first rows hold whole lists of the first users.
+        recommendations = pq.ParquetFile(run.recommendations_file)
+        head = next(recommendations.iter_batches(batch_size=sample_rows), None)
+        frames["recommendations"] = (
+            head.to_pandas() if head is not None else recommendations.schema_arrow.empty_table().to_pandas(),
+            recommendations_suite(config),
+        )
+        counts = np.bincount(train.item_idx, minlength=n_items)
+        popularity = pd.Series(counts[counts > 0], index=run.ids("items")[counts > 0])
         frames["recommendations_summary"] = (
             recommendations_summary(frames["recommendations"][0], run.read_metrics(), popularity),
             recommendations_summary_suite(config),
