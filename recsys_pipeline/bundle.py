@@ -34,7 +34,15 @@ from recsys_pipeline.config import AlsConfig
 from recsys_pipeline.embeddings import Embeddings, read_embeddings
 from recsys_pipeline.errors import RecsysError
 from recsys_pipeline.index import ItemIndex, load_index
-from recsys_pipeline.runs import SIDES, RunContext, atomic_dir, now_utc, read_trained_params, write_json
+from recsys_pipeline.runs import (
+    SIDES,
+    RunContext,
+    atomic_dir,
+    file_sha256,
+    now_utc,
+    read_trained_params,
+    write_json,
+)
 from recsys_pipeline.tables import read_id_map
 
 # 2: no pickle anywhere (index docids as .npy, the pyfunc as code) and a registry-held manifest.
@@ -56,14 +64,6 @@ class BundleFormatError(RecsysError):
 
 class BundleIntegrityError(RecsysError):
     """A published model's files differ from the manifest whose hash the registry holds."""
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def tree_manifest(directory: Path) -> dict[str, str]:

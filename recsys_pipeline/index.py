@@ -6,12 +6,11 @@ Index folder layout::
     docids.npy                  the dense item index of each ScaNN searcher row (int64; ScaNN's own
                                 docids pickle is never written or read)
     item_idx.npy, item_factors.npy   the exact backend's items and vectors
-    manifest.json               {"format": 2, "backend", "files": {name: sha256}, "items": n, "params"}
+    manifest.json               {"format": 3, "backend", "files": {name: sha256}, "items": n, "params"}
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -26,6 +25,7 @@ from recsys_pipeline.config import IndexConfig
 from recsys_pipeline.embeddings import Embeddings
 from recsys_pipeline.errors import RecsysError
 from recsys_pipeline.ranking import dot_top_k
+from recsys_pipeline.runs import file_sha256
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -217,17 +217,9 @@ def load_index(directory: Path) -> ItemIndex:
 
 
 def write_manifest(directory: Path, backend: str, items: int, params: dict[str, Any]) -> None:
-    files = {p.name: _sha256(p) for p in sorted(directory.iterdir()) if p.name != MANIFEST}
+    files = {p.name: file_sha256(p) for p in sorted(directory.iterdir()) if p.name != MANIFEST}
     manifest = {"format": INDEX_FORMAT, "backend": backend, "files": files, "items": items, "params": params}
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def verify_manifest(directory: Path) -> dict[str, Any]:
@@ -245,7 +237,7 @@ def verify_manifest(directory: Path) -> dict[str, Any]:
         path = directory / name
         if not path.is_file():
             raise IndexIntegrityError(f"index file {name} listed in the manifest is missing from {directory}")
-        if _sha256(path) != expected:
+        if file_sha256(path) != expected:
             raise IndexIntegrityError(f"index file {name} in {directory} does not match its manifest hash")
     return manifest
 

@@ -18,6 +18,7 @@ Run folder (``<state>/runs/<dag_id>/<interval>/``)::
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 import shutil
@@ -404,6 +405,15 @@ def write_json(path: Path, payload: Any) -> None:
     staging = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     staging.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
     staging.replace(path)
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes, read in 1 MB blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def now_utc() -> datetime:

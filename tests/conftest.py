@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -197,3 +198,9 @@ def stop(process: subprocess.Popen) -> None:
         process.wait(timeout=30)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
+
+
+def run_recsys(*args: str) -> subprocess.CompletedProcess:
+    """The ``recsys`` command of this environment, as a user runs it; output captured, never checked."""
+    recsys = str(Path(sys.executable).parent / "recsys")
+    return subprocess.run([recsys, *args], capture_output=True, text=True, timeout=120)

@@ -3,9 +3,6 @@
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +10,7 @@ import pytest
 from recsys_pipeline import registry
 from recsys_pipeline.runs import RunContext
 from recsys_pipeline.stages.publish import run_promotion, run_publish
+from tests.conftest import free_port, run_recsys
 
 
 def test_a_rerun_with_another_config_is_another_version_promoted_only_on_its_own_gates(
@@ -43,17 +41,11 @@ def test_a_rerun_with_another_config_is_another_version_promoted_only_on_its_own
     assert status["version"] == int(first) and status["tags"]["gates_passed"] == "true"
 
 
-def closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_an_unreachable_registry_fails_closed_instead_of_meaning_no_champion(
     make_config, monkeypatch
 ) -> None:
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    config = make_config(mlflow__tracking_uri=f"http://127.0.0.1:{closed_port()}")
+    config = make_config(mlflow__tracking_uri=f"http://127.0.0.1:{free_port()}")
     with pytest.raises(registry.RegistryUnavailableError, match="could not be read"):
         registry.alias_version(config, registry.CHAMPION)
     with pytest.raises(registry.RegistryUnavailableError):
@@ -65,19 +57,12 @@ def test_a_missing_alias_on_a_working_registry_is_simply_absent(make_config) -> 
 
 
 def test_the_cli_says_the_registry_is_unreachable_in_one_line(tmp_path: Path) -> None:
-    recsys = str(Path(sys.executable).parent / "recsys")
-    result = subprocess.run(
-        [
-            recsys,
-            "--set",
-            f"state_dir={tmp_path}",
-            "--set",
-            f"mlflow.tracking_uri=http://127.0.0.1:{closed_port()}",
-            "status",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    result = run_recsys(
+        "--set",
+        f"state_dir={tmp_path}",
+        "--set",
+        f"mlflow.tracking_uri=http://127.0.0.1:{free_port()}",
+        "status",
     )
     assert result.returncode == 1
     assert result.stderr.startswith("recsys: the model registry at http://127.0.0.1:")

@@ -6,8 +6,6 @@ run's ``config_overrides``, and the environment variables MLflow reads.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,7 @@ import pytest
 from recsys_pipeline.config import ConfigError, load_config
 from recsys_pipeline.runs import RunContext
 from recsys_pipeline.stages.publish import run_promotion, run_publish
+from tests.conftest import run_recsys
 
 CANARY = "canary-7f3e9c"
 WITH_CREDENTIALS = f"http://bob:{CANARY}@127.0.0.1:5999"
@@ -50,19 +49,8 @@ def test_a_tracking_uri_with_credentials_is_refused_without_echoing_them(tmp_pat
 
 
 def test_the_cli_refuses_credentials_in_one_line_without_them(tmp_path: Path) -> None:
-    recsys = str(Path(sys.executable).parent / "recsys")
-    result = subprocess.run(
-        [
-            recsys,
-            "--set",
-            f"state_dir={tmp_path}",
-            "--set",
-            f"mlflow.tracking_uri={WITH_CREDENTIALS}",
-            "status",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    result = run_recsys(
+        "--set", f"state_dir={tmp_path}", "--set", f"mlflow.tracking_uri={WITH_CREDENTIALS}", "status"
     )
     assert result.returncode == 1 and "carries credentials" in result.stderr
     assert CANARY not in result.stdout + result.stderr
