@@ -88,7 +88,7 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     embeddings, _ = train(train_part, chosen.best)
     test = EvaluationSet.build(train_part, test_part)
     recommended, catalogue_size = test.recommend(embeddings, k)
-    ours = ranking_metrics(recommended, test.relevant, k, catalogue_size)
+    ours = ranking_metrics(recommended, test.relevant, k, catalogue_size, confidence=0.95)
     results = {
         "map": peer_map(recommended, test.relevant),
         "ndcg_at_10": ours[f"ndcg_at_{k}"],

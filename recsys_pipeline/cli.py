@@ -138,7 +138,9 @@ def _status(config: PipelineConfig, as_json: bool) -> None:
         f"index_recall_at_{k}",
     ):
         if name in status["metrics"]:
-            print(f"  {name:<22} {status['metrics'][name]:.4f}")
+            low, high = status["metrics"].get(f"{name}_ci_low"), status["metrics"].get(f"{name}_ci_high")
+            interval = f"  [{low:.4f}, {high:.4f}]" if low is not None and high is not None else ""
+            print(f"  {name:<22} {status['metrics'][name]:.4f}{interval}")
     metrics = status["metrics"]
     if "events_read" in metrics:
         print(

@@ -182,6 +182,9 @@ class EvaluationConfig(_Section):
         description="Holdout users scored (a seeded sample, the same for candidate, baseline and champion).",
     )
     sample_seed: int = 0
+    confidence: float = Field(
+        default=0.95, gt=0, lt=1, description="Level of the bootstrap intervals logged with every metric."
+    )
     gate: GateConfig = GateConfig()
 
 

@@ -8,7 +8,9 @@ Metric definitions (binary relevance, ``rel`` = a user's holdout items not seen 
 - ``map_at_k``       = sum of precision at each hit position / min(|rel|, k)
 - ``coverage_at_k``  = distinct items recommended to all evaluated users / items with a vector
 
-Users without holdout items are not evaluated; averages are over evaluated users.
+Users without holdout items are not evaluated; averages are over evaluated users. Each mean
+also gets a percentile-bootstrap confidence interval over those users (``<metric>_ci_low`` and
+``<metric>_ci_high``), so a difference can be read against the noise of a small holdout.
 """
 
 from __future__ import annotations
@@ -23,34 +25,68 @@ from recsys_pipeline.config import GateConfig
 from recsys_pipeline.embeddings import Embeddings, presence_mask
 from recsys_pipeline.ranking import NO_ITEM, dot_top_k, pad, popular_unseen
 
+USER_METRICS = ("precision", "recall", "ndcg", "map")
 
-def ranking_metrics(
-    recommended: np.ndarray, relevant: Sequence[np.ndarray], k: int, catalogue_size: int
-) -> dict[str, float]:
-    """Mean ranking metrics over users with at least one relevant item.
+
+def per_user_metrics(
+    recommended: np.ndarray, relevant: Sequence[np.ndarray], k: int
+) -> dict[str, np.ndarray]:
+    """``{metric_at_k: one value per user with at least one relevant item}``.
 
     ``recommended`` is (users, >=k) item indices best first, padded with ``NO_ITEM``;
     ``relevant[u]`` holds user u's relevant item indices.
     """
-    names = ("precision", "recall", "ndcg", "map")
-    totals = dict.fromkeys(names, 0.0)
-    evaluated = 0
+    values: dict[str, list[float]] = {name: [] for name in USER_METRICS}
     discounts = 1.0 / np.log2(np.arange(2, k + 2))
     for row, rel in zip(recommended[:, :k], relevant, strict=True):
         if len(rel) == 0:
             continue
-        evaluated += 1
         hits = np.isin(row, rel) & (row != NO_ITEM)
         n_hits = hits.sum()
-        totals["precision"] += n_hits / k
-        totals["recall"] += n_hits / len(rel)
-        totals["ndcg"] += float(discounts[: len(row)][hits].sum() / discounts[: min(len(rel), k)].sum())
+        values["precision"].append(n_hits / k)
+        values["recall"].append(n_hits / len(rel))
+        values["ndcg"].append(float(discounts[: len(row)][hits].sum() / discounts[: min(len(rel), k)].sum()))
         precision_at_hit = np.cumsum(hits) / np.arange(1, len(row) + 1)
-        totals["map"] += float(precision_at_hit[hits].sum() / min(len(rel), k))
+        values["map"].append(float(precision_at_hit[hits].sum() / min(len(rel), k)))
+    return {f"{name}_at_{k}": np.asarray(values[name], dtype=np.float64) for name in USER_METRICS}
+
+
+def bootstrap_interval(
+    values: np.ndarray, confidence: float = 0.95, resamples: int = 1000, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile-bootstrap interval of the mean of ``values`` (users resampled with replacement)."""
+    if len(values) == 0:
+        return 0.0, 0.0
+    rng = np.random.default_rng(seed)
+    means = np.empty(resamples)
+    # In blocks, so the resample indices stay small whatever the number of users.
+    block = max(1, (1 << 22) // len(values))
+    for start in range(0, resamples, block):
+        count = min(block, resamples - start)
+        means[start : start + count] = values[rng.integers(0, len(values), (count, len(values)))].mean(axis=1)
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(means, [tail, 1 - tail])
+    return float(low), float(high)
+
+
+def ranking_metrics(
+    recommended: np.ndarray,
+    relevant: Sequence[np.ndarray],
+    k: int,
+    catalogue_size: int,
+    confidence: float | None = None,
+) -> dict[str, float]:
+    """Mean ranking metrics over users with at least one relevant item, and ``coverage_at_k``; with
+    ``confidence``, each mean's bootstrap interval as ``<metric>_ci_low`` / ``<metric>_ci_high``."""
+    metrics: dict[str, float] = {}
+    for name, values in per_user_metrics(recommended, relevant, k).items():
+        metrics[name] = float(values.mean()) if len(values) else 0.0
+        if confidence is not None:
+            metrics[f"{name}_ci_low"], metrics[f"{name}_ci_high"] = bootstrap_interval(values, confidence)
     shown = recommended[:, :k]
-    coverage = len(np.unique(shown[shown != NO_ITEM])) / catalogue_size if catalogue_size else 0.0
-    metrics = {f"{name}_at_{k}": totals[name] / evaluated if evaluated else 0.0 for name in names}
-    metrics[f"coverage_at_{k}"] = coverage
+    metrics[f"coverage_at_{k}"] = (
+        len(np.unique(shown[shown != NO_ITEM])) / catalogue_size if catalogue_size else 0.0
+    )
     return metrics
 
 
@@ -87,10 +123,10 @@ class EvaluationSet:
         ]
         return cls(holdout_users, seen, relevant, np.asarray(train.getnnz(axis=0)), train.shape)
 
-    def evaluate(self, embeddings: Embeddings, k: int) -> dict[str, float]:
-        """Metrics for the embeddings' top-k lists (see :meth:`recommend`)."""
+    def evaluate(self, embeddings: Embeddings, k: int, confidence: float | None = None) -> dict[str, float]:
+        """Metrics for the embeddings' top-k lists (see :meth:`recommend`), with intervals if asked."""
         recommended, catalogue_size = self.recommend(embeddings, k)
-        return ranking_metrics(recommended, self.relevant, k, catalogue_size)
+        return ranking_metrics(recommended, self.relevant, k, catalogue_size, confidence)
 
     def recommend(self, embeddings: Embeddings, k: int) -> tuple[np.ndarray, int]:
         """(top-k per evaluated user, items with a vector); users without a vector get the popularity
@@ -121,9 +157,9 @@ class EvaluationSet:
             recommended[~known] = popular_unseen(self.popularity, self.seen[np.flatnonzero(~known)], k)
         return recommended, int(has_vector.sum())
 
-    def evaluate_popularity(self, k: int) -> dict[str, float]:
+    def evaluate_popularity(self, k: int, confidence: float | None = None) -> dict[str, float]:
         recommended = popular_unseen(self.popularity, self.seen, k)
-        metrics = ranking_metrics(recommended, self.relevant, k, int((self.popularity > 0).sum()))
+        metrics = ranking_metrics(recommended, self.relevant, k, int((self.popularity > 0).sum()), confidence)
         return {f"baseline_{name}": value for name, value in metrics.items()}
 
 

@@ -31,6 +31,8 @@ def versions(run: RunContext) -> list[str]:
 def test_stages_produce_a_model_that_beats_popularity(weekly_run) -> None:
     metrics = weekly_run.read_metrics()
     assert metrics["ndcg_at_10"] > metrics["baseline_ndcg_at_10"]
+    for name in ("ndcg_at_10", "baseline_ndcg_at_10", "map_at_10"):
+        assert metrics[f"{name}_ci_low"] < metrics[name] < metrics[f"{name}_ci_high"]
     assert metrics["index_recall_at_10"] >= 0.95
     assert all(gate["passed"] for gate in weekly_run.read_gates().values())
 

@@ -19,14 +19,17 @@ def run_evaluation(run: RunContext) -> dict[str, float]:
     holdout = run.holdout_matrix()
     evaluation = EvaluationSet.build(run.train_matrix(), holdout, settings.max_users, settings.sample_seed)
     k = settings.k
-    metrics = evaluation.evaluate(run.embeddings(), k)
-    metrics.update(evaluation.evaluate_popularity(k))
+    metrics = evaluation.evaluate(run.embeddings(), k, settings.confidence)
+    metrics.update(evaluation.evaluate_popularity(k, settings.confidence))
     metrics["eval_users"] = float(sum(len(rel) > 0 for rel in evaluation.relevant))
     metrics["eval_holdout_users"] = float((holdout.getnnz(axis=1) > 0).sum())
     metrics["eval_users_sampled"] = float(len(evaluation.users))
     if champion is not None:
         metrics.update(
-            {f"champion_{name}": value for name, value in evaluation.evaluate(champion, k).items()}
+            {
+                f"champion_{name}": value
+                for name, value in evaluation.evaluate(champion, k, settings.confidence).items()
+            }
         )
     passed, reasons = gate(metrics, k, settings.gate)
     run.write_metrics("evaluate", metrics)
