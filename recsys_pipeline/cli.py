@@ -15,6 +15,7 @@ from recsys_pipeline import registry
 from recsys_pipeline.config import (
     DEFAULT_CONFIG_PATH,
     PROJECT_ROOT,
+    ConfigError,
     PipelineConfig,
     load_config,
     parse_override,
@@ -79,6 +80,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The only overrides `recsys airflow` can hand to DAG runs: where the state lives (RECSYS_HOME) and the
+# Spark master (the Spark connection). Every other field is read by the tasks from their own config.
+REACHES_AIRFLOW = frozenset({"state_dir", "spark.master"})
+
+
 def airflow_environment(config: PipelineConfig, config_path: str | None) -> dict[str, str]:
     """Environment for Airflow on the project's state; values already set by a deployment win."""
     home = config.state_home
@@ -99,6 +105,10 @@ def airflow_environment(config: PipelineConfig, config_path: str | None) -> dict
     }
     if config_path:
         defaults["RECSYS_CONFIG"] = str(Path(config_path).resolve())
+    # Tasks report to the API server's execution API: on a custom port they must be told where it is.
+    port = env.get("AIRFLOW__API__PORT")
+    if port:
+        defaults["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] = f"http://localhost:{port}/execution/"
     for key, value in defaults.items():
         env.setdefault(key, value)
     return env
@@ -225,6 +235,13 @@ def run(argv: Sequence[str]) -> int:
     if args.command == "airflow":
         import subprocess
 
+        unreached = sorted(set(overrides) - REACHES_AIRFLOW)
+        if unreached:
+            raise ConfigError(
+                f"--set {', '.join(unreached)} would not reach DAG runs, which read their own config: pass "
+                "them as the run's config_overrides (airflow dags trigger|test -c "
+                '\'{"config_overrides": {"section.key": value}}\') or in the file RECSYS_CONFIG names'
+            )
         env = airflow_environment(config, args.config)
         Path(env["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)
         airflow = str(Path(sys.executable).parent / "airflow")

@@ -267,3 +267,24 @@ def test_nightly_dag_refreshes_the_champion_or_escalates(state_env) -> None:
     weekly_runs = airflow_json("dags", "list-runs", "recsys_weekly", env=state_env)
     assert any(run["logical_date"].startswith("1998-04-22") for run in weekly_runs)
     assert json.loads(recsys("status", "--json", env=state_env).stdout)["version"] == status["version"]
+
+
+def test_cli_overrides_that_cannot_reach_dag_runs_are_refused(capsys) -> None:
+    from recsys_pipeline.cli import main
+
+    assert main(["--set", "als.factors=32", "airflow", "dags", "list"]) == 1
+    error = capsys.readouterr().err
+    assert (
+        error.startswith("recsys: --set als.factors would not reach DAG runs") and "config_overrides" in error
+    )
+
+
+def test_a_custom_api_port_tells_tasks_where_the_execution_api_is(monkeypatch) -> None:
+    monkeypatch.setenv("AIRFLOW__API__PORT", "18093")
+    monkeypatch.delenv("AIRFLOW__CORE__EXECUTION_API_SERVER_URL", raising=False)
+    env = airflow_environment(load_config(), None)
+    assert env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] == "http://localhost:18093/execution/"
+    monkeypatch.setenv("AIRFLOW__CORE__EXECUTION_API_SERVER_URL", "http://api.internal:9000/execution/")
+    assert airflow_environment(load_config(), None)["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"].startswith(
+        "http://api.internal"
+    )
