@@ -96,6 +96,12 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
         "recall_at_10": ours[f"recall_at_{k}"],
         "map_at_10": ours[f"map_at_{k}"],
         "coverage_at_10": ours[f"coverage_at_{k}"],
+        # 95% bootstrap intervals over the test users, to read the comparison with the table against.
+        **{
+            f"{name}_at_10_ci_{side}": ours[f"{name}_at_{k}_ci_{side}"]
+            for name in ("ndcg", "precision", "recall", "map")
+            for side in ("low", "high")
+        },
         "test_users": len(test.users),
         "chosen_hyperparameters": chosen.best.hyperparameters(),
         "how_chosen": (
