@@ -7,6 +7,8 @@ parameters.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from datetime import datetime
 from pathlib import Path
@@ -349,9 +351,6 @@ class PipelineConfig(_Section):
     def fingerprint(self) -> str:
         """sha256 of every setting that shapes a model (where state lives and which servers run it
         do not), so a run with another config is another version."""
-        import hashlib
-        import json
-
         shaping = self.model_dump(mode="json", exclude={"state_dir", "spark", "mlflow"})
         return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()
 

@@ -6,6 +6,9 @@ these as one line; any other exception is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+# The exit code of a spark-submit job that failed with a RecsysError: retrying cannot help.
+USER_ERROR_EXIT = 3
+
 
 class RecsysError(Exception):
     """A failure the user can act on: bad input, a failed gate, a missing version, a bad request."""

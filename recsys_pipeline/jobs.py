@@ -9,14 +9,12 @@ from collections.abc import Callable, Sequence
 
 from pyspark.sql import SparkSession
 
-from recsys_pipeline.errors import RecsysError
+from recsys_pipeline.errors import USER_ERROR_EXIT, RecsysError
 from recsys_pipeline.resources import measured
 from recsys_pipeline.runs import RunContext
 from recsys_pipeline.spark import spark_session
 
 SparkStage = Callable[[SparkSession, RunContext], dict[str, float]]
-# The exit code of a job that failed on its input or a gate: retrying cannot help.
-USER_ERROR_EXIT = 3
 
 
 def run_arguments() -> argparse.ArgumentParser:

@@ -15,8 +15,9 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 from recsys_pipeline.config import PROJECT_ROOT, PipelineConfig
-from recsys_pipeline.errors import RecsysError
-from recsys_pipeline.jobs import USER_ERROR_EXIT
+
+# DAG files are parsed often: nothing imported here may pull in Spark (``jobs`` does).
+from recsys_pipeline.errors import USER_ERROR_EXIT, RecsysError
 from recsys_pipeline.resources import measured
 from recsys_pipeline.runs import RunContext, RunMode
 

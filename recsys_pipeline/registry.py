@@ -132,7 +132,8 @@ def verified_model(config: PipelineConfig, version: str) -> Path:
     second failure is refused: the stored model itself differs from what was published.
     """
     name = config.mlflow.model_name
-    expected = tracking.client(config).get_model_version(name, version).tags.get(MANIFEST_TAG)
+    registered = tracking.client(config).get_model_version(name, version)
+    expected = registered.tags.get(MANIFEST_TAG)
     if expected is None:
         raise BundleIntegrityError(
             f"{name} version {version} was published without a manifest (an older format): republish it"
@@ -140,7 +141,7 @@ def verified_model(config: PipelineConfig, version: str) -> Path:
     cache = StateLayout(config.state_home).model_cache / name / version
     for attempt in (1, 2):
         if not (cache / MODEL_MANIFEST).is_file():
-            _download(config, version, cache)
+            _download(config, version, registered.run_id, cache)
         try:
             verify_tree(cache / "model", cache / MODEL_MANIFEST, expected)
             return cache / "model"
@@ -157,11 +158,10 @@ def verified_model(config: PipelineConfig, version: str) -> Path:
     raise AssertionError("unreachable")
 
 
-def _download(config: PipelineConfig, version: str, cache: Path) -> None:
+def _download(config: PipelineConfig, version: str, run_id: str, cache: Path) -> None:
     import mlflow
 
     name = config.mlflow.model_name
-    run_id = tracking.client(config).get_model_version(name, version).run_id
     with tracking.fluent(config) as bound, atomic_dir(cache) as staging:
         staging.mkdir(parents=True)
         mlflow.artifacts.download_artifacts(
