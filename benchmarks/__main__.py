@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from benchmarks import als, index_search, interactions, quality_ml100k, refresh
+from benchmarks import als, index_search, interactions, quality, refresh
 from recsys_pipeline.config import load_config
 from recsys_pipeline.runs import StateLayout, write_json
 
@@ -16,7 +16,8 @@ BENCHMARKS: dict[str, Benchmark] = {
     "als": (als.PARAMS, als.run),
     "index": (index_search.PARAMS, index_search.run),
     "interactions": (interactions.PARAMS, interactions.run),
-    "quality_ml100k": (quality_ml100k.PARAMS, quality_ml100k.run),
+    "quality": (quality.PARAMS, quality.run),
+    "quality_ml100k": (quality.PARAMS, quality.run_bundled),
     "refresh": (refresh.PARAMS, refresh.run),
 }
 

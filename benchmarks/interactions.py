@@ -118,7 +118,8 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
                 "format": "parquet",
                 "mapping": SOURCE_MAPPING,
             },
-            "interactions.holdout_days": 1,
+            "interactions.holdout.strategy": "days",
+            "interactions.holdout.days": 1,
             "interactions.min_item_interactions": 1,
             "spark.conf": {
                 **load_config().spark.conf,

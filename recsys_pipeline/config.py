@@ -94,6 +94,27 @@ class EventWeight(_Section):
         return value
 
 
+class HoldoutConfig(_Section):
+    """Which interactions of the window are held out to evaluate the run's model."""
+
+    strategy: Literal["days", "share", "per_user_last"] = Field(
+        default="per_user_last",
+        description=(
+            "days: the window's last `days`; share: the most recent `share` of events (one global cut); "
+            "per_user_last: each user's `last_n` most recent items, for users with more than that."
+        ),
+    )
+    days: int = Field(default=14, ge=1)
+    share: float = Field(default=0.1, gt=0, lt=1)
+    last_n: int = Field(default=3, ge=1)
+
+    def describe(self) -> str:
+        """The setting in force, as a user would write it."""
+        value = {"days": self.days, "share": self.share, "per_user_last": self.last_n}[self.strategy]
+        field = {"days": "days", "share": "share", "per_user_last": "last_n"}[self.strategy]
+        return f"interactions.holdout.strategy={self.strategy} (interactions.holdout.{field}={value})"
+
+
 class InteractionsConfig(_Section):
     event_weights: dict[str, EventWeight]
     half_life_days: float | None = Field(
@@ -106,7 +127,7 @@ class InteractionsConfig(_Section):
     )
     min_user_interactions: int = Field(default=1, ge=1)
     min_item_interactions: int = Field(default=1, ge=1)
-    holdout_days: int = Field(default=14, ge=1, description="Last N days of the window are held out.")
+    holdout: HoldoutConfig = HoldoutConfig()
     history_days: int | None = Field(default=None, ge=1, description="Training window length; all if null.")
 
 
@@ -168,12 +189,15 @@ class AlsConfig(_Section):
 
 
 class GateConfig(_Section):
+    """Paired bootstrap tests on ndcg@k over the evaluated users, at ``evaluation.confidence``."""
+
     min_lift_over_baseline: float = Field(
         default=0.0, description="Candidate ndcg must exceed the popularity baseline's by more than this."
     )
     max_drop_vs_champion: float = Field(
         default=0.02, ge=0, description="Candidate ndcg may be at most this far below the champion's."
     )
+    resamples: int = Field(default=2000, ge=100, description="Bootstrap resamples of the evaluated users.")
 
 
 class EvaluationConfig(_Section):
@@ -183,11 +207,25 @@ class EvaluationConfig(_Section):
         ge=1,
         description="Holdout users scored (a seeded sample, the same for candidate, baseline and champion).",
     )
+    min_users: int = Field(
+        default=100,
+        ge=1,
+        description="A holdout with fewer users to evaluate fails the run before training.",
+    )
     sample_seed: int = 0
     confidence: float = Field(
-        default=0.95, gt=0, lt=1, description="Level of the bootstrap intervals logged with every metric."
+        default=0.95,
+        gt=0,
+        lt=1,
+        description="Level of the bootstrap intervals logged with every metric, and of the gate's tests.",
     )
     gate: GateConfig = GateConfig()
+
+    @model_validator(mode="after")
+    def _sample_holds_min_users(self) -> EvaluationConfig:
+        if self.max_users < self.min_users:
+            raise ValueError(f"max_users ({self.max_users}) is below min_users ({self.min_users})")
+        return self
 
 
 class IndexConfig(_Section):

@@ -11,6 +11,10 @@ Metric definitions (binary relevance, ``rel`` = a user's holdout items not seen 
 Users without holdout items are not evaluated; averages are over evaluated users. Each mean
 also gets a percentile-bootstrap confidence interval over those users (``<metric>_ci_low`` and
 ``<metric>_ci_high``), so a difference can be read against the noise of a small holdout.
+
+The gate compares models on the same users by a paired bootstrap of their per-user nDCG
+differences (:func:`gate`), so it decides on a lift that holds with the configured confidence
+rather than on two means that differ by noise.
 """
 
 from __future__ import annotations
@@ -51,12 +55,8 @@ def per_user_metrics(
     return {f"{name}_at_{k}": np.asarray(values[name], dtype=np.float64) for name in USER_METRICS}
 
 
-def bootstrap_interval(
-    values: np.ndarray, confidence: float = 0.95, resamples: int = 1000, seed: int = 0
-) -> tuple[float, float]:
-    """Percentile-bootstrap interval of the mean of ``values`` (users resampled with replacement)."""
-    if len(values) == 0:
-        return 0.0, 0.0
+def bootstrap_means(values: np.ndarray, resamples: int = 1000, seed: int = 0) -> np.ndarray:
+    """Means of ``resamples`` resamples of ``values`` (users drawn with replacement)."""
     rng = np.random.default_rng(seed)
     means = np.empty(resamples)
     # In blocks, so the resample indices stay small whatever the number of users.
@@ -64,9 +64,82 @@ def bootstrap_interval(
     for start in range(0, resamples, block):
         count = min(block, resamples - start)
         means[start : start + count] = values[rng.integers(0, len(values), (count, len(values)))].mean(axis=1)
+    return means
+
+
+def bootstrap_interval(
+    values: np.ndarray, confidence: float = 0.95, resamples: int = 1000, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile-bootstrap interval of the mean of ``values`` (users resampled with replacement)."""
+    if len(values) == 0:
+        return 0.0, 0.0
     tail = (1 - confidence) / 2
-    low, high = np.quantile(means, [tail, 1 - tail])
+    low, high = np.quantile(bootstrap_means(values, resamples, seed), [tail, 1 - tail])
     return float(low), float(high)
+
+
+@dataclass(frozen=True)
+class Lift:
+    """A candidate's mean per-user lift over a reference model on the same users.
+
+    ``ci_low`` is the one-sided lower bound at the test's confidence; ``p`` the share of bootstrap
+    resamples whose mean lift is at or below the threshold tested (a one-sided p-value).
+    """
+
+    mean: float
+    ci_low: float
+    p: float
+
+
+def paired_lift(
+    candidate: np.ndarray,
+    reference: np.ndarray,
+    threshold: float,
+    confidence: float,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> Lift:
+    """Paired bootstrap of ``candidate - reference`` (one value per user, same users in both):
+    resampling users keeps each user's two scores together, so what users share cancels out."""
+    if len(candidate) == 0:
+        return Lift(0.0, 0.0, 1.0)
+    means = bootstrap_means(candidate - reference, resamples, seed)
+    return Lift(
+        mean=float((candidate - reference).mean()),
+        ci_low=float(np.quantile(means, 1 - confidence)),
+        p=float((means <= threshold).mean()),
+    )
+
+
+@dataclass(frozen=True)
+class Scores:
+    """One model's metrics per evaluated user (the same users, in the same order, for every model
+    scored on one evaluation set) and its catalogue coverage."""
+
+    per_user: dict[str, np.ndarray]
+    coverage: float
+    k: int
+
+    @property
+    def users(self) -> int:
+        return len(next(iter(self.per_user.values())))
+
+    def summary(self, confidence: float | None = None) -> dict[str, float]:
+        """Means over users and ``coverage_at_k``; with ``confidence``, each mean's bootstrap interval
+        as ``<metric>_ci_low`` / ``<metric>_ci_high``."""
+        metrics: dict[str, float] = {}
+        for name, values in self.per_user.items():
+            metrics[name] = float(values.mean()) if len(values) else 0.0
+            if confidence is not None:
+                metrics[f"{name}_ci_low"], metrics[f"{name}_ci_high"] = bootstrap_interval(values, confidence)
+        metrics[f"coverage_at_{self.k}"] = self.coverage
+        return metrics
+
+
+def scores(recommended: np.ndarray, relevant: Sequence[np.ndarray], k: int, catalogue_size: int) -> Scores:
+    shown = recommended[:, :k]
+    coverage = len(np.unique(shown[shown != NO_ITEM])) / catalogue_size if catalogue_size else 0.0
+    return Scores(per_user_metrics(recommended, relevant, k), coverage, k)
 
 
 def ranking_metrics(
@@ -78,16 +151,7 @@ def ranking_metrics(
 ) -> dict[str, float]:
     """Mean ranking metrics over users with at least one relevant item, and ``coverage_at_k``; with
     ``confidence``, each mean's bootstrap interval as ``<metric>_ci_low`` / ``<metric>_ci_high``."""
-    metrics: dict[str, float] = {}
-    for name, values in per_user_metrics(recommended, relevant, k).items():
-        metrics[name] = float(values.mean()) if len(values) else 0.0
-        if confidence is not None:
-            metrics[f"{name}_ci_low"], metrics[f"{name}_ci_high"] = bootstrap_interval(values, confidence)
-    shown = recommended[:, :k]
-    metrics[f"coverage_at_{k}"] = (
-        len(np.unique(shown[shown != NO_ITEM])) / catalogue_size if catalogue_size else 0.0
-    )
-    return metrics
+    return scores(recommended, relevant, k, catalogue_size).summary(confidence)
 
 
 @dataclass(frozen=True)
@@ -123,10 +187,21 @@ class EvaluationSet:
         ]
         return cls(holdout_users, seen, relevant, np.asarray(train.getnnz(axis=0)), train.shape)
 
-    def evaluate(self, embeddings: Embeddings, k: int, confidence: float | None = None) -> dict[str, float]:
-        """Metrics for the embeddings' top-k lists (see :meth:`recommend`), with intervals if asked."""
+    def scores(self, embeddings: Embeddings, k: int) -> Scores:
+        """Per-user metrics of the embeddings' top-k lists (see :meth:`recommend`)."""
         recommended, catalogue_size = self.recommend(embeddings, k)
-        return ranking_metrics(recommended, self.relevant, k, catalogue_size, confidence)
+        return scores(recommended, self.relevant, k, catalogue_size)
+
+    def popularity_recommendations(self, k: int) -> np.ndarray:
+        """Each evaluated user's k most popular unseen items (the baseline)."""
+        return popular_unseen(self.popularity, self.seen, k)
+
+    def popularity_scores(self, k: int) -> Scores:
+        return scores(self.popularity_recommendations(k), self.relevant, k, int((self.popularity > 0).sum()))
+
+    def evaluate(self, embeddings: Embeddings, k: int, confidence: float | None = None) -> dict[str, float]:
+        """Metrics for the embeddings' top-k lists, with intervals if asked."""
+        return self.scores(embeddings, k).summary(confidence)
 
     def recommend(self, embeddings: Embeddings, k: int) -> tuple[np.ndarray, int]:
         """(top-k per evaluated user, items with a vector); users without a vector get the popularity
@@ -158,24 +233,40 @@ class EvaluationSet:
         return recommended, int(has_vector.sum())
 
     def evaluate_popularity(self, k: int, confidence: float | None = None) -> dict[str, float]:
-        recommended = popular_unseen(self.popularity, self.seen, k)
-        metrics = ranking_metrics(recommended, self.relevant, k, int((self.popularity > 0).sum()), confidence)
+        metrics = self.popularity_scores(k).summary(confidence)
         return {f"baseline_{name}": value for name, value in metrics.items()}
 
 
-def gate(metrics: dict[str, float], k: int, config: GateConfig) -> tuple[bool, list[str]]:
-    """The candidate must beat the baseline and stay within a margin of the champion on nDCG@k."""
-    ndcg, baseline = metrics[f"ndcg_at_{k}"], metrics[f"baseline_ndcg_at_{k}"]
-    reasons = []
-    if ndcg <= baseline + config.min_lift_over_baseline:
-        reasons.append(
-            f"ndcg_at_{k}={ndcg:.4f} does not beat baseline_ndcg_at_{k}={baseline:.4f} "
-            f"by more than {config.min_lift_over_baseline}"
+def gate(
+    candidate: Scores,
+    baseline: Scores,
+    champion: Scores | None,
+    config: GateConfig,
+    confidence: float,
+) -> tuple[bool, list[str], dict[str, float]]:
+    """(passed, reasons, figures): paired bootstrap tests on ndcg@k over the same users.
+
+    The candidate passes when its lift over the popularity baseline is above
+    ``min_lift_over_baseline``, and its lift over the champion above ``-max_drop_vs_champion``, each
+    with probability ``confidence``. ``figures`` holds ``lift_over_<reference>_ndcg_at_k`` with its
+    one-sided ``_ci_low`` and ``_p`` (the bootstrap share of resamples at or below the threshold).
+    """
+    metric = f"ndcg_at_{candidate.k}"
+    tests = [("baseline", baseline, config.min_lift_over_baseline)]
+    if champion is not None:
+        tests.append(("champion", champion, -config.max_drop_vs_champion))
+    reasons: list[str] = []
+    figures: dict[str, float] = {}
+    for name, reference, threshold in tests:
+        lift = paired_lift(
+            candidate.per_user[metric], reference.per_user[metric], threshold, confidence, config.resamples
         )
-    champion = metrics.get(f"champion_ndcg_at_{k}")
-    if champion is not None and ndcg < champion - config.max_drop_vs_champion:
-        reasons.append(
-            f"ndcg_at_{k}={ndcg:.4f} is more than {config.max_drop_vs_champion} below "
-            f"the champion's {champion:.4f} on the same holdout"
-        )
-    return not reasons, reasons
+        key = f"lift_over_{name}_{metric}"
+        figures.update({key: lift.mean, f"{key}_ci_low": lift.ci_low, f"{key}_p": lift.p})
+        if lift.p > 1 - confidence:
+            reasons.append(
+                f"{metric} lift over the {name} is {lift.mean:+.4f} on {candidate.users} users, not above "
+                f"{threshold:+.4f} with {confidence:.0%} confidence (lower bound {lift.ci_low:+.4f}, "
+                f"p={lift.p:.3f})"
+            )
+    return not reasons, reasons, figures

@@ -2,8 +2,8 @@
 
 The stage that writes them (``stages.interactions``) produces::
 
-    train/     Parquet (user_idx INT, item_idx INT, confidence FLOAT)   events before the holdout
-    holdout/   Parquet (user_idx INT, item_idx INT, confidence FLOAT)   the last holdout_days
+    train/     Parquet (user_idx INT, item_idx INT, confidence FLOAT)   what the model learns from
+    holdout/   Parquet (user_idx INT, item_idx INT, confidence FLOAT)   what evaluates it (``holdout``)
     maps/users, maps/items   Parquet (id STRING, idx INT)                snapshot of the ID maps used
     recent/users, recent/items   Parquet (idx INT)                       active in the run's interval
 """
@@ -12,18 +12,22 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
-from recsys_pipeline.config import InteractionsConfig
+from recsys_pipeline.config import HoldoutConfig, InteractionsConfig
 from recsys_pipeline.errors import RecsysError
 
 
 class EmptyInteractionsError(RecsysError):
     """No usable interaction is left in the training window."""
+
+
+class HoldoutTooSmallError(RecsysError):
+    """The holdout has too few users for the evaluation gate to mean anything."""
 
 
 ID_PAIR = ("user_id", "item_id")
@@ -153,6 +157,29 @@ def supported(
     return pairs
 
 
+def pair_confidences(
+    events: DataFrame,
+    config: InteractionsConfig,
+    as_of: Column,
+    keys: tuple[str, str] = ID_PAIR,
+    last_seen: bool = False,
+) -> DataFrame:
+    """(user, item, confidence) per pair of ``keys`` with decay and aggregation, before any filter;
+    with ``last_seen``, also the pair's latest ``event_ts``."""
+    user, item = keys
+    aggregates = [_combine(config)(F.col("confidence")).alias("confidence")]
+    if last_seen:
+        aggregates.append(F.max("event_ts").alias("event_ts"))
+    # Almost every (user, item) pair is unique within a file, so a map-side partial aggregation would
+    # hash every event for nothing: the per-event confidences are shuffled by pair instead.
+    return (
+        events.select(user, item, decayed(config, as_of).alias("confidence"), "event_ts")
+        .repartition(user, item)
+        .groupBy(user, item)
+        .agg(*aggregates)
+    )
+
+
 def aggregate(
     events: DataFrame,
     config: InteractionsConfig,
@@ -161,16 +188,52 @@ def aggregate(
     counts: PairCounts | None = None,
 ) -> DataFrame:
     """(user, item, confidence) per pair of ``keys`` with decay, aggregation, cap and min-support filters."""
-    user, item = keys
-    # Almost every (user, item) pair is unique within a file, so a map-side partial aggregation would
-    # hash every event for nothing: the per-event confidences are shuffled by pair instead.
-    pairs = (
-        events.select(user, item, decayed(config, as_of).alias("confidence"))
-        .repartition(user, item)
-        .groupBy(user, item)
-        .agg(_combine(config)(F.col("confidence")).alias("confidence"))
+    return supported(pair_confidences(events, config, as_of, keys), config, keys, counts)
+
+
+def holdout_cut(events: DataFrame, holdout: HoldoutConfig, window_end: datetime) -> datetime:
+    """Where a global temporal split starts the holdout: ``days`` before the window's end, or just
+    after the time by which all but ``share`` of the window's events happened."""
+    if holdout.strategy == "days":
+        return window_end - timedelta(days=holdout.days)
+    quantile = events.select(F.col("event_ts").cast("double").alias("seconds")).approxQuantile(
+        "seconds", [1 - holdout.share], 1e-4
     )
-    return supported(pairs, config, keys, counts)
+    if not quantile:
+        return window_end
+    # Events at the quantile's own time train, so ties never push the holdout past its share.
+    return datetime.fromtimestamp(quantile[0], tz=UTC) + timedelta(microseconds=1)
+
+
+def mark_last_per_user(pairs: DataFrame, last_n: int, keys: tuple[str, str] = INDEX_PAIR) -> DataFrame:
+    """``pairs`` (with ``event_ts``, their latest event) and a ``held_out`` column: each user's
+    ``last_n`` most recent positive pairs, for users with more positive pairs than that (so some are
+    left to train on). Ties in time go to the higher item index, so the split is reproducible."""
+    user, item = keys
+    positive = F.col("confidence") > 0
+    by_user = Window.partitionBy(user)
+    recency = by_user.orderBy(positive.desc(), F.col("event_ts").desc(), F.col(item).desc())
+    return pairs.withColumn(
+        "held_out",
+        positive
+        & (F.row_number().over(recency) <= last_n)
+        & (F.sum(positive.cast("int")).over(by_user) > last_n),
+    )
+
+
+def evaluable_users(holdout: DataFrame, train: DataFrame, keys: tuple[str, str] = INDEX_PAIR) -> int:
+    """Users with at least one holdout item they did not train on: whom evaluation can score."""
+    return holdout.join(train, list(keys), "left_anti").select(keys[0]).distinct().count()
+
+
+def check_holdout_size(users: int, min_users: int, holdout: HoldoutConfig) -> None:
+    if users < min_users:
+        raise HoldoutTooSmallError(
+            f"the holdout has {users} users with an item they did not train on, below "
+            f"evaluation.min_users={min_users}: a gate on so few users decides on noise. Hold out more "
+            f"(now {holdout.describe()}; per_user_last holds out every user with enough history) "
+            "or lower evaluation.min_users"
+        )
 
 
 def entity_activity(events: DataFrame, column: str, recent_start: datetime, *sums: Column) -> DataFrame:

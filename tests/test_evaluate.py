@@ -4,7 +4,14 @@ import scipy.sparse as sp
 
 from recsys_pipeline.config import GateConfig
 from recsys_pipeline.embeddings import Embeddings
-from recsys_pipeline.evaluate import EvaluationSet, gate, ranking_metrics
+from recsys_pipeline.evaluate import (
+    EvaluationSet,
+    Scores,
+    bootstrap_interval,
+    gate,
+    paired_lift,
+    ranking_metrics,
+)
 from recsys_pipeline.ranking import NO_ITEM, exclude, pad, top_k
 
 
@@ -57,16 +64,57 @@ def test_evaluation_set_excludes_training_items_and_falls_back_to_popularity() -
     assert metrics["precision_at_1"] == pytest.approx(1.0)
 
 
-def test_gate_requires_beating_baseline_and_staying_near_the_champion() -> None:
+def _ndcg_scores(values: np.ndarray) -> Scores:
+    return Scores({"ndcg_at_10": np.asarray(values, dtype=np.float64)}, coverage=0.0, k=10)
+
+
+def test_gate_requires_a_lift_over_baseline_and_no_real_drop_from_the_champion() -> None:
+    rng = np.random.default_rng(0)
     config = GateConfig(min_lift_over_baseline=0.0, max_drop_vs_champion=0.02)
-    assert gate({"ndcg_at_10": 0.3, "baseline_ndcg_at_10": 0.2}, 10, config) == (True, [])
-    passed, reasons = gate({"ndcg_at_10": 0.2, "baseline_ndcg_at_10": 0.2}, 10, config)
-    assert not passed and "baseline" in reasons[0]
-    passed, reasons = gate(
-        {"ndcg_at_10": 0.3, "baseline_ndcg_at_10": 0.2, "champion_ndcg_at_10": 0.33}, 10, config
-    )
-    assert not passed and "champion" in reasons[0]
-    assert gate({"ndcg_at_10": 0.3, "baseline_ndcg_at_10": 0.2, "champion_ndcg_at_10": 0.31}, 10, config)[0]
+    baseline = rng.uniform(0, 0.5, 500)
+    better = _ndcg_scores(baseline + rng.normal(0.05, 0.1, 500))
+
+    passed, reasons, figures = gate(better, _ndcg_scores(baseline), None, config, 0.95)
+    assert passed and reasons == []
+    assert figures["lift_over_baseline_ndcg_at_10"] == pytest.approx(0.05, abs=0.01)
+    assert figures["lift_over_baseline_ndcg_at_10_p"] < 0.05
+    assert figures["lift_over_baseline_ndcg_at_10_ci_low"] > 0
+
+    # A tie with the baseline is not a lift, however the users are resampled.
+    passed, reasons, figures = gate(_ndcg_scores(baseline), _ndcg_scores(baseline), None, config, 0.95)
+    assert not passed and "lift over the baseline is +0.0000 on 500 users" in reasons[0]
+    assert figures["lift_over_baseline_ndcg_at_10_p"] == 1.0
+
+    # Equal to the champion passes (within the allowed drop); clearly below it fails.
+    assert gate(better, _ndcg_scores(baseline), better, config, 0.95)[0]
+    champion = _ndcg_scores(better.per_user["ndcg_at_10"] + 0.05)
+    passed, reasons, figures = gate(better, _ndcg_scores(baseline), champion, config, 0.95)
+    assert not passed and "lift over the champion is -0.0500" in reasons[0]
+    assert figures["lift_over_champion_ndcg_at_10_p"] > 0.05
+
+
+def test_paired_gate_sees_a_small_lift_that_unpaired_intervals_overlap_on() -> None:
+    """Users differ far more from each other than the two models do on each user: pairing removes the
+    spread between users, so a small real lift shows even though the two means' intervals overlap."""
+    rng = np.random.default_rng(1)
+    baseline = rng.uniform(0, 1, 300)
+    candidate = baseline + rng.normal(0.02, 0.02, 300)
+    low, _ = bootstrap_interval(candidate)
+    _, high = bootstrap_interval(baseline)
+    assert low < high
+    assert paired_lift(candidate, baseline, 0.0, 0.95).p < 0.05
+
+
+def test_paired_lower_bound_stays_below_a_planted_lift_at_the_stated_rate() -> None:
+    rng = np.random.default_rng(2)
+    planted, trials, misses = 0.03, 200, 0
+    for trial in range(trials):
+        baseline = rng.beta(1.0, 3.0, 150)
+        candidate = baseline + rng.normal(planted, 0.15, 150)
+        lift = paired_lift(candidate, baseline, 0.0, 0.9, resamples=400, seed=trial)
+        misses += lift.ci_low > planted
+    # A one-sided 90% bound lies above the planted lift about 10% of the time.
+    assert 0.04 <= misses / trials <= 0.17
 
 
 def test_evaluation_scores_a_seeded_sample_the_same_for_every_model() -> None:

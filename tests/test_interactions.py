@@ -91,7 +91,9 @@ def _run(make_config, source: Path, end: str) -> RunContext:
             "source.header": True,
             "source.column_names": None,
             "source.mapping": {"user_id": "user", "item_id": "item", "event_type": "type", "timestamp": "ts"},
-            "interactions.holdout_days": 1,
+            "interactions.holdout.strategy": "days",
+            "interactions.holdout.days": 1,
+            "evaluation.min_users": 1,  # a handful of hand-made users: no model is judged here
             **NO_MIN_SUPPORT,
         }
     )

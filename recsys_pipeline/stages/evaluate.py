@@ -18,20 +18,21 @@ def run_evaluation(run: RunContext) -> dict[str, float]:
     settings = run.config.evaluation
     holdout = run.holdout_matrix()
     evaluation = EvaluationSet.build(run.train_matrix(), holdout, settings.max_users, settings.sample_seed)
-    k = settings.k
-    metrics = evaluation.evaluate(run.embeddings(), k, settings.confidence)
-    metrics.update(evaluation.evaluate_popularity(k, settings.confidence))
-    metrics["eval_users"] = float(sum(len(rel) > 0 for rel in evaluation.relevant))
+    k, confidence = settings.k, settings.confidence
+    candidate = evaluation.scores(run.embeddings(), k)
+    baseline = evaluation.popularity_scores(k)
+    champion_scores = None if champion is None else evaluation.scores(champion, k)
+    metrics = candidate.summary(confidence)
+    metrics.update({f"baseline_{name}": value for name, value in baseline.summary(confidence).items()})
+    if champion_scores is not None:
+        metrics.update(
+            {f"champion_{name}": value for name, value in champion_scores.summary(confidence).items()}
+        )
+    metrics["eval_users"] = float(candidate.users)
     metrics["eval_holdout_users"] = float((holdout.getnnz(axis=1) > 0).sum())
     metrics["eval_users_sampled"] = float(len(evaluation.users))
-    if champion is not None:
-        metrics.update(
-            {
-                f"champion_{name}": value
-                for name, value in evaluation.evaluate(champion, k, settings.confidence).items()
-            }
-        )
-    passed, reasons = gate(metrics, k, settings.gate)
+    passed, reasons, figures = gate(candidate, baseline, champion_scores, settings.gate, confidence)
+    metrics.update(figures)
     run.write_metrics("evaluate", metrics)
     run.write_gate("evaluation", passed, reasons)
     log.info("evaluation gate %s %s", "passed" if passed else "failed", reasons)

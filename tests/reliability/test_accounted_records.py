@@ -89,7 +89,9 @@ HALF_STARS = {
         "timestamp": "timestamp",
     },
     "interactions.min_item_interactions": 1,
-    "interactions.holdout_days": 2,  # the fixture spans five days
+    "interactions.holdout.strategy": "days",
+    "interactions.holdout.days": 2,  # the fixture spans five days
+    "evaluation.min_users": 1,  # and has 30 users: this test counts pairs, it judges no model
 }
 
 

@@ -1,0 +1,266 @@
+"""Ranking quality under the Microsoft Recommenders protocol, on the configured source, with peers
+trained and scored on the identical split in the same process.
+
+Protocol (as in their benchmark notebook): a per-user stratified random split, 75% train /
+25% test, seed 42; top-10 lists that leave out each user's training items; every test item
+is relevant (binary relevance). Events become implicit feedback: one interaction per distinct
+(user, item) pair of the source's valid events.
+
+The source is read the way ingest reads it (``source`` config: path, format, mapping, timestamp
+unit), so ``NAME=quality`` runs on whatever the configuration points at; ``NAME=quality_ml100k``
+is the bundled MovieLens-100k, whatever the configuration says.
+
+Our ALS's hyperparameters are chosen by the pipeline's own sweep on a validation split carved
+from the training part only (25% of each user's training items); the test split is used once, for
+the final numbers. Peers keep the settings of the Microsoft Recommenders notebooks (not tuned
+here): implicit's BPR and, when the ``bench`` extra is installed, cornac's BPR. The popularity
+list is scored too, for scale. MAP follows their definition (average precision over the top 10,
+divided by the user's number of relevant items); nDCG, precision and recall match ours. Every
+figure carries a 95% bootstrap interval over the test users.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import scipy.sparse as sp
+
+from recsys_pipeline.als import train
+from recsys_pipeline.config import DEFAULT_CONFIG_PATH, AlsConfig, PipelineConfig, SweepConfig, load_config
+from recsys_pipeline.embeddings import Embeddings
+from recsys_pipeline.evaluate import EvaluationSet, bootstrap_interval, per_user_metrics
+from recsys_pipeline.events import canonicalize, read_source
+from recsys_pipeline.spark import spark_session
+from recsys_pipeline.tuning import sweep, validation_split
+
+SOURCE = (
+    "Microsoft Recommenders README, 'Algorithm Comparison' table, MovieLens 100k, top-10, "
+    "15 epochs: https://github.com/recommenders-team/recommenders#algorithm-comparison"
+)
+PUBLISHED: dict[str, dict[str, float]] = {
+    "ALS (Spark)": {
+        "map": 0.004732,
+        "ndcg_at_10": 0.044239,
+        "precision_at_10": 0.048462,
+        "recall_at_10": 0.017796,
+    },
+    "BiVAE": {"map": 0.146126, "ndcg_at_10": 0.475077, "precision_at_10": 0.411771, "recall_at_10": 0.219145},
+    "BPR": {"map": 0.132478, "ndcg_at_10": 0.441997, "precision_at_10": 0.388229, "recall_at_10": 0.212522},
+    "FastAI": {
+        "map": 0.025503,
+        "ndcg_at_10": 0.147866,
+        "precision_at_10": 0.130329,
+        "recall_at_10": 0.053824,
+    },
+    "LightGCN": {
+        "map": 0.088526,
+        "ndcg_at_10": 0.419846,
+        "precision_at_10": 0.379626,
+        "recall_at_10": 0.144336,
+    },
+    "NCF": {"map": 0.107720, "ndcg_at_10": 0.396118, "precision_at_10": 0.347296, "recall_at_10": 0.180775},
+    "SAR": {"map": 0.110591, "ndcg_at_10": 0.382461, "precision_at_10": 0.330753, "recall_at_10": 0.176385},
+    "SVD": {"map": 0.012873, "ndcg_at_10": 0.095930, "precision_at_10": 0.091198, "recall_at_10": 0.032783},
+}
+HEADLINE = ("map", "ndcg_at_10", "precision_at_10", "recall_at_10")
+
+PARAMS: dict[str, Any] = {
+    "split": {"test_share": 0.25, "seed": 42},
+    "k": 10,
+    "confidence": 0.95,
+    "base": {"iterations": 15, "use_cg": True, "random_state": 42},
+    "sweep": {
+        "strategy": "grid",
+        "seed": 7,
+        "validation_share": 0.25,
+        "space": {"factors": [32, 64, 128], "regularization": [3, 10, 30, 100], "alpha": [1, 3, 10]},
+    },
+    # The Microsoft Recommenders cornac BPR notebook's settings, for both BPR implementations.
+    "bpr": {"factors": 200, "iterations": 100, "learning_rate": 0.01, "regularization": 0.001, "seed": 42},
+}
+
+
+def source_matrix(config: PipelineConfig) -> tuple[sp.csr_matrix, dict[str, Any]]:
+    """(users x items binary matrix of distinct valid pairs, dataset description) of the configured
+    source, read and validated as ingest does; ids are indexed in sorted order, numerically when
+    every id is a number (so MovieLens ids 1..n become indices 0..n-1, as in the published runs)."""
+    spark = spark_session(config, "quality-benchmark")
+    events = canonicalize(
+        read_source(spark, config.source), config.source, config.events, datetime.now(UTC)
+    ).where("reason IS NULL")
+    rows = events.count()
+    pairs = events.select("user_id", "item_id").distinct().toArrow()
+    users, items = sorted_ids(pairs["user_id"]), sorted_ids(pairs["item_id"])
+    user_idx = pc.index_in(pairs["user_id"], users).to_numpy()
+    item_idx = pc.index_in(pairs["item_id"], items).to_numpy()
+    matrix = sp.csr_matrix(
+        (np.ones(len(user_idx), np.float32), (user_idx, item_idx)), shape=(len(users), len(items))
+    )
+    dataset = {
+        "name": config.source.name,
+        "rows": rows,
+        "users": len(users),
+        "items": len(items),
+        "interactions": int(matrix.nnz),
+    }
+    return matrix, dataset
+
+
+def sorted_ids(ids: pa.ChunkedArray) -> pa.Array:
+    unique = pc.unique(ids)
+    try:
+        return pc.take(unique, pc.sort_indices(unique.cast(pa.int64())))
+    except pa.ArrowInvalid:
+        return unique.sort()
+
+
+def their_map(recommended: np.ndarray, relevant: list[np.ndarray]) -> np.ndarray:
+    """Their MAP per user: sum of precision at each hit in the top k / number of relevant items."""
+    values = []
+    for row, rel in zip(recommended, relevant, strict=True):
+        if len(rel) == 0:
+            continue
+        hits = np.isin(row, rel)
+        precision_at_hit = np.cumsum(hits) / np.arange(1, len(row) + 1)
+        values.append(float(precision_at_hit[hits].sum() / len(rel)))
+    return np.asarray(values)
+
+
+def headline(recommended: np.ndarray, test: EvaluationSet, k: int, confidence: float) -> dict[str, float]:
+    """MAP (theirs), nDCG, precision and recall at k, each with its bootstrap interval."""
+    ours = per_user_metrics(recommended, test.relevant, k)
+    per_user = {
+        "map": their_map(recommended[:, :k], test.relevant),
+        "ndcg_at_10": ours[f"ndcg_at_{k}"],
+        "precision_at_10": ours[f"precision_at_{k}"],
+        "recall_at_10": ours[f"recall_at_{k}"],
+    }
+    metrics: dict[str, float] = {}
+    for name, values in per_user.items():
+        metrics[name] = float(values.mean())
+        metrics[f"{name}_ci_low"], metrics[f"{name}_ci_high"] = bootstrap_interval(values, confidence)
+    return metrics
+
+
+def implicit_bpr(train_part: sp.csr_matrix, settings: dict[str, Any]) -> Embeddings:
+    from implicit.cpu.bpr import BayesianPersonalizedRanking
+
+    model = BayesianPersonalizedRanking(
+        factors=settings["factors"],
+        learning_rate=settings["learning_rate"],
+        regularization=settings["regularization"],
+        iterations=settings["iterations"],
+        random_state=settings["seed"],
+    )
+    model.fit(train_part, show_progress=False)
+    # Its vectors carry the item bias as one more factor (1 on the user side), so a dot product scores.
+    users, items = train_part.shape
+    return Embeddings(np.arange(users), model.user_factors, np.arange(items), model.item_factors)
+
+
+def cornac_bpr(train_part: sp.csr_matrix, settings: dict[str, Any]) -> Embeddings:
+    import cornac
+
+    coo = train_part.tocoo()
+    data = cornac.data.Dataset.from_uir(
+        list(zip(coo.row.tolist(), coo.col.tolist(), coo.data.tolist(), strict=True)), seed=settings["seed"]
+    )
+    model = cornac.models.BPR(
+        k=settings["factors"],
+        max_iter=settings["iterations"],
+        learning_rate=settings["learning_rate"],
+        lambda_reg=settings["regularization"],
+        seed=settings["seed"],
+        verbose=False,
+    )
+    model.fit(data)
+    # Score = user . item + item bias: append a 1 to every user vector and the bias to every item's.
+    user_idx = np.fromiter(data.uid_map.keys(), dtype=np.int64)
+    user_rows = np.fromiter(data.uid_map.values(), dtype=np.int64)
+    item_idx = np.fromiter(data.iid_map.keys(), dtype=np.int64)
+    item_rows = np.fromiter(data.iid_map.values(), dtype=np.int64)
+    user_factors = np.hstack([model.u_factors[user_rows], np.ones((len(user_rows), 1))])
+    item_factors = np.hstack([model.i_factors[item_rows], model.i_biases[item_rows].reshape(-1, 1)])
+    return Embeddings(user_idx, user_factors.astype(np.float32), item_idx, item_factors.astype(np.float32))
+
+
+def peers() -> dict[str, Callable[[sp.csr_matrix, dict[str, Any]], Embeddings]]:
+    """The peers that can run here: cornac is an optional extra (``pip install -e '.[bench]'``)."""
+    available = {"implicit BPR": implicit_bpr}
+    if importlib.util.find_spec("cornac") is not None:
+        available["cornac BPR"] = cornac_bpr
+    return available
+
+
+def measure(matrix: sp.csr_matrix, dataset: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    k, confidence = params["k"], params["confidence"]
+    train_part, test_part = validation_split(matrix, params["split"]["test_share"], params["split"]["seed"])
+    base = AlsConfig(**params["base"])
+    chosen = sweep(train_part, base, SweepConfig(**params["sweep"]), k)
+    embeddings, _ = train(train_part, chosen.best)
+    test = EvaluationSet.build(train_part, test_part)
+    recommended, catalogue_size = test.recommend(embeddings, k)
+    results: dict[str, Any] = headline(recommended, test, k, confidence)
+    results["coverage_at_10"] = len(np.unique(recommended)) / max(catalogue_size, 1)
+
+    peer_results = {"popularity": headline(test.popularity_recommendations(k), test, k, confidence)}
+    for name, fit in peers().items():
+        peer_results[name] = headline(
+            test.recommend(fit(train_part, params["bpr"]), k)[0], test, k, confidence
+        )
+        print(f"  {name}: ndcg_at_10 {peer_results[name]['ndcg_at_10']:.4f}", flush=True)
+    missing = sorted({"cornac BPR"} - set(peer_results))
+    results.update(
+        {
+            "test_users": len(test.users),
+            "dataset": dataset,
+            "peers": peer_results,
+            "peers_missing": [f"{name}: pip install -e '.[bench]'" for name in missing],
+            "chosen_hyperparameters": chosen.best.hyperparameters(),
+            "how_chosen": (
+                f"grid sweep of {len(chosen.trials)} candidates, best validation {chosen.objective} on "
+                f"{params['sweep']['validation_share']:.0%} of each user's training items; "
+                "test split untouched"
+            ),
+            "best_validation_ndcg_at_10": chosen.score,
+            "published": PUBLISHED,
+            "published_source": SOURCE,
+        }
+    )
+    print_table(results)
+    return results
+
+
+def print_table(results: dict[str, Any]) -> None:
+    dataset = results["dataset"]
+    print(f"  hyperparameters: {results['how_chosen']}: {results['chosen_hyperparameters']}")
+    print(
+        f"  measured on {dataset['name']} ({dataset['rows']} events, {dataset['users']} users, "
+        f"{dataset['items']} items, {results['test_users']} test users), same split for every row:"
+    )
+    print(f"  {'model':<24}{'MAP':>10}{'nDCG@10':>10}{'P@10':>10}{'R@10':>10}   nDCG@10 95% CI")
+    for name, row in [("recsys-pipeline ALS", results), *results["peers"].items()]:
+        print(
+            f"  {name:<24}"
+            + "".join(f"{row[key]:>10.6f}" for key in HEADLINE)
+            + f"   {row['ndcg_at_10_ci_low']:.3f}-{row['ndcg_at_10_ci_high']:.3f}"
+        )
+    print(f"  published for MovieLens-100k ({SOURCE}):")
+    for name, row in PUBLISHED.items():
+        print(f"  {name:<24}" + "".join(f"{row[key]:>10.6f}" for key in HEADLINE))
+
+
+def run(params: dict[str, Any]) -> dict[str, Any]:
+    """On the configured source (``RECSYS_CONFIG`` or ``conf/pipeline.yaml``)."""
+    return measure(*source_matrix(load_config()), params)
+
+
+def run_bundled(params: dict[str, Any]) -> dict[str, Any]:
+    """On the bundled MovieLens-100k, whatever ``RECSYS_CONFIG`` points at."""
+    return measure(*source_matrix(load_config(DEFAULT_CONFIG_PATH)), params)

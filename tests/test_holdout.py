@@ -1,0 +1,119 @@
+"""Each holdout strategy on a hand-made log gives the split it promises, and a holdout too small to
+judge a model on fails the run before training, saying so."""
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from recsys_pipeline.interactions import HoldoutTooSmallError
+from recsys_pipeline.runs import RunContext
+from recsys_pipeline.stages.ingest import run_ingest
+from recsys_pipeline.stages.interactions import run_interactions
+
+START = datetime(2024, 1, 1, tzinfo=UTC)
+END = START + timedelta(days=10)
+NO_MIN_SUPPORT = {"interactions.min_item_interactions": 1, "interactions.min_user_interactions": 1}
+
+# (user, item, day): ann is active throughout, bob stopped early, cat has a single item.
+LOG = [
+    ("ann", "a", 0),
+    ("ann", "b", 2),
+    ("ann", "c", 8),
+    ("ann", "d", 9),
+    ("bob", "a", 1),
+    ("bob", "c", 3),
+    ("bob", "a", 4),  # bob's latest pair is (bob, a), last seen on day 4
+    ("cat", "b", 9),
+]
+
+
+def _split(make_config, tmp_path: Path, spark, **overrides) -> tuple[set, set]:
+    source = tmp_path / "log.csv"
+    source.write_text(
+        "user,item,ts\n"
+        + "".join(f"{u},{i},{int((START + timedelta(days=d, hours=1)).timestamp())}\n" for u, i, d in LOG)
+    )
+    config = make_config(
+        **{
+            "source.path": str(source),
+            "source.delimiter": ",",
+            "source.header": True,
+            "source.column_names": None,
+            "source.mapping": {"user_id": "user", "item_id": "item", "timestamp": "ts"},
+            "source.default_event_type": "view",
+            **NO_MIN_SUPPORT,
+            **overrides,
+        }
+    )
+    run = RunContext.create(config, "holdout", END - timedelta(days=7), END)
+    run_ingest(spark, run)
+    run_interactions(spark, run)
+    users, items = run.ids("users"), run.ids("items")
+
+    def pairs(triples) -> set[tuple[str, str]]:
+        return {(users[u], items[i]) for u, i in zip(triples.user_idx, triples.item_idx, strict=True)}
+
+    return pairs(run.train_triples()), pairs(run.holdout_triples())
+
+
+def test_days_holds_out_the_windows_last_days(spark, make_config, tmp_path: Path) -> None:
+    train, holdout = _split(
+        make_config,
+        tmp_path,
+        spark,
+        **{
+            "interactions.holdout.strategy": "days",
+            "interactions.holdout.days": 2,
+            "evaluation.min_users": 1,
+        },
+    )
+    assert holdout == {("ann", "c"), ("ann", "d"), ("cat", "b")}
+    assert train == {("ann", "a"), ("ann", "b"), ("bob", "a"), ("bob", "c")}
+
+
+def test_share_holds_out_the_most_recent_share_of_events(spark, make_config, tmp_path: Path) -> None:
+    # 8 events: the most recent quarter is the two on day 9.
+    train, holdout = _split(
+        make_config,
+        tmp_path,
+        spark,
+        **{
+            "interactions.holdout.strategy": "share",
+            "interactions.holdout.share": 0.25,
+            "evaluation.min_users": 1,
+        },
+    )
+    assert holdout == {("ann", "d"), ("cat", "b")}
+    assert ("ann", "c") in train and len(train) == 5
+
+
+def test_per_user_last_holds_out_each_users_latest_items(spark, make_config, tmp_path: Path) -> None:
+    train, holdout = _split(
+        make_config,
+        tmp_path,
+        spark,
+        **{
+            "interactions.holdout.strategy": "per_user_last",
+            "interactions.holdout.last_n": 1,
+            "evaluation.min_users": 1,
+        },
+    )
+    # bob's repeat of item a makes it his latest pair; cat has nothing left to train on, so keeps his.
+    assert holdout == {("ann", "d"), ("bob", "a")}
+    assert train == {("ann", "a"), ("ann", "b"), ("ann", "c"), ("bob", "c"), ("cat", "b")}
+
+
+def test_a_holdout_of_a_few_users_fails_before_training_naming_the_count(
+    spark, make_config, tmp_path: Path
+) -> None:
+    with pytest.raises(HoldoutTooSmallError) as failure:
+        _split(
+            make_config,
+            tmp_path,
+            spark,
+            **{"interactions.holdout.strategy": "days", "interactions.holdout.days": 2},
+        )
+    message = str(failure.value)
+    assert "the holdout has 2 users" in message and "evaluation.min_users=100" in message
+    assert "interactions.holdout.strategy=days (interactions.holdout.days=2)" in message
