@@ -62,16 +62,20 @@ def run_spark_job(stage: SparkStage, app_name: str, argv: Sequence[str], master:
     try:
         args = run_arguments().parse_args(argv)
         run = run_context(args)
+        task = args.task_id or app_name
         cost: dict[str, float] = {}
         try:
-            with measured(args.task_id or app_name, cost):
+            with measured(task, cost):
                 spark = spark_session(run.config, f"{app_name}:{run.interval_key}", master)
                 try:
                     metrics = stage(spark, run)
                 finally:
                     spark.stop()
+        except RecsysError as error:
+            run.record_failure(task, error)
+            raise
         finally:
-            run.write_metrics(f"stage_{args.task_id or app_name}", cost)
+            run.write_metrics(f"stage_{task}", cost)
     except RecsysError as error:
         logging.error("%s failed: %s", app_name, error)
         return USER_ERROR_EXIT

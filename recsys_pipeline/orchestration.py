@@ -83,6 +83,7 @@ def call_stage(target: str, mode: RunMode, context: dict[str, Any], *upstream: A
         with measured(task_id, cost):
             return stage(run, *upstream)
     except RecsysError as error:
+        run.record_failure(task_id, error)
         raise AirflowFailException(str(error)) from error
     finally:
         run.write_metrics(f"stage_{task_id}", cost)

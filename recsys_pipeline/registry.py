@@ -3,6 +3,7 @@ and the status report the CLI shows."""
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -247,14 +248,23 @@ def stage_costs(metrics: dict[str, float]) -> dict[str, dict[str, float]]:
 
 
 def why_no_champion(config: PipelineConfig) -> str:
-    """What the registry says about the latest attempt, for a user wondering why nothing is champion."""
+    """What the state and the registry say about the latest attempt, for a user wondering why nothing
+    is champion: a run that failed before publishing, a version whose gates failed, a rejected run."""
     bound = tracking.client(config)
     versions = bound.search_model_versions(f"name = '{config.mlflow.model_name}'")
-    if versions:
-        latest = max(versions, key=lambda v: int(v.version))
+    latest = max(versions, key=lambda v: int(v.version)) if versions else None
+    failure_file = StateLayout(config.state_home).last_failure
+    if failure_file.exists():
+        failure = json.loads(failure_file.read_text())
+        failed_at = datetime.fromisoformat(failure["failed_at"]).timestamp() * 1000
+        if latest is None or failed_at > latest.creation_timestamp:
+            return f"run {failure['run_key']} failed at {failure['task']}: {failure['message'][:1000]}"
+    if latest is not None:
         failed = latest.tags.get("gates_failed")
         if failed:
-            return f"version {latest.version} failed its gates: {failed}"
+            gates = [part.partition(": ") for part in failed.split(" | ")]
+            described = "; and ".join(f"the {gate} gate: {reasons}" for gate, _, reasons in gates)
+            return f"version {latest.version} failed {described}"
         return f"version {latest.version} is registered but was never promoted (recsys promote --version N)"
     experiment = bound.get_experiment_by_name(config.mlflow.experiment)
     if experiment is not None:

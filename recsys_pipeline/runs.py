@@ -94,6 +94,11 @@ class StateLayout:
     def bench(self) -> Path:
         return self.home / "bench"
 
+    @property
+    def last_failure(self) -> Path:
+        """The latest run failure a user must act on (written by the task that failed)."""
+        return self.home / "runs" / "last_failure.json"
+
     @contextmanager
     def lock(self, shared: bool = False) -> Iterator[None]:
         """Hold the state lock: exclusive to write what all runs share (lake partitions, ID maps,
@@ -320,6 +325,18 @@ class RunContext:
 
     def write_gate(self, gate: str, passed: bool, reasons: list[str], **details: Any) -> None:
         write_json(self.run_dir / "gates" / f"{gate}.json", {"passed": passed, "reasons": reasons, **details})
+
+    def record_failure(self, task: str, error: Exception) -> None:
+        """Keep why this run failed where ``recsys status`` looks when nothing became champion."""
+        write_json(
+            self.layout.last_failure,
+            {
+                "run_key": self.run_key,
+                "task": task,
+                "message": str(error),
+                "failed_at": datetime.now(UTC).isoformat(),
+            },
+        )
 
     def read_gates(self) -> dict[str, dict[str, Any]]:
         return {

@@ -5,6 +5,7 @@ Every test that publishes works on its own copy of the weekly run's state (``own
 
 import json
 import shutil
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import mlflow
@@ -15,6 +16,7 @@ import pytest
 from recsys_pipeline import registry, tracking
 from recsys_pipeline.bundle import Bundle, BundleFormatError, write_bundle
 from recsys_pipeline.config import load_config
+from recsys_pipeline.errors import RecsysError
 from recsys_pipeline.runs import RunContext
 from recsys_pipeline.serving import Recommender, UnknownIdError
 from recsys_pipeline.stages.publish import run_promotion, run_publish, run_tags
@@ -124,9 +126,21 @@ def test_status_says_why_nothing_is_champion(own_weekly_run) -> None:
         run_promotion(own_weekly_run, version)
     with pytest.raises(
         registry.NothingPublishedError,
-        match=f"version {version} failed its gates: evaluation: ndcg_at_10=0.1 does not beat",
+        match=f"version {version} failed the evaluation gate: ndcg_at_10=0.1 does not beat",
     ):
         registry.champion_status(own_weekly_run.config)
+
+
+def test_status_names_the_run_that_failed_before_publishing_and_why(tmp_path: Path) -> None:
+    config = load_config(overrides={"state_dir": str(tmp_path)})
+    end = datetime(1998, 4, 23, tzinfo=UTC)
+    run = RunContext.create(config, "recsys_weekly", end - timedelta(days=7), end)
+    run.record_failure("build_interactions", RecsysError("the holdout has 12 users with an item ..."))
+    with pytest.raises(
+        registry.NothingPublishedError,
+        match=f"run {run.run_key} failed at build_interactions: the holdout has 12 users with an item",
+    ):
+        registry.champion_status(config)
 
 
 def test_cli_versions_promote_and_rollback(own_weekly_run, capsys) -> None:

@@ -66,6 +66,7 @@ def run_tags(run: RunContext) -> dict[str, str]:
         "run_key": run.run_key,
         "data_interval_start": run.interval_start.isoformat(),
         "data_interval_end": run.interval_end.isoformat(),
+        "source": run.config.source.name,
         "input_fingerprint": run.input_fingerprint(),
         "config_hash": run.config.fingerprint(),
         "code_version": code_version(),
