@@ -76,6 +76,10 @@ class EventsConfig(_Section):
     max_id_length: int = Field(
         default=256, ge=1, description="Longer user or item ids are quarantined as 'invalid_id'."
     )
+    incremental: bool = Field(
+        default=True,
+        description="A full run reads only source files the lake has not taken in; false re-reads them all.",
+    )
 
 
 class EventWeight(_Section):

@@ -5,16 +5,26 @@ Canonical event schema (one row per event)::
     user_id STRING, item_id STRING, event_type STRING, value DOUBLE,
     event_ts TIMESTAMP, ingested_at TIMESTAMP, source STRING   -- partitioned by event_date DATE
 
-Every source row ends up in exactly one of: the lake, the quarantine table (with a
+Every source row read ends up in exactly one of: the lake, the quarantine table (with a
 reason), or the ``events_outside_window`` count.
+
+A full run reads only the source files that changed since the lake last took them in (a ledger
+in the lake keeps each file's size, modification time and the dates it filled), plus any other
+file holding one of the dates those touch, and replaces exactly those dates.
 """
 
 from __future__ import annotations
 
+import glob
+import hashlib
+import json
 import shutil
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
@@ -22,9 +32,12 @@ from pyspark.sql import types as T
 
 from recsys_pipeline.config import EventsConfig, SourceConfig
 from recsys_pipeline.errors import RecsysError
-from recsys_pipeline.runs import RunContext
+from recsys_pipeline.runs import RunContext, write_json
 
 CORRUPT_COLUMN = "_corrupt_record"
+SOURCE_FILE_COLUMN = "_source_file"
+# Spark and pyarrow skip files whose names start with "_" when they read the lake.
+LEDGER_FILE = "_source_ledger.json"
 # C0 and C1 control characters (tabs and newlines included): never part of a real id.
 CONTROL_CHARACTERS = "[\\x00-\\x1f\\x7f-\\x9f]"
 EVENT_COLUMNS = ["user_id", "item_id", "event_type", "value", "event_ts", "ingested_at", "source"]
@@ -52,37 +65,158 @@ class EmptyIntervalError(RecsysError):
     """The run's own interval has no events: the feed stopped, or the source points elsewhere."""
 
 
+class SourceMissingError(RecsysError):
+    """``source.path`` names nothing readable."""
+
+
+@dataclass(frozen=True)
+class FileSummary:
+    """What one read of a source file put in the lake."""
+
+    dates: frozenset[date]  # dates of its events that went into the lake
+    latest_event: datetime | None  # its latest parseable timestamp, inside the window or not
+
+
+@dataclass(frozen=True)
+class IngestPlan:
+    """Which source files a run reads and which lake dates it replaces (None: every date the window
+    wholly covers)."""
+
+    files: list[str]
+    dates: frozenset[date] | None
+    skipped: int = 0
+    removed: list[str] = field(default_factory=list)
+
+
+def source_files(source: SourceConfig) -> dict[str, str]:
+    """``{path: fingerprint}`` of every data file of the source (the file itself, the files a glob
+    pattern matches, or the files under the folder, hidden and ``_``-prefixed ones aside); the
+    fingerprint is size and modification time."""
+    root = source.path
+    if any(character in str(root) for character in "*?["):
+        paths = sorted(Path(match) for match in glob.glob(str(root), recursive=True) if Path(match).is_file())
+    elif root.is_file():
+        paths = [root]
+    elif root.is_dir():
+        paths = sorted(
+            path
+            for path in root.rglob("*")
+            if path.is_file()
+            and not any(part.startswith((".", "_")) for part in path.relative_to(root).parts)
+        )
+    else:
+        paths = []
+    if not paths:
+        raise SourceMissingError(f"source.path {root} holds no file to read: check source.path")
+    return {str(path): f"{path.stat().st_size}:{path.stat().st_mtime_ns}" for path in paths}
+
+
+def ingest_settings_hash(source: SourceConfig, events: EventsConfig) -> str:
+    """sha256 of every setting that shapes what a source file becomes in the lake: the lake's
+    content from a file read under other settings is not this run's to keep."""
+    settings = {
+        "source": source.model_dump(mode="json"),
+        "events": events.model_dump(mode="json", exclude={"incremental"}),
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def read_ledger(lake: Path, settings_hash: str) -> dict[str, dict[str, Any]]:
+    """The files the lake took in under these settings; none when it has no ledger or another one."""
+    path = lake / LEDGER_FILE
+    if not path.exists():
+        return {}
+    ledger = json.loads(path.read_text())
+    return dict(ledger["files"]) if ledger.get("settings") == settings_hash else {}
+
+
+def write_ledger(lake: Path, settings_hash: str, files: Mapping[str, dict[str, Any]]) -> None:
+    write_json(lake / LEDGER_FILE, {"settings": settings_hash, "files": dict(files)})
+
+
+def ledger_entry(fingerprint: str, summary: FileSummary, ingested_until: datetime) -> dict[str, Any]:
+    return {
+        "fingerprint": fingerprint,
+        "dates": sorted(day.isoformat() for day in summary.dates),
+        "latest_event": summary.latest_event.isoformat() if summary.latest_event else None,
+        "ingested_until": ingested_until.isoformat(),
+    }
+
+
+def ledger_dates(entry: Mapping[str, Any]) -> set[date]:
+    return {date.fromisoformat(day) for day in entry["dates"]}
+
+
+def stale_files(listing: Mapping[str, str], ledger: Mapping[str, dict[str, Any]]) -> list[str]:
+    """Files the lake has not fully taken in: new, changed since, or holding events later than the
+    window that last read them."""
+    stale = []
+    for path, fingerprint in listing.items():
+        entry = ledger.get(path)
+        if (
+            entry is None
+            or entry["fingerprint"] != fingerprint
+            or (entry["latest_event"] is not None and entry["latest_event"] >= entry["ingested_until"])
+        ):
+            stale.append(path)
+    return stale
+
+
+def companion_files(
+    listing: Mapping[str, str], ledger: Mapping[str, dict[str, Any]], stale: Collection[str], dates: set[date]
+) -> list[str]:
+    """Files not stale that hold events on ``dates``: a date is replaced from every file that has it."""
+    return [
+        path
+        for path in listing
+        if path not in stale and path in ledger and ledger_dates(ledger[path]) & dates
+    ]
+
+
 @dataclass(frozen=True)
 class IngestResult:
     events: DataFrame
     quarantine: DataFrame
     metrics: dict[str, float]
+    files: dict[str, FileSummary]  # per source file read
 
 
-def read_source(spark: SparkSession, source: SourceConfig) -> DataFrame:
-    """The source as string columns, plus the corrupt-record column.
+def read_source(spark: SparkSession, source: SourceConfig, files: list[str] | None = None) -> DataFrame:
+    """The source (or only ``files`` of it) as string columns, plus the corrupt-record column and the
+    file each row came from.
 
     Spark's permissive CSV mode puts a row with more or fewer fields than the schema
     into the corrupt-record column, which becomes the ``unparseable_record`` reason.
     """
+    paths = files if files is not None else [str(source.path)]
     if source.format == "parquet":
-        frame = spark.read.parquet(str(source.path))
+        reader = spark.read
+        if source.path.is_dir():  # partition columns of a folder's files keep their values
+            reader = reader.option("basePath", str(source.path))
+        frame = reader.parquet(*paths)
         return frame.select(
             *[F.col(c).cast("string").alias(c) for c in frame.columns],
             F.lit(None).cast("string").alias(CORRUPT_COLUMN),
+            F.input_file_name().alias(SOURCE_FILE_COLUMN),
         )
     reader = spark.read.option("sep", source.delimiter).option("header", source.header)
     if source.column_names:
         names = source.column_names
     else:
-        names = reader.csv(str(source.path)).columns
+        names = reader.csv(paths[0]).columns
     schema = T.StructType([T.StructField(name, T.StringType()) for name in [*names, CORRUPT_COLUMN]])
-    return (
+    frame = (
         reader.schema(schema)
         .option("mode", "PERMISSIVE")
         .option("columnNameOfCorruptRecord", CORRUPT_COLUMN)
-        .csv(str(source.path))
+        .csv(paths)
     )
+    return frame.withColumn(SOURCE_FILE_COLUMN, F.input_file_name())
+
+
+def file_path(uri: str) -> str:
+    """The local path of a file URI as Spark reports it (``file:///a%20b.csv`` -> ``/a b.csv``)."""
+    return unquote(urlsplit(uri).path) if uri.startswith("file:") else uri
 
 
 def _timestamp(raw: Column, source: SourceConfig) -> Column:
@@ -98,7 +232,7 @@ def canonicalize(
 ) -> DataFrame:
     """Map source columns onto the canonical schema and tag each row with a reason if it is bad."""
     column = {field: F.col(name) for field, name in source.mapping.items() if name}
-    source_columns = [c for c in raw.columns if c != CORRUPT_COLUMN]
+    source_columns = [c for c in raw.columns if c not in (CORRUPT_COLUMN, SOURCE_FILE_COLUMN)]
     raw_value = column.get("value", F.lit(None).cast("string"))
     event_type = (
         F.lower(F.trim(column["event_type"])) if "event_type" in column else F.lit(source.default_event_type)
@@ -115,6 +249,7 @@ def canonicalize(
         raw_value.try_cast("double").alias("value"),
         column["timestamp"].alias("raw_ts"),
         _timestamp(column["timestamp"], source).alias("event_ts"),
+        F.col(SOURCE_FILE_COLUMN),
     )
     bad_value = (F.col("raw_value").isNotNull() & F.col("value").isNull()) | (
         F.col("value").isNotNull()
@@ -160,21 +295,34 @@ def ingest(
     window_start: datetime,
     window_end: datetime,
     ingested_at: datetime,
+    dates: Collection[date] | None = None,
 ) -> IngestResult:
     """Split source rows into good in-window events and quarantined records, with counts.
 
-    Rows whose timestamp parses but falls outside [window_start, window_end) belong to
-    another run and are only counted. A broken record's timestamp cannot be trusted (a shifted
-    column puts anything there), so it is quarantined whatever its timestamp says.
+    Rows whose timestamp parses but falls outside [window_start, window_end), or on a date not in
+    ``dates`` (when given), belong to another run or stay as the lake has them, and are only counted.
+    A broken record's timestamp cannot be trusted (a shifted column puts anything there), so it is
+    quarantined whatever its timestamp says.
     """
-    classified = canonicalize(raw, source, events, ingested_at)
-    in_window = F.col("event_ts").isNull() | (
-        (F.col("event_ts") >= F.lit(window_start)) & (F.col("event_ts") < F.lit(window_end))
-    )
+    canonical = canonicalize(raw, source, events, ingested_at)
+    in_window = (F.col("event_ts") >= F.lit(window_start)) & (F.col("event_ts") < F.lit(window_end))
+    if dates is not None:
+        in_window = in_window & F.to_date("event_ts").isin(sorted(dates))
     flagged = F.col("corrupt") | F.col("reason").isin("before_floor", "future_timestamp")
-    classified = mark_duplicates(classified.where(in_window | flagged)).cache()
+    classified = mark_duplicates(canonical.where(F.col("event_ts").isNull() | in_window | flagged)).cache()
     counts = {row["reason"]: row["count"] for row in classified.groupBy("reason").count().collect()}
-    total_rows = raw.count()
+    per_file = canonical.groupBy(SOURCE_FILE_COLUMN).agg(
+        F.count(F.lit(1)).alias("rows"), F.max("event_ts").alias("latest_event")
+    )
+    read = {file_path(row[SOURCE_FILE_COLUMN]): row for row in per_file.collect()}
+    filled = {
+        file_path(row[SOURCE_FILE_COLUMN]): frozenset(row["dates"])
+        for row in classified.where(F.col("reason").isNull())
+        .groupBy(SOURCE_FILE_COLUMN)
+        .agg(F.collect_set(F.to_date("event_ts")).alias("dates"))
+        .collect()
+    }
+    total_rows = sum(row["rows"] for row in read.values())
     accepted = counts.pop(None, 0)
     quarantined = sum(counts.values())
     metrics: dict[str, float] = {
@@ -189,7 +337,16 @@ def ingest(
     bad = classified.where(F.col("reason").isNotNull()).select(
         "raw_record", "reason", "event_ts", "ingested_at", "source"
     )
-    return IngestResult(good, bad, metrics)
+    files = {
+        path: FileSummary(filled.get(path, frozenset()), _utc(row["latest_event"]))
+        for path, row in read.items()
+    }
+    return IngestResult(good, bad, metrics, files)
+
+
+def _utc(moment: datetime | None) -> datetime | None:
+    """Spark hands timestamps back as naive local times of the session's zone, which is UTC."""
+    return moment.replace(tzinfo=UTC) if moment is not None and moment.tzinfo is None else moment
 
 
 def check_quarantine_share(metrics: dict[str, float], max_share: float) -> None:
@@ -210,27 +367,35 @@ def check_quarantine_share(metrics: dict[str, float], max_share: float) -> None:
     )
 
 
-def write_lake(events: DataFrame, lake: Path, window_start: datetime, window_end: datetime) -> None:
-    """Replace the window's dates in the lake with ``events``.
+def write_lake(
+    events: DataFrame,
+    lake: Path,
+    window_start: datetime,
+    window_end: datetime,
+    dates: Collection[date] | None = None,
+) -> None:
+    """Replace the lake's ``dates`` (default: every date the window wholly covers) with ``events``.
 
-    Dynamic partition overwrite replaces the dates present in ``events``; dates wholly inside
-    the window that no longer have events are removed too, so a re-ingest of a shrunken
-    source leaves no stale rows behind. Dates the window only partly covers are never removed.
+    Dynamic partition overwrite replaces the dates present in ``events``; dates to replace that no
+    longer have events are removed too, so a re-ingest of a shrunken source leaves no stale rows
+    behind. Dates the window only partly covers are never removed.
     """
     dated = events.withColumn("event_date", F.to_date("event_ts"))
     written = {row["event_date"] for row in dated.select("event_date").distinct().collect()}
-    (
-        dated.repartition("event_date")  # one file per date instead of one per date and task
-        .write.mode("overwrite")
-        .option("partitionOverwriteMode", "dynamic")
-        .partitionBy("event_date")
-        .parquet(str(lake))
-    )
+    if written:
+        (
+            dated.repartition("event_date")  # one file per date instead of one per date and task
+            .write.mode("overwrite")
+            .option("partitionOverwriteMode", "dynamic")
+            .partitionBy("event_date")
+            .parquet(str(lake))
+        )
     for partition in lake.glob("event_date=*"):
         day = date.fromisoformat(partition.name.removeprefix("event_date="))
         start_of_day = datetime(day.year, day.month, day.day, tzinfo=UTC)
         if (
             day not in written
+            and (dates is None or day in dates)
             and window_start <= start_of_day
             and start_of_day + timedelta(days=1) <= window_end
         ):

@@ -2,41 +2,134 @@
 
 from __future__ import annotations
 
+from datetime import date
+from typing import Any
+
 from pyspark.sql import SparkSession
-from pyspark.sql import functions as F
 
 from recsys_pipeline.events import (
+    QUARANTINE_REASONS,
     EmptyIntervalError,
+    IngestResult,
     check_quarantine_share,
+    companion_files,
     ingest,
+    ingest_settings_hash,
     ingest_window,
+    ledger_dates,
+    ledger_entry,
+    read_lake,
+    read_ledger,
     read_source,
+    source_files,
+    stale_files,
     write_lake,
+    write_ledger,
 )
 from recsys_pipeline.runs import RunContext, now_utc
 
+QUARANTINE_SCHEMA = (
+    "raw_record STRING, reason STRING, event_ts TIMESTAMP, ingested_at TIMESTAMP, source STRING"
+)
+
 
 def run_ingest(spark: SparkSession, run: RunContext) -> dict[str, float]:
-    """Ingest the run's window into the lake; write the quarantine table and metrics.
+    """Bring the lake up to date with the source for the run's window; write the quarantine table
+    and metrics.
 
-    A run whose own interval holds no event fails: training on whatever older events the lake
-    holds would publish a stale model as if it were new.
+    A full run reads only the source files the lake has not taken in as they are now (all of them
+    with ``events.incremental: false``, when the lake has no ledger yet, or when the source or
+    events settings changed since); a refresh reads its interval. A run whose own interval then
+    holds no event in the lake fails: training on whatever older events the lake holds would
+    publish a stale model as if it were new.
     """
     config = run.config
     window_start, window_end = ingest_window(run)
-    raw = read_source(spark, config.source)
-    result = ingest(raw, config.source, config.events, window_start, window_end, now_utc())
-    result.quarantine.write.mode("overwrite").parquet(str(run.quarantine_dir))
-    interval_events = result.events.where(F.col("event_ts") >= F.lit(run.interval_start)).count()
-    run.write_metrics("ingest", {**result.metrics, "events_in_interval": float(interval_events)})
-    check_quarantine_share(result.metrics, config.events.max_quarantine_share)
+    lake = run.layout.events_lake
+    listing = source_files(config.source)
+    settings = ingest_settings_hash(config.source, config.events)
+    with run.layout.lock():
+        ledger = read_ledger(lake, settings) if run.mode == "full" and config.events.incremental else {}
+        stale = stale_files(listing, ledger) if ledger else list(listing)
+        removed = sorted(set(ledger) - set(listing))
+        replaced: set[date] | None = None
+        result: IngestResult | None = None
+        if ledger:
+            replaced = set().union(
+                *(ledger_dates(ledger[path]) for path in [*stale, *removed] if path in ledger)
+            )
+            if stale:
+                result = _ingest_files(spark, run, stale, None)
+                replaced |= set().union(*(summary.dates for summary in result.files.values()))
+            companions = companion_files(listing, ledger, stale, replaced)
+            if companions:
+                result = _ingest_files(spark, run, [*stale, *companions], replaced)
+        else:
+            result = _ingest_files(spark, run, None, None)
+        metrics = _metrics(result, listing, ledger)
+        if result is not None:
+            result.quarantine.write.mode("overwrite").parquet(str(run.quarantine_dir))
+            check_quarantine_share(result.metrics, config.events.max_quarantine_share)
+            write_lake(result.events, lake, window_start, window_end, replaced)
+        else:
+            spark.createDataFrame([], QUARANTINE_SCHEMA).write.mode("overwrite").parquet(
+                str(run.quarantine_dir)
+            )
+            write_lake(
+                spark.createDataFrame([], "event_ts TIMESTAMP"), lake, window_start, window_end, replaced
+            )
+        if run.mode == "full":
+            ledger = {path: entry for path, entry in ledger.items() if path in listing}
+            if result is not None:
+                for path, summary in result.files.items():
+                    ledger[path] = ledger_entry(listing[path], summary, window_end)
+            write_ledger(lake, settings, ledger)
+        interval_events = (
+            read_lake(spark, lake, run.interval_start, run.interval_end).count()
+            if any(lake.glob("event_date=*"))
+            else 0
+        )
+    metrics["events_in_interval"] = float(interval_events)
+    run.write_metrics("ingest", metrics)
     if interval_events == 0:
         raise EmptyIntervalError(
             f"no events between {run.interval_start.isoformat()} and {run.interval_end.isoformat()} in "
-            f"{config.source.path} ({int(result.metrics['events_read'])} records read): check source.path "
+            f"{config.source.path} ({int(metrics['events_read'])} records read): check source.path "
             "and the run's date; nothing was trained or published"
         )
-    if result.metrics["events_ingested"] > 0:
-        with run.layout.lock():
-            write_lake(result.events, run.layout.events_lake, window_start, window_end)
-    return result.metrics
+    return metrics
+
+
+def _ingest_files(
+    spark: SparkSession, run: RunContext, files: list[str] | None, dates: set[date] | None
+) -> IngestResult:
+    window_start, window_end = ingest_window(run)
+    raw = read_source(spark, run.config.source, files)
+    return ingest(raw, run.config.source, run.config.events, window_start, window_end, now_utc(), dates)
+
+
+def _metrics(
+    result: IngestResult | None, listing: dict[str, str], ledger: dict[str, dict[str, Any]]
+) -> dict[str, float]:
+    read = len(result.files) if result is not None else 0
+    metrics = dict(result.metrics) if result is not None else _nothing_read()
+    metrics.update(
+        {
+            "source_files": float(len(listing)),
+            "source_files_read": float(read),
+            "source_files_skipped": float(len(listing) - read),
+            "source_files_removed": float(len(set(ledger) - set(listing))),
+        }
+    )
+    return metrics
+
+
+def _nothing_read() -> dict[str, float]:
+    return {
+        "events_read": 0.0,
+        "events_ingested": 0.0,
+        "events_quarantined": 0.0,
+        "events_outside_window": 0.0,
+        "quarantine_share": 0.0,
+        **{f"quarantine_{reason}": 0.0 for reason in QUARANTINE_REASONS},
+    }

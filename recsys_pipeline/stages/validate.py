@@ -40,7 +40,8 @@ from recsys_pipeline.validation import (
 
 
 def champion_rows(run: RunContext) -> float | None:
-    """How many events the champion's weekly run ingested: the reference for a full run's row-count band.
+    """How many events the champion's weekly run had in its window: the reference for a full run's
+    row-count band.
 
     A refresh ingests one day, so it has no comparable reference (None: no band).
     """
@@ -52,9 +53,9 @@ def champion_rows(run: RunContext) -> float | None:
         return None
     if status["kind"] == "refresh":
         return version_status(run.config, str(status["refresh"]["parent_version"]))["metrics"].get(
-            "events_ingested"
+            "window_events"
         )
-    return status["metrics"].get("events_ingested")
+    return status["metrics"].get("window_events")
 
 
 def drift_against_champion(run: RunContext, embeddings: Embeddings) -> drift.DriftReport | None:
