@@ -38,9 +38,9 @@ nightly: init
 	$(RECSYS) airflow dags test recsys_nightly $(DATE)
 	$(RECSYS) status
 
-## test: run the test suite: unit, spark and e2e tiers (whole DAG runs and servers included)
+## test: run the test suite: unit, spark and e2e tiers (whole DAG runs and servers included), two files at a time
 test: init
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2 --dist loadfile
 
 ## test-fast: run the unit tier only (no Spark, no servers; under a minute)
 test-fast: setup

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from benchmarks import als, index_search, interactions, quality, refresh
+from benchmarks import als, index_search, interactions, pipeline, quality, refresh
 from recsys_pipeline.config import load_config
 from recsys_pipeline.runs import StateLayout, write_json
 
@@ -16,6 +16,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "als": (als.PARAMS, als.run),
     "index": (index_search.PARAMS, index_search.run),
     "interactions": (interactions.PARAMS, interactions.run),
+    "pipeline": (pipeline.PARAMS, pipeline.run),
     "quality": (quality.PARAMS, quality.run),
     "quality_ml100k": (quality.PARAMS, quality.run_bundled),
     "refresh": (refresh.PARAMS, refresh.run),

@@ -246,7 +246,7 @@ def test_truncated_input_stops_the_run_at_validation_and_keeps_the_champion(
 @pytest.mark.e2e
 def test_nightly_dag_refreshes_the_champion_or_escalates(state_env) -> None:
     before = json.loads(recsys("status", "--json", env=state_env).stdout)
-    # The sample's last day, folded into the weekly champion (trained on all but its last 14 days).
+    # The sample's last day, folded into the weekly champion (trained on all but each user's last items).
     recsys("airflow", "dags", "test", "recsys_nightly", "1998-04-23", env=state_env)
     states = task_states(state_env, "recsys_nightly")
     assert states == {**dict.fromkeys(NIGHTLY_TASKS, "success"), "trigger_full_retrain": "skipped"}
@@ -254,8 +254,9 @@ def test_nightly_dag_refreshes_the_champion_or_escalates(state_env) -> None:
     assert status["version"] == before["version"] + 1 and status["kind"] == "refresh"
     assert status["refresh"]["parent_version"] == before["version"]
     assert status["refresh"]["day"] == "1998-04-22"
-    # Users first seen in the weekly model's holdout days had no vector; the fold-in gives them one.
-    assert status["refresh"]["users_added"] > 0 and status["refresh"]["users_updated"] > 0
+    # The day's users are folded in again (the per-user-last holdout left every user a vector, so
+    # none is added here; test_replay covers users who arrive after the weekly run).
+    assert status["refresh"]["users_updated"] > 0
 
     # Drift past a bound from the weekly parent: the run says why and hands over to the weekly DAG.
     conf = json.dumps({"config_overrides": {"drift.min_rec_overlap": 1.0}})

@@ -1,0 +1,144 @@
+"""The weekly and nightly DAGs end to end at production volume, against the least any pipeline must do.
+
+A synthetic log (``events`` events, ``users`` users, ``items`` items over ``days`` days; generated
+once and cached under ``<state>/bench/data/``) is the source. In a fresh state folder the weekly DAG
+runs through ``recsys airflow dags test`` for the logical date that ends its window the day before
+the log's last day, then the nightly DAG folds that last day in. The floor is one single-process
+pyarrow pass that reads the whole source and sums per (user, item): what any pipeline must at least
+do with these events.
+
+Results: ``events``, ``weekly_s``, ``nightly_s``, ``stage_s`` and ``peak_rss_mb`` ({dag: {task: ...}},
+as each task recorded them, the Spark JVM included), ``max_peak_rss_mb``, ``floor_s``,
+``weekly_vs_floor`` (weekly_s / floor_s), ``weekly_ok``/``nightly_ok`` (the DAG run succeeded).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from datetime import date, timedelta
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import yaml
+
+from recsys_pipeline.config import DEFAULT_CONFIG_PATH, load_config
+from recsys_pipeline.runs import StateLayout
+from recsys_pipeline.synthetic import SOURCE_MAPPING, SyntheticSpec, generate
+
+PARAMS: dict[str, Any] = {
+    "events": 20_000_000,
+    "users": 500_000,
+    "items": 100_000,
+    "days": 57,
+    "start": "2024-01-01",
+}
+RECSYS = str(Path(sys.executable).parent / "recsys")
+
+
+def cached_source(spec: SyntheticSpec, data_dir: Path) -> Path:
+    """The spec's log, generated once per spec."""
+    source = data_dir / f"events-{spec.events}-{spec.users}-{spec.items}-{spec.days}-{spec.seed}"
+    if not source.is_dir():
+        print(f"  generating {spec.events} events into {source}", flush=True)
+        generate(spec, source)
+    return source
+
+
+def floor_seconds(source: Path) -> float:
+    """One pyarrow pass: read the source, sum the values per (user, item)."""
+    started = time.perf_counter()
+    table = ds.dataset(str(source), format="parquet").to_table(columns=["user", "item", "value"])
+    table.group_by(["user", "item"]).aggregate([("value", "sum")])
+    return time.perf_counter() - started
+
+
+def stage_costs(state: Path, dag_id: str) -> dict[str, dict[str, float]]:
+    """{task: {seconds, peak_rss_mb}} as the tasks of the DAG's run recorded them in the state."""
+    costs: dict[str, dict[str, float]] = {}
+    for path in sorted((state / "runs" / dag_id).glob("**/metrics/stage_*.json")):
+        recorded = json.loads(path.read_text())
+        task = path.stem.removeprefix("stage_")
+        costs[task] = {
+            "seconds": recorded.get(f"stage_seconds_{task}", 0.0),
+            "peak_rss_mb": recorded.get(f"stage_peak_rss_mb_{task}", 0.0),
+        }
+    return costs
+
+
+def timed_dag(dag_id: str, logical_date: str, env: dict[str, str], log: Path) -> tuple[float, bool]:
+    started = time.perf_counter()
+    with log.open("w") as out:
+        result = subprocess.run(
+            [RECSYS, "airflow", "dags", "test", dag_id, logical_date], env=env, stdout=out, stderr=out
+        )
+    return time.perf_counter() - started, result.returncode == 0
+
+
+def run(params: dict[str, Any]) -> dict[str, Any]:
+    layout = StateLayout(load_config().state_home)
+    spec = SyntheticSpec(
+        events=params["events"],
+        users=params["users"],
+        items=params["items"],
+        days=params["days"],
+        start=params["start"],
+    )
+    source = cached_source(spec, layout.bench / "data")
+    work = layout.bench / "work" / "pipeline"
+    shutil.rmtree(work, ignore_errors=True)
+    state = work / "state"
+    config = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
+    config["source"] = {
+        "name": "synthetic",
+        "path": str(source),
+        "format": "parquet",
+        "mapping": SOURCE_MAPPING,
+    }
+    config_path = work / "pipeline.yaml"
+    config_path.parent.mkdir(parents=True)
+    config_path.write_text(yaml.safe_dump(config))
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("AIRFLOW", "RECSYS"))}
+    env |= {"RECSYS_CONFIG": str(config_path), "RECSYS_HOME": str(state)}
+    subprocess.run([RECSYS, "airflow", "db", "migrate"], env=env, check=True, capture_output=True)
+
+    last_day = date.fromisoformat(params["start"]) + timedelta(days=params["days"] - 1)
+    weekly_s, weekly_ok = timed_dag("recsys_weekly", last_day.isoformat(), env, work / "weekly.log")
+    print(f"  weekly: {weekly_s:.0f} s ({'ok' if weekly_ok else 'FAILED, see ' + str(work / 'weekly.log')})")
+    nightly_date = (last_day + timedelta(days=1)).isoformat()
+    nightly_s, nightly_ok = timed_dag("recsys_nightly", nightly_date, env, work / "nightly.log")
+    print(
+        f"  nightly: {nightly_s:.0f} s ({'ok' if nightly_ok else 'FAILED, see ' + str(work / 'nightly.log')})"
+    )
+    floor_s = floor_seconds(source)
+
+    costs = {dag: stage_costs(state, dag) for dag in ("recsys_weekly", "recsys_nightly")}
+    peaks = [cost["peak_rss_mb"] for tasks in costs.values() for cost in tasks.values()]
+    results = {
+        "events": params["events"],
+        "weekly_s": weekly_s,
+        "nightly_s": nightly_s,
+        "weekly_ok": weekly_ok,
+        "nightly_ok": nightly_ok,
+        "stage_s": {
+            dag: {task: cost["seconds"] for task, cost in tasks.items()} for dag, tasks in costs.items()
+        },
+        "peak_rss_mb": {
+            dag: {task: cost["peak_rss_mb"] for task, cost in tasks.items()} for dag, tasks in costs.items()
+        },
+        "max_peak_rss_mb": max(peaks, default=0.0),
+        "floor_s": floor_s,
+        "weekly_vs_floor": weekly_s / floor_s,
+        "source_rows": ds.dataset(str(source), format="parquet").count_rows(),
+        "arrow_version": pa.__version__,
+    }
+    for dag, tasks in costs.items():
+        for task, cost in tasks.items():
+            print(f"  {dag:<15}{task:<24}{cost['seconds']:>8.1f} s{cost['peak_rss_mb']:>9.0f} MB")
+    return results
