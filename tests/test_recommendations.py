@@ -42,3 +42,34 @@ def test_batch_output_covers_every_active_user_and_never_their_history(weekly_ru
     assert not history & set(zip(recs["user_id"], recs["item_id"], strict=True))
     metrics = weekly_run.read_metrics()
     assert metrics["batch_users_served"] == metrics["batch_active_users"] == len(active)
+
+
+def test_batch_lists_for_many_users_are_written_in_bounded_memory(tmp_path) -> None:
+    """40k active users x 50 items is 2M rows: as Python strings they alone would take hundreds of MB."""
+    import tracemalloc
+
+    import pyarrow.parquet as pq
+
+    from recsys_pipeline.recommendations import recommendation_batches, write_recommendations
+
+    n_users, n_items, dims = 40_000, 2_000, 8
+    rng = np.random.default_rng(0)
+    user_vectors = rng.normal(size=(n_users, dims)).astype(np.float32)
+    index = ExactIndex(np.arange(n_items), rng.normal(size=(n_items, dims)).astype(np.float32))
+    seen = sp.csr_matrix(
+        (np.ones(n_users, np.float32), (np.arange(n_users), rng.integers(0, n_items, n_users))),
+        shape=(n_users, n_items),
+    )
+    user_ids = np.array([f"user-{n:07d}" for n in range(n_users)], dtype=object)
+    item_ids = np.array([f"item-{n:05d}" for n in range(n_items)], dtype=object)
+    tracemalloc.start()
+    batches = recommendation_batches(
+        np.arange(n_users), user_vectors, np.ones(n_users, bool), index, seen, np.ones(n_items), 50
+    )
+    written = write_recommendations(tmp_path / "recs.parquet", batches, user_ids, item_ids)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert written.users_served == n_users
+    table = pq.read_table(tmp_path / "recs.parquet")
+    assert table.num_rows == n_users * 50 and table.column("user_id")[50].as_py() == "user-0000001"
+    assert peak < 60 * 2**20, f"peak {peak / 2**20:.0f} MB"

@@ -5,12 +5,10 @@ from __future__ import annotations
 from datetime import timedelta
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from recsys_pipeline.embeddings import presence_mask
 from recsys_pipeline.index import load_index
-from recsys_pipeline.recommendations import active_user_indices, recommend_for_users
+from recsys_pipeline.recommendations import active_user_indices, recommendation_batches, write_recommendations
 from recsys_pipeline.runs import RunContext, atomic_dir
 
 
@@ -25,7 +23,7 @@ def run_batch_recommendations(run: RunContext) -> dict[str, float]:
     since = run.interval_end - timedelta(days=run.config.recommendations.active_days)
     with run.layout.lock(shared=True):
         active = active_user_indices(run.layout.events_lake, since, run.interval_end, user_ids)
-    users, ranks, items, scores = recommend_for_users(
+    batches = recommendation_batches(
         active,
         embeddings.dense_users(n_users),
         has_vector,
@@ -34,22 +32,14 @@ def run_batch_recommendations(run: RunContext) -> dict[str, float]:
         np.bincount(train.item_idx, minlength=n_items),
         run.config.recommendations.top_n,
     )
-    table = pa.table(
-        {
-            "user_id": pa.array(user_ids[users].tolist(), pa.string()),
-            "rank": pa.array(ranks.astype(np.int32)),
-            "item_id": pa.array(item_ids[items].tolist(), pa.string()),
-            "score": pa.array(scores),
-        }
-    )
     with atomic_dir(run.recommendations_file.parent) as staging:
         staging.mkdir(parents=True)
-        pq.write_table(table, staging / run.recommendations_file.name)
+        written = write_recommendations(staging / run.recommendations_file.name, batches, user_ids, item_ids)
     metrics = {
         "batch_active_users": float(len(active)),
-        "batch_users_served": float(len(np.unique(users))),
+        "batch_users_served": float(written.users_served),
         "batch_fallback_users": float((~has_vector[active]).sum()),
-        "batch_coverage": len(np.unique(items)) / max(len(embeddings.item_idx), 1),
+        "batch_coverage": float(written.items.sum()) / max(len(embeddings.item_idx), 1),
     }
     run.write_metrics("recommendations", metrics)
     return metrics
