@@ -6,9 +6,10 @@
 - user activity is skewed too; event types follow affinity (purchases go to liked items);
 - timestamps are spread over ``days`` days.
 
-Output: Parquet files ``part-NNNNN.parquet`` with columns ``user`` (string), ``item``
-(string), ``type`` (string), ``value`` (double: watch seconds for ``watch``, else 1) and
-``ts`` (int64 unix seconds), readable as a ``source`` with ``format: parquet``.
+Output: Parquet files ``day=YYYY-MM-DD/part-NNNNN.parquet`` (one per day and generated chunk, as
+production logs land one folder per day) with columns ``user`` (string), ``item`` (string),
+``type`` (string), ``value`` (double: watch seconds for ``watch``, else 1) and ``ts`` (int64 unix
+seconds), readable as a ``source`` with ``format: parquet``.
 """
 
 from __future__ import annotations
@@ -116,22 +117,28 @@ def interaction_matrix(spec: SyntheticSpec) -> sp.csr_matrix:
 
 
 def generate(spec: SyntheticSpec, out_dir: Path) -> int:
-    """Write ``spec.events`` events to ``out_dir``; return the number of files."""
+    """Write ``spec.events`` events to ``out_dir``, one folder per day; return the number of files."""
     user_names = np.char.add("u", np.arange(spec.users).astype(str)).astype(object)
     item_names = np.char.add("i", np.arange(spec.items).astype(str)).astype(object)
+    start = int(datetime.fromisoformat(spec.start).replace(tzinfo=UTC).timestamp())
     files = 0
     with atomic_dir(out_dir) as staging:
         staging.mkdir(parents=True)
-        for chunk in sample_events(spec):
-            table = pa.table(
-                {
-                    "user": pa.array(user_names[chunk.users], pa.string()),
-                    "item": pa.array(item_names[chunk.items], pa.string()),
-                    "type": pa.array(EVENT_TYPES[chunk.types], pa.string()),
-                    "value": pa.array(chunk.values, pa.float64()),
-                    "ts": pa.array(chunk.ts, pa.int64()),
-                }
-            )
-            pq.write_table(table, staging / f"part-{files:05d}.parquet")
-            files += 1
+        for number, chunk in enumerate(sample_events(spec)):
+            days = (chunk.ts - start) // 86_400
+            for day in np.unique(days):
+                rows = np.flatnonzero(days == day)
+                table = pa.table(
+                    {
+                        "user": pa.array(user_names[chunk.users[rows]], pa.string()),
+                        "item": pa.array(item_names[chunk.items[rows]], pa.string()),
+                        "type": pa.array(EVENT_TYPES[chunk.types[rows]], pa.string()),
+                        "value": pa.array(chunk.values[rows], pa.float64()),
+                        "ts": pa.array(chunk.ts[rows], pa.int64()),
+                    }
+                )
+                folder = staging / f"day={datetime.fromtimestamp(start + int(day) * 86_400, UTC).date()}"
+                folder.mkdir(exist_ok=True)
+                pq.write_table(table, folder / f"part-{number:05d}.parquet")
+                files += 1
     return files

@@ -109,3 +109,33 @@ def test_source_files_of_a_folder_a_glob_and_a_missing_path(make_config, tmp_pat
     assert listed(tmp_path / "logs" / "*.csv") == ["a.csv", "b.csv"]
     with pytest.raises(SourceMissingError, match="holds no file to read"):
         listed(tmp_path / "nothing-here")
+
+
+def test_a_nightly_reads_only_the_new_days_files_and_the_next_weekly_takes_them_in(
+    spark, make_config, tmp_path: Path
+) -> None:
+    source = tmp_path / "events"
+    source.mkdir()
+    for day, users in ((0, 5), (1, 6)):
+        _day_file(source, f"day{day}.csv", day, users)
+    _run(spark, make_config, source, end_day=2)
+
+    _day_file(source, "day2.csv", 2, 3)
+    config = make_config(
+        **{
+            "source.path": str(source),
+            "source.delimiter": ",",
+            "source.header": True,
+            "source.column_names": None,
+            "source.mapping": {"user_id": "user", "item_id": "item", "event_type": "type", "timestamp": "ts"},
+        }
+    )
+    nightly = RunContext.create(
+        config, "recsys_nightly", DAY0 + timedelta(days=2), DAY0 + timedelta(days=3), mode="refresh"
+    )
+    metrics = run_ingest(spark, nightly)
+    assert (metrics["source_files_read"], metrics["events_ingested"]) == (1, 3)
+    assert _lake_days(nightly) == {"2024-03-01": 5, "2024-03-02": 6, "2024-03-03": 3}
+
+    run, metrics = _run(spark, make_config, source, end_day=3)
+    assert metrics["source_files_read"] == 1 and _lake_days(run)["2024-03-03"] == 3

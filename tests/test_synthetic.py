@@ -14,7 +14,7 @@ SPEC = SyntheticSpec(events=60_000, users=2_000, items=1_500, days=14, chunk_eve
 @pytest.fixture(scope="module")
 def log(tmp_path_factory) -> tuple[Path, object]:
     out = tmp_path_factory.mktemp("synthetic") / "events"
-    assert generate(SPEC, out) == 3
+    assert generate(SPEC, out) == 3 * 14  # three chunks, each split into the 14 days' folders
     return out, ds.dataset(str(out), format="parquet").to_table()
 
 
@@ -67,3 +67,11 @@ def test_generated_log_ingests_as_a_parquet_source(log, spark, make_config) -> N
     assert result.metrics["events_read"] == SPEC.events
     assert result.metrics["events_quarantined"] == result.metrics["quarantine_duplicate"]
     assert result.metrics["quarantine_share"] < 0.001
+
+
+def test_each_day_folder_holds_that_days_events_only(log) -> None:
+    out, _ = log
+    for folder in sorted(out.glob("day=*")):
+        day = datetime.fromisoformat(folder.name.removeprefix("day=")).replace(tzinfo=UTC)
+        ts = ds.dataset(str(folder), format="parquet").to_table(columns=["ts"]).column("ts").to_numpy()
+        assert ts.min() >= day.timestamp() and ts.max() < day.timestamp() + 86_400, folder.name

@@ -37,9 +37,11 @@ def run_ingest(spark: SparkSession, run: RunContext) -> dict[str, float]:
     """Bring the lake up to date with the source for the run's window; write the quarantine table
     and metrics.
 
-    A full run reads only the source files the lake has not taken in as they are now (all of them
-    with ``events.incremental: false``, when the lake has no ledger yet, or when the source or
-    events settings changed since); a refresh reads its interval. A run whose own interval then
+    A run reads only the source files the lake has not taken in as they are now, and any file
+    sharing a date with them (all of them with ``events.incremental: false``, when the lake has no
+    ledger yet, or when the source or events settings changed since). A refresh takes in its
+    interval only and leaves the ledger as it is: the files it read may hold other days the next
+    full run must still take in. A run whose own interval then
     holds no event in the lake fails: training on whatever older events the lake holds would
     publish a stale model as if it were new.
     """
@@ -49,7 +51,7 @@ def run_ingest(spark: SparkSession, run: RunContext) -> dict[str, float]:
     listing = source_files(config.source)
     settings = ingest_settings_hash(config.source, config.events)
     with run.layout.lock():
-        ledger = read_ledger(lake, settings) if run.mode == "full" and config.events.incremental else {}
+        ledger = read_ledger(lake, settings) if config.events.incremental else {}
         stale = stale_files(listing, ledger) if ledger else list(listing)
         removed = sorted(set(ledger) - set(listing))
         replaced: set[date] | None = None
