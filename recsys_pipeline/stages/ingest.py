@@ -41,9 +41,8 @@ def run_ingest(spark: SparkSession, run: RunContext) -> dict[str, float]:
     sharing a date with them (all of them with ``events.incremental: false``, when the lake has no
     ledger yet, or when the source or events settings changed since). A refresh takes in its
     interval only and leaves the ledger as it is: the files it read may hold other days the next
-    full run must still take in. A run whose own interval then
-    holds no event in the lake fails: training on whatever older events the lake holds would
-    publish a stale model as if it were new.
+    full run must still take in. A run whose own interval then holds no event in the lake fails:
+    training on whatever older events the lake holds would publish a stale model as if it were new.
     """
     config = run.config
     window_start, window_end = ingest_window(run)
