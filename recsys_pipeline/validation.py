@@ -232,7 +232,11 @@ def validate_frames(project_dir: Path, frames: dict[str, tuple[pd.DataFrame, lis
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     import great_expectations as gx
 
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
     context = gx.get_context(mode="file", project_root_dir=str(project_dir))
+    # Runs are read from task logs, where a progress bar per metric batch is only noise.
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
     source = context.data_sources.add_pandas("frames")
     failures: list[Failure] = []
     for name, (frame, expectations) in frames.items():
