@@ -311,17 +311,24 @@ def ingest(
     flagged = F.col("corrupt") | F.col("reason").isin("before_floor", "future_timestamp")
     classified = mark_duplicates(canonical.where(F.col("event_ts").isNull() | in_window | flagged)).cache()
     counts = {row["reason"]: row["count"] for row in classified.groupBy("reason").count().collect()}
-    per_file = canonical.groupBy(SOURCE_FILE_COLUMN).agg(
-        F.count(F.lit(1)).alias("rows"), F.max("event_ts").alias("latest_event")
+    # Only the file and timestamp columns are read for this: a narrow pass, not the whole records.
+    per_file = (
+        raw.select(
+            SOURCE_FILE_COLUMN, _timestamp(F.col(source.mapping["timestamp"] or ""), source).alias("event_ts")
+        )
+        .groupBy(SOURCE_FILE_COLUMN)
+        .agg(F.count(F.lit(1)).alias("rows"), F.max("event_ts").alias("latest_event"))
     )
     read = {file_path(row[SOURCE_FILE_COLUMN]): row for row in per_file.collect()}
-    filled = {
-        file_path(row[SOURCE_FILE_COLUMN]): frozenset(row["dates"])
-        for row in classified.where(F.col("reason").isNull())
-        .groupBy(SOURCE_FILE_COLUMN)
-        .agg(F.collect_set(F.to_date("event_ts")).alias("dates"))
+    filled: dict[str, set[date]] = {}
+    # (file, date) pairs by a plain aggregate: a set per file would be an object aggregate per task.
+    for row in (
+        classified.where(F.col("reason").isNull())
+        .groupBy(SOURCE_FILE_COLUMN, F.to_date("event_ts").alias("day"))
+        .count()
         .collect()
-    }
+    ):
+        filled.setdefault(file_path(row[SOURCE_FILE_COLUMN]), set()).add(row["day"])
     total_rows = sum(row["rows"] for row in read.values())
     accepted = counts.pop(None, 0)
     quarantined = sum(counts.values())
@@ -338,7 +345,7 @@ def ingest(
         "raw_record", "reason", "event_ts", "ingested_at", "source"
     )
     files = {
-        path: FileSummary(filled.get(path, frozenset()), _utc(row["latest_event"]))
+        path: FileSummary(frozenset(filled.get(path, set())), _utc(row["latest_event"]))
         for path, row in read.items()
     }
     return IngestResult(good, bad, metrics, files)

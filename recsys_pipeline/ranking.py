@@ -99,6 +99,24 @@ def first_unseen(
     return items[keep][:k], scores[keep][:k]
 
 
+def first_unseen_rows(
+    items: np.ndarray, scores: np.ndarray, seen: sp.csr_matrix, k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`first_unseen` for every row at once: ``items``/``scores`` are (rows x candidates) ranked
+    lists (``NO_ITEM`` pads), ``seen`` row r the history of row r. Returns (rows x k) items padded
+    with ``NO_ITEM``, their scores, and how many each row kept."""
+    n_rows, n_items = seen.shape
+    valid = items != NO_ITEM
+    # One sorted lookup for the whole batch: (row, item) pairs as single integer keys.
+    seen_keys = np.repeat(np.arange(n_rows, dtype=np.int64), np.diff(seen.indptr)) * n_items + seen.indices
+    keys = np.arange(n_rows, dtype=np.int64)[:, None] * n_items + np.where(valid, items, 0)
+    keep = valid & ~np.isin(keys, seen_keys)
+    order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
+    kept = np.take_along_axis(keep, order, axis=1)
+    picked = np.where(kept, np.take_along_axis(items, order, axis=1), NO_ITEM)
+    return picked, np.take_along_axis(scores, order, axis=1), kept.sum(axis=1)
+
+
 def popular_unseen(popularity: np.ndarray, seen: sp.csr_matrix, k: int) -> np.ndarray:
     """The k most popular unseen items for every row of ``seen``, padded with ``NO_ITEM``.
 

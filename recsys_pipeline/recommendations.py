@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import scipy.sparse as sp
 
 from recsys_pipeline.index import ItemIndex
-from recsys_pipeline.ranking import first_unseen, popular_items
+from recsys_pipeline.ranking import NO_ITEM, first_unseen_rows, popular_items
 
 BATCH_USERS = 1024
 SCHEMA = pa.schema(
@@ -61,26 +61,25 @@ def recommendation_batches(
     popular_scores = popularity[popular].astype(np.float32)
     for start in range(0, len(users), BATCH_USERS):
         batch = users[start : start + BATCH_USERS]
-        with_vector = batch[has_vector[batch]]
-        found: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        if len(with_vector):
-            extra = int(np.diff(seen.indptr)[with_vector].max())
-            items, scores = index.search(user_vectors[with_vector], top_n + extra)
-            found = {int(u): (items[row], scores[row]) for row, u in enumerate(with_vector)}
-        out_users, out_ranks, out_items, out_scores = [], [], [], []
-        for user in batch:
-            history = seen.indices[seen.indptr[user] : seen.indptr[user + 1]]
-            ranked, ranked_scores = found.get(int(user), (popular, popular_scores))
-            items, scores = first_unseen(ranked, ranked_scores, history, top_n)
-            out_users.append(np.full(len(items), user))
-            out_ranks.append(np.arange(1, len(items) + 1))
-            out_items.append(items)
-            out_scores.append(scores)
+        seen_batch = seen[batch]
+        width = top_n + int(np.diff(seen_batch.indptr).max(initial=0))
+        # Every row's candidates: the index's best for users with a vector, else the popular list.
+        items = np.full((len(batch), width), NO_ITEM, dtype=np.int64)
+        scores = np.zeros((len(batch), width), dtype=np.float32)
+        head = min(width, len(popular))
+        items[:, :head], scores[:, :head] = popular[:head], popular_scores[:head]
+        personal = np.flatnonzero(has_vector[batch])
+        if len(personal):
+            found, found_scores = index.search(user_vectors[batch[personal]], width)
+            items[personal], scores[personal] = NO_ITEM, 0.0
+            items[personal, : found.shape[1]], scores[personal, : found.shape[1]] = found, found_scores
+        picked, picked_scores, counts = first_unseen_rows(items, scores, seen_batch, top_n)
+        shown = np.arange(top_n)[None, :] < counts[:, None]
         yield (
-            np.concatenate(out_users).astype(np.int64),
-            np.concatenate(out_ranks).astype(np.int32),
-            np.concatenate(out_items).astype(np.int64),
-            np.concatenate(out_scores).astype(np.float32),
+            np.repeat(batch, counts).astype(np.int64),
+            np.broadcast_to(np.arange(1, top_n + 1, dtype=np.int32), picked.shape)[shown],
+            picked[shown].astype(np.int64),
+            picked_scores[shown].astype(np.float32),
         )
 
 

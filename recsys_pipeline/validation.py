@@ -231,7 +231,6 @@ def validate_frames(project_dir: Path, frames: dict[str, tuple[pd.DataFrame, lis
     """Run each (frame, expectations) as a GX checkpoint with Data Docs; return every failed expectation."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     import great_expectations as gx
-
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
     context = gx.get_context(mode="file", project_root_dir=str(project_dir))
