@@ -7,6 +7,12 @@ the log's last day, then the nightly DAG folds that last day in. The floor is on
 pyarrow pass that reads the whole source and sums per (user, item): what any pipeline must at least
 do with these events.
 
+The synthetic log's next items are best predicted by popularity (each event picks among
+popularity-drawn candidates; ALS's nDCG@10 on its per-user holdout stays below the most-popular
+list's), so the quality gates that compare with popularity would stop the run before its nightly
+half: ``gate_overrides`` relaxes exactly those two, and nothing else. This benchmark measures time
+and memory; ``quality`` measures quality.
+
 Results: ``events``, ``weekly_s``, ``nightly_s``, ``stage_s`` and ``peak_rss_mb`` ({dag: {task: ...}},
 as each task recorded them, the Spark JVM included), ``max_peak_rss_mb``, ``floor_s``,
 ``weekly_vs_floor`` (weekly_s / floor_s), ``weekly_ok``/``nightly_ok`` (the DAG run succeeded).
@@ -38,6 +44,10 @@ PARAMS: dict[str, Any] = {
     "items": 100_000,
     "days": 57,
     "start": "2024-01-01",
+    "gate_overrides": {
+        "evaluation": {"gate": {"min_lift_over_baseline": -1.0}},
+        "validation": {"max_rec_popular_share": 1.0},
+    },
 }
 RECSYS = str(Path(sys.executable).parent / "recsys")
 
@@ -81,6 +91,14 @@ def timed_dag(dag_id: str, logical_date: str, env: dict[str, str], log: Path) ->
     return time.perf_counter() - started, result.returncode == 0
 
 
+def merge(into: dict[str, Any], values: dict[str, Any]) -> None:
+    for key, value in values.items():
+        if isinstance(value, dict):
+            merge(into.setdefault(key, {}), value)
+        else:
+            into[key] = value
+
+
 def run(params: dict[str, Any]) -> dict[str, Any]:
     layout = StateLayout(load_config().state_home)
     spec = SyntheticSpec(
@@ -101,6 +119,8 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
         "format": "parquet",
         "mapping": SOURCE_MAPPING,
     }
+    for section, values in params["gate_overrides"].items():
+        merge(config[section], values)
     config_path = work / "pipeline.yaml"
     config_path.parent.mkdir(parents=True)
     config_path.write_text(yaml.safe_dump(config))
