@@ -62,18 +62,35 @@ def recommendation_batches(
     for start in range(0, len(users), BATCH_USERS):
         batch = users[start : start + BATCH_USERS]
         seen_batch = seen[batch]
-        width = top_n + int(np.diff(seen_batch.indptr).max(initial=0))
-        # Every row's candidates: the index's best for users with a vector, else the popular list.
-        items = np.full((len(batch), width), NO_ITEM, dtype=np.int64)
-        scores = np.zeros((len(batch), width), dtype=np.float32)
-        head = min(width, len(popular))
-        items[:, :head], scores[:, :head] = popular[:head], popular_scores[:head]
-        personal = np.flatnonzero(has_vector[batch])
-        if len(personal):
-            found, found_scores = index.search(user_vectors[batch[personal]], width)
-            items[personal], scores[personal] = NO_ITEM, 0.0
-            items[personal, : found.shape[1]], scores[personal, : found.shape[1]] = found, found_scores
-        picked, picked_scores, counts = first_unseen_rows(items, scores, seen_batch, top_n)
+        history = np.diff(seen_batch.indptr)
+        # Most users' top-N survives a margin of top_n seen items; the few who lose more to their
+        # history are searched again as deep as their history, so one heavy user does not deepen
+        # every search of the batch.
+        picked, picked_scores, counts = _first_unseen(
+            batch,
+            seen_batch,
+            top_n + min(int(history.max(initial=0)), top_n),
+            top_n,
+            user_vectors,
+            has_vector,
+            index,
+            popular,
+            popular_scores,
+        )
+        short = np.flatnonzero((counts < top_n) & (history > top_n))
+        if len(short):
+            deeper = _first_unseen(
+                batch[short],
+                seen_batch[short],
+                top_n + int(history[short].max()),
+                top_n,
+                user_vectors,
+                has_vector,
+                index,
+                popular,
+                popular_scores,
+            )
+            picked[short], picked_scores[short], counts[short] = deeper
         shown = np.arange(top_n)[None, :] < counts[:, None]
         yield (
             np.repeat(batch, counts).astype(np.int64),
@@ -81,6 +98,31 @@ def recommendation_batches(
             picked[shown].astype(np.int64),
             picked_scores[shown].astype(np.float32),
         )
+
+
+def _first_unseen(
+    batch: np.ndarray,
+    seen_batch: sp.csr_matrix,
+    width: int,
+    top_n: int,
+    user_vectors: np.ndarray,
+    has_vector: np.ndarray,
+    index: ItemIndex,
+    popular: np.ndarray,
+    popular_scores: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The batch's top-N unseen among ``width`` candidates each: the index's best for users with a
+    vector, the popular list for the others."""
+    items = np.full((len(batch), width), NO_ITEM, dtype=np.int64)
+    scores = np.zeros((len(batch), width), dtype=np.float32)
+    head = min(width, len(popular))
+    items[:, :head], scores[:, :head] = popular[:head], popular_scores[:head]
+    personal = np.flatnonzero(has_vector[batch])
+    if len(personal):
+        found, found_scores = index.search(user_vectors[batch[personal]], width)
+        items[personal], scores[personal] = NO_ITEM, 0.0
+        items[personal, : found.shape[1]], scores[personal, : found.shape[1]] = found, found_scores
+    return first_unseen_rows(items, scores, seen_batch, top_n)
 
 
 def recommend_for_users(

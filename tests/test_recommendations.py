@@ -73,3 +73,20 @@ def test_batch_lists_for_many_users_are_written_in_bounded_memory(tmp_path) -> N
     table = pq.read_table(tmp_path / "recs.parquet")
     assert table.num_rows == n_users * 50 and table.column("user_id")[50].as_py() == "user-0000001"
     assert peak < 60 * 2**20, f"peak {peak / 2**20:.0f} MB"
+
+
+def test_a_user_whose_history_fills_the_first_search_is_searched_deeper() -> None:
+    # Item scores fall with the index; user 0 has seen the 10 best, user 1 nothing.
+    item_vectors = np.linspace(1.0, 0.1, 30, dtype=np.float32).reshape(-1, 1)
+    seen = sp.csr_matrix((np.ones(10), (np.zeros(10, int), np.arange(10))), shape=(2, 30))
+    users, ranks, items, _ = recommend_for_users(
+        np.array([0, 1]),
+        np.ones((2, 1), np.float32),
+        np.array([True, True]),
+        ExactIndex(np.arange(30), item_vectors),
+        seen,
+        np.ones(30),
+        top_n=2,
+    )
+    assert list(zip(users.tolist(), items.tolist(), strict=True)) == [(0, 10), (0, 11), (1, 0), (1, 1)]
+    assert ranks.tolist() == [1, 2, 1, 2]
