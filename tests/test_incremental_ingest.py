@@ -21,8 +21,8 @@ def _day_file(folder: Path, name: str, day: int, users: int) -> None:
     (folder / name).write_text("user,item,type,ts\n" + rows)
 
 
-def _run(spark, make_config, folder: Path, end_day: int, **overrides) -> tuple[RunContext, dict[str, float]]:
-    config = make_config(
+def _config(make_config, folder: Path, **overrides):
+    return make_config(
         **{
             "source.path": str(folder),
             "source.delimiter": ",",
@@ -32,8 +32,13 @@ def _run(spark, make_config, folder: Path, end_day: int, **overrides) -> tuple[R
             **overrides,
         }
     )
+
+
+def _run(spark, make_config, folder: Path, end_day: int, **overrides) -> tuple[RunContext, dict[str, float]]:
     end = DAY0 + timedelta(days=end_day)
-    run = RunContext.create(config, "recsys_weekly", end - timedelta(days=7), end)
+    run = RunContext.create(
+        _config(make_config, folder, **overrides), "recsys_weekly", end - timedelta(days=7), end
+    )
     metrics = run_ingest(spark, run)
     assert metrics["events_read"] == (
         metrics["events_ingested"] + metrics["events_quarantined"] + metrics["events_outside_window"]
@@ -121,17 +126,12 @@ def test_a_nightly_reads_only_the_new_days_files_and_the_next_weekly_takes_them_
     _run(spark, make_config, source, end_day=2)
 
     _day_file(source, "day2.csv", 2, 3)
-    config = make_config(
-        **{
-            "source.path": str(source),
-            "source.delimiter": ",",
-            "source.header": True,
-            "source.column_names": None,
-            "source.mapping": {"user_id": "user", "item_id": "item", "event_type": "type", "timestamp": "ts"},
-        }
-    )
     nightly = RunContext.create(
-        config, "recsys_nightly", DAY0 + timedelta(days=2), DAY0 + timedelta(days=3), mode="refresh"
+        _config(make_config, source),
+        "recsys_nightly",
+        DAY0 + timedelta(days=2),
+        DAY0 + timedelta(days=3),
+        mode="refresh",
     )
     metrics = run_ingest(spark, nightly)
     assert (metrics["source_files_read"], metrics["events_ingested"]) == (1, 3)
