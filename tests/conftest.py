@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             continue
         tier = "spark" if "spark" in getattr(item, "fixturenames", ()) else "unit"
         item.add_marker(getattr(pytest.mark, tier))
+    # Under `pytest -n 2 --dist loadfile` the modules with the most whole-DAG runs start first: their
+    # tests share one state and run in sequence, so starting them late would set the suite's length.
+    e2e_runs = Counter(item.path for item in items if item.get_closest_marker("e2e"))
+    items.sort(key=lambda item: -e2e_runs[item.path])
 
 
 @pytest.fixture(scope="session")
