@@ -124,16 +124,16 @@ class Scores:
     def users(self) -> int:
         return len(next(iter(self.per_user.values())))
 
-    def summary(self, confidence: float | None = None) -> dict[str, float]:
-        """Means over users and ``coverage_at_k``; with ``confidence``, each mean's bootstrap interval
-        as ``<metric>_ci_low`` / ``<metric>_ci_high``."""
+    def summary(self, confidence: float | None = None, prefix: str = "") -> dict[str, float]:
+        """Means over users and ``coverage_at_k``, each name after ``prefix``; with ``confidence``, each
+        mean's bootstrap interval as ``<metric>_ci_low`` / ``<metric>_ci_high``."""
         metrics: dict[str, float] = {}
         for name, values in self.per_user.items():
             metrics[name] = float(values.mean()) if len(values) else 0.0
             if confidence is not None:
                 metrics[f"{name}_ci_low"], metrics[f"{name}_ci_high"] = bootstrap_interval(values, confidence)
         metrics[f"coverage_at_{self.k}"] = self.coverage
-        return metrics
+        return {f"{prefix}{name}": value for name, value in metrics.items()}
 
 
 def scores(recommended: np.ndarray, relevant: Sequence[np.ndarray], k: int, catalogue_size: int) -> Scores:
@@ -233,8 +233,7 @@ class EvaluationSet:
         return recommended, int(has_vector.sum())
 
     def evaluate_popularity(self, k: int, confidence: float | None = None) -> dict[str, float]:
-        metrics = self.popularity_scores(k).summary(confidence)
-        return {f"baseline_{name}": value for name, value in metrics.items()}
+        return self.popularity_scores(k).summary(confidence, "baseline_")
 
 
 def gate(

@@ -20,7 +20,7 @@ import hashlib
 import json
 import shutil
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -75,17 +75,6 @@ class FileSummary:
 
     dates: frozenset[date]  # dates of its events that went into the lake
     latest_event: datetime | None  # its latest parseable timestamp, inside the window or not
-
-
-@dataclass(frozen=True)
-class IngestPlan:
-    """Which source files a run reads and which lake dates it replaces (None: every date the window
-    wholly covers)."""
-
-    files: list[str]
-    dates: frozenset[date] | None
-    skipped: int = 0
-    removed: list[str] = field(default_factory=list)
 
 
 def source_files(source: SourceConfig) -> dict[str, str]:
@@ -329,17 +318,7 @@ def ingest(
         .collect()
     ):
         filled.setdefault(file_path(row[SOURCE_FILE_COLUMN]), set()).add(row["day"])
-    total_rows = sum(row["rows"] for row in read.values())
-    accepted = counts.pop(None, 0)
-    quarantined = sum(counts.values())
-    metrics: dict[str, float] = {
-        "events_read": float(total_rows),
-        "events_ingested": float(accepted),
-        "events_quarantined": float(quarantined),
-        "events_outside_window": float(total_rows - accepted - quarantined),
-        "quarantine_share": quarantined / max(accepted + quarantined, 1),
-    }
-    metrics.update({f"quarantine_{reason}": float(counts.get(reason, 0)) for reason in QUARANTINE_REASONS})
+    metrics = record_counts(sum(row["rows"] for row in read.values()), counts)
     good = classified.where(F.col("reason").isNull()).select(*EVENT_COLUMNS)
     bad = classified.where(F.col("reason").isNotNull()).select(
         "raw_record", "reason", "event_ts", "ingested_at", "source"
@@ -349,6 +328,21 @@ def ingest(
         for path, row in read.items()
     }
     return IngestResult(good, bad, metrics, files)
+
+
+def record_counts(total_rows: int, counts: Mapping[str | None, int]) -> dict[str, float]:
+    """Where the records read went: ``counts`` per quarantine reason, accepted ones under None."""
+    accepted = counts.get(None, 0)
+    quarantined = sum(count for reason, count in counts.items() if reason is not None)
+    metrics: dict[str, float] = {
+        "events_read": float(total_rows),
+        "events_ingested": float(accepted),
+        "events_quarantined": float(quarantined),
+        "events_outside_window": float(total_rows - accepted - quarantined),
+        "quarantine_share": quarantined / max(accepted + quarantined, 1),
+    }
+    metrics.update({f"quarantine_{reason}": float(counts.get(reason, 0)) for reason in QUARANTINE_REASONS})
+    return metrics
 
 
 def _utc(moment: datetime | None) -> datetime | None:

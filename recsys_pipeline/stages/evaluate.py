@@ -22,12 +22,9 @@ def run_evaluation(run: RunContext) -> dict[str, float]:
     candidate = evaluation.scores(run.embeddings(), k)
     baseline = evaluation.popularity_scores(k)
     champion_scores = None if champion is None else evaluation.scores(champion, k)
-    metrics = candidate.summary(confidence)
-    metrics.update({f"baseline_{name}": value for name, value in baseline.summary(confidence).items()})
+    metrics = candidate.summary(confidence) | baseline.summary(confidence, "baseline_")
     if champion_scores is not None:
-        metrics.update(
-            {f"champion_{name}": value for name, value in champion_scores.summary(confidence).items()}
-        )
+        metrics.update(champion_scores.summary(confidence, "champion_"))
     metrics["eval_users"] = float(candidate.users)
     metrics["eval_holdout_users"] = float((holdout.getnnz(axis=1) > 0).sum())
     metrics["eval_users_sampled"] = float(len(evaluation.users))

@@ -8,7 +8,6 @@ from typing import Any
 from pyspark.sql import SparkSession
 
 from recsys_pipeline.events import (
-    QUARANTINE_REASONS,
     EmptyIntervalError,
     IngestResult,
     check_quarantine_share,
@@ -21,6 +20,7 @@ from recsys_pipeline.events import (
     read_lake,
     read_ledger,
     read_source,
+    record_counts,
     source_files,
     stale_files,
     write_lake,
@@ -113,7 +113,7 @@ def _metrics(
     result: IngestResult | None, listing: dict[str, str], ledger: dict[str, dict[str, Any]]
 ) -> dict[str, float]:
     read = len(result.files) if result is not None else 0
-    metrics = dict(result.metrics) if result is not None else _nothing_read()
+    metrics = dict(result.metrics) if result is not None else record_counts(0, {})
     metrics.update(
         {
             "source_files": float(len(listing)),
@@ -123,14 +123,3 @@ def _metrics(
         }
     )
     return metrics
-
-
-def _nothing_read() -> dict[str, float]:
-    return {
-        "events_read": 0.0,
-        "events_ingested": 0.0,
-        "events_quarantined": 0.0,
-        "events_outside_window": 0.0,
-        "quarantine_share": 0.0,
-        **{f"quarantine_{reason}": 0.0 for reason in QUARANTINE_REASONS},
-    }
