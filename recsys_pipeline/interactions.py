@@ -32,6 +32,7 @@ class HoldoutTooSmallError(RecsysError):
 
 ID_PAIR = ("user_id", "item_id")
 INDEX_PAIR = ("user_idx", "item_idx")
+MATRIX_SCHEMA = "user_idx INT, item_idx INT, confidence FLOAT"
 
 
 @dataclass(frozen=True)
@@ -129,32 +130,44 @@ def supported(
     keys: tuple[str, str] = ID_PAIR,
     counts: PairCounts | None = None,
 ) -> DataFrame:
-    """Positive, capped (user, item, confidence) pairs that meet the min-support filters."""
+    """Positive, capped (user, item, confidence) pairs that meet the min-support filters.
+
+    The item filter reads ``pairs`` twice (its counts, then the pairs they keep): at volume, pass
+    persisted pairs so that they are aggregated once.
+    """
     user, item = keys
+    positive = F.col("confidence") > 0
+    kept = pairs
     if counts is not None:
-        pairs = pairs.observe(
+        kept = kept.observe(
             counts.aggregated,
             F.count(F.lit(1)).alias("pairs"),
-            F.sum(F.when(F.col("confidence") > 0, 0).otherwise(1)).alias("zero_confidence"),
+            F.sum(F.when(positive, 0).otherwise(1)).alias("zero_confidence"),
         )
-    pairs = pairs.where(F.col("confidence") > 0).withColumn(
+    kept = kept.where(positive).withColumn(
         "confidence", F.least(F.col("confidence"), F.lit(config.max_confidence))
     )
     if config.min_item_interactions > 1:
-        pairs = (
-            pairs.withColumn("n", F.count("*").over(Window.partitionBy(item)))
+        # Pairs arrive partitioned by user (see pair_confidences): the items' counts are a small
+        # aggregate joined back, where a window by item would shuffle every pair once more. They come
+        # from ``pairs``, not ``kept``, so that each observation sits on one branch of the plan only.
+        item_support = (
+            pairs.where(positive)
+            .groupBy(item)
+            .agg(F.count("*").alias("n"))
             .where(F.col("n") >= config.min_item_interactions)
-            .drop("n")
+            .select(item)
         )
+        kept = kept.join(item_support, item, "left_semi")
     if counts is not None:
-        pairs = pairs.observe(counts.item_supported, F.count(F.lit(1)).alias("pairs"))
+        kept = kept.observe(counts.item_supported, F.count(F.lit(1)).alias("pairs"))
     if config.min_user_interactions > 1:
-        pairs = (
-            pairs.withColumn("n", F.count("*").over(Window.partitionBy(user)))
+        kept = (
+            kept.withColumn("n", F.count("*").over(Window.partitionBy(user)))
             .where(F.col("n") >= config.min_user_interactions)
             .drop("n")
         )
-    return pairs
+    return kept
 
 
 def pair_confidences(
@@ -171,24 +184,14 @@ def pair_confidences(
     if last_seen:
         aggregates.append(F.max("event_ts").alias("event_ts"))
     # Almost every (user, item) pair is unique within a file, so a map-side partial aggregation would
-    # hash every event for nothing: the per-event confidences are shuffled by pair instead.
+    # hash every event for nothing. The per-event confidences are shuffled by user alone: that also
+    # serves the pair aggregation and every later per-user window without another shuffle.
     return (
         events.select(user, item, decayed(config, as_of).alias("confidence"), "event_ts")
-        .repartition(user, item)
+        .repartition(user)
         .groupBy(user, item)
         .agg(*aggregates)
     )
-
-
-def aggregate(
-    events: DataFrame,
-    config: InteractionsConfig,
-    as_of: Column,
-    keys: tuple[str, str] = ID_PAIR,
-    counts: PairCounts | None = None,
-) -> DataFrame:
-    """(user, item, confidence) per pair of ``keys`` with decay, aggregation, cap and min-support filters."""
-    return supported(pair_confidences(events, config, as_of, keys), config, keys, counts)
 
 
 def holdout_cut(events: DataFrame, holdout: HoldoutConfig, window_end: datetime) -> datetime:
@@ -261,6 +264,13 @@ def input_fingerprint(groups: DataFrame) -> str:
     however the lake's files are cut."""
     row = groups.agg(*(F.sum(name) for name in ("events", "hash_high", "hash_low"))).collect()[0]
     return ":".join(str(value or 0) for value in row)
+
+
+def unmapped_ids(events: DataFrame, column: str, existing: DataFrame | None) -> DataFrame:
+    """The ids of ``column`` that ``existing`` lacks (with repeats). In steady state almost every id is
+    mapped already, so an anti-join leaves the string work of numbering them to the few new ones."""
+    ids = events.select(F.col(column).alias("id"))
+    return ids if existing is None else ids.join(existing.select("id"), "id", "left_anti")
 
 
 def extend_id_map(existing: DataFrame | None, ids: DataFrame) -> DataFrame:

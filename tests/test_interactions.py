@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from pyspark.sql import functions as F
 
-from recsys_pipeline.interactions import IdMaps, aggregate, indexed_events
+from recsys_pipeline.interactions import IdMaps, indexed_events, pair_confidences, supported
 from recsys_pipeline.runs import RunContext
 from recsys_pipeline.stages.ingest import run_ingest
 from recsys_pipeline.stages.interactions import run_interactions
@@ -42,7 +42,7 @@ def test_confidence_weights_value_maps_and_cap(spark, make_config) -> None:
             *[("u3", "i4", "purchase", None, 1 + d / 100) for d in range(20)],  # 200, capped at 100
         ],
     )
-    assert _confidences(aggregate(events, config, F.lit(AS_OF))) == pytest.approx(
+    assert _confidences(supported(pair_confidences(events, config, F.lit(AS_OF)), config)) == pytest.approx(
         {("u1", "i1"): 11.0, ("u2", "i1"): 4.0, ("u2", "i2"): 1.0, ("u3", "i3"): 30.0, ("u3", "i4"): 100.0}
     )
 
@@ -57,7 +57,7 @@ def test_time_decay_halves_confidence_per_half_life(spark, make_config) -> None:
             ("u1", "i3", "purchase", None, 4),
         ],
     )
-    assert _confidences(aggregate(events, config, F.lit(AS_OF))) == pytest.approx(
+    assert _confidences(supported(pair_confidences(events, config, F.lit(AS_OF)), config)) == pytest.approx(
         {("u1", "i1"): 10.0, ("u1", "i2"): 5.0, ("u1", "i3"): 2.5}
     )
 
@@ -75,7 +75,10 @@ def test_min_support_and_max_aggregation(spark, make_config) -> None:
             ("u2", "i2", "view", None, 1),
         ],
     )
-    assert _confidences(aggregate(events, config, F.lit(AS_OF))) == {("u1", "i1"): 10.0, ("u2", "i1"): 2.0}
+    assert _confidences(supported(pair_confidences(events, config, F.lit(AS_OF)), config)) == {
+        ("u1", "i1"): 10.0,
+        ("u2", "i1"): 2.0,
+    }
 
 
 def _write_source(path: Path, rows: list[tuple[str, str, str, int]]) -> Path:

@@ -12,10 +12,10 @@ from pyspark.sql import functions as F
 from recsys_pipeline.events import history_window, read_lake
 from recsys_pipeline.interactions import (
     INDEX_PAIR,
+    MATRIX_SCHEMA,
     EmptyInteractionsError,
     IdMaps,
     PairCounts,
-    aggregate,
     check_holdout_size,
     check_zero_confidence_share,
     entity_activity,
@@ -30,6 +30,7 @@ from recsys_pipeline.interactions import (
     pair_confidences,
     read_id_map_frame,
     supported,
+    unmapped_ids,
 )
 from recsys_pipeline.runs import SIDES, RunContext, atomic_dir
 from recsys_pipeline.tables import count_rows
@@ -53,35 +54,36 @@ def build_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]
     config = run.config.interactions
     window_start, window_end = history_window(run)
     events = read_lake(spark, run.layout.events_lake, window_start, window_end)
-    # The items' pass (the one with fewer keys) also sums the input fingerprint.
-    activity = {
-        "users": entity_activity(events, "user_id", run.interval_start).cache(),
-        "items": entity_activity(events, "item_id", run.interval_start, *fingerprint_sums()).cache(),
-    }
     map_dir = run.layout.id_maps
+    existing_users = read_id_map_frame(spark, map_dir / "users")
+    # Items are few enough to group every event by: that pass also sums the input fingerprint. Users
+    # are many, so only those new since the last run and those active in this run's interval (a
+    # date-pruned read) are grouped.
+    item_activity = entity_activity(events, "item_id", run.interval_start, *fingerprint_sums()).cache()
     maps = IdMaps(
-        users=extend_id_map(
-            read_id_map_frame(spark, map_dir / "users"), activity["users"].select("id")
-        ).cache(),
-        items=extend_id_map(
-            read_id_map_frame(spark, map_dir / "items"), activity["items"].select("id")
-        ).cache(),
+        users=extend_id_map(existing_users, unmapped_ids(events, "user_id", existing_users)).cache(),
+        items=extend_id_map(read_id_map_frame(spark, map_dir / "items"), item_activity.select("id")).cache(),
     )
+    recent_ids = {
+        "users": read_lake(spark, run.layout.events_lake, run.interval_start, window_end)
+        .select(F.col("user_id").alias("id"))
+        .distinct(),
+        "items": item_activity.where("recent").select("id"),
+    }
     out = run.interactions_dir
-    cached: list[DataFrame] = [*activity.values(), maps.users, maps.items]
+    cached: list[DataFrame] = [item_activity, maps.users, maps.items]
     try:
         # Ids become dense indices before the aggregation: integer pairs shuffle and hash far cheaper than
         # strings.
         indexed = indexed_events(events, maps)
         train_counts = PairCounts("train")
         train_pairs, holdout_pairs = split(events, indexed, run, window_end, train_counts, cached)
-        fingerprint = input_fingerprint(activity["items"])
+        fingerprint = input_fingerprint(item_activity)
         with atomic_dir(out) as staging:
             for side, id_map in (("users", maps.users), ("items", maps.items)):
                 id_map.orderBy("idx").coalesce(1).write.parquet(str(staging / "maps" / side))
                 (
-                    activity[side]
-                    .where("recent")
+                    recent_ids[side]
                     .join(id_map, "id")
                     .select("idx")
                     .coalesce(1)
@@ -97,11 +99,14 @@ def build_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]
                     f"{window_end.isoformat()} after the holdout: check the source, the window, the "
                     "event weights and interactions.holdout"
                 )
-            matrix_columns(holdout_pairs).write.parquet(str(staging / "holdout"))
-            evaluable = evaluable_users(
-                spark.read.parquet(str(staging / "holdout")), spark.read.parquet(str(staging / "train"))
-            )
-            if run.mode != "refresh":
+            evaluable = 0
+            if holdout_pairs is None:
+                spark.createDataFrame([], MATRIX_SCHEMA).write.parquet(str(staging / "holdout"))
+            else:
+                matrix_columns(holdout_pairs).write.parquet(str(staging / "holdout"))
+                evaluable = evaluable_users(
+                    spark.read.parquet(str(staging / "holdout")), spark.read.parquet(str(staging / "train"))
+                )
                 check_holdout_size(evaluable, run.config.evaluation.min_users, config.holdout)
             (staging / "fingerprint.txt").write_text(fingerprint + "\n")
     finally:
@@ -135,12 +140,19 @@ def split(
     window_end: datetime,
     train_counts: PairCounts,
     cached: list[DataFrame],
-) -> tuple[DataFrame, DataFrame]:
+) -> tuple[DataFrame, DataFrame | None]:
     """(training pairs, holdout pairs) of the window's events (``indexed``: with their ID indices), by
-    the run's holdout strategy; frames it persists are appended to ``cached`` for the caller to release."""
+    the run's holdout strategy; frames it persists are appended to ``cached`` for the caller to release.
+
+    A refresh holds nothing out (None): its model is the champion's, folded over the whole history.
+    """
     config = run.config.interactions
+    if run.mode == "refresh":
+        train = pair_confidences(indexed, config, F.lit(window_end), INDEX_PAIR).persist()
+        cached.append(train)
+        return supported(train, config, INDEX_PAIR, train_counts), None
     holdout_only = config.model_copy(update={"min_user_interactions": 1, "min_item_interactions": 1})
-    if run.mode != "refresh" and config.holdout.strategy == "per_user_last":
+    if config.holdout.strategy == "per_user_last":
         pairs = mark_last_per_user(
             pair_confidences(indexed, config, F.lit(window_end), INDEX_PAIR, last_seen=True),
             config.holdout.last_n,
@@ -151,9 +163,9 @@ def split(
         return supported(train, config, INDEX_PAIR, train_counts), supported(held, holdout_only, INDEX_PAIR)
     # A global cut: training and holdout pairs come from disjoint events (the holdout's days are read
     # apart, pruned by date), so neither needs the other's aggregate kept around.
-    cut = window_end if run.mode == "refresh" else holdout_cut(events, config.holdout, window_end)
+    cut = holdout_cut(events, config.holdout, window_end)
     before_cut = F.col("event_ts") < F.lit(cut)
-    return (
-        aggregate(indexed.where(before_cut), config, F.lit(cut), INDEX_PAIR, train_counts),
-        aggregate(indexed.where(~before_cut), holdout_only, F.lit(window_end), INDEX_PAIR),
-    )
+    train = pair_confidences(indexed.where(before_cut), config, F.lit(cut), INDEX_PAIR).persist()
+    cached.append(train)
+    held = pair_confidences(indexed.where(~before_cut), holdout_only, F.lit(window_end), INDEX_PAIR)
+    return supported(train, config, INDEX_PAIR, train_counts), supported(held, holdout_only, INDEX_PAIR)

@@ -96,14 +96,17 @@ HALF_STARS = {
 
 
 def test_half_star_ratings_between_mapped_values_interpolate_instead_of_vanishing(spark, make_config) -> None:
-    from recsys_pipeline.interactions import aggregate
+    from recsys_pipeline.interactions import pair_confidences, supported
 
     config = make_config(interactions__min_item_interactions=1).interactions  # rating map 1:1 2:1 3:2 4:3 5:4
     events = spark.createDataFrame(
         [("u", f"i{n}", "rating", value) for n, value in enumerate([0.5, 1.0, 2.5, 3.0, 3.5, 4.5, 5.0])],
         "user_id string, item_id string, event_type string, value double",
     ).withColumn("event_ts", F.lit(datetime(1998, 4, 1, tzinfo=UTC)))
-    confidence = {row.item_id: row.confidence for row in aggregate(events, config, F.lit(WEEK[1])).collect()}
+    confidence = {
+        row.item_id: row.confidence
+        for row in supported(pair_confidences(events, config, F.lit(WEEK[1])), config).collect()
+    }
     assert confidence == pytest.approx(
         {"i0": 1.0, "i1": 1.0, "i2": 1.5, "i3": 2.0, "i4": 2.5, "i5": 3.5, "i6": 4.0}
     )
