@@ -228,7 +228,7 @@ def canonicalize(
     )
     frame = raw.select(
         F.coalesce(F.col(CORRUPT_COLUMN), F.to_json(F.struct(*[F.col(c) for c in source_columns]))).alias(
-            "raw_record"
+            "source_record"
         ),
         F.col(CORRUPT_COLUMN).isNotNull().alias("corrupt"),
         F.trim(column["user_id"]).alias("user_id"),
@@ -260,20 +260,29 @@ def canonicalize(
         .when(F.col("event_ts") < F.lit(events.min_event_time), "before_floor")
         .when(F.col("event_ts") > F.lit(ingested_at), "future_timestamp")
     )
+    # Only a quarantined record keeps its source form: serialising every accepted one would cost more
+    # than the rest of ingest.
     return (
         frame.withColumn("reason", reason)
+        .withColumn("raw_record", F.when(F.col("reason").isNotNull(), F.col("source_record")))
+        .drop("source_record")
         .withColumn("ingested_at", F.lit(ingested_at))
         .withColumn("source", F.lit(source.name))
     )
 
 
 def mark_duplicates(frame: DataFrame) -> DataFrame:
-    """Tag all but one copy of each exactly repeated valid event as a duplicate."""
+    """Tag all but one copy of each exactly repeated valid event as a duplicate (the copy from the
+    first source file by name is kept). A duplicate's ``raw_record`` is its mapped fields: the copy
+    it repeats is in the lake."""
     key = ["user_id", "item_id", "event_type", "value", "event_ts"]
-    copy_number = F.row_number().over(Window.partitionBy(*key).orderBy("raw_record"))
-    return frame.withColumn(
-        "reason",
-        F.when(F.col("reason").isNull() & (copy_number > 1), F.lit("duplicate")).otherwise(F.col("reason")),
+    copy_number = F.row_number().over(Window.partitionBy(*key).orderBy(SOURCE_FILE_COLUMN, "raw_ts"))
+    duplicate = F.col("reason").isNull() & (copy_number > 1)
+    mapped = F.to_json(F.struct("user_id", "item_id", "event_type", "raw_value", "raw_ts"))
+    return frame.withColumn("duplicate", duplicate).select(
+        *[c for c in frame.columns if c not in ("reason", "raw_record")],
+        F.when(F.col("duplicate"), F.lit("duplicate")).otherwise(F.col("reason")).alias("reason"),
+        F.when(F.col("duplicate"), mapped).otherwise(F.col("raw_record")).alias("raw_record"),
     )
 
 
@@ -284,6 +293,7 @@ def ingest(
     window_start: datetime,
     window_end: datetime,
     ingested_at: datetime,
+    staging: Path,
     dates: Collection[date] | None = None,
 ) -> IngestResult:
     """Split source rows into good in-window events and quarantined records, with counts.
@@ -292,13 +302,26 @@ def ingest(
     ``dates`` (when given), belong to another run or stay as the lake has them, and are only counted.
     A broken record's timestamp cannot be trusted (a shifted column puts anything there), so it is
     quarantined whatever its timestamp says.
+
+    The classified rows are written once to ``staging`` (Parquet, a date per file) and everything
+    else reads them from there: held in memory instead, a production window spills and runs the JVM
+    out of heap. The caller removes ``staging`` once the returned frames are written.
     """
     canonical = canonicalize(raw, source, events, ingested_at)
     in_window = (F.col("event_ts") >= F.lit(window_start)) & (F.col("event_ts") < F.lit(window_end))
     if dates is not None:
         in_window = in_window & F.to_date("event_ts").isin(sorted(dates))
     flagged = F.col("corrupt") | F.col("reason").isin("before_floor", "future_timestamp")
-    classified = mark_duplicates(canonical.where(F.col("event_ts").isNull() | in_window | flagged)).cache()
+    spark = raw.sparkSession
+    (
+        mark_duplicates(canonical.where(F.col("event_ts").isNull() | in_window | flagged))
+        .select(*EVENT_COLUMNS, "reason", "raw_record", SOURCE_FILE_COLUMN)
+        .withColumn("event_date", F.to_date("event_ts"))
+        .repartition("event_date")
+        .write.mode("overwrite")
+        .parquet(str(staging))
+    )
+    classified = spark.read.parquet(str(staging))
     counts = {row["reason"]: row["count"] for row in classified.groupBy("reason").count().collect()}
     # Only the file and timestamp columns are read for this: a narrow pass, not the whole records.
     per_file = (
@@ -309,17 +332,12 @@ def ingest(
         .agg(F.count(F.lit(1)).alias("rows"), F.max("event_ts").alias("latest_event"))
     )
     read = {file_path(row[SOURCE_FILE_COLUMN]): row for row in per_file.collect()}
+    accepted = classified.where(F.col("reason").isNull())
     filled: dict[str, set[date]] = {}
     # (file, date) pairs by a plain aggregate: a set per file would be an object aggregate per task.
-    for row in (
-        classified.where(F.col("reason").isNull())
-        .groupBy(SOURCE_FILE_COLUMN, F.to_date("event_ts").alias("day"))
-        .count()
-        .collect()
-    ):
-        filled.setdefault(file_path(row[SOURCE_FILE_COLUMN]), set()).add(row["day"])
+    for row in accepted.groupBy(SOURCE_FILE_COLUMN, "event_date").count().collect():
+        filled.setdefault(file_path(row[SOURCE_FILE_COLUMN]), set()).add(row["event_date"])
     metrics = record_counts(sum(row["rows"] for row in read.values()), counts)
-    good = classified.where(F.col("reason").isNull()).select(*EVENT_COLUMNS)
     bad = classified.where(F.col("reason").isNotNull()).select(
         "raw_record", "reason", "event_ts", "ingested_at", "source"
     )
@@ -327,7 +345,7 @@ def ingest(
         path: FileSummary(frozenset(filled.get(path, set())), _utc(row["latest_event"]))
         for path, row in read.items()
     }
-    return IngestResult(good, bad, metrics, files)
+    return IngestResult(accepted.select(*EVENT_COLUMNS), bad, metrics, files)
 
 
 def record_counts(total_rows: int, counts: Mapping[str | None, int]) -> dict[str, float]:
@@ -384,9 +402,10 @@ def write_lake(
     dated = events.withColumn("event_date", F.to_date("event_ts"))
     written = {row["event_date"] for row in dated.select("event_date").distinct().collect()}
     if written:
+        # No shuffle by date: ingest stages the events a date per file, so each date is still written
+        # as one file (or a few, for a date larger than a read split).
         (
-            dated.repartition("event_date")  # one file per date instead of one per date and task
-            .write.mode("overwrite")
+            dated.write.mode("overwrite")
             .option("partitionOverwriteMode", "dynamic")
             .partitionBy("event_date")
             .parquet(str(lake))

@@ -206,6 +206,11 @@ class RunContext:
         return StateLayout(self.config.state_home)
 
     @property
+    def ingest_staging(self) -> Path:
+        """Where ingest stages the classified records of this run before they reach the lake."""
+        return self.run_dir / "_ingest_staging"
+
+    @property
     def quarantine_dir(self) -> Path:
         """This run's quarantine table: one per run id, so a failed re-run keeps the earlier run's."""
         return self.layout.quarantine / self.interval_key / self.run_id.replace("/", "_").replace(":", "-")

@@ -44,10 +44,12 @@ EXPECTED_REASONS = {
 }
 
 
-def test_each_bad_record_kind_is_quarantined_with_its_reason(spark, make_config) -> None:
+def test_each_bad_record_kind_is_quarantined_with_its_reason(tmp_path, spark, make_config) -> None:
     config = make_config(**BAD_SOURCE)
     raw = read_source(spark, config.source)
-    result = ingest(raw, config.source, config.events, *WINDOW, datetime(2026, 1, 1, tzinfo=UTC))
+    result = ingest(
+        raw, config.source, config.events, *WINDOW, datetime(2026, 1, 1, tzinfo=UTC), tmp_path / "staging"
+    )
 
     reasons = {row["reason"]: row["count"] for row in result.quarantine.groupBy("reason").count().collect()}
     assert reasons == EXPECTED_REASONS
@@ -71,11 +73,13 @@ def test_each_bad_record_kind_is_quarantined_with_its_reason(spark, make_config)
     assert watch["source"] == "fixture"
 
 
-def test_rows_outside_the_window_are_counted_not_quarantined(spark, make_config) -> None:
+def test_rows_outside_the_window_are_counted_not_quarantined(tmp_path, spark, make_config) -> None:
     config = make_config(**BAD_SOURCE)
     raw = read_source(spark, config.source)
     start, end = datetime(1997, 11, 21, tzinfo=UTC), datetime(1997, 11, 22, tzinfo=UTC)
-    result = ingest(raw, config.source, config.events, start, end, datetime(2026, 1, 1, tzinfo=UTC))
+    result = ingest(
+        raw, config.source, config.events, start, end, datetime(2026, 1, 1, tzinfo=UTC), tmp_path / "staging"
+    )
     assert result.metrics["events_ingested"] == 0
     assert result.metrics["events_outside_window"] > 0
     assert (

@@ -51,7 +51,7 @@ def test_event_types_follow_affinity_not_chance(log) -> None:
     assert per_type["purchase"] < per_type["view"]
 
 
-def test_generated_log_ingests_as_a_parquet_source(log, spark, make_config) -> None:
+def test_generated_log_ingests_as_a_parquet_source(tmp_path, log, spark, make_config) -> None:
     out, _ = log
     config = make_config(
         **{"source": {"name": "synthetic", "path": str(out), "format": "parquet", "mapping": SOURCE_MAPPING}}
@@ -63,6 +63,7 @@ def test_generated_log_ingests_as_a_parquet_source(log, spark, make_config) -> N
         datetime(2024, 1, 1, tzinfo=UTC),
         datetime(2024, 2, 1, tzinfo=UTC),
         datetime(2026, 1, 1, tzinfo=UTC),
+        tmp_path / "staging",
     )
     assert result.metrics["events_read"] == SPEC.events
     assert result.metrics["events_quarantined"] == result.metrics["quarantine_duplicate"]

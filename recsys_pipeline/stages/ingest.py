@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from datetime import date
 from typing import Any
 
@@ -85,6 +86,7 @@ def run_ingest(spark: SparkSession, run: RunContext) -> dict[str, float]:
                 for path, summary in result.files.items():
                     ledger[path] = ledger_entry(listing[path], summary, window_end)
             write_ledger(lake, settings, ledger)
+        shutil.rmtree(run.ingest_staging, ignore_errors=True)
         interval_events = (
             read_lake(spark, lake, run.interval_start, run.interval_end).count()
             if any(lake.glob("event_date=*"))
@@ -106,7 +108,16 @@ def _ingest_files(
 ) -> IngestResult:
     window_start, window_end = ingest_window(run)
     raw = read_source(spark, run.config.source, files)
-    return ingest(raw, run.config.source, run.config.events, window_start, window_end, now_utc(), dates)
+    return ingest(
+        raw,
+        run.config.source,
+        run.config.events,
+        window_start,
+        window_end,
+        now_utc(),
+        run.ingest_staging,
+        dates,
+    )
 
 
 def _metrics(
