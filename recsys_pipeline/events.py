@@ -274,8 +274,12 @@ def canonicalize(
 def mark_duplicates(frame: DataFrame) -> DataFrame:
     """Tag all but one copy of each exactly repeated valid event as a duplicate (the copy from the
     first source file by name is kept). A duplicate's ``raw_record`` is its mapped fields: the copy
-    it repeats is in the lake."""
-    key = ["user_id", "item_id", "event_type", "value", "event_ts"]
+    it repeats is in the lake.
+
+    Copies share their ``event_date``, which leads the window's key: a frame already partitioned by
+    date (as the lake is written) is deduplicated without another shuffle.
+    """
+    key = ["event_date", "user_id", "item_id", "event_type", "value", "event_ts"]
     copy_number = F.row_number().over(Window.partitionBy(*key).orderBy(SOURCE_FILE_COLUMN, "raw_ts"))
     duplicate = F.col("reason").isNull() & (copy_number > 1)
     mapped = F.to_json(F.struct("user_id", "item_id", "event_type", "raw_value", "raw_ts"))
@@ -303,7 +307,7 @@ def ingest(
     A broken record's timestamp cannot be trusted (a shifted column puts anything there), so it is
     quarantined whatever its timestamp says.
 
-    The classified rows are written once to ``staging`` (Parquet, a date per file) and everything
+    The classified rows are written once to ``staging`` (Parquet by date) and everything
     else reads them from there: held in memory instead, a production window spills and runs the JVM
     out of heap. The caller removes ``staging`` once the returned frames are written.
     """
@@ -313,12 +317,18 @@ def ingest(
         in_window = in_window & F.to_date("event_ts").isin(sorted(dates))
     flagged = F.col("corrupt") | F.col("reason").isin("before_floor", "future_timestamp")
     spark = raw.sparkSession
-    (
-        mark_duplicates(canonical.where(F.col("event_ts").isNull() | in_window | flagged))
-        .select(*EVENT_COLUMNS, "reason", "raw_record", SOURCE_FILE_COLUMN)
+    dated = (
+        canonical.where(F.col("event_ts").isNull() | in_window | flagged)
         .withColumn("event_date", F.to_date("event_ts"))
         .repartition("event_date")
+    )
+    # The one shuffle by date serves the deduplication, the sort a date-partitioned write needs, and
+    # the lake's layout: each date's events come back from ``staging`` as one file.
+    (
+        mark_duplicates(dated)
+        .select(*EVENT_COLUMNS, "reason", "raw_record", SOURCE_FILE_COLUMN, "event_date")
         .write.mode("overwrite")
+        .partitionBy("event_date")
         .parquet(str(staging))
     )
     classified = spark.read.parquet(str(staging))
@@ -402,7 +412,7 @@ def write_lake(
     dated = events.withColumn("event_date", F.to_date("event_ts"))
     written = {row["event_date"] for row in dated.select("event_date").distinct().collect()}
     if written:
-        # No shuffle by date: ingest stages the events a date per file, so each date is still written
+        # No shuffle by date: ingest stages the events one file per date, so each date is still written
         # as one file (or a few, for a date larger than a read split).
         (
             dated.write.mode("overwrite")
