@@ -7,13 +7,14 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from benchmarks import als, index_search, interactions, pipeline, quality, refresh
+from benchmarks import als, cold_start, index_search, interactions, pipeline, quality, refresh
 from recsys_pipeline.config import load_config
 from recsys_pipeline.runs import StateLayout, write_json
 
 Benchmark = tuple[dict[str, Any], Callable[[dict[str, Any]], dict[str, Any]]]
 BENCHMARKS: dict[str, Benchmark] = {
     "als": (als.PARAMS, als.run),
+    "cold_start": (cold_start.PARAMS, cold_start.run),
     "index": (index_search.PARAMS, index_search.run),
     "interactions": (interactions.PARAMS, interactions.run),
     "pipeline": (pipeline.PARAMS, pipeline.run),

@@ -5,8 +5,9 @@ Weekly full retrain. Each task calls one function of `recsys_pipeline.stages`; t
 interval `[data_interval_start, data_interval_end)` fixes every path the run reads and
 writes. The run sees the source's events up to `data_interval_end`.
 
-ingest events → build interactions (Spark) → train ALS (implicit or Spark MLlib, after an
-optional sweep) → evaluate → build index →
+ingest events (Spark) and item metadata → build interactions (Spark) → train ALS (implicit or
+Spark MLlib, after an optional sweep) → content vectors for items without a learned one (cold
+start) → evaluate → build index →
 precompute recommendations for active users → validate → publish to MLflow →
 promote `champion` only if every gate passed.
 """
@@ -38,10 +39,15 @@ MODE = "full"
 )
 def recsys_weekly() -> None:
     tail_start, _ = publish_tail(MODE)
+    interactions = spark_job(CONFIG, "build_interactions", "build_interactions.py", MODE)
+    [
+        spark_job(CONFIG, "ingest_events", "ingest_events.py", MODE),
+        stage_task("content:run_item_ingest", MODE, "ingest_items")(),
+    ] >> interactions
     (
-        spark_job(CONFIG, "ingest_events", "ingest_events.py", MODE)
-        >> spark_job(CONFIG, "build_interactions", "build_interactions.py", MODE)
+        interactions
         >> spark_job(CONFIG, "train", "train_als.py", MODE)
+        >> stage_task("content:run_content", MODE, "content")()
         >> stage_task("evaluate:run_evaluation", MODE, "evaluate")()
         >> stage_task("index:run_index", MODE, "build_index")()
         >> tail_start

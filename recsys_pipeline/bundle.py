@@ -3,7 +3,8 @@
 Layout (the ``bundle`` artifact of a registered pyfunc model)::
 
     bundle.json                  format version, model name, data window, creation time
-    embeddings/                  {user,item}_factors.parquet, training_loss.json, params.json
+    embeddings/                  {user,item}_factors.parquet, cold_items.parquet, training_loss, params
+    content/                     content_vectors.parquet, content_map.{parquet,json} (content enabled)
     id_maps/{users,items}.parquet   (id STRING, idx INT)
     history.parquet              (user_idx, item_idx) training interactions, to exclude seen items
     popularity.npy               training interactions per item, for the popular-items fallback
@@ -128,7 +129,9 @@ def verify_tree(directory: Path, manifest_file: Path, expected_sha256: str) -> N
 def write_bundle(run: RunContext, lineage: dict[str, Any]) -> Path:
     """Assemble the run's outputs into one folder a service can load on its own (``run.bundle_dir``)."""
     with atomic_dir(run.bundle_dir) as staging:
-        shutil.copytree(run.model_dir, staging / "embeddings")
+        shutil.copytree(run.served_model_dir, staging / "embeddings")
+        if run.content_dir.is_dir():
+            shutil.copytree(run.content_dir, staging / "content", ignore=shutil.ignore_patterns("model"))
         shutil.copytree(run.index_dir, staging / "index")
         shutil.copytree(run.validation_dir, staging / "validation")
         (staging / "id_maps").mkdir()

@@ -349,6 +349,88 @@ class MlflowConfig(_Section):
         )
 
 
+class ContentSourceConfig(_Section):
+    """Item metadata: one row per item, its columns named by role."""
+
+    path: Path
+    format: Literal["csv", "parquet"] = "csv"
+    delimiter: str = ","
+    header: bool = True
+    encoding: str = Field(default="utf8", description="Text encoding of a CSV (e.g. latin1).")
+    column_names: list[str] | None = Field(
+        default=None, description="Names for a header-less CSV, in file order."
+    )
+    id_column: str
+    text_columns: list[str] = []
+    categorical_columns: list[str] = []
+    numeric_columns: list[str] = []
+
+    @model_validator(mode="after")
+    def _some_feature(self) -> ContentSourceConfig:
+        if not (self.text_columns or self.categorical_columns or self.numeric_columns):
+            raise ValueError("name at least one text, categorical or numeric column")
+        return self
+
+
+class PrecomputedEncoderConfig(_Section):
+    path: Path = Field(description="Parquet of item id -> vector produced elsewhere.")
+    id_column: str = "item_id"
+    vector_column: str = "vector"
+    min_coverage: float = Field(
+        default=0.9, ge=0, le=1, description="Share of metadata items that must have a vector."
+    )
+
+
+class SentenceEncoderConfig(_Section):
+    model_dir: Path = Field(description="A sentence-transformers model saved locally; nothing is downloaded.")
+    sha256: str = Field(description="Hash of the model folder (`recsys content-hash DIR` prints it).")
+    batch_size: int = Field(default=256, ge=1)
+
+
+class ContentMapConfig(_Section):
+    """Ridge regression from content vectors to ALS item factors, fitted on warm items each full run."""
+
+    alphas: list[float] = Field(default=[0.1, 1.0, 10.0, 100.0], min_length=1)
+    validation_share: float = Field(default=0.2, gt=0, lt=1)
+    min_r2: float = Field(default=0.0, description="A map fitting worse than this on held-out items fails.")
+    seed: int = 0
+
+
+class ContentConfig(_Section):
+    """Content embeddings give items without enough interactions a vector in the collaborative space."""
+
+    enabled: bool = False
+    source: ContentSourceConfig | None = None
+    encoder: Literal["builtin", "precomputed", "sentence"] = "builtin"
+    dim: int = Field(default=64, ge=2, description="Content vector width (builtin and precomputed).")
+    max_text_features: int = Field(default=20_000, ge=1, description="Builtin TF-IDF vocabulary size.")
+    fit_sample: int = Field(
+        default=200_000, ge=100, description="Items the builtin encoder is fitted on; all are transformed."
+    )
+    batch_items: int = Field(default=50_000, ge=1, description="Items encoded per batch.")
+    precomputed: PrecomputedEncoderConfig | None = None
+    sentence: SentenceEncoderConfig | None = None
+    map: ContentMapConfig = ContentMapConfig()
+    hybrid_half_count: float | None = Field(
+        default=None,
+        gt=0,
+        description="Blend: an item with n interactions weighs its content vector by h/(h+n); null: off.",
+    )
+    max_quarantine_share: float = Field(default=0.05, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _encoder_is_configured(self) -> ContentConfig:
+        if not self.enabled:
+            return self
+        if self.source is None:
+            raise ValueError("content.enabled needs content.source")
+        if self.encoder == "precomputed" and self.precomputed is None:
+            raise ValueError("content.encoder=precomputed needs content.precomputed")
+        if self.encoder == "sentence" and self.sentence is None:
+            raise ValueError("content.encoder=sentence needs content.sentence")
+        return self
+
+
 class PipelineConfig(_Section):
     state_dir: Path | None = Field(default=None, description="Null: $RECSYS_HOME, else ./var.")
     source: SourceConfig
@@ -361,6 +443,7 @@ class PipelineConfig(_Section):
     validation: ValidationConfig = ValidationConfig()
     drift: DriftConfig = DriftConfig()
     refresh: RefreshConfig = RefreshConfig()
+    content: ContentConfig = ContentConfig()
     spark: SparkConfig = SparkConfig()
     mlflow: MlflowConfig = MlflowConfig()
 
@@ -441,6 +524,14 @@ def load_config(path: Path | str | None = None, overrides: dict[str, Any] | None
         raise ConfigError(f"invalid config {config_path}: {problems}") from None
     if not config.source.path.is_absolute():
         config.source.path = PROJECT_ROOT / config.source.path
+    content = config.content
+    for holder, name in (
+        (content.source, "path"),
+        (content.precomputed, "path"),
+        (content.sentence, "model_dir"),
+    ):
+        if holder is not None and not getattr(holder, name).is_absolute():
+            setattr(holder, name, PROJECT_ROOT / getattr(holder, name))
     if config.state_dir is not None and not config.state_dir.is_absolute():
         config.state_dir = PROJECT_ROOT / config.state_dir
     return config

@@ -83,8 +83,13 @@ def population_stability(old: np.ndarray, new: np.ndarray, bins: int = 10) -> fl
 def compare(
     old: Embeddings, new: Embeddings, k: int, sample_items: int, sample_users: int, seed: int = 0
 ) -> DriftReport:
-    """Drift of ``new`` against ``old`` on the users and items present in both."""
+    """Drift of ``new`` against ``old`` on the users and items present in both.
+
+    Only learned item vectors are compared: a cold item's vector is mapped from its content, so its
+    swap for a learned one (or a re-mapping) is not drift.
+    """
     rng = np.random.default_rng(seed)
+    old, new = old.warm_items(), new.warm_items()
     items, item_old, item_new = _shared(old.item_idx, new.item_idx)
     if len(items) <= k:
         raise RecsysError(

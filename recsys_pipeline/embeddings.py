@@ -4,11 +4,12 @@ Factor files::
 
     user_factors.parquet   idx INT, factors FIXED_SIZE_LIST<FLOAT32>[factors]   users with a vector
     item_factors.parquet   idx INT, factors FIXED_SIZE_LIST<FLOAT32>[factors]   items with a vector
+    cold_items.parquet     idx INT   items whose vector is mapped from content, not learned (optional)
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 USER_FACTORS, ITEM_FACTORS = "user_factors.parquet", "item_factors.parquet"
+COLD_ITEMS = "cold_items.parquet"
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,13 @@ class Embeddings:
     user_factors: np.ndarray
     item_idx: np.ndarray
     item_factors: np.ndarray
+    # Items whose vector was mapped from their content (too few interactions to learn one), sorted.
+    cold_item_idx: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+
+    def warm_items(self) -> Embeddings:
+        """These embeddings without the cold items: the vectors learned from interactions alone."""
+        keep = ~np.isin(self.item_idx, self.cold_item_idx)
+        return Embeddings(self.user_idx, self.user_factors, self.item_idx[keep], self.item_factors[keep])
 
     def dense_users(self, n_users: int) -> np.ndarray:
         """(n_users, factors) with zero rows for users without a vector."""
@@ -71,9 +80,19 @@ def write_embeddings(directory: Path, embeddings: Embeddings) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     write_factors(directory / USER_FACTORS, embeddings.user_idx, embeddings.user_factors)
     write_factors(directory / ITEM_FACTORS, embeddings.item_idx, embeddings.item_factors)
+    if len(embeddings.cold_item_idx):
+        pq.write_table(
+            pa.table({"idx": pa.array(embeddings.cold_item_idx.astype(np.int32))}), directory / COLD_ITEMS
+        )
 
 
 def read_embeddings(directory: Path) -> Embeddings:
     user_idx, user_factors = read_factors(directory / USER_FACTORS)
     item_idx, item_factors = read_factors(directory / ITEM_FACTORS)
-    return Embeddings(user_idx, user_factors, item_idx, item_factors)
+    cold = directory / COLD_ITEMS
+    cold_idx = (
+        np.sort(pq.read_table(cold).column("idx").to_numpy().astype(np.int64))
+        if cold.exists()
+        else np.empty(0, dtype=np.int64)
+    )
+    return Embeddings(user_idx, user_factors, item_idx, item_factors, cold_idx)

@@ -67,19 +67,27 @@ def fold_in(
             model.user_factors[users] = vectors
     user_idx = np.union1d(parent.user_idx, users)
     item_idx = np.union1d(parent.item_idx, new_items)
-    return Embeddings(user_idx, model.user_factors[user_idx], item_idx, model.item_factors[item_idx])
+    return Embeddings(
+        user_idx,
+        model.user_factors[user_idx],
+        item_idx,
+        model.item_factors[item_idx],
+        cold_item_idx=np.setdiff1d(parent.cold_item_idx, new_items),
+    )
 
 
 def rows_to_refresh(
     user_items: sp.csr_matrix, parent: Embeddings, recent_users: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(users to re-solve, items to add): active users plus any user or item with data but no vector."""
+    """(users to re-solve, items to solve): active users plus any user with data but no vector; items
+    with data but no learned vector (new ones, and cold ones whose content vector their interactions
+    now replace)."""
     with_data_users = np.flatnonzero(np.diff(user_items.indptr) > 0)
     with_data_items = np.flatnonzero(user_items.getnnz(axis=0) > 0)
     users = np.union1d(
         np.intersect1d(recent_users, with_data_users), np.setdiff1d(with_data_users, parent.user_idx)
     )
-    return users, np.setdiff1d(with_data_items, parent.item_idx)
+    return users, np.setdiff1d(with_data_items, parent.warm_items().item_idx)
 
 
 def escalation_reasons(

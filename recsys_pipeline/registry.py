@@ -221,6 +221,16 @@ def champion_status(config: PipelineConfig) -> dict[str, Any]:
         "tags": dict(sorted(tags.items())),
         "stages": stage_costs(run.data.metrics),
     }
+    if "cold_items" in run.data.metrics:
+        metrics = run.data.metrics
+        status["content"] = {
+            "cold_items": int(metrics["cold_items"]),
+            "map": {
+                name: metrics[f"content_map_{name}"]
+                for name in ("r2", "cosine", "alpha")
+                if f"content_map_{name}" in metrics
+            },
+        }
     if status["kind"] == "refresh":
         status["refresh"] = {
             "parent_version": int(tags["parent_version"]),

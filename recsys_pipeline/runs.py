@@ -71,6 +71,11 @@ class StateLayout:
         return self.home / "lake" / "quarantine"
 
     @property
+    def items_lake(self) -> Path:
+        """The item metadata the content stage encodes (the latest weekly run's)."""
+        return self.home / "lake" / "items"
+
+    @property
     def id_maps(self) -> Path:
         return self.home / "id_maps"
 
@@ -211,6 +216,17 @@ class RunContext:
         return self.run_dir / "_ingest_staging"
 
     @property
+    def items_quarantine_dir(self) -> Path:
+        """Item metadata rows this run quarantined, one folder per run id like the events'."""
+        return (
+            self.layout.home
+            / "lake"
+            / "items_quarantine"
+            / self.interval_key
+            / self.run_id.replace("/", "_").replace(":", "-")
+        )
+
+    @property
     def quarantine_dir(self) -> Path:
         """This run's quarantine table: one per run id, so a failed re-run keeps the earlier run's."""
         return self.layout.quarantine / self.interval_key / self.run_id.replace("/", "_").replace(":", "-")
@@ -282,7 +298,20 @@ class RunContext:
             write_model_dir(staging, embeddings, losses, params, sweep_summary)
 
     def embeddings(self) -> Embeddings:
-        return read_embeddings(self.model_dir)
+        """The vectors later stages index, evaluate, serve and publish (see ``served_model_dir``)."""
+        return read_embeddings(self.served_model_dir)
+
+    # content/: item content vectors, their map into the factor space, and the model served with them.
+    @property
+    def content_dir(self) -> Path:
+        return self.stage_dir("content")
+
+    @property
+    def served_model_dir(self) -> Path:
+        """The content stage's model (collaborative vectors plus cold items') where it ran, else the
+        trained or refreshed one: training's own output stays as it was, so either stage can re-run."""
+        served = self.content_dir / "model"
+        return served if served.is_dir() else self.model_dir
 
     def training_losses(self) -> list[float]:
         return [float(loss) for loss in json.loads((self.model_dir / TRAINING_LOSS).read_text())]

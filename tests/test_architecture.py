@@ -30,6 +30,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "recommendations",
             "validation",
             "synthetic",
+            "content",
         },
     ),
     ("artifacts and registry", {"tracking", "bundle", "registry"}),

@@ -9,6 +9,7 @@ import numpy as np
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from recsys_pipeline.content import ITEM_ID
 from recsys_pipeline.events import history_window, read_lake
 from recsys_pipeline.interactions import (
     INDEX_PAIR,
@@ -33,6 +34,7 @@ from recsys_pipeline.interactions import (
     unmapped_ids,
 )
 from recsys_pipeline.runs import SIDES, RunContext, atomic_dir
+from recsys_pipeline.stages.content import ITEMS_FILE
 from recsys_pipeline.tables import count_rows
 
 
@@ -62,7 +64,9 @@ def build_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]
     item_activity = entity_activity(events, "item_id", run.interval_start, *fingerprint_sums()).cache()
     maps = IdMaps(
         users=extend_id_map(existing_users, unmapped_ids(events, "user_id", existing_users)).cache(),
-        items=extend_id_map(read_id_map_frame(spark, map_dir / "items"), item_activity.select("id")).cache(),
+        items=extend_id_map(
+            read_id_map_frame(spark, map_dir / "items"), catalogue_ids(spark, run, item_activity)
+        ).cache(),
     )
     recent_ids = {
         "users": read_lake(spark, run.layout.events_lake, run.interval_start, window_end)
@@ -131,6 +135,16 @@ def build_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]
     }
     run.write_metrics("interactions", metrics)
     return metrics
+
+
+def catalogue_ids(spark: SparkSession, run: RunContext, item_activity: DataFrame) -> DataFrame:
+    """Items with events, and with content enabled every item of the metadata: an item nobody has
+    touched yet still gets an index, so that its content vector can place it."""
+    ids = item_activity.select("id")
+    items_file = run.layout.items_lake / ITEMS_FILE
+    if run.config.content.enabled and items_file.is_file():
+        ids = ids.unionByName(spark.read.parquet(str(items_file)).select(F.col(ITEM_ID).alias("id")))
+    return ids
 
 
 def split(

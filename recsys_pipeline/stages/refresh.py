@@ -75,6 +75,7 @@ def run_refresh(run: RunContext) -> RefreshRecord:
             "refresh_users_updated": float(record.users_updated),
             "refresh_users_added": float(users_added),
             "refresh_items_added": float(len(new_items)),
+            "cold_items": float(len(refreshed.cold_item_idx)),
             **{f"refresh_{name}": value for name, value in drift_metrics.items()},
         },
     )

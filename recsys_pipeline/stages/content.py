@@ -1,0 +1,105 @@
+"""Take in item metadata, and give items without a learned vector a content vector in the factor space."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from recsys_pipeline.content import (
+    ITEM_ID,
+    ContentError,
+    check_map_fit,
+    check_quarantine_share,
+    encode_items,
+    fit_content_map,
+    read_metadata,
+    with_content_vectors,
+)
+from recsys_pipeline.embeddings import read_embeddings, write_factors
+from recsys_pipeline.runs import RunContext, atomic_dir, write_json, write_model_dir
+
+log = logging.getLogger(__name__)
+ITEMS_FILE = "items.parquet"
+
+
+def run_item_ingest(run: RunContext) -> dict[str, float]:
+    """Replace the lake's item metadata with the content source's accepted rows; quarantine the rest."""
+    config = run.config.content
+    if not config.enabled or config.source is None:
+        log.info("content.enabled is false: no item metadata to take in")
+        return {}
+    read = read_metadata(config.source)
+    with atomic_dir(run.items_quarantine_dir) as staging:
+        staging.mkdir(parents=True)
+        pq.write_table(read.quarantine, staging / "quarantine.parquet")
+    run.write_metrics("items", read.metrics)
+    check_quarantine_share(read.metrics, config.max_quarantine_share)
+    with run.layout.lock(), atomic_dir(run.layout.items_lake) as staging:
+        staging.mkdir(parents=True)
+        pq.write_table(read.items, staging / ITEMS_FILE)
+    return read.metrics
+
+
+def run_content(run: RunContext) -> dict[str, float]:
+    """Encode every item's metadata, fit the map from content to the trained item factors on warm items,
+    and write the served model: the learned vectors plus mapped ones (flagged cold) for the items
+    without one, blended for sparse items when ``content.hybrid_half_count`` is set."""
+    config = run.config.content
+    if not config.enabled:
+        log.info("content.enabled is false: items without a learned vector stay without one")
+        return {}
+    items_file = run.layout.items_lake / ITEMS_FILE
+    if not items_file.is_file():
+        raise ContentError(f"no item metadata in {items_file}: run the ingest_items task first")
+    with run.layout.lock(shared=True):
+        items = pq.read_table(items_file)
+    catalogue = run.ids("items")
+    positions = pc.index_in(items.column(ITEM_ID), value_set=pa.array(catalogue, pa.string()))
+    known = np.asarray(pc.is_valid(positions))
+    items, item_idx = items.filter(pa.array(known)), positions.drop_null().to_numpy().astype(np.int64)
+    rows, vectors = encode_items(items, config)
+    content_idx = item_idx[rows]
+
+    learned = read_embeddings(run.model_dir)
+    has_both = np.isin(content_idx, learned.item_idx)
+    factor_rows = np.searchsorted(
+        learned.item_idx, content_idx[has_both], sorter=np.argsort(learned.item_idx)
+    )
+    factor_rows = np.argsort(learned.item_idx)[factor_rows]
+    content_map = fit_content_map(vectors[has_both], learned.item_factors[factor_rows], config.map)
+    check_map_fit(content_map, config.map.min_r2)
+    mapped = content_map.apply(vectors)
+    counts = np.bincount(run.train_triples().item_idx, minlength=len(catalogue))
+    served = with_content_vectors(learned, content_idx, mapped, counts, config.hybrid_half_count)
+
+    with atomic_dir(run.content_dir) as staging:
+        staging.mkdir(parents=True)
+        write_factors(staging / "content_vectors.parquet", content_idx, vectors)
+        write_factors(
+            staging / "content_map.parquet", np.arange(len(content_map.weights)), content_map.weights
+        )
+        write_json(
+            staging / "content_map.json",
+            {
+                "content_mean": content_map.content_mean.tolist(),
+                "bias": content_map.bias.tolist(),
+                "encoder": config.encoder,
+                **content_map.metrics,
+            },
+        )
+        write_model_dir(
+            staging / "model", served, run.training_losses(), run.trained_params(), run.sweep_summary()
+        )
+    metrics = {
+        **content_map.metrics,
+        "content_items": float(len(content_idx)),
+        "content_items_unknown": float((~known).sum()),
+        "content_coverage": len(content_idx) / max(len(catalogue), 1),
+        "cold_items": float(len(served.cold_item_idx)),
+    }
+    run.write_metrics("content", metrics)
+    return metrics
