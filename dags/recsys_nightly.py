@@ -21,8 +21,8 @@ from airflow.sdk import DeltaDataIntervalTimetable, dag
 
 from recsys_pipeline.config import load_config
 from recsys_pipeline.orchestration import (
-    DEFAULT_ARGS,
     branch_task,
+    default_args,
     publish_tail,
     run_params,
     spark_job,
@@ -41,7 +41,7 @@ MODE = "refresh"
     max_active_runs=1,
     tags=["recsys", "nightly"],
     doc_md=__doc__,
-    default_args=DEFAULT_ARGS,
+    default_args=default_args(),
     params=run_params(),
 )
 def recsys_nightly() -> None:
@@ -62,7 +62,7 @@ def recsys_nightly() -> None:
         if_true=full_retrain.task_id,
         if_false=update_index.operator.task_id,
     )
-    tail_start, _ = publish_tail(MODE)
+    tail_start, _ = publish_tail(CONFIG, MODE)
     (
         spark_job(CONFIG, "ingest_events", "ingest_events.py", MODE)
         >> spark_job(CONFIG, "build_interactions", "build_interactions.py", MODE)

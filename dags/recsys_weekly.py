@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 from airflow.sdk import DeltaDataIntervalTimetable, dag
 
 from recsys_pipeline.config import load_config
-from recsys_pipeline.orchestration import DEFAULT_ARGS, publish_tail, run_params, spark_job, stage_task
+from recsys_pipeline.orchestration import default_args, publish_tail, run_params, spark_job, stage_task
 
 CONFIG = load_config()
 MODE = "full"
@@ -34,11 +34,11 @@ MODE = "full"
     max_active_runs=1,
     tags=["recsys", "weekly"],
     doc_md=__doc__,
-    default_args=DEFAULT_ARGS,
+    default_args=default_args(),
     params=run_params(),
 )
 def recsys_weekly() -> None:
-    tail_start, _ = publish_tail(MODE)
+    tail_start, _ = publish_tail(CONFIG, MODE)
     interactions = spark_job(CONFIG, "build_interactions", "build_interactions.py", MODE)
     [
         spark_job(CONFIG, "ingest_events", "ingest_events.py", MODE),

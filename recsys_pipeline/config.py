@@ -417,6 +417,9 @@ class ContentConfig(_Section):
         description="Blend: an item with n interactions weighs its content vector by h/(h+n); null: off.",
     )
     max_quarantine_share: float = Field(default=0.05, ge=0, le=1)
+    min_coverage: float = Field(
+        default=0.5, ge=0, le=1, description="Share of the catalogue that must have a content vector."
+    )
 
     @model_validator(mode="after")
     def _encoder_is_configured(self) -> ContentConfig:

@@ -8,7 +8,10 @@ retried with exponential backoff; every stage is safe to re-run.
 
 from __future__ import annotations
 
+import json
+import logging
 import sys
+import urllib.request
 from collections.abc import Callable
 from datetime import timedelta
 from importlib import import_module
@@ -26,14 +29,72 @@ if TYPE_CHECKING:
 
 STAGES = "recsys_pipeline.stages"
 CREDENTIALS_IN_URI = "://[^/@\\s]*@"
-DEFAULT_ARGS: dict[str, Any] = {
-    "owner": "recsys",
-    "retries": 2,
-    "retry_delay": timedelta(minutes=1),
-    "retry_exponential_backoff": True,
-    "max_retry_delay": timedelta(minutes=10),
-    "execution_timeout": timedelta(hours=4),
-}
+ALERTS_CONN_ID = "recsys_alerts"
+log = logging.getLogger(__name__)
+
+
+def default_args() -> dict[str, Any]:
+    """Every task's retries, timeout and failure alert."""
+    return {
+        "owner": "recsys",
+        "retries": 2,
+        "retry_delay": timedelta(minutes=1),
+        "retry_exponential_backoff": True,
+        "max_retry_delay": timedelta(minutes=10),
+        "execution_timeout": timedelta(hours=4),
+        "on_failure_callback": [failure_notifier()],
+    }
+
+
+def failure_notifier() -> Any:
+    """An Airflow notifier for failed tasks: it always logs one line naming the DAG, run, task and
+    error; when the connection ``recsys_alerts`` exists (an HTTP URL, such as a Slack or Teams
+    incoming webhook), it also posts ``{"text": ...}`` there. Built per DAG file parse, so that the
+    Airflow SDK is imported only where DAGs are."""
+    from airflow.sdk import BaseHook, BaseNotifier
+
+    class RecsysFailureNotifier(BaseNotifier):
+        def notify(self, context: Any) -> None:
+            text = failure_text(context)
+            log.error(text)
+            try:
+                connection = BaseHook.get_connection(ALERTS_CONN_ID)
+            except Exception:  # no such connection: logging is the whole alert
+                return
+            # A URI connection (http://host:port/path) or a JSON one whose host is the whole URL.
+            host = connection.host or ""
+            post_alert(host if "://" in host else connection.get_uri(), text)
+
+    return RecsysFailureNotifier()
+
+
+def failure_text(context: Any) -> str:
+    task = context["task_instance"]
+    error = context.get("exception")
+    return f"recsys: task {task.task_id} of {task.dag_id} run {context['run_id']} failed" + (
+        f": {str(error)[:500]}" if error else ""
+    )
+
+
+def post_alert(url: str, text: str) -> None:
+    """POST ``{"text": text}`` as JSON; a failing alert is logged, never raised over the task's failure."""
+    request = urllib.request.Request(
+        url, data=json.dumps({"text": text}).encode(), headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10):
+            pass
+    except OSError as error:
+        log.warning("could not post the failure alert to the %s connection: %s", ALERTS_CONN_ID, error)
+
+
+def champion_asset(config: PipelineConfig) -> Any:
+    """What a successful promote updates: consumer DAGs scheduled on it run on each new champion."""
+    from airflow.sdk import Asset
+
+    model = config.mlflow.model_name
+    return Asset(name=f"{model}_champion", uri=f"recsys://{model}/champion")
+
 
 RUN_ARGS = [
     "--dag-id",
@@ -89,14 +150,16 @@ def call_stage(target: str, mode: RunMode, context: dict[str, Any], *upstream: A
         run.write_metrics(f"stage_{task_id}", cost)
 
 
-def stage_task(target: str, mode: RunMode, task_id: str, *, returns: bool = False) -> Any:
+def stage_task(
+    target: str, mode: RunMode, task_id: str, *, returns: bool = False, outlets: list[Any] | None = None
+) -> Any:
     """A TaskFlow task running one stage (``module:function`` under ``recsys_pipeline.stages``).
 
     Only a task with ``returns`` pushes the stage's result (e.g. the published version) to XCom.
     """
     from airflow.sdk import task
 
-    @task(task_id=task_id)
+    @task(task_id=task_id, outlets=outlets or [])
     def run_stage(*upstream: Any, **context: Any) -> Any:
         result = call_stage(target, mode, context, *upstream)
         return result if returns else None
@@ -115,12 +178,16 @@ def branch_task(target: str, mode: RunMode, task_id: str, *, if_true: str, if_fa
     return decide()
 
 
-def publish_tail(mode: RunMode) -> tuple[Any, Any]:
-    """batch_recommend >> validate >> publish >> promote, shared by every DAG: (first task, last task)."""
+def publish_tail(config: PipelineConfig, mode: RunMode) -> tuple[Any, Any]:
+    """batch_recommend >> validate >> publish >> promote, shared by every DAG: (first task, last task).
+
+    Promote succeeds only when it moved ``champion``, and then updates :func:`champion_asset`."""
     recommend = stage_task("recommend:run_batch_recommendations", mode, "batch_recommend")()
     validate = stage_task("validate:run_validation", mode, "validate")()
     published = stage_task("publish:run_publish", mode, "publish", returns=True)()
-    promoted = stage_task("publish:run_promotion", mode, "promote")(published)
+    promoted = stage_task("publish:run_promotion", mode, "promote", outlets=[champion_asset(config)])(
+        published
+    )
     recommend >> validate >> published
     return recommend, promoted
 

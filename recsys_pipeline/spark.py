@@ -22,6 +22,13 @@ def spark_session(config: PipelineConfig, app_name: str, master: str | None = No
     builder = SparkSession.builder.appName(app_name)
     if master is not None:
         builder = builder.master(master)
+    # Event logs let Spark's history server replay any stage's run; a deployment's own setting wins.
+    if "spark.eventLog.enabled" not in config.spark.conf:
+        events = config.state_home / "spark-events"
+        events.mkdir(parents=True, exist_ok=True)
+        builder = builder.config("spark.eventLog.enabled", "true").config(
+            "spark.eventLog.dir", events.as_uri()
+        )
     for key, value in config.spark.conf.items():
         builder = builder.config(key, value)
     builder = (

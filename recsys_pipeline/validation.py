@@ -147,6 +147,31 @@ def embeddings_suite(config: PipelineConfig, n_items: int, trained_items: int) -
     ]
 
 
+def cold_embeddings_suite(n_items: int, cold_items: int) -> list[Any]:
+    """Mapped content vectors: one per cold item, all finite. Items with the same metadata map to
+    the same vector, so the collapse check of learned vectors does not apply."""
+    import great_expectations as gx
+
+    E = gx.expectations
+    return [
+        E.ExpectTableRowCountToEqual(value=cold_items),
+        E.ExpectColumnValuesToBeBetween(column="idx", min_value=0, max_value=n_items - 1),
+        E.ExpectColumnValuesToBeUnique(column="idx"),
+        E.ExpectColumnValuesToBeInSet(column="finite", value_set=[True]),
+    ]
+
+
+def content_summary_suite(config: PipelineConfig) -> list[Any]:
+    """The share of the catalogue with content vectors and the map's held-out fit."""
+    import great_expectations as gx
+
+    E = gx.expectations
+    return [
+        E.ExpectColumnValuesToBeBetween(column="content_coverage", min_value=config.content.min_coverage),
+        E.ExpectColumnValuesToBeBetween(column="content_map_r2", min_value=config.content.map.min_r2),
+    ]
+
+
 def item_drift_suite(config: PipelineConfig) -> list[Any]:
     import great_expectations as gx
 

@@ -155,7 +155,8 @@ def test_a_cold_item_is_found_through_the_scann_index() -> None:
     )
     cold_vectors = rng.normal(size=(5, 16)) * 3
     served = with_content_vectors(learned, np.arange(3000, 3005), cold_vectors, np.zeros(3005), None)
-    config = IndexConfig(brute_force_below=0)
+    # Every leaf searched: the test is whether the cold vectors are in the index, not its recall.
+    config = IndexConfig(brute_force_below=0, num_leaves=10, leaves_to_search=10)
     index = ScannIndex.build(
         served.item_idx, served.item_factors, search_params(len(served.item_idx), config), 10
     )

@@ -22,6 +22,8 @@ from recsys_pipeline.runs import RunContext, atomic_dir, write_json
 from recsys_pipeline.stages.publish import log_rejected_run
 from recsys_pipeline.validation import (
     ValidationFailedError,
+    cold_embeddings_suite,
+    content_summary_suite,
     drift_summary_suite,
     embedding_profile,
     embeddings_suite,
@@ -96,6 +98,7 @@ def run_validation(run: RunContext) -> dict[str, float]:
     config = run.config
     n_users, n_items = run.matrix_shape()
     embeddings = run.embeddings()
+    learned = embeddings.warm_items()
     window_start, window_end = ingest_window(run)
     sample_rows = config.validation.sample_rows
     train = run.train_triples()
@@ -124,10 +127,22 @@ def run_validation(run: RunContext) -> dict[str, float]:
             interaction_profile_suite(config),
         ),
         "item_embeddings": (
-            embedding_profile(embeddings.item_idx, embeddings.item_factors),
-            embeddings_suite(config, n_items, len(embeddings.item_idx)),
+            embedding_profile(learned.item_idx, learned.item_factors),
+            embeddings_suite(config, n_items, len(learned.item_idx)),
         ),
     }
+    cold = ~np.isin(embeddings.item_idx, learned.item_idx)
+    if cold.any():
+        frames["cold_item_embeddings"] = (
+            embedding_profile(embeddings.item_idx[cold], embeddings.item_factors[cold]),
+            cold_embeddings_suite(n_items, int(cold.sum())),
+        )
+    recorded = run.read_metrics()
+    if "content_map_r2" in recorded:
+        frames["content_summary"] = (
+            pd.DataFrame([{name: recorded[name] for name in ("content_coverage", "content_map_r2")}]),
+            content_summary_suite(config),
+        )
     if run.recommendations_file.is_file():
         # Lists are written user by user: the first rows hold whole lists of the first users.
         recommendations = pq.ParquetFile(run.recommendations_file)

@@ -1,6 +1,6 @@
 """A task killed with SIGKILL mid-way is retried to one correct result (issue #14, item 11).
 
-Airflow retries every task (``DEFAULT_ARGS``: 2 retries, exponential backoff); this test plays the
+Airflow retries every task (``default_args()``: 2 retries, exponential backoff); this test plays the
 retry by hand: a process runs the stage, is killed at its worst moment, and the stage runs again.
 This file is also the worker (``python this_file STATE STAGE``).
 """
