@@ -61,6 +61,12 @@ def run_content(run: RunContext) -> dict[str, float]:
     positions = pc.index_in(items.column(ITEM_ID), value_set=pa.array(catalogue, pa.string()))
     known = np.asarray(pc.is_valid(positions))
     items, item_idx = items.filter(pa.array(known)), positions.drop_null().to_numpy().astype(np.int64)
+    if len(item_idx) < config.min_coverage * len(catalogue):
+        raise ContentError(
+            f"content.source {config.source.path if config.source else ''} describes {len(item_idx)} of "
+            f"the catalogue's {len(catalogue)} items, below content.min_coverage={config.min_coverage:.0%}: "
+            "point content.source at your items' metadata, or set content.enabled: false"
+        )
     rows, vectors = encode_items(items, config)
     content_idx = item_idx[rows]
 

@@ -37,6 +37,9 @@ from recsys_pipeline.runs import SIDES, RunContext, atomic_dir
 from recsys_pipeline.stages.content import ITEMS_FILE
 from recsys_pipeline.tables import count_rows
 
+# Below this share of the events' items found in the metadata, the metadata is not this catalogue's.
+MIN_DESCRIBED_SHARE = 0.5
+
 
 def run_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]:
     """:func:`build_interactions` holding the state lock: it reads the lake and advances the shared
@@ -139,12 +142,21 @@ def build_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]
 
 def catalogue_ids(spark: SparkSession, run: RunContext, item_activity: DataFrame) -> DataFrame:
     """Items with events, and with content enabled every item of the metadata: an item nobody has
-    touched yet still gets an index, so that its content vector can place it."""
+    touched yet still gets an index, so that its content vector can place it.
+
+    ID maps only grow, so metadata that names hardly any item of the events (another catalogue's,
+    such as the bundled sample's left configured beside one's own events) adds nothing; the
+    content stage then says what is wrong.
+    """
     ids = item_activity.select("id")
     items_file = run.layout.items_lake / ITEMS_FILE
-    if run.config.content.enabled and items_file.is_file():
-        ids = ids.unionByName(spark.read.parquet(str(items_file)).select(F.col(ITEM_ID).alias("id")))
-    return ids
+    if not (run.config.content.enabled and items_file.is_file()):
+        return ids
+    described = spark.read.parquet(str(items_file)).select(F.col(ITEM_ID).alias("id"))
+    matched = ids.join(described, "id", "left_semi").count()
+    if matched < MIN_DESCRIBED_SHARE * ids.count():
+        return ids
+    return ids.unionByName(described)
 
 
 def split(
