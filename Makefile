@@ -40,7 +40,7 @@ nightly: init
 
 ## test: run the test suite: unit, spark and e2e tiers (whole DAG runs and servers included), two files at a time
 test: init
-	$(BIN)/pytest -n 2 --dist loadfile
+	$(BIN)/pytest -n 2 --dist loadfile --durations=15
 
 ## test-fast: run the unit tier only (no Spark, no servers; under a minute)
 test-fast: setup

@@ -24,6 +24,7 @@ from recsys_pipeline.orchestration import (
     branch_task,
     default_args,
     publish_tail,
+    run_macros,
     run_params,
     spark_job,
     stage_task,
@@ -42,7 +43,8 @@ MODE = "refresh"
     tags=["recsys", "nightly"],
     doc_md=__doc__,
     default_args=default_args(),
-    params=run_params(),
+    params=run_params(CONFIG),
+    user_defined_macros=run_macros(),
 )
 def recsys_nightly() -> None:
     full_retrain = TriggerDagRunOperator(
@@ -51,7 +53,7 @@ def recsys_nightly() -> None:
         # The weekly run covers the week ending where this day ends, with this run's overrides
         # (the operator parses a rendered JSON string back into the conf dict).
         logical_date="{{ data_interval_end.isoformat() }}",
-        conf='{"config_overrides": {{ params.config_overrides | tojson }}}',
+        conf='{"config_overrides": {{ recsys_overrides(params) }}}',
         skip_when_already_exists=True,
     )
     update_index = stage_task("index:run_index_refresh", MODE, "update_index")()

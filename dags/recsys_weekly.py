@@ -19,7 +19,14 @@ from datetime import datetime, timedelta
 from airflow.sdk import DeltaDataIntervalTimetable, dag
 
 from recsys_pipeline.config import load_config
-from recsys_pipeline.orchestration import default_args, publish_tail, run_params, spark_job, stage_task
+from recsys_pipeline.orchestration import (
+    default_args,
+    publish_tail,
+    run_macros,
+    run_params,
+    spark_job,
+    stage_task,
+)
 
 CONFIG = load_config()
 MODE = "full"
@@ -35,7 +42,8 @@ MODE = "full"
     tags=["recsys", "weekly"],
     doc_md=__doc__,
     default_args=default_args(),
-    params=run_params(),
+    params=run_params(CONFIG),
+    user_defined_macros=run_macros(),
 )
 def recsys_weekly() -> None:
     tail_start, _ = publish_tail(CONFIG, MODE)

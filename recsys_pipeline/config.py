@@ -337,6 +337,9 @@ class MlflowConfig(_Section):
     tracking_uri: str | None = Field(default=None, description="Null: SQLite under the state folder.")
     experiment: str = "recsys-pipeline"
     model_name: str = "recsys-als"
+    promote: bool = Field(
+        default=True, description="False (a dry run): publish and gate the version, never move champion."
+    )
 
     @field_validator("tracking_uri")
     @classmethod
@@ -481,6 +484,53 @@ class PipelineConfig(_Section):
         do not), so a run with another config is another version."""
         shaping = self.model_dump(mode="json", exclude={"state_dir", "spark", "mlflow"})
         return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()
+
+
+DEFAULT_SWEEP_SPACE: dict[str, list[float]] = {"factors": [32, 64, 128], "regularization": [0.01, 0.05, 0.1]}
+# The knobs a person changes by hand when triggering a run, each a typed field of the trigger form
+# (param name: (config field, JSON schema of the form field, help)). ``config_overrides`` carries
+# any other field, and wins over these.
+TRIGGER_PARAMS: dict[str, tuple[str, dict[str, Any], str]] = {
+    "als_backend": ("als.backend", {"type": "string", "enum": ["implicit", "spark"]}, "ALS implementation"),
+    "als_factors": ("als.factors", {"type": "integer", "minimum": 1, "maximum": 1024}, "Vector width"),
+    "sweep": ("als.sweep", {"type": "boolean"}, "Search factors and regularization first (a 3x3 grid)"),
+    "holdout_strategy": (
+        "interactions.holdout.strategy",
+        {"type": "string", "enum": ["per_user_last", "days", "share"]},
+        "What the evaluation holds out",
+    ),
+    "full_reingest": ("events.incremental", {"type": "boolean"}, "Re-read the whole source"),
+    "dry_run": ("mlflow.promote", {"type": "boolean"}, "Publish and gate, never move champion"),
+}
+
+
+def trigger_defaults(config: PipelineConfig) -> dict[str, Any]:
+    """Each trigger param's value that leaves ``config`` as it is."""
+    return {
+        "als_backend": config.als.backend,
+        "als_factors": config.als.factors,
+        "sweep": config.als.sweep is not None,
+        "holdout_strategy": config.interactions.holdout.strategy,
+        "full_reingest": not config.events.incremental,
+        "dry_run": not config.mlflow.promote,
+    }
+
+
+def run_overrides(params: dict[str, Any], config: PipelineConfig) -> dict[str, Any]:
+    """The dotted overrides a run's params ask for: the typed trigger params that differ from
+    ``config``, then ``config_overrides`` over them."""
+    defaults = trigger_defaults(config)
+    overrides: dict[str, Any] = {}
+    for name, (field, _, _) in TRIGGER_PARAMS.items():
+        if name not in params or params[name] == defaults[name]:
+            continue
+        value = params[name]
+        if name == "sweep":
+            value = {"space": DEFAULT_SWEEP_SPACE} if value else None
+        elif name in ("full_reingest", "dry_run"):
+            value = not value
+        overrides[field] = value
+    return overrides | dict(params.get("config_overrides") or {})
 
 
 def parse_override(assignment: str) -> tuple[str, Any]:

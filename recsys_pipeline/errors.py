@@ -12,3 +12,7 @@ USER_ERROR_EXIT = 3
 
 class RecsysError(Exception):
     """A failure the user can act on: bad input, a failed gate, a missing version, a bad request."""
+
+
+class StageSkipped(Exception):  # noqa: N818 (not an error: the stage had nothing to do, by request)
+    """The stage was asked not to act (e.g. a dry run's promotion); the task is marked skipped."""

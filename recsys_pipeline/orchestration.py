@@ -17,10 +17,17 @@ from datetime import timedelta
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-from recsys_pipeline.config import PROJECT_ROOT, PipelineConfig
+from recsys_pipeline.config import (
+    PROJECT_ROOT,
+    TRIGGER_PARAMS,
+    PipelineConfig,
+    load_config,
+    run_overrides,
+    trigger_defaults,
+)
 
 # DAG files are parsed often: nothing imported here may pull in Spark (``jobs`` does).
-from recsys_pipeline.errors import USER_ERROR_EXIT, RecsysError
+from recsys_pipeline.errors import USER_ERROR_EXIT, RecsysError, StageSkipped
 from recsys_pipeline.resources import measured
 from recsys_pipeline.runs import RunContext, RunMode
 
@@ -108,23 +115,40 @@ RUN_ARGS = [
     "--interval-end",
     "{{ data_interval_end.isoformat() }}",
     "--overrides-json",
-    "{{ params.config_overrides | tojson }}",
+    "{{ recsys_overrides(params) }}",
 ]
 
 
-def run_params() -> dict[str, Any]:
-    """The params every recsys DAG takes: single config fields overridden for one run."""
+def run_params(config: PipelineConfig) -> dict[str, Any]:
+    """The params every recsys DAG takes: the typed knobs of the trigger form (defaults: the
+    config's own values), and ``config_overrides`` for any other single field."""
     from airflow.sdk import Param
 
+    defaults = trigger_defaults(config)
+    typed = {
+        name: Param(defaults[name], description=f"{help_text} ({field})", **schema)
+        for name, (field, schema, help_text) in TRIGGER_PARAMS.items()
+    }
     return {
+        **typed,
         "config_overrides": Param(
             {},
             type="object",
-            description='{"section.key": value} over conf/',
+            description='{"section.key": value} over conf/ and the fields above',
             # A URI with a user and password would be stored with the run: refused before the run exists.
             additionalProperties={"not": {"type": "string", "pattern": CREDENTIALS_IN_URI}},
-        )
+        ),
     }
+
+
+def run_macros() -> dict[str, Any]:
+    """Template helpers of every recsys DAG: ``recsys_overrides(params)`` is the JSON of the overrides
+    a run's params ask for, as the Spark jobs take them."""
+
+    def recsys_overrides(params: Any) -> str:
+        return json.dumps(run_overrides(dict(params), load_config()))
+
+    return {"recsys_overrides": recsys_overrides}
 
 
 def call_stage(target: str, mode: RunMode, context: dict[str, Any], *upstream: Any) -> Any:
@@ -143,6 +167,10 @@ def call_stage(target: str, mode: RunMode, context: dict[str, Any], *upstream: A
     try:
         with measured(task_id, cost):
             return stage(run, *upstream)
+    except StageSkipped as skipped:
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        raise AirflowSkipException(str(skipped)) from skipped
     except RecsysError as error:
         run.record_failure(task_id, error)
         raise AirflowFailException(str(error)) from error

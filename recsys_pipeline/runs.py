@@ -33,7 +33,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import scipy.sparse as sp
 
-from recsys_pipeline.config import AlsConfig, PipelineConfig, load_config
+from recsys_pipeline.config import AlsConfig, PipelineConfig, load_config, run_overrides
 from recsys_pipeline.embeddings import Embeddings, read_embeddings, write_embeddings
 from recsys_pipeline.errors import RecsysError
 from recsys_pipeline.tables import Triples, count_rows, read_id_map, read_indices, read_matrix
@@ -185,14 +185,15 @@ class RunContext:
 
     @classmethod
     def from_airflow(cls, context: Mapping[str, Any], mode: RunMode = "full") -> RunContext:
-        """The run described by an Airflow task context; ``params.config_overrides`` override the config."""
+        """The run described by an Airflow task context; its params (the typed trigger params, then
+        ``config_overrides``) override the config."""
         return cls.open(
             context["dag"].dag_id,
             context["run_id"],
             context["data_interval_start"],
             context["data_interval_end"],
             mode,
-            overrides=dict(context["params"].get("config_overrides") or {}),
+            overrides=run_overrides(dict(context["params"]), load_config()),
         )
 
     def snapshot_config(self) -> RunContext:

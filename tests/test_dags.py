@@ -78,6 +78,44 @@ def test_run_overrides_carrying_credentials_are_refused_before_a_run_exists(dagb
 
 
 @pytest.mark.parametrize("dag_id", ["recsys_weekly", "recsys_nightly"])
+def test_the_trigger_form_has_typed_params_that_default_to_the_config(dagbag, dag_id: str) -> None:
+    from airflow.sdk.definitions.param import ParamValidationError
+
+    params = dagbag.dags[dag_id].params
+    config = load_config()
+    assert params.get_param("als_factors").resolve() == config.als.factors
+    assert params.get_param("als_backend").resolve(value="spark") == "spark"
+    for name, wrong in (
+        ("als_backend", "torch"),
+        ("als_factors", 0),
+        ("holdout_strategy", "random"),
+        ("dry_run", "yes"),
+    ):
+        with pytest.raises(ParamValidationError):
+            params.get_param(name).resolve(value=wrong)
+
+
+def test_trigger_params_become_overrides_and_config_overrides_win() -> None:
+    from recsys_pipeline.config import run_overrides, trigger_defaults
+
+    config = load_config()
+    assert run_overrides({**trigger_defaults(config), "config_overrides": {}}, config) == {}
+    asked = {
+        **trigger_defaults(config),
+        "als_factors": 16,
+        "sweep": True,
+        "full_reingest": True,
+        "dry_run": True,
+        "config_overrides": {"als.factors": 24, "drift.k": 5},
+    }
+    overrides = run_overrides(asked, config)
+    assert overrides["als.factors"] == 24 and overrides["drift.k"] == 5
+    assert overrides["events.incremental"] is False and overrides["mlflow.promote"] is False
+    swept = load_config(overrides=overrides)
+    assert swept.als.sweep is not None and swept.als.sweep.space["factors"] == [32, 64, 128]
+
+
+@pytest.mark.parametrize("dag_id", ["recsys_weekly", "recsys_nightly"])
 def test_every_task_alerts_on_failure_and_promote_updates_the_champion_asset(dagbag, dag_id: str) -> None:
     dag = dagbag.dags[dag_id]
     for task in dag.tasks:
@@ -255,9 +293,11 @@ def test_weekly_dag_runs_end_to_end_and_publishes_a_champion(state_env) -> None:
         unknown.returncode == 1 and "unknown user id" in unknown.stderr and "Traceback" not in unknown.stderr
     )
 
-    # Re-running the same logical date is safe and registers no second version.
-    recsys("airflow", "dags", "test", "recsys_weekly", "1998-04-23", env=state_env)
+    # Re-running the same logical date is safe and registers no second version; as a dry run its
+    # promote is skipped (and would have left champion alone).
+    recsys("airflow", "dags", "test", "recsys_weekly", "1998-04-23", "-c", '{"dry_run": true}', env=state_env)
     assert json.loads(recsys("status", "--json", env=state_env).stdout)["version"] == 1
+    assert task_states(state_env)["promote"] == "skipped"
 
 
 @pytest.mark.e2e

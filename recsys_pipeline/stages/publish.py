@@ -21,6 +21,7 @@ from recsys_pipeline.bundle import (
     write_bundle,
 )
 from recsys_pipeline.config import PROJECT_ROOT
+from recsys_pipeline.errors import StageSkipped
 from recsys_pipeline.registry import IDENTITY_TAGS, GateFailedError, find_version, promote
 from recsys_pipeline.runs import RunContext
 from recsys_pipeline.serving import model_signature
@@ -205,5 +206,7 @@ def run_promotion(run: RunContext, version: str) -> str:
     if failed:
         client.set_model_version_tag(name, version, "gates_failed", " | ".join(failed)[:5000])
         raise GateFailedError(f"version {version} not promoted; failed gates: {' | '.join(failed)}")
+    if not run.config.mlflow.promote:
+        raise StageSkipped(f"dry run: version {version} passed every gate; champion left as it was")
     promote(run.config, version, reason=f"gates passed in {run.dag_id} {run.interval_key}")
     return version
