@@ -21,6 +21,7 @@ from airflow.sdk import DeltaDataIntervalTimetable, dag
 
 from recsys_pipeline.config import load_config
 from recsys_pipeline.orchestration import (
+    WINDOW_END,
     branch_task,
     default_args,
     publish_tail,
@@ -52,7 +53,7 @@ def recsys_nightly() -> None:
         trigger_dag_id="recsys_weekly",
         # The weekly run covers the week ending where this day ends, with this run's overrides
         # (the operator parses a rendered JSON string back into the conf dict).
-        logical_date="{{ data_interval_end.isoformat() }}",
+        logical_date=WINDOW_END,
         conf='{"config_overrides": {{ recsys_overrides(params) }}}',
         skip_when_already_exists=True,
     )

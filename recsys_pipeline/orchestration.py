@@ -29,7 +29,7 @@ from recsys_pipeline.config import (
 # DAG files are parsed often: nothing imported here may pull in Spark (``jobs`` does).
 from recsys_pipeline.errors import USER_ERROR_EXIT, RecsysError, StageSkipped
 from recsys_pipeline.resources import measured
-from recsys_pipeline.runs import RunContext, RunMode
+from recsys_pipeline.runs import RunContext, RunMode, run_window
 
 if TYPE_CHECKING:
     from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
@@ -103,6 +103,11 @@ def champion_asset(config: PipelineConfig) -> Any:
     return Asset(name=f"{model}_champion", uri=f"recsys://{model}/champion")
 
 
+# The run's data window as templates (see :func:`~recsys_pipeline.runs.run_window`).
+_WINDOW = "recsys_window(dag_run.run_type, logical_date, data_interval_start, data_interval_end)"
+WINDOW_START = "{{ " + _WINDOW + "[0].isoformat() }}"
+WINDOW_END = "{{ " + _WINDOW + "[1].isoformat() }}"
+
 RUN_ARGS = [
     "--dag-id",
     "{{ dag.dag_id }}",
@@ -111,9 +116,9 @@ RUN_ARGS = [
     "--run-id",
     "{{ run_id }}",
     "--interval-start",
-    "{{ data_interval_start.isoformat() }}",
+    WINDOW_START,
     "--interval-end",
-    "{{ data_interval_end.isoformat() }}",
+    WINDOW_END,
     "--overrides-json",
     "{{ recsys_overrides(params) }}",
 ]
@@ -143,12 +148,13 @@ def run_params(config: PipelineConfig) -> dict[str, Any]:
 
 def run_macros() -> dict[str, Any]:
     """Template helpers of every recsys DAG: ``recsys_overrides(params)`` is the JSON of the overrides
-    a run's params ask for, as the Spark jobs take them."""
+    a run's params ask for, as the Spark jobs take them; ``recsys_window(...)`` is the run's data
+    window (:func:`~recsys_pipeline.runs.run_window`)."""
 
     def recsys_overrides(params: Any) -> str:
         return json.dumps(run_overrides(dict(params), load_config()))
 
-    return {"recsys_overrides": recsys_overrides}
+    return {"recsys_overrides": recsys_overrides, "recsys_window": run_window}
 
 
 def call_stage(target: str, mode: RunMode, context: dict[str, Any], *upstream: Any) -> Any:

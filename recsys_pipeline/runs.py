@@ -190,8 +190,12 @@ class RunContext:
         return cls.open(
             context["dag"].dag_id,
             context["run_id"],
-            context["data_interval_start"],
-            context["data_interval_end"],
+            *run_window(
+                context["dag_run"].run_type,
+                context.get("logical_date"),
+                context["data_interval_start"],
+                context["data_interval_end"],
+            ),
             mode,
             overrides=run_overrides(dict(context["params"]), load_config()),
         )
@@ -408,6 +412,21 @@ class RefreshRecord:
 
     def tags(self) -> dict[str, str]:
         return {name: str(getattr(self, name)) for name in self.LINEAGE_TAGS}
+
+
+def run_window(
+    run_type: str, logical_date: datetime | None, interval_start: datetime, interval_end: datetime
+) -> tuple[datetime, datetime]:
+    """A DAG run's data window: the interval Airflow gave it, except that a manual run covers the
+    period (the interval's length) ending at its logical date.
+
+    The REST API, the UI's trigger form and a triggering operator infer a manual interval from the
+    logical date already; Airflow's CLI trigger infers it from the wall clock instead, which would
+    train a run for 1998 on whatever the last week of real time holds.
+    """
+    if str(run_type).lower().endswith("manual") and logical_date is not None and logical_date != interval_end:
+        return logical_date - (interval_end - interval_start), logical_date
+    return interval_start, interval_end
 
 
 def write_model_dir(

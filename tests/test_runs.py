@@ -1,4 +1,4 @@
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pendulum
@@ -59,3 +59,20 @@ def test_every_task_of_a_run_uses_the_config_its_first_task_saw(tmp_path: Path) 
         "recsys_weekly", "run-2", "1998-04-16", "1998-04-23", overrides={**state, "als.factors": 32}
     )
     assert rerun.config.als.factors == 32
+
+
+def test_a_manual_run_covers_the_period_ending_at_its_logical_date() -> None:
+    from recsys_pipeline.runs import run_window
+
+    week = timedelta(weeks=1)
+    wall_clock = datetime(2026, 11, 28, tzinfo=UTC)
+    asked = datetime(1998, 4, 23, tzinfo=UTC)
+    # Airflow's CLI trigger infers the interval from the wall clock; the logical date says what was meant.
+    assert run_window("manual", asked, wall_clock - week, wall_clock) == (asked - week, asked)
+    assert run_window("DagRunType.MANUAL", asked, asked - week, asked) == (asked - week, asked)
+    # Scheduled and backfill runs keep the interval their timetable gave them.
+    assert run_window("scheduled", wall_clock - week, wall_clock - week, wall_clock) == (
+        wall_clock - week,
+        wall_clock,
+    )
+    assert run_window("backfill", asked - week, asked - week, asked) == (asked - week, asked)
