@@ -28,15 +28,26 @@ setup: $(BIN)/.installed
 init: setup
 	@$(RECSYS) airflow db migrate > /dev/null
 
+# Where `make run`/`make nightly` keep a DAG run's full output: the screen gets the summary.
+RUN_LOGS = $${RECSYS_HOME:-var}/logs
+
 ## run: run the weekly DAG end to end for DATE (default 1998-04-23) and show what was published
 run: init
-	$(RECSYS) airflow dags test recsys_weekly $(DATE)
-	$(RECSYS) status
+	@$(MAKE) -s dag-run DAG=recsys_weekly
 
 ## nightly: fold the day before DATE into the champion with the nightly DAG (after make run)
 nightly: init
-	$(RECSYS) airflow dags test recsys_nightly $(DATE)
-	$(RECSYS) status
+	@$(MAKE) -s dag-run DAG=recsys_nightly
+
+dag-run:
+	@mkdir -p $(RUN_LOGS); log=$(RUN_LOGS)/$(DAG)-$(DATE).log; \
+	  echo "$(DAG) for $(DATE): running (full output in $$log)"; \
+	  if $(RECSYS) airflow dags test $(DAG) $(DATE) > $$log 2>&1; then \
+	    echo "$(DAG) for $(DATE): succeeded"; $(RECSYS) status; \
+	  else \
+	    grep -E "failed|Error" $$log | grep -v "^\s*at " | tail -n 5; \
+	    echo "$(DAG) for $(DATE): FAILED (full output in $$log)"; $(RECSYS) status; exit 1; \
+	  fi
 
 ## test: run the test suite: unit, spark and e2e tiers (whole DAG runs and servers included), two files at a time
 test: init

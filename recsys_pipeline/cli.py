@@ -103,6 +103,9 @@ def airflow_environment(config: PipelineConfig, config_path: str | None) -> dict
             {"conn_type": "spark", "host": config.spark.master}
         ),
     }
+    if config.spark.master.startswith("local"):
+        # A local Spark binds to loopback without first warning that the hostname resolves there.
+        defaults["SPARK_LOCAL_IP"] = "127.0.0.1"
     if config_path:
         defaults["RECSYS_CONFIG"] = str(Path(config_path).resolve())
     # Tasks report to the API server's execution API: on a custom port they must be told where it is.

@@ -25,18 +25,18 @@ def accounted(metrics: dict[str, float]) -> float:
     return metrics["events_ingested"] + metrics["events_quarantined"] + metrics["events_outside_window"]
 
 
+def ingest_week(spark, config, staging):
+    """The fixture week of the configured source, classified."""
+    return ingest(
+        read_source(spark, config.source), config.source, config.events, *WEEK, datetime.now(UTC), staging
+    )
+
+
 def test_a_row_shifted_by_a_tab_in_an_id_is_quarantined_not_lost_outside_the_window(
     tmp_path, spark, make_config
 ) -> None:
     config = make_config(**BAD_IDS)
-    result = ingest(
-        read_source(spark, config.source),
-        config.source,
-        config.events,
-        *WEEK,
-        datetime.now(UTC),
-        tmp_path / "staging",
-    )
+    result = ingest_week(spark, config, tmp_path / "staging")
     reasons = {row["reason"]: row["count"] for row in result.quarantine.groupBy("reason").count().collect()}
     # The shifted rows' "timestamp" column holds a rating (3, 4): far outside the window, yet the
     # record is broken, and its reason must win over the window filter.
@@ -47,27 +47,13 @@ def test_a_row_shifted_by_a_tab_in_an_id_is_quarantined_not_lost_outside_the_win
 
 def test_overlong_ids_and_ids_with_control_characters_are_invalid(tmp_path, spark, make_config) -> None:
     config = make_config(**BAD_IDS)
-    result = ingest(
-        read_source(spark, config.source),
-        config.source,
-        config.events,
-        *WEEK,
-        datetime.now(UTC),
-        tmp_path / "staging",
-    )
+    result = ingest_week(spark, config, tmp_path / "staging")
     invalid = result.quarantine.where(F.col("reason") == "invalid_id").collect()
     assert len(invalid) == 2 and result.metrics["quarantine_invalid_id"] == 2
     assert any("\\u0007" in row["raw_record"] or "\x07" in row["raw_record"] for row in invalid)
     assert result.metrics["events_ingested"] == 20
     shorter = make_config(**BAD_IDS, events__max_id_length=1000)
-    kept = ingest(
-        read_source(spark, shorter.source),
-        shorter.source,
-        shorter.events,
-        *WEEK,
-        datetime.now(UTC),
-        tmp_path / "kept",
-    )
+    kept = ingest_week(spark, shorter, tmp_path / "kept")
     assert kept.metrics["quarantine_invalid_id"] == 1  # the long id is now allowed; the bell is not
 
 
