@@ -197,5 +197,9 @@ class Bundle:
         table = pq.read_table(self.path / "history.parquet")
         return table.column("user_idx").to_numpy(), table.column("item_idx").to_numpy()
 
+    @property
+    def recommendations_file(self) -> Path:
+        return self.path / "recommendations.parquet"
+
     def popularity(self) -> np.ndarray:
         return np.load(self.path / "popularity.npy")

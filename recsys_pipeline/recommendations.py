@@ -5,9 +5,11 @@ Output (``RunContext.recommendations_file``)::
     user_id STRING, rank INT (1 = best), item_id STRING, score FLOAT
 
 Every active user (activity within ``recommendations.active_days`` before the interval
-end) gets a list. Items the user interacted with in the window are never recommended.
-Users without a vector get the most popular unseen items (``score`` is then the item's
-training interaction count).
+end) gets a list. A nightly refresh computes lists only for the users it re-solved and carries the
+others' over from the version it folded into (their vectors did not change; items new that day
+reach them at the next weekly run or when they come back). Items the user interacted with in the
+window are never recommended. Users without a vector get the most popular unseen items (``score``
+is then the item's training interaction count).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import scipy.sparse as sp
@@ -158,7 +161,7 @@ def write_recommendations(
     from index to string inside Arrow, so no per-row Python string is ever made."""
     user_names, item_names = pa.array(user_ids, pa.string()), pa.array(item_ids, pa.string())
     shown = np.zeros(len(item_ids), dtype=bool)
-    served = 0
+    served = np.zeros(len(user_ids), dtype=bool)
     with pq.ParquetWriter(path, SCHEMA) as writer:
         for users, ranks, items, scores in batches:
             writer.write_table(
@@ -168,5 +171,23 @@ def write_recommendations(
                 )
             )
             shown[items] = True
-            served += len(np.unique(users))
-    return WrittenRecommendations(served, shown)
+            served[users] = True
+    return WrittenRecommendations(int(served.sum()), shown)
+
+
+def carried_batches(
+    path: Path, users: np.ndarray, user_ids: np.ndarray, item_ids: np.ndarray, batch_rows: int = 1 << 20
+) -> Iterator[Batch]:
+    """An earlier run's lists of ``users`` (dense indices), read ``batch_rows`` rows at a time, as
+    index batches: ids map through the current ID maps, which only ever grow."""
+    wanted = pa.array(user_ids[users], pa.string())
+    every_user, every_item = pa.array(user_ids, pa.string()), pa.array(item_ids, pa.string())
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows):
+        table = pa.Table.from_batches([batch])
+        table = table.filter(pc.is_in(table.column("user_id"), value_set=wanted))
+        yield (
+            pc.index_in(table.column("user_id"), value_set=every_user).to_numpy().astype(np.int64),
+            table.column("rank").to_numpy().astype(np.int32),
+            pc.index_in(table.column("item_id"), value_set=every_item).to_numpy().astype(np.int64),
+            table.column("score").to_numpy().astype(np.float32),
+        )

@@ -5,6 +5,7 @@ from datetime import datetime, timedelta
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from recsys_pipeline.config import load_config
@@ -118,3 +119,19 @@ def test_refresh_record_is_in_the_bundle_lineage(replay) -> None:
     assert record.escalate is False and record.reasons == []
     assert np.isfinite(record.refresh_s)
     assert run.refresh_record() == record
+
+
+def test_a_night_recomputes_the_lists_of_users_it_refreshed_and_carries_the_others(replay) -> None:
+    _, _, nights = replay
+    (before, _), (night, _) = nights[-2], nights[-1]
+    metrics = night.read_metrics()
+    assert 0 < metrics["batch_users_computed"] < metrics["batch_active_users"]
+    assert metrics["batch_users_served"] == metrics["batch_active_users"]
+    earlier, latest = (
+        pq.read_table(run.recommendations_file).to_pandas().groupby("user_id").item_id.apply(tuple)
+        for run in (before, night)
+    )
+    refreshed = set(night.ids("users")[night.recent("users")])
+    carried = [user for user in latest.index if user not in refreshed]
+    assert carried and all(latest[user] == earlier[user] for user in carried)
+    assert any(latest[user] != earlier.get(user) for user in refreshed & set(latest.index))

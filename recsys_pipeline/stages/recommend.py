@@ -3,17 +3,25 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from itertools import chain
 
 import numpy as np
 
 from recsys_pipeline.embeddings import presence_mask
 from recsys_pipeline.index import load_index
-from recsys_pipeline.recommendations import active_user_indices, recommendation_batches, write_recommendations
+from recsys_pipeline.recommendations import (
+    active_user_indices,
+    carried_batches,
+    recommendation_batches,
+    write_recommendations,
+)
+from recsys_pipeline.registry import version_bundle
 from recsys_pipeline.runs import RunContext, atomic_dir
 
 
 def run_batch_recommendations(run: RunContext) -> dict[str, float]:
-    """Write ``run.recommendations_file``: unseen items for every user active in the last ``active_days``."""
+    """Write ``run.recommendations_file``: unseen items for every user active in the last ``active_days``
+    (a refresh computes only the users it re-solved and carries the rest over from its parent)."""
     n_users, n_items = run.matrix_shape()
     train = run.train_triples()
     seen = (train.to_csr(n_users, n_items) + run.holdout_matrix()).tocsr()
@@ -23,8 +31,20 @@ def run_batch_recommendations(run: RunContext) -> dict[str, float]:
     since = run.interval_end - timedelta(days=run.config.recommendations.active_days)
     with run.layout.lock(shared=True):
         active = active_user_indices(run.layout.events_lake, since, run.interval_end, user_ids)
+    fresh, carried = active, None
+    record = run.refresh_record()
+    if record is not None:
+        parent = version_bundle(run.config, record.derived_from_version)
+        if parent.recommendations_file.is_file():
+            changed = np.union1d(
+                run.recent("users"), np.setdiff1d(embeddings.user_idx, parent.embeddings().user_idx)
+            )
+            fresh = np.intersect1d(active, changed)
+            carried = carried_batches(
+                parent.recommendations_file, np.setdiff1d(active, changed), user_ids, item_ids
+            )
     batches = recommendation_batches(
-        active,
+        fresh,
         embeddings.dense_users(n_users),
         has_vector,
         load_index(run.index_dir),
@@ -34,9 +54,15 @@ def run_batch_recommendations(run: RunContext) -> dict[str, float]:
     )
     with atomic_dir(run.recommendations_file.parent) as staging:
         staging.mkdir(parents=True)
-        written = write_recommendations(staging / run.recommendations_file.name, batches, user_ids, item_ids)
+        written = write_recommendations(
+            staging / run.recommendations_file.name,
+            batches if carried is None else chain(batches, carried),
+            user_ids,
+            item_ids,
+        )
     metrics = {
         "batch_active_users": float(len(active)),
+        "batch_users_computed": float(len(fresh)),
         "batch_users_served": float(written.users_served),
         "batch_fallback_users": float((~has_vector[active]).sum()),
         "batch_coverage": float(written.items.sum()) / max(len(embeddings.item_idx), 1),
