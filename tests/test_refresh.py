@@ -138,3 +138,41 @@ def test_drift_from_the_weekly_parent_escalates_but_a_rotation_does_not(split) -
     reasons = escalation_reasons(**quiet(drift_metrics=moved))
     assert reasons and all(reason.startswith("drift from the weekly parent") for reason in reasons)
     assert any("drift_rec_overlap" in reason for reason in reasons)
+
+
+def test_a_cold_item_with_interactions_now_gets_a_learned_vector_and_drift_ignores_the_swap(split) -> None:
+    from recsys_pipeline.content import with_content_vectors
+
+    full, parent = split
+    hidden = np.arange(full.shape[1] - 30, full.shape[1])
+    rng = np.random.default_rng(0)
+    mapped = rng.normal(scale=0.1, size=(len(hidden), parent.item_factors.shape[1])).astype(np.float32)
+    served = with_content_vectors(parent, hidden, mapped, np.zeros(full.shape[1]), None)
+    assert np.array_equal(served.cold_item_idx, hidden)
+
+    users, new_items = rows_to_refresh(full, served, np.array([], dtype=np.int64))
+    with_data = hidden[full[:, hidden].getnnz(axis=0) > 0]
+    assert np.array_equal(new_items, with_data)  # cold items that now have data are solved
+    refreshed = fold_in(served, full, users, new_items, PARAMS, RefreshConfig())
+    assert np.array_equal(refreshed.cold_item_idx, np.setdiff1d(hidden, with_data))
+    rows = np.searchsorted(refreshed.item_idx, with_data)
+    assert not np.allclose(refreshed.item_factors[rows], mapped[np.isin(hidden, with_data)])
+    # Compared on learned vectors only, the swap is not drift: the learned ones did not move.
+    report = drift.compare(served, refreshed, 10, 500, 200)
+    assert report.metrics["drift_shared_items"] == len(parent.item_idx)
+    assert report.metrics["drift_aligned_cosine"] > 0.999
+
+
+def test_a_hybrid_blends_sparse_items_towards_their_content_vector(split) -> None:
+    from recsys_pipeline.content import with_content_vectors
+
+    _, parent = split
+    items = parent.item_idx[:2]
+    mapped = np.ones((2, parent.item_factors.shape[1]), dtype=np.float32)
+    counts = np.zeros(items.max() + 1)
+    counts[items] = [0, 15]
+    blended = with_content_vectors(parent, items, mapped, counts, hybrid_half_count=5.0)
+    assert len(blended.cold_item_idx) == 0
+    np.testing.assert_allclose(blended.item_factors[0], mapped[0])  # no interactions: all content
+    expected = 0.75 * parent.item_factors[1] + 0.25 * mapped[1]  # 15 interactions: 5 / (5 + 15) content
+    np.testing.assert_allclose(blended.item_factors[1], expected, rtol=1e-5)
