@@ -191,7 +191,7 @@ class RunContext:
             context["dag"].dag_id,
             context["run_id"],
             *run_window(
-                context["dag_run"].run_type,
+                getattr(context.get("dag_run"), "run_type", ""),
                 context.get("logical_date"),
                 context["data_interval_start"],
                 context["data_interval_end"],

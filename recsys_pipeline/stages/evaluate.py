@@ -13,15 +13,20 @@ log = logging.getLogger(__name__)
 
 def run_evaluation(run: RunContext) -> dict[str, float]:
     """Metrics of the candidate, ``baseline_*`` of popularity and ``champion_*`` of the champion (if any),
-    all on the same users; writes the evaluation gate."""
+    all on the same users; writes the evaluation gate.
+
+    Candidate and champion are scored on their learned vectors: cold items' content vectors are
+    judged by the content map's fit and the ``cold_start`` benchmark, and two versions' cold sets
+    differ, which would make the comparison unlike for like.
+    """
     champion = champion_embeddings(run.config)
     settings = run.config.evaluation
     holdout = run.holdout_matrix()
     evaluation = EvaluationSet.build(run.train_matrix(), holdout, settings.max_users, settings.sample_seed)
     k, confidence = settings.k, settings.confidence
-    candidate = evaluation.scores(run.embeddings(), k)
+    candidate = evaluation.scores(run.embeddings().warm_items(), k)
     baseline = evaluation.popularity_scores(k)
-    champion_scores = None if champion is None else evaluation.scores(champion, k)
+    champion_scores = None if champion is None else evaluation.scores(champion.warm_items(), k)
     metrics = candidate.summary(confidence) | baseline.summary(confidence, "baseline_")
     if champion_scores is not None:
         metrics.update(champion_scores.summary(confidence, "champion_"))
