@@ -49,6 +49,14 @@ def test_publishing_the_same_run_twice_registers_one_version(own_weekly_run) -> 
     assert status["version"] == int(first)
     assert status["metrics"]["ndcg_at_10"] > status["metrics"]["baseline_ndcg_at_10"]
     assert status["data_window"]["end"].startswith("1998-04-23")
+    # The served vectors (cold items flagged) and the content map travel in the verified bundle.
+    bundle = registry.version_bundle(own_weekly_run.config, first)
+    assert {"content_vectors.parquet", "content_map.parquet", "content_map.json"} <= {
+        path.name for path in (bundle.path / "content").iterdir()
+    }
+    served = bundle.embeddings()
+    assert len(served.cold_item_idx) == status["content"]["cold_items"] > 0
+    assert np.isin(served.cold_item_idx, served.item_idx).all()
 
 
 def test_failed_gate_leaves_the_champion_where_it_was(own_weekly_run) -> None:
