@@ -77,6 +77,11 @@ def _parser() -> argparse.ArgumentParser:
             synth.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
 
     commands.add_parser("mlflow-ui", help="print the command that opens the MLflow UI on the local state")
+    content_hash = commands.add_parser(
+        "content-hash",
+        help="print the sha256 a local sentence-transformers folder goes by in content.sentence",
+    )
+    content_hash.add_argument("model_dir", type=Path)
     return parser
 
 
@@ -255,6 +260,11 @@ def run(argv: Sequence[str]) -> int:
         )
         files = generate(spec, args.out)
         print(f"wrote {spec.events} events in {files} files to {args.out}; source mapping: {SOURCE_MAPPING}")
+        return 0
+    if args.command == "content-hash":
+        from recsys_pipeline.content import folder_sha256
+
+        print(folder_sha256(args.model_dir))
         return 0
     if args.command == "serve":
         return _serve(config, args)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ import scipy.sparse as sp
 from recsys_pipeline.config import ContentConfig, ContentMapConfig, ContentSourceConfig
 from recsys_pipeline.embeddings import Embeddings
 from recsys_pipeline.errors import RecsysError
+from recsys_pipeline.runs import file_sha256
 
 ITEM_ID = "item_id"
 QUARANTINE_REASONS = ("unparseable_record", "missing_item_id", "duplicate_item_id", "invalid_numeric")
@@ -117,18 +119,14 @@ def read_metadata(source: ContentSourceConfig) -> MetadataRead:
         schema=QUARANTINE_SCHEMA,
     )
     items = table.filter(pa.array(~bad))
+    reasons = Counter(quarantine.column("reason").to_pylist())
     read = table.num_rows + len(unparseable)
     metrics = {
         "items_read": float(read),
         "items_ingested": float(items.num_rows),
         "items_quarantined": float(quarantine.num_rows),
         "items_quarantine_share": quarantine.num_rows / max(read, 1),
-        **{
-            f"items_quarantine_{name}": float(
-                sum(1 for value in quarantine.column("reason").to_pylist() if value == name)
-            )
-            for name in QUARANTINE_REASONS
-        },
+        **{f"items_quarantine_{name}": float(reasons.get(name, 0)) for name in QUARANTINE_REASONS},
     }
     return MetadataRead(items, quarantine, metrics)
 
@@ -306,13 +304,10 @@ class PrecomputedEncoder:
 
 
 def folder_sha256(directory: Path) -> str:
-    """One hash over a folder's files (relative names and contents), in name order."""
+    """One hash over a folder's files (relative names and their sha256), in name order."""
     digest = hashlib.sha256()
     for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-        digest.update(path.relative_to(directory).as_posix().encode() + b"\0")
-        with path.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
+        digest.update(f"{path.relative_to(directory).as_posix()}\0{file_sha256(path)}\n".encode())
     return digest.hexdigest()
 
 
@@ -461,8 +456,7 @@ def with_content_vectors(
     warm = np.isin(content_idx, embeddings.item_idx)
     item_factors = embeddings.item_factors.copy()
     if hybrid_half_count is not None and warm.any():
-        rows = np.searchsorted(embeddings.item_idx, content_idx[warm], sorter=np.argsort(embeddings.item_idx))
-        rows = np.argsort(embeddings.item_idx)[rows]
+        rows = embeddings.item_rows(content_idx[warm])
         counts = interaction_counts[content_idx[warm]].astype(np.float32)
         weight = (hybrid_half_count / (hybrid_half_count + counts))[:, None]
         item_factors[rows] = (1 - weight) * item_factors[rows] + weight * mapped[warm]

@@ -35,6 +35,11 @@ class Embeddings:
     # Items whose vector was mapped from their content (too few interactions to learn one), sorted.
     cold_item_idx: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
 
+    def item_rows(self, items: np.ndarray) -> np.ndarray:
+        """Rows of ``item_factors`` holding the given item indices (each must have a vector)."""
+        order = np.argsort(self.item_idx)
+        return order[np.searchsorted(self.item_idx, items, sorter=order)]
+
     def warm_items(self) -> Embeddings:
         """These embeddings without the cold items: the vectors learned from interactions alone."""
         keep = ~np.isin(self.item_idx, self.cold_item_idx)

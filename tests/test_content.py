@@ -179,3 +179,25 @@ def test_the_content_stage_makes_no_network_connection(own_weekly_run: RunContex
     assert np.isin(served.cold_item_idx, served.item_idx).all()
     n_users, n_items = own_weekly_run.matrix_shape()
     assert metrics["content_coverage"] == pytest.approx(1.0) and n_items == 1682
+
+
+def test_a_sentence_model_folder_whose_hash_differs_is_refused_before_it_is_loaded(tmp_path) -> None:
+    from recsys_pipeline.cli import main
+    from recsys_pipeline.content import folder_sha256
+
+    model = tmp_path / "model"
+    (model / "pooling").mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    (model / "pooling" / "config.json").write_text('{"dim": 8}')
+    expected = folder_sha256(model)
+    assert main(["content-hash", str(model)]) == 0
+    config = load_config(
+        overrides={
+            "content.encoder": "sentence",
+            "content.sentence": {"model_dir": str(model), "sha256": expected},
+        }
+    ).content
+    (model / "pooling" / "config.json").write_text('{"dim": 9}')
+    assert folder_sha256(model) != expected
+    with pytest.raises(ContentError, match="hashes to .*, not content.sentence.sha256"):
+        encode_items(_items(3), config)

@@ -72,10 +72,7 @@ def run_content(run: RunContext) -> dict[str, float]:
 
     learned = read_embeddings(run.model_dir)
     has_both = np.isin(content_idx, learned.item_idx)
-    factor_rows = np.searchsorted(
-        learned.item_idx, content_idx[has_both], sorter=np.argsort(learned.item_idx)
-    )
-    factor_rows = np.argsort(learned.item_idx)[factor_rows]
+    factor_rows = learned.item_rows(content_idx[has_both])
     content_map = fit_content_map(vectors[has_both], learned.item_factors[factor_rows], config.map)
     check_map_fit(content_map, config.map.min_r2)
     mapped = content_map.apply(vectors)
