@@ -63,6 +63,7 @@ def run_spark_job(stage: SparkStage, app_name: str, argv: Sequence[str], master:
         args = run_arguments().parse_args(argv)
         run = run_context(args)
         task = args.task_id or app_name
+        run.refuse_if_published(task)
         cost: dict[str, float] = {}
         try:
             with measured(task, cost):

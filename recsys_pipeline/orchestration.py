@@ -167,6 +167,8 @@ def call_stage(target: str, mode: RunMode, context: dict[str, Any], *upstream: A
     task_id = context["task"].task_id
     try:
         run = RunContext.from_airflow(context, mode)
+        if module != "publish":
+            run.refuse_if_published(task_id)
     except RecsysError as error:
         raise AirflowFailException(str(error)) from error
     cost: dict[str, float] = {}

@@ -4,8 +4,12 @@ Every stage writes into a temporary sibling and renames it into place on success
 a crashed stage never leaves a half-written output and re-running a stage is safe.
 Each stage output has one typed reader and writer here, so no other module names its files.
 
-Run folder (``<state>/runs/<dag_id>/<interval>/``)::
+Run folder (``<state>/runs/<dag_id>/<interval>/<run id>/``): one per run, so two runs of one window
+(another config, a retry after a rejection) never share files. ``<interval>/published.json`` names
+the run of that window last registered; a published run's folder is frozen
+(:meth:`RunContext.refuse_if_published`)::
 
+    published.json          the version this run was registered as (only once it was)
     run.json                the run id and the resolved config every task of the run uses
     interactions/           train/, holdout/, maps/{users,items}/, recent/{users,items}/, fingerprint.txt
     model/                  user_factors.parquet, item_factors.parquet, training_loss.json, params.json,
@@ -41,6 +45,7 @@ from recsys_pipeline.tables import Triples, count_rows, read_id_map, read_indice
 Side = Literal["users", "items"]
 SIDES: tuple[Side, ...] = ("users", "items")
 RUN_RECORD = "run.json"
+PUBLISHED_RECORD = "published.json"
 log = logging.getLogger(__name__)
 TRAINED_PARAMS, TRAINING_LOSS, SWEEP = "params.json", "training_loss.json", "sweep.json"
 
@@ -223,18 +228,17 @@ class RunContext:
     @property
     def items_quarantine_dir(self) -> Path:
         """Item metadata rows this run quarantined, one folder per run id like the events'."""
-        return (
-            self.layout.home
-            / "lake"
-            / "items_quarantine"
-            / self.interval_key
-            / self.run_id.replace("/", "_").replace(":", "-")
-        )
+        return self.layout.home / "lake" / "items_quarantine" / self.interval_key / self.run_slug
 
     @property
     def quarantine_dir(self) -> Path:
         """This run's quarantine table: one per run id, so a failed re-run keeps the earlier run's."""
-        return self.layout.quarantine / self.interval_key / self.run_id.replace("/", "_").replace(":", "-")
+        return self.layout.quarantine / self.interval_key / self.run_slug
+
+    @property
+    def run_slug(self) -> str:
+        """The run id as one folder name."""
+        return self.run_id.replace("/", "_").replace(":", "-")
 
     @property
     def interval_key(self) -> str:
@@ -246,8 +250,34 @@ class RunContext:
         return f"{self.dag_id}/{self.interval_key}"
 
     @property
-    def run_dir(self) -> Path:
+    def window_dir(self) -> Path:
+        """Every run of this DAG over this window, and the pointer to the one published."""
         return self.layout.home / "runs" / self.dag_id / self.interval_key
+
+    @property
+    def run_dir(self) -> Path:
+        return self.window_dir / self.run_slug
+
+    def mark_published(self, model: str, version: str) -> None:
+        """Record that this run became ``model`` version ``version``: in its folder, which freezes it,
+        and as the window's pointer."""
+        record = {"model": model, "version": version, "run_id": self.run_id, "run_dir": self.run_slug}
+        write_json(self.run_dir / PUBLISHED_RECORD, record)
+        write_json(self.window_dir / PUBLISHED_RECORD, record)
+
+    def published_version(self) -> str | None:
+        path = self.run_dir / PUBLISHED_RECORD
+        return str(json.loads(path.read_text())["version"]) if path.is_file() else None
+
+    def refuse_if_published(self, task: str) -> None:
+        """A published run's files are what its version was built from: a stage re-run (a cleared
+        task) must not change them."""
+        version = self.published_version()
+        if version is not None:
+            raise RecsysError(
+                f"{task}: run {self.run_id} was published as version {version}, so its files stay as "
+                "they were published; trigger a new run for this window instead of re-running this one"
+            )
 
     def stage_dir(self, stage: str) -> Path:
         return self.run_dir / stage

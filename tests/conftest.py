@@ -28,7 +28,7 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 from recsys_pipeline.config import PipelineConfig, load_config  # noqa: E402
-from recsys_pipeline.runs import RunContext  # noqa: E402
+from recsys_pipeline.runs import PUBLISHED_RECORD, RunContext  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TEST_SPARK_CONF = {"spark.sql.shuffle.partitions": "2", "spark.ui.enabled": "false"}
@@ -137,7 +137,17 @@ def own_weekly_run(weekly_run: RunContext, tmp_path: Path) -> RunContext:
 def copy_run(run: RunContext, start: str, end: str) -> RunContext:
     """The run's outputs under another interval of the same state folder (a later run with equal results)."""
     other = RunContext.create(run.config, run.dag_id, start, end, f"manual__{end}")
-    shutil.copytree(run.run_dir, other.run_dir, dirs_exist_ok=True)
+    unpublished = shutil.ignore_patterns(PUBLISHED_RECORD)
+    shutil.copytree(run.run_dir, other.run_dir, dirs_exist_ok=True, ignore=unpublished)
+    return other
+
+
+def another_run_of(run: RunContext, run_id: str, config: PipelineConfig | None = None) -> RunContext:
+    """A second run of the run's window (another run id, maybe another config) that got as far as it."""
+    config = config or run.config
+    other = RunContext(config, run.dag_id, run_id, run.interval_start, run.interval_end, run.mode)
+    unpublished = shutil.ignore_patterns(PUBLISHED_RECORD, "run.json")
+    shutil.copytree(run.run_dir, other.run_dir, dirs_exist_ok=True, ignore=unpublished)
     return other
 
 

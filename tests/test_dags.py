@@ -1,5 +1,6 @@
 """DAG integrity, plus end-to-end runs of the weekly DAG through the real Airflow CLI."""
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -177,7 +178,7 @@ def test_a_user_facing_failure_fails_the_task_without_retries(tmp_path: Path) ->
     with pytest.raises(AirflowFailException, match="no refresh record .* run the fold-in first"):
         call_stage("refresh:refresh_escalated", "refresh", context)
     # Even a failed task records what it cost.
-    (cost,) = (tmp_path / "runs" / "recsys_nightly").glob("*/metrics/stage_escalate_or_continue.json")
+    (cost,) = (tmp_path / "runs" / "recsys_nightly").glob("*/*/metrics/stage_escalate_or_continue.json")
     recorded = json.loads(cost.read_text())
     assert recorded["stage_seconds_escalate_or_continue"] >= 0
     assert recorded["stage_peak_rss_mb_escalate_or_continue"] > 0
@@ -257,7 +258,7 @@ def state_env(tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.mark.e2e
-def test_weekly_dag_runs_end_to_end_and_publishes_a_champion(state_env) -> None:
+def test_weekly_dag_runs_end_to_end_and_publishes_a_champion(state_env, tmp_path: Path) -> None:
     recsys("airflow", "dags", "test", "recsys_weekly", "1998-04-23", env=state_env)
     assert task_states(state_env) == dict.fromkeys(WEEKLY_TASKS, "success")
     status = json.loads(recsys("status", "--json", env=state_env).stdout)
@@ -293,11 +294,43 @@ def test_weekly_dag_runs_end_to_end_and_publishes_a_champion(state_env) -> None:
         unknown.returncode == 1 and "unknown user id" in unknown.stderr and "Traceback" not in unknown.stderr
     )
 
-    # Re-running the same logical date is safe and registers no second version; as a dry run its
-    # promote is skipped (and would have left champion alone).
-    recsys("airflow", "dags", "test", "recsys_weekly", "1998-04-23", "-c", '{"dry_run": true}', env=state_env)
-    assert json.loads(recsys("status", "--json", env=state_env).stdout)["version"] == 1
-    assert task_states(state_env)["promote"] == "skipped"
+    # A second run of the window on an export that lost four rows in five: it gets a folder of its own,
+    # stops at validation, and neither the champion nor the published run's files change.
+    pointer = json.loads((window_dir(state_env) / "published.json").read_text())
+    published = window_dir(state_env) / pointer["run_dir"]
+    published_files = tree_hashes(published)
+    lines = (PROJECT_ROOT / "data" / "ml-100k" / "u.data").read_text().splitlines()
+    truncated = tmp_path / "u.data"
+    truncated.write_text("\n".join(lines[::5]) + "\n")
+    conf = json.dumps({"config_overrides": {"source.path": str(truncated)}})
+    result = recsys(
+        "airflow", "dags", "test", "recsys_weekly", "1998-04-23", "-c", conf, env=state_env, check=False
+    )
+    assert result.returncode != 0
+    states = task_states(state_env)
+    assert states["batch_recommend"] == "success" and states["validate"] == "failed", result.stdout[-6000:]
+    assert states["publish"] != "success" and states["promote"] != "success"
+    assert (
+        "events_volume: expect_column_values_to_be_between on rows failed (observed [20000])"
+        in result.stdout + result.stderr
+    )
+    after = json.loads(recsys("status", "--json", env=state_env).stdout)
+    assert after["version"] == status["version"] and after["run_id"] == status["run_id"]
+    assert len([path for path in window_dir(state_env).iterdir() if path.is_dir()]) == 2
+    assert json.loads((window_dir(state_env) / "published.json").read_text()) == pointer
+    assert tree_hashes(published) == published_files
+
+
+def window_dir(env: dict[str, str]) -> Path:
+    return Path(env["RECSYS_HOME"]) / "runs" / "recsys_weekly" / "1998-04-16T0000_1998-04-23T0000"
+
+
+def tree_hashes(folder: Path) -> dict[str, str]:
+    return {
+        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
 
 
 @pytest.mark.e2e
@@ -316,30 +349,6 @@ def test_corrupted_input_fails_the_run_and_keeps_the_champion(state_env, tmp_pat
     assert "quarantined" in result.stdout + result.stderr
     # The job exits with the user-error code, so the task fails at once instead of retrying.
     assert "failed on its input" in result.stdout + result.stderr
-    after = json.loads(recsys("status", "--json", env=state_env).stdout)
-    assert after["version"] == before["version"] and after["run_id"] == before["run_id"]
-
-
-@pytest.mark.e2e
-def test_truncated_input_stops_the_run_at_validation_and_keeps_the_champion(
-    state_env, tmp_path: Path
-) -> None:
-    before = json.loads(recsys("status", "--json", env=state_env).stdout)
-    lines = (PROJECT_ROOT / "data" / "ml-100k" / "u.data").read_text().splitlines()
-    truncated = tmp_path / "u.data"
-    truncated.write_text("\n".join(lines[::5]) + "\n")  # an upstream export that lost four rows in five
-    conf = json.dumps({"config_overrides": {"source.path": str(truncated)}})
-    result = recsys(
-        "airflow", "dags", "test", "recsys_weekly", "1998-04-23", "-c", conf, env=state_env, check=False
-    )
-    assert result.returncode != 0
-    states = task_states(state_env)
-    assert states["batch_recommend"] == "success" and states["validate"] == "failed", result.stdout[-6000:]
-    assert states["publish"] != "success" and states["promote"] != "success"
-    assert (
-        "events_volume: expect_column_values_to_be_between on rows failed (observed [20000])"
-        in result.stdout + result.stderr
-    )
     after = json.loads(recsys("status", "--json", env=state_env).stdout)
     assert after["version"] == before["version"] and after["run_id"] == before["run_id"]
 

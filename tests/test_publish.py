@@ -16,11 +16,11 @@ import pytest
 from recsys_pipeline import registry, tracking
 from recsys_pipeline.bundle import Bundle, BundleFormatError, write_bundle
 from recsys_pipeline.config import load_config
-from recsys_pipeline.errors import RecsysError
+from recsys_pipeline.errors import RecsysError, StageSkipped
 from recsys_pipeline.runs import RunContext
 from recsys_pipeline.serving import Recommender, UnknownIdError
 from recsys_pipeline.stages.publish import run_promotion, run_publish, run_tags
-from tests.conftest import copy_run
+from tests.conftest import another_run_of, copy_run
 
 
 def versions(run: RunContext) -> list[str]:
@@ -57,6 +57,21 @@ def test_publishing_the_same_run_twice_registers_one_version(own_weekly_run) -> 
     served = bundle.embeddings()
     assert len(served.cold_item_idx) == status["content"]["cold_items"] > 0
     assert np.isin(served.cold_item_idx, served.item_idx).all()
+
+
+def test_a_dry_run_registers_its_version_but_skips_promotion(own_weekly_run) -> None:
+    config = own_weekly_run.config
+    unpromoted = config.model_copy(update={"mlflow": config.mlflow.model_copy(update={"promote": False})})
+    dry = another_run_of(own_weekly_run, "manual__dry", unpromoted)
+    version = run_publish(dry)
+    assert dry.published_version() == version
+    with pytest.raises(StageSkipped, match=f"dry run: version {version} passed every gate"):
+        run_promotion(dry, version)
+    assert registry.alias_version(config, registry.CHAMPION) is None
+    # Published, its folder is frozen: a stage re-run there is refused, a new run is not.
+    with pytest.raises(RecsysError, match="trigger a new run for this window"):
+        dry.refuse_if_published("train")
+    own_weekly_run.refuse_if_published("train")
 
 
 def test_failed_gate_leaves_the_champion_where_it_was(own_weekly_run) -> None:
@@ -206,13 +221,7 @@ def test_a_run_failing_validation_is_logged_to_mlflow_but_not_registered(own_wee
             "validation": own_weekly_run.config.validation.model_copy(update={"max_top_item_share": 1e-6})
         }
     )
-    failing = RunContext(
-        strict,
-        own_weekly_run.dag_id,
-        "manual__strict",
-        own_weekly_run.interval_start,
-        own_weekly_run.interval_end,
-    )
+    failing = another_run_of(own_weekly_run, "manual__strict", strict)
     before = versions(own_weekly_run)
     with pytest.raises(ValidationFailedError, match="interaction_profile: .* top_item_share"):
         run_validation(failing)

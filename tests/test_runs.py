@@ -1,3 +1,4 @@
+import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -15,12 +16,28 @@ def test_instants_become_plain_utc_datetimes() -> None:
     assert parse_instant("1998-04-23 02:00:00+02:00") == datetime(1998, 4, 23, tzinfo=UTC)
 
 
-def test_run_paths_derive_from_the_interval(make_config) -> None:
-    run = RunContext.create(make_config(), "recsys_weekly", "1998-04-16", "1998-04-23")
-    assert run.run_dir.name == "1998-04-16T0000_1998-04-23T0000"
-    assert run.run_dir.parent.name == "recsys_weekly"
+def test_run_paths_derive_from_the_interval_and_the_run_id(make_config) -> None:
+    run = RunContext.create(make_config(), "recsys_weekly", "1998-04-16", "1998-04-23", "scheduled__1998:04")
+    assert run.run_dir.name == "scheduled__1998-04"
+    assert run.run_dir.parent.name == "1998-04-16T0000_1998-04-23T0000"
+    assert run.run_dir.parent.parent.name == "recsys_weekly"
+    other = RunContext.create(run.config, "recsys_weekly", "1998-04-16", "1998-04-23", "manual__again")
+    assert other.window_dir == run.window_dir and other.run_dir != run.run_dir
     with pytest.raises(RecsysError, match="is not after its start"):
         RunContext.create(make_config(), "d", "1998-04-23", "1998-04-23")
+
+
+def test_a_published_run_is_frozen_and_the_window_points_at_it(make_config) -> None:
+    run = RunContext.create(make_config(), "recsys_weekly", "1998-04-16", "1998-04-23", "manual__a")
+    run.refuse_if_published("train")
+    run.mark_published("recsys-als", "3")
+    assert run.published_version() == "3"
+    pointer = json.loads((run.window_dir / "published.json").read_text())
+    assert pointer["version"] == "3" and pointer["run_dir"] == "manual__a"
+    with pytest.raises(RecsysError, match="train: run manual__a was published as version 3"):
+        run.refuse_if_published("train")
+    other = RunContext.create(run.config, "recsys_weekly", "1998-04-16", "1998-04-23", "manual__b")
+    other.refuse_if_published("train")
 
 
 def test_atomic_dir_replaces_only_on_success(tmp_path: Path) -> None:

@@ -111,6 +111,8 @@ def run_publish(run: RunContext) -> str:
     existing = find_version(config, tags)
     if existing is not None:
         log.info("run %s already published as version %s", tags["run_key"], existing.version)
+        if run.published_version() is None and existing.tags.get("airflow_run_id") == run.run_id:
+            run.mark_published(config.mlflow.model_name, str(existing.version))  # killed after registering
         return str(existing.version)
     bundle = write_bundle(run, {"tags": tags, "config": config.resolved(), "source": str(config.source.path)})
     with tracking.fluent(config) as bound:
@@ -139,6 +141,7 @@ def run_publish(run: RunContext) -> str:
         version = mlflow.register_model(
             info.model_uri, config.mlflow.model_name, tags={**tags, MANIFEST_TAG: manifest_sha256(manifest)}
         )
+    run.mark_published(config.mlflow.model_name, str(version.version))
     log.info("registered %s version %s", config.mlflow.model_name, version.version)
     return str(version.version)
 

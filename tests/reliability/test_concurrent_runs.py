@@ -93,7 +93,7 @@ def test_two_weeklies_and_a_nightly_at_once_leave_shared_state_intact(tmp_path: 
     assert events.num_rows > 0
     users = read_id_map(config.state_home / "id_maps" / "users")
     assert len(set(users)) == len(users) and set(events.column("user_id").to_pylist()) <= set(users)
-    for run_dir in (config.state_home / "runs").glob("*/*"):
+    for run_dir in (config.state_home / "runs").glob("*/*/concurrent__*"):
         snapshot = read_id_map(run_dir / "interactions" / "maps" / "users")
         assert list(users[: len(snapshot)]) == list(snapshot), f"{run_dir.name}: a map index moved"
 

@@ -8,9 +8,8 @@ from pathlib import Path
 import pytest
 
 from recsys_pipeline import registry
-from recsys_pipeline.runs import RunContext
 from recsys_pipeline.stages.publish import run_promotion, run_publish
-from tests.conftest import free_port, run_recsys
+from tests.conftest import another_run_of, free_port, run_recsys
 
 
 def test_a_rerun_with_another_config_is_another_version_promoted_only_on_its_own_gates(
@@ -22,13 +21,7 @@ def test_a_rerun_with_another_config_is_another_version_promoted_only_on_its_own
     changed = own_weekly_run.config.model_copy(
         update={"als": own_weekly_run.config.als.model_copy(update={"factors": 8})}
     )
-    rerun = RunContext(
-        changed,
-        own_weekly_run.dag_id,
-        "manual__rerun",
-        own_weekly_run.interval_start,
-        own_weekly_run.interval_end,
-    )
+    rerun = another_run_of(own_weekly_run, "manual__rerun", changed)
     rerun.write_gate("evaluation", False, ["ndcg_at_10=0.1 does not beat baseline_ndcg_at_10=0.2"])
     second = run_publish(rerun)
     assert second != first, "another config must not reuse the earlier version"
