@@ -38,7 +38,7 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     k = params["k"]
     for n_items in params["item_counts"]:
         items, queries = synthetic_embeddings(n_items, params["dims"], params["queries"], params["seed"])
-        _, metrics = build_tuned(np.arange(n_items), items, queries, IndexConfig(), k)
+        _, metrics, _ = build_tuned(np.arange(n_items), items, queries, IndexConfig(), k)
         results[str(n_items)] = {
             "recall_at_10": metrics[f"index_recall_at_{k}"],
             "qps": metrics["index_qps"],

@@ -246,6 +246,9 @@ class IndexConfig(_Section):
     reorder: int = Field(default=200, ge=1)
     recall_sample_users: int = Field(default=1000, ge=1)
     min_recall: float = Field(default=0.95, ge=0, le=1)
+    max_p99_ms: float = Field(
+        default=10.0, gt=0, description="One-query search latency budget (99th percentile, one thread)."
+    )
 
 
 class RecommendationsConfig(_Section):

@@ -33,6 +33,10 @@ MANIFEST = "manifest.json"
 INDEX_FORMAT = 3
 SCANN_DOCIDS_PICKLE = "scann_docids.pkl"
 DOCIDS = "docids.npy"
+# Query batches at least this big are split over ScaNN's threads.
+PARALLEL_BATCH = 256
+# Single queries timed per operating point for its latency percentiles.
+LATENCY_QUERIES = 200
 
 
 class IndexIntegrityError(RecsysError):
@@ -118,13 +122,21 @@ class ScannIndex:
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         k = min(k, len(self.item_idx))
-        rows, scores = self.searcher.search_batched(
+        # The pybind searcher answers in rows; the wrapper's per-row docid strings would cost more than
+        # the search itself, and row r holds item_idx[r].
+        rows, scores = self.searcher.searcher.search_batched(
             np.ascontiguousarray(queries, dtype=np.float32),
-            final_num_neighbors=k,
-            pre_reorder_num_neighbors=max(self.params.reorder, k) if self.params.num_leaves else None,
-            leaves_to_search=self.params.leaves_to_search,
+            k,
+            max(self.params.reorder, k) if self.params.num_leaves else -1,
+            self.params.leaves_to_search or -1,
+            len(queries) >= PARALLEL_BATCH,
+            PARALLEL_BATCH,
         )
-        return np.asarray(rows, dtype=np.int64), np.asarray(scores, dtype=np.float32)
+        return self.item_idx[np.asarray(rows, dtype=np.int64)], np.asarray(scores, dtype=np.float32)
+
+    def with_params(self, params: SearchParams) -> ScannIndex:
+        """The same searcher queried with other search-time settings (leaves searched, reorder)."""
+        return ScannIndex(self.searcher, params)
 
     def upsert(self, item_idx: np.ndarray, vectors: np.ndarray) -> None:
         if len(item_idx):
@@ -263,18 +275,92 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
 def measure(
     index: ItemIndex, item_idx: np.ndarray, item_factors: np.ndarray, queries: np.ndarray, k: int
 ) -> dict[str, float]:
-    """Recall@k of the index against exact search over (item_idx, item_factors), with the QPS of both."""
+    """Recall@k of the index against exact search over (item_idx, item_factors), with the QPS of both
+    and the index's one-query latency."""
     started = time.perf_counter()
-    truth_rows = exact_top_k(queries, item_factors, k)
-    exact_s = time.perf_counter() - started
+    truth = np.asarray(item_idx)[exact_top_k(queries, item_factors, k)]
+    exact_qps = len(queries) / max(time.perf_counter() - started, 1e-9)
+    point = operating_point(index, queries, truth, k)
+    return {**point.metrics(k), "exact_qps": exact_qps}
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """What one search setting gives on the run's own queries."""
+
+    params: SearchParams
+    recall: float
+    qps: float  # batched
+    p50_ms: float  # one query at a time, one thread
+    p99_ms: float
+
+    def metrics(self, k: int) -> dict[str, float]:
+        return {
+            f"index_recall_at_{k}": self.recall,
+            "index_qps": self.qps,
+            "index_p50_ms": self.p50_ms,
+            "index_p99_ms": self.p99_ms,
+        }
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            **self.params.as_dict(),
+            "recall": self.recall,
+            "qps": self.qps,
+            "p50_ms": self.p50_ms,
+            "p99_ms": self.p99_ms,
+        }
+
+
+def operating_point(index: ItemIndex, queries: np.ndarray, truth: np.ndarray, k: int) -> OperatingPoint:
     started = time.perf_counter()
     found, _ = index.search(queries, k)
-    index_s = time.perf_counter() - started
-    return {
-        f"index_recall_at_{k}": recall_at_k(found, np.asarray(item_idx)[truth_rows]),
-        "index_qps": len(queries) / max(index_s, 1e-9),
-        "exact_qps": len(queries) / max(exact_s, 1e-9),
-    }
+    qps = len(queries) / max(time.perf_counter() - started, 1e-9)
+    timings = []
+    for query in queries[:LATENCY_QUERIES]:
+        started = time.perf_counter()
+        index.search(query[None, :], k)
+        timings.append(time.perf_counter() - started)
+    p50, p99 = np.percentile(np.asarray(timings) * 1000, [50, 99]) if timings else (0.0, 0.0)
+    params = index.params if isinstance(index, ScannIndex) else SearchParams(None, None, 0)
+    return OperatingPoint(params, recall_at_k(found, truth), qps, float(p50), float(p99))
+
+
+def tuning_curve(
+    index: ScannIndex, queries: np.ndarray, truth: np.ndarray, config: IndexConfig, k: int
+) -> list[OperatingPoint]:
+    """Operating points of a tree index from cheap to thorough: for each reorder depth, more leaves
+    are searched until recall reaches ``min_recall`` or latency passes ``max_p99_ms`` (searching more
+    only costs more from there)."""
+    leaves = index.params.num_leaves or 1
+    searched = sorted(
+        {
+            index.params.leaves_to_search or 1,
+            *(max(1, leaves * share // 100) for share in (2, 5, 10, 20, 50, 100)),
+        }
+    )
+    curve = []
+    for reorder in (index.params.reorder, 2 * index.params.reorder, 4 * index.params.reorder):
+        for leaves_to_search in searched:
+            point = operating_point(
+                index.with_params(SearchParams(leaves, leaves_to_search, reorder)), queries, truth, k
+            )
+            curve.append(point)
+            if point.recall >= config.min_recall or point.p99_ms > config.max_p99_ms:
+                break
+    return curve
+
+
+def choose_point(curve: list[OperatingPoint], config: IndexConfig) -> OperatingPoint:
+    """The fastest batched point within both targets; else the fastest one meeting recall (the gate
+    then names its latency); else the most accurate (the gate names its recall)."""
+    accurate = [point for point in curve if point.recall >= config.min_recall]
+    within = [point for point in accurate if point.p99_ms <= config.max_p99_ms]
+    if within:
+        return max(within, key=lambda point: point.qps)
+    if accurate:
+        return min(accurate, key=lambda point: point.p99_ms)
+    return max(curve, key=lambda point: (point.recall, point.qps))
 
 
 def index_vectors(item_factors: np.ndarray, config: IndexConfig) -> np.ndarray:
@@ -287,32 +373,26 @@ def index_vectors(item_factors: np.ndarray, config: IndexConfig) -> np.ndarray:
 
 def build_tuned(
     item_idx: np.ndarray, item_factors: np.ndarray, queries: np.ndarray, config: IndexConfig, k: int
-) -> tuple[ItemIndex, dict[str, float]]:
-    """Build for the catalogue size and metric; while recall is short, search more leaves and reorder more."""
+) -> tuple[ItemIndex, dict[str, float], list[OperatingPoint]]:
+    """Build for the catalogue size and metric, then choose the search setting from the measured
+    recall/latency curve on ``queries`` (see :func:`choose_point`): (index, metrics, curve)."""
     item_factors = index_vectors(item_factors, config)
     params = search_params(len(item_idx), config)
     started = time.perf_counter()
     index = build_index(config.backend, item_idx, item_factors, params, k)
-    metrics = {"index_build_s": time.perf_counter() - started}
-    metrics.update(measure(index, item_idx, item_factors, queries, k))
-    while (
-        isinstance(index, ScannIndex)
-        and metrics[f"index_recall_at_{k}"] < config.min_recall
-        and params.num_leaves
-        and (params.leaves_to_search or 0) < params.num_leaves
-    ):
-        params = SearchParams(
-            params.num_leaves, min(params.num_leaves, 2 * (params.leaves_to_search or 1)), 2 * params.reorder
-        )
-        log.info(
-            "index recall %.3f below %.3f: retrying with %s",
-            metrics[f"index_recall_at_{k}"],
-            config.min_recall,
-            params,
-        )
-        index = ScannIndex(index.searcher, params)
-        metrics.update(measure(index, item_idx, item_factors, queries, k))
-    return index, metrics
+    build_s = time.perf_counter() - started
+    started = time.perf_counter()
+    truth = np.asarray(item_idx)[exact_top_k(queries, item_factors, k)]
+    exact_qps = len(queries) / max(time.perf_counter() - started, 1e-9)
+    if isinstance(index, ScannIndex) and params.num_leaves:
+        curve = tuning_curve(index, queries, truth, config, k)
+        chosen = choose_point(curve, config)
+        index = index.with_params(chosen.params)
+        log.info("index search setting %s chosen from %d measured points", chosen.as_dict(), len(curve))
+    else:
+        chosen = operating_point(index, queries, truth, k)
+        curve = [chosen]
+    return index, {"index_build_s": build_s, **chosen.metrics(k), "exact_qps": exact_qps}, curve
 
 
 def recall_queries(embeddings: Embeddings, sample_users: int) -> np.ndarray:
@@ -351,7 +431,7 @@ def update(
     metrics.update(measure(index, embeddings.item_idx, vectors, queries, k))
     if not metrics.get(f"index_recall_at_{k}", 0.0) >= config.min_recall:
         log.warning("updated index recall below %.3f: rebuilding", config.min_recall)
-        index, built = build_tuned(embeddings.item_idx, embeddings.item_factors, queries, config, k)
+        index, built, _ = build_tuned(embeddings.item_idx, embeddings.item_factors, queries, config, k)
         metrics.update(built)
         metrics["index_rebuilt"] = 1.0
     else:

@@ -104,11 +104,44 @@ def test_cosine_metric_ranks_by_angle_not_norm() -> None:
 
     items = np.array([[10.0, 10.0], [1.0, 0.0], [0.0, 1.0]], dtype=np.float32)
     query = np.array([[1.0, 0.05]], dtype=np.float32)
-    dot_index, _ = build_tuned(np.arange(3), items, query, IndexConfig(metric="dot_product"), k=1)
-    cosine_index, metrics = build_tuned(np.arange(3), items, query, IndexConfig(metric="cosine"), k=1)
+    dot_index, _, _ = build_tuned(np.arange(3), items, query, IndexConfig(metric="dot_product"), k=1)
+    cosine_index, metrics, _ = build_tuned(np.arange(3), items, query, IndexConfig(metric="cosine"), k=1)
     assert dot_index.search(query, 1)[0].tolist() == [[0]]
     assert cosine_index.search(query, 1)[0].tolist() == [[1]]
     assert metrics["index_recall_at_1"] == 1.0
+
+
+def test_the_search_setting_is_the_fastest_measured_point_within_recall_and_latency() -> None:
+    from recsys_pipeline.index import build_tuned
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(40, 16))
+    items = (centres[rng.integers(0, 40, 30_000)] + 0.5 * rng.normal(size=(30_000, 16))).astype(np.float32)
+    queries = (centres[rng.integers(0, 40, 300)] + 0.5 * rng.normal(size=(300, 16))).astype(np.float32)
+    config = IndexConfig(brute_force_below=1000, max_p99_ms=1000.0)
+    index, metrics, curve = build_tuned(np.arange(len(items)), items, queries, config, 10)
+    assert len(curve) > 1 and metrics["index_recall_at_10"] >= 0.95
+    assert metrics["index_p99_ms"] >= metrics["index_p50_ms"] > 0
+    chosen = max((p for p in curve if p.recall >= 0.95), key=lambda p: p.qps)
+    assert index.params == chosen.params and metrics["index_qps"] == chosen.qps
+    # Per reorder depth, searching more leaves never loses recall; the walk stops once recall is met.
+    for reorder in {point.params.reorder for point in curve}:
+        walk = [point for point in curve if point.params.reorder == reorder]
+        assert [p.recall for p in walk] == sorted(p.recall for p in walk)
+        assert all(p.recall < 0.95 for p in walk[:-1])
+
+
+def test_choosing_a_point_prefers_both_targets_then_recall_then_the_most_accurate() -> None:
+    from recsys_pipeline.index import OperatingPoint, SearchParams, choose_point
+
+    def point(leaves: int, recall: float, qps: float, p99: float) -> OperatingPoint:
+        return OperatingPoint(SearchParams(100, leaves, 200), recall, qps, p99 / 2, p99)
+
+    config = IndexConfig(min_recall=0.95, max_p99_ms=5.0)
+    slow, fast, short = point(50, 0.99, 100, 8.0), point(10, 0.96, 900, 2.0), point(2, 0.80, 5000, 0.5)
+    assert choose_point([short, fast, slow], config) is fast
+    assert choose_point([short, slow, point(80, 0.99, 50, 9.0)], config) is slow
+    assert choose_point([short, point(4, 0.9, 3000, 1.0)], config).recall == 0.9
 
 
 KINDS = ["scann_tree", "scann_brute_force", "exact"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from recsys_pipeline.errors import RecsysError
 from recsys_pipeline.index import ItemIndex, build_tuned, recall_queries, update
 from recsys_pipeline.registry import version_bundle
@@ -13,10 +15,10 @@ def run_index(run: RunContext) -> dict[str, float]:
     config = run.config.index
     embeddings = run.embeddings()
     queries = recall_queries(embeddings, config.recall_sample_users)
-    index, metrics = build_tuned(
+    index, metrics, curve = build_tuned(
         embeddings.item_idx, embeddings.item_factors, queries, config, run.config.evaluation.k
     )
-    _save_and_gate(run, index, metrics)
+    _save_and_gate(run, index, metrics, [point.as_dict() for point in curve])
     return metrics
 
 
@@ -35,16 +37,24 @@ def run_index_refresh(run: RunContext) -> dict[str, float]:
         run.config.index,
         run.config.evaluation.k,
     )
-    _save_and_gate(run, index, metrics)
+    _save_and_gate(run, index, metrics, [])
     return metrics
 
 
-def _save_and_gate(run: RunContext, index: ItemIndex, metrics: dict[str, float]) -> None:
-    k, min_recall = run.config.evaluation.k, run.config.index.min_recall
+def _save_and_gate(
+    run: RunContext, index: ItemIndex, metrics: dict[str, float], curve: list[dict[str, Any]]
+) -> None:
+    """Save the index, record its size, and gate its recall and its one-query latency; the gate keeps
+    the measured curve the search setting was chosen from."""
+    k, config = run.config.evaluation.k, run.config.index
     with atomic_dir(run.index_dir) as staging:
         index.save(staging)
-    recall = metrics[f"index_recall_at_{k}"]
-    passed = recall >= min_recall
-    reasons = [] if passed else [f"index_recall_at_{k}={recall:.4f} is below index.min_recall={min_recall}"]
+    metrics["index_mb"] = sum(path.stat().st_size for path in run.index_dir.iterdir()) / 2**20
+    recall, p99 = metrics[f"index_recall_at_{k}"], metrics["index_p99_ms"]
+    reasons = []
+    if recall < config.min_recall:
+        reasons.append(f"index_recall_at_{k}={recall:.4f} is below index.min_recall={config.min_recall}")
+    if p99 > config.max_p99_ms:
+        reasons.append(f"index_p99_ms={p99:.2f} is above index.max_p99_ms={config.max_p99_ms}")
     run.write_metrics("index", metrics)
-    run.write_gate("index", passed, reasons)
+    run.write_gate("index", not reasons, reasons, curve=curve)
