@@ -1,8 +1,8 @@
 """ScaNN against exact search and against the ANN libraries a service author already knows.
 
 Catalogues of synthetic 64-d item vectors shaped like ALS factors: items share a latent cluster
-structure (genres), and an item's norm grows with its popularity (power law), so maximum inner
-product search favours popular items as ALS scoring does. Queries are held-out user-like vectors.
+structure (genres), and item norms spread log-normally (popular items have larger ones), so maximum
+inner product search favours heavy items as ALS scoring does. Queries are held-out user-like vectors.
 
 For each catalogue size and metric (``dot_product``, as ALS scores, and ``cosine``), ScaNN is built
 with the pipeline's own size-derived configuration and its search setting chosen from the measured
@@ -60,19 +60,20 @@ GRID_CEILING_MS = 50.0
 
 
 def synthetic_embeddings(n_items: int, dims: int, n_queries: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(items, queries): clustered unit directions; item norms from a power law of popularity."""
+    """(items, queries): clustered directions with log-normal norms."""
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(max(16, n_items // 1000), dims)).astype(np.float32)
     items = np.empty((n_items, dims), dtype=np.float32)
     for start in range(0, n_items, 1_000_000):  # in blocks: no float64 copy of a 10M catalogue
         stop = min(start + 1_000_000, n_items)
         block = centres[rng.integers(0, len(centres), stop - start)]
-        block += rng.normal(size=block.shape).astype(np.float32)  # as spread as the clusters themselves
+        block += 0.5 * rng.normal(size=block.shape).astype(np.float32)
         block /= np.linalg.norm(block, axis=1, keepdims=True)
-        popularity_rank = rng.integers(1, n_items + 1, stop - start)
-        block *= (0.2 + (n_items / popularity_rank) ** 0.25 / n_items**0.25).astype(np.float32)[:, None]
+        # Log-normal norms (ALS gives popular items larger ones): a 10x spread between the 1st and 99th
+        # percentile, so inner product search leans towards the heavy items as ALS scoring does.
+        block *= np.exp(0.5 * rng.normal(size=(stop - start, 1))).astype(np.float32)
         items[start:stop] = block
-    queries = centres[rng.integers(0, len(centres), n_queries)] + rng.normal(size=(n_queries, dims))
+    queries = centres[rng.integers(0, len(centres), n_queries)] + 0.5 * rng.normal(size=(n_queries, dims))
     return items, queries.astype(np.float32)
 
 
@@ -229,7 +230,30 @@ def run_scann(
     }
     if isinstance(index, ScannIndex):
         result["curve"] = scann_curve(index, queries, truth, k)
+        if metric == "dot_product":
+            started = time.perf_counter()
+            result["upsert_recall_at_10"] = upsert_recall(index, items, queries, k)
+            result["upsert_s"] = time.perf_counter() - started
     return result
+
+
+def upsert_recall(
+    index: ScannIndex, items: np.ndarray, queries: np.ndarray, k: int, share: float = 0.01
+) -> float:
+    """Recall after a nightly-sized update: ``share`` of the vectors moved and upserted in place.
+    ``items`` is changed for the measurement and restored."""
+    rng = np.random.default_rng(1)
+    rows = np.sort(rng.choice(len(items), int(len(items) * share), replace=False))
+    original = items[rows].copy()
+    scale = np.linalg.norm(original, axis=1, keepdims=True) / np.sqrt(items.shape[1])
+    moved = (original + 0.5 * scale * rng.normal(size=original.shape)).astype(np.float32)
+    index.upsert(rows, moved)
+    items[rows] = moved
+    try:
+        found, _ = index.search(queries, k)
+        return recall_at_k(found, exact_top_k(queries, items, k))
+    finally:
+        items[rows] = original
 
 
 def scann_at_recall(

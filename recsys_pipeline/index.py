@@ -35,6 +35,8 @@ SCANN_DOCIDS_PICKLE = "scann_docids.pkl"
 DOCIDS = "docids.npy"
 # Query batches at least this big are split over ScaNN's threads.
 PARALLEL_BATCH = 256
+# The tuning walks reorder depths up to 2**(this - 1) times index.reorder.
+REORDER_DOUBLINGS = 6
 # Single queries timed per operating point for its latency percentiles.
 LATENCY_QUERIES = 200
 
@@ -329,18 +331,22 @@ def operating_point(index: ItemIndex, queries: np.ndarray, truth: np.ndarray, k:
 def tuning_curve(
     index: ScannIndex, queries: np.ndarray, truth: np.ndarray, config: IndexConfig, k: int
 ) -> list[OperatingPoint]:
-    """Operating points of a tree index from cheap to thorough: for each reorder depth, more leaves
-    are searched until recall reaches ``min_recall`` or latency passes ``max_p99_ms`` (searching more
-    only costs more from there)."""
+    """Operating points of a tree index from cheap to thorough.
+
+    For each reorder depth (doubling: quantized scores of items with large norms err the most, and
+    exact re-scoring of more candidates is cheap), more leaves are searched until recall reaches
+    ``min_recall`` or latency passes ``max_p99_ms`` (from there searching more only costs more). Once
+    two depths in a row reached recall, deeper ones would only be slower.
+    """
     leaves = index.params.num_leaves or 1
+    shares = (2, 5, 10, 20, 50, 100)
     searched = sorted(
-        {
-            index.params.leaves_to_search or 1,
-            *(max(1, leaves * share // 100) for share in (2, 5, 10, 20, 50, 100)),
-        }
+        {index.params.leaves_to_search or 1, *(max(1, leaves * share // 100) for share in shares)}
     )
-    curve = []
-    for reorder in (index.params.reorder, 2 * index.params.reorder, 4 * index.params.reorder):
+    curve: list[OperatingPoint] = []
+    depths_reaching_recall = 0
+    for doubling in range(REORDER_DOUBLINGS):
+        reorder = index.params.reorder * 2**doubling
         for leaves_to_search in searched:
             point = operating_point(
                 index.with_params(SearchParams(leaves, leaves_to_search, reorder)), queries, truth, k
@@ -348,6 +354,9 @@ def tuning_curve(
             curve.append(point)
             if point.recall >= config.min_recall or point.p99_ms > config.max_p99_ms:
                 break
+        depths_reaching_recall = depths_reaching_recall + 1 if curve[-1].recall >= config.min_recall else 0
+        if depths_reaching_recall == 2:
+            break
     return curve
 
 
