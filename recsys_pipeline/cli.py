@@ -87,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
 
 # The only overrides `recsys airflow` can hand to DAG runs: where the state lives (RECSYS_HOME) and the
 # Spark master (the Spark connection). Every other field is read by the tasks from their own config.
-REACHES_AIRFLOW = frozenset({"state_dir", "spark.master"})
+REACHES_AIRFLOW = frozenset({"state_dir", "spark.master", "spark.pool_slots"})
 
 
 def airflow_environment(config: PipelineConfig, config_path: str | None) -> dict[str, str]:
@@ -120,6 +120,16 @@ def airflow_environment(config: PipelineConfig, config_path: str | None) -> dict
     for key, value in defaults.items():
         env.setdefault(key, value)
     return env
+
+
+def one_run_at_a_time(airflow_args: list[str]) -> list[str]:
+    """A backfill replays history in date order, one run at a time: Airflow's own default (10 at
+    once) overrides the DAGs' ``max_active_runs``, so it is set unless the user set it."""
+    if airflow_args[:2] == ["backfill", "create"] and not any(
+        arg.startswith("--max-active-runs") for arg in airflow_args
+    ):
+        return [*airflow_args, "--max-active-runs", "1"]
+    return airflow_args
 
 
 def _print_table(frame: pd.DataFrame, as_json: bool) -> None:
@@ -253,7 +263,11 @@ def run(argv: Sequence[str]) -> int:
         env = airflow_environment(config, args.config)
         Path(env["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)
         airflow = str(Path(sys.executable).parent / "airflow")
-        return subprocess.call([airflow, *args.airflow_args], env=env)
+        code = subprocess.call([airflow, *one_run_at_a_time(args.airflow_args)], env=env)
+        if code == 0 and args.airflow_args[:2] == ["db", "migrate"]:
+            pool = [config.spark.pool, str(config.spark.pool_slots), "Spark stages of the recsys DAGs"]
+            code = subprocess.call([airflow, "pools", "set", *pool], env=env, stdout=subprocess.DEVNULL)
+        return code
     if args.command == "synth":
         spec = SyntheticSpec(
             **{k: getattr(args, k) for k in SyntheticSpec().as_dict() if k != "chunk_events"}

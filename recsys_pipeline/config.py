@@ -325,6 +325,14 @@ class SparkConfig(_Section):
     conn_id: str = Field(
         default="recsys_spark", description="Airflow connection the Spark tasks submit through."
     )
+    pool: str = Field(
+        default="recsys_spark",
+        description="Airflow pool every Spark task of every recsys run takes a slot of (`recsys airflow db "
+        "migrate` creates it with pool_slots).",
+    )
+    pool_slots: int = Field(
+        default=1, ge=1, description="Spark jobs at once: 1 on one machine; more on a cluster."
+    )
     conf: dict[str, str] = {}
 
     @field_validator("master")

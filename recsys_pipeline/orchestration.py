@@ -257,4 +257,6 @@ def spark_job(
         },
         name=f"recsys-{task_id}",
         application_args=[*RUN_ARGS, "--mode", mode],
+        # Two runs at once (a backfill, a nightly beside a weekly) queue for the Spark slots.
+        pool=config.spark.pool,
     )

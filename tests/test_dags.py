@@ -63,6 +63,10 @@ def test_dag_integrity_docs_tags_owner_retries_and_timeouts(dagbag, dag_id: str)
         assert task.owner == "recsys", task.task_id
         assert task.retries >= 2 and task.retry_exponential_backoff, task.task_id
         assert task.execution_timeout is not None, task.task_id
+    spark_tasks = [task for task in dag.tasks if task.task_type == "StageSparkSubmitOperator"]
+    assert spark_tasks and all(task.pool == "recsys_spark" for task in spark_tasks)
+    others = [task for task in dag.tasks if task not in spark_tasks]
+    assert all(task.pool == "default_pool" for task in others)
 
 
 @pytest.mark.parametrize("dag_id", ["recsys_weekly", "recsys_nightly"])
@@ -254,6 +258,8 @@ def state_env(tmp_path_factory) -> dict[str, str]:
     env["AIRFLOW_HOME"] = str(home / "airflow")
     env["AIRFLOW_CONN_RECSYS_SPARK"] = json.dumps({"conn_type": "spark", "host": "local[2]"})
     recsys("airflow", "db", "migrate", env=env)
+    pools = {row["pool"]: row for row in airflow_json("pools", "list", env=env)}
+    assert pools["recsys_spark"]["slots"] in (1, "1")  # made by the wrapper's migrate, for the Spark tasks
     return env
 
 
@@ -388,6 +394,15 @@ def test_cli_overrides_that_cannot_reach_dag_runs_are_refused(capsys) -> None:
     assert (
         error.startswith("recsys: --set als.factors would not reach DAG runs") and "config_overrides" in error
     )
+
+
+def test_a_backfill_runs_one_week_at_a_time_unless_told_otherwise() -> None:
+    from recsys_pipeline.cli import one_run_at_a_time
+
+    backfill = ["backfill", "create", "--dag-id", "recsys_weekly", "--from-date", "1998-03-26"]
+    assert one_run_at_a_time(backfill)[-2:] == ["--max-active-runs", "1"]
+    assert one_run_at_a_time([*backfill, "--max-active-runs=3"]) == [*backfill, "--max-active-runs=3"]
+    assert one_run_at_a_time(["dags", "list"]) == ["dags", "list"]
 
 
 def test_a_custom_api_port_tells_tasks_where_the_execution_api_is(monkeypatch) -> None:

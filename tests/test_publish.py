@@ -3,8 +3,13 @@
 Every test that publishes works on its own copy of the weekly run's state (``own_weekly_run``).
 """
 
+import io
 import json
+import os
 import shutil
+import subprocess
+import sys
+import sysconfig
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -121,7 +126,7 @@ def test_recommender_excludes_history_and_rejects_unknown_ids(own_weekly_run) ->
     assert popular["item_id"].tolist() == list(recommender.item_ids[recommender.popular[:3]])
 
 
-def test_registered_pyfunc_answers_like_the_in_process_client(own_weekly_run) -> None:
+def test_registered_pyfunc_answers_like_the_in_process_client(own_weekly_run, tmp_path: Path) -> None:
     version = run_publish(own_weekly_run)
     run_promotion(own_weekly_run, version)
     with tracking.fluent(own_weekly_run.config):
@@ -134,6 +139,38 @@ def test_registered_pyfunc_answers_like_the_in_process_client(own_weekly_run) ->
     similar = model.predict(pd.DataFrame({"item_id": [expected["item_id"].iloc[0]], "k": [4]}))
     assert similar["rank"].tolist() == [1, 2, 3, 4]
     assert np.all(np.diff(similar["score"].to_numpy()) <= 0)
+
+    # The model carries its own code: a fresh virtual environment holding the third-party packages
+    # but not recsys-pipeline loads the stored files and answers the same.
+    fresh = tmp_path / "fresh"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(fresh)], check=True)
+    (fresh / "lib" / "python3.11" / "site-packages" / "third_party.pth").write_text(
+        sysconfig.get_paths()["purelib"] + "\n"  # its .pth files (the editable install) are not read
+    )
+    script = (
+        "import sys, mlflow, pandas as pd\n"
+        "try:\n    import recsys_pipeline\nexcept ImportError:\n    pass\n"
+        "else:\n    sys.exit('recsys_pipeline is installed here')\n"
+        "model = mlflow.pyfunc.load_model(sys.argv[1])\n"
+        "frame = pd.DataFrame({'user_id': sys.argv[2:], 'k': 5})\n"
+        "print(model.predict(frame).to_json(orient='records'))\n"
+    )
+    stored = registry.verified_model(own_weekly_run.config, version)
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    loaded = subprocess.run(
+        [str(fresh / "bin" / "python"), "-c", script, str(stored), *users],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    answer = io.StringIO(loaded.stdout.strip().splitlines()[-1])
+    answered = pd.read_json(answer, dtype={"user_id": str, "item_id": str})
+    pd.testing.assert_frame_equal(
+        answered[expected.columns].reset_index(drop=True), expected, check_dtype=False, atol=1e-5
+    )
 
 
 def test_status_without_a_champion_is_a_clear_error(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -28,7 +29,8 @@ from recsys_pipeline.serving import model_signature
 
 log = logging.getLogger(__name__)
 # Logged as the model's code (models-from-code): the pyfunc is never pickled.
-PYFUNC_CODE = Path(__file__).resolve().parent.parent / "pyfunc_entry.py"
+PACKAGE = Path(__file__).resolve().parent.parent
+PYFUNC_CODE = PACKAGE / "pyfunc_entry.py"
 REQUIRED_GATES = {
     "full": ("evaluation", "index", "validation"),
     # A fold-in has no untouched holdout to evaluate on; its gate is staying close to its parent.
@@ -126,14 +128,17 @@ def run_publish(run: RunContext) -> str:
                 mlflow.log_metric("training_loss_per_iteration", loss, step=step)
             mlflow.log_artifacts(str(run.validation_dir), artifact_path="validation")
             mlflow.log_dict(run.read_gates(), "gates.json")
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=str(PYFUNC_CODE),
-                artifacts={"bundle": str(bundle)},
-                signature=model_signature(),
-                input_example=input_example(Bundle(bundle)),
-                pip_requirements=serving_requirements(),
-            )
+            with tempfile.TemporaryDirectory() as code:
+                info = mlflow.pyfunc.log_model(
+                    name="model",
+                    python_model=str(PYFUNC_CODE),
+                    artifacts={"bundle": str(bundle)},
+                    # The package travels with the model: it loads where recsys-pipeline is not installed.
+                    code_paths=[str(package_source(Path(code)))],
+                    signature=model_signature(),
+                    input_example=input_example(Bundle(bundle)),
+                    pip_requirements=serving_requirements(),
+                )
             manifest = logged_model_manifest(info.model_uri)
             with tempfile.TemporaryDirectory() as staging:
                 (Path(staging) / MODEL_MANIFEST).write_bytes(manifest_bytes(manifest))
@@ -172,6 +177,13 @@ def logged_model_manifest(model_uri: str) -> dict[str, str]:
     with tempfile.TemporaryDirectory() as staging:
         mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=staging)
         return tree_manifest(Path(staging))
+
+
+def package_source(staging: Path) -> Path:
+    """A copy of the ``recsys_pipeline`` sources (no bytecode caches) to log as the model's code."""
+    target = staging / PACKAGE.name
+    shutil.copytree(PACKAGE, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return target
 
 
 def input_example(bundle: Bundle) -> Any:
