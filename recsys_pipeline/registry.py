@@ -171,13 +171,30 @@ def _download(config: PipelineConfig, version: str, run_id: str, cache: Path) ->
         bound.download_artifacts(run_id, MODEL_MANIFEST, str(staging))
 
 
-def champion_embeddings(config: PipelineConfig) -> Embeddings | None:
-    """The champion's vectors, to compare a candidate with; None before anything is published."""
-    try:
-        _, bundle = download(config, CHAMPION)
-    except NothingPublishedError:
-        return None
-    return bundle.embeddings()
+def data_end(version: Any) -> datetime:
+    return datetime.fromisoformat(version.tags["data_interval_end"])
+
+
+def reference_version(config: PipelineConfig, run_data_end: datetime) -> Any | None:
+    """The version a run whose data ends at ``run_data_end`` is judged against (evaluation, drift,
+    row counts): the champion, unless its data ends later, for then it has trained on the run's
+    holdout; in that case (a replay of history) the newest once-promoted version whose data ends no
+    later, the champion of the run's own time. None when there is no such version."""
+    champion = alias_version(config, CHAMPION)
+    if champion is None or data_end(champion) <= run_data_end:
+        return champion
+    earlier = [
+        version
+        for version in tracking.client(config).search_model_versions(f"name = '{config.mlflow.model_name}'")
+        if "promotion_reason" in version.tags and data_end(version) <= run_data_end
+    ]
+    return max(earlier, key=lambda version: (data_end(version), int(version.version)), default=None)
+
+
+def reference_embeddings(config: PipelineConfig, run_data_end: datetime) -> Embeddings | None:
+    """The vectors of :func:`reference_version`, to compare a candidate with; None if there is none."""
+    version = reference_version(config, run_data_end)
+    return None if version is None else version_bundle(config, str(version.version)).embeddings()
 
 
 def list_versions(config: PipelineConfig) -> list[dict[str, Any]]:

@@ -79,6 +79,32 @@ def test_a_dry_run_registers_its_version_but_skips_promotion(own_weekly_run) -> 
     own_weekly_run.refuse_if_published("train")
 
 
+def test_a_replayed_older_week_is_judged_against_the_champion_of_its_time(own_weekly_run) -> None:
+    from recsys_pipeline.stages.evaluate import run_evaluation
+
+    champion = run_publish(own_weekly_run)
+    run_promotion(own_weekly_run, champion)
+    # A week before the champion's data ends: the champion has trained on its holdout, and no
+    # version was champion back then, so nothing is compared; the champion stays where it is.
+    older = copy_run(own_weekly_run, "1998-04-09", "1998-04-16")
+    assert registry.reference_version(older.config, older.interval_end) is None
+    assert not any(name.startswith("champion_") for name in run_evaluation(older))
+    replayed = run_publish(older)
+    with pytest.raises(StageSkipped, match="recorded as would_promote, champion left as it was"):
+        run_promotion(older, replayed)
+    client = tracking.client(older.config)
+    assert client.get_model_version(older.config.mlflow.model_name, replayed).tags["would_promote"] == "true"
+    assert registry.champion_status(older.config)["version"] == int(champion)
+    # A later week is judged against the live champion, and a week that ends later than a version
+    # once promoted, but earlier than the champion, against that version.
+    later = copy_run(own_weekly_run, "1998-04-23", "1998-04-30")
+    assert str(registry.reference_version(later.config, later.interval_end).version) == champion
+    assert "champion_ndcg_at_10" in run_evaluation(later)
+    registry.promote(later.config, str(run_publish(later)), reason="test: a newer champion")
+    between = registry.reference_version(later.config, own_weekly_run.interval_end)
+    assert str(between.version) == champion
+
+
 def test_failed_gate_leaves_the_champion_where_it_was(own_weekly_run) -> None:
     champion = run_publish(own_weekly_run)
     run_promotion(own_weekly_run, champion)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from recsys_pipeline.evaluate import EvaluationSet, gate
-from recsys_pipeline.registry import champion_embeddings
+from recsys_pipeline.registry import reference_embeddings
 from recsys_pipeline.runs import RunContext
 
 log = logging.getLogger(__name__)
@@ -13,13 +13,14 @@ log = logging.getLogger(__name__)
 
 def run_evaluation(run: RunContext) -> dict[str, float]:
     """Metrics of the candidate, ``baseline_*`` of popularity and ``champion_*`` of the champion (if any),
-    all on the same users; writes the evaluation gate.
+    all on the same users; writes the evaluation gate. A run of a window older than the champion's
+    data is compared with the champion of its own time (:func:`~recsys_pipeline.registry.reference_version`).
 
     Candidate and champion are scored on their learned vectors: cold items' content vectors are
     judged by the content map's fit and the ``cold_start`` benchmark, and two versions' cold sets
     differ, which would make the comparison unlike for like.
     """
-    champion = champion_embeddings(run.config)
+    champion = reference_embeddings(run.config, run.interval_end)
     settings = run.config.evaluation
     holdout = run.holdout_matrix()
     evaluation = EvaluationSet.build(run.train_matrix(), holdout, settings.max_users, settings.sample_seed)

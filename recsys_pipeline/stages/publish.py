@@ -23,7 +23,15 @@ from recsys_pipeline.bundle import (
 )
 from recsys_pipeline.config import PROJECT_ROOT
 from recsys_pipeline.errors import StageSkipped
-from recsys_pipeline.registry import IDENTITY_TAGS, GateFailedError, find_version, promote
+from recsys_pipeline.registry import (
+    CHAMPION,
+    IDENTITY_TAGS,
+    GateFailedError,
+    alias_version,
+    data_end,
+    find_version,
+    promote,
+)
 from recsys_pipeline.runs import RunContext
 from recsys_pipeline.serving import model_signature
 
@@ -223,5 +231,14 @@ def run_promotion(run: RunContext, version: str) -> str:
         raise GateFailedError(f"version {version} not promoted; failed gates: {' | '.join(failed)}")
     if not run.config.mlflow.promote:
         raise StageSkipped(f"dry run: version {version} passed every gate; champion left as it was")
+    champion = alias_version(run.config, CHAMPION)
+    if champion is not None and data_end(champion) > run.interval_end:
+        # A replay of history: the champion has newer data. Moving it back in time is a person's call.
+        client.set_model_version_tag(name, version, "would_promote", "true")
+        raise StageSkipped(
+            f"version {version} passed every gate for its window, which ends before the champion's data "
+            f"(version {champion.version}): recorded as would_promote, champion left as it was; "
+            f"`recsys promote --version {version}` makes it champion"
+        )
     promote(run.config, version, reason=f"gates passed in {run.dag_id} {run.interval_key}")
     return version

@@ -12,12 +12,7 @@ import pyarrow.parquet as pq
 from recsys_pipeline import drift
 from recsys_pipeline.embeddings import Embeddings
 from recsys_pipeline.events import ingest_window
-from recsys_pipeline.registry import (
-    NothingPublishedError,
-    champion_embeddings,
-    champion_status,
-    version_status,
-)
+from recsys_pipeline.registry import reference_embeddings, reference_version, version_status
 from recsys_pipeline.runs import RunContext, atomic_dir, write_json
 from recsys_pipeline.stages.publish import log_rejected_run
 from recsys_pipeline.validation import (
@@ -42,27 +37,26 @@ from recsys_pipeline.validation import (
 
 
 def champion_rows(run: RunContext) -> float | None:
-    """How many events the champion's weekly run had in its window: the reference for a full run's
-    row-count band.
+    """How many events the reference version's weekly run (the champion, or the champion of the run's
+    own time) had in its window: the reference for a full run's row-count band.
 
     A refresh ingests one day, so it has no comparable reference (None: no band).
     """
     if run.mode == "refresh":
         return None
-    try:
-        status = champion_status(run.config)
-    except NothingPublishedError:
+    reference = reference_version(run.config, run.interval_end)
+    if reference is None:
         return None
-    if status["kind"] == "refresh":
-        return version_status(run.config, str(status["refresh"]["parent_version"]))["metrics"].get(
-            "window_events"
-        )
-    return status["metrics"].get("window_events")
+    if reference.tags.get("kind") == "refresh":
+        reference = version_status(run.config, reference.tags["parent_version"])
+    else:
+        reference = version_status(run.config, str(reference.version))
+    return reference["metrics"].get("window_events")
 
 
 def drift_against_champion(run: RunContext, embeddings: Embeddings) -> drift.DriftReport | None:
     """Drift of this run's vectors against the champion's; None when there is no champion yet."""
-    champion = champion_embeddings(run.config)
+    champion = reference_embeddings(run.config, run.interval_end)
     if champion is None:
         return None
     rules = run.config.drift

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -42,7 +43,8 @@ def test_an_unreachable_registry_fails_closed_instead_of_meaning_no_champion(
     with pytest.raises(registry.RegistryUnavailableError, match="could not be read"):
         registry.alias_version(config, registry.CHAMPION)
     with pytest.raises(registry.RegistryUnavailableError):
-        registry.champion_embeddings(config)  # what evaluation and drift ask before comparing
+        # What evaluation and drift ask before comparing.
+        registry.reference_embeddings(config, datetime(1998, 4, 23, tzinfo=UTC))
 
 
 def test_a_missing_alias_on_a_working_registry_is_simply_absent(make_config) -> None:
