@@ -223,7 +223,7 @@ class RunContext:
     @property
     def ingest_staging(self) -> Path:
         """Where ingest stages the classified records of this run before they reach the lake."""
-        return self.run_dir / "_ingest_staging"
+        return self.run_dir / "ingest_staging"  # no leading "_": Spark warns that it ignores such paths
 
     @property
     def items_quarantine_dir(self) -> Path:
