@@ -268,6 +268,9 @@ def scann_at_recall(
 def run(params: dict[str, Any]) -> dict[str, Any]:
     results: dict[str, Any] = {}
     k, targets = params["k"], params["matched_recall"]
+    plot_path = (
+        StateLayout(load_config().state_home).bench / "index.png"
+    )  # read now: a long run outlives edits
     available = {name for name, module in PEER_MODULES.items() if importlib.util.find_spec(module)}
     for n_items in params["item_counts"]:
         items, queries = synthetic_embeddings(n_items, params["dims"], params["queries"], params["seed"])
@@ -331,7 +334,7 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
         )
         del items, queries, truth
         gc.collect()
-    plot(results, StateLayout(load_config().state_home).bench / "index.png")
+    plot(results, plot_path)
     return results
 
 
