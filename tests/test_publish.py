@@ -81,6 +81,7 @@ def test_a_dry_run_registers_its_version_but_skips_promotion(own_weekly_run) -> 
 
 def test_a_replayed_older_week_is_judged_against_the_champion_of_its_time(own_weekly_run) -> None:
     from recsys_pipeline.stages.evaluate import run_evaluation
+    from recsys_pipeline.stages.validate import champion_rows
 
     champion = run_publish(own_weekly_run)
     run_promotion(own_weekly_run, champion)
@@ -88,6 +89,7 @@ def test_a_replayed_older_week_is_judged_against_the_champion_of_its_time(own_we
     # version was champion back then, so nothing is compared; the champion stays where it is.
     older = copy_run(own_weekly_run, "1998-04-09", "1998-04-16")
     assert registry.reference_version(older.config, older.interval_end) is None
+    assert champion_rows(older) is None  # nor a row-count band
     assert not any(name.startswith("champion_") for name in run_evaluation(older))
     replayed = run_publish(older)
     with pytest.raises(StageSkipped, match="recorded as would_promote, champion left as it was"):
@@ -99,6 +101,7 @@ def test_a_replayed_older_week_is_judged_against_the_champion_of_its_time(own_we
     # once promoted, but earlier than the champion, against that version.
     later = copy_run(own_weekly_run, "1998-04-23", "1998-04-30")
     assert str(registry.reference_version(later.config, later.interval_end).version) == champion
+    assert champion_rows(later) == own_weekly_run.read_metrics()["window_events"] > 0
     assert "champion_ndcg_at_10" in run_evaluation(later)
     registry.promote(later.config, str(run_publish(later)), reason="test: a newer champion")
     between = registry.reference_version(later.config, own_weekly_run.interval_end)
