@@ -40,6 +40,7 @@ RUNS = [
 
 
 def work(state: str, kind: str, start: str, end: str) -> None:
+    from recsys_pipeline.errors import StageSkipped
     from recsys_pipeline.runs import RunContext
     from recsys_pipeline.spark import spark_session
     from recsys_pipeline.stages.evaluate import run_evaluation
@@ -67,7 +68,10 @@ def work(state: str, kind: str, start: str, end: str) -> None:
         run_index(run)
         run_batch_recommendations(run)
         run_validation(run)
-        run_promotion(run, run_publish(run))
+        try:
+            run_promotion(run, run_publish(run))
+        except StageSkipped:  # the other weekly, of a later window, became champion first
+            pass
 
 
 @pytest.mark.e2e
@@ -99,8 +103,12 @@ def test_two_weeklies_and_a_nightly_at_once_leave_shared_state_intact(tmp_path: 
 
     rows = list_versions(config)
     assert len(rows) == 2
-    aliases = sorted(alias for row in rows for alias in row["aliases"])
-    assert aliases == sorted([CHAMPION, PREVIOUS])
+    # Whichever weekly finished first, the one with the later data is champion: the earlier one
+    # either was champion and is now previous, or found the later one there and left it.
+    (champion,) = [row for row in rows if CHAMPION in row["aliases"]]
+    assert champion["tags"]["data_interval_end"].startswith("1998-04-23")
+    (earlier,) = [row for row in rows if row is not champion]
+    assert earlier["aliases"] == [PREVIOUS] or earlier["tags"]["would_promote"] == "true"
 
 
 if __name__ == "__main__":
