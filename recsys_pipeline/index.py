@@ -274,14 +274,21 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
     return hits / truth.size if truth.size else 1.0
 
 
+def exact_truth(
+    item_idx: np.ndarray, item_factors: np.ndarray, queries: np.ndarray, k: int
+) -> tuple[np.ndarray, float]:
+    """(the true top-k item indices per query, exact search's QPS)."""
+    started = time.perf_counter()
+    truth = np.asarray(item_idx)[exact_top_k(queries, item_factors, k)]
+    return truth, len(queries) / max(time.perf_counter() - started, 1e-9)
+
+
 def measure(
     index: ItemIndex, item_idx: np.ndarray, item_factors: np.ndarray, queries: np.ndarray, k: int
 ) -> dict[str, float]:
     """Recall@k of the index against exact search over (item_idx, item_factors), with the QPS of both
     and the index's one-query latency."""
-    started = time.perf_counter()
-    truth = np.asarray(item_idx)[exact_top_k(queries, item_factors, k)]
-    exact_qps = len(queries) / max(time.perf_counter() - started, 1e-9)
+    truth, exact_qps = exact_truth(item_idx, item_factors, queries, k)
     point = operating_point(index, queries, truth, k)
     return {**point.metrics(k), "exact_qps": exact_qps}
 
@@ -307,10 +314,7 @@ class OperatingPoint:
     def as_dict(self) -> dict[str, Any]:
         return {
             **self.params.as_dict(),
-            "recall": self.recall,
-            "qps": self.qps,
-            "p50_ms": self.p50_ms,
-            "p99_ms": self.p99_ms,
+            **{name: value for name, value in vars(self).items() if name != "params"},
         }
 
 
@@ -390,9 +394,7 @@ def build_tuned(
     started = time.perf_counter()
     index = build_index(config.backend, item_idx, item_factors, params, k)
     build_s = time.perf_counter() - started
-    started = time.perf_counter()
-    truth = np.asarray(item_idx)[exact_top_k(queries, item_factors, k)]
-    exact_qps = len(queries) / max(time.perf_counter() - started, 1e-9)
+    truth, exact_qps = exact_truth(item_idx, item_factors, queries, k)
     if isinstance(index, ScannIndex) and params.num_leaves:
         curve = tuning_curve(index, queries, truth, config, k)
         chosen = choose_point(curve, config)
