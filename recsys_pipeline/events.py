@@ -432,6 +432,19 @@ def write_lake(
             shutil.rmtree(partition)
 
 
+def lake_signature(lake: Path, before: date) -> str:
+    """sha256 over the name, size and modification time of every lake file dated before ``before``:
+    it changes whenever an ingest rewrites any of those days (a re-ingest replaces a date's files)."""
+    files = sorted(
+        (str(path.relative_to(lake)), path.stat().st_size, path.stat().st_mtime_ns)
+        for partition in lake.glob("event_date=*")
+        if date.fromisoformat(partition.name.removeprefix("event_date=")) < before
+        for path in partition.rglob("*")
+        if path.is_file()
+    )
+    return hashlib.sha256(json.dumps(files).encode()).hexdigest()
+
+
 def read_lake(spark: SparkSession, lake: Path, start: datetime, end: datetime) -> DataFrame:
     """Events with start <= event_ts < end, pruning partitions by date."""
     frame = spark.read.parquet(str(lake))

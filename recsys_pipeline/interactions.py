@@ -5,11 +5,15 @@ The stage that writes them (``stages.interactions``) produces::
     train/     Parquet (user_idx INT, item_idx INT, confidence FLOAT)   what the model learns from
     holdout/   Parquet (user_idx INT, item_idx INT, confidence FLOAT)   what evaluates it (``holdout``)
     maps/users, maps/items   Parquet (id STRING, idx INT)                snapshot of the ID maps used
+    history/   Parquet (``HISTORY_SCHEMA``)    every pair's aggregate over the whole window, unfiltered,
+               as of the window's end: what the next run carries forward instead of re-reading events
     recent/users, recent/items   Parquet (idx INT)                       active in the run's interval
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -33,6 +37,7 @@ class HoldoutTooSmallError(RecsysError):
 ID_PAIR = ("user_id", "item_id")
 INDEX_PAIR = ("user_idx", "item_idx")
 MATRIX_SCHEMA = "user_idx INT, item_idx INT, confidence FLOAT"
+HISTORY_SCHEMA = "user_idx INT, item_idx INT, confidence DOUBLE, event_ts TIMESTAMP"
 
 
 @dataclass(frozen=True)
@@ -176,22 +181,52 @@ def pair_confidences(
     as_of: Column,
     keys: tuple[str, str] = ID_PAIR,
     last_seen: bool = False,
+    carried: DataFrame | None = None,
 ) -> DataFrame:
     """(user, item, confidence) per pair of ``keys`` with decay and aggregation, before any filter;
-    with ``last_seen``, also the pair's latest ``event_ts``."""
+    with ``last_seen``, also the pair's latest ``event_ts``.
+
+    ``carried``: pairs aggregated from older events by an earlier run, already brought to ``as_of``
+    (:func:`carried_pairs`); they aggregate with the events' confidences as the older events would.
+    """
     user, item = keys
     aggregates = [_combine(config)(F.col("confidence")).alias("confidence")]
     if last_seen:
         aggregates.append(F.max("event_ts").alias("event_ts"))
+    per_event = events.select(user, item, decayed(config, as_of).alias("confidence"), "event_ts")
+    if carried is not None:
+        per_event = per_event.unionByName(carried.select(user, item, "confidence", "event_ts"))
     # Almost every (user, item) pair is unique within a file, so a map-side partial aggregation would
     # hash every event for nothing. The per-event confidences are shuffled by user alone: that also
     # serves the pair aggregation and every later per-user window without another shuffle.
-    return (
-        events.select(user, item, decayed(config, as_of).alias("confidence"), "event_ts")
-        .repartition(user)
-        .groupBy(user, item)
-        .agg(*aggregates)
-    )
+    return per_event.repartition(user).groupBy(user, item).agg(*aggregates)
+
+
+def carried_pairs(history: DataFrame, config: InteractionsConfig, elapsed: timedelta) -> DataFrame:
+    """Pair aggregates (``HISTORY_SCHEMA``) as of ``elapsed`` later than they were computed.
+
+    Decay halves every event's confidence at the same rate, so a sum or a maximum of decayed
+    confidences decays by the same factor as each of its terms.
+    """
+    if not config.half_life_days:
+        return history
+    factor = 0.5 ** (elapsed.total_seconds() / 86400.0 / config.half_life_days)
+    return history.withColumn("confidence", F.col("confidence") * F.lit(factor))
+
+
+def history_settings_hash(config: InteractionsConfig, min_event_time: datetime) -> str:
+    """sha256 of the settings that make pair aggregates what they are: aggregates made under other
+    settings cannot be carried forward."""
+    settings = {
+        **config.model_dump(mode="json", include={"event_weights", "half_life_days", "aggregation"}),
+        "min_event_time": min_event_time.isoformat(),
+    }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def history_columns(pairs: DataFrame) -> DataFrame:
+    """The columns pair aggregates are kept with for later runs to carry forward (``HISTORY_SCHEMA``)."""
+    return pairs.select("user_idx", "item_idx", F.col("confidence").cast("double"), "event_ts")
 
 
 def holdout_cut(events: DataFrame, holdout: HoldoutConfig, window_end: datetime) -> datetime:
@@ -259,11 +294,15 @@ def fingerprint_sums() -> list[Column]:
     ]
 
 
-def input_fingerprint(groups: DataFrame) -> str:
+def input_fingerprint(groups: DataFrame, carried: str | None = None) -> str:
     """Events count and hash sum from groups carrying ``fingerprint_sums``: equal for the same events
-    however the lake's files are cut."""
+    however the lake's files are cut. ``carried``: the fingerprint of older events the groups add to
+    (the sums add up)."""
     row = groups.agg(*(F.sum(name) for name in ("events", "hash_high", "hash_low"))).collect()[0]
-    return ":".join(str(value or 0) for value in row)
+    sums = [int(value or 0) for value in row]
+    if carried:
+        sums = [own + int(older) for own, older in zip(sums, carried.split(":"), strict=True)]
+    return ":".join(str(value) for value in sums)
 
 
 def unmapped_ids(events: DataFrame, column: str, existing: DataFrame | None) -> DataFrame:

@@ -105,6 +105,11 @@ class StateLayout:
         return self.home / "bench"
 
     @property
+    def pair_history(self) -> Path:
+        """Points at the latest run's pair aggregates, which the next refresh carries forward."""
+        return self.home / "runs" / "pair_history.json"
+
+    @property
     def last_failure(self) -> Path:
         """The latest run failure a user must act on (written by the task that failed)."""
         return self.home / "runs" / "last_failure.json"

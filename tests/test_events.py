@@ -1,4 +1,4 @@
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import pyarrow.dataset as ds
@@ -9,6 +9,7 @@ from recsys_pipeline.events import (
     QuarantineThresholdError,
     check_quarantine_share,
     ingest,
+    lake_signature,
     read_source,
 )
 from recsys_pipeline.runs import RunContext
@@ -161,3 +162,16 @@ def test_reingesting_a_shrunken_source_leaves_no_stale_dates(spark, make_config,
     expected_dates = {str(datetime.fromtimestamp(int(line.split("\t")[3]), UTC).date()) for line in one_day}
     assert {str(dict(row)["event_date"]) for row in rows} == expected_dates
     assert expected_dates == {"1998-03-15", "1998-03-16", "1998-03-25"}
+
+
+def test_the_lake_signature_before_a_day_changes_only_when_an_earlier_day_is_rewritten(tmp_path) -> None:
+    lake = tmp_path / "events"
+    for day in ("1998-03-19", "1998-03-20", "1998-03-21"):
+        (lake / f"event_date={day}").mkdir(parents=True)
+        (lake / f"event_date={day}" / "part-0.parquet").write_bytes(b"events of " + day.encode())
+    before = date(1998, 3, 21)
+    signature = lake_signature(lake, before)
+    (lake / "event_date=1998-03-21" / "part-0.parquet").write_bytes(b"the day itself, ingested again")
+    assert lake_signature(lake, before) == signature
+    (lake / "event_date=1998-03-19" / "part-0.parquet").write_bytes(b"an earlier day, ingested again")
+    assert lake_signature(lake, before) != signature

@@ -1,7 +1,9 @@
 """Replay over MovieLens-100k: a weekly run, then nightly refreshes on the following days."""
 
 import json
+import shutil
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -135,3 +137,45 @@ def test_a_night_recomputes_the_lists_of_users_it_refreshed_and_carries_the_othe
     carried = [user for user in latest.index if user not in refreshed]
     assert carried and all(latest[user] == earlier[user] for user in carried)
     assert any(latest[user] != earlier.get(user) for user in refreshed & set(latest.index))
+
+
+def test_nights_carry_the_pairs_forward_and_build_what_a_rebuild_from_every_event_builds(
+    spark, replay, tmp_path: Path
+) -> None:
+    config, weekly, nights = replay
+    assert weekly.read_metrics()["history_carried"] == 0.0
+    assert all(run.read_metrics()["history_carried"] == 1.0 for run, _ in nights)
+    # Decay makes carrying non-trivial: the carried aggregates must age as their events would.
+    shutil.copytree(config.state_home / "lake", tmp_path / "state" / "lake")
+    decayed = config.model_copy(
+        update={
+            "state_dir": tmp_path / "state",
+            "interactions": config.interactions.model_copy(update={"half_life_days": 30.0}),
+        }
+    )
+    run_interactions(
+        spark, RunContext.create(decayed, "recsys_weekly", WEEKLY_END - timedelta(weeks=1), WEEKLY_END)
+    )
+    first_night = RunContext.create(
+        decayed, "recsys_nightly", WEEKLY_END, WEEKLY_END + timedelta(days=1), mode="refresh"
+    )
+    run_interactions(spark, first_night)
+    night = WEEKLY_END + timedelta(days=1)
+    runs = {
+        name: RunContext.create(
+            decayed, "recsys_nightly", night, night + timedelta(days=1), name, mode="refresh"
+        )
+        for name in ("carried", "rebuilt")
+    }
+    run_interactions(spark, runs["carried"])
+    # The pointer now names the carried night's own history, which ends after the rebuilt run starts.
+    run_interactions(spark, runs["rebuilt"])
+    carried, rebuilt = runs["carried"], runs["rebuilt"]
+    assert first_night.read_metrics()["history_carried"] == carried.read_metrics()["history_carried"] == 1.0
+    assert rebuilt.read_metrics()["history_carried"] == 0.0
+    assert carried.input_fingerprint() == rebuilt.input_fingerprint()
+    for side in ("users", "items"):
+        assert list(carried.ids(side)) == list(rebuilt.ids(side))
+    difference = carried.train_matrix() - rebuilt.train_matrix()
+    assert carried.train_matrix().nnz == rebuilt.train_matrix().nnz > 0
+    assert abs(difference).max() < 1e-4

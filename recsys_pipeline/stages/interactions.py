@@ -2,27 +2,34 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import shutil
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime, time
+from pathlib import Path
 
 import numpy as np
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from recsys_pipeline.content import ITEM_ID
-from recsys_pipeline.events import history_window, read_lake
+from recsys_pipeline.events import history_window, lake_signature, read_lake
 from recsys_pipeline.interactions import (
     INDEX_PAIR,
     MATRIX_SCHEMA,
     EmptyInteractionsError,
     IdMaps,
     PairCounts,
+    carried_pairs,
     check_holdout_size,
     check_zero_confidence_share,
     entity_activity,
     evaluable_users,
     extend_id_map,
     fingerprint_sums,
+    history_columns,
+    history_settings_hash,
     holdout_cut,
     indexed_events,
     input_fingerprint,
@@ -33,9 +40,11 @@ from recsys_pipeline.interactions import (
     supported,
     unmapped_ids,
 )
-from recsys_pipeline.runs import SIDES, RunContext, atomic_dir
+from recsys_pipeline.runs import SIDES, RunContext, atomic_dir, parse_instant, write_json
 from recsys_pipeline.stages.content import ITEMS_FILE
 from recsys_pipeline.tables import count_rows
+
+log = logging.getLogger(__name__)
 
 # Below this share of the events' items found in the metadata, the metadata is not this catalogue's.
 MIN_DESCRIBED_SHARE = 0.5
@@ -58,7 +67,8 @@ def build_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]
     """
     config = run.config.interactions
     window_start, window_end = history_window(run)
-    events = read_lake(spark, run.layout.events_lake, window_start, window_end)
+    history = carried_history(spark, run)
+    events = read_lake(spark, run.layout.events_lake, history.as_of if history else window_start, window_end)
     map_dir = run.layout.id_maps
     existing_users = read_id_map_frame(spark, map_dir / "users")
     # Items are few enough to group every event by: that pass also sums the input fingerprint. Users
@@ -84,8 +94,11 @@ def build_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]
         # strings.
         indexed = indexed_events(events, maps)
         train_counts = PairCounts("train")
-        train_pairs, holdout_pairs = split(events, indexed, run, window_end, train_counts, cached)
-        fingerprint = input_fingerprint(item_activity)
+        carried = carried_pairs(history.pairs, config, window_end - history.as_of) if history else None
+        train_pairs, holdout_pairs, all_pairs = split(
+            events, indexed, run, window_end, train_counts, cached, carried
+        )
+        fingerprint = input_fingerprint(item_activity, history.fingerprint if history else None)
         with atomic_dir(out) as staging:
             for side, id_map in (("users", maps.users), ("items", maps.items)):
                 id_map.orderBy("idx").coalesce(1).write.parquet(str(staging / "maps" / side))
@@ -96,6 +109,7 @@ def build_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]
                     .coalesce(1)
                     .write.parquet(str(staging / "recent" / side))
                 )
+            history_columns(all_pairs).write.parquet(str(staging / "history"))
             matrix_columns(train_pairs).write.parquet(str(staging / "train"))
             train_rows = count_rows(staging / "train")
             dropped = train_counts.dropped(train_rows)
@@ -123,6 +137,7 @@ def build_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]
     for side in SIDES:
         with atomic_dir(map_dir / side) as staging:
             shutil.copytree(run.id_map_dir(side), staging)
+    record_history(run, fingerprint)
 
     holdout = run.holdout_triples()
     users, items = run.matrix_shape()
@@ -134,6 +149,7 @@ def build_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]
         "holdout_users": float(len(np.unique(holdout.user_idx))),
         "holdout_users_evaluable": float(evaluable),
         "window_events": float(fingerprint.split(":")[0]),
+        "history_carried": float(history is not None),
         **dropped,
     }
     run.write_metrics("interactions", metrics)
@@ -166,17 +182,23 @@ def split(
     window_end: datetime,
     train_counts: PairCounts,
     cached: list[DataFrame],
-) -> tuple[DataFrame, DataFrame | None]:
-    """(training pairs, holdout pairs) of the window's events (``indexed``: with their ID indices), by
-    the run's holdout strategy; frames it persists are appended to ``cached`` for the caller to release.
+    carried: DataFrame | None = None,
+) -> tuple[DataFrame, DataFrame | None, DataFrame]:
+    """(training pairs, holdout pairs, every pair unfiltered) of the window's events (``indexed``: with
+    their ID indices), by the run's holdout strategy; frames it persists are appended to ``cached`` for
+    the caller to release.
 
-    A refresh holds nothing out (None): its model is the champion's, folded over the whole history.
+    A refresh holds nothing out (None): its model is the champion's, folded over the whole history,
+    of which ``carried`` holds the pairs aggregated by an earlier run (``indexed`` then holds only the
+    events since).
     """
     config = run.config.interactions
     if run.mode == "refresh":
-        train = pair_confidences(indexed, config, F.lit(window_end), INDEX_PAIR).persist()
-        cached.append(train)
-        return supported(train, config, INDEX_PAIR, train_counts), None
+        pairs = pair_confidences(
+            indexed, config, F.lit(window_end), INDEX_PAIR, last_seen=True, carried=carried
+        ).persist()
+        cached.append(pairs)
+        return supported(pairs, config, INDEX_PAIR, train_counts), None, pairs
     holdout_only = config.model_copy(update={"min_user_interactions": 1, "min_item_interactions": 1})
     if config.holdout.strategy == "per_user_last":
         pairs = mark_last_per_user(
@@ -186,12 +208,88 @@ def split(
         cached.append(pairs)
         train = pairs.where(~F.col("held_out")).select(*INDEX_PAIR, "confidence")
         held = pairs.where("held_out").select(*INDEX_PAIR, "confidence")
-        return supported(train, config, INDEX_PAIR, train_counts), supported(held, holdout_only, INDEX_PAIR)
+        return (
+            supported(train, config, INDEX_PAIR, train_counts),
+            supported(held, holdout_only, INDEX_PAIR),
+            pairs,
+        )
     # A global cut: training and holdout pairs come from disjoint events (the holdout's days are read
     # apart, pruned by date), so neither needs the other's aggregate kept around.
     cut = holdout_cut(events, config.holdout, window_end)
     before_cut = F.col("event_ts") < F.lit(cut)
-    train = pair_confidences(indexed.where(before_cut), config, F.lit(cut), INDEX_PAIR).persist()
+    train = pair_confidences(
+        indexed.where(before_cut), config, F.lit(cut), INDEX_PAIR, last_seen=True
+    ).persist()
     cached.append(train)
-    held = pair_confidences(indexed.where(~before_cut), holdout_only, F.lit(window_end), INDEX_PAIR)
-    return supported(train, config, INDEX_PAIR, train_counts), supported(held, holdout_only, INDEX_PAIR)
+    after_cut = indexed.where(~before_cut)
+    held = pair_confidences(after_cut, holdout_only, F.lit(window_end), INDEX_PAIR)
+    every_pair = pair_confidences(
+        after_cut,
+        config,
+        F.lit(window_end),
+        INDEX_PAIR,
+        last_seen=True,
+        carried=carried_pairs(train, config, window_end - cut),
+    )
+    return (
+        supported(train, config, INDEX_PAIR, train_counts),
+        supported(held, holdout_only, INDEX_PAIR),
+        every_pair,
+    )
+
+
+@dataclass(frozen=True)
+class PairHistory:
+    """Pair aggregates an earlier run made over every event before ``as_of``."""
+
+    pairs: DataFrame
+    as_of: datetime
+    fingerprint: str
+
+
+def carried_history(spark: SparkSession, run: RunContext) -> PairHistory | None:
+    """The last run's pair history for a refresh to carry forward, or None when it must rebuild from
+    every event: no history yet, a sliding ``history_days`` window (events leave it), a history newer
+    than the run's interval (a replayed night), other confidence settings, or a lake whose days before
+    the history's end were re-ingested since."""
+    config = run.config
+    pointer = run.layout.pair_history
+    if run.mode != "refresh" or config.interactions.history_days or not pointer.is_file():
+        return None
+    record = json.loads(pointer.read_text())
+    as_of = parse_instant(record["as_of"])
+    if as_of > run.interval_start:
+        reason = f"it ends at {as_of.isoformat()}, after this run's interval starts"
+    elif record["settings"] != history_settings_hash(config.interactions, config.events.min_event_time):
+        reason = "the confidence settings changed since"
+    elif record["lake"] != lake_signature(run.layout.events_lake, as_of.date()):
+        reason = "days of the lake before its end were ingested again since"
+    elif not Path(record["path"]).is_dir():
+        reason = f"{record['path']} is gone"
+    else:
+        return PairHistory(spark.read.parquet(record["path"]), as_of, record["fingerprint"])
+    log.info("aggregating every event of the window: the last pair history cannot be carried (%s)", reason)
+    return None
+
+
+def record_history(run: RunContext, fingerprint: str) -> None:
+    """Point the next refresh at this run's pair history. Only a history that ends at a day boundary
+    (the lake is dated by day), over all events (no sliding window), and no older than the one
+    recorded can be carried: a replayed older night leaves the newer history in place."""
+    as_of = run.interval_end
+    pointer = run.layout.pair_history
+    if run.config.interactions.history_days or as_of != datetime.combine(as_of.date(), time(), tzinfo=UTC):
+        return
+    if pointer.is_file() and parse_instant(json.loads(pointer.read_text())["as_of"]) > as_of:
+        return
+    write_json(
+        pointer,
+        {
+            "path": str(run.interactions_dir / "history"),
+            "as_of": as_of.isoformat(),
+            "settings": history_settings_hash(run.config.interactions, run.config.events.min_event_time),
+            "lake": lake_signature(run.layout.events_lake, as_of.date()),
+            "fingerprint": fingerprint,
+            "run_dir": str(run.run_dir),
+        },
+    )
