@@ -34,7 +34,6 @@ from recsys_pipeline.config import IndexConfig, load_config
 from recsys_pipeline.index import (
     LATENCY_QUERIES,
     ScannIndex,
-    SearchParams,
     build_tuned,
     choose_point,
     exact_top_k,
@@ -93,27 +92,6 @@ def latency_ms(search_one: Callable[[np.ndarray], Any], queries: np.ndarray) -> 
         timings.append(time.perf_counter() - started)
     p50, p99 = np.percentile(np.asarray(timings) * 1000, [50, 99])
     return float(p50), float(p99)
-
-
-def scann_curve(index: ScannIndex, queries: np.ndarray, truth: np.ndarray, k: int) -> list[dict[str, float]]:
-    """Recall and p99 over ScaNN's search-time grid (leaves searched x reorder depth)."""
-    leaves = index.params.num_leaves or 1
-    curve = []
-    for reorder in (100, 200, 400, 800):
-        for share in (1, 2, 5, 10, 20, 50):
-            tuned = index.with_params(SearchParams(leaves, max(1, leaves * share // 100), reorder))
-            found, _ = tuned.search(queries, k)
-            _, p99 = latency_ms(lambda q, tuned=tuned: tuned.search(q[None, :], k), queries)
-            curve.append(
-                {
-                    "setting": f"leaves {share}% reorder {reorder}",
-                    "recall": recall_at_k(found, truth),
-                    "p99_ms": p99,
-                }
-            )
-            if curve[-1]["recall"] >= 0.995 or p99 > GRID_CEILING_MS:
-                break
-    return curve
 
 
 class Peer:
@@ -205,7 +183,7 @@ def run_scann(
     items: np.ndarray, queries: np.ndarray, truth: np.ndarray, k: int, metric: str, targets: list[float]
 ) -> dict[str, Any]:
     before = rss_mb()
-    index, metrics, _ = build_tuned(np.arange(len(items)), items, queries, IndexConfig(metric=metric), k)
+    index, metrics, curve = build_tuned(np.arange(len(items)), items, queries, IndexConfig(metric=metric), k)
     added_mb = rss_mb() - before
     with tempfile.TemporaryDirectory() as folder:
         index.save(Path(folder))
@@ -229,7 +207,16 @@ def run_scann(
         "scann_matched": matched,
     }
     if isinstance(index, ScannIndex):
-        result["curve"] = scann_curve(index, queries, truth, k)
+        # The points the pipeline's own tuning measured (leaves searched x reorder depth).
+        result["curve"] = [
+            {
+                "setting": f"leaves {point.params.leaves_to_search}/{point.params.num_leaves} "
+                f"reorder {point.params.reorder}",
+                "recall": point.recall,
+                "p99_ms": point.p99_ms,
+            }
+            for point in curve
+        ]
         if metric == "dot_product":
             started = time.perf_counter()
             result["upsert_recall_at_10"] = upsert_recall(index, items, queries, k)

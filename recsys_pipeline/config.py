@@ -247,7 +247,7 @@ class IndexConfig(_Section):
     recall_sample_users: int = Field(default=1000, ge=1)
     min_recall: float = Field(default=0.95, ge=0, le=1)
     max_p99_ms: float = Field(
-        default=10.0, gt=0, description="One-query search latency budget (99th percentile, one thread)."
+        default=5.0, gt=0, description="One-query search latency budget (99th percentile, one thread)."
     )
 
 

@@ -7,6 +7,7 @@ import pytest
 from recsys_pipeline.config import IndexConfig
 from recsys_pipeline.embeddings import Embeddings
 from recsys_pipeline.index import (
+    MAX_ITEMS_PER_LEAF,
     ExactIndex,
     IndexIntegrityError,
     ItemIndex,
@@ -52,6 +53,15 @@ def test_tree_and_hashing_index_reaches_recall_threshold_on_planted_data() -> No
     assert params.num_leaves == int(np.sqrt(len(items)))
     index = ScannIndex.build(np.arange(len(items)), items, params, k=10)
     assert measure(index, np.arange(len(items)), items, queries, 10)["index_recall_at_10"] >= 0.95
+
+
+def test_a_large_catalogue_gets_leaves_of_at_most_a_thousand_items() -> None:
+    # sqrt(n) leaves hold ~3,200 items at 10M: recall then needed half of them searched (see
+    # MAX_ITEMS_PER_LEAF); the catalogue is not built here, only its tree's shape.
+    for n_items in (1_000_000, 10_000_000, 50_000_000):
+        leaves = search_params(n_items, IndexConfig()).num_leaves
+        assert leaves is not None and n_items / leaves <= MAX_ITEMS_PER_LEAF
+        assert leaves >= int(np.sqrt(n_items))
 
 
 @pytest.fixture
