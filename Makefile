@@ -51,7 +51,11 @@ dag-run:
 
 ## test: run the test suite: unit, spark and e2e tiers (whole DAG runs and servers included), two files at a time
 test: init
-	$(BIN)/pytest -n 2 --dist loadfile --durations=15
+	$(BIN)/pytest -n 2 --dist loadfile --durations=15 -m "not slow"
+
+## test-slow: the slow tier: a real Airflow scheduler and API server, triggers, a backfill, mlflow models serve
+test-slow: init
+	$(BIN)/pytest --durations=5 -m slow
 
 ## test-fast: run the unit tier only (no Spark, no servers; under a minute)
 test-fast: setup
@@ -66,4 +70,4 @@ lint: setup
 bench: setup
 	$(BIN)/python -m benchmarks $(NAME)
 
-.PHONY: help setup init run test test-fast lint bench
+.PHONY: help setup init run test test-slow test-fast lint bench

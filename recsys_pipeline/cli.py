@@ -6,8 +6,10 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from datetime import date
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -65,6 +67,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     airflow.add_argument("airflow_args", nargs=argparse.REMAINDER)
 
+    replay = commands.add_parser(
+        "replay",
+        help="run the weekly DAG over a range of weeks, one at a time in date order, and report "
+        "what each did or would have done (HTML with plots, logged to MLflow)",
+    )
+    for flag, dest, meaning in (("--from", "start", "first week's end"), ("--to", "end", "last week's end")):
+        replay.add_argument(flag, dest=dest, required=True, type=date.fromisoformat, help=meaning)
+    replay.add_argument(
+        "--promote", action="store_true", help="let passing weeks move champion (default: dry runs)"
+    )
+
     serve = commands.add_parser("serve", help="serve a published version over REST (mlflow models serve)")
     serve.add_argument("--port", type=int, default=5001)
     serve.add_argument("--host", default="127.0.0.1")
@@ -120,6 +133,17 @@ def airflow_environment(config: PipelineConfig, config_path: str | None) -> dict
     for key, value in defaults.items():
         env.setdefault(key, value)
     return env
+
+
+def refuse_unreached(overrides: Mapping[str, Any]) -> None:
+    """``--set`` values that DAG runs would never see are refused rather than silently dropped."""
+    unreached = sorted(set(overrides) - REACHES_AIRFLOW)
+    if unreached:
+        raise ConfigError(
+            f"--set {', '.join(unreached)} would not reach DAG runs, which read their own config: pass "
+            "them as the run's config_overrides (airflow dags trigger|test -c "
+            '\'{"config_overrides": {"section.key": value}}\') or in the file RECSYS_CONFIG names'
+        )
 
 
 def one_run_at_a_time(airflow_args: list[str]) -> list[str]:
@@ -253,13 +277,7 @@ def run(argv: Sequence[str]) -> int:
     if args.command == "airflow":
         import subprocess
 
-        unreached = sorted(set(overrides) - REACHES_AIRFLOW)
-        if unreached:
-            raise ConfigError(
-                f"--set {', '.join(unreached)} would not reach DAG runs, which read their own config: pass "
-                "them as the run's config_overrides (airflow dags trigger|test -c "
-                '\'{"config_overrides": {"section.key": value}}\') or in the file RECSYS_CONFIG names'
-            )
+        refuse_unreached(overrides)
         env = airflow_environment(config, args.config)
         Path(env["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)
         airflow = str(Path(sys.executable).parent / "airflow")
@@ -268,6 +286,14 @@ def run(argv: Sequence[str]) -> int:
             pool = [config.spark.pool, str(config.spark.pool_slots), "Spark stages of the recsys DAGs"]
             code = subprocess.call([airflow, "pools", "set", *pool], env=env, stdout=subprocess.DEVNULL)
         return code
+    if args.command == "replay":
+        from recsys_pipeline.replay import airflow_dags_test, replay
+
+        refuse_unreached(overrides)
+        env = airflow_environment(config, args.config)
+        report = replay(config, args.start, args.end, args.promote, airflow_dags_test(env))
+        print(f"replay report: {report / 'report.html'} (also logged to MLflow)")
+        return 0
     if args.command == "synth":
         spec = SyntheticSpec(
             **{k: getattr(args, k) for k in SyntheticSpec().as_dict() if k != "chunk_events"}

@@ -20,6 +20,9 @@ from recsys_pipeline.runs import StateLayout, atomic_dir
 
 log = logging.getLogger(__name__)
 CHAMPION, PREVIOUS = "champion", "previous"
+# Tagged on a version that passed every gate but left the alias where it was (a dry run, or a week
+# older than the champion's data).
+WOULD_PROMOTE = "would_promote"
 # What makes two runs the same version: the same DAG and window, input, resolved config and code.
 IDENTITY_TAGS = ("run_key", "input_fingerprint", "config_hash", "code_version")
 
@@ -177,18 +180,26 @@ def data_end(version: Any) -> datetime:
 
 def reference_version(config: PipelineConfig, run_data_end: datetime) -> Any | None:
     """The version a run whose data ends at ``run_data_end`` is judged against (evaluation, drift,
-    row counts): the champion, unless its data ends later, for then it has trained on the run's
-    holdout; in that case (a replay of history) the newest once-promoted version whose data ends no
-    later, the champion of the run's own time. None when there is no such version."""
+    row counts): the newest, by data end, of the champion (unless its data ends later, for then it
+    has trained on the run's holdout), versions once promoted (only when it does: a replay of
+    history, whose champion of its own time is one of them) and versions that passed every gate
+    without moving the alias (``would_promote``: a dry run or a replayed week, so that a replay's
+    later weeks are judged against its earlier ones). Only versions whose data ends no later than
+    the run's count. None when there is no such version."""
     champion = alias_version(config, CHAMPION)
-    if champion is None or data_end(champion) <= run_data_end:
-        return champion
-    earlier = [
+    replaying_history = champion is not None and data_end(champion) > run_data_end
+    candidates = [
         version
         for version in tracking.client(config).search_model_versions(f"name = '{config.mlflow.model_name}'")
-        if "promotion_reason" in version.tags and data_end(version) <= run_data_end
+        if data_end(version) <= run_data_end
+        and (
+            version.tags.get(WOULD_PROMOTE) == "true"
+            or (replaying_history and "promotion_reason" in version.tags)
+        )
     ]
-    return max(earlier, key=lambda version: (data_end(version), int(version.version)), default=None)
+    if champion is not None and not replaying_history:
+        candidates.append(champion)
+    return max(candidates, key=lambda version: (data_end(version), int(version.version)), default=None)
 
 
 def reference_embeddings(config: PipelineConfig, run_data_end: datetime) -> Embeddings | None:

@@ -200,13 +200,15 @@ def wait_for(url: str, process: subprocess.Popen, log: Path, timeout_s: float = 
     raise AssertionError(f"{url} did not answer within {timeout_s}s: {log.read_text()[-3000:]}")
 
 
-def start(command: list[str], env: dict[str, str], url: str, log: Path) -> subprocess.Popen:
+def start(
+    command: list[str], env: dict[str, str], url: str, log: Path, timeout_s: float = 180
+) -> subprocess.Popen:
     """Start a server in its own process group, logging to a file (an unread pipe would fill and block it)."""
     with log.open("w") as handle:
         process = subprocess.Popen(
             command, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
         )
-    wait_for(url, process, log)
+    wait_for(url, process, log, timeout_s)
     return process
 
 

@@ -34,7 +34,7 @@ LAYERS: list[tuple[str, set[str]]] = [
         },
     ),
     ("artifacts and registry", {"tracking", "bundle", "registry"}),
-    ("consumers", {"serving", "pyfunc_entry", "cli"}),
+    ("consumers", {"serving", "pyfunc_entry", "replay", "cli"}),
     ("stages", {"stages"}),
     ("entry points", {"jobs", "orchestration"}),
 ]

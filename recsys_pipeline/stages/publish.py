@@ -26,6 +26,7 @@ from recsys_pipeline.errors import StageSkipped
 from recsys_pipeline.registry import (
     CHAMPION,
     IDENTITY_TAGS,
+    WOULD_PROMOTE,
     GateFailedError,
     alias_version,
     data_end,
@@ -230,11 +231,15 @@ def run_promotion(run: RunContext, version: str) -> str:
         client.set_model_version_tag(name, version, "gates_failed", " | ".join(failed)[:5000])
         raise GateFailedError(f"version {version} not promoted; failed gates: {' | '.join(failed)}")
     if not run.config.mlflow.promote:
-        raise StageSkipped(f"dry run: version {version} passed every gate; champion left as it was")
+        client.set_model_version_tag(name, version, WOULD_PROMOTE, "true")
+        raise StageSkipped(
+            f"dry run: version {version} passed every gate; recorded as would_promote, champion left "
+            "as it was"
+        )
     champion = alias_version(run.config, CHAMPION)
     if champion is not None and data_end(champion) > run.interval_end:
         # A replay of history: the champion has newer data. Moving it back in time is a person's call.
-        client.set_model_version_tag(name, version, "would_promote", "true")
+        client.set_model_version_tag(name, version, WOULD_PROMOTE, "true")
         raise StageSkipped(
             f"version {version} passed every gate for its window, which ends before the champion's data "
             f"(version {champion.version}): recorded as would_promote, champion left as it was; "
