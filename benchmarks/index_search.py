@@ -336,7 +336,14 @@ def plot(results: dict[str, Any], path: Path) -> None:
     for axis, (size, entry) in zip(axes[0], results.items(), strict=True):
         for name, curve in {"scann": entry.get("curve", []), **entry["peer_curves"]}.items():
             if curve:
-                axis.plot([p["p99_ms"] for p in curve], [p["recall"] for p in curve], marker="o", label=name)
+                # Every measured setting, and the frontier: the best recall reached at each latency.
+                points = sorted((p["p99_ms"], p["recall"]) for p in curve)
+                frontier = [points[0]]
+                for point in points[1:]:
+                    if point[1] > frontier[-1][1]:
+                        frontier.append(point)
+                (line,) = axis.plot(*zip(*frontier, strict=True), label=name)
+                axis.scatter(*zip(*points, strict=True), color=line.get_color(), s=12, alpha=0.5)
         axis.axhline(0.95, color="grey", linestyle=":")
         axis.set_xscale("log")
         axis.set(

@@ -104,12 +104,14 @@ def status(env: dict[str, str]) -> dict[str, Any]:
 
 
 def test_rest_and_cli_triggers_for_a_date_run_the_week_ending_there(airflow: Airflow) -> None:
+    # Two weeks, one per trigger path: Airflow keeps one run per logical date and DAG.
     rest = airflow.api(
         "POST",
         f"/dags/{DAG}/dagRuns",
-        {"dag_run_id": "rest__1998-04-23", "logical_date": "1998-04-23T00:00:00Z"},
+        {"dag_run_id": "rest__1998-04-16", "logical_date": "1998-04-16T00:00:00Z"},
     )
     runs = airflow.wait_for_runs([rest["dag_run_id"]])
+    assert status(airflow.env)["data_window"]["end"].startswith("1998-04-16")
     recsys(
         "airflow",
         "dags",
@@ -127,13 +129,13 @@ def test_rest_and_cli_triggers_for_a_date_run_the_week_ending_there(airflow: Air
         assert airflow.task_states(run_id) == dict.fromkeys(WEEKLY_TASKS, "success")
     # The REST API's interval is the week ending at the logical date; Airflow's CLI trigger dates its
     # interval by the wall clock, so for both the tasks' window is checked: their run folders.
-    assert runs["rest__1998-04-23"]["data_interval_start"].startswith("1998-04-16T00:00:00")
-    assert runs["rest__1998-04-23"]["data_interval_end"].startswith("1998-04-23T00:00:00")
-    window = Path(airflow.env["RECSYS_HOME"]) / "runs" / DAG / "1998-04-16T0000_1998-04-23T0000"
-    assert len([path for path in window.iterdir() if path.is_dir()]) == 2
+    assert runs["rest__1998-04-16"]["data_interval_start"].startswith("1998-04-09T00:00:00")
+    assert runs["rest__1998-04-16"]["data_interval_end"].startswith("1998-04-16T00:00:00")
+    for window in ("1998-04-09T0000_1998-04-16T0000", "1998-04-16T0000_1998-04-23T0000"):
+        folder = Path(airflow.env["RECSYS_HOME"]) / "runs" / DAG / window
+        assert len([path for path in folder.iterdir() if path.is_dir()]) == 1, window
     champion = status(airflow.env)
-    assert champion["run_id"] == "cli__1998-04-23" and champion["version"] == 2
-    assert champion["data_window"]["start"].startswith("1998-04-16")
+    assert champion["version"] == 2 and champion["data_window"]["start"].startswith("1998-04-16")
     assert champion["data_window"]["end"].startswith("1998-04-23")
 
 
@@ -146,9 +148,9 @@ def test_a_backfill_runs_earlier_weeks_one_at_a_time_and_leaves_the_champion(air
         "--dag-id",
         DAG,
         "--from-date",
-        "1998-03-22",
+        "1998-03-15",
         "--to-date",
-        "1998-04-07",
+        "1998-03-31",
         env=airflow.env,
     )
     deadline = time.monotonic() + 60
