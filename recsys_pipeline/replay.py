@@ -33,7 +33,11 @@ log = logging.getLogger(__name__)
 
 WEEKLY = "recsys_weekly"
 # What the report plots per week: evaluation with its confidence interval, and drift from the reference.
-QUALITY = ("ndcg_at_10", "baseline_ndcg_at_10", "champion_ndcg_at_10")
+QUALITY = {
+    "ndcg_at_10": "candidate",
+    "baseline_ndcg_at_10": "popularity",
+    "champion_ndcg_at_10": "version judged against",
+}
 DRIFT = ("drift_aligned_cosine", "drift_neighbour_overlap", "drift_rec_overlap")
 
 
@@ -233,9 +237,9 @@ def plot_weeks(folder: Path, weeks: list[ReplayedWeek]) -> list[tuple[str, str]]
     dates = np.array([week.window_end.isoformat() for week in weeks], dtype="datetime64[D]")
     written = []
     figure, axis = plt.subplots(figsize=(8, 4))
-    for name in QUALITY:
+    for name, label in QUALITY.items():
         values = [week.metrics.get(name, float("nan")) for week in weeks]
-        axis.plot(dates, values, marker="o", label=name)
+        axis.plot(dates, values, marker="o", label=label)
         low = [week.metrics.get(f"{name}_ci_low", float("nan")) for week in weeks]
         high = [week.metrics.get(f"{name}_ci_high", float("nan")) for week in weeks]
         axis.fill_between(dates, low, high, alpha=0.2)
