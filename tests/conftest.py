@@ -8,6 +8,7 @@ is ``spark`` if it uses the Spark session (directly or through a fixture), else 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -218,6 +219,18 @@ def stop(process: subprocess.Popen) -> None:
         process.wait(timeout=30)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
+
+
+def invocations(port: int, records: list[dict[str, Any]]) -> Any:
+    """What a model server on ``port`` answers to ``records`` at ``/invocations``, as a DataFrame."""
+    import pandas as pd
+
+    body = json.dumps({"dataframe_records": records}).encode()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return pd.DataFrame(json.loads(response.read())["predictions"])
 
 
 def run_recsys(*args: str) -> subprocess.CompletedProcess:

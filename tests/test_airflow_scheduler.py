@@ -16,13 +16,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import pytest
 
 from recsys_pipeline.cli import airflow_environment
 from recsys_pipeline.config import load_config
 from recsys_pipeline.registry import verified_model
-from tests.conftest import free_port, start, stop
+from tests.conftest import free_port, invocations, start, stop
 from tests.test_dags import RECSYS, WEEKLY_TASKS, airflow_json, recsys
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -196,12 +195,7 @@ def test_the_champion_serves_from_its_own_environment_built_by_mlflow(
         timeout_s=900,
     )
     try:
-        body = json.dumps({"dataframe_records": [{"user_id": "1", "k": 5}]}).encode()
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"}
-        )
-        with urllib.request.urlopen(request, timeout=60) as response:
-            served = pd.DataFrame(json.loads(response.read())["predictions"])
+        served = invocations(port, [{"user_id": "1", "k": 5}])
     finally:
         stop(server)
     assert "Creating a new environment" in (tmp_path / "serve.log").read_text()

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +15,7 @@ from recsys_pipeline import registry, tracking
 from recsys_pipeline.runs import RunContext
 from recsys_pipeline.serving import Recommender
 from recsys_pipeline.stages.publish import run_promotion, run_publish
-from tests.conftest import free_port, start, stop
+from tests.conftest import free_port, invocations, start, stop
 
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.e2e
@@ -94,12 +92,7 @@ def test_rest_predictions_equal_in_process_predictions(own_weekly_run, tmp_path:
     )
     try:
         users = [*own_weekly_run.ids("users")[:4], "never-seen"]
-        body = json.dumps({"dataframe_records": [{"user_id": u, "k": 5} for u in users]}).encode()
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"}
-        )
-        with urllib.request.urlopen(request, timeout=60) as response:
-            served = pd.DataFrame(json.loads(response.read())["predictions"])
+        served = invocations(port, [{"user_id": u, "k": 5} for u in users])
     finally:
         stop(server)
     recommender = Recommender.from_registry(config=own_weekly_run.config)
