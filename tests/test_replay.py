@@ -139,18 +139,27 @@ def test_a_night_recomputes_the_lists_of_users_it_refreshed_and_carries_the_othe
     assert any(latest[user] != earlier.get(user) for user in refreshed & set(latest.index))
 
 
+@pytest.mark.parametrize("weekly_holdout", ["per_user_last", "days"])
 def test_nights_carry_the_pairs_forward_and_build_what_a_rebuild_from_every_event_builds(
-    spark, replay, tmp_path: Path
+    spark, replay, tmp_path: Path, weekly_holdout: str
 ) -> None:
     config, weekly, nights = replay
     assert weekly.read_metrics()["history_carried"] == 0.0
     assert all(run.read_metrics()["history_carried"] == 1.0 for run, _ in nights)
-    # Decay makes carrying non-trivial: the carried aggregates must age as their events would.
+    # Decay makes carrying non-trivial: the carried aggregates must age as their events would. A
+    # weekly with a global cut keeps pairs aggregated to the cut, then carried to its end.
     shutil.copytree(config.state_home / "lake", tmp_path / "state" / "lake")
+    interactions = config.interactions.model_copy(
+        update={
+            "half_life_days": 30.0,
+            "holdout": config.interactions.holdout.model_copy(update={"strategy": weekly_holdout}),
+        }
+    )
     decayed = config.model_copy(
         update={
             "state_dir": tmp_path / "state",
-            "interactions": config.interactions.model_copy(update={"half_life_days": 30.0}),
+            "interactions": interactions,
+            "evaluation": config.evaluation.model_copy(update={"min_users": 1}),
         }
     )
     run_interactions(
