@@ -52,7 +52,7 @@ PARAMS: dict[str, Any] = {
     "matched_recall": [0.95, 0.99],
     # HNSW builds take hours at 10M items on 2 cores: graph peers stop here, IVF-PQ goes on.
     "peer_max_items": {"faiss_hnsw": 1_000_000, "hnswlib": 1_000_000, "faiss_ivfpq": 10_000_000},
-    "cosine_max_items": 1_000_000,
+    "cosine_max_items": 10_000_000,
 }
 # A search whose one-query p99 passes this is not worth walking further along a grid.
 GRID_CEILING_MS = 50.0
