@@ -202,10 +202,13 @@ def reference_version(config: PipelineConfig, run_data_end: datetime) -> Any | N
     return max(candidates, key=lambda version: (data_end(version), int(version.version)), default=None)
 
 
-def reference_embeddings(config: PipelineConfig, run_data_end: datetime) -> Embeddings | None:
-    """The vectors of :func:`reference_version`, to compare a candidate with; None if there is none."""
+def reference_embeddings(config: PipelineConfig, run_data_end: datetime) -> tuple[str, Embeddings] | None:
+    """(version, vectors) of :func:`reference_version`, to compare a candidate with; None if there is
+    none."""
     version = reference_version(config, run_data_end)
-    return None if version is None else version_bundle(config, str(version.version)).embeddings()
+    if version is None:
+        return None
+    return str(version.version), version_bundle(config, str(version.version)).embeddings()
 
 
 def list_versions(config: PipelineConfig) -> list[dict[str, Any]]:

@@ -189,7 +189,7 @@ def write_report(
                 _figure(week.metrics, "ndcg_at_10"),
                 _figure(week.metrics, "champion_ndcg_at_10"),
                 _figure(week.metrics, "drift_aligned_cosine"),
-                _figure(week.metrics, "stage_seconds_total"),
+                _task_seconds(week.metrics),
                 week.decision,
             )
         )
@@ -216,10 +216,12 @@ table{{border-collapse:collapse}}</style></head><body>
     (folder / "report.html").write_text(page)
 
 
+def _task_seconds(metrics: Mapping[str, float]) -> str:
+    seconds = [value for key, value in metrics.items() if key.startswith("stage_seconds_")]
+    return f"{sum(seconds):.0f}" if seconds else ""
+
+
 def _figure(metrics: Mapping[str, float], name: str) -> str:
-    if name == "stage_seconds_total":
-        seconds = [value for key, value in metrics.items() if key.startswith("stage_seconds_")]
-        return f"{sum(seconds):.0f}" if seconds else ""
     if name not in metrics:
         return ""
     low, high = metrics.get(f"{name}_ci_low"), metrics.get(f"{name}_ci_high")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from recsys_pipeline.evaluate import EvaluationSet, gate
-from recsys_pipeline.registry import reference_version, version_bundle
+from recsys_pipeline.registry import reference_embeddings
 from recsys_pipeline.runs import RunContext
 
 log = logging.getLogger(__name__)
@@ -20,8 +20,8 @@ def run_evaluation(run: RunContext) -> dict[str, float]:
     judged by the content map's fit and the ``cold_start`` benchmark, and two versions' cold sets
     differ, which would make the comparison unlike for like.
     """
-    reference = reference_version(run.config, run.interval_end)
-    champion = None if reference is None else version_bundle(run.config, str(reference.version)).embeddings()
+    reference = reference_embeddings(run.config, run.interval_end)
+    champion = None if reference is None else reference[1]
     settings = run.config.evaluation
     holdout = run.holdout_matrix()
     evaluation = EvaluationSet.build(run.train_matrix(), holdout, settings.max_users, settings.sample_seed)
@@ -33,7 +33,7 @@ def run_evaluation(run: RunContext) -> dict[str, float]:
     if champion_scores is not None:
         metrics.update(champion_scores.summary(confidence, "champion_"))
     if reference is not None:
-        metrics["reference_version"] = float(reference.version)
+        metrics["reference_version"] = float(reference[0])
     metrics["eval_users"] = float(candidate.users)
     metrics["eval_holdout_users"] = float((holdout.getnnz(axis=1) > 0).sum())
     metrics["eval_users_sampled"] = float(len(evaluation.users))

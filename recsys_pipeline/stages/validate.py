@@ -56,9 +56,10 @@ def champion_rows(run: RunContext) -> float | None:
 
 def drift_against_champion(run: RunContext, embeddings: Embeddings) -> drift.DriftReport | None:
     """Drift of this run's vectors against the champion's; None when there is no champion yet."""
-    champion = reference_embeddings(run.config, run.interval_end)
-    if champion is None:
+    reference = reference_embeddings(run.config, run.interval_end)
+    if reference is None:
         return None
+    champion = reference[1]
     rules = run.config.drift
     report = drift.compare(champion, embeddings, rules.k, rules.sample_items, rules.sample_users)
     run.write_metrics("drift", report.metrics)
