@@ -66,8 +66,8 @@ lint: setup
 	$(BIN)/ruff check recsys_pipeline dags jobs tests benchmarks
 	$(BIN)/mypy
 
-## bench: run every benchmark, or one with NAME=x (writes var/bench/x.json)
+## bench: run every benchmark, or one with NAME=x (writes var/bench/x.json); PARAMS="k=v ..." for a one-off
 bench: setup
-	$(BIN)/python -m benchmarks $(NAME)
+	$(BIN)/python -m benchmarks $(NAME) $(PARAMS)
 
 .PHONY: help setup init run test test-slow test-fast lint bench

@@ -1,4 +1,7 @@
-"""Run every benchmark, or one: ``python -m benchmarks [NAME]``; each writes ``var/bench/NAME.json``."""
+"""Run every benchmark, or one: ``python -m benchmarks [NAME [KEY=VALUE ...]]``; each writes
+``var/bench/NAME.json``. ``KEY=VALUE`` (a YAML value) replaces one of NAME's params for a one-off run,
+which writes ``var/bench/NAME-KEY=VALUE.json`` instead (the 100M-event pipeline run:
+``python -m benchmarks pipeline events=100000000 users=2500000``)."""
 
 from __future__ import annotations
 
@@ -6,6 +9,8 @@ import json
 import sys
 from collections.abc import Callable
 from typing import Any
+
+import yaml
 
 from benchmarks import als, cold_start, index_search, interactions, pipeline, quality, refresh
 from recsys_pipeline.config import load_config
@@ -25,22 +30,28 @@ BENCHMARKS: dict[str, Benchmark] = {
 
 
 def main(argv: list[str]) -> int:
-    names = argv or sorted(BENCHMARKS)
+    names = [arg for arg in argv if "=" not in arg] or sorted(BENCHMARKS)
+    replaced = dict(arg.split("=", 1) for arg in argv if "=" in arg)
     unknown = [name for name in names if name not in BENCHMARKS]
     if unknown:
         print(f"unknown benchmark(s) {unknown}; available: {sorted(BENCHMARKS)}", file=sys.stderr)
         return 1
+    if replaced and (len(names) != 1 or not set(replaced) <= set(BENCHMARKS[names[0]][0])):
+        print(f"KEY=VALUE replaces params of one named benchmark: {sorted(replaced)}", file=sys.stderr)
+        return 1
     out_dir = StateLayout(load_config().state_home).bench
     for name in names:
-        params, run = BENCHMARKS[name]
-        print(f"== {name} {json.dumps(params)}", flush=True)
+        defaults, run = BENCHMARKS[name]
+        params = defaults | {key: yaml.safe_load(value) for key, value in replaced.items()}
+        report_name = "-".join([name, *(f"{key}={value}" for key, value in replaced.items())])
+        print(f"== {report_name} {json.dumps(params)}", flush=True)
         results = run(params)
-        report = {"name": name, "params": params, "results": results}
+        report = {"name": report_name, "params": params, "results": results}
         if "published" in results:  # peer numbers also at the top level, beside ours
             report["published"] = results["published"]
-        write_json(out_dir / f"{name}.json", report)
+        write_json(out_dir / f"{report_name}.json", report)
         print(json.dumps(report["results"], indent=2))
-        print(f"wrote {out_dir / f'{name}.json'}")
+        print(f"wrote {out_dir / f'{report_name}.json'}")
     return 0
 
 

@@ -3,9 +3,11 @@
 
 Daily refresh between weekly retrains. The data interval is one day: the run ingests that
 day's events, extends the interactions over the whole history (new IDs appended to the
-stable maps), folds the changed and new users and the new items into the current champion
-(`recsys_pipeline.stages.refresh`), updates the champion's ScaNN index in place, validates, and
-publishes a version that records its weekly parent; `champion` moves only if every gate passed.
+stable maps), folds the changed and new users and the new items into the champion of the day's
+time (the live champion; in a dry run or a replay of history, the version the earlier runs would
+have promoted) (`recsys_pipeline.stages.refresh`), updates that version's ScaNN index in place,
+validates, and publishes a version that records its weekly parent; `champion` moves only if every
+gate passed.
 
 When the fold-in drifts too far from its weekly parent, too much of the catalogue is new, or
 the parent is too old, the run says why and triggers `recsys_weekly` for the same end date

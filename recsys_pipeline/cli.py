@@ -69,14 +69,19 @@ def _parser() -> argparse.ArgumentParser:
 
     replay = commands.add_parser(
         "replay",
-        help="run the weekly DAG over a range of weeks, one at a time in date order, and report "
-        "what each did or would have done (HTML with plots, logged to MLflow)",
+        help="run the weekly DAG every seventh day of a range and the nightly DAG on the days between, "
+        "one run at a time in date order, and report what each did or would have done (HTML with "
+        "plots, logged to MLflow)",
     )
-    for flag, dest, meaning in (("--from", "start", "first week's end"), ("--to", "end", "last week's end")):
+    for flag, dest, meaning in (
+        ("--from", "start", "the first day (a weekly run's window end)"),
+        ("--to", "end", "the last day"),
+    ):
         replay.add_argument(flag, dest=dest, required=True, type=date.fromisoformat, help=meaning)
     replay.add_argument(
-        "--promote", action="store_true", help="let passing weeks move champion (default: dry runs)"
+        "--promote", action="store_true", help="let passing runs move champion (default: dry runs)"
     )
+    replay.add_argument("--weekly-only", action="store_true", help="no nightly runs between the weeks")
 
     serve = commands.add_parser("serve", help="serve a published version over REST (mlflow models serve)")
     serve.add_argument("--port", type=int, default=5001)
@@ -291,7 +296,7 @@ def run(argv: Sequence[str]) -> int:
 
         refuse_unreached(overrides)
         env = airflow_environment(config, args.config)
-        report = replay(config, args.start, args.end, args.promote, airflow_dags_test(env))
+        report = replay(config, args.start, args.end, args.promote, airflow_dags_test(env), args.weekly_only)
         print(f"replay report: {report / 'report.html'} (also logged to MLflow)")
         return 0
     if args.command == "synth":

@@ -180,20 +180,22 @@ def data_end(version: Any) -> datetime:
 
 def reference_version(config: PipelineConfig, run_data_end: datetime) -> Any | None:
     """The version a run whose data ends at ``run_data_end`` is judged against (evaluation, drift,
-    row counts): the newest, by data end, of the champion (unless its data ends later, for then it
-    has trained on the run's holdout), versions once promoted (only when it does: a replay of
-    history, whose champion of its own time is one of them) and versions that passed every gate
-    without moving the alias (``would_promote``: a dry run or a replayed week, so that a replay's
-    later weeks are judged against its earlier ones). Only versions whose data ends no later than
-    the run's count. None when there is no such version."""
+    row counts) and a nightly folds into: the champion of the run's own time. That is the newest, by
+    data end, of the champion (unless its data ends later, for then it has trained on the run's
+    holdout), versions once promoted (only when it does: a replay of history, whose champion of its
+    own time is one of them) and, when the run is a dry run or replays history, versions that passed
+    every gate without moving the alias (``would_promote``), so that a replay's later runs build on
+    its earlier ones while a live run never builds on a dry run's version. Only versions whose data
+    ends no later than the run's count. None when there is no such version."""
     champion = alias_version(config, CHAMPION)
     replaying_history = champion is not None and data_end(champion) > run_data_end
+    counts_would_promote = replaying_history or not config.mlflow.promote
     candidates = [
         version
         for version in tracking.client(config).search_model_versions(f"name = '{config.mlflow.model_name}'")
         if data_end(version) <= run_data_end
         and (
-            version.tags.get(WOULD_PROMOTE) == "true"
+            (counts_would_promote and version.tags.get(WOULD_PROMOTE) == "true")
             or (replaying_history and "promotion_reason" in version.tags)
         )
     ]

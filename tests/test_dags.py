@@ -357,15 +357,17 @@ def test_nightly_dag_refreshes_the_champion_or_escalates(state_env) -> None:
     # none is added here; test_replay covers users who arrive after the weekly run).
     assert status["refresh"]["users_updated"] > 0
 
-    # Drift past a bound from the weekly parent: the run says why and hands over to the weekly DAG.
+    # Drift past a bound from the weekly parent: the run says why and hands over to the weekly DAG,
+    # whose run for that day exists already (this module's first test), so none is added.
     conf = json.dumps({"config_overrides": {"drift.min_rec_overlap": 1.0}})
-    result = recsys("airflow", "dags", "test", "recsys_nightly", "1998-04-22", "-c", conf, env=state_env)
+    result = recsys("airflow", "dags", "test", "recsys_nightly", "1998-04-23", "-c", conf, env=state_env)
     states = task_states(state_env, "recsys_nightly")
     assert states["escalate_or_continue"] == "success" and states["update_index"] == "skipped"
-    assert states["trigger_full_retrain"] == "success" and states["promote"] == "skipped"
-    assert "drift from the weekly parent: drift_rec_overlap=" in result.stdout + result.stderr
+    assert states["trigger_full_retrain"] == "skipped" and states["promote"] == "skipped"
+    output = result.stdout + result.stderr
+    assert "drift from the weekly parent: drift_rec_overlap=" in output and "DagRunAlreadyExists" in output
     weekly_runs = airflow_json("dags", "list-runs", "recsys_weekly", env=state_env)
-    assert any(run["logical_date"].startswith("1998-04-22") for run in weekly_runs)
+    assert [run["logical_date"][:10] for run in weekly_runs].count("1998-04-23") == 1
     assert json.loads(recsys("status", "--json", env=state_env).stdout)["version"] == status["version"]
 
 

@@ -75,9 +75,11 @@ def test_a_dry_run_registers_its_version_but_skips_promotion(own_weekly_run) -> 
     assert registry.alias_version(config, registry.CHAMPION) is None
     tags = tracking.client(config).get_model_version(config.mlflow.model_name, version).tags
     assert tags["would_promote"] == "true"
-    # A later week (a dry replay's next one) is judged against it, as if it had been promoted.
+    # A later dry run (a dry replay's next week) is judged against it, as if it had been promoted; a
+    # live run is not: it never builds on a version that did not go live.
     later = copy_run(own_weekly_run, "1998-04-23", "1998-04-30")
-    assert str(registry.reference_version(later.config, later.interval_end).version) == version
+    assert str(registry.reference_version(unpromoted, later.interval_end).version) == version
+    assert registry.reference_version(later.config, later.interval_end) is None
     # Published, its folder is frozen: a stage re-run there is refused, a new run is not.
     with pytest.raises(RecsysError, match="trigger a new run for this window"):
         dry.refuse_if_published("train")

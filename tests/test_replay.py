@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from recsys_pipeline.config import load_config
-from recsys_pipeline.registry import champion_status, list_versions, version_bundle
+from recsys_pipeline.registry import NothingPublishedError, champion_status, list_versions, version_bundle
 from recsys_pipeline.runs import RefreshRecord, RunContext
 from recsys_pipeline.serving import Recommender
 from recsys_pipeline.stages.index import run_index_refresh
@@ -188,3 +188,18 @@ def test_nights_carry_the_pairs_forward_and_build_what_a_rebuild_from_every_even
     difference = carried.train_matrix() - rebuilt.train_matrix()
     assert carried.train_matrix().nnz == rebuilt.train_matrix().nnz > 0
     assert abs(difference).max() < 1e-4
+
+
+def test_a_night_before_every_version_s_data_has_nothing_to_fold_into(replay) -> None:
+    config, weekly, _ = replay
+    # The champion has trained through later days: folding an earlier night into it would publish
+    # a model of that night that has seen the days after it.
+    early = RunContext.create(
+        config,
+        "recsys_nightly",
+        WEEKLY_END - timedelta(days=2),
+        WEEKLY_END - timedelta(days=1),
+        mode="refresh",
+    )
+    with pytest.raises(NothingPublishedError, match="no version of recsys-als to fold"):
+        run_refresh(early)

@@ -1,4 +1,5 @@
-"""Fold the run's history into the champion (nightly), record lineage and decide whether to escalate."""
+"""Fold the run's history into the champion of its time (nightly), record lineage and decide whether
+to escalate."""
 
 from __future__ import annotations
 
@@ -13,16 +14,25 @@ from recsys_pipeline import drift
 from recsys_pipeline.als import check_finite, implicit_loss
 from recsys_pipeline.errors import RecsysError
 from recsys_pipeline.refresh import escalation_reasons, fold_in, rows_to_refresh
-from recsys_pipeline.registry import download, version_bundle, version_status
+from recsys_pipeline.registry import NothingPublishedError, reference_version, version_bundle, version_status
 from recsys_pipeline.runs import RefreshRecord, RunContext, parse_instant
 
 log = logging.getLogger(__name__)
 
 
 def run_refresh(run: RunContext) -> RefreshRecord:
-    """Refresh the champion's vectors with the run's history; write the model, the record and the gate."""
+    """Refresh the vectors of the champion of the run's time (:func:`~recsys_pipeline.registry.
+    reference_version`: the live champion, or in a replay the version its earlier runs would have
+    promoted) with the run's history; write the model, the record and the gate."""
     config = run.config
-    champion, champion_bundle = download(config)
+    champion = reference_version(config, run.interval_end)
+    if champion is None:
+        raise NothingPublishedError(
+            f"no version of {config.mlflow.model_name} to fold {run.interval_key} into: none is champion "
+            "with data no newer than this run's (nor, in a dry run or a replay, passed every gate): run "
+            "the weekly DAG for this date first"
+        )
+    champion_bundle = version_bundle(config, str(champion.version))
     champion_tags = dict(champion.tags)
     if champion_tags.get("kind") == "refresh":
         weekly_version = champion_tags["parent_version"]
