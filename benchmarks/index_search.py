@@ -332,6 +332,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # One colour per library in every panel.
+    colours = dict(zip(("scann", "hnswlib", "faiss_hnsw", "faiss_ivfpq"), plt.cm.tab10.colors, strict=False))
     fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4.5), squeeze=False)
     for axis, (size, entry) in zip(axes[0], results.items(), strict=True):
         for name, curve in {"scann": entry.get("curve", []), **entry["peer_curves"]}.items():
@@ -342,8 +344,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
                 for point in points[1:]:
                     if point[1] > frontier[-1][1]:
                         frontier.append(point)
-                (line,) = axis.plot(*zip(*frontier, strict=True), label=name)
-                axis.scatter(*zip(*points, strict=True), color=line.get_color(), s=12, alpha=0.5)
+                axis.plot(*zip(*frontier, strict=True), label=name, color=colours[name])
+                axis.scatter(*zip(*points, strict=True), color=colours[name], s=12, alpha=0.5)
         axis.axhline(0.95, color="grey", linestyle=":")
         axis.set_xscale("log")
         axis.set(
