@@ -365,7 +365,8 @@ def test_nightly_dag_refreshes_the_champion_or_escalates(state_env) -> None:
     assert states["escalate_or_continue"] == "success" and states["update_index"] == "skipped"
     assert states["trigger_full_retrain"] == "skipped" and states["promote"] == "skipped"
     output = result.stdout + result.stderr
-    assert "drift from the weekly parent: drift_rec_overlap=" in output and "DagRunAlreadyExists" in output
+    assert "drift from the weekly parent: drift_rec_overlap=" in output
+    assert "Dag Run already exists, skipping task" in output and "dag_id=recsys_weekly" in output
     weekly_runs = airflow_json("dags", "list-runs", "recsys_weekly", env=state_env)
     assert [run["logical_date"][:10] for run in weekly_runs].count("1998-04-23") == 1
     assert json.loads(recsys("status", "--json", env=state_env).stdout)["version"] == status["version"]
