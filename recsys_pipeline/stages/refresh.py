@@ -21,9 +21,9 @@ log = logging.getLogger(__name__)
 
 
 def run_refresh(run: RunContext) -> RefreshRecord:
-    """Refresh the vectors of the champion of the run's time (:func:`~recsys_pipeline.registry.
-    reference_version`: the live champion, or in a replay the version its earlier runs would have
-    promoted) with the run's history; write the model, the record and the gate."""
+    """Refresh the vectors of the champion of the run's time with the run's history; write the model,
+    the record and the gate. That version is :func:`~recsys_pipeline.registry.reference_version`: the
+    live champion, or in a replay the version its earlier runs would have promoted."""
     config = run.config
     champion = reference_version(config, run.interval_end)
     if champion is None:
