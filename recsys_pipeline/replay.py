@@ -30,7 +30,7 @@ import numpy as np
 from recsys_pipeline import registry, tracking
 from recsys_pipeline.config import PipelineConfig
 from recsys_pipeline.errors import RecsysError
-from recsys_pipeline.runs import RefreshRecord, RunContext, StateLayout, write_json
+from recsys_pipeline.runs import RefreshRecord, RunContext, StateLayout, read_refresh_record, write_json
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ def latest_refresh(config: PipelineConfig, day: date) -> RefreshRecord | None:
     end = datetime.combine(day, time(), UTC)
     window = RunContext.create(config, NIGHTLY, end - timedelta(days=1), end, mode="refresh").window_dir
     records = sorted(window.glob("*/refresh/refresh.json"), key=lambda path: path.stat().st_mtime)
-    return RefreshRecord(**json.loads(records[-1].read_text())) if records else None
+    return read_refresh_record(records[-1].parents[1]) if records else None
 
 
 def champion_timeline(runs: list[ReplayedRun]) -> list[int | None]:

@@ -369,8 +369,7 @@ class RunContext:
             write_json(staging / "refresh.json", asdict(record))
 
     def refresh_record(self) -> RefreshRecord | None:
-        path = self.stage_dir("refresh") / "refresh.json"
-        return RefreshRecord(**json.loads(path.read_text())) if path.is_file() else None
+        return read_refresh_record(self.run_dir)
 
     @property
     def index_dir(self) -> Path:
@@ -447,6 +446,12 @@ class RefreshRecord:
 
     def tags(self) -> dict[str, str]:
         return {name: str(getattr(self, name)) for name in self.LINEAGE_TAGS}
+
+
+def read_refresh_record(run_dir: Path) -> RefreshRecord | None:
+    """The refresh record a nightly run wrote in ``run_dir``, if its fold-in got that far."""
+    path = run_dir / "refresh" / "refresh.json"
+    return RefreshRecord(**json.loads(path.read_text())) if path.is_file() else None
 
 
 def run_window(
