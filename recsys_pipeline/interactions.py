@@ -153,9 +153,9 @@ def supported(
         "confidence", F.least(F.col("confidence"), F.lit(config.max_confidence))
     )
     if config.min_item_interactions > 1:
-        # Pairs arrive partitioned by user (see pair_confidences): the items' counts are a small
-        # aggregate joined back, where a window by item would shuffle every pair once more. They come
-        # from ``pairs``, not ``kept``, so that each observation sits on one branch of the plan only.
+        # The items' counts are a small aggregate joined back, where a window by item would shuffle
+        # every pair. They come from ``pairs``, not ``kept``, so that each observation sits on one
+        # branch of the plan only.
         item_support = (
             pairs.where(positive)
             .groupBy(item)
@@ -163,7 +163,9 @@ def supported(
             .where(F.col("n") >= config.min_item_interactions)
             .select(item)
         )
-        kept = kept.join(item_support, item, "left_semi")
+        # Broadcast outright: planned as a sort-merge join (the support's size is unknown until it
+        # runs), every pair would be shuffled by item before the plan could switch.
+        kept = kept.join(F.broadcast(item_support), item, "left_semi")
     if counts is not None:
         kept = kept.observe(counts.item_supported, F.count(F.lit(1)).alias("pairs"))
     if config.min_user_interactions > 1:
@@ -200,6 +202,27 @@ def pair_confidences(
     # hash every event for nothing. The per-event confidences are shuffled by user alone: that also
     # serves the pair aggregation and every later per-user window without another shuffle.
     return per_event.repartition(user).groupBy(user, item).agg(*aggregates)
+
+
+def merged_pairs(
+    events: DataFrame,
+    config: InteractionsConfig,
+    as_of: Column,
+    carried: DataFrame,
+    keys: tuple[str, str] = INDEX_PAIR,
+) -> DataFrame:
+    """:func:`pair_confidences` of ``events`` with ``carried`` (with ``last_seen``), for events far
+    fewer than the carried pairs (a night's against the whole history).
+
+    Only the carried pairs the events share are aggregated again; every other carried pair is passed
+    through as it is, by joins against the events' broadcast pairs that never shuffle the history.
+    """
+    event_pairs = F.broadcast(events.select(*keys).distinct())
+    shared = carried.join(event_pairs, list(keys), "left_semi")
+    untouched = carried.join(event_pairs, list(keys), "left_anti")
+    return untouched.select(*keys, "confidence", "event_ts").unionByName(
+        pair_confidences(events, config, as_of, keys, last_seen=True, carried=shared)
+    )
 
 
 def carried_pairs(history: DataFrame, config: InteractionsConfig, elapsed: timedelta) -> DataFrame:
@@ -338,18 +361,20 @@ def indexed_events(
 ) -> DataFrame:
     """The events with ``user_idx`` and ``item_idx`` from maps that hold every one of their ids.
 
-    The joins match a 64-bit hash of the id, which probes far cheaper than the string. That is exact
-    because every event's id is in its map: a wrong match needs two ids of one map with the same hash,
-    and a map where that happens joins on the ids themselves.
+    The joins match a 64-bit hash of the id, which probes far cheaper than the string, and confirm
+    the id itself only on a match: exact even where two ids share a hash, with no pass over the maps
+    to rule that out. (The confirmation sits inside ``coalesce`` so that Spark keeps it out of the
+    join key it hashes.)
     """
     for entity, id_map in (("user", maps.users), ("item", maps.items)):
         id_column, idx_column = f"{entity}_id", f"{entity}_idx"
-        hashed = id_map.select(id_hash(F.col("id")).alias("key"), F.col("idx").alias(idx_column))
-        if hashed.select(F.count_distinct("key") == F.count("*")).collect()[0][0]:
-            events = events.join(hashed, id_hash(F.col(id_column)) == hashed["key"]).drop("key")
-        else:
-            by_id = id_map.select(F.col("id").alias(id_column), F.col("idx").alias(idx_column))
-            events = events.join(by_id, id_column)
+        hashed = id_map.select(
+            id_hash(F.col("id")).alias("key"), F.col("id").alias("mapped_id"), F.col("idx").alias(idx_column)
+        )
+        matches = (id_hash(F.col(id_column)) == hashed["key"]) & F.coalesce(
+            F.col(id_column) == hashed["mapped_id"], F.lit(False)
+        )
+        events = events.join(hashed, matches).drop("key", "mapped_id")
     return events
 
 

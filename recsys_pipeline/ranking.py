@@ -16,6 +16,10 @@ NO_ITEM = -1
 CHUNK_ELEMENTS = 1 << 22
 # Score elements one batch of dot products may hold: 16M float32, 64 MB, whatever the catalogue size.
 SCORE_BUDGET = 1 << 24
+# Columns per block when a wide row is pruned to its best blocks before the partition (see
+# ``candidate_columns``); pruning pays once a row has this many times more blocks than k.
+BLOCK_COLUMNS = 64
+MIN_BLOCKS_PER_K = 4
 
 
 def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -32,7 +36,14 @@ def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     step = max(1, CHUNK_ELEMENTS // n_cols)
     for start in range(0, n_rows, step):
         block = scores[start : start + step]
-        part = np.argpartition(block, n_cols - width, axis=1)[:, n_cols - width :]
+        candidates = candidate_columns(block, width)
+        if candidates is None:
+            part = np.argpartition(block, n_cols - width, axis=1)[:, n_cols - width :]
+        else:
+            candidate_scores = np.take_along_axis(block, candidates, axis=1)
+            n_candidates = candidates.shape[1]
+            kept = np.argpartition(candidate_scores, n_candidates - width, axis=1)[:, n_candidates - width :]
+            part = np.take_along_axis(candidates, kept, axis=1)
         part_scores = np.take_along_axis(block, part, axis=1)
         order = np.argsort(-part_scores, axis=1, kind="stable")
         chosen = np.take_along_axis(part, order, axis=1)
@@ -41,6 +52,29 @@ def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         columns[start : start + step] = chosen
         best[start : start + step] = chosen_scores
     return columns, best
+
+
+def candidate_columns(block: np.ndarray, width: int) -> np.ndarray | None:
+    """Columns that surely hold each row's ``width`` best scores, far fewer than the row's: the columns
+    of the row's ``width`` blocks with the highest maxima, plus the tail that fills no whole block.
+    None when the row is too narrow for pruning to pay.
+
+    Exact: a best column outside the chosen blocks would mean ``width`` chosen blocks each with a
+    score at least as high, so the candidates still hold ``width`` scores that high. One max per
+    block and a partition of the maxima cost far less than partitioning every score.
+    """
+    n_rows, n_cols = block.shape
+    n_blocks = n_cols // BLOCK_COLUMNS
+    if n_blocks < MIN_BLOCKS_PER_K * width:
+        return None
+    covered = n_blocks * BLOCK_COLUMNS
+    maxima = block[:, :covered].reshape(n_rows, n_blocks, BLOCK_COLUMNS).max(axis=2)
+    best_blocks = np.argpartition(maxima, n_blocks - width, axis=1)[:, n_blocks - width :]
+    columns = (best_blocks[:, :, None] * BLOCK_COLUMNS + np.arange(BLOCK_COLUMNS)).reshape(n_rows, -1)
+    if covered == n_cols:
+        return columns
+    tail = np.broadcast_to(np.arange(covered, n_cols), (n_rows, n_cols - covered))
+    return np.hstack([columns, tail])
 
 
 def exclude(scores: np.ndarray, rows: sp.csr_matrix) -> None:
@@ -104,17 +138,26 @@ def first_unseen_rows(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """:func:`first_unseen` for every row at once: ``items``/``scores`` are (rows x candidates) ranked
     lists (``NO_ITEM`` pads), ``seen`` row r the history of row r. Returns (rows x k) items padded
-    with ``NO_ITEM``, their scores, and how many each row kept."""
+    with ``NO_ITEM``, their scores (0 where padded), and how many each row kept."""
     n_rows, n_items = seen.shape
+    if not seen.has_sorted_indices:
+        seen = seen.sorted_indices()
     valid = items != NO_ITEM
-    # One sorted lookup for the whole batch: (row, item) pairs as single integer keys.
+    # (row, item) pairs as single integer keys: the history's are sorted already (rows in order, each
+    # row's items sorted), so one binary search per candidate finds it, with no sort of the batch.
     seen_keys = np.repeat(np.arange(n_rows, dtype=np.int64), np.diff(seen.indptr)) * n_items + seen.indices
     keys = np.arange(n_rows, dtype=np.int64)[:, None] * n_items + np.where(valid, items, 0)
-    keep = valid & ~np.isin(keys, seen_keys)
-    order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
-    kept = np.take_along_axis(keep, order, axis=1)
-    picked = np.where(kept, np.take_along_axis(items, order, axis=1), NO_ITEM)
-    return picked, np.take_along_axis(scores, order, axis=1), kept.sum(axis=1)
+    keep = valid
+    if len(seen_keys):
+        position = np.minimum(np.searchsorted(seen_keys, keys), len(seen_keys) - 1)
+        keep = valid & (seen_keys[position] != keys)
+    slot = np.cumsum(keep, axis=1) - 1
+    rows, columns = np.nonzero(keep & (slot < k))
+    picked = np.full((n_rows, k), NO_ITEM, dtype=np.int64)
+    picked_scores = np.zeros((n_rows, k), dtype=scores.dtype)
+    picked[rows, slot[rows, columns]] = items[rows, columns]
+    picked_scores[rows, slot[rows, columns]] = scores[rows, columns]
+    return picked, picked_scores, np.minimum(keep.sum(axis=1), k)
 
 
 def popular_unseen(popularity: np.ndarray, seen: sp.csr_matrix, k: int) -> np.ndarray:

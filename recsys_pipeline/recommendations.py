@@ -42,8 +42,8 @@ def active_user_indices(lake: Path, since: datetime, until: datetime, user_ids: 
         columns=["user_id"],
         filter=(ds.field("event_ts") >= since) & (ds.field("event_ts") < until),
     )
-    active = set(table.column("user_id").unique().to_pylist())
-    return np.flatnonzero(np.fromiter((user in active for user in user_ids), dtype=bool, count=len(user_ids)))
+    active = pc.is_in(pa.array(user_ids, pa.string()), value_set=pc.unique(table.column("user_id")))
+    return np.flatnonzero(active.to_numpy(zero_copy_only=False))
 
 
 Batch = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
@@ -155,13 +155,20 @@ class WrittenRecommendations:
 
 
 def write_recommendations(
-    path: Path, batches: Iterable[Batch], user_ids: np.ndarray, item_ids: np.ndarray
+    path: Path,
+    batches: Iterable[Batch],
+    user_ids: np.ndarray,
+    item_ids: np.ndarray,
+    carried: Iterable[pa.Table] = (),
 ) -> WrittenRecommendations:
-    """Write the batches as Parquet (user_id, rank, item_id, score), one row group per batch; ids go
-    from index to string inside Arrow, so no per-row Python string is ever made."""
+    """Write the batches as Parquet (user_id, rank, item_id, score), one row group per batch, then
+    the ``carried`` lists as they are; ids go from index to string inside Arrow, so no per-row Python
+    string is ever made."""
     user_names, item_names = pa.array(user_ids, pa.string()), pa.array(item_ids, pa.string())
     shown = np.zeros(len(item_ids), dtype=bool)
     served = np.zeros(len(user_ids), dtype=bool)
+    carried_users: list[pa.Array] = []
+    carried_items: list[pa.Array] = []
     with pq.ParquetWriter(path, SCHEMA) as writer:
         for users, ranks, items, scores in batches:
             writer.write_table(
@@ -172,22 +179,22 @@ def write_recommendations(
             )
             shown[items] = True
             served[users] = True
+        for table in carried:
+            writer.write_table(table)
+            carried_users.append(pc.unique(table.column("user_id")))
+            carried_items.append(pc.unique(table.column("item_id")))
+    # Ids carried are looked up once, deduplicated, rather than row by row.
+    for names, found, flags in ((user_names, carried_users, served), (item_names, carried_items, shown)):
+        if found:
+            ids = pc.unique(pa.concat_arrays(found))
+            flags[pc.index_in(ids, value_set=names).drop_null().to_numpy()] = True
     return WrittenRecommendations(int(served.sum()), shown)
 
 
-def carried_batches(
-    path: Path, users: np.ndarray, user_ids: np.ndarray, item_ids: np.ndarray, batch_rows: int = 1 << 20
-) -> Iterator[Batch]:
-    """An earlier run's lists of ``users`` (dense indices), read ``batch_rows`` rows at a time, as
-    index batches: ids map through the current ID maps, which only ever grow."""
-    wanted = pa.array(user_ids[users], pa.string())
-    every_user, every_item = pa.array(user_ids, pa.string()), pa.array(item_ids, pa.string())
+def carried_lists(path: Path, user_ids: np.ndarray, batch_rows: int = 1 << 22) -> Iterator[pa.Table]:
+    """An earlier run's lists of the users ``user_ids`` names, ``batch_rows`` rows at a time, as they
+    are stored: a list carried over needs no id lookups."""
+    wanted = pa.array(user_ids, pa.string())
     for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows):
-        table = pa.Table.from_batches([batch])
-        table = table.filter(pc.is_in(table.column("user_id"), value_set=wanted))
-        yield (
-            pc.index_in(table.column("user_id"), value_set=every_user).to_numpy().astype(np.int64),
-            table.column("rank").to_numpy().astype(np.int32),
-            pc.index_in(table.column("item_id"), value_set=every_item).to_numpy().astype(np.int64),
-            table.column("score").to_numpy().astype(np.float32),
-        )
+        kept = batch.filter(pc.is_in(batch.column("user_id"), value_set=wanted))
+        yield pa.Table.from_batches([kept]).cast(SCHEMA)

@@ -25,20 +25,20 @@ class Triples:
 
     def to_csr(self, n_users: int, n_items: int) -> sp.csr_matrix:
         """A CSR matrix of shape (n_users, n_items); duplicate pairs are summed."""
-        matrix = sp.csr_matrix(
+        # COO to CSR sums duplicates and sorts each row as it converts: no second pass needed.
+        return sp.coo_matrix(
             (self.confidence.astype(np.float32), (self.user_idx, self.item_idx)), shape=(n_users, n_items)
-        )
-        matrix.sum_duplicates()
-        return matrix
+        ).tocsr()
 
 
 def read_matrix(path: Path) -> Triples:
-    """Read (user_idx, item_idx, confidence) columns as NumPy arrays without going through pandas."""
+    """Read (user_idx, item_idx, confidence) columns as NumPy arrays without going through pandas;
+    indices keep their stored 32-bit type (half the memory of int64, and what CSR uses)."""
     table = ds.dataset(str(path), format="parquet").to_table(columns=["user_idx", "item_idx", "confidence"])
     return Triples(
-        table.column("user_idx").to_numpy().astype(np.int64),
-        table.column("item_idx").to_numpy().astype(np.int64),
-        table.column("confidence").to_numpy().astype(np.float32),
+        table.column("user_idx").to_numpy(),
+        table.column("item_idx").to_numpy(),
+        table.column("confidence").to_numpy().astype(np.float32, copy=False),
     )
 
 

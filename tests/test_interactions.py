@@ -147,7 +147,7 @@ def test_id_maps_keep_old_indices_and_append_new_ids(spark, make_config, tmp_pat
 
 @pytest.mark.parametrize("id_hash", [F.xxhash64, lambda _: F.lit(7)], ids=["hashed", "colliding"])
 def test_events_get_the_indices_of_their_own_ids(spark, id_hash) -> None:
-    """A hash that collides for every id must fall back to joining on the ids, not mix entities up."""
+    """A hash that collides for every id must still give each event its own id's index."""
     events = _events(
         spark, [("u1", "i1", "view", None, 1), ("u2", "i2", "view", None, 1), ("u2", "i1", "view", None, 2)]
     )

@@ -5,7 +5,15 @@ import tracemalloc
 import numpy as np
 import scipy.sparse as sp
 
-from recsys_pipeline.ranking import NO_ITEM, dot_top_k, first_unseen, popular_items, popular_unseen, top_k
+from recsys_pipeline.ranking import (
+    NO_ITEM,
+    dot_top_k,
+    first_unseen,
+    first_unseen_rows,
+    popular_items,
+    popular_unseen,
+    top_k,
+)
 
 
 def test_top_k_orders_best_first_and_marks_excluded_entries() -> None:
@@ -48,6 +56,31 @@ def test_first_unseen_keeps_scores_aligned_with_items() -> None:
     assert items.tolist() == [4, 7] and scores.tolist() == [0.9, 0.7]
 
 
+def test_first_unseen_rows_matches_first_unseen_per_row() -> None:
+    """The whole-batch lookup keeps exactly what the per-row one keeps, with a history whose indices
+    are not sorted and rows that keep fewer than k."""
+    rng = np.random.default_rng(5)
+    n_rows, n_items, width, k = 30, 50, 12, 5
+    items = np.stack([rng.permutation(n_items)[:width] for _ in range(n_rows)])
+    items[3, 4:] = NO_ITEM
+    scores = -np.sort(-rng.random((n_rows, width)), axis=1).astype(np.float32)
+    seen = sp.random(n_rows, n_items, density=0.4, random_state=2, format="csr")
+    seen.indices = seen.indices.copy()
+    for row in range(n_rows):  # reverse each row's indices: valid CSR, unsorted
+        a, b = seen.indptr[row], seen.indptr[row + 1]
+        seen.indices[a:b], seen.data[a:b] = seen.indices[a:b][::-1], seen.data[a:b][::-1]
+    seen.has_sorted_indices = False
+    picked, picked_scores, counts = first_unseen_rows(items, scores, seen, k)
+    for row in range(n_rows):
+        history = seen.indices[seen.indptr[row] : seen.indptr[row + 1]]
+        expected, expected_scores = first_unseen(items[row], scores[row], history, k)
+        assert counts[row] == len(expected)
+        assert picked[row, : counts[row]].tolist() == expected.tolist()
+        np.testing.assert_array_equal(picked_scores[row, : counts[row]], expected_scores)
+        assert (picked[row, counts[row] :] == NO_ITEM).all()
+    assert counts.min() < k
+
+
 def test_memory_is_bounded_by_the_batch_not_the_number_of_queries() -> None:
     """50k users against 200k items would be 40 GB of scores at once; batches keep it to a few MB each."""
     rng = np.random.default_rng(0)
@@ -60,3 +93,24 @@ def test_memory_is_bounded_by_the_batch_not_the_number_of_queries() -> None:
     assert columns.shape == (2_000, 10)
     # One batch: 64 x 200k float32 scores (51 MB) plus the partition's positions of a chunk.
     assert peak < 200 * 2**20, f"peak {peak / 2**20:.0f} MB"
+
+
+def test_top_k_over_wide_rows_prunes_to_blocks_and_stays_exact() -> None:
+    """Rows wide enough to be pruned to their best blocks (a tail that fills no block included) give
+    the scores a full sort gives, ties and excluded entries too."""
+    rng = np.random.default_rng(3)
+    scores = rng.normal(size=(40, 64 * 300 + 17)).astype(np.float32)
+    scores[0, :] = 1.0  # every column ties
+    scores[1, 5:] = -np.inf  # fewer finite entries than k
+    scores[2, -3:] = 50.0  # the best scores sit in the tail
+    scores[3, :64] = 9.0  # one block holds the whole top k
+    scores[4] = np.round(scores[4])  # ties across blocks
+    columns, best = top_k(scores, 10)
+    expected = -np.sort(-scores, axis=1)[:, :10]
+    np.testing.assert_array_equal(best, expected)
+    finite = np.isfinite(expected)
+    np.testing.assert_array_equal(
+        np.take_along_axis(scores, np.where(finite, columns, 0), axis=1)[finite], expected[finite]
+    )
+    assert (columns[~finite] == NO_ITEM).all() and (columns[1, :5] >= 0).all()
+    assert len({tuple(row) for row in columns[[0]]}) == 1 and len(set(columns[0])) == 10

@@ -90,3 +90,51 @@ def test_a_user_whose_history_fills_the_first_search_is_searched_deeper() -> Non
     )
     assert list(zip(users.tolist(), items.tolist(), strict=True)) == [(0, 10), (0, 11), (1, 0), (1, 1)]
     assert ranks.tolist() == [1, 2, 1, 2]
+
+
+def test_carried_lists_are_copied_as_stored_and_counted_as_served(tmp_path) -> None:
+    """A night copies the lists of users it did not re-solve from its parent's file, row for row, and
+    counts them (and their items) as served alongside the lists it computed."""
+    import pyarrow.parquet as pq
+
+    from recsys_pipeline.recommendations import carried_lists, write_recommendations
+
+    user_ids = np.array(["u0", "u1", "u2", "u3"], dtype=object)
+    item_ids = np.array(["i0", "i1", "i2", "i3", "i4"], dtype=object)
+    parent = tmp_path / "parent.parquet"
+    rows = [
+        (user, rank, item)
+        for user, items in (("u1", "i3 i0"), ("u2", "i4 i1"), ("u3", "i2"))
+        for rank, item in enumerate(items.split(), 1)
+    ]
+    write_recommendations(
+        parent,
+        [
+            (
+                np.array([user_ids.tolist().index(u) for u, _, _ in rows]),
+                np.array([r for _, r, _ in rows], np.int32),
+                np.array([item_ids.tolist().index(i) for _, _, i in rows]),
+                np.arange(len(rows), dtype=np.float32),
+            )
+        ],
+        user_ids,
+        item_ids,
+    )
+    computed = (np.array([0]), np.array([1], np.int32), np.array([1]), np.array([0.5], np.float32))
+    written = write_recommendations(
+        tmp_path / "night.parquet",
+        [computed],
+        user_ids,
+        item_ids,
+        carried_lists(parent, user_ids[[1, 3]], batch_rows=2),
+    )
+    table = pq.read_table(tmp_path / "night.parquet").to_pylist()
+    assert [(row["user_id"], row["rank"], row["item_id"]) for row in table] == [
+        ("u0", 1, "i1"),
+        ("u1", 1, "i3"),
+        ("u1", 2, "i0"),
+        ("u3", 1, "i2"),
+    ]
+    assert [row["score"] for row in table] == [0.5, 0.0, 1.0, 4.0]
+    assert written.users_served == 3
+    assert written.items.tolist() == [True, True, True, True, False]

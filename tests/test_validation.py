@@ -58,7 +58,11 @@ def test_good_frames_pass_and_data_docs_are_written(tmp_path: Path, make_config)
         },
     )
     assert failures == []
-    assert (tmp_path / DATA_DOCS / "index.html").is_file()
+    site = tmp_path / DATA_DOCS
+    assert (site / "index.html").is_file()
+    # One validation page per suite, each run's result rendered (the site is built after the last).
+    for suite in ("events", "interactions", "item_embeddings"):
+        assert len(list((site / "validations" / suite).rglob("*.html"))) == 1, suite
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, time
 from pathlib import Path
 
 import numpy as np
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import DataFrame, DataFrameWriter, SparkSession
 from pyspark.sql import functions as F
 
 from recsys_pipeline.content import ITEM_ID
@@ -35,6 +35,7 @@ from recsys_pipeline.interactions import (
     input_fingerprint,
     mark_last_per_user,
     matrix_columns,
+    merged_pairs,
     pair_confidences,
     read_id_map_frame,
     supported,
@@ -109,8 +110,12 @@ def build_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]
                     .coalesce(1)
                     .write.parquet(str(staging / "recent" / side))
                 )
-            history_columns(all_pairs).write.parquet(str(staging / "history"))
-            matrix_columns(train_pairs).write.parquet(str(staging / "train"))
+            pair_writer(history_columns(all_pairs)).parquet(str(staging / "history"))
+            if train_pairs is None:
+                train_pairs = supported(
+                    spark.read.parquet(str(staging / "history")), config, INDEX_PAIR, train_counts
+                )
+            pair_writer(matrix_columns(train_pairs)).parquet(str(staging / "train"))
             train_rows = count_rows(staging / "train")
             dropped = train_counts.dropped(train_rows)
             check_zero_confidence_share(dropped, config.max_zero_confidence_share)
@@ -124,7 +129,7 @@ def build_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]
             if holdout_pairs is None:
                 spark.createDataFrame([], MATRIX_SCHEMA).write.parquet(str(staging / "holdout"))
             else:
-                matrix_columns(holdout_pairs).write.parquet(str(staging / "holdout"))
+                pair_writer(matrix_columns(holdout_pairs)).parquet(str(staging / "holdout"))
                 evaluable = evaluable_users(
                     spark.read.parquet(str(staging / "holdout")), spark.read.parquet(str(staging / "train"))
                 )
@@ -156,6 +161,12 @@ def build_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]
     return metrics
 
 
+def pair_writer(pairs: DataFrame) -> DataFrameWriter:
+    """A writer for millions of (user, item) rows: without dictionary encoding, which would be tried
+    on columns of hundreds of thousands of distinct indices for a fraction of the size saved."""
+    return pairs.write.option("parquet.enable.dictionary", "false")
+
+
 def catalogue_ids(spark: SparkSession, run: RunContext, item_activity: DataFrame) -> DataFrame:
     """Items with events, and with content enabled every item of the metadata: an item nobody has
     touched yet still gets an index, so that its content vector can place it.
@@ -183,22 +194,23 @@ def split(
     train_counts: PairCounts,
     cached: list[DataFrame],
     carried: DataFrame | None = None,
-) -> tuple[DataFrame, DataFrame | None, DataFrame]:
+) -> tuple[DataFrame | None, DataFrame | None, DataFrame]:
     """(training pairs, holdout pairs, every pair unfiltered) of the window's events (``indexed``: with
     their ID indices), by the run's holdout strategy; frames it persists are appended to ``cached`` for
     the caller to release.
 
     A refresh holds nothing out (None): its model is the champion's, folded over the whole history,
     of which ``carried`` holds the pairs aggregated by an earlier run (``indexed`` then holds only the
-    events since).
+    events since). Its training pairs are None: they are read back from every pair once written,
+    rather than merged twice.
     """
     config = run.config.interactions
     if run.mode == "refresh":
-        pairs = pair_confidences(
-            indexed, config, F.lit(window_end), INDEX_PAIR, last_seen=True, carried=carried
-        ).persist()
-        cached.append(pairs)
-        return supported(pairs, config, INDEX_PAIR, train_counts), None, pairs
+        if carried is None:
+            pairs = pair_confidences(indexed, config, F.lit(window_end), INDEX_PAIR, last_seen=True)
+        else:
+            pairs = merged_pairs(indexed, config, F.lit(window_end), carried)
+        return None, None, pairs
     holdout_only = config.model_copy(update={"min_user_interactions": 1, "min_item_interactions": 1})
     if config.holdout.strategy == "per_user_last":
         pairs = mark_last_per_user(

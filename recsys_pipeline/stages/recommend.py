@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import timedelta
-from itertools import chain
 
 import numpy as np
+import pyarrow as pa
 
 from recsys_pipeline.embeddings import presence_mask
 from recsys_pipeline.index import load_index
 from recsys_pipeline.recommendations import (
     active_user_indices,
-    carried_batches,
+    carried_lists,
     recommendation_batches,
     write_recommendations,
 )
@@ -31,18 +32,17 @@ def run_batch_recommendations(run: RunContext) -> dict[str, float]:
     since = run.interval_end - timedelta(days=run.config.recommendations.active_days)
     with run.layout.lock(shared=True):
         active = active_user_indices(run.layout.events_lake, since, run.interval_end, user_ids)
-    fresh, carried = active, None
+    fresh = active
+    carried: Iterable[pa.Table] = ()
     record = run.refresh_record()
     if record is not None:
         parent = version_bundle(run.config, record.derived_from_version)
         if parent.recommendations_file.is_file():
-            changed = np.union1d(
-                run.recent("users"), np.setdiff1d(embeddings.user_idx, parent.embeddings().user_idx)
+            changed = presence_mask(run.recent("users"), n_users) | (
+                has_vector & ~presence_mask(parent.embeddings().user_idx, n_users)
             )
-            fresh = np.intersect1d(active, changed)
-            carried = carried_batches(
-                parent.recommendations_file, np.setdiff1d(active, changed), user_ids, item_ids
-            )
+            fresh = active[changed[active]]
+            carried = carried_lists(parent.recommendations_file, user_ids[active[~changed[active]]])
     batches = recommendation_batches(
         fresh,
         embeddings.dense_users(n_users),
@@ -55,10 +55,7 @@ def run_batch_recommendations(run: RunContext) -> dict[str, float]:
     with atomic_dir(run.recommendations_file.parent) as staging:
         staging.mkdir(parents=True)
         written = write_recommendations(
-            staging / run.recommendations_file.name,
-            batches if carried is None else chain(batches, carried),
-            user_ids,
-            item_ids,
+            staging / run.recommendations_file.name, batches, user_ids, item_ids, carried
         )
     metrics = {
         "batch_active_users": float(len(active)),
