@@ -48,7 +48,10 @@ def _unit(matrix: np.ndarray) -> np.ndarray:
 
 
 def jaccard_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.array([len(np.intersect1d(x, y)) / len(np.union1d(x, y)) for x, y in zip(a, b, strict=True)])
+    """Per row: Jaccard of row ``a[i]`` and row ``b[i]``, each a top-k list (distinct entries); all
+    rows compared at once, as a (rows x k x k) match table."""
+    shared = (a[:, :, None] == b[:, None, :]).any(axis=2).sum(axis=1)
+    return shared / (a.shape[1] + b.shape[1] - shared)
 
 
 def _without_self(neighbours: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:

@@ -21,7 +21,7 @@ from threadpoolctl import threadpool_limits
 
 from recsys_pipeline import drift
 from recsys_pipeline.config import AlsConfig, PipelineConfig, RefreshConfig
-from recsys_pipeline.embeddings import Embeddings
+from recsys_pipeline.embeddings import Embeddings, presence_mask
 
 
 def fold_in(
@@ -82,12 +82,15 @@ def rows_to_refresh(
     """(users to re-solve, items to solve): active users plus any user with data but no vector; items
     with data but no learned vector (new ones, and cold ones whose content vector their interactions
     now replace)."""
-    with_data_users = np.flatnonzero(np.diff(user_items.indptr) > 0)
-    with_data_items = np.flatnonzero(user_items.getnnz(axis=0) > 0)
-    users = np.union1d(
-        np.intersect1d(recent_users, with_data_users), np.setdiff1d(with_data_users, parent.user_idx)
+    n_users, n_items = user_items.shape
+    # Masks over the index space rather than set operations on index arrays: no sorting.
+    with_data_users = np.diff(user_items.indptr) > 0
+    with_data_items = np.bincount(user_items.indices, minlength=n_items) > 0
+    users = with_data_users & (
+        presence_mask(recent_users, n_users) | ~presence_mask(parent.user_idx, n_users)
     )
-    return users, np.setdiff1d(with_data_items, parent.warm_items().item_idx)
+    items = with_data_items & ~presence_mask(parent.warm_items().item_idx, n_items)
+    return np.flatnonzero(users), np.flatnonzero(items)
 
 
 def escalation_reasons(

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 from scipy.stats import ortho_group
 
-from recsys_pipeline.drift import compare, plot
+from recsys_pipeline.drift import compare, jaccard_rows, plot
 from recsys_pipeline.embeddings import Embeddings
 from recsys_pipeline.validation import drift_summary_suite, item_drift_suite, validate_frames
 
@@ -98,3 +98,14 @@ def test_drift_suites_pass_a_rotation_and_fail_a_shuffle_on_both_bounds(tmp_path
         },
     )
     assert [(f.suite, f.column) for f in upper] == [("drift_summary", "drift_norm_ks")]
+
+
+def test_jaccard_rows_is_the_set_jaccard_of_each_pair_of_lists() -> None:
+    rng = np.random.default_rng(0)
+    a = np.stack([rng.permutation(30)[:10] for _ in range(200)])
+    b = np.stack([rng.permutation(30)[:10] for _ in range(200)])
+    b[0] = a[0][::-1]  # same set, other order
+    b[1] = np.arange(100, 110)  # nothing shared
+    expected = [len(set(x) & set(y)) / len(set(x) | set(y)) for x, y in zip(a, b, strict=True)]
+    np.testing.assert_allclose(jaccard_rows(a, b), expected)
+    assert jaccard_rows(a, b)[0] == 1.0 and jaccard_rows(a, b)[1] == 0.0
