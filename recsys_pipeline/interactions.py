@@ -335,18 +335,18 @@ def unmapped_ids(events: DataFrame, column: str, existing: DataFrame | None) -> 
     return ids if existing is None else ids.join(existing.select("id"), "id", "left_anti")
 
 
-def extend_id_map(existing: DataFrame | None, ids: DataFrame) -> DataFrame:
-    """Append unseen ids with indices after the current maximum; existing indices never change.
+def extend_id_map(existing: DataFrame | None, ids: DataFrame, size: int) -> DataFrame:
+    """Append unseen ids with indices from ``size`` on (``existing`` holds indices 0 to size - 1: maps
+    are dense); existing indices never change.
 
     New ids are numbered in sorted order so that re-running the same input gives the same map.
     """
     distinct = ids.select(F.col(ids.columns[0]).alias("id")).distinct()
     if existing is None:
         return distinct.withColumn("idx", (F.row_number().over(Window.orderBy("id")) - 1).cast("int"))
-    offset = existing.agg(F.coalesce(F.max("idx") + 1, F.lit(0))).collect()[0][0]
     new = distinct.join(existing, "id", "left_anti")
     numbered = new.withColumn(
-        "idx", (F.row_number().over(Window.orderBy("id")) - 1 + F.lit(offset)).cast("int")
+        "idx", (F.row_number().over(Window.orderBy("id")) - 1 + F.lit(size)).cast("int")
     )
     return existing.unionByName(numbered)
 

@@ -76,10 +76,15 @@ def build_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]
     # are many, so only those new since the last run and those active in this run's interval (a
     # date-pruned read) are grouped.
     item_activity = entity_activity(events, "item_id", run.interval_start, *fingerprint_sums()).cache()
+    # A stored map's size comes from its file footers: no Spark job.
     maps = IdMaps(
-        users=extend_id_map(existing_users, unmapped_ids(events, "user_id", existing_users)).cache(),
+        users=extend_id_map(
+            existing_users, unmapped_ids(events, "user_id", existing_users), stored_size(map_dir / "users")
+        ).cache(),
         items=extend_id_map(
-            read_id_map_frame(spark, map_dir / "items"), catalogue_ids(spark, run, item_activity)
+            read_id_map_frame(spark, map_dir / "items"),
+            catalogue_ids(spark, run, item_activity),
+            stored_size(map_dir / "items"),
         ).cache(),
     )
     recent_ids = {
@@ -159,6 +164,10 @@ def build_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]
     }
     run.write_metrics("interactions", metrics)
     return metrics
+
+
+def stored_size(map_dir: Path) -> int:
+    return count_rows(map_dir) if map_dir.is_dir() else 0
 
 
 def pair_writer(pairs: DataFrame) -> DataFrameWriter:
