@@ -129,6 +129,11 @@ def airflow_environment(config: PipelineConfig, config_path: str | None) -> dict
     if config.spark.master.startswith("local"):
         # A local Spark binds to loopback without first warning that the hostname resolves there.
         defaults["SPARK_LOCAL_IP"] = "127.0.0.1"
+    if not {"AIRFLOW_HOME", "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"} & set(env):
+        # Only Airflow on the state's own SQLite database: a deployment's database takes its own.
+        defaults["AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS"] = (
+            "recsys_pipeline.config.AIRFLOW_SQLITE_CONNECT_ARGS"
+        )
     if config_path:
         defaults["RECSYS_CONFIG"] = str(Path(config_path).resolve())
     # Tasks report to the API server's execution API: on a custom port they must be told where it is.

@@ -21,6 +21,10 @@ from recsys_pipeline.errors import RecsysError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_PATH = PROJECT_ROOT / "conf" / "pipeline.yaml"
+# Connection arguments of the embedded Airflow's SQLite database (``[database]
+# sql_alchemy_connect_args`` names this dict). The scheduler and a command such as a backfill write
+# at once; sqlite3's default 5 s wait for the other side's lock is too short on a busy machine.
+AIRFLOW_SQLITE_CONNECT_ARGS: dict[str, Any] = {"timeout": 60}
 CANONICAL_FIELDS = ("user_id", "item_id", "event_type", "value", "timestamp")
 
 

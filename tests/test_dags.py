@@ -391,6 +391,26 @@ def test_a_backfill_runs_one_week_at_a_time_unless_told_otherwise() -> None:
     assert one_run_at_a_time(["dags", "list"]) == ["dags", "list"]
 
 
+def test_airflow_on_the_state_waits_for_sqlite_locks_and_a_deployment_keeps_its_database(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """The scheduler and a backfill writing at once must wait for each other's lock, not fail after
+    sqlite3's default 5 s: Airflow's own engine reports the longer busy timeout."""
+    for name in ("AIRFLOW_HOME", "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"):
+        monkeypatch.delenv(name, raising=False)
+    env = airflow_environment(load_config(overrides={"state_dir": str(tmp_path)}), None)
+    probe = (
+        "from sqlalchemy import text; from airflow import settings; "
+        "print(settings.engine.connect().execute(text('PRAGMA busy_timeout')).scalar())"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip().splitlines()[-1] == "60000"
+    monkeypatch.setenv("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "postgresql://airflow.internal/airflow")
+    assert "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS" not in airflow_environment(load_config(), None)
+
+
 def test_a_custom_api_port_tells_tasks_where_the_execution_api_is(monkeypatch) -> None:
     monkeypatch.setenv("AIRFLOW__API__PORT", "18093")
     monkeypatch.delenv("AIRFLOW__CORE__EXECUTION_API_SERVER_URL", raising=False)
