@@ -141,7 +141,10 @@ def write_bundle(run: RunContext, lineage: dict[str, Any]) -> Path:
         train = run.train_triples()
         pq.write_table(
             pa.table(
-                {"user_idx": train.user_idx.astype(np.int32), "item_idx": train.item_idx.astype(np.int32)}
+                {
+                    "user_idx": train.user_idx.astype(np.int32, copy=False),
+                    "item_idx": train.item_idx.astype(np.int32, copy=False),
+                }
             ),
             staging / "history.parquet",
         )
