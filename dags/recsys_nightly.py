@@ -2,12 +2,13 @@
 ### recsys_nightly
 
 Daily refresh between weekly retrains. The data interval is one day: the run ingests that
-day's events, extends the interactions over the whole history (new IDs appended to the
-stable maps), folds the changed and new users and the new items into the champion of the day's
-time (the live champion; in a dry run or a replay of history, the version the earlier runs would
-have promoted) (`recsys_pipeline.stages.refresh`), updates that version's ScaNN index in place,
-validates, and publishes a version that records its weekly parent; `champion` moves only if every
-gate passed.
+day's events and extends the interactions over the whole history (new IDs appended to the
+stable maps), both in one Spark application whose stages record their costs as `ingest_events`
+and `build_interactions`; it then folds the changed and new users and the new items into the
+champion of the day's time (the live champion; in a dry run or a replay of history, the version
+the earlier runs would have promoted) (`recsys_pipeline.stages.refresh`), updates that version's
+ScaNN index in place, validates, and publishes a version that records its weekly parent;
+`champion` moves only if every gate passed.
 
 When the fold-in drifts too far from its weekly parent, too much of the catalogue is new, or
 the parent is too old, the run says why and triggers `recsys_weekly` for the same end date
@@ -69,8 +70,7 @@ def recsys_nightly() -> None:
     )
     tail_start, _ = publish_tail(CONFIG, MODE)
     (
-        spark_job(CONFIG, "ingest_events", "ingest_events.py", MODE)
-        >> spark_job(CONFIG, "build_interactions", "build_interactions.py", MODE)
+        spark_job(CONFIG, "ingest_and_build_interactions", "ingest_and_build_interactions.py", MODE)
         >> stage_task("refresh:run_refresh", MODE, "fold_in")()
         >> branch
     )

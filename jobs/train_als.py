@@ -6,4 +6,4 @@ from recsys_pipeline.jobs import run_spark_job
 from recsys_pipeline.stages.train import run_training
 
 if __name__ == "__main__":
-    sys.exit(run_spark_job(run_training, "recsys-train-als", sys.argv[1:]))
+    sys.exit(run_spark_job({"train": run_training}, "recsys-train-als", sys.argv[1:]))

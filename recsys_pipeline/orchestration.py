@@ -111,8 +111,6 @@ WINDOW_END = "{{ " + _WINDOW + "[1].isoformat() }}"
 RUN_ARGS = [
     "--dag-id",
     "{{ dag.dag_id }}",
-    "--task-id",
-    "{{ task.task_id }}",
     "--run-id",
     "{{ run_id }}",
     "--interval-start",

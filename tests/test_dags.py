@@ -36,8 +36,7 @@ def dagbag():
 
 
 NIGHTLY_TASKS = [
-    "ingest_events",
-    "build_interactions",
+    "ingest_and_build_interactions",
     "fold_in",
     "escalate_or_continue",
     "update_index",
@@ -201,7 +200,7 @@ def test_nightly_dag_folds_in_daily_and_can_hand_over_to_a_full_retrain(dagbag) 
     rendered = trigger.render_template(trigger.conf, {"params": {"config_overrides": overrides}})
     assert json.loads(rendered) == {"config_overrides": overrides}
     assert dag.timetable.delta == timedelta(days=1)
-    assert "--mode" in dag.get_task("ingest_events").application_args
+    assert "--mode" in dag.get_task("ingest_and_build_interactions").application_args
 
 
 def test_weekly_dag_wires_every_stage_in_order(dagbag) -> None:
@@ -353,6 +352,9 @@ def test_nightly_dag_refreshes_the_champion_or_escalates(state_env) -> None:
     assert status["version"] == before["version"] + 1 and status["kind"] == "refresh"
     assert status["refresh"]["parent_version"] == before["version"]
     assert status["refresh"]["day"] == "1998-04-22"
+    # One Spark task ran both data stages; each recorded its own cost.
+    for stage in ("ingest_events", "build_interactions", "fold_in"):
+        assert status["stages"][stage]["seconds"] > 0, stage
     # The day's users are folded in again (the per-user-last holdout left every user a vector, so
     # none is added here; test_replay covers users who arrive after the weekly run).
     assert status["refresh"]["users_updated"] > 0
