@@ -41,6 +41,10 @@ LEDGER_FILE = "_source_ledger.json"
 # C0 and C1 control characters (tabs and newlines included): never part of a real id.
 CONTROL_CHARACTERS = "[\\x00-\\x1f\\x7f-\\x9f]"
 EVENT_COLUMNS = ["user_id", "item_id", "event_type", "value", "event_ts", "ingested_at", "source"]
+LAKE_SCHEMA = (
+    "user_id STRING, item_id STRING, event_type STRING, value DOUBLE, event_ts TIMESTAMP, "
+    "ingested_at TIMESTAMP, source STRING, event_date DATE"
+)
 
 # Checked in this order; a record is quarantined with the first reason that applies.
 QUARANTINE_REASONS = (
@@ -420,8 +424,7 @@ def write_lake(
             .partitionBy("event_date")
             .parquet(str(lake))
         )
-    for partition in lake.glob("event_date=*"):
-        day = date.fromisoformat(partition.name.removeprefix("event_date="))
+    for day, partition in lake_partitions(lake).items():
         start_of_day = datetime(day.year, day.month, day.day, tzinfo=UTC)
         if (
             day not in written
@@ -437,23 +440,34 @@ def lake_signature(lake: Path, before: date) -> str:
     it changes whenever an ingest rewrites any of those days (a re-ingest replaces a date's files)."""
     files = sorted(
         (str(path.relative_to(lake)), path.stat().st_size, path.stat().st_mtime_ns)
-        for partition in lake.glob("event_date=*")
-        if date.fromisoformat(partition.name.removeprefix("event_date=")) < before
+        for day, partition in lake_partitions(lake).items()
+        if day < before
         for path in partition.rglob("*")
         if path.is_file()
     )
     return hashlib.sha256(json.dumps(files).encode()).hexdigest()
 
 
+def lake_partitions(lake: Path) -> dict[date, Path]:
+    """The lake's date partitions by date."""
+    return {
+        date.fromisoformat(partition.name.removeprefix("event_date=")): partition
+        for partition in lake.glob("event_date=*")
+    }
+
+
 def read_lake(spark: SparkSession, lake: Path, start: datetime, end: datetime) -> DataFrame:
-    """Events with start <= event_ts < end, pruning partitions by date."""
-    frame = spark.read.parquet(str(lake))
-    return frame.where(
-        (F.col("event_date") >= F.lit(start.date()))
-        & (F.col("event_date") <= F.lit(end.date()))
-        & (F.col("event_ts") >= F.lit(start))
-        & (F.col("event_ts") < F.lit(end))
-    )
+    """Events with start <= event_ts < end, from the date partitions the range touches only: a night
+    lists one partition, not the lake's whole history."""
+    paths = [
+        str(partition)
+        for day, partition in sorted(lake_partitions(lake).items())
+        if start.date() <= day <= end.date()
+    ]
+    if not paths:
+        return spark.createDataFrame([], LAKE_SCHEMA)
+    frame = spark.read.option("basePath", str(lake)).parquet(*paths)
+    return frame.where((F.col("event_ts") >= F.lit(start)) & (F.col("event_ts") < F.lit(end)))
 
 
 def history_window(run: RunContext) -> tuple[datetime, datetime]:
