@@ -13,6 +13,7 @@ factors together:
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,6 +125,30 @@ def compare(
         "drift_norm_psi": population_stability(old_norms, new_norms),
     }
     return DriftReport(metrics, table)
+
+
+def write_report(report: DriftReport, directory: Path, against: str, rules: DriftConfig) -> None:
+    """Keep ``report`` (of some model against version ``against`` under ``rules``) for a later stage."""
+    directory.mkdir(parents=True, exist_ok=True)
+    report.items.to_parquet(directory / "items.parquet")
+    key = {"against": against, **_sampling(rules)}
+    (directory / "metrics.json").write_text(json.dumps({"key": key, "metrics": report.metrics}))
+
+
+def read_report(directory: Path, against: str, rules: DriftConfig) -> DriftReport | None:
+    """The report kept in ``directory`` if it compared against version ``against`` under the same
+    sampling as ``rules``; None otherwise."""
+    path = directory / "metrics.json"
+    if not path.is_file():
+        return None
+    kept = json.loads(path.read_text())
+    if kept["key"] != {"against": against, **_sampling(rules)}:
+        return None
+    return DriftReport(kept["metrics"], pd.read_parquet(directory / "items.parquet"))
+
+
+def _sampling(rules: DriftConfig) -> dict[str, int]:
+    return {"k": rules.k, "sample_items": rules.sample_items, "sample_users": rules.sample_users}
 
 
 def violations(metrics: dict[str, float], bounds: DriftConfig) -> list[str]:

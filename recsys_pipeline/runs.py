@@ -372,6 +372,11 @@ class RunContext:
         return read_refresh_record(self.run_dir)
 
     @property
+    def parent_drift_dir(self) -> Path:
+        """A refresh's drift against its weekly parent (``drift.write_report``)."""
+        return self.stage_dir("parent_drift")
+
+    @property
     def index_dir(self) -> Path:
         return self.stage_dir("index")
 

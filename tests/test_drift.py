@@ -5,7 +5,8 @@ import pandas as pd
 import pytest
 from scipy.stats import ortho_group
 
-from recsys_pipeline.drift import compare, jaccard_rows, plot
+from recsys_pipeline.config import DriftConfig
+from recsys_pipeline.drift import compare, jaccard_rows, plot, read_report, write_report
 from recsys_pipeline.embeddings import Embeddings
 from recsys_pipeline.validation import drift_summary_suite, item_drift_suite, validate_frames
 
@@ -109,3 +110,16 @@ def test_jaccard_rows_is_the_set_jaccard_of_each_pair_of_lists() -> None:
     expected = [len(set(x) & set(y)) / len(set(x) | set(y)) for x, y in zip(a, b, strict=True)]
     np.testing.assert_allclose(jaccard_rows(a, b), expected)
     assert jaccard_rows(a, b)[0] == 1.0 and jaccard_rows(a, b)[1] == 0.0
+
+
+def test_a_kept_report_is_read_back_only_for_the_same_version_and_sampling(tmp_path: Path) -> None:
+    rules = DriftConfig(k=10, sample_items=400, sample_users=300)
+    old = embeddings()
+    report = compare(old, shuffled(old), rules.k, rules.sample_items, rules.sample_users)
+    write_report(report, tmp_path, "7", rules)
+    kept = read_report(tmp_path, "7", rules)
+    assert kept is not None and kept.metrics == report.metrics
+    pd.testing.assert_frame_equal(kept.items, report.items)
+    assert read_report(tmp_path, "8", rules) is None  # compared against another version
+    assert read_report(tmp_path, "7", rules.model_copy(update={"sample_users": 100})) is None
+    assert read_report(tmp_path / "missing", "7", rules) is None

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from recsys_pipeline.config import load_config
+from recsys_pipeline.drift import read_report
 from recsys_pipeline.registry import NothingPublishedError, champion_status, list_versions, version_bundle
 from recsys_pipeline.runs import RefreshRecord, RunContext
 from recsys_pipeline.serving import Recommender
@@ -111,6 +112,28 @@ def test_id_maps_keep_every_old_index(replay) -> None:
             assert sorted(current.values()) == list(range(len(current)))
             previous[name] = current
     assert len(previous["users"]) > len(id_map(weekly, "users"))
+
+
+def test_validation_takes_the_fold_ins_drift_only_when_the_champion_is_its_weekly_parent(replay) -> None:
+    config, _, ((first, _), (second, _)) = replay
+
+    def drifts(run: RunContext) -> tuple[dict[str, float], dict[str, float]]:
+        metrics = run.read_metrics()
+        validated = {name: value for name, value in metrics.items() if name.startswith("drift_")}
+        folded = {
+            name.removeprefix("refresh_"): value
+            for name, value in metrics.items()
+            if name.startswith("refresh_drift_")
+        }
+        return validated, folded
+
+    # The first night folded into the weekly version itself: one comparison serves both.
+    validated, folded = drifts(first)
+    assert read_report(first.parent_drift_dir, "1", config.drift) is not None and validated == folded
+    # The second folded into the first night's version, which validation compares with instead.
+    validated, folded = drifts(second)
+    assert read_report(second.parent_drift_dir, "2", config.drift) is None
+    assert set(validated) == set(folded) and validated != folded
 
 
 def test_refresh_record_is_in_the_bundle_lineage(replay) -> None:

@@ -25,7 +25,10 @@ def run_batch_recommendations(run: RunContext) -> dict[str, float]:
     (a refresh computes only the users it re-solved and carries the rest over from its parent)."""
     n_users, n_items = run.matrix_shape()
     train = run.train_triples()
-    seen = (train.to_csr(n_users, n_items) + run.holdout_matrix()).tocsr()
+    seen = train.to_csr(n_users, n_items)
+    holdout = run.holdout_matrix()
+    if holdout.nnz:  # a refresh holds nothing out
+        seen = (seen + holdout).tocsr()
     embeddings = run.embeddings()
     has_vector = presence_mask(embeddings.user_idx, n_users)
     user_ids, item_ids = run.ids("users"), run.ids("items")

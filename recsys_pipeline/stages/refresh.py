@@ -15,7 +15,7 @@ from recsys_pipeline.als import check_finite, implicit_loss
 from recsys_pipeline.errors import RecsysError
 from recsys_pipeline.refresh import escalation_reasons, fold_in, rows_to_refresh
 from recsys_pipeline.registry import NothingPublishedError, reference_version, version_bundle, version_status
-from recsys_pipeline.runs import RefreshRecord, RunContext, parse_instant
+from recsys_pipeline.runs import RefreshRecord, RunContext, atomic_dir, parse_instant
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,10 @@ def run_refresh(run: RunContext) -> RefreshRecord:
     check_finite(refreshed.user_factors, refreshed.item_factors, "the fold-in")
 
     rules = config.drift
-    drift_metrics = drift.compare(weekly, refreshed, rules.k, rules.sample_items, rules.sample_users).metrics
+    parent_drift = drift.compare(weekly, refreshed, rules.k, rules.sample_items, rules.sample_users)
+    with atomic_dir(run.parent_drift_dir) as staging:
+        drift.write_report(parent_drift, staging, weekly_version, rules)
+    drift_metrics = parent_drift.metrics
     reasons = escalation_reasons(
         new_items=len(new_items),
         catalogue_items=len(refreshed.item_idx),

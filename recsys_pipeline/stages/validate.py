@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 from recsys_pipeline import drift
 from recsys_pipeline.embeddings import Embeddings
 from recsys_pipeline.events import ingest_window
-from recsys_pipeline.registry import reference_embeddings, reference_version, version_status
+from recsys_pipeline.registry import reference_version, version_bundle, version_status
 from recsys_pipeline.runs import RunContext, atomic_dir, write_json
 from recsys_pipeline.stages.publish import log_rejected_run
 from recsys_pipeline.validation import (
@@ -55,13 +55,19 @@ def champion_rows(run: RunContext) -> float | None:
 
 
 def drift_against_champion(run: RunContext, embeddings: Embeddings) -> drift.DriftReport | None:
-    """Drift of this run's vectors against the champion's; None when there is no champion yet."""
-    reference = reference_embeddings(run.config, run.interval_end)
+    """Drift of this run's vectors against the champion's; None when there is no champion yet.
+
+    A refresh whose champion is still its weekly parent compared these same two models in its fold-in:
+    that report is taken as it is.
+    """
+    reference = reference_version(run.config, run.interval_end)
     if reference is None:
         return None
-    champion = reference[1]
-    rules = run.config.drift
-    report = drift.compare(champion, embeddings, rules.k, rules.sample_items, rules.sample_users)
+    version, rules = str(reference.version), run.config.drift
+    report = drift.read_report(run.parent_drift_dir, version, rules)
+    if report is None:
+        champion = version_bundle(run.config, version).embeddings()
+        report = drift.compare(champion, embeddings, rules.k, rules.sample_items, rules.sample_users)
     run.write_metrics("drift", report.metrics)
     return report
 
