@@ -36,7 +36,6 @@ class HoldoutTooSmallError(RecsysError):
 
 ID_PAIR = ("user_id", "item_id")
 INDEX_PAIR = ("user_idx", "item_idx")
-MATRIX_SCHEMA = "user_idx INT, item_idx INT, confidence FLOAT"
 HISTORY_SCHEMA = "user_idx INT, item_idx INT, confidence DOUBLE, event_ts TIMESTAMP"
 
 

@@ -6,9 +6,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import scipy.sparse as sp
+
+# How matrices are stored: what Spark writes from ``interactions.matrix_columns``.
+MATRIX_ARROW_SCHEMA = pa.schema(
+    [("user_idx", pa.int32()), ("item_idx", pa.int32()), ("confidence", pa.float32())]
+)
 
 
 @dataclass(frozen=True)
@@ -59,3 +65,9 @@ def read_indices(path: Path) -> np.ndarray:
     """The ``idx`` column of a Parquet folder (e.g. the users active in a run)."""
     table = ds.dataset(str(path), format="parquet").to_table(columns=["idx"])
     return table.column("idx").to_numpy().astype(np.int64)
+
+
+def write_empty_matrix(path: Path) -> None:
+    """A matrix folder with no pairs, as the readers expect one (without a Spark job for no rows)."""
+    path.mkdir(parents=True)
+    pq.write_table(MATRIX_ARROW_SCHEMA.empty_table(), path / "part-00000.parquet")

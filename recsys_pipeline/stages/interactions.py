@@ -17,7 +17,6 @@ from recsys_pipeline.content import ITEM_ID
 from recsys_pipeline.events import history_window, lake_signature, read_lake
 from recsys_pipeline.interactions import (
     INDEX_PAIR,
-    MATRIX_SCHEMA,
     EmptyInteractionsError,
     IdMaps,
     PairCounts,
@@ -43,7 +42,7 @@ from recsys_pipeline.interactions import (
 )
 from recsys_pipeline.runs import SIDES, RunContext, atomic_dir, parse_instant, write_json
 from recsys_pipeline.stages.content import ITEMS_FILE
-from recsys_pipeline.tables import count_rows
+from recsys_pipeline.tables import count_rows, write_empty_matrix
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +131,7 @@ def build_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]
                 )
             evaluable = 0
             if holdout_pairs is None:
-                spark.createDataFrame([], MATRIX_SCHEMA).write.parquet(str(staging / "holdout"))
+                write_empty_matrix(staging / "holdout")
             else:
                 pair_writer(matrix_columns(holdout_pairs)).parquet(str(staging / "holdout"))
                 evaluable = evaluable_users(
