@@ -13,7 +13,7 @@ import logging
 import sys
 import urllib.request
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
@@ -26,13 +26,15 @@ from recsys_pipeline.config import (
     trigger_defaults,
 )
 
-# DAG files are parsed often: nothing imported here may pull in Spark (``jobs`` does).
+# DAG files are parsed often: nothing imported here at the top may pull in Spark (``jobs`` does) or
+# NumPy, SciPy and Arrow (``runs`` does); what a task needs loads when it runs.
 from recsys_pipeline.errors import USER_ERROR_EXIT, RecsysError, StageSkipped
 from recsys_pipeline.resources import measured
-from recsys_pipeline.runs import RunContext, RunMode, run_window
 
 if TYPE_CHECKING:
     from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
+
+    from recsys_pipeline.runs import RunMode
 
 STAGES = "recsys_pipeline.stages"
 CREDENTIALS_IN_URI = "://[^/@\\s]*@"
@@ -152,13 +154,22 @@ def run_macros() -> dict[str, Any]:
     def recsys_overrides(params: Any) -> str:
         return json.dumps(run_overrides(dict(params), load_config()))
 
-    return {"recsys_overrides": recsys_overrides, "recsys_window": run_window}
+    def recsys_window(
+        run_type: str, logical_date: datetime | None, interval_start: datetime, interval_end: datetime
+    ) -> tuple[datetime, datetime]:
+        from recsys_pipeline.runs import run_window
+
+        return run_window(run_type, logical_date, interval_start, interval_end)
+
+    return {"recsys_overrides": recsys_overrides, "recsys_window": recsys_window}
 
 
 def call_stage(target: str, mode: RunMode, context: dict[str, Any], *upstream: Any) -> Any:
     """Call ``recsys_pipeline.stages.<module>:<function>`` for the task's run; a user-facing failure
     fails the task without retries."""
     from airflow.sdk.exceptions import AirflowFailException
+
+    from recsys_pipeline.runs import RunContext
 
     module, _, function = target.partition(":")
     stage: Callable[..., Any] = getattr(import_module(f"{STAGES}.{module}"), function)

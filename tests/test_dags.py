@@ -52,6 +52,25 @@ def test_dags_import_without_errors(dagbag) -> None:
     assert {"recsys_weekly", "recsys_nightly"} <= set(dagbag.dags)
 
 
+def test_parsing_the_dag_files_loads_no_spark_and_no_array_library(tmp_path: Path) -> None:
+    """Airflow parses DAG files over and over; what the tasks need loads when they run."""
+    heavy = ("pyspark", "numpy", "scipy", "pyarrow", "pandas", "mlflow", "great_expectations")
+    script = (
+        "import runpy, sys\n"
+        f"for path in {[str(path) for path in sorted((PROJECT_ROOT / 'dags').glob('*.py'))]!r}:\n"
+        "    runpy.run_path(path)\n"
+        f"print(sorted(name for name in {heavy!r} if name in sys.modules))\n"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", script],
+        env={"PATH": "", "RECSYS_HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert loaded.stdout.strip().splitlines()[-1] == "[]"
+
+
 @pytest.mark.parametrize("dag_id", ["recsys_weekly", "recsys_nightly"])
 def test_dag_integrity_docs_tags_owner_retries_and_timeouts(dagbag, dag_id: str) -> None:
     dag = dagbag.dags[dag_id]
