@@ -59,8 +59,8 @@ def run_spark_job(
     (:class:`RecsysError`) stops the rest, prints one clear line and exits with ``USER_ERROR_EXIT``.
 
     Stages that run together share the Spark start-up and a warm JVM: on a small input (a night's
-    events) those cost more than the work. Anything else than a user-facing failure is a bug and
-    keeps its traceback.
+    events) those cost more than the work. Any failure but a user-facing one is a bug and keeps its
+    traceback.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     metrics: dict[str, float] = {}

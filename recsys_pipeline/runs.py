@@ -15,6 +15,8 @@ the run of that window last registered; a published run's folder is frozen
     model/                  user_factors.parquet, item_factors.parquet, training_loss.json, params.json,
                             sweep.json (after a sweep)
     refresh/refresh.json    a nightly refresh's lineage and escalation decision
+    parent_drift/           a nightly refresh's drift against its weekly parent, which validation
+                            takes when the champion is that parent
     index/ recommendations/ validation/ bundle/
     metrics/<stage>.json    gates/<gate>.json
 """
