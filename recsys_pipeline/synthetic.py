@@ -2,8 +2,11 @@
 
 - item popularity follows a power law (Zipf-like, exponent ``popularity_exponent``);
 - users have latent tastes: each event's item is the best of a few popularity-sampled
-  candidates by taste score plus noise, so the log holds structure ALS can learn;
-- user activity is skewed too; event types follow affinity (purchases go to liked items);
+  candidates by taste score (scaled by ``taste_strength``) plus Gumbel noise, so the log holds
+  structure a model can learn, and :meth:`SyntheticWorld.choice_log_probability` gives each user's
+  exact probability of choosing each item: the oracle, the ceiling of any model on a holdout;
+- user activity is skewed too; event types and watch times follow liking (purchases go to liked
+  items);
 - timestamps are spread over ``days`` days.
 
 Output: Parquet files ``day=YYYY-MM-DD/part-NNNNN.parquet`` (one per day and generated chunk, as
@@ -45,6 +48,12 @@ class SyntheticSpec:
     latent_factors: int = 16
     candidates: int = 8
     popularity_exponent: float = 1.0
+    # Multiplier on the taste score (user taste . item traits / sqrt(factors), a standard normal) in
+    # each choice. Measured on 2M events (50k users, 20k items, each user's last 3 items held out):
+    # the oracle's nDCG@10 is 1.42x the most-popular list's at 2, 1.56x at 3 (1.78x at 4 with
+    # popularity_exponent 0.8; ALS reaches 1.75x on MovieLens-100k). At 1 a perfect model beats
+    # popularity by a fifth, too little to tell a good model from a bad one.
+    taste_strength: float = 3.0
     days: int = 28
     start: str = "2024-01-01"
     seed: int = 0
@@ -54,16 +63,87 @@ class SyntheticSpec:
         return asdict(self)
 
 
-def _power_law_cdf(size: int, exponent: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Cumulative probabilities of a shuffled power law (so popular ids are not simply the smallest)."""
+def _power_law(size: int, exponent: float, rng: np.random.Generator) -> np.ndarray:
+    """Probabilities of a shuffled power law (so popular ids are not simply the smallest)."""
     weights = 1.0 / np.arange(1, size + 1) ** exponent
     order = rng.permutation(size)
-    cdf = np.cumsum(weights / weights.sum())
-    return cdf, order
+    probabilities = np.empty(size)
+    probabilities[order] = weights / weights.sum()
+    return probabilities
 
 
-def _draw(cdf: np.ndarray, order: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
-    return order[np.minimum(np.searchsorted(cdf, rng.random(count)), len(cdf) - 1)]
+def _draw(cdf: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    return np.minimum(np.searchsorted(cdf, rng.random(count)), len(cdf) - 1)
+
+
+@dataclass(frozen=True)
+class SyntheticWorld:
+    """The hidden truth a spec's log is drawn from: latent tastes and traits, and popularity."""
+
+    spec: SyntheticSpec
+    user_taste: np.ndarray  # (users, latent_factors)
+    item_traits: np.ndarray  # (items, latent_factors)
+    item_probability: np.ndarray  # how often an item is drawn as a candidate
+    user_probability: np.ndarray  # how often a user acts
+
+    @classmethod
+    def draw(cls, spec: SyntheticSpec, rng: np.random.Generator) -> SyntheticWorld:
+        user_taste = rng.normal(size=(spec.users, spec.latent_factors)).astype(np.float32)
+        item_traits = rng.normal(size=(spec.items, spec.latent_factors)).astype(np.float32)
+        item_probability = _power_law(spec.items, spec.popularity_exponent, rng)
+        user_probability = _power_law(spec.users, 0.5, rng)
+        return cls(spec, user_taste, item_traits, item_probability, user_probability)
+
+    @classmethod
+    def of(cls, spec: SyntheticSpec) -> SyntheticWorld:
+        """The world :func:`sample_events` draws the spec's events from (its seed's first draws)."""
+        return cls.draw(spec, np.random.default_rng(spec.seed))
+
+    def affinity(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """Taste scores of each user for each item: (len(users), len(items))."""
+        scale = self.spec.taste_strength / np.sqrt(self.spec.latent_factors)
+        return (self.user_taste[users] @ self.item_traits[items].T) * np.float32(scale)
+
+    def choose(self, users: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """One event per entry of ``users``: (chosen items, their taste scores). Each event draws
+        ``candidates`` items from the popularity law and keeps the best by taste plus Gumbel noise."""
+        count, width = len(users), self.spec.candidates
+        candidates = _draw(np.cumsum(self.item_probability), count * width, rng).reshape(count, width)
+        scale = np.float32(self.spec.taste_strength / np.sqrt(self.spec.latent_factors))
+        taste = np.einsum("ef,ecf->ec", self.user_taste[users], self.item_traits[candidates]) * scale
+        best = (taste + rng.gumbel(size=taste.shape).astype(np.float32)).argmax(axis=1)
+        return candidates[np.arange(count), best], taste[np.arange(count), best]
+
+    def choice_log_probability(self, users: np.ndarray, samples: int = 4096, seed: int = 0) -> np.ndarray:
+        """log P(user picks item) for each of ``users`` and every item, exactly as events are drawn
+        (see :meth:`choose`), up to Monte Carlo error in one expectation: (len(users), items).
+
+        An event draws ``candidates`` items from the popularity law and keeps the one with the best
+        taste score plus Gumbel noise, i.e. candidate c with probability exp(a_c) / sum exp(a). By
+        linearity over the candidate slots, P(j) = C x p_j x E[exp(a_j) / (exp(a_j) + S)], where S sums
+        exp(a) over C - 1 further independent draws. E is estimated from ``samples`` draws of S per
+        user and tabulated over a grid of a, then interpolated: monotone in a, smooth, so a grid
+        of 64 points is exact to well below the sampling error (measured: 1,024 points change no
+        probability by more than 0.1%).
+        """
+        spec = self.spec
+        rng = np.random.default_rng(seed)
+        cdf = np.cumsum(self.item_probability)
+        others = _draw(cdf, samples * (spec.candidates - 1), rng).reshape(samples, spec.candidates - 1)
+        affinity = self.affinity(users, np.arange(spec.items))
+        log_p = np.log(self.item_probability * spec.candidates).astype(np.float32)
+        out = np.empty_like(affinity)
+        grid_size = 64
+        for row, user in enumerate(users):
+            scores = affinity[row]
+            sums = np.exp(scores[others]).sum(axis=1)  # S, one per sample
+            grid = np.linspace(scores.min(), scores.max(), grid_size)
+            expected = (np.exp(grid)[:, None] / (np.exp(grid)[:, None] + sums[None, :])).mean(axis=1)
+            log_probability = log_p + np.interp(scores, grid, np.log(expected))
+            # The probabilities of one choice sum to 1: normalising removes most of the sampling
+            # error (S is heavy-tailed: a popular item the user likes dominates it).
+            out[row] = log_probability - np.logaddexp.reduce(log_probability)
+        return out
 
 
 @dataclass(frozen=True)
@@ -80,30 +160,25 @@ class EventChunk:
 def sample_events(spec: SyntheticSpec) -> Iterator[EventChunk]:
     """The spec's events in chunks of at most ``chunk_events``, reproducibly from ``seed``."""
     rng = np.random.default_rng(spec.seed)
-    user_taste = rng.normal(size=(spec.users, spec.latent_factors)).astype(np.float32)
-    item_traits = rng.normal(size=(spec.items, spec.latent_factors)).astype(np.float32)
-    item_cdf, item_order = _power_law_cdf(spec.items, spec.popularity_exponent, rng)
-    user_cdf, user_order = _power_law_cdf(spec.users, 0.5, rng)
+    world = SyntheticWorld.draw(spec, rng)  # as SyntheticWorld.of(spec): the same first draws
+    user_cdf = np.cumsum(world.user_probability)
     start = int(datetime.fromisoformat(spec.start).replace(tzinfo=UTC).timestamp())
     for offset in range(0, spec.events, spec.chunk_events):
         count = min(spec.chunk_events, spec.events - offset)
-        users = _draw(user_cdf, user_order, count, rng)
-        candidates = _draw(item_cdf, item_order, count * spec.candidates, rng).reshape(count, spec.candidates)
-        affinity = np.einsum("ef,ecf->ec", user_taste[users], item_traits[candidates]) / np.sqrt(
-            spec.latent_factors
-        )
-        affinity += rng.gumbel(size=affinity.shape).astype(np.float32)
-        best = affinity.argmax(axis=1)
-        items = candidates[np.arange(count), best]
-        strength = affinity[np.arange(count), best]
-        # Stronger affinity moves an event up the funnel: view < click < add_to_cart < purchase.
-        level = np.digitize(strength + rng.normal(scale=0.5, size=count), [1.5, 2.5, 3.2])
+        users = _draw(user_cdf, count, rng)
+        items, taste = world.choose(users, rng)
+        # How much the user likes what they picked, in standard-normal units whatever the strength.
+        liking = taste / max(spec.taste_strength, 1e-9)
+        # Liking moves an event up the funnel (view < click < add_to_cart < purchase) and lengthens
+        # a watch: the event type and value carry signal, as they do in real logs.
+        level = np.digitize(liking + rng.normal(scale=0.5, size=count), [1.0, 1.7, 2.3])
         watch = rng.random(count) < 0.1
+        watch_seconds = np.round(rng.gamma(2.0, 150.0, count) * np.exp(0.5 * liking), 1)
         yield EventChunk(
             users=users,
             items=items,
             types=np.where(watch, 4, level),
-            values=np.where(watch, np.round(rng.gamma(2.0, 300.0, count), 1), 1.0),
+            values=np.where(watch, watch_seconds, 1.0),
             ts=start + rng.integers(0, spec.days * 86_400, count),
         )
 
