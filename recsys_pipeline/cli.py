@@ -24,7 +24,13 @@ from recsys_pipeline.config import (
 )
 from recsys_pipeline.errors import RecsysError
 from recsys_pipeline.runs import StateLayout
-from recsys_pipeline.synthetic import SOURCE_MAPPING, SyntheticSpec, generate
+from recsys_pipeline.synthetic import (
+    CONTENT_SOURCE,
+    SOURCE_MAPPING,
+    SyntheticSpec,
+    generate,
+    write_item_metadata,
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -90,6 +96,9 @@ def _parser() -> argparse.ArgumentParser:
 
     synth = commands.add_parser("synth", help="write a synthetic event log (Parquet) usable as a source")
     synth.add_argument("--out", required=True, type=Path)
+    synth.add_argument(
+        "--items-out", type=Path, help="also write item metadata (category, title) to this Parquet file"
+    )
     for name, default in SyntheticSpec().as_dict().items():
         if name != "chunk_events":
             synth.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
@@ -310,6 +319,9 @@ def run(argv: Sequence[str]) -> int:
         )
         files = generate(spec, args.out)
         print(f"wrote {spec.events} events in {files} files to {args.out}; source mapping: {SOURCE_MAPPING}")
+        if args.items_out is not None:
+            write_item_metadata(spec, args.items_out)
+            print(f"wrote {spec.items} items' metadata to {args.items_out}; content source: {CONTENT_SOURCE}")
         return 0
     if args.command == "content-hash":
         from recsys_pipeline.content import folder_sha256

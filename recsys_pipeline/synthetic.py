@@ -12,7 +12,9 @@
 Output: Parquet files ``day=YYYY-MM-DD/part-NNNNN.parquet`` (one per day and generated chunk, as
 production logs land one folder per day) with columns ``user`` (string), ``item`` (string),
 ``type`` (string), ``value`` (double: watch seconds for ``watch``, else 1) and ``ts`` (int64 unix
-seconds), readable as a ``source`` with ``format: parquet``.
+seconds), readable as a ``source`` with ``format: parquet``. Item metadata (``items.parquet`` beside
+the log, when asked for): ``item``, ``category`` and ``title`` (a few words), readable as a
+``content.source`` with ``CONTENT_SOURCE`` so cold start can be measured at volume.
 """
 
 from __future__ import annotations
@@ -38,6 +40,13 @@ SOURCE_MAPPING = {
     "value": "value",
     "timestamp": "ts",
 }
+CONTENT_SOURCE = {
+    "format": "parquet",
+    "id_column": "item",
+    "text_columns": ["title"],
+    "categorical_columns": ["category"],
+}
+ITEM_CHUNK = 100_000
 
 
 @dataclass(frozen=True)
@@ -54,6 +63,10 @@ class SyntheticSpec:
     # popularity_exponent 0.8; ALS reaches 1.75x on MovieLens-100k). At 1 a perfect model beats
     # popularity by a fifth, too little to tell a good model from a bad one.
     taste_strength: float = 3.0
+    # Item metadata drawn from the same latent traits (see item_metadata): content predicts taste.
+    categories: int = 20
+    tokens_per_item: int = 4
+    vocabulary: int = 500
     days: int = 28
     start: str = "2024-01-01"
     seed: int = 0
@@ -191,10 +204,59 @@ def interaction_matrix(spec: SyntheticSpec) -> sp.csr_matrix:
     return Triples(users, items, np.ones(len(users), np.float32)).to_csr(spec.users, spec.items)
 
 
+def _item_names(count: int, first: int = 0) -> np.ndarray:
+    return np.char.add("i", np.arange(first, first + count).astype(str)).astype(object)
+
+
+def item_metadata(spec: SyntheticSpec) -> Iterator[pa.Table]:
+    """Each item's ``category`` and ``title``, drawn from its latent traits with noise, in chunks.
+
+    A category is the best of ``categories`` random directions in trait space by score plus Gumbel
+    noise; a title is the ``tokens_per_item`` best words of a ``vocabulary`` drawn the same way. So
+    items alike in taste tend to share a category and words, as real metadata does, without giving
+    the traits away. Drawn from a stream of its own: the events do not depend on it.
+    """
+    world = SyntheticWorld.of(spec)
+    rng = np.random.default_rng([spec.seed, 1])
+    factors = spec.latent_factors
+    category_directions = rng.normal(size=(spec.categories, factors)).astype(np.float32)
+    word_directions = rng.normal(size=(spec.vocabulary, factors)).astype(np.float32)
+    words = np.char.add("w", np.arange(spec.vocabulary).astype(str))
+    for first in range(0, spec.items, ITEM_CHUNK):
+        traits = world.item_traits[first : first + ITEM_CHUNK]
+        count = len(traits)
+        category_score = traits @ category_directions.T / np.sqrt(factors)
+        category = (category_score + rng.gumbel(size=category_score.shape)).argmax(axis=1)
+        word_score = 2 * traits @ word_directions.T / np.sqrt(factors)
+        word_score += rng.gumbel(size=word_score.shape)
+        chosen = np.argpartition(-word_score, spec.tokens_per_item - 1, axis=1)[:, : spec.tokens_per_item]
+        titles = [" ".join(row) for row in words[chosen]]
+        yield pa.table(
+            {
+                "item": pa.array(_item_names(count, first), pa.string()),
+                "category": pa.array(np.char.add("c", category.astype(str)), pa.string()),
+                "title": pa.array(titles, pa.string()),
+            }
+        )
+
+
+def write_item_metadata(spec: SyntheticSpec, path: Path) -> None:
+    """The spec's item metadata as one Parquet file, written to a temporary name and renamed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.tmp")
+    chunks = item_metadata(spec)
+    first = next(chunks)
+    with pq.ParquetWriter(staging, first.schema) as writer:
+        writer.write_table(first)
+        for chunk in chunks:
+            writer.write_table(chunk)
+    staging.replace(path)
+
+
 def generate(spec: SyntheticSpec, out_dir: Path) -> int:
     """Write ``spec.events`` events to ``out_dir``, one folder per day; return the number of files."""
     user_names = np.char.add("u", np.arange(spec.users).astype(str)).astype(object)
-    item_names = np.char.add("i", np.arange(spec.items).astype(str)).astype(object)
+    item_names = _item_names(spec.items)
     start = int(datetime.fromisoformat(spec.start).replace(tzinfo=UTC).timestamp())
     files = 0
     with atomic_dir(out_dir) as staging:

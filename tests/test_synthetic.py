@@ -3,10 +3,17 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 import pytest
 
 from recsys_pipeline.events import ingest, read_source
-from recsys_pipeline.synthetic import SOURCE_MAPPING, SyntheticSpec, SyntheticWorld, generate
+from recsys_pipeline.synthetic import (
+    SOURCE_MAPPING,
+    SyntheticSpec,
+    SyntheticWorld,
+    generate,
+    write_item_metadata,
+)
 
 SPEC = SyntheticSpec(events=60_000, users=2_000, items=1_500, days=14, chunk_events=25_000, seed=3)
 
@@ -80,3 +87,20 @@ def test_each_day_folder_holds_that_days_events_only(log) -> None:
         day = datetime.fromisoformat(folder.name.removeprefix("day=")).replace(tzinfo=UTC)
         ts = ds.dataset(str(folder), format="parquet").to_table(columns=["ts"]).column("ts").to_numpy()
         assert ts.min() >= day.timestamp() and ts.max() < day.timestamp() + 86_400, folder.name
+
+
+def test_item_metadata_follows_the_items_traits(tmp_path: Path) -> None:
+    """Items sharing a category are closer in trait space than random pairs, and every item has a row."""
+    path = tmp_path / "items.parquet"
+    write_item_metadata(SPEC, path)
+    table = pq.read_table(path)
+    assert table.column("item").to_pylist() == [f"i{n}" for n in range(SPEC.items)]
+    assert all(len(title.split()) == SPEC.tokens_per_item for title in table.column("title").to_pylist())
+    traits = SyntheticWorld.of(SPEC).item_traits
+    traits = traits / np.linalg.norm(traits, axis=1, keepdims=True)
+    category = np.asarray(table.column("category").to_pylist())
+    same = [traits[category == name].mean(axis=0) for name in np.unique(category)]
+    within = np.mean([np.linalg.norm(centre) for centre in same])
+    shuffled = np.random.default_rng(0).permutation(category)
+    across = np.mean([np.linalg.norm(traits[shuffled == name].mean(axis=0)) for name in np.unique(category)])
+    assert within > 2 * across
