@@ -54,8 +54,10 @@ RECSYS = str(Path(sys.executable).parent / "recsys")
 
 
 def cached_source(spec: SyntheticSpec, data_dir: Path) -> Path:
-    """The spec's log, generated once per spec."""
-    source = data_dir / f"events-{spec.events}-{spec.users}-{spec.items}-{spec.days}-{spec.seed}"
+    """The spec's log, generated once per spec (named by every field that shapes its events)."""
+    source = data_dir / (
+        f"events-{spec.events}-{spec.users}-{spec.items}-{spec.days}-{spec.seed}-taste{spec.taste_strength}"
+    )
     if not source.is_dir():
         print(f"  generating {spec.events} events into {source}", flush=True)
         generate(spec, source)
