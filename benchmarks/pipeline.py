@@ -16,7 +16,10 @@ and memory; ``quality`` measures quality.
 
 Results: ``events``, ``weekly_s``, ``nightly_s``, ``stage_s`` and ``peak_rss_mb`` ({dag: {task: ...}},
 as each task recorded them, the Spark JVM included), ``max_peak_rss_mb``, ``floor_s``,
-``weekly_vs_floor`` (weekly_s / floor_s), ``weekly_ok``/``nightly_ok`` (the DAG run succeeded).
+``weekly_vs_floor`` (weekly_s / floor_s), ``weekly_ok``/``nightly_ok`` (the DAG run succeeded), and
+the weekly model's quality on its own evaluation users: ``ndcg_at_10``, ``baseline_ndcg_at_10``
+(popularity), ``oracle_ndcg_at_10`` (the generator's exact choice probabilities) and
+``lift_captured`` = (ndcg - baseline) / (oracle - baseline).
 """
 
 from __future__ import annotations
@@ -31,13 +34,19 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
 import yaml
 
 from recsys_pipeline.config import DEFAULT_CONFIG_PATH, load_config
+from recsys_pipeline.evaluate import EvaluationSet, scores
+from recsys_pipeline.ranking import exclude, pad, top_k
 from recsys_pipeline.runs import StateLayout
-from recsys_pipeline.synthetic import SOURCE_MAPPING, SyntheticSpec, generate
+from recsys_pipeline.synthetic import SOURCE_MAPPING, SyntheticSpec, SyntheticWorld, generate
+from recsys_pipeline.tables import count_rows, read_id_map, read_matrix
+
+ORACLE_BLOCK_USERS = 500
 
 PARAMS: dict[str, Any] = {
     "events": 20_000_000,
@@ -45,6 +54,7 @@ PARAMS: dict[str, Any] = {
     "items": 100_000,
     "days": 57,
     "start": "2024-01-01",
+    "taste_strength": SyntheticSpec().taste_strength,
     "gate_overrides": {
         "evaluation": {"gate": {"min_lift_over_baseline": -1.0}},
         "validation": {"max_rec_popular_share": 1.0},
@@ -85,6 +95,42 @@ def stage_costs(state: Path, dag_id: str) -> dict[str, dict[str, float]]:
     return costs
 
 
+def generator_indices(ids: np.ndarray) -> np.ndarray:
+    """The generator's dense index of each synthetic id ("u123" -> 123, "i7" -> 7)."""
+    return np.array([int(name[1:]) for name in ids], dtype=np.int64)
+
+
+def weekly_quality(state: Path, spec: SyntheticSpec, max_users: int, sample_seed: int) -> dict[str, float]:
+    """The weekly run's nDCG@10, popularity's and the generator's oracle's, on the very users and
+    holdout the evaluate stage scored (same seeded sample of the same matrices), and the share of
+    the possible lift over popularity the model captured."""
+    run_dir = next((state / "runs" / "recsys_weekly").glob("**/interactions")).parent
+    evaluated = json.loads((run_dir / "metrics" / "evaluate.json").read_text())
+    maps = run_dir / "interactions" / "maps"
+    shape = (count_rows(maps / "users"), count_rows(maps / "items"))
+    train = read_matrix(run_dir / "interactions" / "train").to_csr(*shape)
+    holdout = read_matrix(run_dir / "interactions" / "holdout").to_csr(*shape)
+    evaluation = EvaluationSet.build(train, holdout, max_users, sample_seed)
+    world = SyntheticWorld.of(spec)
+    users = generator_indices(read_id_map(maps / "users"))
+    items = generator_indices(read_id_map(maps / "items"))
+    lists = np.empty((len(evaluation.users), 10), dtype=np.int64)
+    for start in range(0, len(evaluation.users), ORACLE_BLOCK_USERS):
+        rows = slice(start, start + ORACLE_BLOCK_USERS)
+        log_probability = world.choice_log_probability(users[evaluation.users[rows]])[:, items]
+        exclude(log_probability, evaluation.seen[rows])
+        lists[rows] = pad(top_k(log_probability, 10)[0], 10)
+    oracle = float(scores(lists, evaluation.relevant, 10, shape[1]).per_user["ndcg_at_10"].mean())
+    ndcg, baseline = evaluated["ndcg_at_10"], evaluated["baseline_ndcg_at_10"]
+    return {
+        "ndcg_at_10": ndcg,
+        "baseline_ndcg_at_10": baseline,
+        "oracle_ndcg_at_10": oracle,
+        "lift_captured": (ndcg - baseline) / (oracle - baseline),
+        "quality_users": float(len(evaluation.users)),
+    }
+
+
 def timed_dag(dag_id: str, logical_date: str, env: dict[str, str], log: Path) -> tuple[float, bool]:
     started = time.perf_counter()
     with log.open("w") as out:
@@ -110,6 +156,7 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
         items=params["items"],
         days=params["days"],
         start=params["start"],
+        taste_strength=params["taste_strength"],
     )
     source = cached_source(spec, layout.bench / "data")
     work = layout.bench / "work" / "pipeline"
@@ -164,6 +211,9 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
         "source_rows": ds.dataset(str(source), format="parquet").count_rows(),
         "arrow_version": pa.__version__,
     }
+    if weekly_ok:
+        evaluation = load_config(config_path).evaluation
+        results |= weekly_quality(state, spec, evaluation.max_users, evaluation.sample_seed)
     for dag, tasks in costs.items():
         for task, cost in tasks.items():
             print(f"  {dag:<15}{task:<24}{cost['seconds']:>8.1f} s{cost['peak_rss_mb']:>9.0f} MB")
