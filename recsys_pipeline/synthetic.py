@@ -112,18 +112,22 @@ class SyntheticWorld:
         """The world :func:`sample_events` draws the spec's events from (its seed's first draws)."""
         return cls.draw(spec, np.random.default_rng(spec.seed))
 
+    @property
+    def taste_scale(self) -> np.float32:
+        """What turns a dot product of taste and traits into a choice's taste score."""
+        return np.float32(self.spec.taste_strength / np.sqrt(self.spec.latent_factors))
+
     def affinity(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
         """Taste scores of each user for each item: (len(users), len(items))."""
-        scale = self.spec.taste_strength / np.sqrt(self.spec.latent_factors)
-        return (self.user_taste[users] @ self.item_traits[items].T) * np.float32(scale)
+        return (self.user_taste[users] @ self.item_traits[items].T) * self.taste_scale
 
     def choose(self, users: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """One event per entry of ``users``: (chosen items, their taste scores). Each event draws
         ``candidates`` items from the popularity law and keeps the best by taste plus Gumbel noise."""
         count, width = len(users), self.spec.candidates
         candidates = _draw(np.cumsum(self.item_probability), count * width, rng).reshape(count, width)
-        scale = np.float32(self.spec.taste_strength / np.sqrt(self.spec.latent_factors))
-        taste = np.einsum("ef,ecf->ec", self.user_taste[users], self.item_traits[candidates]) * scale
+        taste = np.einsum("ef,ecf->ec", self.user_taste[users], self.item_traits[candidates])
+        taste *= self.taste_scale
         best = (taste + rng.gumbel(size=taste.shape).astype(np.float32)).argmax(axis=1)
         return candidates[np.arange(count), best], taste[np.arange(count), best]
 
