@@ -139,7 +139,12 @@ class InteractionsConfig(_Section):
     history_days: int | None = Field(default=None, ge=1, description="Training window length; all if null.")
 
 
-TunableParameter = Literal["factors", "regularization", "alpha", "iterations"]
+TunableParameter = Literal["factors", "regularization", "alpha", "iterations", "popularity_weight"]
+DEFAULT_SWEEP_SPACE: dict[TunableParameter, list[float]] = {
+    "regularization": [3.0, 10.0, 30.0],
+    "alpha": [2.0, 5.0, 10.0],
+    "popularity_weight": [0.0, 0.1, 0.25, 0.5],
+}
 
 
 class SweepConfig(_Section):
@@ -154,7 +159,16 @@ class SweepConfig(_Section):
         default=0.25, gt=0, lt=1, description="Share of each user's training items held out for validation."
     )
     space: dict[TunableParameter, list[float]] = Field(
-        description="Values to try per parameter; parameters left out keep their als value."
+        default_factory=lambda: dict(DEFAULT_SWEEP_SPACE),
+        description="Values to try per parameter; parameters left out keep their als value.",
+    )
+    max_seconds: float | None = Field(
+        default=120.0,
+        gt=0,
+        description="Time box: no trial starts that the last one's duration says would end past this.",
+    )
+    validation_users: int | None = Field(
+        default=10_000, ge=1, description="Validation users scored per trial (a seeded sample)."
     )
 
     @model_validator(mode="after")
@@ -175,6 +189,11 @@ class AlsConfig(_Section):
     regularization: float = Field(default=0.05, ge=0)
     alpha: float = Field(default=1.0, gt=0)
     iterations: int = Field(default=15, ge=1)
+    popularity_weight: float = Field(
+        default=0.0,
+        ge=0,
+        description="Weight of log(1 + item confidence) added to every score, as one more vector dimension.",
+    )
     use_cg: bool = True
     random_state: int = 42
     sweep: SweepConfig | None = Field(default=None, description="Null: train with the values above.")
@@ -193,6 +212,7 @@ class AlsConfig(_Section):
             "regularization": self.regularization,
             "alpha": self.alpha,
             "iterations": self.iterations,
+            "popularity_weight": self.popularity_weight,
         }
 
 
@@ -501,14 +521,17 @@ class PipelineConfig(_Section):
         return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()
 
 
-DEFAULT_SWEEP_SPACE: dict[str, list[float]] = {"factors": [32, 64, 128], "regularization": [0.01, 0.05, 0.1]}
 # The knobs a person changes by hand when triggering a run, each a typed field of the trigger form
 # (param name: (config field, JSON schema of the form field, help)). ``config_overrides`` carries
 # any other field, and wins over these.
 TRIGGER_PARAMS: dict[str, tuple[str, dict[str, Any], str]] = {
     "als_backend": ("als.backend", {"type": "string", "enum": ["implicit", "spark"]}, "ALS implementation"),
     "als_factors": ("als.factors", {"type": "integer", "minimum": 1, "maximum": 1024}, "Vector width"),
-    "sweep": ("als.sweep", {"type": "boolean"}, "Search factors and regularization first (a 3x3 grid)"),
+    "sweep": (
+        "als.sweep",
+        {"type": "boolean"},
+        "Search regularization, alpha and the popularity weight first",
+    ),
     "holdout_strategy": (
         "interactions.holdout.strategy",
         {"type": "string", "enum": ["per_user_last", "days", "share"]},
@@ -541,7 +564,7 @@ def run_overrides(params: dict[str, Any], config: PipelineConfig) -> dict[str, A
             continue
         value = params[name]
         if name == "sweep":
-            value = {"space": DEFAULT_SWEEP_SPACE} if value else None
+            value = {} if value else None  # on: the sweep's defaults
         elif name in ("full_reingest", "dry_run"):
             value = not value
         overrides[field] = value

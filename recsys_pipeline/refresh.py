@@ -20,6 +20,7 @@ import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
 from recsys_pipeline import drift
+from recsys_pipeline.als import item_popularity, learned, with_popularity_prior
 from recsys_pipeline.config import AlsConfig, PipelineConfig, RefreshConfig
 from recsys_pipeline.embeddings import Embeddings, presence_mask
 
@@ -39,13 +40,15 @@ def fold_in(
     n_users, n_items = user_items.shape
     threads = os.cpu_count() or 0
     model = AlternatingLeastSquares(
-        factors=parent.user_factors.shape[1],
+        factors=params.factors,
         regularization=params.regularization,
         alpha=params.alpha,
         num_threads=threads,
     )
-    model.user_factors = parent.dense_users(n_users)
-    model.item_factors = parent.dense_items(n_items)
+    parent_items = parent.dense_items(n_items)
+    # Only the learned dimensions are solved; the popularity prior's (if any) is set again below.
+    model.user_factors = np.ascontiguousarray(learned(parent.dense_users(n_users), params))
+    model.item_factors = np.ascontiguousarray(learned(parent_items, params))
     user_items = user_items.astype(np.float32).tocsr()
     with threadpool_limits(limits=1, user_api="blas"):
         if len(new_items):
@@ -67,11 +70,20 @@ def fold_in(
             model.user_factors[users] = vectors
     user_idx = np.union1d(parent.user_idx, users)
     item_idx = np.union1d(parent.item_idx, new_items)
+    # Items keep the popularity their vectors were fitted beside; new ones get today's.
+    popularity = parent_items[:, -1].copy()
+    popularity[new_items] = item_popularity(user_items)[new_items]
+    user_factors, item_factors = with_popularity_prior(
+        model.user_factors[user_idx],
+        model.item_factors[item_idx],
+        popularity[item_idx],
+        params.popularity_weight,
+    )
     return Embeddings(
         user_idx,
-        model.user_factors[user_idx],
+        user_factors,
         item_idx,
-        model.item_factors[item_idx],
+        item_factors,
         cold_item_idx=np.setdiff1d(parent.cold_item_idx, new_items),
     )
 

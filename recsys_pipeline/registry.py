@@ -13,7 +13,7 @@ from typing import Any
 
 from recsys_pipeline import tracking
 from recsys_pipeline.bundle import MANIFEST_TAG, MODEL_MANIFEST, Bundle, BundleIntegrityError, verify_tree
-from recsys_pipeline.config import PipelineConfig
+from recsys_pipeline.config import AlsConfig, PipelineConfig
 from recsys_pipeline.embeddings import Embeddings
 from recsys_pipeline.errors import RecsysError
 from recsys_pipeline.runs import StateLayout, atomic_dir
@@ -211,6 +211,15 @@ def reference_embeddings(config: PipelineConfig, run_data_end: datetime) -> tupl
     if version is None:
         return None
     return str(version.version), version_bundle(config, str(version.version)).embeddings()
+
+
+def reference_params(config: PipelineConfig, run_data_end: datetime) -> AlsConfig | None:
+    """The ALS settings :func:`reference_version` was trained with (what a sweep starts from); None
+    if there is no such version."""
+    version = reference_version(config, run_data_end)
+    if version is None:
+        return None
+    return version_bundle(config, str(version.version)).trained_params(config.als)
 
 
 def list_versions(config: PipelineConfig) -> list[dict[str, Any]]:

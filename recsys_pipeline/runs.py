@@ -496,7 +496,8 @@ def read_trained_params(directory: Path, fallback: AlsConfig) -> AlsConfig:
     path = directory / TRAINED_PARAMS
     if not path.is_file():
         return fallback
-    recorded = json.loads(path.read_text())
+    # Models trained before the popularity prior existed have no prior dimension.
+    recorded = {"popularity_weight": 0.0} | json.loads(path.read_text())
     return fallback.with_params({name: recorded[name] for name in fallback.hyperparameters()}).model_copy(
         update={"backend": recorded.get("backend", fallback.backend)}
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -15,14 +16,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import scipy.sparse as sp
 
-from recsys_pipeline.als import ModelFitError, train
-from recsys_pipeline.config import AlsConfig, SweepConfig
+from recsys_pipeline.als import ModelFitError, item_popularity, train, with_popularity_prior
+from recsys_pipeline.config import AlsConfig, SweepConfig, TunableParameter
+from recsys_pipeline.embeddings import Embeddings
 from recsys_pipeline.evaluate import EvaluationSet
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
 
 log = logging.getLogger(__name__)
+PRIOR: TunableParameter = "popularity_weight"
 
 
 def validation_split(
@@ -48,19 +51,38 @@ def validation_split(
     return part(~valid), part(valid)
 
 
-def candidates(sweep: SweepConfig) -> list[dict[str, float]]:
-    """The hyperparameter combinations a sweep tries, in a reproducible order."""
-    space = sorted(sweep.space.items())
+def candidates(sweep: SweepConfig, start: dict[str, float] | None = None) -> list[dict[str, float]]:
+    """The training hyperparameters a sweep tries, in a reproducible order (``popularity_weight`` is
+    not among them: :func:`sweep` scores every trained candidate at each weight).
+
+    With ``start`` (last week's winner, say), it comes first and the rest follow nearest first
+    (steps on the grid), so a time-boxed sweep explores around what worked last time.
+    """
+    space = sorted((name, values) for name, values in sweep.space.items() if name != PRIOR)
     grid: list[dict[str, float]] = [
         {name: value for (name, _), value in zip(space, values, strict=True)}
         for values in itertools.product(*(values for _, values in space))
     ]
     rng = np.random.default_rng(sweep.seed)
     if sweep.strategy == "grid":
-        if sweep.trials is None or sweep.trials >= len(grid):
-            return grid
-        return [grid[i] for i in sorted(rng.choice(len(grid), size=sweep.trials, replace=False))]
-    return [grid[i] for i in rng.choice(len(grid), size=min(sweep.trials or 1, len(grid)), replace=False)]
+        if sweep.trials is not None and sweep.trials < len(grid):
+            grid = [grid[i] for i in sorted(rng.choice(len(grid), size=sweep.trials, replace=False))]
+    else:
+        grid = [grid[i] for i in rng.choice(len(grid), size=min(sweep.trials or 1, len(grid)), replace=False)]
+    if start is None or not space:
+        return grid
+    first: dict[str, float] = {name: start[name] for name, _ in space}
+
+    def steps(candidate: dict[str, float]) -> int:
+        return sum(
+            abs(values.index(candidate[name]) - _nearest(values, first[name])) for name, values in space
+        )
+
+    return [first] + sorted((c for c in grid if c != first), key=steps)
+
+
+def _nearest(values: list[float], value: float) -> int:
+    return min(range(len(values)), key=lambda i: abs(values[i] - value))
 
 
 @dataclass
@@ -70,6 +92,8 @@ class SweepResult:
     score: float  # the best trial's validation objective
     trials: list[dict[str, Any]] = field(default_factory=list)
     mlflow_run_id: str | None = None
+    seconds: float = 0.0
+    untried: int = 0  # candidates the time box left out
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -77,6 +101,8 @@ class SweepResult:
             "best": self.best.hyperparameters(),
             "trials": self.trials,
             "mlflow_run_id": self.mlflow_run_id,
+            "seconds": self.seconds,
+            "untried": self.untried,
         }
 
 
@@ -90,32 +116,64 @@ def sweep(
     k: int,
     spark: SparkSession | None = None,
     on_trial: TrialCallback | None = None,
-    max_users: int | None = None,
+    start: AlsConfig | None = None,
 ) -> SweepResult:
-    """Train every candidate on the fitting part, score it on validation (a seeded sample of at most
-    ``max_users`` users, the same for every trial), keep the best ``ndcg_at_k``."""
+    """Train each candidate on the fitting part and score it on validation (a seeded sample of at most
+    ``validation_users`` users, the same for every trial) at each popularity weight; keep the best
+    ``ndcg_at_k``. The weight only adds a dimension (:func:`~recsys_pipeline.als.with_popularity_prior`),
+    so trying one costs a scoring pass, not a training. ``start`` is tried first (see
+    :func:`candidates`); with ``max_seconds``, no candidate starts that would end past it by the
+    last one's duration."""
+    started = time.perf_counter()
     fit, valid = validation_split(user_items, config.validation_share, config.seed)
-    evaluation = EvaluationSet.build(fit, valid, max_users, config.seed)
+    evaluation = EvaluationSet.build(fit, valid, config.validation_users, config.seed)
+    popularity = item_popularity(fit)
+    weights = config.space.get(PRIOR, [base.popularity_weight])
     objective = f"ndcg_at_{k}"
     best: tuple[float, AlsConfig] | None = None
     trials: list[dict[str, Any]] = []
-    for number, params in enumerate(candidates(config)):
-        trial_config = base.with_params(params)
+    training = candidates(config, None if start is None else start.hyperparameters())
+    number, last_s, untried = 0, 0.0, 0
+    for position, params in enumerate(training):
+        elapsed = time.perf_counter() - started
+        if position and config.max_seconds is not None and elapsed + last_s > config.max_seconds:
+            untried = len(training) - position
+            log.info("sweep time box (%.0f s) reached after %d candidates", config.max_seconds, position)
+            break
+        trial_started = time.perf_counter()
+        trained_config = base.with_params(params | {PRIOR: 0.0})
         try:
-            embeddings, _ = train(fit, trial_config, spark)
+            embeddings, _ = train(fit, trained_config, spark)
         except ModelFitError as error:
-            trials.append({"params": params, "error": str(error)})
-            if on_trial is not None:
-                on_trial(number, params, None, str(error))
+            for weight in weights:
+                trials.append({"params": params | {PRIOR: weight}, "error": str(error)})
+                if on_trial is not None:
+                    on_trial(number, params | {PRIOR: weight}, None, str(error))
+                number += 1
+            last_s = time.perf_counter() - trial_started
             continue
-        metrics = evaluation.evaluate(embeddings, k)
-        trials.append({"params": params, "metrics": metrics})
-        if on_trial is not None:
-            on_trial(number, params, metrics, None)
-        log.info("trial %d %s: %s=%.4f", number, params, objective, metrics[objective])
-        if best is None or metrics[objective] > best[0]:
-            best = (metrics[objective], trial_config)
+        for weight in weights:
+            trial_params = params | {PRIOR: weight}
+            metrics = evaluation.evaluate(with_prior(embeddings, popularity, weight), k)
+            trials.append({"params": trial_params, "metrics": metrics})
+            if on_trial is not None:
+                on_trial(number, trial_params, metrics, None)
+            log.info("trial %d %s: %s=%.4f", number, trial_params, objective, metrics[objective])
+            if best is None or metrics[objective] > best[0]:
+                best = (metrics[objective], base.with_params(trial_params))
+            number += 1
+        last_s = time.perf_counter() - trial_started
     if best is None:
         reasons = "; ".join(sorted({trial["error"] for trial in trials}))
         raise ModelFitError(f"every sweep trial failed: {reasons}")
-    return SweepResult(best[1], objective, best[0], trials)
+    return SweepResult(
+        best[1], objective, best[0], trials, seconds=time.perf_counter() - started, untried=untried
+    )
+
+
+def with_prior(embeddings: Embeddings, popularity: np.ndarray, weight: float) -> Embeddings:
+    """Embeddings trained without the popularity prior, with it at ``weight``."""
+    user_factors, item_factors = with_popularity_prior(
+        embeddings.user_factors, embeddings.item_factors, popularity[embeddings.item_idx], weight
+    )
+    return Embeddings(embeddings.user_idx, user_factors, embeddings.item_idx, item_factors)

@@ -33,6 +33,9 @@ from recsys_pipeline.runs import PUBLISHED_RECORD, RunContext  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TEST_SPARK_CONF = {"spark.sql.shuffle.partitions": "2", "spark.ui.enabled": "false"}
+# In-process runs train once at the configured values: the sweep (tens of trials) is covered by
+# test_tuning, the default-config quality test and every DAG test, which run the project config.
+TEST_OVERRIDES = {"spark.conf": TEST_SPARK_CONF, "als.sweep": None}
 TIERS = ("unit", "spark", "e2e")
 
 
@@ -52,7 +55,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def spark() -> Iterator[Any]:
     from recsys_pipeline.spark import spark_session
 
-    config = load_config(overrides={"spark.conf": TEST_SPARK_CONF})
+    config = load_config(overrides=TEST_OVERRIDES)
     session = spark_session(config, "recsys-tests", master="local[2]")
     yield session
     session.stop()
@@ -82,7 +85,7 @@ def make_config(tmp_path: Path) -> ConfigFactory:
     """The project config with its state under tmp_path and any dotted overrides applied."""
 
     def factory(**overrides: Any) -> PipelineConfig:
-        base: dict[str, Any] = {"state_dir": str(tmp_path / "state"), "spark.conf": TEST_SPARK_CONF}
+        base: dict[str, Any] = {"state_dir": str(tmp_path / "state"), **TEST_OVERRIDES}
         base.update({key.replace("__", "."): value for key, value in overrides.items()})
         return load_config(overrides=base)
 
@@ -118,7 +121,7 @@ def weekly_run(spark, tmp_path_factory) -> RunContext:
     Shared by the session: tests that publish, promote or otherwise write state use ``own_weekly_run``.
     """
     state = tmp_path_factory.mktemp("state")
-    config = load_config(overrides={"state_dir": str(state), "spark.conf": TEST_SPARK_CONF})
+    config = load_config(overrides={"state_dir": str(state), **TEST_OVERRIDES})
     run = RunContext.create(config, "recsys_weekly", "1998-04-16", "1998-04-23", "manual__test")
     run_weekly_stages(spark, run)
     return run

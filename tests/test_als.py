@@ -98,6 +98,7 @@ def test_training_stage_records_the_hyperparameters_it_used(make_config) -> None
         "regularization": config.als.regularization,
         "alpha": config.als.alpha,
         "iterations": 5,
+        "popularity_weight": config.als.popularity_weight,
     }
     other = RunContext.create(make_config(), run.dag_id, run.interval_start, run.interval_end, run.run_id)
     assert other.trained_params().factors == 4
@@ -111,3 +112,32 @@ def test_dense_views_place_vectors_by_index() -> None:
     )
     dense = embeddings.dense_users(4)
     assert dense.shape == (4, 3) and dense[2].sum() == 3 and dense[[0, 1, 3]].sum() == 0
+
+
+def test_the_popularity_prior_adds_weight_x_log_popularity_to_every_score(movielens) -> None:
+    plain_params = AlsConfig(factors=8, iterations=5, random_state=0)
+    plain, _ = train(movielens, plain_params)
+    with_prior, _ = train(movielens, plain_params.model_copy(update={"popularity_weight": 0.5}))
+    assert with_prior.item_factors.shape[1] == 9 and np.all(with_prior.user_factors[:, -1] == 0.5)
+    popularity = np.log1p(np.asarray(movielens.sum(axis=0)).ravel())[with_prior.item_idx]
+    np.testing.assert_allclose(
+        with_prior.user_factors @ with_prior.item_factors.T,
+        plain.user_factors @ plain.item_factors.T + 0.5 * popularity[None, :],
+        rtol=1e-4,
+        atol=1e-4,
+    )
+    # The loss is ALS's own objective: the prior's dimension is not part of it.
+    assert implicit_loss(
+        movielens,
+        with_prior.dense_users(movielens.shape[0]),
+        with_prior.dense_items(movielens.shape[1]),
+        plain_params,
+    ) == pytest.approx(
+        implicit_loss(
+            movielens,
+            plain.dense_users(movielens.shape[0]),
+            plain.dense_items(movielens.shape[1]),
+            plain_params,
+        ),
+        rel=1e-5,
+    )

@@ -81,6 +81,36 @@ def test_new_items_are_solved_against_fixed_user_factors_and_nothing_else_moves(
     )
 
 
+def test_fold_in_solves_the_learned_dimensions_and_keeps_the_popularity_prior(movielens) -> None:
+    params = PARAMS.model_copy(update={"popularity_weight": 0.3})
+    full = movielens.tocsr()
+    hidden_items = np.arange(full.shape[1] - 30, full.shape[1])
+    parent_matrix = full.tolil()
+    parent_matrix[:, hidden_items] = 0
+    parent, _ = train(parent_matrix.tocsr(), params)
+    assert parent.user_factors.shape[1] == params.factors + 1
+    new_items = hidden_items[full.getnnz(axis=0)[hidden_items] > 0]
+    users = np.array([0, 5, 17])
+    result = fold_in(parent, full, users, new_items, params, RefreshConfig())
+    refreshed_users, refreshed_items = result.dense_users(full.shape[0]), result.dense_items(full.shape[1])
+    # Users are solved against the learned item dimensions only (new items solved first); the prior
+    # keeps its weight.
+    learned_items = refreshed_items[:, : params.factors]
+    for user in users:
+        np.testing.assert_allclose(
+            refreshed_users[user, : params.factors],
+            exact_solution(learned_items, full[user], params),
+            rtol=1e-4,
+            atol=1e-5,
+        )
+    np.testing.assert_array_equal(refreshed_users[users, -1], np.float32(0.3))
+    # Old items keep the popularity they were fitted beside; new ones get today's.
+    np.testing.assert_array_equal(refreshed_items[parent.item_idx], parent.item_factors)
+    np.testing.assert_allclose(
+        refreshed_items[new_items, -1], np.log1p(np.asarray(full.sum(axis=0)).ravel()[new_items])
+    )
+
+
 def test_rows_to_refresh_are_active_users_plus_rows_without_a_vector(split) -> None:
     full, parent = split
     users, new_items = rows_to_refresh(full, parent, recent_users=np.array([2, 4, full.shape[0] + 5]))

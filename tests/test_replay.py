@@ -22,7 +22,7 @@ from recsys_pipeline.stages.publish import run_promotion, run_publish
 from recsys_pipeline.stages.recommend import run_batch_recommendations
 from recsys_pipeline.stages.refresh import refresh_escalated, run_refresh
 from recsys_pipeline.stages.validate import run_validation
-from tests.conftest import TEST_SPARK_CONF, run_weekly_stages
+from tests.conftest import TEST_OVERRIDES, run_weekly_stages
 
 WEEKLY_END = datetime(1998, 3, 20)
 NIGHTS = 2  # enough for a chain: the second night folds into the first night's version
@@ -50,9 +50,7 @@ def id_map(run: RunContext, name: str) -> dict[str, int]:
 
 @pytest.fixture(scope="module")
 def replay(spark, tmp_path_factory):
-    config = load_config(
-        overrides={"state_dir": str(tmp_path_factory.mktemp("replay")), "spark.conf": TEST_SPARK_CONF}
-    )
+    config = load_config(overrides={"state_dir": str(tmp_path_factory.mktemp("replay")), **TEST_OVERRIDES})
     weekly = RunContext.create(config, "recsys_weekly", WEEKLY_END - timedelta(weeks=1), WEEKLY_END)
     run_weekly_stages(spark, weekly)
     run_promotion(weekly, run_publish(weekly))

@@ -84,4 +84,31 @@ def test_training_stage_trains_the_final_model_with_the_sweeps_choice(make_confi
     chosen = run.sweep_summary()
     assert chosen is not None
     assert run.trained_params().factors == chosen["best"]["factors"]
-    assert run.embeddings().item_factors.shape[1] == chosen["best"]["factors"]
+    assert chosen["best"]["popularity_weight"] == config.als.popularity_weight > 0
+    assert run.embeddings().item_factors.shape[1] == chosen["best"]["factors"] + 1  # the prior's
+
+
+def test_a_sweep_starts_from_last_weeks_winner_then_its_nearest_neighbours() -> None:
+    space = {"regularization": [1.0, 10.0, 100.0], "alpha": [1.0, 4.0], "popularity_weight": [0.0, 0.2]}
+    config = SweepConfig(space=space)
+    assert all("popularity_weight" not in c for c in candidates(config)) and len(candidates(config)) == 6
+    winner = AlsConfig(regularization=100.0, alpha=4.0)
+    ordered = candidates(config, winner.hyperparameters())
+    assert ordered[0] == {"alpha": 4.0, "regularization": 100.0}
+    assert ordered[1] in ({"alpha": 1.0, "regularization": 100.0}, {"alpha": 4.0, "regularization": 10.0})
+    assert ordered[-1] == {"alpha": 1.0, "regularization": 1.0} and len(ordered) == 6
+
+
+def test_every_trained_candidate_is_scored_at_each_popularity_weight_within_the_time_box(movielens) -> None:
+    space = {"regularization": [1.0, 10.0, 30.0], "popularity_weight": [0.0, 0.25]}
+    unboxed = sweep(movielens, BASE, SweepConfig(space=space, max_seconds=None), k=10)
+    assert len(unboxed.trials) == 6 and unboxed.untried == 0
+    assert {t["params"]["popularity_weight"] for t in unboxed.trials} == {0.0, 0.25}
+    assert (
+        unboxed.best.popularity_weight
+        == max(unboxed.trials, key=lambda t: t["metrics"]["ndcg_at_10"])["params"]["popularity_weight"]
+    )
+    # A box shorter than one candidate: only the first (the start) is tried.
+    start = BASE.with_params({"regularization": 30.0})
+    boxed = sweep(movielens, BASE, SweepConfig(space=space, max_seconds=1e-6), k=10, start=start)
+    assert boxed.untried == 2 and [t["params"]["regularization"] for t in boxed.trials] == [30.0, 30.0]

@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING
 
 from recsys_pipeline import tracking
 from recsys_pipeline.als import train
-from recsys_pipeline.config import SweepConfig
+from recsys_pipeline.config import AlsConfig, SweepConfig
+from recsys_pipeline.registry import reference_params
 from recsys_pipeline.runs import RunContext
 from recsys_pipeline.tuning import SweepResult, sweep
 
@@ -22,11 +23,13 @@ def run_training(spark: SparkSession | None, run: RunContext) -> dict[str, float
     """Train on the run's training matrix and write its model folder (the hyperparameters used included)."""
     user_items = run.train_matrix()
     params = run.config.als
-    sweep_summary = None
+    sweep_summary, tuning_s = None, 0.0
     if params.sweep is not None:
-        result = run_sweep(user_items, run, params.sweep, spark)
-        params, sweep_summary = result.best, result.summary()
-        log.info("sweep chose %s", params.hyperparameters())
+        result = run_sweep(
+            user_items, run, params.sweep, spark, reference_params(run.config, run.interval_end)
+        )
+        params, sweep_summary, tuning_s = result.best, result.summary(), result.seconds
+        log.info("sweep chose %s in %.1f s", params.hyperparameters(), tuning_s)
     embeddings, losses = train(user_items, params, spark)
     run.write_model(embeddings, losses, params, sweep_summary)
     log.info("ALS loss per iteration: %s", ", ".join(f"{loss:.5f}" for loss in losses))
@@ -34,15 +37,21 @@ def run_training(spark: SparkSession | None, run: RunContext) -> dict[str, float
         "training_loss": losses[-1],
         "trained_users": float(len(embeddings.user_idx)),
         "trained_items": float(len(embeddings.item_idx)),
+        "tuning_s": tuning_s,
     }
     run.write_metrics("train", metrics)
     return metrics
 
 
 def run_sweep(
-    user_items: sp.csr_matrix, run: RunContext, sweep_config: SweepConfig, spark: SparkSession | None
+    user_items: sp.csr_matrix,
+    run: RunContext,
+    sweep_config: SweepConfig,
+    spark: SparkSession | None,
+    start: AlsConfig | None = None,
 ) -> SweepResult:
-    """Sweep for the run, logged as one MLflow parent run with a nested run per trial."""
+    """Sweep for the run (from ``start``, if given), logged as one MLflow parent run with a nested
+    run per trial."""
     import mlflow
 
     config = run.config
@@ -71,12 +80,14 @@ def run_sweep(
                 config.evaluation.k,
                 spark,
                 log_trial,
-                config.evaluation.max_users,
+                start,
             )
             mlflow.log_params(
                 {f"best.{name}": value for name, value in result.best.hyperparameters().items()}
             )
-            mlflow.log_metric(f"best_validation_{result.objective}", result.score)
+            mlflow.log_metrics(
+                {f"best_validation_{result.objective}": result.score, "tuning_s": result.seconds}
+            )
             result.mlflow_run_id = parent.info.run_id
             mlflow.log_dict(result.summary(), "sweep.json")
     return result
