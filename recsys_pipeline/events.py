@@ -55,6 +55,7 @@ QUARANTINE_REASONS = (
     "unknown_event_type",
     "invalid_value",
     "unparseable_timestamp",
+    "invalid_timestamp",
     "before_floor",
     "future_timestamp",
     "duplicate",
@@ -217,7 +218,10 @@ def _timestamp(raw: Column, source: SourceConfig) -> Column:
         return F.try_to_timestamp(raw, F.lit(source.timestamp_format))
     number = raw.try_cast("double")
     scale = {"s": 1.0, "ms": 1e3, "us": 1e6}[source.timestamp_unit]
-    return F.when(F.isnan(number), None).otherwise(F.timestamp_micros((number / scale * 1e6).cast("long")))
+    # try_cast: a number beyond the microseconds a long holds (or infinite) is null, not an ANSI
+    # CAST_OVERFLOW that would fail the whole job, and every later one reading the same file.
+    micros = (number / scale * 1e6).try_cast("long")
+    return F.when(F.isnan(number), None).otherwise(F.timestamp_micros(micros))
 
 
 def canonicalize(
@@ -248,6 +252,11 @@ def canonicalize(
         F.col("value").isNotNull()
         & (F.isnan("value") | (F.col("value") < 0) | F.col("value").isin(float("inf"), float("-inf")))
     )
+    # A number that is no time (infinite, or beyond the timestamp range); NaN counts as unparseable.
+    raw_number = F.col("raw_ts").try_cast("double")
+    timestamp_is_number = (
+        F.lit(source.timestamp_unit != "format") & raw_number.isNotNull() & ~F.isnan(raw_number)
+    )
     invalid_id = F.lit(False)
     for name in ("user_id", "item_id"):
         invalid_id = (
@@ -260,6 +269,7 @@ def canonicalize(
         .when(invalid_id, "invalid_id")
         .when(~F.coalesce(F.col("event_type").isin(events.event_types), F.lit(False)), "unknown_event_type")
         .when(bad_value, "invalid_value")
+        .when(F.col("event_ts").isNull() & timestamp_is_number, "invalid_timestamp")
         .when(F.col("event_ts").isNull(), "unparseable_timestamp")
         .when(F.col("event_ts") < F.lit(events.min_event_time), "before_floor")
         .when(F.col("event_ts") > F.lit(ingested_at), "future_timestamp")
