@@ -15,7 +15,9 @@ file holding one of the dates those touch, and replaces exactly those dates.
 
 from __future__ import annotations
 
+import csv
 import glob
+import gzip
 import hashlib
 import json
 import shutil
@@ -26,7 +28,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from pyspark.sql import Column, DataFrame, SparkSession, Window
+from pyspark.sql import Column, DataFrame, DataFrameReader, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
@@ -72,6 +74,10 @@ class EmptyIntervalError(RecsysError):
 
 class SourceMissingError(RecsysError):
     """``source.path`` names nothing readable."""
+
+
+class SourceHeaderError(RecsysError):
+    """A CSV file's header lacks a column the mapping reads."""
 
 
 @dataclass(frozen=True)
@@ -194,18 +200,50 @@ def read_source(spark: SparkSession, source: SourceConfig, files: list[str] | No
             F.input_file_name().alias(SOURCE_FILE_COLUMN),
         )
     reader = spark.read.option("sep", source.delimiter).option("header", source.header)
-    if source.column_names:
-        names = source.column_names
-    else:
-        names = reader.csv(paths[0]).columns
+    if source.column_names or not source.header:
+        names = source.column_names or reader.csv(paths[0]).columns
+        return _read_csv(reader, paths, names).withColumn(SOURCE_FILE_COLUMN, F.input_file_name())
+    # Each file by its own header: Spark applies one schema by position to every file, so a file
+    # whose header orders the columns differently would have them swapped without a word.
+    by_header: dict[tuple[str, ...], list[str]] = {}
+    for path in files if files is not None else list(source_files(source)):
+        header = csv_header(Path(path), source.delimiter)
+        if header:  # an empty file has no rows to read either
+            by_header.setdefault(header, []).append(path)
+    if not by_header:
+        raise SourceMissingError(f"source.path {source.path} holds only empty files: check source.path")
+    needed = sorted({name for name in source.mapping.values() if name})
+    first_header, first_files = next(iter(by_header.items()))
+    for header, group in by_header.items():
+        missing = [name for name in needed if name not in header]
+        if missing:
+            raise SourceHeaderError(
+                f"source file {group[0]} has the header {list(header)}, without the column(s) {missing} "
+                f"that source.mapping reads (file {first_files[0]} has {list(first_header)}): fix that "
+                "file's header or the mapping"
+            )
+    frames = [_read_csv(reader, group, list(header)) for header, group in by_header.items()]
+    frame = frames[0]
+    for other in frames[1:]:
+        frame = frame.unionByName(other, allowMissingColumns=True)
+    return frame.withColumn(SOURCE_FILE_COLUMN, F.input_file_name())
+
+
+def _read_csv(reader: DataFrameReader, paths: list[str], names: list[str]) -> DataFrame:
     schema = T.StructType([T.StructField(name, T.StringType()) for name in [*names, CORRUPT_COLUMN]])
-    frame = (
+    return (
         reader.schema(schema)
         .option("mode", "PERMISSIVE")
         .option("columnNameOfCorruptRecord", CORRUPT_COLUMN)
         .csv(paths)
     )
-    return frame.withColumn(SOURCE_FILE_COLUMN, F.input_file_name())
+
+
+def csv_header(path: Path, delimiter: str) -> tuple[str, ...]:
+    """A CSV file's column names, from its first line (gzip-compressed files too, as Spark reads them)."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", newline="", encoding="utf-8", errors="replace") as lines:
+        return tuple(name.strip() for name in next(csv.reader(lines, delimiter=delimiter), []))
 
 
 def file_path(uri: str) -> str:
