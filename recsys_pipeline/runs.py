@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar, Literal
+from urllib.parse import quote
 
 import numpy as np
 import scipy.sparse as sp
@@ -244,8 +245,8 @@ class RunContext:
 
     @property
     def run_slug(self) -> str:
-        """The run id as one folder name."""
-        return self.run_id.replace("/", "_").replace(":", "-")
+        """The run id as one folder name, inside its parent and distinct for every distinct run id."""
+        return run_slug(self.run_id)
 
     @property
     def interval_key(self) -> str:
@@ -501,6 +502,22 @@ def read_trained_params(directory: Path, fallback: AlsConfig) -> AlsConfig:
     return fallback.with_params({name: recorded[name] for name in fallback.hyperparameters()}).model_copy(
         update={"backend": recorded.get("backend", fallback.backend)}
     )
+
+
+MAX_SLUG = 200  # bytes of a folder name: file systems allow 255
+
+
+def run_slug(run_id: str) -> str:
+    """One folder name per run id: percent-encoded (``%`` too, so no two ids share one), a name of
+    dots alone encoded as well (``.`` and ``..`` would name the folder itself or its parent), and an
+    id too long for a file name cut and suffixed with its hash (longer than any uncut name, so the
+    two kinds never meet)."""
+    slug = quote(run_id, safe="-_.+~")
+    if not slug.strip("."):
+        slug = slug.replace(".", "%2E")
+    if len(slug) > MAX_SLUG:
+        slug = f"{slug[: MAX_SLUG - 10]}~{hashlib.sha256(run_id.encode()).hexdigest()[:16]}"
+    return slug
 
 
 @contextmanager
