@@ -204,22 +204,20 @@ def reference_version(config: PipelineConfig, run_data_end: datetime) -> Any | N
     return max(candidates, key=lambda version: (data_end(version), int(version.version)), default=None)
 
 
-def reference_embeddings(config: PipelineConfig, run_data_end: datetime) -> tuple[str, Embeddings] | None:
-    """(version, vectors) of :func:`reference_version`, to compare a candidate with; None if there is
-    none."""
+def reference_bundle(config: PipelineConfig, run_data_end: datetime) -> tuple[str, Bundle] | None:
+    """(version, verified bundle) of :func:`reference_version`, to compare a candidate with; None if
+    there is none."""
     version = reference_version(config, run_data_end)
     if version is None:
         return None
-    return str(version.version), version_bundle(config, str(version.version)).embeddings()
+    return str(version.version), version_bundle(config, str(version.version))
 
 
 def reference_params(config: PipelineConfig, run_data_end: datetime) -> AlsConfig | None:
     """The ALS settings :func:`reference_version` was trained with (what a sweep starts from); None
     if there is no such version."""
-    version = reference_version(config, run_data_end)
-    if version is None:
-        return None
-    return version_bundle(config, str(version.version)).trained_params(config.als)
+    reference = reference_bundle(config, run_data_end)
+    return None if reference is None else reference[1].trained_params(config.als)
 
 
 def list_versions(config: PipelineConfig) -> list[dict[str, Any]]:

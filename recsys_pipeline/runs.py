@@ -27,14 +27,15 @@ import fcntl
 import hashlib
 import json
 import logging
+import os
 import shutil
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Protocol
 from urllib.parse import quote
 
 import numpy as np
@@ -62,6 +63,14 @@ def parse_instant(value: str | datetime) -> datetime:
     if instant.tzinfo is None:
         instant = instant.replace(tzinfo=UTC)
     return datetime.fromtimestamp(instant.timestamp(), tz=UTC)
+
+
+class IdMapMismatchError(RecsysError):
+    """A version's ID maps are not a prefix of the state's: its indices mean other ids here."""
+
+
+class IdMapped(Protocol):
+    def ids(self, side: str) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)
@@ -302,6 +311,19 @@ class RunContext:
         """The source ids of one side, positioned by dense index."""
         return read_id_map(self.id_map_dir(side))
 
+    def check_maps_extend(self, version: IdMapped, name: str) -> None:
+        """Refuse to match ``version``'s vectors to this run's rows by index unless this run's ID maps
+        extend its maps (they are append-only: an index, once given, keeps its id)."""
+        for side in SIDES:
+            older, newer = version.ids(side), self.ids(side)
+            if len(older) > len(newer) or not np.array_equal(older, newer[: len(older)]):
+                raise IdMapMismatchError(
+                    f"the {side} ID map of this run does not extend version {name}'s ({len(older)} ids, "
+                    f"this run {len(newer)}): the state's maps were lost or replaced, so its vectors "
+                    "would land on other rows. Restore the state's id_maps (the published bundles hold "
+                    "each version's maps) before running again"
+                )
+
     def matrix_shape(self) -> tuple[int, int]:
         return count_rows(self.id_map_dir("users")), count_rows(self.id_map_dir("items"))
 
@@ -534,6 +556,69 @@ def atomic_dir(target: Path) -> Iterator[Path]:
         shutil.rmtree(backup, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def publish_snapshot(pointer: Path, build: Callable[[Path], None]) -> None:
+    """Make ``pointer`` name a new immutable snapshot that ``build`` fills, with no moment at which it
+    names nothing: the snapshot is a new folder beside it, ``pointer`` a symbolic link replaced in
+    one ``rename``; the snapshot it named before is removed only after. Whatever step a crash
+    interrupts, ``pointer`` names the old snapshot or the new one, complete (a left-over new snapshot
+    is removed by the next call). A folder from before snapshots is moved into one first (the only
+    step with a window, repaired by :func:`recover_pointer`)."""
+    recover_pointer(pointer)
+    snapshots = pointer.parent / SNAPSHOTS
+    snapshots.mkdir(parents=True, exist_ok=True)
+    previous = pointer.resolve() if pointer.is_symlink() else None
+    for stale in [*snapshots.glob(f"{pointer.name}-*"), *snapshots.glob(f".{pointer.name}-*.tmp")]:
+        if stale.resolve() != previous:
+            shutil.rmtree(stale, ignore_errors=True)  # a crashed call's snapshot, never named
+    if pointer.is_dir() and not pointer.is_symlink():
+        legacy = snapshots / f"{pointer.name}-legacy"
+        pointer.rename(legacy)
+        _link(pointer, legacy)
+        previous = legacy
+    snapshot = snapshots / f"{pointer.name}-{uuid.uuid4().hex}"
+    staging = snapshots / f".{snapshot.name}.tmp"
+    build(staging)
+    _fsync_tree(staging)
+    staging.rename(snapshot)
+    _link(pointer, snapshot)
+    if previous is not None:
+        shutil.rmtree(previous, ignore_errors=True)
+
+
+def recover_pointer(pointer: Path) -> None:
+    """Repair the one window :func:`publish_snapshot` has (moving a pre-snapshot folder aside)."""
+    legacy = pointer.parent / SNAPSHOTS / f"{pointer.name}-legacy"
+    if not pointer.exists() and not pointer.is_symlink() and legacy.is_dir():
+        _link(pointer, legacy)
+
+
+def _link(pointer: Path, snapshot: Path) -> None:
+    link = pointer.with_name(f".{pointer.name}.link-{uuid.uuid4().hex[:8]}")
+    os.symlink(os.path.relpath(snapshot, pointer.parent), link)
+    os.replace(link, pointer)
+    _fsync_dir(pointer.parent)
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            with path.open("rb") as handle:
+                os.fsync(handle.fileno())
+    for folder in sorted({root, *(path.parent for path in root.rglob("*"))}):
+        _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+SNAPSHOTS = ".snapshots"
 
 
 def write_json(path: Path, payload: Any) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from recsys_pipeline.evaluate import EvaluationSet, gate
-from recsys_pipeline.registry import reference_embeddings
+from recsys_pipeline.registry import reference_bundle
 from recsys_pipeline.runs import RunContext
 
 log = logging.getLogger(__name__)
@@ -20,8 +20,11 @@ def run_evaluation(run: RunContext) -> dict[str, float]:
     judged by the content map's fit and the ``cold_start`` benchmark, and two versions' cold sets
     differ, which would make the comparison unlike for like.
     """
-    reference = reference_embeddings(run.config, run.interval_end)
-    champion = None if reference is None else reference[1]
+    reference = reference_bundle(run.config, run.interval_end)
+    champion = None
+    if reference is not None:
+        run.check_maps_extend(reference[1], reference[0])
+        champion = reference[1].embeddings()
     settings = run.config.evaluation
     holdout = run.holdout_matrix()
     evaluation = EvaluationSet.build(run.train_matrix(), holdout, settings.max_users, settings.sample_seed)

@@ -7,6 +7,7 @@ import logging
 import shutil
 from dataclasses import dataclass
 from datetime import UTC, datetime, time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +41,15 @@ from recsys_pipeline.interactions import (
     supported,
     unmapped_ids,
 )
-from recsys_pipeline.runs import SIDES, RunContext, atomic_dir, parse_instant, write_json
+from recsys_pipeline.runs import (
+    SIDES,
+    RunContext,
+    atomic_dir,
+    parse_instant,
+    publish_snapshot,
+    recover_pointer,
+    write_json,
+)
 from recsys_pipeline.stages.content import ITEMS_FILE
 from recsys_pipeline.tables import count_rows, write_empty_matrix
 
@@ -70,6 +79,8 @@ def build_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]
     history = carried_history(spark, run)
     events = read_lake(spark, run.layout.events_lake, history.as_of if history else window_start, window_end)
     map_dir = run.layout.id_maps
+    for side in SIDES:
+        recover_pointer(map_dir / side)
     existing_users = read_id_map_frame(spark, map_dir / "users")
     # Items are few enough to group every event by: that pass also sums the input fingerprint. Users
     # are many, so only those new since the last run and those active in this run's interval (a
@@ -142,10 +153,11 @@ def build_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]
     finally:
         for frame in cached:
             frame.unpersist()
-    # The shared maps advance only after this run's outputs are safely in place.
+    # The shared maps advance only after this run's outputs are safely in place, each as a snapshot
+    # swapped in whole: a crash never leaves the state without maps (the next run would number every
+    # id from 0 and the champion's vectors would land on other users and items).
     for side in SIDES:
-        with atomic_dir(map_dir / side) as staging:
-            shutil.copytree(run.id_map_dir(side), staging)
+        publish_snapshot(map_dir / side, partial(shutil.copytree, run.id_map_dir(side)))
     record_history(run, fingerprint)
 
     holdout = run.holdout_triples()

@@ -33,6 +33,7 @@ def run_refresh(run: RunContext) -> RefreshRecord:
             "the weekly DAG for this date first"
         )
     champion_bundle = version_bundle(config, str(champion.version))
+    run.check_maps_extend(champion_bundle, str(champion.version))
     champion_tags = dict(champion.tags)
     if champion_tags.get("kind") == "refresh":
         weekly_version = champion_tags["parent_version"]
