@@ -216,4 +216,7 @@ def train(
     )
     user_idx = np.flatnonzero(np.diff(user_items.indptr) > 0)
     item_idx = np.flatnonzero(user_items.getnnz(axis=0) > 0)
-    return Embeddings(user_idx, user_factors[user_idx], item_idx, item_factors[item_idx]), losses
+    prior_dims = 1 if params.popularity_weight else 0
+    return Embeddings(
+        user_idx, user_factors[user_idx], item_idx, item_factors[item_idx], prior_dims=prior_dims
+    ), losses

@@ -452,19 +452,26 @@ def with_content_vectors(
 ) -> Embeddings:
     """The item vectors served: collaborative ones, plus mapped content vectors (flagged cold) for
     items that have content but no collaborative vector. With ``hybrid_half_count`` h, an item with
-    n interactions and both vectors blends them, the content one weighing h / (h + n)."""
+    n interactions and both vectors blends them, the content one weighing h / (h + n).
+
+    ``mapped`` has the learned dimensions only: a blend keeps the item's popularity prior, a cold
+    item gets none (0: it has no popularity to speak of)."""
     warm = np.isin(content_idx, embeddings.item_idx)
     item_factors = embeddings.item_factors.copy()
+    width = mapped.shape[1]
     if hybrid_half_count is not None and warm.any():
         rows = embeddings.item_rows(content_idx[warm])
         counts = interaction_counts[content_idx[warm]].astype(np.float32)
         weight = (hybrid_half_count / (hybrid_half_count + counts))[:, None]
-        item_factors[rows] = (1 - weight) * item_factors[rows] + weight * mapped[warm]
+        item_factors[rows, :width] = (1 - weight) * item_factors[rows, :width] + weight * mapped[warm]
     cold = content_idx[~warm]
+    cold_factors = np.zeros((len(cold), item_factors.shape[1]), dtype=np.float32)
+    cold_factors[:, :width] = mapped[~warm]
     return Embeddings(
         embeddings.user_idx,
         embeddings.user_factors,
         np.concatenate([embeddings.item_idx, cold]),
-        np.concatenate([item_factors, mapped[~warm]]).astype(np.float32),
+        np.concatenate([item_factors, cold_factors]).astype(np.float32),
         cold_item_idx=np.sort(cold),
+        prior_dims=embeddings.prior_dims,
     )

@@ -94,21 +94,24 @@ def compare(
     """
     rng = np.random.default_rng(seed)
     old, new = old.warm_items(), new.warm_items()
+    # Geometry is compared on the learned dimensions (the popularity prior's are no direction),
+    # recommendations as they are served, with every dimension.
+    old_learned, new_learned = old.learned(), new.learned()
     items, item_old, item_new = _shared(old.item_idx, new.item_idx)
     if len(items) <= k:
         raise RecsysError(
             f"only {len(items)} items are shared by both versions: too few to measure drift at k={k}; "
             "lower drift.k or compare against a version with more items in common"
         )
-    old_items, new_items = old.item_factors[item_old], new.item_factors[item_new]
+    old_items, new_items = old_learned.item_factors[item_old], new_learned.item_factors[item_new]
     queries = np.sort(rng.choice(len(items), min(sample_items, len(items)), replace=False))
     jaccard = neighbour_jaccard(old_items, new_items, queries, k)
     cosine = aligned_cosine(old_items, new_items)
 
     users, user_old, user_new = _shared(old.user_idx, new.user_idx)
     picked = np.sort(rng.choice(len(users), min(sample_users, len(users)), replace=False))
-    rec_old = exact_top_k(old.user_factors[user_old[picked]], old_items, k)
-    rec_new = exact_top_k(new.user_factors[user_new[picked]], new_items, k)
+    rec_old = exact_top_k(old.user_factors[user_old[picked]], old.item_factors[item_old], k)
+    rec_new = exact_top_k(new.user_factors[user_new[picked]], new.item_factors[item_new], k)
     rec_overlap = jaccard_rows(rec_old, rec_new) if len(picked) else np.array([1.0])
 
     old_norms, new_norms = np.linalg.norm(old_items, axis=1), np.linalg.norm(new_items, axis=1)

@@ -9,7 +9,7 @@ Factor files::
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 USER_FACTORS, ITEM_FACTORS = "user_factors.parquet", "item_factors.parquet"
 COLD_ITEMS = "cold_items.parquet"
+PRIOR_DIMS = "prior_dims"  # factor files' schema metadata: trailing dimensions that are not learned
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,22 @@ class Embeddings:
     item_factors: np.ndarray
     # Items whose vector was mapped from their content (too few interactions to learn one), sorted.
     cold_item_idx: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    # Trailing dimensions that score but are not learned geometry: the popularity prior's (its weight
+    # on the user side, log popularity on the item side). Recommendations use every dimension;
+    # item-to-item similarity, drift and the embedding checks use :meth:`learned`.
+    prior_dims: int = 0
+
+    def learned(self) -> Embeddings:
+        """These embeddings without the prior's dimensions."""
+        if not self.prior_dims:
+            return self
+        width = self.item_factors.shape[1] - self.prior_dims
+        return replace(
+            self,
+            user_factors=self.user_factors[:, :width],
+            item_factors=self.item_factors[:, :width],
+            prior_dims=0,
+        )
 
     def item_rows(self, items: np.ndarray) -> np.ndarray:
         """Rows of ``item_factors`` holding the given item indices (each must have a vector)."""
@@ -43,7 +60,13 @@ class Embeddings:
     def warm_items(self) -> Embeddings:
         """These embeddings without the cold items: the vectors learned from interactions alone."""
         keep = ~np.isin(self.item_idx, self.cold_item_idx)
-        return Embeddings(self.user_idx, self.user_factors, self.item_idx[keep], self.item_factors[keep])
+        return Embeddings(
+            self.user_idx,
+            self.user_factors,
+            self.item_idx[keep],
+            self.item_factors[keep],
+            prior_dims=self.prior_dims,
+        )
 
     def dense_users(self, n_users: int) -> np.ndarray:
         """(n_users, factors) with zero rows for users without a vector."""
@@ -67,10 +90,11 @@ def presence_mask(idx: np.ndarray, size: int) -> np.ndarray:
     return mask
 
 
-def write_factors(path: Path, idx: np.ndarray, factors: np.ndarray) -> None:
+def write_factors(path: Path, idx: np.ndarray, factors: np.ndarray, prior_dims: int = 0) -> None:
     flat = pa.array(factors.astype(np.float32).ravel())
     vectors = pa.FixedSizeListArray.from_arrays(flat, factors.shape[1])
-    pq.write_table(pa.table({"idx": pa.array(idx.astype(np.int32)), "factors": vectors}), path)
+    table = pa.table({"idx": pa.array(idx.astype(np.int32)), "factors": vectors})
+    pq.write_table(table.replace_schema_metadata({PRIOR_DIMS: str(prior_dims)}), path)
 
 
 def read_factors(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -83,8 +107,12 @@ def read_factors(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def write_embeddings(directory: Path, embeddings: Embeddings) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    write_factors(directory / USER_FACTORS, embeddings.user_idx, embeddings.user_factors)
-    write_factors(directory / ITEM_FACTORS, embeddings.item_idx, embeddings.item_factors)
+    write_factors(
+        directory / USER_FACTORS, embeddings.user_idx, embeddings.user_factors, embeddings.prior_dims
+    )
+    write_factors(
+        directory / ITEM_FACTORS, embeddings.item_idx, embeddings.item_factors, embeddings.prior_dims
+    )
     if len(embeddings.cold_item_idx):
         pq.write_table(
             pa.table({"idx": pa.array(embeddings.cold_item_idx.astype(np.int32))}), directory / COLD_ITEMS
@@ -100,4 +128,6 @@ def read_embeddings(directory: Path) -> Embeddings:
         if cold.exists()
         else np.empty(0, dtype=np.int64)
     )
-    return Embeddings(user_idx, user_factors, item_idx, item_factors, cold_idx)
+    metadata = pq.read_schema(directory / ITEM_FACTORS).metadata or {}
+    prior_dims = int(metadata.get(PRIOR_DIMS.encode(), b"0"))  # files from before the prior have none
+    return Embeddings(user_idx, user_factors, item_idx, item_factors, cold_idx, prior_dims)

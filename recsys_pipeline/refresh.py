@@ -85,6 +85,7 @@ def fold_in(
         item_idx,
         item_factors,
         cold_item_idx=np.setdiff1d(parent.cold_item_idx, new_items),
+        prior_dims=1 if params.popularity_weight else 0,
     )
 
 

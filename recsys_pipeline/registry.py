@@ -14,7 +14,6 @@ from typing import Any
 from recsys_pipeline import tracking
 from recsys_pipeline.bundle import MANIFEST_TAG, MODEL_MANIFEST, Bundle, BundleIntegrityError, verify_tree
 from recsys_pipeline.config import AlsConfig, PipelineConfig
-from recsys_pipeline.embeddings import Embeddings
 from recsys_pipeline.errors import RecsysError
 from recsys_pipeline.runs import StateLayout, atomic_dir
 

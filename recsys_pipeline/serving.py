@@ -64,7 +64,9 @@ class Recommender:
         embeddings = bundle.embeddings()
         self.user_vectors = embeddings.dense_users(len(self.user_ids))
         self.has_user_vector = presence_mask(embeddings.user_idx, len(self.user_ids))
-        self.item_vectors = embeddings.dense_items(len(self.item_ids))
+        # Similar items by the learned dimensions: the popularity prior's would pull every item
+        # towards the most popular ones.
+        self.item_geometry = embeddings.learned().dense_items(len(self.item_ids))
         self.has_item_vector = presence_mask(embeddings.item_idx, len(self.item_ids))
         self.index = bundle.index()
         user_idx, item_idx = bundle.history()
@@ -121,7 +123,9 @@ class Recommender:
             raise UnknownIdError(f"unknown item id {item_id!r}: not in this version's ID map")
         if not self.has_item_vector[idx]:
             raise UnknownIdError(f"item id {item_id!r} has no vector in this version (no training data)")
-        unit = self.item_vectors / np.maximum(np.linalg.norm(self.item_vectors, axis=1, keepdims=True), 1e-12)
+        unit = self.item_geometry / np.maximum(
+            np.linalg.norm(self.item_geometry, axis=1, keepdims=True), 1e-12
+        )
         allowed = self.has_item_vector.copy()
         allowed[idx] = False
         best, cosine = dot_top_k(unit[idx][None, :], unit, min(k, int(allowed.sum())), allowed=allowed)

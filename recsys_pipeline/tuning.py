@@ -55,8 +55,8 @@ def candidates(sweep: SweepConfig, start: dict[str, float] | None = None) -> lis
     """The training hyperparameters a sweep tries, in a reproducible order (``popularity_weight`` is
     not among them: :func:`sweep` scores every trained candidate at each weight).
 
-    With ``start`` (last week's winner, say), it comes first and the rest follow nearest first
-    (steps on the grid), so a time-boxed sweep explores around what worked last time.
+    With ``start`` (last week's winner, say), the grid point nearest it comes first and the rest
+    follow by steps on the grid from it, so a time-boxed sweep explores around what worked last time.
     """
     space = sorted((name, values) for name, values in sweep.space.items() if name != PRIOR)
     grid: list[dict[str, float]] = [
@@ -71,14 +71,12 @@ def candidates(sweep: SweepConfig, start: dict[str, float] | None = None) -> lis
         grid = [grid[i] for i in rng.choice(len(grid), size=min(sweep.trials or 1, len(grid)), replace=False)]
     if start is None or not space:
         return grid
-    first: dict[str, float] = {name: start[name] for name, _ in space}
+    nearest = {name: _nearest(values, start[name]) for name, values in space}
 
     def steps(candidate: dict[str, float]) -> int:
-        return sum(
-            abs(values.index(candidate[name]) - _nearest(values, first[name])) for name, values in space
-        )
+        return sum(abs(values.index(candidate[name]) - nearest[name]) for name, values in space)
 
-    return [first] + sorted((c for c in grid if c != first), key=steps)
+    return sorted(grid, key=steps)  # stable: ties keep the grid's order
 
 
 def _nearest(values: list[float], value: float) -> int:
@@ -121,9 +119,9 @@ def sweep(
     """Train each candidate on the fitting part and score it on validation (a seeded sample of at most
     ``validation_users`` users, the same for every trial) at each popularity weight; keep the best
     ``ndcg_at_k``. The weight only adds a dimension (:func:`~recsys_pipeline.als.with_popularity_prior`),
-    so trying one costs a scoring pass, not a training. ``start`` is tried first (see
-    :func:`candidates`); with ``max_seconds``, no candidate starts that would end past it by the
-    last one's duration."""
+    so trying one costs a scoring pass, not a training. ``start`` (else ``base``, the configured
+    values) is tried first (see :func:`candidates`); with ``max_seconds``, no candidate starts that
+    would end past it by the last one's duration."""
     started = time.perf_counter()
     fit, valid = validation_split(user_items, config.validation_share, config.seed)
     evaluation = EvaluationSet.build(fit, valid, config.validation_users, config.seed)
@@ -132,7 +130,7 @@ def sweep(
     objective = f"ndcg_at_{k}"
     best: tuple[float, AlsConfig] | None = None
     trials: list[dict[str, Any]] = []
-    training = candidates(config, None if start is None else start.hyperparameters())
+    training = candidates(config, (start or base).hyperparameters())
     number, last_s, untried = 0, 0.0, 0
     for position, params in enumerate(training):
         elapsed = time.perf_counter() - started
@@ -176,4 +174,6 @@ def with_prior(embeddings: Embeddings, popularity: np.ndarray, weight: float) ->
     user_factors, item_factors = with_popularity_prior(
         embeddings.user_factors, embeddings.item_factors, popularity[embeddings.item_idx], weight
     )
-    return Embeddings(embeddings.user_idx, user_factors, embeddings.item_idx, item_factors)
+    return Embeddings(
+        embeddings.user_idx, user_factors, embeddings.item_idx, item_factors, prior_dims=1 if weight else 0
+    )

@@ -141,3 +141,14 @@ def test_the_popularity_prior_adds_weight_x_log_popularity_to_every_score(moviel
         ),
         rel=1e-5,
     )
+
+
+def test_the_prior_dimension_is_known_after_a_round_trip_and_left_out_of_the_geometry(
+    tmp_path, movielens
+) -> None:
+    embeddings, _ = train(movielens, AlsConfig(factors=8, iterations=3, popularity_weight=0.5))
+    write_embeddings(tmp_path, embeddings)
+    read = read_embeddings(tmp_path)
+    assert read.prior_dims == 1 and read.item_factors.shape[1] == 9
+    assert read.learned().item_factors.shape[1] == 8 and read.warm_items().prior_dims == 1
+    np.testing.assert_array_equal(read.learned().user_factors, embeddings.user_factors[:, :8])

@@ -73,7 +73,7 @@ def run_content(run: RunContext) -> dict[str, float]:
     learned = read_embeddings(run.model_dir)
     has_both = np.isin(content_idx, learned.item_idx)
     factor_rows = learned.item_rows(content_idx[has_both])
-    content_map = fit_content_map(vectors[has_both], learned.item_factors[factor_rows], config.map)
+    content_map = fit_content_map(vectors[has_both], learned.learned().item_factors[factor_rows], config.map)
     check_map_fit(content_map, config.map.min_r2)
     mapped = content_map.apply(vectors)
     counts = np.bincount(run.train_triples().item_idx, minlength=len(catalogue))

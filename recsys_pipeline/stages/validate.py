@@ -128,14 +128,14 @@ def run_validation(run: RunContext) -> dict[str, float]:
             interaction_profile_suite(config),
         ),
         "item_embeddings": (
-            embedding_profile(learned.item_idx, learned.item_factors),
+            embedding_profile(learned.item_idx, learned.learned().item_factors),
             embeddings_suite(config, n_items, len(learned.item_idx)),
         ),
     }
     cold = ~np.isin(embeddings.item_idx, learned.item_idx)
     if cold.any():
         frames["cold_item_embeddings"] = (
-            embedding_profile(embeddings.item_idx[cold], embeddings.item_factors[cold]),
+            embedding_profile(embeddings.item_idx[cold], embeddings.learned().item_factors[cold]),
             cold_embeddings_suite(n_items, int(cold.sum())),
         )
     recorded = run.read_metrics()
