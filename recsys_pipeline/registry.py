@@ -84,18 +84,38 @@ def wait_until_ready(config: PipelineConfig, version: str, timeout_s: float = 30
         time.sleep(1)
 
 
-def promote(config: PipelineConfig, version: str, reason: str) -> None:
+class ChampionMovedError(RecsysError):
+    """The champion is no longer the version a run was judged against or derived from."""
+
+
+ANY_CHAMPION = "any"  # what a person's `recsys promote` replaces: whatever is champion
+
+
+def promote(
+    config: PipelineConfig, version: str, reason: str, judged_against: str | None = ANY_CHAMPION
+) -> None:
     """Point ``champion`` at ``version``; the version it replaces keeps ``previous``.
 
-    The two alias moves happen under the state lock, so two promotions cannot interleave them.
+    A compare-and-set under the alias lock: with ``judged_against`` (the version the run was
+    evaluated against or folded into, None for none), the alias moves only if the champion is still
+    that version, or a nightly derived from it with data ending no later than ``version``'s (a
+    weekly retrained on the same days replaces its own week's fold-in, whichever finished first).
     """
     bound = tracking.client(config)
     name = config.mlflow.model_name
     wait_until_ready(config, version)
-    with StateLayout(config.state_home).lock():
+    candidate = bound.get_model_version(name, version)
+    with StateLayout(config.state_home).lock(name="aliases"):
         current = alias_version(config, CHAMPION)
         if current is not None and str(current.version) == str(version):
             return
+        if judged_against != ANY_CHAMPION and not replaces(current, judged_against, candidate):
+            raise ChampionMovedError(
+                f"version {version} was judged against "
+                f"{'no champion' if judged_against is None else f'version {judged_against}'}, but the "
+                f"champion is now version {current.version if current is not None else 'none'}: not "
+                "promoted (the next run is judged against the new champion)"
+            )
         if current is not None:
             bound.set_registered_model_alias(name, PREVIOUS, current.version)
         bound.set_registered_model_alias(name, CHAMPION, version)
@@ -103,12 +123,33 @@ def promote(config: PipelineConfig, version: str, reason: str) -> None:
     log.info("%s@%s -> version %s (%s)", name, CHAMPION, version, reason)
 
 
+def replaces(current: Any | None, judged_against: str | None, candidate: Any) -> bool:
+    """Whether ``candidate``, judged against ``judged_against``, may replace ``current``."""
+    if current is None or judged_against is None:
+        return current is None and judged_against is None
+    if str(current.version) == judged_against:
+        return True
+    return (
+        current.tags.get("kind") == "refresh"
+        and current.tags.get("derived_from_version", current.tags.get("parent_version")) == judged_against
+        and candidate.tags.get("kind") != "refresh"
+        and data_end(current) <= data_end(candidate)
+    )
+
+
 def rollback(config: PipelineConfig, reason: str) -> str:
     """Make the ``previous`` version champion again (the replaced champion becomes ``previous``)."""
-    previous = alias_version(config, PREVIOUS)
+    with StateLayout(config.state_home).lock(name="aliases"):
+        previous = alias_version(config, PREVIOUS)
     if previous is None:
         raise NothingPublishedError(f"no version of {config.mlflow.model_name} has the alias '{PREVIOUS}'")
-    promote(config, str(previous.version), reason=f"rollback: {reason}")
+    current = alias_version(config, CHAMPION)
+    promote(
+        config,
+        str(previous.version),
+        reason=f"rollback: {reason}",
+        judged_against=None if current is None else str(current.version),
+    )
     return str(previous.version)
 
 

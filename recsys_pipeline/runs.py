@@ -127,15 +127,17 @@ class StateLayout:
         return self.home / "runs" / "last_failure.json"
 
     @contextmanager
-    def lock(self, shared: bool = False) -> Iterator[None]:
-        """Hold the state lock: exclusive to write what all runs share (lake partitions, ID maps,
-        aliases), shared to read it. Another process holding it makes this one wait, not fail.
+    def lock(self, shared: bool = False, name: Literal["state", "aliases"] = "state") -> Iterator[None]:
+        """Hold a state lock: ``state`` exclusive to write what all runs share (lake partitions, ID
+        maps), shared to read it; ``aliases`` (held for milliseconds, only around alias moves) so a
+        promotion or a rollback never waits behind a Spark job. Another process holding it makes
+        this one wait, not fail.
 
         ``flock`` covers every process on this machine (Airflow tasks, ``spark-submit`` drivers,
         ``dags test``, the CLI); a state folder shared between machines needs a filesystem whose
         locks reach all of them.
         """
-        path = self.home / "locks" / "state.lock"
+        path = self.home / "locks" / f"{name}.lock"
         path.parent.mkdir(parents=True, exist_ok=True)
         mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
         with path.open("a+") as handle:

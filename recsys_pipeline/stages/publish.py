@@ -245,5 +245,19 @@ def run_promotion(run: RunContext, version: str) -> str:
             f"(version {champion.version}): recorded as would_promote, champion left as it was; "
             f"`recsys promote --version {version}` makes it champion"
         )
-    promote(run.config, version, reason=f"gates passed in {run.dag_id} {run.interval_key}")
+    promote(
+        run.config,
+        version,
+        reason=f"gates passed in {run.dag_id} {run.interval_key}",
+        judged_against=judged_against(run),
+    )
     return version
+
+
+def judged_against(run: RunContext) -> str | None:
+    """The version a run was compared with (a weekly) or folded into (a nightly); None for none."""
+    record = run.refresh_record()
+    if record is not None:
+        return record.derived_from_version
+    reference = run.read_metrics().get("reference_version")
+    return None if reference is None else str(int(reference))

@@ -1,0 +1,83 @@
+"""Promotion is a compare-and-set: the default schedule cannot promote the wrong model (issue #31, 6).
+
+The race: the nightly for the day ending Monday 00:00 starts while last week's weekly is champion and
+folds into it; this week's weekly, judged against the same champion, ends on the same instant.
+Whichever finishes first, this week's weekly is champion at the end.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from recsys_pipeline import registry, tracking
+
+
+def register(config, tmp_path, name: str, tags: dict[str, str]) -> str:
+    """A model version with the tags a run gives it (its files do not matter to promotion)."""
+    client = tracking.client(config)
+    model = config.mlflow.model_name
+    if not client.search_registered_models(f"name = '{model}'"):
+        client.create_registered_model(model)
+    source = tmp_path / name
+    source.mkdir()
+    (source / "MLmodel").write_text("flavors: {}\n")
+    return str(client.create_model_version(model, str(source), tags=tags).version)
+
+
+@pytest.fixture
+def week(make_config, tmp_path):
+    config = make_config()
+    last_week = register(
+        config, tmp_path, "w1", {"kind": "full", "data_interval_end": "1998-04-16T00:00:00+00:00"}
+    )
+    registry.promote(config, last_week, "first weekly", judged_against=None)
+    nightly = register(
+        config,
+        tmp_path,
+        "n",
+        {
+            "kind": "refresh",
+            "data_interval_end": "1998-04-23T00:00:00+00:00",
+            "parent_version": last_week,
+            "derived_from_version": last_week,
+        },
+    )
+    weekly = register(
+        config, tmp_path, "w2", {"kind": "full", "data_interval_end": "1998-04-23T00:00:00+00:00"}
+    )
+    return config, last_week, nightly, weekly
+
+
+def champion(config) -> str:
+    return str(registry.alias_version(config, registry.CHAMPION).version)
+
+
+def test_the_nightly_finishing_after_the_weekly_does_not_replace_it(week) -> None:
+    config, last_week, nightly, weekly = week
+    registry.promote(config, weekly, "weekly gates passed", judged_against=last_week)
+    with pytest.raises(registry.ChampionMovedError, match=f"judged against version {last_week}"):
+        registry.promote(config, nightly, "nightly gates passed", judged_against=last_week)
+    assert champion(config) == weekly
+
+
+def test_the_weekly_finishing_after_the_nightly_replaces_its_own_weeks_fold_in(week) -> None:
+    config, last_week, nightly, weekly = week
+    registry.promote(config, nightly, "nightly gates passed", judged_against=last_week)
+    registry.promote(config, weekly, "weekly gates passed", judged_against=last_week)
+    assert champion(config) == weekly
+
+
+def test_a_run_judged_against_a_champion_since_replaced_is_not_promoted(week, tmp_path) -> None:
+    config, last_week, _, weekly = week
+    registry.promote(config, weekly, "weekly gates passed", judged_against=last_week)
+    late = register(
+        config, tmp_path, "late", {"kind": "full", "data_interval_end": "1998-04-23T00:00:00+00:00"}
+    )
+    with pytest.raises(registry.ChampionMovedError):
+        registry.promote(config, late, "a re-run judged against last week", judged_against=last_week)
+    with pytest.raises(registry.ChampionMovedError, match="judged against no champion"):
+        registry.promote(config, late, "a first run", judged_against=None)
+    # A person's promote replaces whatever is champion; a rollback goes back under the same lock.
+    registry.promote(config, late, "by hand")
+    assert champion(config) == late
+    assert registry.rollback(config, "bad numbers") == weekly and champion(config) == weekly
