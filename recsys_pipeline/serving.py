@@ -40,8 +40,9 @@ def checked_k(value: Any) -> int:
         return DEFAULT_K
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise BadRequestError(f"k must be a whole number from 1 to {MAX_K}, got {value!r}")
-    if not float(value).is_integer() or not 1 <= value <= MAX_K:
-        raise BadRequestError(f"k must be a whole number from 1 to {MAX_K}, got {value!r}")
+    # Range first: float() of a 400-digit integer overflows.
+    if not 1 <= value <= MAX_K or not float(value).is_integer():
+        raise BadRequestError(f"k must be a whole number from 1 to {MAX_K}, got {str(value)[:20]!r}")
     return int(value)
 
 
@@ -64,9 +65,10 @@ class Recommender:
         embeddings = bundle.embeddings()
         self.user_vectors = embeddings.dense_users(len(self.user_ids))
         self.has_user_vector = presence_mask(embeddings.user_idx, len(self.user_ids))
-        # Similar items by the learned dimensions: the popularity prior's would pull every item
-        # towards the most popular ones.
-        self.item_geometry = embeddings.learned().dense_items(len(self.item_ids))
+        # Similar items by the learned dimensions (the popularity prior's would pull every item
+        # towards the most popular ones), normalised once per loaded version, not per request.
+        geometry = embeddings.learned().dense_items(len(self.item_ids))
+        self.item_directions = geometry / np.maximum(np.linalg.norm(geometry, axis=1, keepdims=True), 1e-12)
         self.has_item_vector = presence_mask(embeddings.item_idx, len(self.item_ids))
         self.index = bundle.index()
         user_idx, item_idx = bundle.history()
@@ -76,6 +78,7 @@ class Recommender:
         )
         self.popularity = bundle.popularity()
         self.popular = popular_items(self.popularity)
+        self.popular_scores = self.popularity[self.popular].astype(np.float32)
 
     @classmethod
     def from_path(cls, path: Path) -> Recommender:
@@ -101,7 +104,8 @@ class Recommender:
             raise UnknownIdError(f"unknown user id {user_id!r}: not in this version's ID map")
         seen = self.history[idx].indices if idx is not None else np.empty(0, dtype=np.int64)
         if idx is None or not self.has_user_vector[idx]:
-            ranked, ranked_scores = self.popular, self.popularity[self.popular].astype(np.float32)
+            # Only the head can be needed: k items plus what the user has seen.
+            ranked, ranked_scores = self.popular[: k + len(seen)], self.popular_scores[: k + len(seen)]
         else:
             found, found_scores = self.index.search(self.user_vectors[idx][None, :], k + len(seen))
             ranked, ranked_scores = found[0], found_scores[0]
@@ -123,12 +127,14 @@ class Recommender:
             raise UnknownIdError(f"unknown item id {item_id!r}: not in this version's ID map")
         if not self.has_item_vector[idx]:
             raise UnknownIdError(f"item id {item_id!r} has no vector in this version (no training data)")
-        unit = self.item_geometry / np.maximum(
-            np.linalg.norm(self.item_geometry, axis=1, keepdims=True), 1e-12
-        )
         allowed = self.has_item_vector.copy()
         allowed[idx] = False
-        best, cosine = dot_top_k(unit[idx][None, :], unit, min(k, int(allowed.sum())), allowed=allowed)
+        best, cosine = dot_top_k(
+            self.item_directions[idx][None, :],
+            self.item_directions,
+            min(k, int(allowed.sum())),
+            allowed=allowed,
+        )
         return pd.DataFrame(
             {
                 "query_item_id": str(item_id),

@@ -29,7 +29,7 @@ def recommender_and_model(own_weekly_run) -> tuple[Recommender, RecsysPyfunc]:
     return Recommender.from_path(bundle), model
 
 
-@pytest.mark.parametrize("k", [-1, 0, MAX_K + 1, 2.5, "3"])
+@pytest.mark.parametrize("k", [-1, 0, MAX_K + 1, 2.5, "3", 10**400, float("inf")])
 def test_k_outside_one_to_the_maximum_is_refused(recommender_and_model, k) -> None:
     recommender, _ = recommender_and_model
     user = recommender.user_ids[0]
