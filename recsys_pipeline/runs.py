@@ -626,8 +626,12 @@ SNAPSHOTS = ".snapshots"
 def write_json(path: Path, payload: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    staging.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
+    with staging.open("w") as handle:
+        handle.write(json.dumps(payload, indent=2, sort_keys=True, default=str))
+        handle.flush()
+        os.fsync(handle.fileno())  # on disk before it replaces the old file: a crash keeps one whole
     staging.replace(path)
+    _fsync_dir(path.parent)
 
 
 def file_sha256(path: Path) -> str:

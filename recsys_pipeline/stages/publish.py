@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,6 @@ from recsys_pipeline.bundle import (
     tree_manifest,
     write_bundle,
 )
-from recsys_pipeline.config import PROJECT_ROOT
 from recsys_pipeline.errors import StageSkipped
 from recsys_pipeline.registry import (
     CHAMPION,
@@ -59,14 +58,12 @@ SERVING_REQUIREMENTS = (
 
 
 def code_version() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        from importlib.metadata import version
-
-        return version("recsys-pipeline")
+    """sha256 of the package's source files as they run: uncommitted changes make another version
+    (a git commit would not), and no git is needed where the package is installed."""
+    digest = hashlib.sha256()
+    for path in sorted(PACKAGE.rglob("*.py")):
+        digest.update(path.relative_to(PACKAGE).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
 
 
 def run_tags(run: RunContext) -> dict[str, str]:

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from recsys_pipeline import registry
+from recsys_pipeline.stages import publish
 from recsys_pipeline.stages.publish import run_promotion, run_publish
 from tests.conftest import another_run_of, free_port, run_recsys
 
@@ -62,3 +64,13 @@ def test_the_cli_says_the_registry_is_unreachable_in_one_line(tmp_path: Path) ->
     assert result.returncode == 1
     assert result.stderr.startswith("recsys: the model registry at http://127.0.0.1:")
     assert "Traceback" not in result.stderr and "nothing" not in result.stderr.lower()
+
+
+def test_an_uncommitted_change_to_the_code_is_another_code_version(tmp_path, monkeypatch) -> None:
+    copy = tmp_path / "recsys_pipeline"
+    shutil.copytree(publish.PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(publish, "PACKAGE", copy)
+    before = publish.code_version()
+    assert before == publish.code_version()
+    (copy / "ranking.py").write_text((copy / "ranking.py").read_text() + "\n# changed\n")
+    assert publish.code_version() != before
