@@ -18,6 +18,7 @@ Nothing here opens a network connection: models load from disk or not at all.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import math
 import os
@@ -55,6 +56,11 @@ class MetadataRead:
     metrics: dict[str, float]
 
 
+def _csv_header(path: Path, delimiter: str, encoding: str) -> list[str]:
+    with path.open(newline="", encoding=encoding, errors="replace") as lines:
+        return next(csv.reader(lines, delimiter=delimiter), [])
+
+
 def read_metadata(source: ContentSourceConfig) -> MetadataRead:
     """Read item metadata; quarantine rows that cannot be parsed, lack an id, repeat an id or carry a
     numeric column that is not a number. Every row read is counted in ``metrics``."""
@@ -71,6 +77,9 @@ def read_metadata(source: ContentSourceConfig) -> MetadataRead:
             return "skip"
 
         try:
+            # Every column read as text, the header's too: inferred types would make id "007" the
+            # number 7, another item than the "007" the events name.
+            names = source.column_names or _csv_header(source.path, source.delimiter, source.encoding)
             table = pacsv.read_csv(
                 source.path,
                 read_options=pacsv.ReadOptions(
@@ -80,7 +89,7 @@ def read_metadata(source: ContentSourceConfig) -> MetadataRead:
                 ),
                 parse_options=pacsv.ParseOptions(delimiter=source.delimiter, invalid_row_handler=keep_aside),
                 convert_options=pacsv.ConvertOptions(
-                    column_types={name: pa.string() for name in source.column_names or []},
+                    column_types={name: pa.string() for name in names},
                     strings_can_be_null=False,
                     auto_dict_encode=False,
                 ),

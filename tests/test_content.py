@@ -85,7 +85,7 @@ def test_precomputed_vectors_must_cover_the_metadata(tmp_path) -> None:
 def test_metadata_rows_without_an_id_repeating_one_or_with_a_bad_number_are_quarantined(tmp_path) -> None:
     path = tmp_path / "items.csv"
     path.write_text(
-        "id,title,year\n1,Alpha,1990\n,No id,1991\n1,Alpha again,1992\n2,Beta,soon\n3,Gamma,\n4,a,b,c\n"
+        "id,title,year\n1,Alpha,1990\n,No id,1991\n1,Alpha again,1992\n2,Beta,soon\n3,Gamma,\n4,a,b,c\n007,Bond,\n"
     )
     config = load_config(
         overrides={
@@ -99,11 +99,11 @@ def test_metadata_rows_without_an_id_repeating_one_or_with_a_bad_number_are_quar
     ).content
     assert config.source is not None
     read = read_metadata(config.source)
-    assert read.items.column("item_id").to_pylist() == ["1", "3"]
+    assert read.items.column("item_id").to_pylist() == ["1", "3", "007"]  # ids stay text
     reasons = sorted(read.quarantine.column("reason").to_pylist())
     assert reasons == ["duplicate_item_id", "invalid_numeric", "missing_item_id", "unparseable_record"]
     assert (
-        read.metrics["items_read"] == 6 == read.metrics["items_ingested"] + read.metrics["items_quarantined"]
+        read.metrics["items_read"] == 7 == read.metrics["items_ingested"] + read.metrics["items_quarantined"]
     )
 
 
