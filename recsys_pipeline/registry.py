@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -183,30 +182,33 @@ def verified_model(config: PipelineConfig, version: str) -> Path:
             f"{name} version {version} was published without a manifest (an older format): republish it"
         )
     cache = StateLayout(config.state_home).model_cache / name / version
-    for attempt in (1, 2):
-        if not (cache / MODEL_MANIFEST).is_file():
-            _download(config, version, registered.run_id, cache)
+    if (cache / MODEL_MANIFEST).is_file():
         try:
             verify_tree(cache / "model", cache / MODEL_MANIFEST, expected)
             return cache / "model"
         except BundleIntegrityError as error:
-            if attempt == 2:
-                raise BundleIntegrityError(
-                    f"{name} version {version} fails verification after a fresh download ({error}): "
-                    "the stored model differs from what was published; refusing to load it"
-                ) from error
             log.warning(
                 "cached %s version %s failed verification (%s): downloading again", name, version, error
             )
-            shutil.rmtree(cache, ignore_errors=True)
-    raise AssertionError("unreachable")
+    # Downloaded and verified beside the cache, which it replaces only once verified: no reader ever
+    # sees an unverified copy at the cache's path, and a failed download removes nothing in use.
+    with atomic_dir(cache) as staging:
+        _download(config, version, registered.run_id, staging)
+        try:
+            verify_tree(staging / "model", staging / MODEL_MANIFEST, expected)
+        except BundleIntegrityError as error:
+            raise BundleIntegrityError(
+                f"{name} version {version} fails verification after a fresh download ({error}): "
+                "the stored model differs from what was published; refusing to load it"
+            ) from error
+    return cache / "model"
 
 
-def _download(config: PipelineConfig, version: str, run_id: str, cache: Path) -> None:
+def _download(config: PipelineConfig, version: str, run_id: str, staging: Path) -> None:
     import mlflow
 
     name = config.mlflow.model_name
-    with tracking.fluent(config) as bound, atomic_dir(cache) as staging:
+    with tracking.fluent(config) as bound:
         staging.mkdir(parents=True)
         mlflow.artifacts.download_artifacts(
             artifact_uri=f"models:/{name}/{version}", dst_path=str(staging / "model")
