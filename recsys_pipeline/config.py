@@ -287,7 +287,7 @@ class ValidationConfig(_Section):
     )
     min_rec_coverage: float = Field(default=0.01, ge=0, le=1)
     max_rec_popular_share: float = Field(
-        default=0.9, ge=0, le=1, description="Slots going to the top 1% items."
+        default=0.9, ge=0, le=1, description="Slots each user's most-popular list (unseen items) fills too."
     )
     row_count_band: float = Field(
         default=0.5, ge=0, description="Window events may differ from the champion run's count by this share."

@@ -85,7 +85,8 @@ def test_precomputed_vectors_must_cover_the_metadata(tmp_path) -> None:
 def test_metadata_rows_without_an_id_repeating_one_or_with_a_bad_number_are_quarantined(tmp_path) -> None:
     path = tmp_path / "items.csv"
     path.write_text(
-        "id,title,year\n1,Alpha,1990\n,No id,1991\n1,Alpha again,1992\n2,Beta,soon\n3,Gamma,\n4,a,b,c\n007,Bond,\n"
+        "id,title,year\n1,Alpha,1990\n,No id,1991\n1,Alpha again,1992\n2,Beta,soon\n3,Gamma,\n4,a,b,c\n"
+        "007,Bond,\n"
     )
     config = load_config(
         overrides={

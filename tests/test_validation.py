@@ -175,30 +175,47 @@ def test_interaction_profile_flags_one_item_dominating(tmp_path, make_config) ->
     assert [(f.column, f.observed) for f in failures] == [("top_item_share", [0.9])]
 
 
-def test_recommendation_summary_flags_unserved_users_and_popularity_bias(tmp_path, make_config) -> None:
-    from recsys_pipeline.validation import recommendations_summary, recommendations_summary_suite
+def test_recommendation_summary_flags_unserved_users_and_lists_that_repeat_the_popular_one(
+    tmp_path, make_config
+) -> None:
+    import scipy.sparse as sp
+
+    from recsys_pipeline.validation import (
+        popular_list_share,
+        recommendations_summary,
+        recommendations_summary_suite,
+    )
 
     config = make_config()
-    popularity = pd.Series({f"i{n}": 1000 - n for n in range(200)})
-    diverse = pd.DataFrame(
-        {"user_id": ["a"] * 10, "rank": range(1, 11), "item_id": [f"i{n}" for n in range(10, 20)]}
+    items = np.array([f"i{n}" for n in range(200)])
+    popularity = 1000 - np.arange(200)  # i0 the most popular
+    seen = sp.csr_matrix(([1.0, 1.0], ([0, 0], [0, 1])), shape=(2, 200))  # user a saw i0 and i1
+    users = np.array(["a", "b"])
+    # Personal lists drawn among the popular items (as the best lists are on a power-law log).
+    personal = pd.DataFrame(
+        {
+            "user_id": ["a"] * 5 + ["b"] * 5,
+            "rank": [1, 2, 3, 4, 5] * 2,
+            "item_id": [f"i{n}" for n in (2, 9, 12, 15, 3, 0, 8, 11, 14, 17)],
+        }
     )
-    metrics = {"batch_users_served": 1.0, "batch_active_users": 1.0, "batch_coverage": 0.05}
-    assert (
-        run(
-            tmp_path / "ok",
-            "recs",
-            recommendations_summary(diverse, metrics, popularity),
-            recommendations_summary_suite(config),
-        )
-        == []
+    share = popular_list_share(personal, users, items, popularity, seen)
+    assert share == pytest.approx(3 / 10)  # a: i2, i3 of its i2..i6; b: i0 of its i0..i4
+    metrics = {"batch_users_served": 2.0, "batch_active_users": 2.0, "batch_coverage": 0.05}
+    ok = run(
+        tmp_path / "ok",
+        "recs",
+        recommendations_summary(personal, metrics, share),
+        recommendations_summary_suite(config),
     )
-    biased = diverse.assign(item_id=["i0", "i1"] * 5)
-    partial = {**metrics, "batch_users_served": 0.0}
+    assert ok == []
+    # The popularity ranking itself, minus what each user saw.
+    repeated = personal.assign(item_id=[f"i{n}" for n in (2, 3, 4, 5, 6, 0, 1, 2, 3, 4)])
+    assert popular_list_share(repeated, users, items, popularity, seen) == 1.0
     failures = run(
         tmp_path / "bad",
         "recs",
-        recommendations_summary(biased, partial, popularity),
+        recommendations_summary(repeated, {**metrics, "batch_users_served": 0.0}, 1.0),
         recommendations_summary_suite(config),
     )
     assert {f.column for f in failures} == {"active_users_served", "popular_share"}

@@ -29,6 +29,7 @@ from recsys_pipeline.validation import (
     interaction_profile_suite,
     interactions_suite,
     item_drift_suite,
+    popular_list_share,
     recommendations_suite,
     recommendations_summary,
     recommendations_summary_suite,
@@ -152,10 +153,17 @@ def run_validation(run: RunContext) -> dict[str, float]:
             head.to_pandas() if head is not None else recommendations.schema_arrow.empty_table().to_pandas(),
             recommendations_suite(config),
         )
-        counts = np.bincount(train.item_idx, minlength=n_items)
-        popularity = pd.Series(counts[counts > 0], index=run.ids("items")[counts > 0])
+        # What the lists exclude (as batch_recommend does): the training and held-out items.
+        seen = (train.to_csr(n_users, n_items) + run.holdout_matrix()).tocsr()
+        popular_share = popular_list_share(
+            frames["recommendations"][0],
+            run.ids("users"),
+            run.ids("items"),
+            np.bincount(train.item_idx, minlength=n_items),
+            seen,
+        )
         frames["recommendations_summary"] = (
-            recommendations_summary(frames["recommendations"][0], run.read_metrics(), popularity),
+            recommendations_summary(frames["recommendations"][0], run.read_metrics(), popular_share),
             recommendations_summary_suite(config),
         )
     report = drift_against_champion(run, embeddings)
