@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import shutil
+import string
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -36,7 +37,6 @@ from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol
-from urllib.parse import quote
 
 import numpy as np
 import scipy.sparse as sp
@@ -532,16 +532,20 @@ MAX_SLUG = 200  # bytes of a folder name: file systems allow 255
 
 
 def run_slug(run_id: str) -> str:
-    """One folder name per run id: percent-encoded (``%`` too, so no two ids share one), a name of
-    dots alone encoded as well (``.`` and ``..`` would name the folder itself or its parent), and an
-    id too long for a file name cut and suffixed with its hash (longer than any uncut name, so the
-    two kinds never meet)."""
-    slug = quote(run_id, safe="-_.+~")
+    """One folder name per run id: every byte outside ``A-Za-z0-9._+-`` as ``~XX`` (``~`` too, so no
+    two ids share one; not ``%``, which MLflow and Hadoop decode in paths), a name of dots alone
+    escaped as well (``.`` and ``..`` would name the folder itself or its parent), and an id too
+    long for a file name cut and suffixed with its hash (longer than any uncut name, so the two kinds
+    never meet)."""
+    slug = "".join(chr(byte) if chr(byte) in SLUG_SAFE else f"~{byte:02X}" for byte in run_id.encode())
     if not slug.strip("."):
-        slug = slug.replace(".", "%2E")
+        slug = slug.replace(".", "~2E")
     if len(slug) > MAX_SLUG:
         slug = f"{slug[: MAX_SLUG - 10]}~{hashlib.sha256(run_id.encode()).hexdigest()[:16]}"
     return slug
+
+
+SLUG_SAFE = frozenset(string.ascii_letters + string.digits + "._+-")
 
 
 @contextmanager

@@ -8,7 +8,19 @@ import re
 from recsys_pipeline.runs import RunContext, run_slug
 
 # Airflow's run_id pattern: letters, digits and these (``.`` alone or ``..`` included).
-IDS = ["..", ".", "...", "a:b", "a-b", "a_b", "a/b", "a%3Ab", "manual__2026-01-01T00:00:00+00:00", "x" * 250]
+IDS = [
+    "..",
+    ".",
+    "...",
+    "a:b",
+    "a-b",
+    "a_b",
+    "a/b",
+    "a~3Ab",
+    "a%3Ab",
+    "manual__2026-01-01T00:00:00+00:00",
+    "x" * 250,
+]
 
 
 def test_every_run_id_gets_its_own_folder_name_inside_its_parent() -> None:
@@ -29,4 +41,4 @@ def test_a_dot_dot_run_id_cannot_reach_every_runs_quarantine(make_config) -> Non
         and run.quarantine_dir.resolve() != window.resolve()
     )
     assert run.run_dir.resolve().parent == run.window_dir.resolve()
-    assert re.fullmatch(r"[%0-9A-Za-z._+~-]+", run.run_slug)
+    assert re.fullmatch(r"[0-9A-Za-z._+~-]+", run.run_slug)
