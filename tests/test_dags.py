@@ -119,14 +119,14 @@ def test_the_trigger_form_has_typed_params_that_default_to_the_config(dagbag, da
 
 
 def test_trigger_params_become_overrides_and_config_overrides_win() -> None:
-    from recsys_pipeline.config import run_overrides, trigger_defaults
+    from recsys_pipeline.config import DEFAULT_SWEEP_SPACE, run_overrides, trigger_defaults
 
     config = load_config()
     assert run_overrides({**trigger_defaults(config), "config_overrides": {}}, config) == {}
     asked = {
         **trigger_defaults(config),
         "als_factors": 16,
-        "sweep": True,
+        "sweep": False,
         "full_reingest": True,
         "dry_run": True,
         "config_overrides": {"als.factors": 24, "drift.k": 5},
@@ -134,8 +134,10 @@ def test_trigger_params_become_overrides_and_config_overrides_win() -> None:
     overrides = run_overrides(asked, config)
     assert overrides["als.factors"] == 24 and overrides["drift.k"] == 5
     assert overrides["events.incremental"] is False and overrides["mlflow.promote"] is False
-    swept = load_config(overrides=overrides)
-    assert swept.als.sweep is not None and swept.als.sweep.space["factors"] == [32, 64, 128]
+    assert load_config(overrides=overrides).als.sweep is None  # the default sweep turned off
+    unswept = load_config(overrides={"als.sweep": None})
+    swept = load_config(overrides=run_overrides({**trigger_defaults(unswept), "sweep": True}, unswept))
+    assert swept.als.sweep is not None and swept.als.sweep.space == DEFAULT_SWEEP_SPACE
 
 
 @pytest.mark.parametrize("dag_id", ["recsys_weekly", "recsys_nightly"])

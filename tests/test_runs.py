@@ -18,7 +18,7 @@ def test_instants_become_plain_utc_datetimes() -> None:
 
 def test_run_paths_derive_from_the_interval_and_the_run_id(make_config) -> None:
     run = RunContext.create(make_config(), "recsys_weekly", "1998-04-16", "1998-04-23", "scheduled__1998:04")
-    assert run.run_dir.name == "scheduled__1998-04"
+    assert run.run_dir.name == "scheduled__1998~3A04"
     assert run.run_dir.parent.name == "1998-04-16T0000_1998-04-23T0000"
     assert run.run_dir.parent.parent.name == "recsys_weekly"
     other = RunContext.create(run.config, "recsys_weekly", "1998-04-16", "1998-04-23", "manual__again")
