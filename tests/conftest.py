@@ -80,6 +80,29 @@ def movielens() -> Any:
 ConfigFactory = Callable[..., PipelineConfig]
 
 
+CSV_EVENTS_MAPPING = {
+    "user_id": "user",
+    "item_id": "item",
+    "event_type": "type",
+    "value": "value",
+    "timestamp": "ts",
+}
+
+
+def csv_events_source(name: str, path: Path) -> dict[str, Any]:
+    """Config overrides for a comma-separated event log (or folder of them) with the header
+    ``user,item,type,value,ts``."""
+    return {
+        "source.name": name,
+        "source.path": str(path),
+        "source.delimiter": ",",
+        "source.header": True,
+        "source.column_names": None,
+        "source.mapping": CSV_EVENTS_MAPPING,
+        "source.default_event_type": None,
+    }
+
+
 @pytest.fixture
 def make_config(tmp_path: Path) -> ConfigFactory:
     """The project config with its state under tmp_path and any dotted overrides applied."""

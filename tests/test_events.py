@@ -14,23 +14,9 @@ from recsys_pipeline.events import (
 )
 from recsys_pipeline.runs import RunContext
 from recsys_pipeline.stages.ingest import run_ingest
-from tests.conftest import FIXTURES
+from tests.conftest import FIXTURES, csv_events_source
 
-BAD_SOURCE = {
-    "source.name": "fixture",
-    "source.path": str(FIXTURES / "events_bad_records.csv"),
-    "source.delimiter": ",",
-    "source.header": True,
-    "source.column_names": None,
-    "source.mapping": {
-        "user_id": "user",
-        "item_id": "item",
-        "event_type": "type",
-        "value": "value",
-        "timestamp": "ts",
-    },
-    "source.default_event_type": None,
-}
+BAD_SOURCE = csv_events_source("fixture", FIXTURES / "events_bad_records.csv")
 WINDOW = (datetime(1997, 1, 1, tzinfo=UTC), datetime(2000, 1, 1, tzinfo=UTC))
 EXPECTED_REASONS = {
     "unparseable_record": 1,

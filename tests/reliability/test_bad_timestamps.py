@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from recsys_pipeline.events import ingest, read_source
+from tests.conftest import csv_events_source
 
 ROWS = [
     "u1,i1,view,1,880000000",
@@ -23,24 +24,7 @@ def test_timestamps_that_are_no_time_are_quarantined_and_every_row_is_accounted_
 ) -> None:
     source = tmp_path / "events.csv"
     source.write_text("user,item,type,value,ts\n" + "\n".join(ROWS) + "\n")
-    config = make_config(
-        **{
-            "source.name": "overflow",
-            "source.path": str(source),
-            "source.delimiter": ",",
-            "source.header": True,
-            "source.column_names": None,
-            "source.mapping": {
-                "user_id": "user",
-                "item_id": "item",
-                "event_type": "type",
-                "value": "value",
-                "timestamp": "ts",
-            },
-            "source.default_event_type": None,
-            "events.max_quarantine_share": 1.0,
-        }
-    )
+    config = make_config(**csv_events_source("overflow", source), events__max_quarantine_share=1.0)
     result = ingest(
         read_source(spark, config.source),
         config.source,

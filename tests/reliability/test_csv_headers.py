@@ -7,23 +7,13 @@ from datetime import UTC, datetime
 import pytest
 
 from recsys_pipeline.events import SourceHeaderError, ingest, read_source
+from tests.conftest import csv_events_source
 
-MAPPING = {"user_id": "user", "item_id": "item", "event_type": "type", "value": "value", "timestamp": "ts"}
 WINDOW = (datetime(1997, 1, 1, tzinfo=UTC), datetime(2000, 1, 1, tzinfo=UTC))
 
 
 def csv_source(make_config, folder):
-    return make_config(
-        **{
-            "source.name": "two-headers",
-            "source.path": str(folder),
-            "source.delimiter": ",",
-            "source.header": True,
-            "source.column_names": None,
-            "source.mapping": MAPPING,
-            "source.default_event_type": None,
-        }
-    )
+    return make_config(**csv_events_source("two-headers", folder))
 
 
 def test_files_whose_headers_order_the_columns_differently_are_each_read_by_their_own(
