@@ -72,7 +72,8 @@ def fold_in(
     item_idx = np.union1d(parent.item_idx, new_items)
     # Items keep the popularity their vectors were fitted beside; new ones get today's.
     popularity = parent_items[:, -1].copy()
-    popularity[new_items] = item_popularity(user_items)[new_items]
+    if params.popularity_weight:
+        popularity[new_items] = item_popularity(user_items)[new_items]
     user_factors, item_factors = with_popularity_prior(
         model.user_factors[user_idx],
         model.item_factors[item_idx],
