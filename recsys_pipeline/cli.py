@@ -23,6 +23,7 @@ from recsys_pipeline.config import (
     parse_override,
 )
 from recsys_pipeline.errors import RecsysError
+from recsys_pipeline.redaction import redact_text
 from recsys_pipeline.runs import StateLayout
 from recsys_pipeline.synthetic import (
     CONTENT_SOURCE,
@@ -361,5 +362,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run(sys.argv[1:] if argv is None else argv)
     except (RecsysError, MlflowException) as error:
-        print(f"recsys: {error}", file=sys.stderr)
+        print(f"recsys: {redact_text(str(error))}", file=sys.stderr)
         return 1

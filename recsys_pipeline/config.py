@@ -12,12 +12,13 @@ import json
 import os
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from recsys_pipeline.errors import RecsysError
+from recsys_pipeline.redaction import has_credentials, is_secret_name, redact_tree, restore_secrets
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_PATH = PROJECT_ROOT / "conf" / "pipeline.yaml"
@@ -331,15 +332,10 @@ class RefreshConfig(_Section):
 
 
 def _without_credentials(value: str | None, field: str, where_instead: str) -> str | None:
-    """Refuse a URI that carries a user's password: config is logged, snapshotted and published,
-    so a secret in it would end up in logs, params and artifacts. The value is never echoed."""
-    from urllib.parse import urlsplit
-
-    if value is None:
-        return value
-    # A nested scheme (k8s://https://user:pw@host) keeps its credentials after the last '//'.
-    parts = urlsplit(value.split("://", 1)[-1] if value.count("://") > 1 else value)
-    if parts.password is not None or "@" in (parts.netloc or ""):
+    """Refuse a URI that carries credentials (user info, or a secret in its query): config is
+    logged, snapshotted and published, so a secret in it would end up in logs, params and
+    artifacts. The refusal names the field, never the value."""
+    if value is not None and has_credentials(value):
         raise ValueError(f"{field} carries credentials: remove them and {where_instead}")
     return value
 
@@ -357,7 +353,15 @@ class SparkConfig(_Section):
     pool_slots: int = Field(
         default=1, ge=1, description="Spark jobs at once: 1 on one machine; more on a cluster."
     )
-    conf: dict[str, str] = {}
+    conf: dict[str, str] = Field(
+        default={},
+        description="Spark settings; one whose name is secret (spark.redaction.regex) is set by the job "
+        "itself when it starts its session, never handed to Airflow, and recorded redacted.",
+    )
+
+    def submit_conf(self) -> dict[str, str]:
+        """The settings a Spark task may carry in Airflow (rendered and stored there): none secret."""
+        return {key: value for key, value in self.conf.items() if not is_secret_name(key)}
 
     @field_validator("master")
     @classmethod
@@ -472,6 +476,36 @@ class ContentConfig(_Section):
         return self
 
 
+# What no DAG run may override, whatever the config allows: where state, input, models and servers are.
+NEVER_RUN_OVERRIDABLE = (
+    "state_dir",
+    "source",
+    "spark",
+    "mlflow",
+    "content.source",
+    "content.precomputed",
+    "content.sentence",
+    "run_overrides_allowed",
+)
+DEFAULT_RUN_OVERRIDABLE = [
+    "als",
+    "interactions",
+    "evaluation",
+    "index",
+    "recommendations",
+    "validation",
+    "drift",
+    "refresh",
+    "content.map",
+    "content.hybrid_half_count",
+]
+
+
+def _overlaps(field: str, section: str) -> bool:
+    """Whether one dotted field lies within the other (or is it)."""
+    return field == section or field.startswith(f"{section}.") or section.startswith(f"{field}.")
+
+
 class PipelineConfig(_Section):
     state_dir: Path | None = Field(default=None, description="Null: $RECSYS_HOME, else ./var.")
     source: SourceConfig
@@ -487,6 +521,29 @@ class PipelineConfig(_Section):
     content: ContentConfig = ContentConfig()
     spark: SparkConfig = SparkConfig()
     mlflow: MlflowConfig = MlflowConfig()
+    run_overrides_allowed: list[str] = Field(
+        default=DEFAULT_RUN_OVERRIDABLE,
+        description="Fields or sections a DAG run's config_overrides may set; never paths, URIs or "
+        "model folders (NEVER_RUN_OVERRIDABLE).",
+    )
+
+    @field_validator("run_overrides_allowed")
+    @classmethod
+    def _never_paths_or_servers(cls, value: list[str]) -> list[str]:
+        refused = sorted(
+            {field for field in value for never in NEVER_RUN_OVERRIDABLE if _overlaps(field, never)}
+        )
+        if refused:
+            raise ValueError(
+                f"{', '.join(refused)} may not be overridden by a DAG run: paths, URIs and model folders "
+                "come from the config file only"
+            )
+        return value
+
+    def run_override_allowed(self, field: str) -> bool:
+        return any(
+            field == allowed or field.startswith(f"{allowed}.") for allowed in self.run_overrides_allowed
+        )
 
     @model_validator(mode="after")
     def _every_event_type_has_a_weight(self) -> PipelineConfig:
@@ -510,9 +567,14 @@ class PipelineConfig(_Section):
     def tracking_uri(self) -> str:
         return self.mlflow.tracking_uri or f"sqlite:///{self.state_home / 'mlflow' / 'mlflow.db'}"
 
-    def resolved(self) -> dict[str, Any]:
-        """The whole configuration as plain JSON-compatible values (what a run logs)."""
-        return self.model_dump(mode="json")
+    def as_record(self) -> dict[str, Any]:
+        """The whole configuration as a run records and logs it: JSON-compatible values, secrets
+        redacted (:mod:`~recsys_pipeline.redaction`)."""
+        return cast(dict[str, Any], redact_tree(self.model_dump(mode="json")))
+
+    def from_record(self, record: dict[str, Any]) -> PipelineConfig:
+        """The configuration :meth:`as_record` recorded, its secrets taken from this (live) one."""
+        return PipelineConfig.model_validate(restore_secrets(record, self.model_dump(mode="json")))
 
     def fingerprint(self) -> str:
         """sha256 of every setting that shapes a model (where state lives and which servers run it
@@ -568,7 +630,30 @@ def run_overrides(params: dict[str, Any], config: PipelineConfig) -> dict[str, A
         elif name in ("full_reingest", "dry_run"):
             value = not value
         overrides[field] = value
-    return overrides | dict(params.get("config_overrides") or {})
+    asked = dict(params.get("config_overrides") or {})
+    refused = sorted(
+        field for dotted, value in asked.items() for field in _refused_fields(config, dotted, value)
+    )
+    if refused:
+        raise ConfigError(
+            f"config_overrides may not set {', '.join(refused)}: a DAG run may override only "
+            f"run_overrides_allowed ({', '.join(config.run_overrides_allowed)}); set the rest in the "
+            "config file"
+        )
+    return overrides | asked
+
+
+def _refused_fields(config: PipelineConfig, dotted: str, value: Any) -> list[str]:
+    """The fields an override outside the allowlist would set (a nested section is followed down)."""
+    if config.run_override_allowed(dotted):
+        return []
+    if isinstance(value, dict) and value:
+        return [
+            field
+            for key, child in value.items()
+            for field in _refused_fields(config, f"{dotted}.{key}", child)
+        ]
+    return [dotted]
 
 
 def parse_override(assignment: str) -> tuple[str, Any]:

@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pyspark.sql import SparkSession
 
 from recsys_pipeline.errors import USER_ERROR_EXIT, RecsysError
+from recsys_pipeline.redaction import redact_text
 from recsys_pipeline.resources import measured
 from recsys_pipeline.runs import RunContext
 from recsys_pipeline.spark import spark_session
@@ -86,7 +87,7 @@ def run_spark_job(
             if spark is not None:
                 spark.stop()
     except RecsysError as error:
-        logging.error("%s failed: %s", app_name, error)
+        logging.error("%s failed: %s", app_name, redact_text(str(error)))
         return USER_ERROR_EXIT
     logging.info("%s done: %s", app_name, json.dumps(metrics, sort_keys=True))
     return 0

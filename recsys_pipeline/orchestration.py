@@ -8,8 +8,10 @@ retried with exponential backoff; every stage is safe to re-run.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
+import re
 import sys
 import urllib.request
 from collections.abc import Callable
@@ -29,6 +31,7 @@ from recsys_pipeline.config import (
 # DAG files are parsed often: nothing imported here at the top may pull in Spark (``jobs`` does) or
 # NumPy, SciPy and Arrow (``runs`` does); what a task needs loads when it runs.
 from recsys_pipeline.errors import USER_ERROR_EXIT, RecsysError, StageSkipped
+from recsys_pipeline.redaction import redact_text, without_user_info
 from recsys_pipeline.resources import measured
 
 if TYPE_CHECKING:
@@ -37,7 +40,6 @@ if TYPE_CHECKING:
     from recsys_pipeline.runs import RunMode
 
 STAGES = "recsys_pipeline.stages"
-CREDENTIALS_IN_URI = "://[^/@\\s]*@"
 ALERTS_CONN_ID = "recsys_alerts"
 log = logging.getLogger(__name__)
 
@@ -70,9 +72,11 @@ def failure_notifier() -> Any:
                 connection = BaseHook.get_connection(ALERTS_CONN_ID)
             except Exception:  # no such connection: logging is the whole alert
                 return
-            # A URI connection (http://host:port/path) or a JSON one whose host is the whole URL.
+            # A URI connection (http://host:port/path) or a JSON one whose host is the whole URL; its
+            # login and password go in a header, so that no URL built from them reaches a message.
             host = connection.host or ""
-            post_alert(host if "://" in host else connection.get_uri(), text)
+            url = host if "://" in host else connection.get_uri()
+            post_alert(url, text, (connection.login or "", connection.password or ""))
 
     return RecsysFailureNotifier()
 
@@ -81,20 +85,27 @@ def failure_text(context: Any) -> str:
     task = context["task_instance"]
     error = context.get("exception")
     return f"recsys: task {task.task_id} of {task.dag_id} run {context['run_id']} failed" + (
-        f": {str(error)[:500]}" if error else ""
+        f": {redact_text(str(error))[:500]}" if error else ""
     )
 
 
-def post_alert(url: str, text: str) -> None:
-    """POST ``{"text": text}`` as JSON; a failing alert is logged, never raised over the task's failure."""
-    request = urllib.request.Request(
-        url, data=json.dumps({"text": text}).encode(), headers={"Content-Type": "application/json"}
-    )
+def post_alert(url: str, text: str, login: tuple[str, str] = ("", "")) -> None:
+    """POST ``{"text": text}`` as JSON, with HTTP basic auth when ``login`` (user, password) is set;
+    a failing alert is logged without the URL's credentials, never raised over the task's failure."""
+    headers = {"Content-Type": "application/json"}
+    url = without_user_info(url)
+    if any(login):
+        headers["Authorization"] = "Basic " + base64.b64encode(":".join(login).encode()).decode()
     try:
+        request = urllib.request.Request(url, data=json.dumps({"text": text}).encode(), headers=headers)
         with urllib.request.urlopen(request, timeout=10):
             pass
-    except OSError as error:
-        log.warning("could not post the failure alert to the %s connection: %s", ALERTS_CONN_ID, error)
+    except (OSError, ValueError) as error:  # ValueError: a URL urllib cannot parse (http.client.InvalidURL)
+        log.warning(
+            "could not post the failure alert to the %s connection: %s",
+            ALERTS_CONN_ID,
+            redact_text(str(error)),
+        )
 
 
 def champion_asset(config: PipelineConfig) -> Any:
@@ -139,9 +150,14 @@ def run_params(config: PipelineConfig) -> dict[str, Any]:
         "config_overrides": Param(
             {},
             type="object",
-            description='{"section.key": value} over conf/ and the fields above',
-            # A URI with a user and password would be stored with the run: refused before the run exists.
-            additionalProperties={"not": {"type": "string", "pattern": CREDENTIALS_IN_URI}},
+            description='{"section.key": value} over conf/ and the fields above, for '
+            + ", ".join(config.run_overrides_allowed),
+            # Refused before the run (and its conf) exists; a failing key is named, never a value.
+            propertyNames={
+                "pattern": "^("
+                + "|".join(re.escape(field) for field in config.run_overrides_allowed)
+                + ")(\\.|$)"
+            },
         ),
     }
 
@@ -259,8 +275,9 @@ def spark_job(
         task_id=task_id,
         application=str(PROJECT_ROOT / "jobs" / script),
         conn_id=config.spark.conn_id,
+        # Rendered and stored by Airflow: secret settings reach Spark through the job's own session.
         conf={
-            **config.spark.conf,
+            **config.spark.submit_conf(),
             "spark.pyspark.python": sys.executable,
             "spark.pyspark.driver.python": sys.executable,
         },

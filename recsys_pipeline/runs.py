@@ -44,6 +44,7 @@ import scipy.sparse as sp
 from recsys_pipeline.config import AlsConfig, PipelineConfig, load_config, run_overrides
 from recsys_pipeline.embeddings import Embeddings, read_embeddings, write_embeddings
 from recsys_pipeline.errors import RecsysError
+from recsys_pipeline.redaction import redact_text
 from recsys_pipeline.tables import Triples, count_rows, read_id_map, read_indices, read_matrix
 
 Side = Literal["users", "items"]
@@ -225,14 +226,16 @@ class RunContext:
         )
 
     def snapshot_config(self) -> RunContext:
-        """This run with the configuration recorded by its first task (recording it if this is the first)."""
+        """This run with the configuration recorded by its first task (recording it if this is the first).
+
+        The record holds no secret: each is taken from the configuration this task loaded."""
         path = self.run_dir / RUN_RECORD
         if path.is_file():
             record = json.loads(path.read_text())
             if record.get("run_id") == self.run_id:
-                return replace(self, config=PipelineConfig.model_validate(record["config"]))
+                return replace(self, config=self.config.from_record(record["config"]))
         pinned = self.config.model_copy(update={"state_dir": self.config.state_home})
-        write_json(path, {"run_id": self.run_id, "config": pinned.resolved()})
+        write_json(path, {"run_id": self.run_id, "config": pinned.as_record()})
         return replace(self, config=pinned)
 
     @property
@@ -438,7 +441,7 @@ class RunContext:
             {
                 "run_key": self.run_key,
                 "task": task,
-                "message": str(error),
+                "message": redact_text(str(error)),
                 "failed_at": datetime.now(UTC).isoformat(),
             },
         )

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from recsys_pipeline.config import PipelineConfig
+from recsys_pipeline.redaction import redact_text
 from recsys_pipeline.runs import StateLayout
 
 # Progress bars would land in task logs as noise.
@@ -20,15 +21,8 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def display_uri(config: PipelineConfig) -> str:
-    """The tracking URI without any user or password it may carry, for messages and logs."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(config.tracking_uri)
-    if parts.username is None and parts.password is None:
-        return config.tracking_uri
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit(parts._replace(netloc=netloc))
+    """The tracking URI without any credentials it may carry, for messages and logs."""
+    return redact_text(config.tracking_uri)
 
 
 def client(config: PipelineConfig) -> Any:

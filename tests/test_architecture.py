@@ -15,7 +15,10 @@ pytestmark = pytest.mark.unit
 
 PACKAGE = Path(__file__).resolve().parent.parent / "recsys_pipeline"
 LAYERS: list[tuple[str, set[str]]] = [
-    ("foundations", {"errors", "config", "runs", "tables", "embeddings", "ranking", "resources", "spark"}),
+    (
+        "foundations",
+        {"errors", "redaction", "config", "runs", "tables", "embeddings", "ranking", "resources", "spark"},
+    ),
     (
         "algorithms",
         {

@@ -122,12 +122,14 @@ def run_publish(run: RunContext) -> str:
         if run.published_version() is None and existing.tags.get("airflow_run_id") == run.run_id:
             run.mark_published(config.mlflow.model_name, str(existing.version))  # killed after registering
         return str(existing.version)
-    bundle = write_bundle(run, {"tags": tags, "config": config.resolved(), "source": str(config.source.path)})
+    bundle = write_bundle(
+        run, {"tags": tags, "config": config.as_record(), "source": str(config.source.path)}
+    )
     with tracking.fluent(config) as bound:
         with mlflow.start_run(
             experiment_id=tracking.experiment_id(bound, config), run_name=tags["run_key"], tags=tags
         ):
-            mlflow.log_params(flatten("", config.resolved()))
+            mlflow.log_params(flatten("", config.as_record()))
             mlflow.log_params(trained_params(run))
             mlflow.log_metrics(run.read_metrics())
             for step, loss in enumerate(run.training_losses()):
@@ -169,7 +171,7 @@ def log_rejected_run(run: RunContext, reason: str) -> str:
             run_name=f"{tags['run_key']} (rejected)",
             tags=tags,
         ) as active:
-            mlflow.log_params(flatten("", config.resolved()))
+            mlflow.log_params(flatten("", config.as_record()))
             mlflow.log_metrics(run.read_metrics())
             mlflow.log_artifacts(str(run.validation_dir), artifact_path="validation")
             mlflow.log_dict(run.read_gates(), "gates.json")
