@@ -16,6 +16,7 @@ from recsys_pipeline.bundle import (
     MANIFEST_TAG,
     MODEL_MANIFEST,
     Bundle,
+    BundleIntegrityError,
     manifest_bytes,
     manifest_sha256,
     tree_manifest,
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 # Logged as the model's code (models-from-code): the pyfunc is never pickled.
 PACKAGE = Path(__file__).resolve().parent.parent
 PYFUNC_CODE = PACKAGE / "pyfunc_entry.py"
+MODEL_PATH = "model"  # the model's folder among its run's artifacts
 REQUIRED_GATES = {
     "full": ("evaluation", "index", "validation"),
     # A fold-in has no untouched holdout to evaluate on; its gate is staying close to its parent.
@@ -109,8 +111,10 @@ def trained_params(run: RunContext) -> dict[str, str]:
 def run_publish(run: RunContext) -> str:
     """Log the run and register its bundle as a new model version (or return the one already there).
 
-    The model is downloaded back once logged and hashed file by file; that manifest is logged beside
-    it and its sha256 registered with the version, so every later load can be checked against it.
+    The model is written here first and hashed file by file; that manifest is logged beside it and
+    its sha256 registered with the version, so every later load can be checked against it. The
+    uploaded copy is downloaded back and checked against it before anything is registered: what the
+    store returns is never taken for what was published.
     """
     import mlflow
 
@@ -128,7 +132,7 @@ def run_publish(run: RunContext) -> str:
     with tracking.fluent(config) as bound:
         with mlflow.start_run(
             experiment_id=tracking.experiment_id(bound, config), run_name=tags["run_key"], tags=tags
-        ):
+        ) as active:
             mlflow.log_params(flatten("", config.as_record()))
             mlflow.log_params(trained_params(run))
             mlflow.log_metrics(run.read_metrics())
@@ -136,23 +140,26 @@ def run_publish(run: RunContext) -> str:
                 mlflow.log_metric("training_loss_per_iteration", loss, step=step)
             mlflow.log_artifacts(str(run.validation_dir), artifact_path="validation")
             mlflow.log_dict(run.read_gates(), "gates.json")
-            with tempfile.TemporaryDirectory() as code:
-                info = mlflow.pyfunc.log_model(
-                    name="model",
+            model_uri = f"runs:/{active.info.run_id}/{MODEL_PATH}"
+            with tempfile.TemporaryDirectory() as staging:
+                model = Path(staging) / MODEL_PATH
+                mlflow.pyfunc.save_model(
+                    path=str(model),
                     python_model=str(PYFUNC_CODE),
                     artifacts={"bundle": str(bundle)},
                     # The package travels with the model: it loads where recsys-pipeline is not installed.
-                    code_paths=[str(package_source(Path(code)))],
+                    code_paths=[str(package_source(Path(staging) / "code"))],
                     signature=model_signature(),
                     input_example=input_example(Bundle(bundle)),
                     pip_requirements=serving_requirements(),
                 )
-            manifest = logged_model_manifest(info.model_uri)
-            with tempfile.TemporaryDirectory() as staging:
+                manifest = tree_manifest(model)
+                mlflow.log_artifacts(str(model), artifact_path=MODEL_PATH)
                 (Path(staging) / MODEL_MANIFEST).write_bytes(manifest_bytes(manifest))
                 mlflow.log_artifact(str(Path(staging) / MODEL_MANIFEST))
+            check_uploaded(model_uri, manifest)
         version = mlflow.register_model(
-            info.model_uri, config.mlflow.model_name, tags={**tags, MANIFEST_TAG: manifest_sha256(manifest)}
+            model_uri, config.mlflow.model_name, tags={**tags, MANIFEST_TAG: manifest_sha256(manifest)}
         )
     run.mark_published(config.mlflow.model_name, str(version.version))
     log.info("registered %s version %s", config.mlflow.model_name, version.version)
@@ -178,13 +185,22 @@ def log_rejected_run(run: RunContext, reason: str) -> str:
     return str(active.info.run_id)
 
 
-def logged_model_manifest(model_uri: str) -> dict[str, str]:
-    """The manifest of a logged model as stored: downloaded back, every file hashed."""
+def check_uploaded(model_uri: str, manifest: dict[str, str]) -> None:
+    """Download the uploaded model back and refuse it unless every file is the one written here."""
     import mlflow
 
     with tempfile.TemporaryDirectory() as staging:
-        mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=staging)
-        return tree_manifest(Path(staging))
+        stored = tree_manifest(
+            Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=staging))
+        )
+    differing = sorted(
+        name for name in manifest.keys() | stored.keys() if manifest.get(name) != stored.get(name)
+    )
+    if differing:
+        raise BundleIntegrityError(
+            f"the model store returned files other than those uploaded ({', '.join(differing[:3])}): "
+            "nothing was registered; check the artifact store and re-run publish"
+        )
 
 
 def package_source(staging: Path) -> Path:

@@ -257,5 +257,5 @@ def test_a_weekly_dag_run_with_a_secret_spark_setting_leaves_it_in_no_file_of_th
     assert CANARY not in result.stdout + result.stderr
     assert files_holding(home, CANARY) == []
     # Spark had it: its event logs name the setting, with the value redacted by the same rule.
-    event_logs = b"".join(path.read_bytes() for path in (home / "spark-events").iterdir())
+    event_logs = b"".join(path.read_bytes() for path in (home / "spark-events").rglob("*") if path.is_file())
     assert SECRET_SPARK_SETTING.encode() in event_logs

@@ -1,5 +1,6 @@
 """A published model holds no pickle and is loaded only after every file matches the manifest whose
-hash the registry holds (issue #14, item 8)."""
+hash the registry holds (issue #14, item 8); that manifest is of the files written, never of what
+the store returned (issue #31, item 8)."""
 
 from __future__ import annotations
 
@@ -57,6 +58,24 @@ def test_nothing_in_a_published_model_is_a_pickle(published) -> None:
     assert files and not [p for p in files if p.suffix == ".pkl" or is_pickle(p)]
     assert "python_model.pkl" not in (model / "MLmodel").read_text()
     assert (model / "artifacts" / "bundle" / "index" / "docids.npy").is_file()
+
+
+def test_a_file_changed_in_the_store_after_upload_is_never_registered(own_weekly_run, monkeypatch) -> None:
+    from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
+
+    upload = LocalArtifactRepository.log_artifacts
+
+    def upload_then_change_in_the_store(self, local_dir, artifact_path=None) -> None:
+        upload(self, local_dir, artifact_path)
+        stored = Path(self.artifact_dir) / (artifact_path or "")
+        for popularity in stored.rglob("popularity.npy"):  # the bundle's: a store changing it on the way
+            popularity.write_bytes(popularity.read_bytes()[:-8] + bytes(8))
+
+    monkeypatch.setattr(LocalArtifactRepository, "log_artifacts", upload_then_change_in_the_store)
+    with pytest.raises(BundleIntegrityError, match="popularity.npy"):
+        run_publish(own_weekly_run)
+    config = own_weekly_run.config
+    assert tracking.client(config).search_model_versions(f"name='{config.mlflow.model_name}'") == []
 
 
 def test_a_tampered_cache_is_downloaded_again_once(published) -> None:
