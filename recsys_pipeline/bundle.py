@@ -12,6 +12,7 @@ Layout (the ``bundle`` artifact of a registered pyfunc model)::
     index/                       the item index with its manifest.json
     metrics.json, gates.json, lineage.json
     validation/                  GX suites, results and Data Docs
+    files.json                   sha256 of every other file of the bundle, checked when the pyfunc loads
 
 Nothing in it is a pickle. The registered model around it (MLmodel, the model's code, its
 requirements and this folder) is covered file by file by one manifest (``MODEL_MANIFEST``, logged
@@ -50,6 +51,7 @@ from recsys_pipeline.tables import read_id_map
 BUNDLE_FORMAT = 2
 SUPPORTED_FORMATS = frozenset({BUNDLE_FORMAT})
 META = "bundle.json"
+BUNDLE_FILES = "files.json"
 MODEL_MANIFEST = "model_manifest.json"
 MANIFEST_TAG = "model_manifest_sha256"
 # Written by MLflow's downloader itself (which registered name and version a copy came from): not
@@ -164,6 +166,7 @@ def write_bundle(run: RunContext, lineage: dict[str, Any]) -> Path:
                 "created_at": now_utc().isoformat(),
             },
         )
+        write_json(staging / BUNDLE_FILES, tree_manifest(staging))
     return run.bundle_dir
 
 
@@ -182,6 +185,23 @@ class Bundle:
             )
         self.path = path
         self.meta = meta
+
+    def check_files(self) -> None:
+        """Every file as the bundle was written (``files.json``), none missing, none added: what a
+        pyfunc loaded straight from the store checks itself (a registry-verified copy already was)."""
+        listing = self.path / BUNDLE_FILES
+        if not listing.is_file():
+            raise BundleIntegrityError(f"{self.path} has no {BUNDLE_FILES}: republish the version")
+        expected: dict[str, str] = json.loads(listing.read_text())
+        found = tree_manifest(self.path)
+        found.pop(BUNDLE_FILES)
+        differing = sorted(
+            name for name in expected.keys() | found.keys() if expected.get(name) != found.get(name)
+        )
+        if differing:
+            raise BundleIntegrityError(
+                f"bundle files differ from those published: {', '.join(differing[:3])}; refusing to load it"
+            )
 
     def embeddings(self) -> Embeddings:
         return read_embeddings(self.path / "embeddings")

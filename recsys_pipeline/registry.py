@@ -154,12 +154,18 @@ def rollback(config: PipelineConfig, reason: str) -> str:
 
 def download(config: PipelineConfig, alias: str = CHAMPION) -> tuple[Any, Bundle]:
     """(model version, its bundle) behind ``alias``, cached per version under the state home."""
+    version, model = alias_model(config, alias)
+    return version, Bundle(model / "artifacts" / "bundle")
+
+
+def alias_model(config: PipelineConfig, alias: str = CHAMPION) -> tuple[Any, Path]:
+    """(model version, its verified local folder) behind ``alias`` (see :func:`verified_model`)."""
     version = alias_version(config, alias)
     if version is None:
         raise NothingPublishedError(
             f"no version of {config.mlflow.model_name} has the alias '{alias}' yet: run the weekly DAG first"
         )
-    return version, version_bundle(config, str(version.version))
+    return version, verified_model(config, str(version.version))
 
 
 def version_bundle(config: PipelineConfig, version: str) -> Bundle:

@@ -20,7 +20,7 @@ from recsys_pipeline.config import PipelineConfig, load_config
 from recsys_pipeline.embeddings import presence_mask
 from recsys_pipeline.errors import RecsysError
 from recsys_pipeline.ranking import dot_top_k, first_unseen, popular_items
-from recsys_pipeline.registry import CHAMPION, download
+from recsys_pipeline.registry import CHAMPION, alias_model, download
 
 RESULT_COLUMNS = ["rank", "item_id", "score"]
 DEFAULT_K = 10
@@ -145,6 +145,17 @@ class Recommender:
         )
 
 
+def verified_pyfunc(alias: str = CHAMPION, config: PipelineConfig | None = None) -> Any:
+    """The registered model behind ``alias`` as an MLflow pyfunc, loaded only once every file of its
+    local copy matched the manifest whose sha256 the registry holds; then MLflow imports its code.
+    Service authors call this, not ``mlflow.pyfunc.load_model("models:/...")``, which imports the
+    stored code before anything is checked."""
+    import mlflow
+
+    _, model = alias_model(config or load_config(), alias)
+    return mlflow.pyfunc.load_model(str(model))
+
+
 def model_signature() -> Any:
     """Input: ``user_id`` (recommend) or ``item_id`` (similar) strings, optional ``k`` (1 to ``MAX_K``)."""
     from mlflow.models import ModelSignature
@@ -181,7 +192,9 @@ class RecsysPyfunc(PythonModel):
     """
 
     def load_context(self, context: Any) -> None:
-        self.recommender = Recommender.from_path(Path(context.artifacts["bundle"]))
+        bundle = Bundle(Path(context.artifacts["bundle"]))
+        bundle.check_files()
+        self.recommender = Recommender(bundle)
 
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None

@@ -12,6 +12,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -26,7 +27,7 @@ from recsys_pipeline.bundle import (
     verify_tree,
 )
 from recsys_pipeline.index import ExactIndex, IndexIntegrityError, ScannIndex, SearchParams, load_index
-from recsys_pipeline.serving import Recommender
+from recsys_pipeline.serving import Recommender, verified_pyfunc
 from recsys_pipeline.stages.publish import run_promotion, run_publish
 
 
@@ -117,6 +118,36 @@ def test_a_pickle_planted_in_the_stored_model_is_refused_even_with_a_matching_ma
     shutil.rmtree(config.state_home / "cache", ignore_errors=True)
     with pytest.raises(BundleIntegrityError, match="does not match the hash the registry holds"):
         registry.verified_model(config, version)
+
+
+def test_the_verified_loader_checks_every_file_before_mlflow_imports_the_stored_code(
+    published, tmp_path: Path
+) -> None:
+    config, version = published
+    model = verified_pyfunc(config=config)
+    answer = model.predict(pd.DataFrame({"user_id": ["196"], "k": [3]}))
+    assert list(answer["rank"]) == [1, 2, 3]
+    # Stored code that would run on import: refused before MLflow imports it.
+    ran = tmp_path / "stored code ran"
+    entry = stored_model_dir(config, version) / "pyfunc_entry.py"
+    entry.write_text(entry.read_text() + f"\nopen({str(ran)!r}, 'w').close()\n")
+    shutil.rmtree(config.state_home / "cache", ignore_errors=True)
+    with pytest.raises(BundleIntegrityError, match="pyfunc_entry.py does not match its manifest hash"):
+        verified_pyfunc(config=config)
+    assert not ran.exists()
+
+
+def test_the_pyfunc_checks_its_bundle_files_when_loaded_without_the_registry(published) -> None:
+    import mlflow
+
+    config, version = published
+    stored = stored_model_dir(config, version)
+    popularity = stored / "artifacts" / "bundle" / "popularity.npy"
+    popularity.write_bytes(popularity.read_bytes()[:-8] + bytes(8))
+    with pytest.raises(
+        BundleIntegrityError, match="bundle files differ from those published: popularity.npy"
+    ):
+        mlflow.pyfunc.load_model(str(stored))
 
 
 def test_manifest_names_must_stay_inside_the_model(tmp_path: Path) -> None:
