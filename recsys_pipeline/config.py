@@ -698,16 +698,14 @@ def load_config(path: Path | str | None = None, overrides: dict[str, Any] | None
             f"{'.'.join(str(p) for p in issue['loc'])}: {issue['msg']}" for issue in error.errors()
         )
         raise ConfigError(f"invalid config {config_path}: {problems}") from None
-    if not config.source.path.is_absolute():
-        config.source.path = PROJECT_ROOT / config.source.path
     content = config.content
     for holder, name in (
+        (config.source, "path"),
         (content.source, "path"),
         (content.precomputed, "path"),
         (content.sentence, "model_dir"),
+        (config, "state_dir"),
     ):
-        if holder is not None and not getattr(holder, name).is_absolute():
-            setattr(holder, name, PROJECT_ROOT / getattr(holder, name))
-    if config.state_dir is not None and not config.state_dir.is_absolute():
-        config.state_dir = PROJECT_ROOT / config.state_dir
+        if holder is not None and getattr(holder, name) is not None:
+            setattr(holder, name, Path(os.path.normpath(PROJECT_ROOT / getattr(holder, name))))
     return config

@@ -20,6 +20,7 @@ import glob
 import gzip
 import hashlib
 import json
+import os
 import shutil
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
@@ -108,7 +109,12 @@ def source_files(source: SourceConfig) -> dict[str, str]:
         paths = []
     if not paths:
         raise SourceMissingError(f"source.path {root} holds no file to read: check source.path")
-    return {str(path): f"{path.stat().st_size}:{path.stat().st_mtime_ns}" for path in paths}
+    # Keyed as Spark names the files it read (absolute, '.' and '..' resolved), so what a read
+    # reports always finds its file here, however source.path was written.
+    return {
+        os.path.normpath(os.path.abspath(path)): f"{path.stat().st_size}:{path.stat().st_mtime_ns}"
+        for path in paths
+    }
 
 
 def ingest_settings_hash(source: SourceConfig, events: EventsConfig) -> str:
