@@ -284,8 +284,10 @@ class RunContext:
         """Record that this run became ``model`` version ``version``: in its folder, which freezes it,
         and as the window's pointer."""
         record = {"model": model, "version": version, "run_id": self.run_id, "run_dir": self.run_slug}
-        write_json(self.run_dir / PUBLISHED_RECORD, record)
+        # The window's pointer first: a crash before the run's own record leaves the run unmarked,
+        # and publishing it again finds its version and writes both.
         write_json(self.window_dir / PUBLISHED_RECORD, record)
+        write_json(self.run_dir / PUBLISHED_RECORD, record)
 
     def published_version(self) -> str | None:
         path = self.run_dir / PUBLISHED_RECORD
@@ -553,8 +555,12 @@ SLUG_SAFE = frozenset(string.ascii_letters + string.digits + "._+-")
 
 @contextmanager
 def atomic_dir(target: Path) -> Iterator[Path]:
-    """Yield a temporary folder that replaces ``target`` only if the block succeeds."""
+    """Yield a temporary folder that replaces ``target`` only if the block succeeds.
+
+    The old folder is renamed aside, then the new one into place: a crash between the two leaves
+    the old one aside, and the next call over ``target`` puts it back before anything else."""
     target.parent.mkdir(parents=True, exist_ok=True)
+    restore_set_aside(target)
     staging = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         yield staging
@@ -565,6 +571,17 @@ def atomic_dir(target: Path) -> Iterator[Path]:
         shutil.rmtree(backup, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def restore_set_aside(target: Path) -> None:
+    """Undo what a crash inside :func:`atomic_dir` left: with no ``target``, the folder last set
+    aside becomes it again; any other one set aside is removed."""
+    aside = sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda path: path.stat().st_mtime_ns)
+    if aside and not target.exists():
+        aside.pop().rename(target)
+        _fsync_dir(target.parent)
+    for leftover in aside:
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def publish_snapshot(pointer: Path, build: Callable[[Path], None]) -> None:

@@ -1,12 +1,14 @@
-"""The shared ID maps survive a crash at any step of their swap (issue #31, 7).
+"""The shared ID maps, and every run output, survive a crash at any step of their swap (issue #31, 7).
 
-A child process swaps in a new snapshot and is killed (``os._exit``) just before its n-th file
-operation, for every n until one run completes: after each kill, the maps name the old snapshot
-or the new one, complete, never nothing; the next swap cleans up what the killed one left.
+A child process swaps in a new snapshot (or a run's output folder) and is killed (``os._exit``)
+just before its n-th file operation, for every n until one run completes: after each kill, what
+the next reader sees is the old version or the new one, complete, never nothing; the next swap
+cleans up what the killed one left.
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -17,34 +19,56 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from recsys_pipeline.runs import SNAPSHOTS, IdMapMismatchError, RunContext, publish_snapshot, recover_pointer
+from recsys_pipeline import runs
+from recsys_pipeline.runs import (
+    PUBLISHED_RECORD,
+    SNAPSHOTS,
+    IdMapMismatchError,
+    RunContext,
+    atomic_dir,
+    publish_snapshot,
+    recover_pointer,
+    restore_set_aside,
+    write_json,
+)
 
-CHILD = textwrap.dedent(
+CRASHING = """
+import os, shutil, sys
+from pathlib import Path
+
+target, crash_at = Path(sys.argv[1]), int(sys.argv[2])
+calls = [0]
+
+def crashing(function):
+    def wrapper(*args, **kwargs):
+        if calls[0] == crash_at:
+            os._exit(137)
+        calls[0] += 1
+        return function(*args, **kwargs)
+    return wrapper
+
+for module, name in ((os, "symlink"), (os, "replace"), (os, "rename"), (shutil, "rmtree"),
+                     (shutil, "copytree"), (os, "fsync")):
+    setattr(module, name, crashing(getattr(module, name)))
+"""
+CHILD = CRASHING + textwrap.dedent(
     """
-    import os, shutil, sys
-    from pathlib import Path
     from recsys_pipeline.runs import publish_snapshot
-
-    pointer, crash_at = Path(sys.argv[1]), int(sys.argv[2])
-    calls = [0]
-
-    def crashing(function):
-        def wrapper(*args, **kwargs):
-            if calls[0] == crash_at:
-                os._exit(137)
-            calls[0] += 1
-            return function(*args, **kwargs)
-        return wrapper
-
-    for module, name in ((os, "symlink"), (os, "replace"), (os, "rename"), (shutil, "rmtree"),
-                         (shutil, "copytree"), (os, "fsync")):
-        setattr(module, name, crashing(getattr(module, name)))
 
     def build(staging):
         staging.mkdir()
         (staging / "ids.txt").write_text("new")
 
-    publish_snapshot(pointer, build)
+    publish_snapshot(target, build)
+    """
+)
+RUN_OUTPUT_CHILD = CRASHING + textwrap.dedent(
+    """
+    from recsys_pipeline.runs import atomic_dir
+
+    with atomic_dir(target) as staging:
+        staging.mkdir()
+        (staging / "out.txt").write_text("new")
     """
 )
 
@@ -89,6 +113,50 @@ def test_a_kill_between_any_two_file_operations_never_leaves_the_maps_missing(tm
     else:
         pytest.fail("the swap never completed")
     assert crash_at >= 4 and outcomes == {"old", "new"}
+
+
+def test_a_kill_while_a_run_output_is_replaced_leaves_the_old_or_the_new_one(tmp_path) -> None:
+    outcomes = set()
+    for crash_at in range(20):
+        target = tmp_path / f"{crash_at}" / "interactions"
+        target.mkdir(parents=True)
+        (target / "out.txt").write_text("old")
+        child = subprocess.run([sys.executable, "-c", RUN_OUTPUT_CHILD, str(target), str(crash_at)])
+        restore_set_aside(target)  # what the retried task's atomic_dir does first
+        content = (target / "out.txt").read_text()
+        assert content in ("old", "new"), f"killed before operation {crash_at}"
+        outcomes.add(content)
+        with atomic_dir(target) as staging:
+            staging.mkdir()
+            (staging / "out.txt").write_text("retried")
+        assert (target / "out.txt").read_text() == "retried"
+        assert sorted(p.name for p in target.parent.iterdir() if ".old-" in p.name) == []
+        if child.returncode == 0:
+            break
+    else:
+        pytest.fail("the swap never completed")
+    assert crash_at >= 2 and outcomes == {"old", "new"}
+
+
+def test_a_crash_while_marking_a_run_published_leaves_it_to_be_marked_again(make_config, monkeypatch) -> None:
+    run = RunContext.create(make_config(), "recsys_weekly", "1998-04-16", "1998-04-23", "manual__p")
+    writes = []
+
+    def crash_on_the_second(path: Path, payload) -> None:
+        if writes:
+            raise KeyboardInterrupt  # the process dies here
+        writes.append(path)
+        write_json(path, payload)
+
+    monkeypatch.setattr(runs, "write_json", crash_on_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        run.mark_published("recsys-als", "3")
+    monkeypatch.undo()
+    # The run is not frozen yet, so publishing it again finds version 3 and marks it (run_publish).
+    assert run.published_version() is None
+    run.mark_published("recsys-als", "3")
+    assert run.published_version() == "3"
+    assert json.loads((run.window_dir / PUBLISHED_RECORD).read_text())["version"] == "3"
 
 
 def test_vectors_are_never_matched_by_index_to_maps_that_do_not_extend_their_own(make_config) -> None:
