@@ -90,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     replay.add_argument("--weekly-only", action="store_true", help="no nightly runs between the weeks")
 
-    serve = commands.add_parser("serve", help="serve a published version over REST (mlflow models serve)")
+    serve = commands.add_parser("serve", help="serve a published version over REST (MLflow's scoring server)")
     serve.add_argument("--port", type=int, default=5001)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--alias", default="champion")
@@ -256,38 +256,14 @@ def _registry_command(config: PipelineConfig, args: argparse.Namespace) -> int:
 
 
 def _serve(config: PipelineConfig, args: argparse.Namespace) -> int:
-    """Replace this process with ``mlflow models serve`` on the configured registry, in this environment."""
-    version = registry.alias_version(config, args.alias)
-    if version is None:
-        raise registry.NothingPublishedError(
-            f"no version of {config.mlflow.model_name} has the alias '{args.alias}' to serve"
-        )
-    # Serve the local copy that was just verified against the registry's manifest hash, not a
-    # fresh download nobody checked.
-    model = registry.verified_model(config, str(version.version))
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": config.tracking_uri,
-        "MLFLOW_REGISTRY_URI": config.tracking_uri,
-        # mlflow starts uvicorn by name: it must be this environment's.
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
-    mlflow = str(Path(sys.executable).parent / "mlflow")
-    command = [
-        mlflow,
-        "models",
-        "serve",
-        "-m",
-        str(model),
-        "--env-manager",
-        "local",
-        "--host",
-        args.host,
-        "--port",
-        str(args.port),
-    ]
-    os.execve(mlflow, command, env)
-    return 0  # pragma: no cover - execve does not return
+    """Serve the version behind the alias over REST (MLflow's scoring server, its body size capped)."""
+    from recsys_pipeline.serving import serve_rest
+
+    # The local copy just verified against the registry's manifest hash, not a fresh download
+    # nobody checked.
+    _, model = registry.alias_model(config, args.alias)
+    serve_rest(model, args.host, args.port)
+    return 0
 
 
 def run(argv: Sequence[str]) -> int:

@@ -7,8 +7,9 @@ dataset's original IDs.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -28,6 +29,8 @@ DEFAULT_K = 10
 # MAX_BATCH_ROWS rows, so a single call cannot ask the service for an unbounded response.
 MAX_K = 1000
 MAX_BATCH_ROWS = 1000
+# A REST body above this is refused before it is parsed: 1000 rows of an id and a k take about 50 kB.
+MAX_BODY_BYTES = 1 << 20
 
 
 class BadRequestError(RecsysError):
@@ -231,3 +234,66 @@ class RecsysPyfunc(PythonModel):
 
 def _present(value: Any) -> bool:
     return value is not None and not (isinstance(value, float) and np.isnan(value))
+
+
+class BodySizeLimit:
+    """ASGI middleware refusing a request body over ``limit`` bytes with HTTP 413 before the app
+    sees any of it: MLflow's scoring server parses the whole body before the pyfunc can count rows.
+    A declared ``Content-Length`` is checked at once; a chunked body is counted as it arrives."""
+
+    def __init__(self, app: Any, limit: int = MAX_BODY_BYTES):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            await self._refuse(send)
+            return
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                await self._refuse(send)
+                return
+            more = message.get("more_body", False)
+        body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        delivered = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal delivered
+            if delivered:
+                return cast(dict[str, Any], await receive())
+            delivered = True
+            return body
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, send: Any) -> None:
+        payload = json.dumps(
+            {
+                "error_code": "INVALID_PARAMETER_VALUE",
+                "message": f"the request body is over {self.limit} bytes: send at most {MAX_BATCH_ROWS} rows",
+            }
+        ).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
+
+
+def serve_rest(model: Path, host: str, port: int) -> None:
+    """Serve a verified local model folder over REST: MLflow's scoring server (``/invocations``,
+    ``/ping``, ``/health``, ``/version``) behind :class:`BodySizeLimit`, until the process stops."""
+    import mlflow
+    import uvicorn
+    from mlflow.pyfunc import scoring_server
+
+    app = scoring_server.init(mlflow.pyfunc.load_model(str(model)))
+    uvicorn.run(BodySizeLimit(app), host=host, port=port, log_level="warning")

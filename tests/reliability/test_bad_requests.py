@@ -89,10 +89,10 @@ def test_rest_answers_400_with_a_short_reason_per_bad_row(own_weekly_run, tmp_pa
     )
     user = str(own_weekly_run.ids("users")[0])
 
-    def post(records: list[dict]) -> tuple[int, str]:
+    def post(records: list[dict] | None, body: object = None) -> tuple[int, str]:
         request = urllib.request.Request(
             f"http://127.0.0.1:{port}/invocations",
-            data=json.dumps({"dataframe_records": records}).encode(),
+            data=json.dumps({"dataframe_records": records}).encode() if body is None else body,
             headers={"Content-Type": "application/json"},
         )
         try:
@@ -113,6 +113,11 @@ def test_rest_answers_400_with_a_short_reason_per_bad_row(own_weekly_run, tmp_pa
             message = json.loads(body)["message"]
             assert reason in message
             assert "Traceback" not in body and "stack_trace" not in body and "site-packages" not in body
+        # A body too large to be a request is refused before MLflow parses it, declared or chunked.
+        huge = json.dumps({"dataframe_records": [{"user_id": user, "k": 3}] * 100_000}).encode()
+        for body in (huge, iter([huge[i : i + 65536] for i in range(0, len(huge), 65536)])):
+            status, answer = post(None, body)
+            assert status == 413 and "send at most 1000 rows" in json.loads(answer)["message"]
         status, body = post([{"user_id": user, "k": 3}])
         assert status == 200 and len(json.loads(body)["predictions"]) == 3
     finally:
