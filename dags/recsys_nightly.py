@@ -12,7 +12,7 @@ ScaNN index in place, validates, and publishes a version that records its weekly
 
 When the fold-in drifts too far from its weekly parent, too much of the catalogue is new, or
 the parent is too old, the run says why and triggers `recsys_weekly` for the same end date
-(with the same `config_overrides`) instead of publishing.
+(with the same params) instead of publishing.
 """
 
 from __future__ import annotations
@@ -54,10 +54,10 @@ def recsys_nightly() -> None:
     full_retrain = TriggerDagRunOperator(
         task_id="trigger_full_retrain",
         trigger_dag_id="recsys_weekly",
-        # The weekly run covers the week ending where this day ends, with this run's overrides
-        # (the operator parses a rendered JSON string back into the conf dict).
+        # The weekly run covers the week ending where this day ends, with this run's params (the
+        # operator parses a rendered JSON string back into the conf dict).
         logical_date=WINDOW_END,
-        conf='{"config_overrides": {{ recsys_overrides(params) }}}',
+        conf="{{ recsys_params(params) }}",
         skip_when_already_exists=True,
     )
     update_index = stage_task("index:run_index_refresh", MODE, "update_index")()

@@ -164,11 +164,15 @@ def run_params(config: PipelineConfig) -> dict[str, Any]:
 
 def run_macros() -> dict[str, Any]:
     """Template helpers of every recsys DAG: ``recsys_overrides(params)`` is the JSON of the overrides
-    a run's params ask for, as the Spark jobs take them; ``recsys_window(...)`` is the run's data
-    window (:func:`~recsys_pipeline.runs.run_window`)."""
+    a run's params ask for, as the Spark jobs take them; ``recsys_params(params)`` the params
+    themselves, as another recsys DAG's run conf takes them; ``recsys_window(...)`` is the run's
+    data window (:func:`~recsys_pipeline.runs.run_window`)."""
 
     def recsys_overrides(params: Any) -> str:
         return json.dumps(run_overrides(dict(params), load_config()))
+
+    def recsys_params(params: Any) -> str:
+        return json.dumps(dict(params))
 
     def recsys_window(
         run_type: str, logical_date: datetime | None, interval_start: datetime, interval_end: datetime
@@ -177,7 +181,11 @@ def run_macros() -> dict[str, Any]:
 
         return run_window(run_type, logical_date, interval_start, interval_end)
 
-    return {"recsys_overrides": recsys_overrides, "recsys_window": recsys_window}
+    return {
+        "recsys_overrides": recsys_overrides,
+        "recsys_params": recsys_params,
+        "recsys_window": recsys_window,
+    }
 
 
 def call_stage(target: str, mode: RunMode, context: dict[str, Any], *upstream: Any) -> Any:

@@ -204,10 +204,17 @@ def test_nightly_dag_folds_in_daily_and_can_hand_over_to_a_full_retrain(dagbag) 
     assert "trigger_full_retrain" in dag.get_task("escalate_or_continue").downstream_task_ids
     trigger = dag.get_task("trigger_full_retrain")
     assert trigger.trigger_dag_id == "recsys_weekly"
-    # The weekly run it starts gets this run's overrides back as a dict, quotes and braces intact.
-    overrides = {"als.backend": 'spark {"x"}', "drift.min_rec_overlap": 1.0}
-    rendered = trigger.render_template(trigger.conf, {"params": {"config_overrides": overrides}})
-    assert json.loads(rendered) == {"config_overrides": overrides}
+    # The weekly run it starts gets this run's params back as a dict, quotes and braces intact, and
+    # the weekly's trigger form takes them as they are (a dry run stays a dry run).
+    params = {
+        "dry_run": True,
+        "config_overrides": {"als.backend": 'spark {"x"}', "drift.min_rec_overlap": 1.0},
+    }
+    rendered = trigger.render_template(trigger.conf, {"params": params})
+    assert json.loads(rendered) == params
+    weekly = dagbag.dags["recsys_weekly"].params
+    assert weekly.get_param("config_overrides").resolve(value=params["config_overrides"])
+    assert weekly.get_param("dry_run").resolve(value=True) is True
     assert dag.timetable.delta == timedelta(days=1)
     assert "--mode" in dag.get_task("ingest_and_build_interactions").application_args
 
