@@ -196,7 +196,10 @@ def trainer_for(backend: str, spark: SparkSession | None = None) -> AlsTrainer:
         return ImplicitTrainer()
     if backend == "spark":
         if spark is None:
-            raise ModelFitError("als.backend=spark needs a Spark session: train through jobs/train_als.py")
+            raise ModelFitError(
+                "als.backend=spark needs a Spark session: train in the train job of jobs/run_stages.py "
+                "(the weekly DAG submits it when als.backend is spark)"
+            )
         return SparkMllibTrainer(spark)
     raise ModelFitError(f"unknown ALS backend {backend!r}: use implicit or spark")
 

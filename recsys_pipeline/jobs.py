@@ -1,21 +1,21 @@
-"""The shared shape of the ``spark-submit`` entry points in ``jobs/``: parse, start Spark, call, report."""
+"""What ``jobs/run_stages.py`` runs under ``spark-submit``: the stages of one Spark job of a declared
+pipeline (:mod:`recsys_pipeline.pipelines`), in one application: parse, start Spark, call, report."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 
 from pyspark.sql import SparkSession
 
 from recsys_pipeline.errors import USER_ERROR_EXIT, RecsysError
+from recsys_pipeline.pipelines import PIPELINES
 from recsys_pipeline.redaction import redact_text
 from recsys_pipeline.resources import measured
 from recsys_pipeline.runs import RunContext
 from recsys_pipeline.spark import spark_session
-
-SparkStage = Callable[[SparkSession, RunContext], dict[str, float]]
 
 
 def run_arguments() -> argparse.ArgumentParser:
@@ -26,7 +26,8 @@ def run_arguments() -> argparse.ArgumentParser:
     parser.add_argument(
         "--overrides-json", default="{}", help='{"section.key": value} applied over the config'
     )
-    parser.add_argument("--dag-id", required=True)
+    parser.add_argument("--dag-id", required=True, choices=sorted(PIPELINES))
+    parser.add_argument("--job", required=True, help="the Spark job of the DAG's pipeline to run")
     parser.add_argument("--run-id", default=None)
     parser.add_argument("--interval-start", required=True, help="ISO-8601 data interval start")
     parser.add_argument("--interval-end", required=True, help="ISO-8601 data interval end (exclusive)")
@@ -52,37 +53,41 @@ def run_context(args: argparse.Namespace) -> RunContext:
     )
 
 
-def run_spark_job(
-    stages: Mapping[str, SparkStage], app_name: str, argv: Sequence[str], master: str | None = None
-) -> int:
-    """Run Spark stages in order in one application, each recording its cost and any failure under its
-    name (``stage_seconds_<name>``, ``stage_peak_rss_mb_<name>``); a user-facing failure
-    (:class:`RecsysError`) stops the rest, prints one clear line and exits with ``USER_ERROR_EXIT``.
+def run_spark_job(argv: Sequence[str], master: str | None = None) -> int:
+    """Run the stages of one Spark job in order in one application, each recording its cost and any
+    failure under its name (``stage_seconds_<name>``, ``stage_peak_rss_mb_<name>``); a user-facing
+    failure (:class:`RecsysError`) stops the rest, prints one clear line and exits with
+    ``USER_ERROR_EXIT``.
 
     Stages that run together share the Spark start-up and a warm JVM: on a small input (a night's
     events) those cost more than the work. Any failure but a user-facing one is a bug and keeps its
     traceback.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    args = run_arguments().parse_args(argv)
+    stages = [stage for stage in PIPELINES[args.dag_id].stages if stage.job() == args.job]
+    app_name = f"recsys-{args.job}"
     metrics: dict[str, float] = {}
     try:
-        run = run_context(run_arguments().parse_args(argv))
-        for name in stages:
-            run.refuse_if_published(name)
+        if not stages:
+            raise RecsysError(f"{args.dag_id} has no Spark job {args.job!r}")
+        run = run_context(args)
+        for stage in stages:
+            run.refuse_if_published(stage.name)
         spark: SparkSession | None = None
         try:
-            for name, stage in stages.items():
+            for stage in stages:
                 cost: dict[str, float] = {}
                 try:
-                    with measured(name, cost):
+                    with measured(stage.name, cost):
                         if spark is None:
                             spark = spark_session(run.config, f"{app_name}:{run.interval_key}", master)
-                        metrics |= stage(spark, run)
+                        metrics |= stage.callable()(spark=spark, run=run)
                 except RecsysError as error:
-                    run.record_failure(name, error)
+                    run.record_failure(stage.name, error)
                     raise
                 finally:
-                    run.write_metrics(f"stage_{name}", cost)
+                    run.write_metrics(f"stage_{stage.name}", cost)
         finally:
             if spark is not None:
                 spark.stop()

@@ -14,9 +14,7 @@ import logging
 import re
 import sys
 import urllib.request
-from collections.abc import Callable
 from datetime import datetime, timedelta
-from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 from recsys_pipeline.config import (
@@ -31,6 +29,7 @@ from recsys_pipeline.config import (
 # DAG files are parsed often: nothing imported here at the top may pull in Spark (``jobs`` does) or
 # NumPy, SciPy and Arrow (``runs`` does); what a task needs loads when it runs.
 from recsys_pipeline.errors import USER_ERROR_EXIT, RecsysError, StageSkipped
+from recsys_pipeline.pipelines import Pipeline, Stage
 from recsys_pipeline.redaction import redact_text, without_user_info
 from recsys_pipeline.resources import measured
 
@@ -39,7 +38,7 @@ if TYPE_CHECKING:
 
     from recsys_pipeline.runs import RunMode
 
-STAGES = "recsys_pipeline.stages"
+ESCALATION_TASK = "trigger_full_retrain"
 ALERTS_CONN_ID = "recsys_alerts"
 log = logging.getLogger(__name__)
 
@@ -188,83 +187,113 @@ def run_macros() -> dict[str, Any]:
     }
 
 
-def call_stage(target: str, mode: RunMode, context: dict[str, Any], *upstream: Any) -> Any:
-    """Call ``recsys_pipeline.stages.<module>:<function>`` for the task's run; a user-facing failure
-    fails the task without retries."""
+def call_stage(stage: Stage, mode: RunMode, context: dict[str, Any], *upstream: Any) -> Any:
+    """Call the stage's function for the task's run; a user-facing failure fails the task without
+    retries."""
     from airflow.sdk.exceptions import AirflowFailException
 
     from recsys_pipeline.runs import RunContext
 
-    module, _, function = target.partition(":")
-    stage: Callable[..., Any] = getattr(import_module(f"{STAGES}.{module}"), function)
-    task_id = context["task"].task_id
+    function = stage.callable()
     try:
         run = RunContext.from_airflow(context, mode)
-        if module != "publish":
-            run.refuse_if_published(task_id)
+        if not stage.runs_on_published:
+            run.refuse_if_published(stage.name)
     except RecsysError as error:
         raise AirflowFailException(str(error)) from error
     cost: dict[str, float] = {}
     try:
-        with measured(task_id, cost):
-            return stage(run, *upstream)
+        with measured(stage.name, cost):
+            return function(run, *upstream)
     except StageSkipped as skipped:
         from airflow.sdk.exceptions import AirflowSkipException
 
         raise AirflowSkipException(str(skipped)) from skipped
     except RecsysError as error:
-        run.record_failure(task_id, error)
+        run.record_failure(stage.name, error)
         raise AirflowFailException(str(error)) from error
     finally:
-        run.write_metrics(f"stage_{task_id}", cost)
+        run.write_metrics(f"stage_{stage.name}", cost)
 
 
-def stage_task(
-    target: str, mode: RunMode, task_id: str, *, returns: bool = False, outlets: list[Any] | None = None
-) -> Any:
-    """A TaskFlow task running one stage (``module:function`` under ``recsys_pipeline.stages``).
-
-    Only a task with ``returns`` pushes the stage's result (e.g. the published version) to XCom.
-    """
+def stage_task(stage: Stage, mode: RunMode, outlets: list[Any]) -> Any:
+    """A TaskFlow task running one stage; only a stage that ``returns`` an artifact (the published
+    version) pushes its result to XCom."""
     from airflow.sdk import task
 
-    @task(task_id=task_id, outlets=outlets or [])
+    @task(task_id=stage.name, outlets=outlets)
     def run_stage(*upstream: Any, **context: Any) -> Any:
-        result = call_stage(target, mode, context, *upstream)
-        return result if returns else None
+        result = call_stage(stage, mode, context, *upstream)
+        return result if stage.returns else None
 
     return run_stage
 
 
-def branch_task(target: str, mode: RunMode, task_id: str, *, if_true: str, if_false: str) -> Any:
+def branch_task(stage: Stage, mode: RunMode, if_true: str, if_false: list[str]) -> Any:
     """A branch that follows ``if_true`` when the stage function returns True, else ``if_false``."""
     from airflow.sdk import task
 
-    @task.branch(task_id=task_id)
-    def decide(**context: Any) -> str:
-        return if_true if call_stage(target, mode, context) else if_false
+    @task.branch(task_id=stage.name)
+    def decide(**context: Any) -> str | list[str]:
+        return if_true if call_stage(stage, mode, context) else if_false
 
     return decide()
 
 
-def publish_tail(config: PipelineConfig, mode: RunMode) -> tuple[Any, Any]:
-    """batch_recommend >> validate >> publish >> promote, shared by every DAG: (first task, last task).
-
-    Promote succeeds only when it moved ``champion``, and then updates :func:`champion_asset`."""
-    recommend = stage_task("recommend:run_batch_recommendations", mode, "batch_recommend")()
-    validate = stage_task("validate:run_validation", mode, "validate")()
-    published = stage_task("publish:run_publish", mode, "publish", returns=True)()
-    promoted = stage_task("publish:run_promotion", mode, "promote", outlets=[champion_asset(config)])(
-        published
-    )
-    recommend >> validate >> published
-    return recommend, promoted
+def task_id(stage: Stage, config: PipelineConfig) -> str:
+    """A Spark stage runs in the task of its Spark job; any other in its own task."""
+    return stage.job() if stage.uses_spark(config) else stage.name
 
 
-def spark_job(
-    config: PipelineConfig, task_id: str, script: str, mode: RunMode = "full"
-) -> SparkSubmitOperator:
-    """A ``jobs/<script>`` stage submitted to the configured Spark connection for the run's interval."""
+def wire(pipeline: Pipeline, config: PipelineConfig) -> dict[str, Any]:
+    """Create the tasks of ``pipeline`` in the DAG being defined, each after the stages whose
+    artifacts it reads: Spark jobs through the configured Spark connection, every other stage as
+    a Python task, a branch's escalation as a trigger of the DAG it names. Returns the tasks by id."""
+    from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
+
+    tasks: dict[str, Any] = {}
+    for stage in pipeline.stages:
+        own = task_id(stage, config)
+        if own in tasks:
+            continue  # a further stage of a Spark job already submitted
+        if stage.uses_spark(config):
+            tasks[own] = spark_job(config, pipeline, stage.job())
+        elif stage.escalates_to:
+            tasks[ESCALATION_TASK] = TriggerDagRunOperator(
+                task_id=ESCALATION_TASK,
+                trigger_dag_id=stage.escalates_to,
+                # The run covers the window ending where this one ends, with this run's params (the
+                # operator parses a rendered JSON string back into the conf dict).
+                logical_date=WINDOW_END,
+                conf="{{ recsys_params(params) }}",  # type: ignore[arg-type]  # a template, rendered to a dict
+                skip_when_already_exists=True,
+            )
+            after = [
+                task_id(later, config)
+                for later in pipeline.stages
+                if stage.name in pipeline.upstream(later.name)
+            ]
+            tasks[own] = branch_task(stage, pipeline.mode, ESCALATION_TASK, after)
+            tasks[own] >> tasks[ESCALATION_TASK]
+        else:
+            handed = [
+                tasks[task_id(writer, config)]
+                for writer in pipeline.stages
+                if writer.returns is not None and writer.returns in stage.reads
+            ]
+            outlets = [champion_asset(config)] if stage.updates_champion else []
+            tasks[own] = stage_task(stage, pipeline.mode, outlets)(*handed)
+    for stage in pipeline.stages:
+        for upstream in pipeline.upstream(stage.name):
+            before, after = tasks[task_id(pipeline.stage(upstream), config)], tasks[task_id(stage, config)]
+            if before is not after:
+                before >> after
+    return tasks
+
+
+def spark_job(config: PipelineConfig, pipeline: Pipeline, job: str) -> SparkSubmitOperator:
+    """One Spark job of the pipeline (its stages in one application, ``jobs/run_stages.py``),
+    submitted to the configured Spark connection for the run's interval."""
     from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
     from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
@@ -276,12 +305,12 @@ def spark_job(
                 super().execute(context)
             except AirflowException as error:
                 if f"Error code is: {USER_ERROR_EXIT}." in str(error):
-                    raise AirflowFailException(f"{task_id} failed on its input; see the log above") from error
+                    raise AirflowFailException(f"{job} failed on its input; see the log above") from error
                 raise
 
     return StageSparkSubmitOperator(
-        task_id=task_id,
-        application=str(PROJECT_ROOT / "jobs" / script),
+        task_id=job,
+        application=str(PROJECT_ROOT / "jobs" / "run_stages.py"),
         conn_id=config.spark.conn_id,
         # Rendered and stored by Airflow: secret settings reach Spark through the job's own session.
         conf={
@@ -289,8 +318,8 @@ def spark_job(
             "spark.pyspark.python": sys.executable,
             "spark.pyspark.driver.python": sys.executable,
         },
-        name=f"recsys-{task_id}",
-        application_args=[*RUN_ARGS, "--mode", mode],
+        name=f"recsys-{job}",
+        application_args=[*RUN_ARGS, "--mode", pipeline.mode, "--job", job],
         # Two runs at once (a backfill, a nightly beside a weekly) queue for the Spark slots.
         pool=config.spark.pool,
     )

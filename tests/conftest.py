@@ -117,24 +117,9 @@ def make_config(tmp_path: Path) -> ConfigFactory:
 
 def run_weekly_stages(spark: Any, run: RunContext) -> None:
     """Every stage of the weekly pipeline up to validation, in process (nothing published)."""
-    from recsys_pipeline.stages.content import run_content, run_item_ingest
-    from recsys_pipeline.stages.evaluate import run_evaluation
-    from recsys_pipeline.stages.index import run_index
-    from recsys_pipeline.stages.ingest import run_ingest
-    from recsys_pipeline.stages.interactions import run_interactions
-    from recsys_pipeline.stages.recommend import run_batch_recommendations
-    from recsys_pipeline.stages.train import run_training
-    from recsys_pipeline.stages.validate import run_validation
+    from recsys_pipeline.pipelines import WEEKLY, run_in_process
 
-    run_ingest(spark, run)
-    run_item_ingest(run)
-    run_interactions(spark, run)
-    run_training(spark, run)
-    run_content(run)
-    run_evaluation(run)
-    run_index(run)
-    run_batch_recommendations(run)
-    run_validation(run)
+    run_in_process(WEEKLY, run, spark, until="validate")
 
 
 @pytest.fixture(scope="session")

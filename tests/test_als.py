@@ -74,7 +74,7 @@ def test_degenerate_inputs_fail_with_a_clear_error(fit, matrix: sp.csr_matrix, m
 
 
 def test_spark_backend_without_a_session_says_how_to_run_it() -> None:
-    with pytest.raises(ModelFitError, match="train_als.py"):
+    with pytest.raises(ModelFitError, match="run_stages.py"):
         train(checker_board(10), CONFIG.model_copy(update={"backend": "spark"}))
 
 
@@ -89,7 +89,7 @@ def test_training_stage_records_the_hyperparameters_it_used(make_config) -> None
     config = make_config(als__factors=4, als__iterations=5)
     run = RunContext.create(config, "recsys_weekly", "1998-04-16", "1998-04-23", "manual__t")
     write_interactions(run, checker_board(20))
-    metrics = run_training(None, run)
+    metrics = run_training(run)
     # Read back against another config: the values must come from the model folder, not the config.
     recorded = run.trained_params()
     assert recorded.backend == "implicit"

@@ -38,7 +38,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ),
     ("artifacts and registry", {"tracking", "bundle", "registry"}),
     ("consumers", {"serving", "pyfunc_entry", "replay", "cli"}),
-    ("stages", {"stages"}),
+    ("stages", {"stages", "pipelines"}),
     ("entry points", {"jobs", "orchestration"}),
 ]
 

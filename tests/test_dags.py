@@ -11,6 +11,7 @@ import pytest
 
 from recsys_pipeline.cli import airflow_environment
 from recsys_pipeline.config import PROJECT_ROOT, load_config
+from recsys_pipeline.pipelines import NIGHTLY, WEEKLY
 
 RECSYS = str(Path(sys.executable).parent / "recsys")
 WEEKLY_TASKS = [
@@ -188,7 +189,7 @@ def test_a_user_facing_failure_fails_the_task_without_retries(tmp_path: Path, mo
     }
     monkeypatch.setenv("RECSYS_HOME", str(tmp_path))
     with pytest.raises(AirflowFailException, match="no refresh record .* run the fold-in first"):
-        call_stage("refresh:refresh_escalated", "refresh", context)
+        call_stage(NIGHTLY.stage("escalate_or_continue"), "refresh", context)
     # Even a failed task records what it cost.
     (cost,) = (tmp_path / "runs" / "recsys_nightly").glob("*/*/metrics/stage_escalate_or_continue.json")
     recorded = json.loads(cost.read_text())
@@ -196,12 +197,42 @@ def test_a_user_facing_failure_fails_the_task_without_retries(tmp_path: Path, mo
     assert recorded["stage_peak_rss_mb_escalate_or_continue"] > 0
 
 
+@pytest.mark.parametrize("pipeline", [WEEKLY, NIGHTLY], ids=lambda p: p.dag_id)
+def test_each_dag_is_its_declared_pipeline(dagbag, pipeline) -> None:
+    """Every stage a task (a Spark job's stages share one), after exactly the stages it reads from."""
+    from recsys_pipeline.orchestration import task_id
+
+    dag = dagbag.dags[pipeline.dag_id]
+    config = load_config()
+    tasks = {task_id(stage, config) for stage in pipeline.stages}
+    assert set(dag.task_ids) - {"trigger_full_retrain"} == tasks
+    for stage in pipeline.stages:
+        own = task_id(stage, config)
+        expected = {task_id(pipeline.stage(name), config) for name in pipeline.upstream(stage.name)} - {own}
+        assert dag.get_task(own).upstream_task_ids == expected, own
+
+
+def test_the_weekly_trains_in_its_task_unless_spark_trains(dagbag) -> None:
+    dag = dagbag.dags["recsys_weekly"]
+    assert set(dag.task_ids) == set(WEEKLY_TASKS)
+    assert dag.get_task("train").task_type == "_PythonDecoratedOperator"  # implicit: no JVM
+    assert dag.get_task("ingest_events").task_type == "StageSparkSubmitOperator"
+    assert dag.get_task("ingest_events")._conn_id == load_config().spark.conn_id
+    assert dag.get_task("ingest_items").downstream_task_ids == {"content"}
+    assert {"recsys", "weekly"} <= set(dag.tags)
+    assert dag.timetable.delta == timedelta(weeks=1)
+    from recsys_pipeline.orchestration import task_id
+
+    spark = load_config(overrides={"als.backend": "spark"})
+    assert task_id(WEEKLY.stage("train"), spark) == "train" and WEEKLY.spark_jobs(spark)["train"]
+    assert "train" not in WEEKLY.spark_jobs(load_config())
+
+
 def test_nightly_dag_folds_in_daily_and_can_hand_over_to_a_full_retrain(dagbag) -> None:
     dag = dagbag.dags["recsys_nightly"]
     assert set(dag.task_ids) == {*NIGHTLY_TASKS, "trigger_full_retrain"}
-    for upstream, downstream in zip(NIGHTLY_TASKS, NIGHTLY_TASKS[1:], strict=False):
-        assert downstream in dag.get_task(upstream).downstream_task_ids
-    assert "trigger_full_retrain" in dag.get_task("escalate_or_continue").downstream_task_ids
+    branch = dag.get_task("escalate_or_continue")
+    assert branch.downstream_task_ids == {"trigger_full_retrain", "update_index", "batch_recommend"}
     trigger = dag.get_task("trigger_full_retrain")
     assert trigger.trigger_dag_id == "recsys_weekly"
     # The weekly run it starts gets this run's params back as a dict, quotes and braces intact, and
@@ -216,20 +247,8 @@ def test_nightly_dag_folds_in_daily_and_can_hand_over_to_a_full_retrain(dagbag) 
     assert weekly.get_param("config_overrides").resolve(value=params["config_overrides"])
     assert weekly.get_param("dry_run").resolve(value=True) is True
     assert dag.timetable.delta == timedelta(days=1)
-    assert "--mode" in dag.get_task("ingest_and_build_interactions").application_args
-
-
-def test_weekly_dag_wires_every_stage_in_order(dagbag) -> None:
-    dag = dagbag.dags["recsys_weekly"]
-    assert set(dag.task_ids) == set(WEEKLY_TASKS)
-    chain = [task for task in WEEKLY_TASKS if task != "ingest_items"]  # beside ingest_events
-    for upstream, downstream in zip(chain, chain[1:], strict=False):
-        assert downstream in dag.get_task(upstream).downstream_task_ids
-    assert dag.get_task("ingest_items").downstream_task_ids == {"build_interactions"}
-    assert {"recsys", "weekly"} <= set(dag.tags)
-    assert dag.timetable.delta == timedelta(weeks=1)
-    ingest = dag.get_task("ingest_events")
-    assert ingest._conn_id == load_config().spark.conn_id
+    submitted = dag.get_task("ingest_and_build_interactions").application_args
+    assert submitted[submitted.index("--job") + 1] == "ingest_and_build_interactions"
 
 
 def movie_genres() -> dict[str, set[int]]:

@@ -12,17 +12,13 @@ import pytest
 
 from recsys_pipeline.config import load_config
 from recsys_pipeline.drift import read_report
+from recsys_pipeline.pipelines import NIGHTLY, WEEKLY, run_in_process
 from recsys_pipeline.registry import NothingPublishedError, champion_status, list_versions, version_bundle
 from recsys_pipeline.runs import RefreshRecord, RunContext
 from recsys_pipeline.serving import Recommender
-from recsys_pipeline.stages.index import run_index_refresh
-from recsys_pipeline.stages.ingest import run_ingest
 from recsys_pipeline.stages.interactions import run_interactions
-from recsys_pipeline.stages.publish import run_promotion, run_publish
-from recsys_pipeline.stages.recommend import run_batch_recommendations
-from recsys_pipeline.stages.refresh import refresh_escalated, run_refresh
-from recsys_pipeline.stages.validate import run_validation
-from tests.conftest import TEST_OVERRIDES, run_weekly_stages
+from recsys_pipeline.stages.refresh import run_refresh
+from tests.conftest import TEST_OVERRIDES
 
 WEEKLY_END = datetime(1998, 3, 20)
 NIGHTS = 2  # enough for a chain: the second night folds into the first night's version
@@ -32,14 +28,10 @@ pytestmark = pytest.mark.e2e
 
 def nightly(spark, config, day: datetime) -> tuple[RunContext, RefreshRecord]:
     run = RunContext.create(config, "recsys_nightly", day, day + timedelta(days=1), mode="refresh")
-    run_ingest(spark, run)
-    run_interactions(spark, run)
-    record = run_refresh(run)
-    assert not refresh_escalated(run), record.reasons
-    run_index_refresh(run)
-    run_batch_recommendations(run)
-    run_validation(run)
-    run_promotion(run, run_publish(run))
+    result = run_in_process(NIGHTLY, run, spark)
+    record = run.refresh_record()
+    assert record is not None and not result.escalated, record.reasons if record else None
+    assert result.version is not None
     return run, record
 
 
@@ -52,8 +44,7 @@ def id_map(run: RunContext, name: str) -> dict[str, int]:
 def replay(spark, tmp_path_factory):
     config = load_config(overrides={"state_dir": str(tmp_path_factory.mktemp("replay")), **TEST_OVERRIDES})
     weekly = RunContext.create(config, "recsys_weekly", WEEKLY_END - timedelta(weeks=1), WEEKLY_END)
-    run_weekly_stages(spark, weekly)
-    run_promotion(weekly, run_publish(weekly))
+    assert run_in_process(WEEKLY, weekly, spark).version == "1"
     nights = [nightly(spark, config, WEEKLY_END + timedelta(days=n)) for n in range(NIGHTS)]
     return config, weekly, nights
 

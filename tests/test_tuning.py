@@ -80,7 +80,7 @@ def test_training_stage_trains_the_final_model_with_the_sweeps_choice(make_confi
     config = make_config(als__sweep={"space": {"factors": [2, 6]}}, als__iterations=5)
     run = RunContext.create(config, "recsys_weekly", "1998-04-16", "1998-04-23", "manual__sweep")
     write_interactions(run, movielens)
-    run_training(None, run)
+    run_training(run)
     chosen = run.sweep_summary()
     assert chosen is not None
     assert run.trained_params().factors == chosen["best"]["factors"]

@@ -19,8 +19,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def run_training(spark: SparkSession | None, run: RunContext) -> dict[str, float]:
-    """Train on the run's training matrix and write its model folder (the hyperparameters used included)."""
+def run_training(run: RunContext, spark: SparkSession | None = None) -> dict[str, float]:
+    """Train on the run's training matrix and write its model folder (the hyperparameters used
+    included); Spark only with ``als.backend: spark``."""
     user_items = run.train_matrix()
     params = run.config.als
     sweep_summary, tuning_s = None, 0.0

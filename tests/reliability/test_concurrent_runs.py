@@ -41,37 +41,21 @@ RUNS = [
 
 def work(state: str, kind: str, start: str, end: str) -> None:
     from recsys_pipeline.errors import StageSkipped
+    from recsys_pipeline.pipelines import PIPELINES, run_in_process
     from recsys_pipeline.runs import RunContext
     from recsys_pipeline.spark import spark_session
-    from recsys_pipeline.stages.evaluate import run_evaluation
-    from recsys_pipeline.stages.index import run_index
-    from recsys_pipeline.stages.ingest import run_ingest
-    from recsys_pipeline.stages.interactions import run_interactions
-    from recsys_pipeline.stages.publish import run_promotion, run_publish
-    from recsys_pipeline.stages.recommend import run_batch_recommendations
-    from recsys_pipeline.stages.train import run_training
-    from recsys_pipeline.stages.validate import run_validation
 
     config = load_config(overrides={"state_dir": state, **LAX, **(NIGHTLY if kind == "nightly" else {})})
-    mode = "refresh" if kind == "nightly" else "full"
-    run = RunContext.create(config, f"recsys_{kind}", start, end, f"concurrent__{kind}_{end}", mode)
+    pipeline = PIPELINES[f"recsys_{kind}"]
+    run = RunContext.create(config, pipeline.dag_id, start, end, f"concurrent__{kind}_{end}", pipeline.mode)
     spark = spark_session(config, f"concurrent-{kind}-{end}", master="local[1]")
     try:
-        run_ingest(spark, run)
-        run_interactions(spark, run)
-        if kind == "weekly":
-            run_training(spark, run)
+        # The nightly takes in its day and extends the shared state; the weeklies run to promotion.
+        run_in_process(pipeline, run, spark, until="build_interactions" if kind == "nightly" else None)
+    except StageSkipped:  # the other weekly, of a later window, became champion first
+        pass
     finally:
         spark.stop()
-    if kind == "weekly":
-        run_evaluation(run)
-        run_index(run)
-        run_batch_recommendations(run)
-        run_validation(run)
-        try:
-            run_promotion(run, run_publish(run))
-        except StageSkipped:  # the other weekly, of a later window, became champion first
-            pass
 
 
 @pytest.mark.e2e

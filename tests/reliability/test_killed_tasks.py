@@ -61,7 +61,7 @@ def test_training_killed_mid_way_is_retried_to_a_complete_model(own_weekly_run, 
     kill_when(worker, lambda: any(run.run_dir.glob("metrics/*")) and time.sleep(2) is None)
     assert worker.returncode == -signal.SIGKILL
     assert (run.embeddings().item_factors == before.item_factors).all()
-    run_training(None, run)  # the retry
+    run_training(run)  # the retry
     assert run.trained_params().iterations == SLOW_TRAINING["als.iterations"]
     assert len(run.training_losses()) == SLOW_TRAINING["als.iterations"]
 
@@ -89,6 +89,6 @@ def test_publish_killed_mid_way_is_retried_to_one_version(own_weekly_run, tmp_pa
 if __name__ == "__main__":
     state_dir, stage = sys.argv[1:3]
     if stage == "train":
-        run_training(None, context(state_dir, **SLOW_TRAINING))
+        run_training(context(state_dir, **SLOW_TRAINING))
     else:
         run_publish(context(state_dir))
