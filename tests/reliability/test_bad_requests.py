@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import sys
@@ -16,7 +17,14 @@ from mlflow.exceptions import MlflowException
 
 from recsys_pipeline.bundle import write_bundle
 from recsys_pipeline.cli import main
-from recsys_pipeline.serving import MAX_BATCH_ROWS, MAX_K, BadRequestError, Recommender, RecsysPyfunc
+from recsys_pipeline.serving import (
+    MAX_BATCH_ROWS,
+    MAX_BODY_BYTES,
+    MAX_K,
+    BadRequestError,
+    Recommender,
+    RecsysPyfunc,
+)
 from recsys_pipeline.stages.publish import run_promotion, run_publish, run_tags
 from tests.conftest import free_port, start, stop
 
@@ -75,6 +83,19 @@ def test_the_cli_refuses_a_negative_k_in_one_line(own_weekly_run, capsys) -> Non
         assert out == "" and err.startswith("recsys: k must be a whole number from 1 to")
 
 
+def send_unfinished(port: int, headers: dict[str, str], parts: list[bytes]) -> tuple[int, str]:
+    """POST the headers and the parts of a body that never ends, then read the answer."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    connection.putrequest("POST", "/invocations")
+    for name, value in {"Content-Type": "application/json", **headers}.items():
+        connection.putheader(name, value)
+    connection.endheaders()
+    for part in parts:
+        connection.send(part)
+    response = connection.getresponse()
+    return response.status, response.read().decode()
+
+
 @pytest.mark.e2e
 def test_rest_answers_400_with_a_short_reason_per_bad_row(own_weekly_run, tmp_path: Path) -> None:
     run_promotion(own_weekly_run, run_publish(own_weekly_run))
@@ -89,10 +110,10 @@ def test_rest_answers_400_with_a_short_reason_per_bad_row(own_weekly_run, tmp_pa
     )
     user = str(own_weekly_run.ids("users")[0])
 
-    def post(records: list[dict] | None, body: object = None) -> tuple[int, str]:
+    def post(records: list[dict]) -> tuple[int, str]:
         request = urllib.request.Request(
             f"http://127.0.0.1:{port}/invocations",
-            data=json.dumps({"dataframe_records": records}).encode() if body is None else body,
+            data=json.dumps({"dataframe_records": records}).encode(),
             headers={"Content-Type": "application/json"},
         )
         try:
@@ -113,10 +134,14 @@ def test_rest_answers_400_with_a_short_reason_per_bad_row(own_weekly_run, tmp_pa
             message = json.loads(body)["message"]
             assert reason in message
             assert "Traceback" not in body and "stack_trace" not in body and "site-packages" not in body
-        # A body too large to be a request is refused before MLflow parses it, declared or chunked.
-        huge = json.dumps({"dataframe_records": [{"user_id": user, "k": 3}] * 100_000}).encode()
-        for body in (huge, iter([huge[i : i + 65536] for i in range(0, len(huge), 65536)])):
-            status, answer = post(None, body)
+        # A body too large to be a request is refused before MLflow parses it: when its declared
+        # length is too large, before any of it is sent; when chunked, once what came is too much.
+        chunk = b"x" * (MAX_BODY_BYTES // 2 + 1)
+        for headers, parts in (
+            ({"Content-Length": str(100 * MAX_BODY_BYTES)}, []),
+            ({"Transfer-Encoding": "chunked"}, [b"%x\r\n%s\r\n" % (len(chunk), chunk)] * 2),
+        ):
+            status, answer = send_unfinished(port, headers, parts)
             assert status == 413 and "send at most 1000 rows" in json.loads(answer)["message"]
         status, body = post([{"user_id": user, "k": 3}])
         assert status == 200 and len(json.loads(body)["predictions"]) == 3
