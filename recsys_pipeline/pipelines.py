@@ -132,7 +132,7 @@ def _publish_tail(recommend_reads: tuple[str, ...], publish_reads: tuple[str, ..
         Stage(
             "batch_recommend",
             "recommend:run_batch_recommendations",
-            reads=(*recommend_reads, LAKE, INTERACTIONS, EMBEDDINGS),
+            reads=(*recommend_reads, LAKE, INTERACTIONS, EMBEDDINGS, INDEX),
             writes=(RECOMMENDATIONS,),
         ),
         Stage(
