@@ -126,6 +126,29 @@ GO_ON = "refresh_not_escalated"
 VERSION = "version"
 
 
+def _ingest_and_interactions(*between: Stage, spark_job: str | None = None) -> tuple[Stage, ...]:
+    """ingest_events, any stages ``between``, then build_interactions: every DAG starts so."""
+    return (
+        Stage(
+            "ingest_events",
+            "ingest:run_ingest",
+            reads=("source",),
+            writes=(LAKE,),
+            uses_spark=always,
+            spark_job=spark_job,
+        ),
+        *between,
+        Stage(
+            "build_interactions",
+            "interactions:run_interactions",
+            reads=(LAKE,),
+            writes=(INTERACTIONS,),
+            uses_spark=always,
+            spark_job=spark_job,
+        ),
+    )
+
+
 def _publish_tail(recommend_reads: tuple[str, ...], publish_reads: tuple[str, ...]) -> tuple[Stage, ...]:
     """batch_recommend, validate, publish and promote: every DAG ends so."""
     return (
@@ -162,14 +185,8 @@ WEEKLY = Pipeline(
     "recsys_weekly",
     "full",
     (
-        Stage("ingest_events", "ingest:run_ingest", reads=("source",), writes=(LAKE,), uses_spark=always),
-        Stage("ingest_items", "content:run_item_ingest", reads=("item_source",), writes=(ITEMS,)),
-        Stage(
-            "build_interactions",
-            "interactions:run_interactions",
-            reads=(LAKE,),
-            writes=(INTERACTIONS,),
-            uses_spark=always,
+        *_ingest_and_interactions(
+            Stage("ingest_items", "content:run_item_ingest", reads=("item_source",), writes=(ITEMS,)),
         ),
         Stage(
             "train",
@@ -195,22 +212,8 @@ NIGHTLY = Pipeline(
     "recsys_nightly",
     "refresh",
     (
-        Stage(
-            "ingest_events",
-            "ingest:run_ingest",
-            reads=("source",),
-            writes=(LAKE,),
-            uses_spark=always,
-            spark_job="ingest_and_build_interactions",
-        ),
-        Stage(
-            "build_interactions",
-            "interactions:run_interactions",
-            reads=(LAKE,),
-            writes=(INTERACTIONS,),
-            uses_spark=always,
-            spark_job="ingest_and_build_interactions",
-        ),
+        # A night's input is small: one Spark application for both costs less than two start-ups.
+        *_ingest_and_interactions(spark_job="ingest_and_build_interactions"),
         Stage(
             "fold_in",
             "refresh:run_refresh",
