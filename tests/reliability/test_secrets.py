@@ -23,6 +23,7 @@ import pytest
 import zstandard
 
 from recsys_pipeline.config import PROJECT_ROOT, ConfigError, PipelineConfig, load_config, run_overrides
+from recsys_pipeline.pipelines import WEEKLY
 from recsys_pipeline.redaction import REDACTED, MissingSecretError, redact_text
 from recsys_pipeline.runs import RunContext
 from recsys_pipeline.stages.publish import run_promotion, run_publish
@@ -112,7 +113,7 @@ def test_a_secret_spark_setting_is_recorded_redacted_and_still_reaches_every_tas
     # What Airflow renders and stores for a Spark task holds no secret setting.
     from recsys_pipeline.orchestration import spark_job
 
-    operator = spark_job(first.config, "ingest_events", "ingest_events.py")
+    operator = spark_job(first.config, WEEKLY, "ingest_events")
     assert SECRET_SPARK_SETTING not in operator.conf and operator.conf["spark.sql.shuffle.partitions"] == "4"
 
 
