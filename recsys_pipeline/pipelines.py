@@ -14,7 +14,7 @@ when called: DAG files are parsed often, and the stages import Spark and NumPy.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
@@ -254,21 +254,17 @@ def run_in_process(
     run: RunContext,
     spark: SparkSession | None = None,
     until: str | None = None,
-    skip: Collection[str] = (),
 ) -> InProcessResult:
     """Run the pipeline's stages in order in this process, as its DAG would (Spark stages on
     ``spark``, or on a session started for them), stopping after ``until`` or where a branch
-    escalates; stages named in ``skip`` are left out."""
+    escalates."""
     from recsys_pipeline.spark import spark_session
 
     session = spark
     results: dict[str, Any] = {}
     ran: list[str] = []
-    skipped = set(skip)
     try:
         for stage in pipeline.stages:
-            if stage.name in skipped:
-                continue
             arguments = [results[artifact] for artifact in stage.reads if artifact in results]
             if stage.uses_spark(run.config):
                 if session is None:
