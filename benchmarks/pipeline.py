@@ -39,7 +39,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import yaml
 
-from recsys_pipeline.config import DEFAULT_CONFIG_PATH, load_config
+from recsys_pipeline.config import load_config
 from recsys_pipeline.evaluate import EvaluationSet, scores
 from recsys_pipeline.ranking import exclude, pad, top_k
 from recsys_pipeline.runs import StateLayout
@@ -156,16 +156,10 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     work = layout.bench / "work" / "pipeline"
     shutil.rmtree(work, ignore_errors=True)
     state = work / "state"
-    config = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
-    config["source"] = {
-        "name": "synthetic",
-        "path": str(source),
-        "format": "parquet",
-        "mapping": SOURCE_MAPPING,
-    }
-    # The synthetic log has no item metadata (the default config's content source describes the
-    # bundled sample's movies, not these items).
-    config["content"]["enabled"] = False
+    # A profile as a user writes one: the source, every other setting the pipeline's default (content
+    # off: no item metadata is generated here).
+    source_config = {"name": "synthetic", "path": str(source), "format": "parquet", "mapping": SOURCE_MAPPING}
+    config = {"source": source_config}
     config_path = work / "pipeline.yaml"
     config_path.parent.mkdir(parents=True)
     config_path.write_text(yaml.safe_dump(config))

@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 import scipy.sparse as sp
 
 from recsys_pipeline.als import train
-from recsys_pipeline.config import DEFAULT_CONFIG_PATH, AlsConfig, PipelineConfig, SweepConfig, load_config
+from recsys_pipeline.config import SAMPLE_PROFILE_PATH, AlsConfig, PipelineConfig, SweepConfig, load_config
 from recsys_pipeline.embeddings import Embeddings
 from recsys_pipeline.evaluate import EvaluationSet, bootstrap_interval, per_user_metrics
 from recsys_pipeline.events import canonicalize, read_source
@@ -319,10 +319,10 @@ def print_table(results: dict[str, Any]) -> None:
 
 
 def run(params: dict[str, Any]) -> dict[str, Any]:
-    """On the configured source (``RECSYS_CONFIG`` or ``conf/pipeline.yaml``)."""
+    """On the configured source (``RECSYS_CONFIG``, else the bundled sample)."""
     return measure(*source_matrix(load_config()), params)
 
 
 def run_bundled(params: dict[str, Any]) -> dict[str, Any]:
     """On the bundled MovieLens-100k, whatever ``RECSYS_CONFIG`` points at."""
-    return measure(*source_matrix(load_config(DEFAULT_CONFIG_PATH)), params)
+    return measure(*source_matrix(load_config(SAMPLE_PROFILE_PATH)), params)

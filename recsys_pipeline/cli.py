@@ -17,6 +17,7 @@ from recsys_pipeline import registry
 from recsys_pipeline.config import (
     DEFAULT_CONFIG_PATH,
     PROJECT_ROOT,
+    SAMPLE_PROFILE_PATH,
     ConfigError,
     PipelineConfig,
     load_config,
@@ -36,7 +37,11 @@ from recsys_pipeline.synthetic import (
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recsys", description=__doc__)
-    parser.add_argument("--config", help=f"pipeline YAML (default: $RECSYS_CONFIG or {DEFAULT_CONFIG_PATH})")
+    parser.add_argument(
+        "--config",
+        help=f"profile YAML layered over {DEFAULT_CONFIG_PATH.name} (default: $RECSYS_CONFIG or "
+        f"{SAMPLE_PROFILE_PATH.name}, the bundled sample)",
+    )
     parser.add_argument(
         "--set",
         action="append",

@@ -1,8 +1,10 @@
 """The one typed configuration of the pipeline.
 
-A YAML file in ``conf/`` is validated into :class:`PipelineConfig`. DAG params and
-CLI ``--set section.key=value`` flags override single fields; nothing else holds
-parameters.
+``conf/pipeline.yaml`` holds the pipeline's defaults; a profile is layered over it (the file
+``RECSYS_CONFIG`` names, else ``conf/sample.yaml``, the bundled sample's events and item metadata),
+and the result is validated into :class:`PipelineConfig`. A profile of your own so never inherits
+the sample's description of its data. DAG params and CLI ``--set section.key=value`` flags
+override single fields; nothing else holds parameters.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from recsys_pipeline.redaction import has_credentials, is_secret_name, redact_tr
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_PATH = PROJECT_ROOT / "conf" / "pipeline.yaml"
+SAMPLE_PROFILE_PATH = PROJECT_ROOT / "conf" / "sample.yaml"
 # Connection arguments of the embedded Airflow's SQLite database (``[database]
 # sql_alchemy_connect_args`` names this dict). The scheduler and a command such as a backfill write
 # at once; sqlite3's default 5 s wait for the other side's lock is too short on a busy machine.
@@ -677,20 +680,42 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
     return raw
 
 
-def load_config(path: Path | str | None = None, overrides: dict[str, Any] | None = None) -> PipelineConfig:
-    """Read, override and validate the configuration.
+def layered(base: dict[str, Any], profile: dict[str, Any]) -> dict[str, Any]:
+    """``profile`` over ``base``: mappings merge key by key, anything else (a list, a value, null)
+    replaces what the base says."""
+    merged = dict(base)
+    for key, value in profile.items():
+        below = merged.get(key)
+        merged[key] = layered(below, value) if isinstance(below, dict) and isinstance(value, dict) else value
+    return merged
 
-    Relative paths inside the file are resolved against the project root, so the
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {path} is not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} holds no mapping of sections")
+    return cast(dict[str, Any], raw)
+
+
+def load_config(path: Path | str | None = None, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """Read the defaults, layer the profile (``path``, else ``$RECSYS_CONFIG``, else the bundled
+    sample's) and the overrides over them, and validate.
+
+    Relative paths inside the files are resolved against the project root, so the
     same file works from any working directory.
     """
-    config_path = Path(path or os.environ.get("RECSYS_CONFIG") or DEFAULT_CONFIG_PATH)
-    try:
-        raw = yaml.safe_load(config_path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {config_path}") from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"config file {config_path} is not valid YAML: {error}") from None
-    raw = apply_overrides(raw, overrides or {})
+    config_path = Path(path or os.environ.get("RECSYS_CONFIG") or SAMPLE_PROFILE_PATH)
+    raw = apply_overrides(layered(_read_yaml(DEFAULT_CONFIG_PATH), _read_yaml(config_path)), overrides or {})
+    if "source" not in raw:
+        raise ConfigError(
+            f"{config_path} names no source: add a `source:` section saying where your events are and "
+            f"how their columns map (docs/configuration.md; {SAMPLE_PROFILE_PATH.name} shows one)"
+        )
     try:
         config = PipelineConfig.model_validate(raw)
     except ValidationError as error:

@@ -21,7 +21,9 @@ from recsys_pipeline.spark import spark_session
 def run_arguments() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser()
     parser.add_argument(
-        "--config", default=None, help="Pipeline YAML (default: $RECSYS_CONFIG or conf/pipeline.yaml)"
+        "--config",
+        default=None,
+        help="Profile YAML layered over conf/pipeline.yaml (default: $RECSYS_CONFIG or conf/sample.yaml)",
     )
     parser.add_argument(
         "--overrides-json", default="{}", help='{"section.key": value} applied over the config'

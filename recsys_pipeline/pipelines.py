@@ -186,7 +186,8 @@ WEEKLY = Pipeline(
     "full",
     (
         *_ingest_and_interactions(
-            Stage("ingest_items", "content:run_item_ingest", reads=("item_source",), writes=(ITEMS,)),
+            # After the events: it checks the metadata names enough of their items before training.
+            Stage("ingest_items", "content:run_item_ingest", reads=("item_source", LAKE), writes=(ITEMS,)),
         ),
         Stage(
             "train",

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import scipy.sparse as sp
@@ -71,3 +72,20 @@ def write_empty_matrix(path: Path) -> None:
     """A matrix folder with no pairs, as the readers expect one (without a Spark job for no rows)."""
     path.mkdir(parents=True)
     pq.write_table(MATRIX_ARROW_SCHEMA.empty_table(), path / "part-00000.parquet")
+
+
+def distinct_values(paths: list[Path], column: str) -> pa.Array:
+    """The distinct string values of one column over Parquet files or folders, read batch by batch:
+    memory holds the distinct values (and at most as many again unmerged), never the rows."""
+    distinct = pa.array([], pa.string())
+    pending: list[pa.Array] = []
+    pending_rows = 0
+    for path in paths:
+        for batch in ds.dataset(str(path), format="parquet").to_batches(columns=[column]):
+            pending.append(pc.unique(batch.column(0).cast(pa.string())))
+            pending_rows += len(pending[-1])
+            # Merged once the unmerged values outnumber the distinct ones: linear in the rows read.
+            if pending_rows > max(len(distinct), 1 << 16):
+                distinct = pc.unique(pa.concat_arrays([distinct, *pending]))
+                pending, pending_rows = [], 0
+    return pc.unique(pa.concat_arrays([distinct, *pending]))

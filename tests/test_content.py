@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from recsys_pipeline.config import ContentMapConfig, IndexConfig, load_config
+from recsys_pipeline.config import ContentMapConfig, ContentSourceConfig, IndexConfig, load_config
 from recsys_pipeline.content import (
     ContentError,
     encode_items,
@@ -20,8 +20,10 @@ from recsys_pipeline.content import (
 )
 from recsys_pipeline.embeddings import Embeddings
 from recsys_pipeline.index import ScannIndex, search_params
+from recsys_pipeline.pipelines import WEEKLY
 from recsys_pipeline.runs import RunContext
 from recsys_pipeline.stages.content import run_content, run_item_ingest
+from tests.conftest import another_run_of
 
 GENRES = 19
 
@@ -202,3 +204,28 @@ def test_a_sentence_model_folder_whose_hash_differs_is_refused_before_it_is_load
     assert folder_sha256(model) != expected
     with pytest.raises(ContentError, match="hashes to .*, not content.sentence.sha256"):
         encode_items(_items(3), config)
+
+
+def test_metadata_naming_too_few_of_the_events_items_fails_at_ingest_items(
+    own_weekly_run: RunContext, tmp_path: Path
+) -> None:
+    """A user's own events with metadata that does not describe them: the run fails as soon as the
+    events are in the lake, not after training (ingest_items runs before train in the declared
+    weekly, and reads the lake)."""
+    few = tmp_path / "items.csv"
+    few.write_text("item,title\n1,Toy Story (1995)\n2,GoldenEye (1995)\n3,Four Rooms (1995)\n")
+    content = own_weekly_run.config.content.model_copy(
+        update={"source": ContentSourceConfig(path=few, id_column="item", text_columns=["title"])}
+    )
+    run = another_run_of(
+        own_weekly_run, "manual__few_items", own_weekly_run.config.model_copy(update={"content": content})
+    )
+    items_before = (run.layout.items_lake / "items.parquet").read_bytes()
+    with pytest.raises(ContentError, match=r"describes 3 of the catalogue's 1682 items, below content\.min"):
+        run_item_ingest(run)
+    assert (run.layout.items_lake / "items.parquet").read_bytes() == items_before
+    # The full metadata passes the same check.
+    assert run_item_ingest(own_weekly_run)["items_ingested"] == 1682
+    names = [stage.name for stage in WEEKLY.stages]
+    assert names.index("ingest_items") < names.index("train")
+    assert "ingest_events" in WEEKLY.upstream("ingest_items")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from recsys_pipeline.cli import airflow_environment
-from recsys_pipeline.config import PROJECT_ROOT, load_config
+from recsys_pipeline.config import PROJECT_ROOT, SAMPLE_PROFILE_PATH, load_config
 from recsys_pipeline.pipelines import NIGHTLY, WEEKLY
 
 RECSYS = str(Path(sys.executable).parent / "recsys")
@@ -361,7 +361,7 @@ def test_corrupted_input_fails_the_run_keeping_the_champion_and_its_files(state_
     corrupted.write_text("\n".join(line if i % 10 else "garbage line" for i, line in enumerate(lines)) + "\n")
     config_file = tmp_path / "pipeline.yaml"  # a run may not override source.path: a config file does
     config_file.write_text(
-        (PROJECT_ROOT / "conf" / "pipeline.yaml").read_text().replace("data/ml-100k/u.data", str(corrupted))
+        SAMPLE_PROFILE_PATH.read_text().replace("data/ml-100k/u.data", str(corrupted))
     )
     result = recsys(
         "airflow",

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from recsys_pipeline.cli import airflow_environment
-from recsys_pipeline.config import DEFAULT_CONFIG_PATH, load_config
+from recsys_pipeline.config import SAMPLE_PROFILE_PATH, load_config
 from recsys_pipeline.registry import list_versions
 from recsys_pipeline.replay import (
     NIGHTLY,
@@ -50,8 +50,7 @@ def test_the_champion_of_its_time_moves_only_to_runs_that_passed() -> None:
 def test_a_dry_replay_builds_each_run_on_the_ones_before_and_moves_no_alias(tmp_path: Path) -> None:
     home = tmp_path / "home"
     # A parent older than a day and a half escalates: the second nightly hands over to a weekly run.
-    raw = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
-    raw["refresh"]["max_parent_age_days"] = 1.5
+    raw = yaml.safe_load(SAMPLE_PROFILE_PATH.read_text()) | {"refresh": {"max_parent_age_days": 1.5}}
     config_file = tmp_path / "pipeline.yaml"
     config_file.write_text(yaml.safe_dump(raw))
     config = load_config(config_file, overrides={"state_dir": str(home)})

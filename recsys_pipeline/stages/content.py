@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from datetime import date, datetime, timedelta
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -12,6 +14,7 @@ import pyarrow.parquet as pq
 from recsys_pipeline.content import (
     ITEM_ID,
     ContentError,
+    check_coverage,
     check_map_fit,
     check_quarantine_share,
     encode_items,
@@ -21,13 +24,17 @@ from recsys_pipeline.content import (
 )
 from recsys_pipeline.embeddings import read_embeddings, write_factors
 from recsys_pipeline.runs import RunContext, atomic_dir, write_json, write_model_dir
+from recsys_pipeline.tables import distinct_values
 
 log = logging.getLogger(__name__)
 ITEMS_FILE = "items.parquet"
 
 
 def run_item_ingest(run: RunContext) -> dict[str, float]:
-    """Replace the lake's item metadata with the content source's accepted rows; quarantine the rest."""
+    """Replace the lake's item metadata with the content source's accepted rows; quarantine the rest.
+
+    Runs as soon as the events are in the lake: metadata that names too few of the items the events
+    name fails the run here, before anything is trained (not at ``content``, after training)."""
     config = run.config.content
     if not config.enabled or config.source is None:
         log.info("content.enabled is false: no item metadata to take in")
@@ -38,10 +45,23 @@ def run_item_ingest(run: RunContext) -> dict[str, float]:
         pq.write_table(read.quarantine, staging / "quarantine.parquet")
     run.write_metrics("items", read.metrics)
     check_quarantine_share(read.metrics, config.max_quarantine_share)
+    with run.layout.lock(shared=True):
+        catalogue = distinct_values(lake_days_before(run.layout.events_lake, run.interval_end), "item_id")
+    check_coverage(read.items.column(ITEM_ID), catalogue, config)
     with run.layout.lock(), atomic_dir(run.layout.items_lake) as staging:
         staging.mkdir(parents=True)
         pq.write_table(read.items, staging / ITEMS_FILE)
     return read.metrics
+
+
+def lake_days_before(lake: Path, end: datetime) -> list[Path]:
+    """The lake's date partitions holding events before ``end``."""
+    last = (end - timedelta(microseconds=1)).date()
+    return sorted(
+        partition
+        for partition in lake.glob("event_date=*")
+        if date.fromisoformat(partition.name.removeprefix("event_date=")) <= last
+    )
 
 
 def run_content(run: RunContext) -> dict[str, float]:
@@ -61,12 +81,7 @@ def run_content(run: RunContext) -> dict[str, float]:
     positions = pc.index_in(items.column(ITEM_ID), value_set=pa.array(catalogue, pa.string()))
     known = np.asarray(pc.is_valid(positions))
     items, item_idx = items.filter(pa.array(known)), positions.drop_null().to_numpy().astype(np.int64)
-    if len(item_idx) < config.min_coverage * len(catalogue):
-        raise ContentError(
-            f"content.source {config.source.path if config.source else ''} describes {len(item_idx)} of "
-            f"the catalogue's {len(catalogue)} items, below content.min_coverage={config.min_coverage:.0%}: "
-            "point content.source at your items' metadata, or set content.enabled: false"
-        )
+    check_coverage(items.column(ITEM_ID), pa.array(catalogue, pa.string()), config)
     rows, vectors = encode_items(items, config)
     content_idx = item_idx[rows]
 

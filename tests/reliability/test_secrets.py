@@ -20,9 +20,19 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import yaml
 import zstandard
 
-from recsys_pipeline.config import PROJECT_ROOT, ConfigError, PipelineConfig, load_config, run_overrides
+from recsys_pipeline.config import (
+    DEFAULT_CONFIG_PATH,
+    PROJECT_ROOT,
+    SAMPLE_PROFILE_PATH,
+    ConfigError,
+    PipelineConfig,
+    layered,
+    load_config,
+    run_overrides,
+)
 from recsys_pipeline.pipelines import WEEKLY
 from recsys_pipeline.redaction import REDACTED, MissingSecretError, redact_text
 from recsys_pipeline.runs import RunContext
@@ -39,10 +49,12 @@ def files_holding(root: Path, secret: str) -> list[str]:
 
 
 def config_file_with(tmp_path: Path, old: str, new: str) -> Path:
+    """A profile: the defaults with ``old`` replaced by ``new``, and the bundled sample's data."""
     path = tmp_path / "pipeline.yaml"
-    text = (PROJECT_ROOT / "conf" / "pipeline.yaml").read_text()
+    text = DEFAULT_CONFIG_PATH.read_text()
     assert old in text
-    path.write_text(text.replace(old, new))
+    sample = yaml.safe_load(SAMPLE_PROFILE_PATH.read_text())
+    path.write_text(yaml.safe_dump(layered(yaml.safe_load(text.replace(old, new)), sample)))
     return path
 
 
