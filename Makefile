@@ -14,19 +14,29 @@ export OPENBLAS_NUM_THREADS := 1
 help:
 	@sed -n 's/^## //p' $(MAKEFILE_LIST) | column -t -s ':'
 
+# The installer's own output goes to a log (hundreds of lines a user need not read); a failure shows
+# its end.
+SETUP_LOG = $${RECSYS_HOME:-var}/logs/setup.log
+
 $(BIN)/.installed: pyproject.toml
 	@python_bin=$$(scripts/check_prereqs.sh) || exit 1; \
-	  [ -x $(BIN)/python ] || $$python_bin -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	touch $@
+	  mkdir -p $$(dirname $(SETUP_LOG)); log=$(SETUP_LOG); \
+	  echo "setup: installing recsys-pipeline and its dependencies into $(VENV) with $$($$python_bin --version)"; \
+	  echo "setup: a few minutes the first time (installer output in $$log)"; \
+	  { [ -x $(BIN)/python ] || $$python_bin -m venv $(VENV); } > $$log 2>&1 \
+	  && $(BIN)/python -m pip install --upgrade pip >> $$log 2>&1 \
+	  && $(BIN)/python -m pip install -e '.[dev]' >> $$log 2>&1 \
+	  || { tail -n 20 $$log; echo "setup: FAILED (full output in $$log)"; exit 1; }
+	@touch $@
+	@echo "setup: done"
 
 ## setup: check Python 3.11 and Java 17+, create .venv and install the project
 setup: $(BIN)/.installed
 
 ## init: create the Airflow and MLflow state under var/ (or $RECSYS_HOME)
 init: setup
-	@$(RECSYS) airflow db migrate > /dev/null
+	@mkdir -p $$(dirname $(SETUP_LOG)); $(RECSYS) airflow db migrate > $(SETUP_LOG).init 2>&1 \
+	  || { tail -n 20 $(SETUP_LOG).init; echo "init: FAILED (full output in $(SETUP_LOG).init)"; exit 1; }
 
 # Where `make run`/`make nightly` keep a DAG run's full output: the screen gets the summary.
 RUN_LOGS = $${RECSYS_HOME:-var}/logs
