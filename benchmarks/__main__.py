@@ -6,6 +6,7 @@ which writes ``var/bench/NAME-KEY=VALUE.json`` instead (the 100M-event pipeline 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -16,6 +17,7 @@ from benchmarks import als, cold_start, index_search, interactions, pipeline, qu
 from recsys_pipeline.config import load_config
 from recsys_pipeline.runs import StateLayout, write_json
 
+BLAS_SETTINGS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS")
 Benchmark = tuple[dict[str, Any], Callable[[dict[str, Any]], dict[str, Any]]]
 BENCHMARKS: dict[str, Benchmark] = {
     "als": (als.PARAMS, als.run),
@@ -46,6 +48,8 @@ def main(argv: list[str]) -> int:
         report_name = "-".join([name, *(f"{key}={value}" for key, value in replaced.items())])
         print(f"== {report_name} {json.dumps(params)}", flush=True)
         results = run(params)
+        # BLAS settings change numpy's and the JVM's speed: every report says which it ran under.
+        results["blas_env"] = {name: os.environ.get(name) for name in BLAS_SETTINGS}
         report = {"name": report_name, "params": params, "results": results}
         if "published" in results:  # peer numbers also at the top level, beside ours
             report["published"] = results["published"]

@@ -1,7 +1,7 @@
 """The package's layers, read from its imports: no cycles, and no arrow pointing up.
 
 A module may import modules of its own layer or below. The layers, bottom to top, are the
-one list below; the README draws the same picture.
+one list below; docs/development.md draws the same picture.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def layer_of(module: str) -> int:
     for number, (_, members) in enumerate(LAYERS):
         if top in members:
             return number
-    raise AssertionError(f"recsys_pipeline.{module} is in no layer: add it to LAYERS and the README")
+    raise AssertionError(f"recsys_pipeline.{module} is in no layer: add it to LAYERS and docs/development.md")
 
 
 def package_modules() -> dict[str, Path]:
