@@ -297,9 +297,17 @@ def state_env(tmp_path_factory) -> dict[str, str]:
     return env
 
 
-@pytest.mark.e2e
-def test_weekly_dag_runs_end_to_end_and_publishes_a_champion(state_env) -> None:
+@pytest.fixture(scope="module")
+def weekly_dag_run(state_env) -> dict[str, str]:
+    """The weekly DAG run for the sample's last week, once per module: the champion every other
+    e2e test here starts from, whichever of them runs first or alone."""
     recsys("airflow", "dags", "test", "recsys_weekly", "1998-04-23", env=state_env)
+    return state_env
+
+
+@pytest.mark.e2e
+def test_weekly_dag_runs_end_to_end_and_publishes_a_champion(weekly_dag_run) -> None:
+    state_env = weekly_dag_run
     assert task_states(state_env) == dict.fromkeys(WEEKLY_TASKS, "success")
     status = json.loads(recsys("status", "--json", env=state_env).stdout)
     assert status["model"] == "recsys-als" and status["version"] == 1
@@ -348,7 +356,10 @@ def tree_hashes(folder: Path) -> dict[str, str]:
 
 
 @pytest.mark.e2e
-def test_corrupted_input_fails_the_run_keeping_the_champion_and_its_files(state_env, tmp_path: Path) -> None:
+def test_corrupted_input_fails_the_run_keeping_the_champion_and_its_files(
+    weekly_dag_run, tmp_path: Path
+) -> None:
+    state_env = weekly_dag_run
     # A second run of the champion's window with another config (a source whose every tenth line is
     # garbage): it gets a folder of its own, fails at ingest, and neither the champion nor the
     # published run's files change (before runs were scoped, its snapshot and metrics overwrote them).
@@ -386,7 +397,8 @@ def test_corrupted_input_fails_the_run_keeping_the_champion_and_its_files(state_
 
 
 @pytest.mark.e2e
-def test_nightly_dag_refreshes_the_champion_or_escalates(state_env) -> None:
+def test_nightly_dag_refreshes_the_champion_or_escalates(weekly_dag_run) -> None:
+    state_env = weekly_dag_run
     before = json.loads(recsys("status", "--json", env=state_env).stdout)
     # The sample's last day, folded into the weekly champion (trained on all but each user's last items).
     recsys("airflow", "dags", "test", "recsys_nightly", "1998-04-23", env=state_env)
@@ -404,7 +416,7 @@ def test_nightly_dag_refreshes_the_champion_or_escalates(state_env) -> None:
     assert status["refresh"]["users_updated"] > 0
 
     # Drift past a bound from the weekly parent: the run says why and hands over to the weekly DAG,
-    # whose run for that day exists already (this module's first test), so none is added.
+    # whose run for that day exists already (the module's weekly_dag_run), so none is added.
     conf = json.dumps({"config_overrides": {"drift.min_rec_overlap": 1.0}})
     result = recsys("airflow", "dags", "test", "recsys_nightly", "1998-04-23", "-c", conf, env=state_env)
     states = task_states(state_env, "recsys_nightly")

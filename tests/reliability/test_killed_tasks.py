@@ -24,7 +24,9 @@ from recsys_pipeline.stages.publish import run_promotion, run_publish
 from recsys_pipeline.stages.train import run_training
 
 pytestmark = pytest.mark.e2e
-SLOW_TRAINING = {"als.iterations": 400}
+# Long enough to be killed mid-fit (a few seconds on the sample), no sweep before it.
+SLOW_TRAINING = {"als.iterations": 400, "als.sweep": None}
+FIT_STARTED = "fit-started"  # the worker touches this in its state folder as ALS starts fitting
 
 
 def context(state: str, **overrides: object) -> RunContext:
@@ -57,8 +59,9 @@ def test_training_killed_mid_way_is_retried_to_a_complete_model(own_weekly_run, 
     run = context(str(state), **SLOW_TRAINING)
     before = run.embeddings()
     worker = start_worker(state, "train", tmp_path / "train.log")
-    # Killed while training: the run's model folder must still be the earlier, complete one.
-    kill_when(worker, lambda: any(run.run_dir.glob("metrics/*")) and time.sleep(2) is None)
+    # Killed while ALS fits, a second into a fit of several: the run's model folder must still be
+    # the earlier, complete one.
+    kill_when(worker, lambda: (state / FIT_STARTED).exists() and time.sleep(1) is None)
     assert worker.returncode == -signal.SIGKILL
     assert (run.embeddings().item_factors == before.item_factors).all()
     run_training(run)  # the retry
@@ -89,6 +92,15 @@ def test_publish_killed_mid_way_is_retried_to_one_version(own_weekly_run, tmp_pa
 if __name__ == "__main__":
     state_dir, stage = sys.argv[1:3]
     if stage == "train":
+        from recsys_pipeline.als import ImplicitTrainer
+
+        fit = ImplicitTrainer.fit
+
+        def fit_and_say_so(self, user_items, params):  # type: ignore[no-untyped-def]
+            (Path(state_dir) / FIT_STARTED).touch()
+            return fit(self, user_items, params)
+
+        ImplicitTrainer.fit = fit_and_say_so  # type: ignore[method-assign]
         run_training(context(state_dir, **SLOW_TRAINING))
     else:
         run_publish(context(state_dir))
