@@ -36,7 +36,10 @@ TEST_SPARK_CONF = {"spark.sql.shuffle.partitions": "2", "spark.ui.enabled": "fal
 # In-process runs train once at the configured values: the sweep (tens of trials) is covered by
 # test_tuning, the default-config quality test and every DAG test, which run the project config.
 TEST_OVERRIDES = {"spark.conf": TEST_SPARK_CONF, "als.sweep": None}
-TIERS = ("unit", "spark", "e2e")
+# A test's tier is what it starts: nothing (unit), a Spark session in this process (spark), other
+# processes such as CLIs, killed workers, servers and DAG runs (e2e, marked by hand). An unmarked
+# test is unit, or spark when its fixtures start Spark; a slow one is never inferred to be unit.
+TIERS = ("unit", "spark", "e2e", "slow")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

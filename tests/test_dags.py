@@ -53,6 +53,7 @@ def test_dags_import_without_errors(dagbag) -> None:
     assert {"recsys_weekly", "recsys_nightly"} <= set(dagbag.dags)
 
 
+@pytest.mark.e2e
 def test_parsing_the_dag_files_loads_no_spark_and_no_array_library(tmp_path: Path) -> None:
     """Airflow parses DAG files over and over; what the tasks need loads when they run."""
     heavy = ("pyspark", "numpy", "scipy", "pyarrow", "pandas", "mlflow", "great_expectations")
@@ -449,6 +450,7 @@ def test_a_backfill_runs_one_week_at_a_time_unless_told_otherwise() -> None:
     assert one_run_at_a_time(["dags", "list"]) == ["dags", "list"]
 
 
+@pytest.mark.e2e
 def test_airflow_on_the_state_waits_for_sqlite_locks_and_a_deployment_keeps_its_database(
     tmp_path: Path, monkeypatch
 ) -> None:

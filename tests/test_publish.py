@@ -162,6 +162,7 @@ def test_recommender_excludes_history_and_rejects_unknown_ids(own_weekly_run) ->
     assert popular["item_id"].tolist() == list(recommender.item_ids[recommender.popular[:3]])
 
 
+@pytest.mark.e2e
 def test_registered_pyfunc_answers_like_the_in_process_client(own_weekly_run, tmp_path: Path) -> None:
     version = run_publish(own_weekly_run)
     run_promotion(own_weekly_run, version)

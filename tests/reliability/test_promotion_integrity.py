@@ -53,6 +53,7 @@ def test_a_missing_alias_on_a_working_registry_is_simply_absent(make_config) -> 
     assert registry.alias_version(make_config(), registry.CHAMPION) is None
 
 
+@pytest.mark.e2e
 def test_the_cli_says_the_registry_is_unreachable_in_one_line(tmp_path: Path) -> None:
     result = run_recsys(
         "--set",

@@ -95,6 +95,7 @@ def test_one_rule_redacts_user_info_secret_query_values_and_secret_assignments()
     assert redact_text("http://h:5000/?experiment=7 and alpha=5") == "http://h:5000/?experiment=7 and alpha=5"
 
 
+@pytest.mark.e2e
 def test_the_cli_refuses_credentials_in_one_line_without_them(tmp_path: Path) -> None:
     result = run_recsys(
         "--set", f"state_dir={tmp_path}", "--set", f"mlflow.tracking_uri={WITH_CREDENTIALS}", "status"
@@ -236,6 +237,7 @@ def test_an_alert_connection_login_goes_in_a_header_and_never_in_a_message(monke
     assert "could not post the failure alert" in caplog.text and CANARY not in caplog.text
 
 
+@pytest.mark.e2e
 @pytest.mark.slow
 def test_a_weekly_dag_run_with_a_secret_spark_setting_leaves_it_in_no_file_of_the_state(
     tmp_path: Path,

@@ -92,6 +92,7 @@ def writing(content: str):
     return build
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("legacy", [True, False], ids=["from-a-folder", "from-a-snapshot"])
 def test_a_kill_between_any_two_file_operations_never_leaves_the_maps_missing(tmp_path, legacy) -> None:
     outcomes = set()
@@ -115,6 +116,7 @@ def test_a_kill_between_any_two_file_operations_never_leaves_the_maps_missing(tm
     assert crash_at >= 4 and outcomes == {"old", "new"}
 
 
+@pytest.mark.e2e
 def test_a_kill_while_a_run_output_is_replaced_leaves_the_old_or_the_new_one(tmp_path) -> None:
     outcomes = set()
     for crash_at in range(20):
