@@ -14,7 +14,7 @@ from recsys_pipeline import tracking
 from recsys_pipeline.bundle import MANIFEST_TAG, MODEL_MANIFEST, Bundle, BundleIntegrityError, verify_tree
 from recsys_pipeline.config import AlsConfig, PipelineConfig
 from recsys_pipeline.errors import RecsysError
-from recsys_pipeline.runs import StateLayout, atomic_dir
+from recsys_pipeline.runs import RunContext, StateLayout, atomic_dir
 
 log = logging.getLogger(__name__)
 CHAMPION, PREVIOUS = "champion", "previous"
@@ -252,20 +252,34 @@ def reference_version(config: PipelineConfig, run_data_end: datetime) -> Any | N
     return max(candidates, key=lambda version: (data_end(version), int(version.version)), default=None)
 
 
-def reference_bundle(config: PipelineConfig, run_data_end: datetime) -> tuple[str, Bundle] | None:
-    """(version, verified bundle) of :func:`reference_version`, to compare a candidate with; None if
+def run_reference(run: RunContext) -> Any | None:
+    """The run's :func:`reference_version`, as its first stage to ask found it (pinned in the run's
+    folder: :meth:`~recsys_pipeline.runs.RunContext.pinned_reference`); None when there was none."""
+
+    def look_up() -> str | None:
+        version = reference_version(run.config, run.interval_end)
+        return None if version is None else str(version.version)
+
+    pinned = run.pinned_reference(look_up)
+    if pinned is None:
+        return None
+    return tracking.client(run.config).get_model_version(run.config.mlflow.model_name, pinned)
+
+
+def reference_bundle(run: RunContext) -> tuple[str, Bundle] | None:
+    """(version, verified bundle) of :func:`run_reference`, to compare a candidate with; None if
     there is none."""
-    version = reference_version(config, run_data_end)
+    version = run_reference(run)
     if version is None:
         return None
-    return str(version.version), version_bundle(config, str(version.version))
+    return str(version.version), version_bundle(run.config, str(version.version))
 
 
-def reference_params(config: PipelineConfig, run_data_end: datetime) -> AlsConfig | None:
-    """The ALS settings :func:`reference_version` was trained with (what a sweep starts from); None
-    if there is no such version."""
-    reference = reference_bundle(config, run_data_end)
-    return None if reference is None else reference[1].trained_params(config.als)
+def reference_params(run: RunContext) -> AlsConfig | None:
+    """The ALS settings :func:`run_reference` was trained with (what a sweep starts from); None if
+    there is no such version."""
+    reference = reference_bundle(run)
+    return None if reference is None else reference[1].trained_params(run.config.als)
 
 
 def list_versions(config: PipelineConfig) -> list[dict[str, Any]]:

@@ -51,6 +51,7 @@ Side = Literal["users", "items"]
 SIDES: tuple[Side, ...] = ("users", "items")
 RUN_RECORD = "run.json"
 PUBLISHED_RECORD = "published.json"
+REFERENCE_RECORD = "reference.json"
 log = logging.getLogger(__name__)
 TRAINED_PARAMS, TRAINING_LOSS, SWEEP = "params.json", "training_loss.json", "sweep.json"
 
@@ -237,6 +238,23 @@ class RunContext:
         pinned = self.config.model_copy(update={"state_dir": self.config.state_home})
         write_json(path, {"run_id": self.run_id, "config": pinned.as_record()})
         return replace(self, config=pinned)
+
+    def pinned_reference(self, look_up: Callable[[], str | None]) -> str | None:
+        """The registered version this run is judged against (a weekly) or folds into (a nightly), as
+        the first of its stages to ask looked it up with ``look_up``; every later stage of the run gets
+        the same answer even after the champion has moved, so the sweep's start, evaluation, drift, the
+        row-count band and the fold-in all speak of one version. Kept per run id, like the config
+        snapshot; of two stages asking at once, the first to record wins and both use its answer."""
+        path = self.run_dir / REFERENCE_RECORD
+        recorded = json.loads(path.read_text()) if path.is_file() else None
+        if recorded is None or recorded.get("run_id") != self.run_id:
+            record = {"run_id": self.run_id, "version": look_up()}
+            if recorded is None:
+                create_json(path, record)
+            else:  # a folder copied from another run: its answer is not this run's
+                write_json(path, record)
+        version: str | None = json.loads(path.read_text())["version"]
+        return version
 
     @property
     def layout(self) -> StateLayout:
@@ -656,6 +674,25 @@ def write_json(path: Path, payload: Any) -> None:
         os.fsync(handle.fileno())  # on disk before it replaces the old file: a crash keeps one whole
     staging.replace(path)
     _fsync_dir(path.parent)
+
+
+def create_json(path: Path, payload: Any) -> bool:
+    """Write ``payload`` to ``path`` only if nothing is there yet (a hard link fails on an existing
+    name, atomically); False when another writer was first."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    with staging.open("w") as handle:
+        handle.write(json.dumps(payload, indent=2, sort_keys=True, default=str))
+        handle.flush()
+        os.fsync(handle.fileno())
+    try:
+        os.link(staging, path)
+    except FileExistsError:
+        return False
+    finally:
+        staging.unlink()
+    _fsync_dir(path.parent)
+    return True
 
 
 def file_sha256(path: Path) -> str:

@@ -14,13 +14,14 @@ log = logging.getLogger(__name__)
 def run_evaluation(run: RunContext) -> dict[str, float]:
     """Metrics of the candidate, ``baseline_*`` of popularity and ``champion_*`` of the champion (if any),
     all on the same users; writes the evaluation gate. A run of a window older than the champion's
-    data is compared with the champion of its own time (:func:`~recsys_pipeline.registry.reference_version`).
+    data is compared with the champion of its own time, the version the run pinned
+    (:func:`~recsys_pipeline.registry.run_reference`).
 
     Candidate and champion are scored on their learned vectors: cold items' content vectors are
     judged by the content map's fit and the ``cold_start`` benchmark, and two versions' cold sets
     differ, which would make the comparison unlike for like.
     """
-    reference = reference_bundle(run.config, run.interval_end)
+    reference = reference_bundle(run)
     champion = None
     if reference is not None:
         run.check_maps_extend(reference[1], reference[0])

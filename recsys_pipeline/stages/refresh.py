@@ -14,7 +14,7 @@ from recsys_pipeline import drift
 from recsys_pipeline.als import check_finite, implicit_loss
 from recsys_pipeline.errors import RecsysError
 from recsys_pipeline.refresh import escalation_reasons, fold_in, rows_to_refresh
-from recsys_pipeline.registry import NothingPublishedError, reference_version, version_bundle, version_status
+from recsys_pipeline.registry import NothingPublishedError, run_reference, version_bundle, version_status
 from recsys_pipeline.runs import RefreshRecord, RunContext, atomic_dir, parse_instant
 
 log = logging.getLogger(__name__)
@@ -22,10 +22,10 @@ log = logging.getLogger(__name__)
 
 def run_refresh(run: RunContext) -> RefreshRecord:
     """Refresh the vectors of the champion of the run's time with the run's history; write the model,
-    the record and the gate. That version is :func:`~recsys_pipeline.registry.reference_version`: the
+    the record and the gate. That version is the run's :func:`~recsys_pipeline.registry.run_reference`: the
     live champion, or in a replay the version its earlier runs would have promoted."""
     config = run.config
-    champion = reference_version(config, run.interval_end)
+    champion = run_reference(run)
     if champion is None:
         raise NothingPublishedError(
             f"no version of {config.mlflow.model_name} to fold {run.interval_key} into: none is champion "

@@ -27,7 +27,7 @@ def run_training(run: RunContext, spark: SparkSession | None = None) -> dict[str
     sweep_summary, tuning_s = None, 0.0
     if params.sweep is not None:
         result = run_sweep(
-            user_items, run, params.sweep, spark, reference_params(run.config, run.interval_end)
+            user_items, run, params.sweep, spark, reference_params(run)
         )
         params, sweep_summary, tuning_s = result.best, result.summary(), result.seconds
         log.info("sweep chose %s in %.1f s", params.hyperparameters(), tuning_s)

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 from recsys_pipeline import drift
 from recsys_pipeline.embeddings import Embeddings
 from recsys_pipeline.events import ingest_window
-from recsys_pipeline.registry import reference_version, version_bundle, version_status
+from recsys_pipeline.registry import run_reference, version_bundle, version_status
 from recsys_pipeline.runs import RunContext, atomic_dir, write_json
 from recsys_pipeline.stages.publish import log_rejected_run
 from recsys_pipeline.validation import (
@@ -45,7 +45,7 @@ def champion_rows(run: RunContext) -> float | None:
     """
     if run.mode == "refresh":
         return None
-    reference = reference_version(run.config, run.interval_end)
+    reference = run_reference(run)
     if reference is None:
         return None
     if reference.tags.get("kind") == "refresh":
@@ -61,7 +61,7 @@ def drift_against_champion(run: RunContext, embeddings: Embeddings) -> drift.Dri
     A refresh whose champion is still its weekly parent compared these same two models in its fold-in:
     that report is taken as it is.
     """
-    reference = reference_version(run.config, run.interval_end)
+    reference = run_reference(run)
     if reference is None:
         return None
     version, rules = str(reference.version), run.config.drift

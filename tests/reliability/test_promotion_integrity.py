@@ -46,7 +46,7 @@ def test_an_unreachable_registry_fails_closed_instead_of_meaning_no_champion(
         registry.alias_version(config, registry.CHAMPION)
     with pytest.raises(registry.RegistryUnavailableError):
         # What evaluation and drift ask before comparing.
-        registry.reference_bundle(config, datetime(1998, 4, 23, tzinfo=UTC))
+        registry.reference_version(config, datetime(1998, 4, 23, tzinfo=UTC))
 
 
 def test_a_missing_alias_on_a_working_registry_is_simply_absent(make_config) -> None:

@@ -7,9 +7,12 @@ Whichever finishes first, this week's weekly is champion at the end.
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from recsys_pipeline import registry, tracking
+from recsys_pipeline.runs import RunContext
 
 
 def register(config, tmp_path, name: str, tags: dict[str, str]) -> str:
@@ -81,3 +84,19 @@ def test_a_run_judged_against_a_champion_since_replaced_is_not_promoted(week, tm
     registry.promote(config, late, "by hand")
     assert champion(config) == late
     assert registry.rollback(config, "bad numbers") == weekly and champion(config) == weekly
+
+
+def test_a_run_is_judged_against_one_version_however_the_champion_moves_meanwhile(week) -> None:
+    """The version a run is judged against is looked up once, by its first stage to ask, and pinned:
+    evaluate, validate and the fold-in never see two champions (issue #30, 5)."""
+    config, last_week, nightly, _ = week
+    run = RunContext.create(config, "recsys_weekly", "1998-04-16", "1998-04-23", "scheduled__1998-04-16")
+    assert str(registry.run_reference(run).version) == last_week
+    registry.promote(config, nightly, "nightly gates passed", judged_against=last_week)
+    assert str(registry.run_reference(run).version) == last_week
+    # A run that starts now is judged against the new champion; so is one in a folder copied from
+    # the first (the record is kept per run id).
+    rerun = RunContext.create(config, "recsys_weekly", "1998-04-16", "1998-04-23", "manual__rerun")
+    assert str(registry.run_reference(rerun).version) == nightly
+    shutil.copytree(run.run_dir, rerun.run_dir, dirs_exist_ok=True)
+    assert str(registry.run_reference(rerun).version) == nightly
