@@ -316,15 +316,37 @@ def fingerprint_sums() -> list[Column]:
     ]
 
 
-def input_fingerprint(groups: DataFrame, carried: str | None = None) -> str:
-    """Events count and hash sum from groups carrying ``fingerprint_sums``: equal for the same events
-    however the lake's files are cut. ``carried``: the fingerprint of older events the groups add to
-    (the sums add up)."""
+@dataclass(frozen=True)
+class InputFingerprint:
+    """What identifies the events a matrix was built from: their count and the sums of their 64-bit
+    hashes' halves, equal for the same events however the lake's files are cut. Written and tagged
+    as ``events:hash_high:hash_low``."""
+
+    events: int
+    hash_high: int
+    hash_low: int
+
+    def __str__(self) -> str:
+        return f"{self.events}:{self.hash_high}:{self.hash_low}"
+
+    @classmethod
+    def parse(cls, text: str) -> InputFingerprint:
+        events, hash_high, hash_low = (int(part) for part in text.strip().split(":"))
+        return cls(events, hash_high, hash_low)
+
+    def __add__(self, other: InputFingerprint) -> InputFingerprint:
+        """The fingerprint of both sets of events (the sums add up)."""
+        return InputFingerprint(
+            self.events + other.events, self.hash_high + other.hash_high, self.hash_low + other.hash_low
+        )
+
+
+def input_fingerprint(groups: DataFrame, carried: InputFingerprint | None = None) -> InputFingerprint:
+    """The fingerprint of the events in groups carrying ``fingerprint_sums``; ``carried``: that of
+    older events the groups add to."""
     row = groups.agg(*(F.sum(name) for name in ("events", "hash_high", "hash_low"))).collect()[0]
-    sums = [int(value or 0) for value in row]
-    if carried:
-        sums = [own + int(older) for own, older in zip(sums, carried.split(":"), strict=True)]
-    return ":".join(str(value) for value in sums)
+    own = InputFingerprint(*(int(value or 0) for value in row))
+    return own + carried if carried else own
 
 
 def unmapped_ids(events: DataFrame, column: str, existing: DataFrame | None) -> DataFrame:

@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol
 
@@ -155,6 +156,23 @@ class StateLayout:
 
 
 RunMode = Literal["full", "refresh"]
+
+
+class Gate(StrEnum):
+    """The gates stages write and promotion reads: one name each (the file ``gates/<name>.json``)."""
+
+    EVALUATION = "evaluation"
+    INDEX = "index"
+    VALIDATION = "validation"
+    REFRESH = "refresh"  # a fold-in stayed close to its weekly parent (no escalation)
+
+
+# What a version must have passed to be promoted, by the run's mode. A fold-in has no untouched
+# holdout to evaluate on; its gate is staying close to its parent.
+REQUIRED_GATES: dict[RunMode, tuple[Gate, ...]] = {
+    "full": (Gate.EVALUATION, Gate.INDEX, Gate.VALIDATION),
+    "refresh": (Gate.REFRESH, Gate.INDEX, Gate.VALIDATION),
+}
 
 
 @dataclass(frozen=True)
@@ -451,7 +469,7 @@ class RunContext:
             merged.update(json.loads(path.read_text()))
         return merged
 
-    def write_gate(self, gate: str, passed: bool, reasons: list[str], **details: Any) -> None:
+    def write_gate(self, gate: Gate, passed: bool, reasons: list[str], **details: Any) -> None:
         write_json(self.run_dir / "gates" / f"{gate}.json", {"passed": passed, "reasons": reasons, **details})
 
     def record_failure(self, task: str, error: Exception) -> None:
@@ -467,6 +485,7 @@ class RunContext:
         )
 
     def read_gates(self) -> dict[str, dict[str, Any]]:
+        """Each written gate's record by its name."""
         return {
             path.stem: json.loads(path.read_text())
             for path in sorted((self.run_dir / "gates").glob("*.json"))

@@ -22,7 +22,7 @@ from recsys_pipeline import registry, tracking
 from recsys_pipeline.bundle import Bundle, BundleFormatError, write_bundle
 from recsys_pipeline.config import load_config
 from recsys_pipeline.errors import RecsysError, StageSkipped
-from recsys_pipeline.runs import RunContext
+from recsys_pipeline.runs import Gate, RunContext
 from recsys_pipeline.serving import Recommender, UnknownIdError
 from recsys_pipeline.stages.publish import run_promotion, run_publish, run_tags
 from tests.conftest import another_run_of, copy_run
@@ -119,7 +119,7 @@ def test_failed_gate_leaves_the_champion_where_it_was(own_weekly_run) -> None:
     champion = run_publish(own_weekly_run)
     run_promotion(own_weekly_run, champion)
     failing = copy_run(own_weekly_run, "1998-04-17", "1998-04-24")
-    failing.write_gate("evaluation", False, ["ndcg_at_10=0.1 does not beat baseline_ndcg_at_10=0.2"])
+    failing.write_gate(Gate.EVALUATION, False, ["ndcg_at_10=0.1 does not beat baseline_ndcg_at_10=0.2"])
     candidate = run_publish(failing)
     assert candidate != champion
     with pytest.raises(registry.GateFailedError, match="evaluation: ndcg_at_10=0.1"):
@@ -217,7 +217,9 @@ def test_status_without_a_champion_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_status_says_why_nothing_is_champion(own_weekly_run) -> None:
-    own_weekly_run.write_gate("evaluation", False, ["ndcg_at_10=0.1 does not beat baseline_ndcg_at_10=0.2"])
+    own_weekly_run.write_gate(
+        Gate.EVALUATION, False, ["ndcg_at_10=0.1 does not beat baseline_ndcg_at_10=0.2"]
+    )
     version = run_publish(own_weekly_run)
     with pytest.raises(registry.GateFailedError):
         run_promotion(own_weekly_run, version)

@@ -6,7 +6,7 @@ import logging
 
 from recsys_pipeline.evaluate import EvaluationSet, gate
 from recsys_pipeline.registry import reference_bundle
-from recsys_pipeline.runs import RunContext
+from recsys_pipeline.runs import Gate, RunContext
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,6 @@ def run_evaluation(run: RunContext) -> dict[str, float]:
     passed, reasons, figures = gate(candidate, baseline, champion_scores, settings.gate, confidence)
     metrics.update(figures)
     run.write_metrics("evaluate", metrics)
-    run.write_gate("evaluation", passed, reasons)
+    run.write_gate(Gate.EVALUATION, passed, reasons)
     log.info("evaluation gate %s %s", "passed" if passed else "failed", reasons)
     return metrics

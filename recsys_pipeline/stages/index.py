@@ -7,7 +7,7 @@ from typing import Any
 from recsys_pipeline.errors import RecsysError
 from recsys_pipeline.index import ItemIndex, build_tuned, recall_queries, update
 from recsys_pipeline.registry import version_bundle
-from recsys_pipeline.runs import RunContext, atomic_dir
+from recsys_pipeline.runs import Gate, RunContext, atomic_dir
 
 
 def run_index(run: RunContext) -> dict[str, float]:
@@ -57,4 +57,4 @@ def _save_and_gate(
     if p99 > config.max_p99_ms:
         reasons.append(f"index_p99_ms={p99:.2f} is above index.max_p99_ms={config.max_p99_ms}")
     run.write_metrics("index", metrics)
-    run.write_gate("index", not reasons, reasons, curve=curve)
+    run.write_gate(Gate.INDEX, not reasons, reasons, curve=curve)

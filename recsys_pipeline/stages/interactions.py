@@ -20,6 +20,7 @@ from recsys_pipeline.interactions import (
     INDEX_PAIR,
     EmptyInteractionsError,
     IdMaps,
+    InputFingerprint,
     PairCounts,
     carried_pairs,
     check_holdout_size,
@@ -149,7 +150,7 @@ def build_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]
                     spark.read.parquet(str(staging / "holdout")), spark.read.parquet(str(staging / "train"))
                 )
                 check_holdout_size(evaluable, run.config.evaluation.min_users, config.holdout)
-            (staging / "fingerprint.txt").write_text(fingerprint + "\n")
+            (staging / "fingerprint.txt").write_text(f"{fingerprint}\n")
     finally:
         for frame in cached:
             frame.unpersist()
@@ -169,7 +170,7 @@ def build_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]
         "holdout_interactions": float(holdout.nnz),
         "holdout_users": float(len(np.unique(holdout.user_idx))),
         "holdout_users_evaluable": float(evaluable),
-        "window_events": float(fingerprint.split(":")[0]),
+        "window_events": float(fingerprint.events),
         "history_carried": float(history is not None),
         **dropped,
     }
@@ -276,7 +277,7 @@ class PairHistory:
 
     pairs: DataFrame
     as_of: datetime
-    fingerprint: str
+    fingerprint: InputFingerprint
 
 
 def carried_history(spark: SparkSession, run: RunContext) -> PairHistory | None:
@@ -299,12 +300,14 @@ def carried_history(spark: SparkSession, run: RunContext) -> PairHistory | None:
     elif not Path(record["path"]).is_dir():
         reason = f"{record['path']} is gone"
     else:
-        return PairHistory(spark.read.parquet(record["path"]), as_of, record["fingerprint"])
+        return PairHistory(
+            spark.read.parquet(record["path"]), as_of, InputFingerprint.parse(record["fingerprint"])
+        )
     log.info("aggregating every event of the window: the last pair history cannot be carried (%s)", reason)
     return None
 
 
-def record_history(run: RunContext, fingerprint: str) -> None:
+def record_history(run: RunContext, fingerprint: InputFingerprint) -> None:
     """Point the next refresh at this run's pair history. Only a history that ends at a day boundary
     (the lake is dated by day), over all events (no sliding window), and no older than the one
     recorded can be carried: a replayed older night leaves the newer history in place."""
@@ -321,7 +324,7 @@ def record_history(run: RunContext, fingerprint: str) -> None:
             "as_of": as_of.isoformat(),
             "settings": history_settings_hash(run.config.interactions, run.config.events.min_event_time),
             "lake": lake_signature(run.layout.events_lake, as_of.date()),
-            "fingerprint": fingerprint,
+            "fingerprint": str(fingerprint),
             "run_dir": str(run.run_dir),
         },
     )

@@ -33,7 +33,7 @@ from recsys_pipeline.registry import (
     find_version,
     promote,
 )
-from recsys_pipeline.runs import RunContext
+from recsys_pipeline.runs import REQUIRED_GATES, RunContext
 from recsys_pipeline.serving import model_signature
 
 log = logging.getLogger(__name__)
@@ -41,11 +41,6 @@ log = logging.getLogger(__name__)
 PACKAGE = Path(__file__).resolve().parent.parent
 PYFUNC_CODE = PACKAGE / "pyfunc_entry.py"
 MODEL_PATH = "model"  # the model's folder among its run's artifacts
-REQUIRED_GATES = {
-    "full": ("evaluation", "index", "validation"),
-    # A fold-in has no untouched holdout to evaluate on; its gate is staying close to its parent.
-    "refresh": ("refresh", "index", "validation"),
-}
 SERVING_REQUIREMENTS = (
     "mlflow",
     "scann",

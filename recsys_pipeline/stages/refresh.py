@@ -15,7 +15,7 @@ from recsys_pipeline.als import check_finite, implicit_loss
 from recsys_pipeline.errors import RecsysError
 from recsys_pipeline.refresh import escalation_reasons, fold_in, rows_to_refresh
 from recsys_pipeline.registry import NothingPublishedError, run_reference, version_bundle, version_status
-from recsys_pipeline.runs import RefreshRecord, RunContext, atomic_dir, parse_instant
+from recsys_pipeline.runs import Gate, RefreshRecord, RunContext, atomic_dir, parse_instant
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def run_refresh(run: RunContext) -> RefreshRecord:
             **{f"refresh_{name}": value for name, value in drift_metrics.items()},
         },
     )
-    run.write_gate("refresh", not reasons, reasons)
+    run.write_gate(Gate.REFRESH, not reasons, reasons)
     if reasons:
         log.warning("refresh escalates to a full retrain: %s", "; ".join(reasons))
     log.info("refresh: %s", json.dumps(asdict(record)))

@@ -13,7 +13,7 @@ from recsys_pipeline import drift
 from recsys_pipeline.embeddings import Embeddings
 from recsys_pipeline.events import ingest_window
 from recsys_pipeline.registry import run_reference, version_bundle, version_status
-from recsys_pipeline.runs import RunContext, atomic_dir, write_json
+from recsys_pipeline.runs import Gate, RunContext, atomic_dir, write_json
 from recsys_pipeline.stages.publish import log_rejected_run
 from recsys_pipeline.validation import (
     ValidationFailedError,
@@ -179,7 +179,7 @@ def run_validation(run: RunContext) -> dict[str, float]:
         write_json(staging / "failures.json", [str(f) for f in failures])
     metrics = {"validation_failures": float(len(failures)), "validation_suites": float(len(frames))}
     run.write_metrics("validate", metrics)
-    run.write_gate("validation", not failures, [str(f) for f in failures])
+    run.write_gate(Gate.VALIDATION, not failures, [str(f) for f in failures])
     if failures:
         message = "; ".join(str(f) for f in failures)
         log_rejected_run(run, message)
