@@ -241,6 +241,26 @@ NIGHTLY = Pipeline(
 PIPELINES = {pipeline.dag_id: pipeline for pipeline in (WEEKLY, NIGHTLY)}
 
 
+def stage_table(pipeline: Pipeline, config: PipelineConfig) -> str:
+    """The pipeline's stages as a Markdown table (docs/development.md holds it; a test keeps the two
+    equal): name, function, what it reads and writes, the stages it runs after, Spark or not."""
+    rows = [
+        "| stage | function | reads | writes | runs after | Spark |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for stage in pipeline.stages:
+        cells = (
+            f"`{stage.name}`",
+            f"`{stage.function}`",
+            ", ".join(stage.reads),
+            ", ".join(stage.outputs),
+            ", ".join(pipeline.upstream(stage.name)),
+            f"yes ({stage.job()})" if stage.uses_spark(config) else "no",
+        )
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 @dataclass(frozen=True)
 class InProcessResult:
     """What :func:`run_in_process` did: the stages it ran, and the published version if it got there."""

@@ -8,8 +8,8 @@ import inspect
 
 import pytest
 
-from recsys_pipeline.config import load_config
-from recsys_pipeline.pipelines import PIPELINES, WEEKLY, Pipeline, Stage
+from recsys_pipeline.config import PROJECT_ROOT, load_config
+from recsys_pipeline.pipelines import PIPELINES, WEEKLY, Pipeline, Stage, stage_table
 
 pytestmark = pytest.mark.unit
 
@@ -54,3 +54,9 @@ def test_spark_runs_only_the_stages_that_need_it() -> None:
         "ingest_events",
         "build_interactions",
     ]
+
+
+@pytest.mark.parametrize("pipeline", PIPELINES.values(), ids=lambda p: p.dag_id)
+def test_the_developers_guide_shows_the_stages_as_declared(pipeline: Pipeline) -> None:
+    guide = (PROJECT_ROOT / "docs" / "development.md").read_text()
+    assert stage_table(pipeline, load_config()) in guide
