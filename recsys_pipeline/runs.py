@@ -11,6 +11,7 @@ the run of that window last registered; a published run's folder is frozen
 
     published.json          the version this run was registered as (only once it was)
     run.json                the run id and the resolved config every task of the run uses
+    reference.json          the version the run is judged against or folds into, as first looked up
     interactions/           train/, holdout/, maps/{users,items}/, recent/{users,items}/, fingerprint.txt
     model/                  user_factors.parquet, item_factors.parquet, training_loss.json, params.json,
                             sweep.json (after a sweep)
