@@ -174,14 +174,13 @@ def check_quarantine_share(metrics: dict[str, float], max_share: float) -> None:
         )
 
 
-def check_coverage(described: pa.Array | pa.ChunkedArray, catalogue: pa.Array, config: ContentConfig) -> None:
-    """The share of the ``catalogue``'s item ids that the metadata's ids (``described``) name; below
-    ``content.min_coverage`` the metadata cannot place the catalogue's cold items, and the run fails."""
-    named = int(pc.sum(pc.is_in(catalogue, value_set=described)).as_py() or 0)
-    if named < config.min_coverage * len(catalogue):
+def check_coverage(named: int, catalogue: int, config: ContentConfig) -> None:
+    """Fail when the metadata names fewer than ``content.min_coverage`` of the ``catalogue``'s items
+    (``named`` of them): it could not place the catalogue's cold items."""
+    if named < config.min_coverage * catalogue:
         raise ContentError(
             f"content.source {config.source.path if config.source else ''} describes {named} of the "
-            f"catalogue's {len(catalogue)} items, below content.min_coverage={config.min_coverage:.0%}: "
+            f"catalogue's {catalogue} items, below content.min_coverage={config.min_coverage:.0%}: "
             "point content.source at your items' metadata, or set content.enabled: false"
         )
 

@@ -685,26 +685,27 @@ def _fsync_dir(folder: Path) -> None:
 SNAPSHOTS = ".snapshots"
 
 
-def write_json(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    with staging.open("w") as handle:
-        handle.write(json.dumps(payload, indent=2, sort_keys=True, default=str))
-        handle.flush()
-        os.fsync(handle.fileno())  # on disk before it replaces the old file: a crash keeps one whole
-    staging.replace(path)
-    _fsync_dir(path.parent)
-
-
-def create_json(path: Path, payload: Any) -> bool:
-    """Write ``payload`` to ``path`` only if nothing is there yet (a hard link fails on an existing
-    name, atomically); False when another writer was first."""
+def _staged_json(path: Path, payload: Any) -> Path:
+    """``payload`` as JSON in a temporary sibling of ``path``, on disk (fsynced) before it takes the
+    name: a crash keeps one whole file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     with staging.open("w") as handle:
         handle.write(json.dumps(payload, indent=2, sort_keys=True, default=str))
         handle.flush()
         os.fsync(handle.fileno())
+    return staging
+
+
+def write_json(path: Path, payload: Any) -> None:
+    _staged_json(path, payload).replace(path)
+    _fsync_dir(path.parent)
+
+
+def create_json(path: Path, payload: Any) -> bool:
+    """Write ``payload`` to ``path`` only if nothing is there yet (a hard link fails on an existing
+    name, atomically); False when another writer was first."""
+    staging = _staged_json(path, payload)
     try:
         os.link(staging, path)
     except FileExistsError:

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import logging
-from datetime import date, datetime, timedelta
-from pathlib import Path
+from datetime import timedelta
 
 import numpy as np
 import pyarrow as pa
@@ -23,6 +22,7 @@ from recsys_pipeline.content import (
     with_content_vectors,
 )
 from recsys_pipeline.embeddings import read_embeddings, write_factors
+from recsys_pipeline.events import lake_partitions
 from recsys_pipeline.runs import RunContext, atomic_dir, write_json, write_model_dir
 from recsys_pipeline.tables import distinct_values
 
@@ -45,23 +45,17 @@ def run_item_ingest(run: RunContext) -> dict[str, float]:
         pq.write_table(read.quarantine, staging / "quarantine.parquet")
     run.write_metrics("items", read.metrics)
     check_quarantine_share(read.metrics, config.max_quarantine_share)
+    # The events' items up to the run's end: what the catalogue will be drawn from.
+    last_day = (run.interval_end - timedelta(microseconds=1)).date()
     with run.layout.lock(shared=True):
-        catalogue = distinct_values(lake_days_before(run.layout.events_lake, run.interval_end), "item_id")
-    check_coverage(read.items.column(ITEM_ID), catalogue, config)
+        days = [path for day, path in lake_partitions(run.layout.events_lake).items() if day <= last_day]
+        catalogue = distinct_values(days, "item_id")
+    named = int(pc.sum(pc.is_in(catalogue, value_set=read.items.column(ITEM_ID))).as_py() or 0)
+    check_coverage(named, len(catalogue), config)
     with run.layout.lock(), atomic_dir(run.layout.items_lake) as staging:
         staging.mkdir(parents=True)
         pq.write_table(read.items, staging / ITEMS_FILE)
     return read.metrics
-
-
-def lake_days_before(lake: Path, end: datetime) -> list[Path]:
-    """The lake's date partitions holding events before ``end``."""
-    last = (end - timedelta(microseconds=1)).date()
-    return sorted(
-        partition
-        for partition in lake.glob("event_date=*")
-        if date.fromisoformat(partition.name.removeprefix("event_date=")) <= last
-    )
 
 
 def run_content(run: RunContext) -> dict[str, float]:
@@ -81,7 +75,7 @@ def run_content(run: RunContext) -> dict[str, float]:
     positions = pc.index_in(items.column(ITEM_ID), value_set=pa.array(catalogue, pa.string()))
     known = np.asarray(pc.is_valid(positions))
     items, item_idx = items.filter(pa.array(known)), positions.drop_null().to_numpy().astype(np.int64)
-    check_coverage(items.column(ITEM_ID), pa.array(catalogue, pa.string()), config)
+    check_coverage(len(item_idx), len(catalogue), config)
     rows, vectors = encode_items(items, config)
     content_idx = item_idx[rows]
 
