@@ -63,7 +63,7 @@ dag-run:
 test: init
 	$(BIN)/pytest -n 2 --dist loadfile --durations=15 -m "not slow"
 
-## test-slow: the slow tier: a real Airflow scheduler and API server, triggers, a backfill, mlflow models serve
+## test-slow: the slow tier: a real Airflow scheduler and API server, triggers, a backfill, concurrent runs, a Spark cluster, mlflow models serve
 test-slow: init
 	$(BIN)/pytest --durations=5 -m slow
 

@@ -72,6 +72,7 @@ def standalone_cluster(folder: Path, env: dict[str, str]) -> Iterator[tuple[str,
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # a Spark master and worker, then `make run` through them: about 2 minutes
 def test_make_run_on_a_half_star_csv_on_a_standalone_cluster_publishes_a_champion(tmp_path: Path) -> None:
     # A profile of the user's own: their events only. Nothing of the bundled sample's description
     # (its u.item metadata) comes with it, so content stays off as the defaults say.

@@ -59,6 +59,7 @@ def work(state: str, kind: str, start: str, end: str) -> None:
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # three runs at once on 2 cores: about 3 minutes
 def test_two_weeklies_and_a_nightly_at_once_leave_shared_state_intact(tmp_path: Path) -> None:
     state = tmp_path / "state"
     workers = [
