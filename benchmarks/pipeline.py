@@ -122,7 +122,8 @@ def weekly_quality(state: Path, spec: SyntheticSpec, max_users: int, sample_seed
     world = SyntheticWorld.of(spec)
     users = generator_indices(read_id_map(maps / "users"))
     items = generator_indices(read_id_map(maps / "items"))
-    traits = world.item_traits[items] * world.taste_scale
+    item_traits = world.item_traits[items]
+    scaled_traits = item_traits * world.taste_scale
     log_popularity = np.log(world.item_probability[items]).astype(np.float32)
     lists = np.empty((len(evaluation.users), 10), dtype=np.int64)
     known_lists = np.empty_like(lists)
@@ -132,8 +133,8 @@ def weekly_quality(state: Path, spec: SyntheticSpec, max_users: int, sample_seed
         log_probability = world.choice_log_probability(users[evaluation.users[rows]])[:, items]
         exclude(log_probability, seen)
         lists[rows] = pad(top_k(log_probability, 10)[0], 10)
-        taste = (seen.sign() @ world.item_traits[items]) / np.maximum(seen.getnnz(axis=1), 1)[:, None]
-        known = log_popularity + np.asarray(taste, dtype=np.float32) @ traits.T
+        taste = (seen.sign() @ item_traits) / np.maximum(seen.getnnz(axis=1), 1)[:, None]
+        known = log_popularity + np.asarray(taste, dtype=np.float32) @ scaled_traits.T
         exclude(known, seen)
         known_lists[rows] = pad(top_k(known, 10)[0], 10)
 
@@ -178,8 +179,9 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     state = work / "state"
     # A profile as a user writes one: the source, every other setting the pipeline's default (content
     # off: no item metadata is generated here).
-    source_config = {"name": "synthetic", "path": str(source), "format": "parquet", "mapping": SOURCE_MAPPING}
-    config = {"source": source_config}
+    config = {
+        "source": {"name": "synthetic", "path": str(source), "format": "parquet", "mapping": SOURCE_MAPPING}
+    }
     config_path = work / "pipeline.yaml"
     config_path.parent.mkdir(parents=True)
     config_path.write_text(yaml.safe_dump(config))
