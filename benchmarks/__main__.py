@@ -15,7 +15,8 @@ import yaml
 
 from benchmarks import als, cold_start, index_search, interactions, pipeline, quality, refresh
 from recsys_pipeline.config import load_config
-from recsys_pipeline.runs import StateLayout, write_json
+from recsys_pipeline.files import write_json
+from recsys_pipeline.state import StateLayout
 
 BLAS_SETTINGS = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "OPENBLAS_NUM_THREADS")
 Benchmark = tuple[dict[str, Any], Callable[[dict[str, Any]], dict[str, Any]]]

@@ -41,7 +41,7 @@ from recsys_pipeline.index import (
     recall_at_k,
     tuning_curve,
 )
-from recsys_pipeline.runs import StateLayout
+from recsys_pipeline.state import StateLayout
 
 PARAMS: dict[str, Any] = {
     "item_counts": [100_000, 1_000_000, 10_000_000],

@@ -29,10 +29,12 @@ import pyarrow.dataset as ds
 import scipy.sparse as sp
 
 from recsys_pipeline.config import InteractionsConfig, load_config
-from recsys_pipeline.runs import RunContext, StateLayout, write_json
+from recsys_pipeline.files import write_json
+from recsys_pipeline.runs import RunContext
 from recsys_pipeline.spark import spark_session
 from recsys_pipeline.stages.ingest import run_ingest
 from recsys_pipeline.stages.interactions import run_interactions
+from recsys_pipeline.state import StateLayout
 from recsys_pipeline.synthetic import SOURCE_MAPPING, SyntheticSpec, generate
 
 PARAMS: dict[str, Any] = {
@@ -142,7 +144,7 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
                 shutil.rmtree(bench_run.layout.id_maps, ignore_errors=True)
                 started = time.perf_counter()
                 metrics = run_interactions(spark, bench_run)
-                matrix = bench_run.train_triples()
+                matrix = bench_run.artifacts.interactions.train_triples()
                 csr = matrix.to_csr(int(metrics["users"]), int(metrics["items"]))
                 spark_runs.append(time.perf_counter() - started)
     finally:

@@ -43,7 +43,7 @@ import yaml
 from recsys_pipeline.config import load_config
 from recsys_pipeline.evaluate import EvaluationSet, scores
 from recsys_pipeline.ranking import exclude, pad, top_k
-from recsys_pipeline.runs import StateLayout
+from recsys_pipeline.state import StateLayout
 from recsys_pipeline.synthetic import SOURCE_MAPPING, SyntheticSpec, SyntheticWorld, generate
 from recsys_pipeline.tables import count_rows, read_id_map, read_matrix
 

@@ -32,19 +32,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from recsys_pipeline.artifacts import SERVED_MODEL, SIDES, ModelFiles
 from recsys_pipeline.config import AlsConfig
 from recsys_pipeline.embeddings import Embeddings, read_embeddings
 from recsys_pipeline.errors import RecsysError
+from recsys_pipeline.files import atomic_dir, file_sha256, write_json
 from recsys_pipeline.index import ItemIndex, load_index
-from recsys_pipeline.runs import (
-    SIDES,
-    RunContext,
-    atomic_dir,
-    file_sha256,
-    now_utc,
-    read_trained_params,
-    write_json,
-)
+from recsys_pipeline.runs import RunContext, now_utc
 from recsys_pipeline.tables import read_id_map
 
 # 2: no pickle anywhere (index docids as .npy, the pyfunc as code) and a registry-held manifest.
@@ -129,18 +123,20 @@ def verify_tree(directory: Path, manifest_file: Path, expected_sha256: str) -> N
 
 
 def write_bundle(run: RunContext, lineage: dict[str, Any]) -> Path:
-    """Assemble the run's outputs into one folder a service can load on its own (``run.bundle_dir``)."""
-    with atomic_dir(run.bundle_dir) as staging:
-        shutil.copytree(run.served_model_dir, staging / "embeddings")
-        if run.content_dir.is_dir():
-            shutil.copytree(run.content_dir, staging / "content", ignore=shutil.ignore_patterns("model"))
-        shutil.copytree(run.index_dir, staging / "index")
-        shutil.copytree(run.validation_dir, staging / "validation")
+    """Assemble the run's outputs into one folder a service can load on its own (its ``bundle_dir``)."""
+    with atomic_dir(run.artifacts.bundle_dir) as staging:
+        shutil.copytree(run.artifacts.served.root, staging / "embeddings")
+        if run.artifacts.content.root.is_dir():
+            shutil.copytree(
+                run.artifacts.content.root, staging / "content", ignore=shutil.ignore_patterns(SERVED_MODEL)
+            )
+        shutil.copytree(run.artifacts.index_dir, staging / "index")
+        shutil.copytree(run.artifacts.validation_dir, staging / "validation")
         (staging / "id_maps").mkdir()
         for side in SIDES:
-            (part,) = sorted(run.id_map_dir(side).glob("*.parquet"))
+            (part,) = sorted(run.artifacts.interactions.map_dir(side).glob("*.parquet"))
             shutil.copy(part, staging / "id_maps" / f"{side}.parquet")
-        train = run.train_triples()
+        train = run.artifacts.interactions.train_triples()
         pq.write_table(
             pa.table(
                 {
@@ -152,10 +148,10 @@ def write_bundle(run: RunContext, lineage: dict[str, Any]) -> Path:
         )
         n_items = pq.ParquetFile(staging / "id_maps" / "items.parquet").metadata.num_rows
         np.save(staging / "popularity.npy", np.bincount(train.item_idx, minlength=n_items))
-        if run.recommendations_file.is_file():
-            shutil.copy(run.recommendations_file, staging / "recommendations.parquet")
-        write_json(staging / "metrics.json", run.read_metrics())
-        write_json(staging / "gates.json", run.read_gates())
+        if run.artifacts.recommendations_file.is_file():
+            shutil.copy(run.artifacts.recommendations_file, staging / "recommendations.parquet")
+        write_json(staging / "metrics.json", run.artifacts.read_metrics())
+        write_json(staging / "gates.json", run.artifacts.read_gates())
         write_json(staging / "lineage.json", lineage)
         write_json(
             staging / META,
@@ -167,7 +163,7 @@ def write_bundle(run: RunContext, lineage: dict[str, Any]) -> Path:
             },
         )
         write_json(staging / BUNDLE_FILES, tree_manifest(staging))
-    return run.bundle_dir
+    return run.artifacts.bundle_dir
 
 
 class Bundle:
@@ -207,7 +203,7 @@ class Bundle:
         return read_embeddings(self.path / "embeddings")
 
     def trained_params(self, fallback: AlsConfig) -> AlsConfig:
-        return read_trained_params(self.path / "embeddings", fallback)
+        return ModelFiles(self.path / "embeddings", fallback).trained_params()
 
     def ids(self, side: str) -> np.ndarray:
         return read_id_map(self.path / "id_maps" / f"{side}.parquet")

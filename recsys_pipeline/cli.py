@@ -25,7 +25,7 @@ from recsys_pipeline.config import (
 )
 from recsys_pipeline.errors import RecsysError
 from recsys_pipeline.redaction import redact_text
-from recsys_pipeline.runs import StateLayout
+from recsys_pipeline.state import StateLayout
 from recsys_pipeline.synthetic import (
     CONTENT_SOURCE,
     SOURCE_MAPPING,

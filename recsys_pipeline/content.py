@@ -38,7 +38,7 @@ import scipy.sparse as sp
 from recsys_pipeline.config import ContentConfig, ContentMapConfig, ContentSourceConfig
 from recsys_pipeline.embeddings import Embeddings
 from recsys_pipeline.errors import RecsysError
-from recsys_pipeline.runs import file_sha256
+from recsys_pipeline.files import file_sha256
 
 ITEM_ID = "item_id"
 QUARANTINE_REASONS = ("unparseable_record", "missing_item_id", "duplicate_item_id", "invalid_numeric")

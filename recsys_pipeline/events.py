@@ -35,7 +35,8 @@ from pyspark.sql import types as T
 
 from recsys_pipeline.config import EventsConfig, SourceConfig
 from recsys_pipeline.errors import RecsysError
-from recsys_pipeline.runs import RunContext, write_json
+from recsys_pipeline.files import write_json
+from recsys_pipeline.runs import RunContext
 
 CORRUPT_COLUMN = "_corrupt_record"
 SOURCE_FILE_COLUMN = "_source_file"

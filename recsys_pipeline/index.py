@@ -24,8 +24,8 @@ import numpy as np
 from recsys_pipeline.config import IndexConfig
 from recsys_pipeline.embeddings import Embeddings
 from recsys_pipeline.errors import RecsysError
+from recsys_pipeline.files import file_sha256
 from recsys_pipeline.ranking import dot_top_k
-from recsys_pipeline.runs import file_sha256
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"

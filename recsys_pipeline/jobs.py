@@ -75,7 +75,7 @@ def run_spark_job(argv: Sequence[str], master: str | None = None) -> int:
             raise RecsysError(f"{args.dag_id} has no Spark job {args.job!r}")
         run = run_context(args)
         for stage in stages:
-            run.refuse_if_published(stage.name)
+            run.publication.refuse_if_published(stage.name)
         spark: SparkSession | None = None
         try:
             for stage in stages:
@@ -86,10 +86,10 @@ def run_spark_job(argv: Sequence[str], master: str | None = None) -> int:
                             spark = spark_session(run.config, f"{app_name}:{run.interval_key}", master)
                         metrics |= stage.callable()(spark=spark, run=run)
                 except RecsysError as error:
-                    run.record_failure(stage.name, error)
+                    run.publication.record_failure(stage.name, error)
                     raise
                 finally:
-                    run.write_metrics(f"stage_{stage.name}", cost)
+                    run.artifacts.write_metrics(f"stage_{stage.name}", cost)
         finally:
             if spark is not None:
                 spark.stop()

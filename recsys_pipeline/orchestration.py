@@ -17,14 +17,7 @@ import urllib.request
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from recsys_pipeline.config import (
-    PROJECT_ROOT,
-    TRIGGER_PARAMS,
-    PipelineConfig,
-    load_config,
-    run_overrides,
-    trigger_defaults,
-)
+from recsys_pipeline.config import PROJECT_ROOT, PipelineConfig, load_config
 
 # DAG files are parsed often: nothing imported here at the top may pull in Spark (``jobs`` does) or
 # NumPy, SciPy and Arrow (``runs`` does); what a task needs loads when it runs.
@@ -32,11 +25,12 @@ from recsys_pipeline.errors import USER_ERROR_EXIT, RecsysError, StageSkipped
 from recsys_pipeline.pipelines import Pipeline, Stage
 from recsys_pipeline.redaction import redact_text, without_user_info
 from recsys_pipeline.resources import measured
+from recsys_pipeline.trigger import TRIGGER_PARAMS, run_overrides, trigger_defaults
 
 if TYPE_CHECKING:
     from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
 
-    from recsys_pipeline.runs import RunMode
+    from recsys_pipeline.runs import RunContext, RunMode
 
 ESCALATION_TASK = "trigger_full_retrain"
 ALERTS_CONN_ID = "recsys_alerts"
@@ -115,7 +109,7 @@ def champion_asset(config: PipelineConfig) -> Any:
     return Asset(name=f"{model}_champion", uri=f"recsys://{model}/champion")
 
 
-# The run's data window as templates (see :func:`~recsys_pipeline.runs.run_window`).
+# The run's data window as templates (see :func:`run_window`).
 _WINDOW = "recsys_window(dag_run.run_type, logical_date, data_interval_start, data_interval_end)"
 WINDOW_START = "{{ " + _WINDOW + "[0].isoformat() }}"
 WINDOW_END = "{{ " + _WINDOW + "[1].isoformat() }}"
@@ -165,7 +159,7 @@ def run_macros() -> dict[str, Any]:
     """Template helpers of every recsys DAG: ``recsys_overrides(params)`` is the JSON of the overrides
     a run's params ask for, as the Spark jobs take them; ``recsys_params(params)`` the params
     themselves, as another recsys DAG's run conf takes them; ``recsys_window(...)`` is the run's
-    data window (:func:`~recsys_pipeline.runs.run_window`)."""
+    data window (:func:`run_window`)."""
 
     def recsys_overrides(params: Any) -> str:
         return json.dumps(run_overrides(dict(params), load_config()))
@@ -173,18 +167,45 @@ def run_macros() -> dict[str, Any]:
     def recsys_params(params: Any) -> str:
         return json.dumps(dict(params))
 
-    def recsys_window(
-        run_type: str, logical_date: datetime | None, interval_start: datetime, interval_end: datetime
-    ) -> tuple[datetime, datetime]:
-        from recsys_pipeline.runs import run_window
-
-        return run_window(run_type, logical_date, interval_start, interval_end)
-
     return {
         "recsys_overrides": recsys_overrides,
         "recsys_params": recsys_params,
-        "recsys_window": recsys_window,
+        "recsys_window": run_window,
     }
+
+
+def run_window(
+    run_type: str, logical_date: datetime | None, interval_start: datetime, interval_end: datetime
+) -> tuple[datetime, datetime]:
+    """A DAG run's data window: the interval Airflow gave it, except that a manual run covers the
+    period (the interval's length) ending at its logical date.
+
+    The REST API, the UI's trigger form and a triggering operator infer a manual interval from the
+    logical date already; Airflow's CLI trigger infers it from the wall clock instead, which would
+    train a run for 1998 on whatever the last week of real time holds.
+    """
+    if str(run_type).lower().endswith("manual") and logical_date is not None and logical_date != interval_end:
+        return logical_date - (interval_end - interval_start), logical_date
+    return interval_start, interval_end
+
+
+def airflow_run(context: dict[str, Any], mode: RunMode) -> RunContext:
+    """The run an Airflow task context describes; its params (the typed trigger params, then
+    ``config_overrides``) override the config."""
+    from recsys_pipeline.runs import RunContext
+
+    return RunContext.open(
+        context["dag"].dag_id,
+        context["run_id"],
+        *run_window(
+            getattr(context.get("dag_run"), "run_type", ""),
+            context.get("logical_date"),
+            context["data_interval_start"],
+            context["data_interval_end"],
+        ),
+        mode,
+        overrides=run_overrides(dict(context["params"]), load_config()),
+    )
 
 
 def call_stage(stage: Stage, mode: RunMode, context: dict[str, Any], *upstream: Any) -> Any:
@@ -192,13 +213,11 @@ def call_stage(stage: Stage, mode: RunMode, context: dict[str, Any], *upstream: 
     retries."""
     from airflow.sdk.exceptions import AirflowFailException
 
-    from recsys_pipeline.runs import RunContext
-
     function = stage.callable()
     try:
-        run = RunContext.from_airflow(context, mode)
+        run = airflow_run(context, mode)
         if not stage.runs_on_published:
-            run.refuse_if_published(stage.name)
+            run.publication.refuse_if_published(stage.name)
     except RecsysError as error:
         raise AirflowFailException(str(error)) from error
     cost: dict[str, float] = {}
@@ -210,10 +229,10 @@ def call_stage(stage: Stage, mode: RunMode, context: dict[str, Any], *upstream: 
 
         raise AirflowSkipException(str(skipped)) from skipped
     except RecsysError as error:
-        run.record_failure(stage.name, error)
+        run.publication.record_failure(stage.name, error)
         raise AirflowFailException(str(error)) from error
     finally:
-        run.write_metrics(f"stage_{stage.name}", cost)
+        run.artifacts.write_metrics(f"stage_{stage.name}", cost)
 
 
 def stage_task(stage: Stage, mode: RunMode, outlets: list[Any]) -> Any:

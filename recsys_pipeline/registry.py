@@ -14,7 +14,9 @@ from recsys_pipeline import tracking
 from recsys_pipeline.bundle import MANIFEST_TAG, MODEL_MANIFEST, Bundle, BundleIntegrityError, verify_tree
 from recsys_pipeline.config import AlsConfig, PipelineConfig
 from recsys_pipeline.errors import RecsysError
-from recsys_pipeline.runs import RunContext, StateLayout, atomic_dir
+from recsys_pipeline.files import atomic_dir
+from recsys_pipeline.runs import RunContext
+from recsys_pipeline.state import StateLayout
 
 log = logging.getLogger(__name__)
 CHAMPION, PREVIOUS = "champion", "previous"

@@ -28,9 +28,12 @@ from typing import Any
 import numpy as np
 
 from recsys_pipeline import registry, tracking
+from recsys_pipeline.artifacts import RefreshRecord, RunArtifacts
 from recsys_pipeline.config import PipelineConfig
 from recsys_pipeline.errors import RecsysError
-from recsys_pipeline.runs import RefreshRecord, RunContext, StateLayout, read_refresh_record, write_json
+from recsys_pipeline.files import write_json
+from recsys_pipeline.runs import RunContext
+from recsys_pipeline.state import StateLayout
 
 log = logging.getLogger(__name__)
 
@@ -189,8 +192,13 @@ def latest_refresh(config: PipelineConfig, day: date) -> RefreshRecord | None:
     """The refresh record of the newest nightly run for the day ending at ``day``, if it got that far."""
     end = datetime.combine(day, time(), UTC)
     window = RunContext.create(config, NIGHTLY, end - timedelta(days=1), end, mode="refresh").window_dir
-    records = sorted(window.glob("*/refresh/refresh.json"), key=lambda path: path.stat().st_mtime)
-    return read_refresh_record(records[-1].parents[1]) if records else None
+    refreshed = [
+        artifacts
+        for artifacts in (RunArtifacts(folder, config.als) for folder in window.glob("*/"))
+        if artifacts.refresh_dir.is_dir()
+    ]
+    latest = max(refreshed, key=lambda artifacts: artifacts.refresh_dir.stat().st_mtime, default=None)
+    return None if latest is None else latest.refresh_record()
 
 
 def champion_timeline(runs: list[ReplayedRun]) -> list[int | None]:

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import scipy.sparse as sp
 
-from recsys_pipeline.runs import atomic_dir
+from recsys_pipeline.files import atomic_dir
 from recsys_pipeline.tables import Triples
 
 EVENT_TYPES = np.array(["view", "click", "add_to_cart", "purchase", "watch"])

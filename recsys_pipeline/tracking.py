@@ -14,7 +14,7 @@ from typing import Any
 
 from recsys_pipeline.config import PipelineConfig
 from recsys_pipeline.redaction import redact_text
-from recsys_pipeline.runs import StateLayout
+from recsys_pipeline.state import StateLayout
 
 # Progress bars would land in task logs as noise.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

@@ -163,7 +163,7 @@ def copy_run(run: RunContext, start: str, end: str) -> RunContext:
     evaluated.pop("reference_version", None)
     if champion is not None:
         evaluated["reference_version"] = float(champion.version)
-    other.write_metrics("evaluate", evaluated)
+    other.artifacts.write_metrics("evaluate", evaluated)
     return other
 
 
@@ -183,7 +183,7 @@ def write_interactions(run: RunContext, matrix: Any) -> None:
     import pyarrow.parquet as pq
 
     coo = matrix.tocoo()
-    out = run.interactions_dir
+    out = run.artifacts.interactions.root
     for name, rows, cols, values in (("train", coo.row, coo.col, coo.data), ("holdout", [], [], [])):
         (out / name).mkdir(parents=True, exist_ok=True)
         pq.write_table(
@@ -197,10 +197,10 @@ def write_interactions(run: RunContext, matrix: Any) -> None:
             out / name / "part-0.parquet",
         )
     for side, size in (("users", matrix.shape[0]), ("items", matrix.shape[1])):
-        run.id_map_dir(side).mkdir(parents=True, exist_ok=True)
+        run.artifacts.interactions.map_dir(side).mkdir(parents=True, exist_ok=True)
         pq.write_table(
             pa.table({"id": [str(i) for i in range(size)], "idx": pa.array(np.arange(size, dtype=np.int32))}),
-            run.id_map_dir(side) / "part-0.parquet",
+            run.artifacts.interactions.map_dir(side) / "part-0.parquet",
         )
 
 

@@ -91,7 +91,7 @@ def test_training_stage_records_the_hyperparameters_it_used(make_config) -> None
     write_interactions(run, checker_board(20))
     metrics = run_training(run)
     # Read back against another config: the values must come from the model folder, not the config.
-    recorded = run.trained_params()
+    recorded = run.artifacts.trained.trained_params()
     assert recorded.backend == "implicit"
     assert recorded.hyperparameters() == {
         "factors": 4,
@@ -101,9 +101,9 @@ def test_training_stage_records_the_hyperparameters_it_used(make_config) -> None
         "popularity_weight": config.als.popularity_weight,
     }
     other = RunContext.create(make_config(), run.dag_id, run.interval_start, run.interval_end, run.run_id)
-    assert other.trained_params().factors == 4
-    assert len(run.training_losses()) == 5
-    assert metrics["trained_users"] == 20 and run.sweep_summary() is None
+    assert other.artifacts.trained.trained_params().factors == 4
+    assert len(run.artifacts.trained.training_losses()) == 5
+    assert metrics["trained_users"] == 20 and run.artifacts.trained.sweep_summary() is None
 
 
 def test_dense_views_place_vectors_by_index() -> None:

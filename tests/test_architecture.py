@@ -17,7 +17,21 @@ PACKAGE = Path(__file__).resolve().parent.parent / "recsys_pipeline"
 LAYERS: list[tuple[str, set[str]]] = [
     (
         "foundations",
-        {"errors", "redaction", "config", "runs", "tables", "embeddings", "ranking", "resources", "spark"},
+        {
+            "errors",
+            "redaction",
+            "config",
+            "trigger",
+            "files",
+            "state",
+            "artifacts",
+            "runs",
+            "tables",
+            "embeddings",
+            "ranking",
+            "resources",
+            "spark",
+        },
     ),
     (
         "algorithms",

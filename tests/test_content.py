@@ -177,10 +177,10 @@ def test_the_content_stage_makes_no_network_connection(own_weekly_run: RunContex
     run_item_ingest(own_weekly_run)
     metrics = run_content(own_weekly_run)
     assert metrics["cold_items"] > 0 and metrics["content_map_r2"] > 0
-    served = own_weekly_run.embeddings()
+    served = own_weekly_run.artifacts.served.embeddings()
     assert len(served.cold_item_idx) == metrics["cold_items"]
     assert np.isin(served.cold_item_idx, served.item_idx).all()
-    n_users, n_items = own_weekly_run.matrix_shape()
+    n_users, n_items = own_weekly_run.artifacts.interactions.matrix_shape()
     assert metrics["content_coverage"] == pytest.approx(1.0) and n_items == 1682
 
 

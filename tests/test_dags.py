@@ -108,7 +108,8 @@ def test_the_trigger_form_has_typed_params_that_default_to_the_config(dagbag, da
 
 
 def test_trigger_params_become_overrides_and_config_overrides_win() -> None:
-    from recsys_pipeline.config import DEFAULT_SWEEP_SPACE, run_overrides, trigger_defaults
+    from recsys_pipeline.config import DEFAULT_SWEEP_SPACE
+    from recsys_pipeline.trigger import run_overrides, trigger_defaults
 
     config = load_config()
     assert run_overrides({**trigger_defaults(config), "config_overrides": {}}, config) == {}
@@ -372,9 +373,7 @@ def test_corrupted_input_fails_the_run_keeping_the_champion_and_its_files(
     corrupted = tmp_path / "u.data"
     corrupted.write_text("\n".join(line if i % 10 else "garbage line" for i, line in enumerate(lines)) + "\n")
     config_file = tmp_path / "pipeline.yaml"  # a run may not override source.path: a config file does
-    config_file.write_text(
-        SAMPLE_PROFILE_PATH.read_text().replace("data/ml-100k/u.data", str(corrupted))
-    )
+    config_file.write_text(SAMPLE_PROFILE_PATH.read_text().replace("data/ml-100k/u.data", str(corrupted)))
     result = recsys(
         "airflow",
         "dags",

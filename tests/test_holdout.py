@@ -49,12 +49,14 @@ def _split(make_config, tmp_path: Path, spark, **overrides) -> tuple[set, set]:
     run = RunContext.create(config, "holdout", END - timedelta(days=7), END)
     run_ingest(spark, run)
     run_interactions(spark, run)
-    users, items = run.ids("users"), run.ids("items")
+    users, items = run.artifacts.interactions.ids("users"), run.artifacts.interactions.ids("items")
 
     def pairs(triples) -> set[tuple[str, str]]:
         return {(users[u], items[i]) for u, i in zip(triples.user_idx, triples.item_idx, strict=True)}
 
-    return pairs(run.train_triples()), pairs(run.holdout_triples())
+    return pairs(run.artifacts.interactions.train_triples()), pairs(
+        run.artifacts.interactions.holdout_triples()
+    )
 
 
 def test_days_holds_out_the_windows_last_days(spark, make_config, tmp_path: Path) -> None:

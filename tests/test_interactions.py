@@ -131,11 +131,11 @@ def test_id_maps_keep_old_indices_and_append_new_ids(spark, make_config, tmp_pat
     assert list(items_after) == ["x", "y", "w"]
     assert metrics["users"] == 3 and metrics["items"] == 3
     # The first run's snapshot is untouched by the second run.
-    assert list(first.ids("users")) == ["alice", "bob"]
+    assert list(first.artifacts.interactions.ids("users")) == ["alice", "bob"]
 
-    holdout = second.holdout_triples()
+    holdout = second.artifacts.interactions.holdout_triples()
     assert sorted(zip(holdout.user_idx.tolist(), holdout.item_idx.tolist(), strict=True)) == [(1, 2), (2, 2)]
-    train = second.train_triples()
+    train = second.artifacts.interactions.train_triples()
     csr = train.to_csr(3, 3)
     assert (
         csr[0, 1] == pytest.approx(1.0)

@@ -19,10 +19,11 @@ import pandas as pd
 import pytest
 
 from recsys_pipeline import registry, tracking
+from recsys_pipeline.artifacts import Gate
 from recsys_pipeline.bundle import Bundle, BundleFormatError, write_bundle
 from recsys_pipeline.config import load_config
 from recsys_pipeline.errors import RecsysError, StageSkipped
-from recsys_pipeline.runs import Gate, RunContext
+from recsys_pipeline.runs import RunContext
 from recsys_pipeline.serving import Recommender, UnknownIdError
 from recsys_pipeline.stages.publish import run_promotion, run_publish, run_tags
 from tests.conftest import another_run_of, copy_run
@@ -36,12 +37,12 @@ def versions(run: RunContext) -> list[str]:
 
 
 def test_stages_produce_a_model_that_beats_popularity(weekly_run) -> None:
-    metrics = weekly_run.read_metrics()
+    metrics = weekly_run.artifacts.read_metrics()
     assert metrics["ndcg_at_10"] > metrics["baseline_ndcg_at_10"]
     for name in ("ndcg_at_10", "baseline_ndcg_at_10", "map_at_10"):
         assert metrics[f"{name}_ci_low"] < metrics[name] < metrics[f"{name}_ci_high"]
     assert metrics["index_recall_at_10"] >= 0.95
-    assert all(gate["passed"] for gate in weekly_run.read_gates().values())
+    assert all(gate["passed"] for gate in weekly_run.artifacts.read_gates().values())
 
 
 def test_publishing_the_same_run_twice_registers_one_version(own_weekly_run) -> None:
@@ -69,7 +70,7 @@ def test_a_dry_run_registers_its_version_but_skips_promotion(own_weekly_run) -> 
     unpromoted = config.model_copy(update={"mlflow": config.mlflow.model_copy(update={"promote": False})})
     dry = another_run_of(own_weekly_run, "manual__dry", unpromoted)
     version = run_publish(dry)
-    assert dry.published_version() == version
+    assert dry.publication.published_version() == version
     with pytest.raises(StageSkipped, match=f"dry run: version {version} passed every gate"):
         run_promotion(dry, version)
     assert registry.alias_version(config, registry.CHAMPION) is None
@@ -82,8 +83,8 @@ def test_a_dry_run_registers_its_version_but_skips_promotion(own_weekly_run) -> 
     assert registry.reference_version(later.config, later.interval_end) is None
     # Published, its folder is frozen: a stage re-run there is refused, a new run is not.
     with pytest.raises(RecsysError, match="trigger a new run for this window"):
-        dry.refuse_if_published("train")
-    own_weekly_run.refuse_if_published("train")
+        dry.publication.refuse_if_published("train")
+    own_weekly_run.publication.refuse_if_published("train")
 
 
 def test_a_replayed_older_week_is_judged_against_the_champion_of_its_time(own_weekly_run) -> None:
@@ -108,7 +109,7 @@ def test_a_replayed_older_week_is_judged_against_the_champion_of_its_time(own_we
     # once promoted, but earlier than the champion, against that version.
     later = copy_run(own_weekly_run, "1998-04-23", "1998-04-30")
     assert str(registry.reference_version(later.config, later.interval_end).version) == champion
-    assert champion_rows(later) == own_weekly_run.read_metrics()["window_events"] > 0
+    assert champion_rows(later) == own_weekly_run.artifacts.read_metrics()["window_events"] > 0
     assert "champion_ndcg_at_10" in run_evaluation(later)
     registry.promote(later.config, str(run_publish(later)), reason="test: a newer champion")
     between = registry.reference_version(later.config, own_weekly_run.interval_end)
@@ -119,7 +120,9 @@ def test_failed_gate_leaves_the_champion_where_it_was(own_weekly_run) -> None:
     champion = run_publish(own_weekly_run)
     run_promotion(own_weekly_run, champion)
     failing = copy_run(own_weekly_run, "1998-04-17", "1998-04-24")
-    failing.write_gate(Gate.EVALUATION, False, ["ndcg_at_10=0.1 does not beat baseline_ndcg_at_10=0.2"])
+    failing.artifacts.write_gate(
+        Gate.EVALUATION, False, ["ndcg_at_10=0.1 does not beat baseline_ndcg_at_10=0.2"]
+    )
     candidate = run_publish(failing)
     assert candidate != champion
     with pytest.raises(registry.GateFailedError, match="evaluation: ndcg_at_10=0.1"):
@@ -144,7 +147,7 @@ def test_recommender_excludes_history_and_rejects_unknown_ids(own_weekly_run) ->
     version = run_publish(own_weekly_run)
     run_promotion(own_weekly_run, version)
     recommender = Recommender.from_registry(config=own_weekly_run.config)
-    users = own_weekly_run.ids("users")
+    users = own_weekly_run.artifacts.interactions.ids("users")
     user_id = users[0]
     recs = recommender.recommend(user_id, k=10)
     assert list(recs.columns) == ["user_id", "rank", "item_id", "score"]
@@ -169,7 +172,7 @@ def test_registered_pyfunc_answers_like_the_in_process_client(own_weekly_run, tm
     with tracking.fluent(own_weekly_run.config):
         model = mlflow.pyfunc.load_model(f"models:/{own_weekly_run.config.mlflow.model_name}@champion")
     recommender = Recommender.from_registry(config=own_weekly_run.config)
-    users = own_weekly_run.ids("users")[:3]
+    users = own_weekly_run.artifacts.interactions.ids("users")[:3]
     predicted = model.predict(pd.DataFrame({"user_id": users, "k": [5, 5, 5]}))
     expected = pd.concat([recommender.recommend(u, 5) for u in users], ignore_index=True)
     pd.testing.assert_frame_equal(predicted[expected.columns].reset_index(drop=True), expected)
@@ -217,7 +220,7 @@ def test_status_without_a_champion_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_status_says_why_nothing_is_champion(own_weekly_run) -> None:
-    own_weekly_run.write_gate(
+    own_weekly_run.artifacts.write_gate(
         Gate.EVALUATION, False, ["ndcg_at_10=0.1 does not beat baseline_ndcg_at_10=0.2"]
     )
     version = run_publish(own_weekly_run)
@@ -234,7 +237,9 @@ def test_status_names_the_run_that_failed_before_publishing_and_why(tmp_path: Pa
     config = load_config(overrides={"state_dir": str(tmp_path)})
     end = datetime(1998, 4, 23, tzinfo=UTC)
     run = RunContext.create(config, "recsys_weekly", end - timedelta(days=7), end)
-    run.record_failure("build_interactions", RecsysError("the holdout has 12 users with an item ..."))
+    run.publication.record_failure(
+        "build_interactions", RecsysError("the holdout has 12 users with an item ...")
+    )
     with pytest.raises(
         registry.NothingPublishedError,
         match=f"run {run.run_key} failed at build_interactions: the holdout has 12 users with an item",

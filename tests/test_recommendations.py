@@ -27,8 +27,11 @@ def test_lists_skip_seen_items_and_fall_back_to_popular_without_a_vector() -> No
 
 
 def test_batch_output_covers_every_active_user_and_never_their_history(weekly_run) -> None:
-    recs = pd.read_parquet(weekly_run.recommendations_file)
-    user_ids, item_ids = weekly_run.ids("users"), weekly_run.ids("items")
+    recs = pd.read_parquet(weekly_run.artifacts.recommendations_file)
+    user_ids, item_ids = (
+        weekly_run.artifacts.interactions.ids("users"),
+        weekly_run.artifacts.interactions.ids("items"),
+    )
     since = weekly_run.interval_end - timedelta(days=weekly_run.config.recommendations.active_days)
     active = set(
         user_ids[active_user_indices(weekly_run.layout.events_lake, since, weekly_run.interval_end, user_ids)]
@@ -37,10 +40,13 @@ def test_batch_output_covers_every_active_user_and_never_their_history(weekly_ru
     top_n = weekly_run.config.recommendations.top_n
     assert recs.groupby("user_id").size().eq(top_n).all()
     history: set[tuple[str, str]] = set()
-    for matrix in (weekly_run.train_triples(), weekly_run.holdout_triples()):
+    for matrix in (
+        weekly_run.artifacts.interactions.train_triples(),
+        weekly_run.artifacts.interactions.holdout_triples(),
+    ):
         history |= set(zip(user_ids[matrix.user_idx], item_ids[matrix.item_idx], strict=True))
     assert not history & set(zip(recs["user_id"], recs["item_id"], strict=True))
-    metrics = weekly_run.read_metrics()
+    metrics = weekly_run.artifacts.read_metrics()
     assert metrics["batch_users_served"] == metrics["batch_active_users"] == len(active)
 
 

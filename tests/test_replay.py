@@ -10,11 +10,12 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from recsys_pipeline.artifacts import RefreshRecord
 from recsys_pipeline.config import load_config
 from recsys_pipeline.drift import read_report
 from recsys_pipeline.pipelines import NIGHTLY, WEEKLY, run_in_process
 from recsys_pipeline.registry import NothingPublishedError, champion_status, list_versions, version_bundle
-from recsys_pipeline.runs import RefreshRecord, RunContext
+from recsys_pipeline.runs import RunContext
 from recsys_pipeline.serving import Recommender
 from recsys_pipeline.stages.interactions import run_interactions
 from recsys_pipeline.stages.refresh import run_refresh
@@ -29,14 +30,14 @@ pytestmark = pytest.mark.e2e
 def nightly(spark, config, day: datetime) -> tuple[RunContext, RefreshRecord]:
     run = RunContext.create(config, "recsys_nightly", day, day + timedelta(days=1), mode="refresh")
     result = run_in_process(NIGHTLY, run, spark)
-    record = run.refresh_record()
+    record = run.artifacts.refresh_record()
     assert record is not None and not result.escalated, record.reasons if record else None
     assert result.version is not None
     return run, record
 
 
 def id_map(run: RunContext, name: str) -> dict[str, int]:
-    ids = run.ids(name)
+    ids = run.artifacts.interactions.ids(name)
     return {source_id: idx for idx, source_id in enumerate(ids)}
 
 
@@ -107,7 +108,7 @@ def test_validation_takes_the_fold_ins_drift_only_when_the_champion_is_its_weekl
     config, _, ((first, _), (second, _)) = replay
 
     def drifts(run: RunContext) -> tuple[dict[str, float], dict[str, float]]:
-        metrics = run.read_metrics()
+        metrics = run.artifacts.read_metrics()
         validated = {name: value for name, value in metrics.items() if name.startswith("drift_")}
         folded = {
             name.removeprefix("refresh_"): value
@@ -118,10 +119,12 @@ def test_validation_takes_the_fold_ins_drift_only_when_the_champion_is_its_weekl
 
     # The first night folded into the weekly version itself: one comparison serves both.
     validated, folded = drifts(first)
-    assert read_report(first.parent_drift_dir, "1", config.drift) is not None and validated == folded
+    assert (
+        read_report(first.artifacts.parent_drift_dir, "1", config.drift) is not None and validated == folded
+    )
     # The second folded into the first night's version, which validation compares with instead.
     validated, folded = drifts(second)
-    assert read_report(second.parent_drift_dir, "2", config.drift) is None
+    assert read_report(second.artifacts.parent_drift_dir, "2", config.drift) is None
     assert set(validated) == set(folded) and validated != folded
 
 
@@ -132,20 +135,20 @@ def test_refresh_record_is_in_the_bundle_lineage(replay) -> None:
     assert lineage["tags"]["parent_version"] == "1" and lineage["tags"]["kind"] == "refresh"
     assert record.escalate is False and record.reasons == []
     assert np.isfinite(record.refresh_s)
-    assert run.refresh_record() == record
+    assert run.artifacts.refresh_record() == record
 
 
 def test_a_night_recomputes_the_lists_of_users_it_refreshed_and_carries_the_others(replay) -> None:
     _, _, nights = replay
     (before, _), (night, _) = nights[-2], nights[-1]
-    metrics = night.read_metrics()
+    metrics = night.artifacts.read_metrics()
     assert 0 < metrics["batch_users_computed"] < metrics["batch_active_users"]
     assert metrics["batch_users_served"] == metrics["batch_active_users"]
     earlier, latest = (
-        pq.read_table(run.recommendations_file).to_pandas().groupby("user_id").item_id.apply(tuple)
+        pq.read_table(run.artifacts.recommendations_file).to_pandas().groupby("user_id").item_id.apply(tuple)
         for run in (before, night)
     )
-    refreshed = set(night.ids("users")[night.recent("users")])
+    refreshed = set(night.artifacts.interactions.ids("users")[night.artifacts.interactions.recent("users")])
     carried = [user for user in latest.index if user not in refreshed]
     assert carried and all(latest[user] == earlier[user] for user in carried)
     assert any(latest[user] != earlier.get(user) for user in refreshed & set(latest.index))
@@ -156,8 +159,8 @@ def test_nights_carry_the_pairs_forward_and_build_what_a_rebuild_from_every_even
     spark, replay, tmp_path: Path, weekly_holdout: str
 ) -> None:
     config, weekly, nights = replay
-    assert weekly.read_metrics()["history_carried"] == 0.0
-    assert all(run.read_metrics()["history_carried"] == 1.0 for run, _ in nights)
+    assert weekly.artifacts.read_metrics()["history_carried"] == 0.0
+    assert all(run.artifacts.read_metrics()["history_carried"] == 1.0 for run, _ in nights)
     # Decay makes carrying non-trivial: the carried aggregates must age as their events would. A
     # weekly with a global cut keeps pairs aggregated to the cut, then carried to its end.
     shutil.copytree(config.state_home / "lake", tmp_path / "state" / "lake")
@@ -192,13 +195,26 @@ def test_nights_carry_the_pairs_forward_and_build_what_a_rebuild_from_every_even
     # The pointer now names the carried night's own history, which ends after the rebuilt run starts.
     run_interactions(spark, runs["rebuilt"])
     carried, rebuilt = runs["carried"], runs["rebuilt"]
-    assert first_night.read_metrics()["history_carried"] == carried.read_metrics()["history_carried"] == 1.0
-    assert rebuilt.read_metrics()["history_carried"] == 0.0
-    assert carried.input_fingerprint() == rebuilt.input_fingerprint()
+    assert (
+        first_night.artifacts.read_metrics()["history_carried"]
+        == carried.artifacts.read_metrics()["history_carried"]
+        == 1.0
+    )
+    assert rebuilt.artifacts.read_metrics()["history_carried"] == 0.0
+    assert (
+        carried.artifacts.interactions.input_fingerprint()
+        == rebuilt.artifacts.interactions.input_fingerprint()
+    )
     for side in ("users", "items"):
-        assert list(carried.ids(side)) == list(rebuilt.ids(side))
-    difference = carried.train_matrix() - rebuilt.train_matrix()
-    assert carried.train_matrix().nnz == rebuilt.train_matrix().nnz > 0
+        assert list(carried.artifacts.interactions.ids(side)) == list(
+            rebuilt.artifacts.interactions.ids(side)
+        )
+    difference = carried.artifacts.interactions.train_matrix() - rebuilt.artifacts.interactions.train_matrix()
+    assert (
+        carried.artifacts.interactions.train_matrix().nnz
+        == rebuilt.artifacts.interactions.train_matrix().nnz
+        > 0
+    )
     assert abs(difference).max() < 1e-4
 
 

@@ -6,7 +6,8 @@ import pendulum
 import pytest
 
 from recsys_pipeline.errors import RecsysError
-from recsys_pipeline.runs import RunContext, atomic_dir, parse_instant
+from recsys_pipeline.files import atomic_dir
+from recsys_pipeline.runs import RunContext, parse_instant
 
 
 def test_instants_become_plain_utc_datetimes() -> None:
@@ -29,15 +30,15 @@ def test_run_paths_derive_from_the_interval_and_the_run_id(make_config) -> None:
 
 def test_a_published_run_is_frozen_and_the_window_points_at_it(make_config) -> None:
     run = RunContext.create(make_config(), "recsys_weekly", "1998-04-16", "1998-04-23", "manual__a")
-    run.refuse_if_published("train")
-    run.mark_published("recsys-als", "3")
-    assert run.published_version() == "3"
+    run.publication.refuse_if_published("train")
+    run.publication.mark_published("recsys-als", "3")
+    assert run.publication.published_version() == "3"
     pointer = json.loads((run.window_dir / "published.json").read_text())
     assert pointer["version"] == "3" and pointer["run_dir"] == "manual__a"
     with pytest.raises(RecsysError, match="train: run manual__a was published as version 3"):
-        run.refuse_if_published("train")
+        run.publication.refuse_if_published("train")
     other = RunContext.create(run.config, "recsys_weekly", "1998-04-16", "1998-04-23", "manual__b")
-    other.refuse_if_published("train")
+    other.publication.refuse_if_published("train")
 
 
 def test_atomic_dir_replaces_only_on_success(tmp_path: Path) -> None:
@@ -79,7 +80,7 @@ def test_every_task_of_a_run_uses_the_config_its_first_task_saw(tmp_path: Path) 
 
 
 def test_a_manual_run_covers_the_period_ending_at_its_logical_date() -> None:
-    from recsys_pipeline.runs import run_window
+    from recsys_pipeline.orchestration import run_window
 
     week = timedelta(weeks=1)
     wall_clock = datetime(2026, 11, 28, tzinfo=UTC)

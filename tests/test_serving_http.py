@@ -64,7 +64,7 @@ def test_publish_promote_and_consume_through_a_tracking_server(own_weekly_run, t
     assert status["version"] == int(version)
     assert registry.list_versions(config)[0]["aliases"] == ["champion"]
 
-    user_id = run.ids("users")[5]
+    user_id = run.artifacts.interactions.ids("users")[5]
     with tracking.fluent(config):
         model = mlflow.pyfunc.load_model(f"models:/{config.mlflow.model_name}@champion")
     predicted = model.predict(pd.DataFrame({"user_id": [user_id], "k": [5]}))
@@ -91,7 +91,7 @@ def test_rest_predictions_equal_in_process_predictions(own_weekly_run, tmp_path:
         tmp_path / "serve.log",
     )
     try:
-        users = [*own_weekly_run.ids("users")[:4], "never-seen"]
+        users = [*own_weekly_run.artifacts.interactions.ids("users")[:4], "never-seen"]
         served = invocations(port, [{"user_id": u, "k": 5} for u in users])
     finally:
         stop(server)

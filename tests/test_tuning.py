@@ -81,11 +81,13 @@ def test_training_stage_trains_the_final_model_with_the_sweeps_choice(make_confi
     run = RunContext.create(config, "recsys_weekly", "1998-04-16", "1998-04-23", "manual__sweep")
     write_interactions(run, movielens)
     run_training(run)
-    chosen = run.sweep_summary()
+    chosen = run.artifacts.trained.sweep_summary()
     assert chosen is not None
-    assert run.trained_params().factors == chosen["best"]["factors"]
+    assert run.artifacts.trained.trained_params().factors == chosen["best"]["factors"]
     assert chosen["best"]["popularity_weight"] == config.als.popularity_weight > 0
-    assert run.embeddings().item_factors.shape[1] == chosen["best"]["factors"] + 1  # the prior's
+    assert (
+        run.artifacts.served.embeddings().item_factors.shape[1] == chosen["best"]["factors"] + 1
+    )  # the prior's
 
 
 def test_a_sweep_starts_from_last_weeks_winner_then_its_nearest_neighbours() -> None:

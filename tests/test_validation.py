@@ -232,7 +232,7 @@ def test_validation_reads_a_bounded_sample_of_the_window_and_its_exact_count(wee
         small, weekly_run.dag_id, weekly_run.run_id, weekly_run.interval_start, weekly_run.interval_end
     )
     events, rows = lake_sample(run)
-    assert len(events) == 500 and rows == weekly_run.read_metrics()["events_ingested"]
+    assert len(events) == 500 and rows == weekly_run.artifacts.read_metrics()["events_ingested"]
     again, _ = lake_sample(run)
     assert events.equals(again)  # seeded: a re-run validates the same rows
     assert sample_positions(10, 50).tolist() == list(range(10))

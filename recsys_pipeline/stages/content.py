@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from recsys_pipeline.artifacts import ContentFiles
 from recsys_pipeline.content import (
     ITEM_ID,
     ContentError,
@@ -21,9 +22,10 @@ from recsys_pipeline.content import (
     read_metadata,
     with_content_vectors,
 )
-from recsys_pipeline.embeddings import read_embeddings, write_factors
+from recsys_pipeline.embeddings import write_factors
 from recsys_pipeline.events import lake_partitions
-from recsys_pipeline.runs import RunContext, atomic_dir, write_json, write_model_dir
+from recsys_pipeline.files import atomic_dir, write_json
+from recsys_pipeline.runs import RunContext
 from recsys_pipeline.tables import distinct_values
 
 log = logging.getLogger(__name__)
@@ -43,7 +45,7 @@ def run_item_ingest(run: RunContext) -> dict[str, float]:
     with atomic_dir(run.items_quarantine_dir) as staging:
         staging.mkdir(parents=True)
         pq.write_table(read.quarantine, staging / "quarantine.parquet")
-    run.write_metrics("items", read.metrics)
+    run.artifacts.write_metrics("items", read.metrics)
     check_quarantine_share(read.metrics, config.max_quarantine_share)
     # The events' items up to the run's end: what the catalogue will be drawn from.
     last_day = (run.interval_end - timedelta(microseconds=1)).date()
@@ -71,7 +73,7 @@ def run_content(run: RunContext) -> dict[str, float]:
         raise ContentError(f"no item metadata in {items_file}: run the ingest_items task first")
     with run.layout.lock(shared=True):
         items = pq.read_table(items_file)
-    catalogue = run.ids("items")
+    catalogue = run.artifacts.interactions.ids("items")
     positions = pc.index_in(items.column(ITEM_ID), value_set=pa.array(catalogue, pa.string()))
     known = np.asarray(pc.is_valid(positions))
     items, item_idx = items.filter(pa.array(known)), positions.drop_null().to_numpy().astype(np.int64)
@@ -79,23 +81,23 @@ def run_content(run: RunContext) -> dict[str, float]:
     rows, vectors = encode_items(items, config)
     content_idx = item_idx[rows]
 
-    learned = read_embeddings(run.model_dir)
+    trained = run.artifacts.trained
+    learned = trained.embeddings()
     has_both = np.isin(content_idx, learned.item_idx)
     factor_rows = learned.item_rows(content_idx[has_both])
     content_map = fit_content_map(vectors[has_both], learned.learned().item_factors[factor_rows], config.map)
     check_map_fit(content_map, config.map.min_r2)
     mapped = content_map.apply(vectors)
-    counts = np.bincount(run.train_triples().item_idx, minlength=len(catalogue))
+    counts = np.bincount(run.artifacts.interactions.train_triples().item_idx, minlength=len(catalogue))
     served = with_content_vectors(learned, content_idx, mapped, counts, config.hybrid_half_count)
 
-    with atomic_dir(run.content_dir) as staging:
+    with atomic_dir(run.artifacts.content.root) as staging:
         staging.mkdir(parents=True)
-        write_factors(staging / "content_vectors.parquet", content_idx, vectors)
-        write_factors(
-            staging / "content_map.parquet", np.arange(len(content_map.weights)), content_map.weights
-        )
+        written = ContentFiles(staging, run.config.als)
+        write_factors(written.vectors_file, content_idx, vectors)
+        write_factors(written.map_weights_file, np.arange(len(content_map.weights)), content_map.weights)
         write_json(
-            staging / "content_map.json",
+            written.map_record_file,
             {
                 "content_mean": content_map.content_mean.tolist(),
                 "bias": content_map.bias.tolist(),
@@ -103,9 +105,7 @@ def run_content(run: RunContext) -> dict[str, float]:
                 **content_map.metrics,
             },
         )
-        write_model_dir(
-            staging / "model", served, run.training_losses(), run.trained_params(), run.sweep_summary()
-        )
+        trained.copy_to(written.served, served)
     metrics = {
         **content_map.metrics,
         "content_items": float(len(content_idx)),
@@ -113,5 +113,5 @@ def run_content(run: RunContext) -> dict[str, float]:
         "content_coverage": len(content_idx) / max(len(catalogue), 1),
         "cold_items": float(len(served.cold_item_idx)),
     }
-    run.write_metrics("content", metrics)
+    run.artifacts.write_metrics("content", metrics)
     return metrics

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 
+from recsys_pipeline.artifacts import Gate
 from recsys_pipeline.evaluate import EvaluationSet, gate
 from recsys_pipeline.registry import reference_bundle
-from recsys_pipeline.runs import Gate, RunContext
+from recsys_pipeline.runs import RunContext
 
 log = logging.getLogger(__name__)
 
@@ -24,13 +25,15 @@ def run_evaluation(run: RunContext) -> dict[str, float]:
     reference = reference_bundle(run)
     champion = None
     if reference is not None:
-        run.check_maps_extend(reference[1], reference[0])
+        run.artifacts.interactions.check_maps_extend(reference[1], reference[0])
         champion = reference[1].embeddings()
     settings = run.config.evaluation
-    holdout = run.holdout_matrix()
-    evaluation = EvaluationSet.build(run.train_matrix(), holdout, settings.max_users, settings.sample_seed)
+    holdout = run.artifacts.interactions.holdout_matrix()
+    evaluation = EvaluationSet.build(
+        run.artifacts.interactions.train_matrix(), holdout, settings.max_users, settings.sample_seed
+    )
     k, confidence = settings.k, settings.confidence
-    candidate = evaluation.scores(run.embeddings().warm_items(), k)
+    candidate = evaluation.scores(run.artifacts.served.embeddings().warm_items(), k)
     baseline = evaluation.popularity_scores(k)
     champion_scores = None if champion is None else evaluation.scores(champion.warm_items(), k)
     metrics = candidate.summary(confidence) | baseline.summary(confidence, "baseline_")
@@ -43,7 +46,7 @@ def run_evaluation(run: RunContext) -> dict[str, float]:
     metrics["eval_users_sampled"] = float(len(evaluation.users))
     passed, reasons, figures = gate(candidate, baseline, champion_scores, settings.gate, confidence)
     metrics.update(figures)
-    run.write_metrics("evaluate", metrics)
-    run.write_gate(Gate.EVALUATION, passed, reasons)
+    run.artifacts.write_metrics("evaluate", metrics)
+    run.artifacts.write_gate(Gate.EVALUATION, passed, reasons)
     log.info("evaluation gate %s %s", "passed" if passed else "failed", reasons)
     return metrics

@@ -86,10 +86,10 @@ def run_ingest(spark: SparkSession, run: RunContext) -> dict[str, float]:
                 for path, summary in result.files.items():
                     ledger[path] = ledger_entry(listing[path], summary, window_end)
             write_ledger(lake, settings, ledger)
-        shutil.rmtree(run.ingest_staging, ignore_errors=True)
+        shutil.rmtree(run.artifacts.ingest_staging, ignore_errors=True)
         interval_events = read_lake(spark, lake, run.interval_start, run.interval_end).count()
     metrics["events_in_interval"] = float(interval_events)
-    run.write_metrics("ingest", metrics)
+    run.artifacts.write_metrics("ingest", metrics)
     if interval_events == 0:
         raise EmptyIntervalError(
             f"no events between {run.interval_start.isoformat()} and {run.interval_end.isoformat()} in "
@@ -111,7 +111,7 @@ def _ingest_files(
         window_start,
         window_end,
         now_utc(),
-        run.ingest_staging,
+        run.artifacts.ingest_staging,
         dates,
     )
 

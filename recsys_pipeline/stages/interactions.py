@@ -14,8 +14,10 @@ import numpy as np
 from pyspark.sql import DataFrame, DataFrameWriter, SparkSession
 from pyspark.sql import functions as F
 
+from recsys_pipeline.artifacts import SIDES, InteractionsFiles
 from recsys_pipeline.content import ITEM_ID
 from recsys_pipeline.events import history_window, lake_signature, read_lake
+from recsys_pipeline.files import atomic_dir, publish_snapshot, recover_pointer, write_json
 from recsys_pipeline.interactions import (
     INDEX_PAIR,
     EmptyInteractionsError,
@@ -42,15 +44,7 @@ from recsys_pipeline.interactions import (
     supported,
     unmapped_ids,
 )
-from recsys_pipeline.runs import (
-    SIDES,
-    RunContext,
-    atomic_dir,
-    parse_instant,
-    publish_snapshot,
-    recover_pointer,
-    write_json,
-)
+from recsys_pipeline.runs import RunContext, parse_instant
 from recsys_pipeline.stages.content import ITEMS_FILE
 from recsys_pipeline.tables import count_rows, write_empty_matrix
 
@@ -104,7 +98,7 @@ def build_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]
         .distinct(),
         "items": item_activity.where("recent").select("id"),
     }
-    out = run.interactions_dir
+    out = run.artifacts.interactions
     cached: list[DataFrame] = [item_activity, maps.users, maps.items]
     try:
         # Ids become dense indices before the aggregation: integer pairs shuffle and hash far cheaper than
@@ -116,23 +110,24 @@ def build_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]
             events, indexed, run, window_end, train_counts, cached, carried
         )
         fingerprint = input_fingerprint(item_activity, history.fingerprint if history else None)
-        with atomic_dir(out) as staging:
+        with atomic_dir(out.root) as staging:
+            written = InteractionsFiles(staging)
             for side, id_map in (("users", maps.users), ("items", maps.items)):
-                id_map.orderBy("idx").coalesce(1).write.parquet(str(staging / "maps" / side))
+                id_map.orderBy("idx").coalesce(1).write.parquet(str(written.map_dir(side)))
                 (
                     recent_ids[side]
                     .join(id_map, "id")
                     .select("idx")
                     .coalesce(1)
-                    .write.parquet(str(staging / "recent" / side))
+                    .write.parquet(str(written.recent_dir(side)))
                 )
-            pair_writer(history_columns(all_pairs)).parquet(str(staging / "history"))
+            pair_writer(history_columns(all_pairs)).parquet(str(written.history_dir))
             if train_pairs is None:
                 train_pairs = supported(
-                    spark.read.parquet(str(staging / "history")), config, INDEX_PAIR, train_counts
+                    spark.read.parquet(str(written.history_dir)), config, INDEX_PAIR, train_counts
                 )
-            pair_writer(matrix_columns(train_pairs)).parquet(str(staging / "train"))
-            train_rows = count_rows(staging / "train")
+            pair_writer(matrix_columns(train_pairs)).parquet(str(written.train_dir))
+            train_rows = count_rows(written.train_dir)
             dropped = train_counts.dropped(train_rows)
             check_zero_confidence_share(dropped, config.max_zero_confidence_share)
             if train_rows == 0:
@@ -143,14 +138,14 @@ def build_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]
                 )
             evaluable = 0
             if holdout_pairs is None:
-                write_empty_matrix(staging / "holdout")
+                write_empty_matrix(written.holdout_dir)
             else:
-                pair_writer(matrix_columns(holdout_pairs)).parquet(str(staging / "holdout"))
+                pair_writer(matrix_columns(holdout_pairs)).parquet(str(written.holdout_dir))
                 evaluable = evaluable_users(
-                    spark.read.parquet(str(staging / "holdout")), spark.read.parquet(str(staging / "train"))
+                    spark.read.parquet(str(written.holdout_dir)), spark.read.parquet(str(written.train_dir))
                 )
                 check_holdout_size(evaluable, run.config.evaluation.min_users, config.holdout)
-            (staging / "fingerprint.txt").write_text(f"{fingerprint}\n")
+            written.write_fingerprint(str(fingerprint))
     finally:
         for frame in cached:
             frame.unpersist()
@@ -158,15 +153,15 @@ def build_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]
     # swapped in whole: a crash never leaves the state without maps (the next run would number every
     # id from 0 and the champion's vectors would land on other users and items).
     for side in SIDES:
-        publish_snapshot(map_dir / side, partial(shutil.copytree, run.id_map_dir(side)))
+        publish_snapshot(map_dir / side, partial(shutil.copytree, out.map_dir(side)))
     record_history(run, fingerprint)
 
-    holdout = run.holdout_triples()
-    users, items = run.matrix_shape()
+    holdout = out.holdout_triples()
+    users, items = out.matrix_shape()
     metrics = {
         "users": float(users),
         "items": float(items),
-        "train_interactions": float(count_rows(out / "train")),
+        "train_interactions": float(count_rows(out.train_dir)),
         "holdout_interactions": float(holdout.nnz),
         "holdout_users": float(len(np.unique(holdout.user_idx))),
         "holdout_users_evaluable": float(evaluable),
@@ -174,7 +169,7 @@ def build_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]
         "history_carried": float(history is not None),
         **dropped,
     }
-    run.write_metrics("interactions", metrics)
+    run.artifacts.write_metrics("interactions", metrics)
     return metrics
 
 
@@ -320,7 +315,7 @@ def record_history(run: RunContext, fingerprint: InputFingerprint) -> None:
     write_json(
         pointer,
         {
-            "path": str(run.interactions_dir / "history"),
+            "path": str(run.artifacts.interactions.history_dir),
             "as_of": as_of.isoformat(),
             "settings": history_settings_hash(run.config.interactions, run.config.events.min_event_time),
             "lake": lake_signature(run.layout.events_lake, as_of.date()),

@@ -65,7 +65,7 @@ def code_version() -> str:
 
 def run_tags(run: RunContext) -> dict[str, str]:
     """The tags a run's MLflow run and model version carry: identity, window, input, code, lineage."""
-    record = run.refresh_record() if run.mode == "refresh" else None
+    record = run.artifacts.refresh_record() if run.mode == "refresh" else None
     return {
         "dag_id": run.dag_id,
         "airflow_run_id": run.run_id,
@@ -73,10 +73,10 @@ def run_tags(run: RunContext) -> dict[str, str]:
         "data_interval_start": run.interval_start.isoformat(),
         "data_interval_end": run.interval_end.isoformat(),
         "source": run.config.source.name,
-        "input_fingerprint": run.input_fingerprint(),
+        "input_fingerprint": run.artifacts.interactions.input_fingerprint(),
         "config_hash": run.config.fingerprint(),
         "code_version": code_version(),
-        "backend": run.trained_params().backend,
+        "backend": run.artifacts.trained.trained_params().backend,
         "bundle_format": str(BUNDLE_FORMAT),
         "kind": run.mode,
         **(record.tags() if record is not None else {}),
@@ -95,9 +95,9 @@ def flatten(prefix: str, value: Any) -> dict[str, str]:
 
 def trained_params(run: RunContext) -> dict[str, str]:
     """The hyperparameters the model was trained with (``als.*`` holds the config, before any sweep)."""
-    trained = run.trained_params()
+    trained = run.artifacts.trained.trained_params()
     params = flatten("trained", {"backend": trained.backend, **trained.hyperparameters()})
-    sweep = run.sweep_summary()
+    sweep = run.artifacts.trained.sweep_summary()
     if sweep is not None:
         params["trained.sweep_run_id"] = str(sweep["mlflow_run_id"])
     return params
@@ -118,8 +118,10 @@ def run_publish(run: RunContext) -> str:
     existing = find_version(config, tags)
     if existing is not None:
         log.info("run %s already published as version %s", tags["run_key"], existing.version)
-        if run.published_version() is None and existing.tags.get("airflow_run_id") == run.run_id:
-            run.mark_published(config.mlflow.model_name, str(existing.version))  # killed after registering
+        if run.publication.published_version() is None and existing.tags.get("airflow_run_id") == run.run_id:
+            run.publication.mark_published(
+                config.mlflow.model_name, str(existing.version)
+            )  # killed after registering
         return str(existing.version)
     bundle = write_bundle(
         run, {"tags": tags, "config": config.as_record(), "source": str(config.source.path)}
@@ -130,11 +132,11 @@ def run_publish(run: RunContext) -> str:
         ) as active:
             mlflow.log_params(flatten("", config.as_record()))
             mlflow.log_params(trained_params(run))
-            mlflow.log_metrics(run.read_metrics())
-            for step, loss in enumerate(run.training_losses()):
+            mlflow.log_metrics(run.artifacts.read_metrics())
+            for step, loss in enumerate(run.artifacts.trained.training_losses()):
                 mlflow.log_metric("training_loss_per_iteration", loss, step=step)
-            mlflow.log_artifacts(str(run.validation_dir), artifact_path="validation")
-            mlflow.log_dict(run.read_gates(), "gates.json")
+            mlflow.log_artifacts(str(run.artifacts.validation_dir), artifact_path="validation")
+            mlflow.log_dict(run.artifacts.read_gates(), "gates.json")
             model_uri = f"runs:/{active.info.run_id}/{MODEL_PATH}"
             with tempfile.TemporaryDirectory() as staging:
                 model = Path(staging) / MODEL_PATH
@@ -156,7 +158,7 @@ def run_publish(run: RunContext) -> str:
         version = mlflow.register_model(
             model_uri, config.mlflow.model_name, tags={**tags, MANIFEST_TAG: manifest_sha256(manifest)}
         )
-    run.mark_published(config.mlflow.model_name, str(version.version))
+    run.publication.mark_published(config.mlflow.model_name, str(version.version))
     log.info("registered %s version %s", config.mlflow.model_name, version.version)
     return str(version.version)
 
@@ -174,9 +176,9 @@ def log_rejected_run(run: RunContext, reason: str) -> str:
             tags=tags,
         ) as active:
             mlflow.log_params(flatten("", config.as_record()))
-            mlflow.log_metrics(run.read_metrics())
-            mlflow.log_artifacts(str(run.validation_dir), artifact_path="validation")
-            mlflow.log_dict(run.read_gates(), "gates.json")
+            mlflow.log_metrics(run.artifacts.read_metrics())
+            mlflow.log_artifacts(str(run.artifacts.validation_dir), artifact_path="validation")
+            mlflow.log_dict(run.artifacts.read_gates(), "gates.json")
     return str(active.info.run_id)
 
 
@@ -229,7 +231,7 @@ def run_promotion(run: RunContext, version: str) -> str:
             f"version {version} was not published by this run (its {', '.join(foreign)} differ): "
             "its gates are not this run's, so it is not promoted"
         )
-    gates = run.read_gates()
+    gates = run.artifacts.read_gates()
     failed = [
         f"{gate}: {'; '.join(gates[gate]['reasons']) or 'not run'}"
         for gate in REQUIRED_GATES[run.mode]
@@ -266,8 +268,8 @@ def run_promotion(run: RunContext, version: str) -> str:
 
 def judged_against(run: RunContext) -> str | None:
     """The version a run was compared with (a weekly) or folded into (a nightly); None for none."""
-    record = run.refresh_record()
+    record = run.artifacts.refresh_record()
     if record is not None:
         return record.derived_from_version
-    reference = run.read_metrics().get("reference_version")
+    reference = run.artifacts.read_metrics().get("reference_version")
     return None if reference is None else str(int(reference))

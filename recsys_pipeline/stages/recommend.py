@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 
 from recsys_pipeline.embeddings import presence_mask
+from recsys_pipeline.files import atomic_dir
 from recsys_pipeline.index import load_index
 from recsys_pipeline.recommendations import (
     active_user_indices,
@@ -17,31 +18,32 @@ from recsys_pipeline.recommendations import (
     write_recommendations,
 )
 from recsys_pipeline.registry import version_bundle
-from recsys_pipeline.runs import RunContext, atomic_dir
+from recsys_pipeline.runs import RunContext
 
 
 def run_batch_recommendations(run: RunContext) -> dict[str, float]:
-    """Write ``run.recommendations_file``: unseen items for every user active in the last ``active_days``
-    (a refresh computes only the users it re-solved and carries the rest over from its parent)."""
-    n_users, n_items = run.matrix_shape()
-    train = run.train_triples()
+    """Write the run's ``recommendations_file``: unseen items for every user active in the last
+    ``active_days`` (a refresh computes only the users it re-solved and carries the rest over from its
+    parent)."""
+    n_users, n_items = run.artifacts.interactions.matrix_shape()
+    train = run.artifacts.interactions.train_triples()
     seen = train.to_csr(n_users, n_items)
-    holdout = run.holdout_matrix()
+    holdout = run.artifacts.interactions.holdout_matrix()
     if holdout.nnz:  # a refresh holds nothing out
         seen = (seen + holdout).tocsr()
-    embeddings = run.embeddings()
+    embeddings = run.artifacts.served.embeddings()
     has_vector = presence_mask(embeddings.user_idx, n_users)
-    user_ids, item_ids = run.ids("users"), run.ids("items")
+    user_ids, item_ids = run.artifacts.interactions.ids("users"), run.artifacts.interactions.ids("items")
     since = run.interval_end - timedelta(days=run.config.recommendations.active_days)
     with run.layout.lock(shared=True):
         active = active_user_indices(run.layout.events_lake, since, run.interval_end, user_ids)
     fresh = active
     carried: Iterable[pa.Table] = ()
-    record = run.refresh_record()
+    record = run.artifacts.refresh_record()
     if record is not None:
         parent = version_bundle(run.config, record.derived_from_version)
         if parent.recommendations_file.is_file():
-            changed = presence_mask(run.recent("users"), n_users) | (
+            changed = presence_mask(run.artifacts.interactions.recent("users"), n_users) | (
                 has_vector & ~presence_mask(parent.embeddings().user_idx, n_users)
             )
             fresh = active[changed[active]]
@@ -50,15 +52,15 @@ def run_batch_recommendations(run: RunContext) -> dict[str, float]:
         fresh,
         embeddings.dense_users(n_users),
         has_vector,
-        load_index(run.index_dir),
+        load_index(run.artifacts.index_dir),
         seen,
         np.bincount(train.item_idx, minlength=n_items),
         run.config.recommendations.top_n,
     )
-    with atomic_dir(run.recommendations_file.parent) as staging:
+    with atomic_dir(run.artifacts.recommendations_file.parent) as staging:
         staging.mkdir(parents=True)
         written = write_recommendations(
-            staging / run.recommendations_file.name, batches, user_ids, item_ids, carried
+            staging / run.artifacts.recommendations_file.name, batches, user_ids, item_ids, carried
         )
     metrics = {
         "batch_active_users": float(len(active)),
@@ -67,5 +69,5 @@ def run_batch_recommendations(run: RunContext) -> dict[str, float]:
         "batch_fallback_users": float((~has_vector[active]).sum()),
         "batch_coverage": float(written.items.sum()) / max(len(embeddings.item_idx), 1),
     }
-    run.write_metrics("recommendations", metrics)
+    run.artifacts.write_metrics("recommendations", metrics)
     return metrics

@@ -12,10 +12,12 @@ import numpy as np
 
 from recsys_pipeline import drift
 from recsys_pipeline.als import check_finite, implicit_loss
+from recsys_pipeline.artifacts import Gate, RefreshRecord
 from recsys_pipeline.errors import RecsysError
+from recsys_pipeline.files import atomic_dir
 from recsys_pipeline.refresh import escalation_reasons, fold_in, rows_to_refresh
 from recsys_pipeline.registry import NothingPublishedError, run_reference, version_bundle, version_status
-from recsys_pipeline.runs import Gate, RefreshRecord, RunContext, atomic_dir, parse_instant
+from recsys_pipeline.runs import RunContext, parse_instant
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +35,7 @@ def run_refresh(run: RunContext) -> RefreshRecord:
             "the weekly DAG for this date first"
         )
     champion_bundle = version_bundle(config, str(champion.version))
-    run.check_maps_extend(champion_bundle, str(champion.version))
+    run.artifacts.interactions.check_maps_extend(champion_bundle, str(champion.version))
     champion_tags = dict(champion.tags)
     if champion_tags.get("kind") == "refresh":
         weekly_version = champion_tags["parent_version"]
@@ -45,8 +47,8 @@ def run_refresh(run: RunContext) -> RefreshRecord:
     weekly = weekly if weekly is not None else parent
     params = champion_bundle.trained_params(config.als)
 
-    user_items = run.train_matrix()
-    users, new_items = rows_to_refresh(user_items, parent, run.recent("users"))
+    user_items = run.artifacts.interactions.train_matrix()
+    users, new_items = rows_to_refresh(user_items, parent, run.artifacts.interactions.recent("users"))
     started = time.perf_counter()
     refreshed = fold_in(parent, user_items, users, new_items, params, config.refresh)
     refresh_s = time.perf_counter() - started
@@ -54,7 +56,7 @@ def run_refresh(run: RunContext) -> RefreshRecord:
 
     rules = config.drift
     parent_drift = drift.compare(weekly, refreshed, rules.k, rules.sample_items, rules.sample_users)
-    with atomic_dir(run.parent_drift_dir) as staging:
+    with atomic_dir(run.artifacts.parent_drift_dir) as staging:
         drift.write_report(parent_drift, staging, weekly_version, rules)
     drift_metrics = parent_drift.metrics
     reasons = escalation_reasons(
@@ -80,9 +82,9 @@ def run_refresh(run: RunContext) -> RefreshRecord:
     )
     n_users, n_items = user_items.shape
     loss = implicit_loss(user_items, refreshed.dense_users(n_users), refreshed.dense_items(n_items), params)
-    run.write_model(refreshed, [loss], params)
-    run.write_refresh_record(record)
-    run.write_metrics(
+    run.artifacts.write_trained(refreshed, [loss], params)
+    run.artifacts.write_refresh_record(record)
+    run.artifacts.write_metrics(
         "refresh",
         {
             "refresh_s": refresh_s,
@@ -93,7 +95,7 @@ def run_refresh(run: RunContext) -> RefreshRecord:
             **{f"refresh_{name}": value for name, value in drift_metrics.items()},
         },
     )
-    run.write_gate(Gate.REFRESH, not reasons, reasons)
+    run.artifacts.write_gate(Gate.REFRESH, not reasons, reasons)
     if reasons:
         log.warning("refresh escalates to a full retrain: %s", "; ".join(reasons))
     log.info("refresh: %s", json.dumps(asdict(record)))
@@ -102,7 +104,7 @@ def run_refresh(run: RunContext) -> RefreshRecord:
 
 def refresh_escalated(run: RunContext) -> bool:
     """Whether the run's refresh decided a full retrain must replace it."""
-    record = run.refresh_record()
+    record = run.artifacts.refresh_record()
     if record is None:
         raise RecsysError(f"no refresh record in {run.run_dir}: run the fold-in first")
     return record.escalate

@@ -22,17 +22,15 @@ log = logging.getLogger(__name__)
 def run_training(run: RunContext, spark: SparkSession | None = None) -> dict[str, float]:
     """Train on the run's training matrix and write its model folder (the hyperparameters used
     included); Spark only with ``als.backend: spark``."""
-    user_items = run.train_matrix()
+    user_items = run.artifacts.interactions.train_matrix()
     params = run.config.als
     sweep_summary, tuning_s = None, 0.0
     if params.sweep is not None:
-        result = run_sweep(
-            user_items, run, params.sweep, spark, reference_params(run)
-        )
+        result = run_sweep(user_items, run, params.sweep, spark, reference_params(run))
         params, sweep_summary, tuning_s = result.best, result.summary(), result.seconds
         log.info("sweep chose %s in %.1f s", params.hyperparameters(), tuning_s)
     embeddings, losses = train(user_items, params, spark)
-    run.write_model(embeddings, losses, params, sweep_summary)
+    run.artifacts.write_trained(embeddings, losses, params, sweep_summary)
     log.info("ALS loss per iteration: %s", ", ".join(f"{loss:.5f}" for loss in losses))
     metrics = {
         "training_loss": losses[-1],
@@ -40,7 +38,7 @@ def run_training(run: RunContext, spark: SparkSession | None = None) -> dict[str
         "trained_items": float(len(embeddings.item_idx)),
         "tuning_s": tuning_s,
     }
-    run.write_metrics("train", metrics)
+    run.artifacts.write_metrics("train", metrics)
     return metrics
 
 

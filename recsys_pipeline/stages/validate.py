@@ -10,10 +10,12 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from recsys_pipeline import drift
+from recsys_pipeline.artifacts import Gate
 from recsys_pipeline.embeddings import Embeddings
 from recsys_pipeline.events import ingest_window
+from recsys_pipeline.files import atomic_dir, write_json
 from recsys_pipeline.registry import run_reference, version_bundle, version_status
-from recsys_pipeline.runs import Gate, RunContext, atomic_dir, write_json
+from recsys_pipeline.runs import RunContext
 from recsys_pipeline.stages.publish import log_rejected_run
 from recsys_pipeline.validation import (
     ValidationFailedError,
@@ -65,11 +67,11 @@ def drift_against_champion(run: RunContext, embeddings: Embeddings) -> drift.Dri
     if reference is None:
         return None
     version, rules = str(reference.version), run.config.drift
-    report = drift.read_report(run.parent_drift_dir, version, rules)
+    report = drift.read_report(run.artifacts.parent_drift_dir, version, rules)
     if report is None:
         champion = version_bundle(run.config, version).embeddings()
         report = drift.compare(champion, embeddings, rules.k, rules.sample_items, rules.sample_users)
-    run.write_metrics("drift", report.metrics)
+    run.artifacts.write_metrics("drift", report.metrics)
     return report
 
 
@@ -98,12 +100,12 @@ def sample_positions(rows: int, size: int, seed: int = 0) -> np.ndarray:
 def run_validation(run: RunContext) -> dict[str, float]:
     """Validate the run's events, interactions and embeddings; raise naming every failure."""
     config = run.config
-    n_users, n_items = run.matrix_shape()
-    embeddings = run.embeddings()
+    n_users, n_items = run.artifacts.interactions.matrix_shape()
+    embeddings = run.artifacts.served.embeddings()
     learned = embeddings.warm_items()
     window_start, window_end = ingest_window(run)
     sample_rows = config.validation.sample_rows
-    train = run.train_triples()
+    train = run.artifacts.interactions.train_triples()
     picked = sample_positions(train.nnz, sample_rows)
     train_sample = pd.DataFrame(
         {
@@ -120,7 +122,7 @@ def run_validation(run: RunContext) -> dict[str, float]:
             events_volume_suite(config, champion_rows(run)),
         ),
         "ingest_summary": (
-            pd.DataFrame([run.read_metrics()]).reindex(columns=["quarantine_share"]),
+            pd.DataFrame([run.artifacts.read_metrics()]).reindex(columns=["quarantine_share"]),
             ingest_summary_suite(config),
         ),
         "interactions": (train_sample, interactions_suite(n_users, n_items)),
@@ -139,38 +141,40 @@ def run_validation(run: RunContext) -> dict[str, float]:
             embedding_profile(embeddings.item_idx[cold], embeddings.learned().item_factors[cold]),
             cold_embeddings_suite(n_items, int(cold.sum())),
         )
-    recorded = run.read_metrics()
+    recorded = run.artifacts.read_metrics()
     if "content_map_r2" in recorded:
         frames["content_summary"] = (
             pd.DataFrame([{name: recorded[name] for name in ("content_coverage", "content_map_r2")}]),
             content_summary_suite(config),
         )
-    if run.recommendations_file.is_file():
+    if run.artifacts.recommendations_file.is_file():
         # Lists are written user by user: the first rows hold whole lists of the first users.
-        recommendations = pq.ParquetFile(run.recommendations_file)
+        recommendations = pq.ParquetFile(run.artifacts.recommendations_file)
         head = next(recommendations.iter_batches(batch_size=sample_rows), None)
         frames["recommendations"] = (
             head.to_pandas() if head is not None else recommendations.schema_arrow.empty_table().to_pandas(),
             recommendations_suite(config),
         )
         # What the lists exclude (as batch_recommend does): the training and held-out items.
-        seen = (train.to_csr(n_users, n_items) + run.holdout_matrix()).tocsr()
+        seen = (train.to_csr(n_users, n_items) + run.artifacts.interactions.holdout_matrix()).tocsr()
         popular_share = popular_list_share(
             frames["recommendations"][0],
-            run.ids("users"),
-            run.ids("items"),
+            run.artifacts.interactions.ids("users"),
+            run.artifacts.interactions.ids("items"),
             np.bincount(train.item_idx, minlength=n_items),
             seen,
         )
         frames["recommendations_summary"] = (
-            recommendations_summary(frames["recommendations"][0], run.read_metrics(), popular_share),
+            recommendations_summary(
+                frames["recommendations"][0], run.artifacts.read_metrics(), popular_share
+            ),
             recommendations_summary_suite(config),
         )
     report = drift_against_champion(run, embeddings)
     if report is not None:
         frames["item_drift"] = (report.items, item_drift_suite(config))
         frames["drift_summary"] = (pd.DataFrame([report.metrics]), drift_summary_suite(config))
-    with atomic_dir(run.validation_dir) as staging:
+    with atomic_dir(run.artifacts.validation_dir) as staging:
         staging.mkdir(parents=True)
         if report is not None:
             report.items.to_parquet(staging / "item_drift.parquet")
@@ -178,8 +182,8 @@ def run_validation(run: RunContext) -> dict[str, float]:
         failures = validate_frames(staging, frames)
         write_json(staging / "failures.json", [str(f) for f in failures])
     metrics = {"validation_failures": float(len(failures)), "validation_suites": float(len(frames))}
-    run.write_metrics("validate", metrics)
-    run.write_gate(Gate.VALIDATION, not failures, [str(f) for f in failures])
+    run.artifacts.write_metrics("validate", metrics)
+    run.artifacts.write_gate(Gate.VALIDATION, not failures, [str(f) for f in failures])
     if failures:
         message = "; ".join(str(f) for f in failures)
         log_rejected_run(run, message)

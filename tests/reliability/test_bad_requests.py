@@ -75,7 +75,10 @@ def test_a_batch_with_bad_rows_is_refused_naming_each_row(recommender_and_model)
 def test_the_cli_refuses_a_negative_k_in_one_line(own_weekly_run, capsys) -> None:
     run_promotion(own_weekly_run, run_publish(own_weekly_run))
     state = ["--set", f"state_dir={own_weekly_run.config.state_home}"]
-    user, item = own_weekly_run.ids("users")[0], own_weekly_run.ids("items")[0]
+    user, item = (
+        own_weekly_run.artifacts.interactions.ids("users")[0],
+        own_weekly_run.artifacts.interactions.ids("items")[0],
+    )
     for command in (["recommend", "--user-id", user], ["similar", "--item-id", item]):
         capsys.readouterr()
         assert main([*state, *command, "-k", "-1", "--json"]) == 1
@@ -108,7 +111,7 @@ def test_rest_answers_400_with_a_short_reason_per_bad_row(own_weekly_run, tmp_pa
         f"http://127.0.0.1:{port}/ping",
         tmp_path / "serve.log",
     )
-    user = str(own_weekly_run.ids("users")[0])
+    user = str(own_weekly_run.artifacts.interactions.ids("users")[0])
 
     def post(records: list[dict]) -> tuple[int, str]:
         request = urllib.request.Request(

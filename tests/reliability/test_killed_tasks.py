@@ -57,16 +57,16 @@ def kill_when(process: subprocess.Popen, ready, timeout_s: float = 300) -> None:
 def test_training_killed_mid_way_is_retried_to_a_complete_model(own_weekly_run, tmp_path: Path) -> None:
     state = own_weekly_run.config.state_home
     run = context(str(state), **SLOW_TRAINING)
-    before = run.embeddings()
+    before = run.artifacts.served.embeddings()
     worker = start_worker(state, "train", tmp_path / "train.log")
     # Killed while ALS fits, a second into a fit of several: the run's model folder must still be
     # the earlier, complete one.
     kill_when(worker, lambda: (state / FIT_STARTED).exists() and time.sleep(1) is None)
     assert worker.returncode == -signal.SIGKILL
-    assert (run.embeddings().item_factors == before.item_factors).all()
+    assert (run.artifacts.served.embeddings().item_factors == before.item_factors).all()
     run_training(run)  # the retry
-    assert run.trained_params().iterations == SLOW_TRAINING["als.iterations"]
-    assert len(run.training_losses()) == SLOW_TRAINING["als.iterations"]
+    assert run.artifacts.trained.trained_params().iterations == SLOW_TRAINING["als.iterations"]
+    assert len(run.artifacts.trained.training_losses()) == SLOW_TRAINING["als.iterations"]
 
 
 def test_publish_killed_mid_way_is_retried_to_one_version(own_weekly_run, tmp_path: Path) -> None:

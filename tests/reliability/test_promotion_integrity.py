@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from recsys_pipeline import registry
-from recsys_pipeline.runs import Gate
+from recsys_pipeline.artifacts import Gate
 from recsys_pipeline.stages import publish
 from recsys_pipeline.stages.publish import run_promotion, run_publish
 from tests.conftest import another_run_of, free_port, run_recsys
@@ -26,7 +26,9 @@ def test_a_rerun_with_another_config_is_another_version_promoted_only_on_its_own
         update={"als": own_weekly_run.config.als.model_copy(update={"factors": 8})}
     )
     rerun = another_run_of(own_weekly_run, "manual__rerun", changed)
-    rerun.write_gate(Gate.EVALUATION, False, ["ndcg_at_10=0.1 does not beat baseline_ndcg_at_10=0.2"])
+    rerun.artifacts.write_gate(
+        Gate.EVALUATION, False, ["ndcg_at_10=0.1 does not beat baseline_ndcg_at_10=0.2"]
+    )
     second = run_publish(rerun)
     assert second != first, "another config must not reuse the earlier version"
     with pytest.raises(registry.GateFailedError, match="evaluation"):

@@ -31,12 +31,12 @@ from recsys_pipeline.config import (
     PipelineConfig,
     layered,
     load_config,
-    run_overrides,
 )
 from recsys_pipeline.pipelines import WEEKLY
 from recsys_pipeline.redaction import REDACTED, MissingSecretError, redact_text
 from recsys_pipeline.runs import RunContext
 from recsys_pipeline.stages.publish import run_promotion, run_publish
+from recsys_pipeline.trigger import run_overrides
 from tests.conftest import run_recsys
 
 CANARY = "canary-7f3e9c"

@@ -20,17 +20,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from recsys_pipeline import runs
-from recsys_pipeline.runs import (
-    PUBLISHED_RECORD,
+from recsys_pipeline.artifacts import IdMapMismatchError, InteractionsFiles
+from recsys_pipeline.files import (
     SNAPSHOTS,
-    IdMapMismatchError,
-    RunContext,
     atomic_dir,
     publish_snapshot,
     recover_pointer,
     restore_set_aside,
     write_json,
 )
+from recsys_pipeline.runs import PUBLISHED_RECORD, RunContext
 
 CRASHING = """
 import os, shutil, sys
@@ -53,7 +52,7 @@ for module, name in ((os, "symlink"), (os, "replace"), (os, "rename"), (shutil, 
 """
 CHILD = CRASHING + textwrap.dedent(
     """
-    from recsys_pipeline.runs import publish_snapshot
+    from recsys_pipeline.files import publish_snapshot
 
     def build(staging):
         staging.mkdir()
@@ -64,7 +63,7 @@ CHILD = CRASHING + textwrap.dedent(
 )
 RUN_OUTPUT_CHILD = CRASHING + textwrap.dedent(
     """
-    from recsys_pipeline.runs import atomic_dir
+    from recsys_pipeline.files import atomic_dir
 
     with atomic_dir(target) as staging:
         staging.mkdir()
@@ -152,25 +151,26 @@ def test_a_crash_while_marking_a_run_published_leaves_it_to_be_marked_again(make
 
     monkeypatch.setattr(runs, "write_json", crash_on_the_second)
     with pytest.raises(KeyboardInterrupt):
-        run.mark_published("recsys-als", "3")
+        run.publication.mark_published("recsys-als", "3")
     monkeypatch.undo()
     # The run is not frozen yet, so publishing it again finds version 3 and marks it (run_publish).
-    assert run.published_version() is None
-    run.mark_published("recsys-als", "3")
-    assert run.published_version() == "3"
+    assert run.publication.published_version() is None
+    run.publication.mark_published("recsys-als", "3")
+    assert run.publication.published_version() == "3"
     assert json.loads((run.window_dir / PUBLISHED_RECORD).read_text())["version"] == "3"
 
 
 def test_vectors_are_never_matched_by_index_to_maps_that_do_not_extend_their_own(make_config) -> None:
     config = make_config()
 
-    def run_with_maps(interval_start: str, interval_end: str, users: list[str]) -> RunContext:
+    def run_with_maps(interval_start: str, interval_end: str, users: list[str]) -> InteractionsFiles:
         run = RunContext.create(config, "recsys_weekly", interval_start, interval_end, "manual__maps")
+        interactions = run.artifacts.interactions
         for side, ids in (("users", users), ("items", ["i0", "i1"])):
-            run.id_map_dir(side).mkdir(parents=True)
+            interactions.map_dir(side).mkdir(parents=True)
             table = pa.table({"id": ids, "idx": pa.array(np.arange(len(ids), dtype=np.int32))})
-            pq.write_table(table, run.id_map_dir(side) / "part-0.parquet")
-        return run
+            pq.write_table(table, interactions.map_dir(side) / "part-0.parquet")
+        return interactions
 
     champion = run_with_maps("1998-04-09", "1998-04-16", ["u7", "u3"])
     run_with_maps("1998-04-16", "1998-04-23", ["u7", "u3", "u9"]).check_maps_extend(champion, "1")
