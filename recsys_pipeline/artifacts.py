@@ -22,10 +22,11 @@ Run folder (``<state>/runs/<dag_id>/<interval>/<run id>/``, see :class:`~recsys_
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import scipy.sparse as sp
@@ -213,11 +214,35 @@ class Gate(StrEnum):
 
 
 @dataclass(frozen=True)
-class RefreshRecord:
-    """What a nightly refresh did: its lineage (registry versions), counts, time and decision."""
+class RefreshLineage:
+    """Where a nightly's model comes from, registered with its version as tags (``recsys status``
+    shows them)."""
 
     parent_version: str  # the weekly version the refreshed model descends from
     derived_from_version: str  # the champion it folded into
+    refresh_day: str
+    users_updated: int
+    users_added: int
+    items_added: int
+    refresh_s: float
+
+    def tags(self) -> dict[str, str]:
+        return {field.name: str(getattr(self, field.name)) for field in fields(self)}
+
+    @classmethod
+    def from_tags(cls, tags: dict[str, str]) -> RefreshLineage:
+        return cls(**{field.name: FIELD_TYPES[field.type](tags[field.name]) for field in fields(cls)})
+
+
+FIELD_TYPES: dict[Any, Callable[[str], Any]] = {"str": str, "int": int, "float": float}
+
+
+@dataclass(frozen=True)
+class RefreshRecord:
+    """What a nightly refresh did: its lineage, counts, time and decision."""
+
+    parent_version: str
+    derived_from_version: str
     refresh_day: str
     users_updated: int
     users_added: int
@@ -227,19 +252,8 @@ class RefreshRecord:
     escalate: bool
     reasons: list[str]
 
-    # Registered with the version as tags and shown by ``recsys status``.
-    LINEAGE_TAGS: ClassVar[tuple[str, ...]] = (
-        "parent_version",
-        "derived_from_version",
-        "refresh_day",
-        "users_updated",
-        "users_added",
-        "items_added",
-        "refresh_s",
-    )
-
-    def tags(self) -> dict[str, str]:
-        return {name: str(getattr(self, name)) for name in self.LINEAGE_TAGS}
+    def lineage(self) -> RefreshLineage:
+        return RefreshLineage(**{field.name: getattr(self, field.name) for field in fields(RefreshLineage)})
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,6 @@ from typing import Any
 
 import pandas as pd
 
-from recsys_pipeline import registry
 from recsys_pipeline.config import (
     DEFAULT_CONFIG_PATH,
     PROJECT_ROOT,
@@ -25,6 +24,7 @@ from recsys_pipeline.config import (
 )
 from recsys_pipeline.errors import RecsysError
 from recsys_pipeline.redaction import redact_text
+from recsys_pipeline.registry import Registry
 from recsys_pipeline.state import StateLayout
 from recsys_pipeline.synthetic import (
     CONTENT_SOURCE,
@@ -189,7 +189,7 @@ def _print_table(frame: pd.DataFrame, as_json: bool) -> None:
 
 
 def _status(config: PipelineConfig, as_json: bool) -> None:
-    status = registry.champion_status(config)
+    status = Registry(config).champion_status()
     if as_json:
         print(json.dumps(status, indent=2))
         return
@@ -241,7 +241,7 @@ def _status(config: PipelineConfig, as_json: bool) -> None:
 
 def _registry_command(config: PipelineConfig, args: argparse.Namespace) -> int:
     if args.command == "versions":
-        rows = registry.list_versions(config)
+        rows = Registry(config).list_versions()
         if args.json:
             print(json.dumps(rows, indent=2))
         ndcg_name = f"ndcg_at_{config.evaluation.k}"
@@ -252,10 +252,10 @@ def _registry_command(config: PipelineConfig, args: argparse.Namespace) -> int:
                 f"{row['tags'].get('run_key', '')}"
             )
     elif args.command == "promote":
-        registry.promote(config, args.version, reason=args.reason)
+        Registry(config).promote(args.version, reason=args.reason)
         print(f"{config.mlflow.model_name}@champion -> version {args.version}")
     else:
-        version = registry.rollback(config, reason=args.reason)
+        version = Registry(config).rollback(reason=args.reason)
         print(f"{config.mlflow.model_name}@champion -> version {version} (rolled back)")
     return 0
 
@@ -266,7 +266,7 @@ def _serve(config: PipelineConfig, args: argparse.Namespace) -> int:
 
     # The local copy just verified against the registry's manifest hash, not a fresh download
     # nobody checked.
-    _, model = registry.alias_model(config, args.alias)
+    _, model = Registry(config).alias_model(args.alias)
     serve_rest(model, args.host, args.port)
     return 0
 

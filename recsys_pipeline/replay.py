@@ -32,6 +32,7 @@ from recsys_pipeline.artifacts import RefreshRecord, RunArtifacts
 from recsys_pipeline.config import PipelineConfig
 from recsys_pipeline.errors import RecsysError
 from recsys_pipeline.files import write_json
+from recsys_pipeline.registry import Registry, VersionMark
 from recsys_pipeline.runs import RunContext
 from recsys_pipeline.state import StateLayout
 
@@ -133,7 +134,7 @@ def registry_rows(config: PipelineConfig) -> list[dict[str, Any]]:
     from mlflow.exceptions import MlflowException
 
     try:
-        return registry.list_versions(config)
+        return Registry(config).list_versions()
     except MlflowException as error:
         if error.error_code == "RESOURCE_DOES_NOT_EXIST":
             return []
@@ -141,7 +142,7 @@ def registry_rows(config: PipelineConfig) -> list[dict[str, Any]]:
 
 
 def champion_version(config: PipelineConfig) -> int | None:
-    version = registry.alias_version(config, registry.CHAMPION)
+    version = Registry(config).alias_version(registry.CHAMPION)
     return None if version is None else int(version.version)
 
 
@@ -176,13 +177,14 @@ def describe(
     run.version, run.metrics = row["version"], row["metrics"]
     reference = row["metrics"].get("reference_version", tags.get("derived_from_version"))
     run.reference_version = None if reference is None else int(reference)
-    run.passed = "promotion_reason" in tags or tags.get(registry.WOULD_PROMOTE) == "true"
-    if "promotion_reason" in tags:
+    would_promote = tags.get(VersionMark.WOULD_PROMOTE) == "true"
+    run.passed = VersionMark.PROMOTION_REASON in tags or would_promote
+    if VersionMark.PROMOTION_REASON in tags:
         run.decision = f"promoted version {row['version']} to champion"
-    elif tags.get(registry.WOULD_PROMOTE) == "true":
+    elif would_promote:
         run.decision = f"version {row['version']} passed every gate: would promote"
-    elif tags.get("gates_failed"):
-        run.decision = f"version {row['version']} failed: {tags['gates_failed']}"
+    elif tags.get(VersionMark.GATES_FAILED):
+        run.decision = f"version {row['version']} failed: {tags[VersionMark.GATES_FAILED]}"
     else:
         run.decision = f"version {row['version']} registered, run {'succeeded' if succeeded else 'failed'}"
     return run

@@ -21,7 +21,7 @@ from recsys_pipeline.config import PipelineConfig, load_config
 from recsys_pipeline.embeddings import presence_mask
 from recsys_pipeline.errors import RecsysError
 from recsys_pipeline.ranking import dot_top_k, first_unseen, popular_items
-from recsys_pipeline.registry import CHAMPION, alias_model, download
+from recsys_pipeline.registry import CHAMPION, Registry
 
 RESULT_COLUMNS = ["rank", "item_id", "score"]
 DEFAULT_K = 10
@@ -89,7 +89,7 @@ class Recommender:
 
     @classmethod
     def from_registry(cls, alias: str = CHAMPION, config: PipelineConfig | None = None) -> Recommender:
-        _, bundle = download(config or load_config(), alias)
+        _, bundle = Registry(config or load_config()).download(alias)
         return cls(bundle)
 
     def _user_idx(self, user_id: str) -> int | None:
@@ -155,7 +155,7 @@ def verified_pyfunc(alias: str = CHAMPION, config: PipelineConfig | None = None)
     stored code before anything is checked."""
     import mlflow
 
-    _, model = alias_model(config or load_config(), alias)
+    _, model = Registry(config or load_config()).alias_model(alias)
     return mlflow.pyfunc.load_model(str(model))
 
 

@@ -152,12 +152,12 @@ def own_weekly_run(weekly_run: RunContext, tmp_path: Path) -> RunContext:
 def copy_run(run: RunContext, start: str, end: str) -> RunContext:
     """The run's outputs under another interval of the same state folder (a later run with equal results,
     judged against the champion of its time, as its evaluate stage would record)."""
-    from recsys_pipeline import registry
+    from recsys_pipeline.registry import CHAMPION, Registry
 
     other = RunContext.create(run.config, run.dag_id, start, end, f"manual__{end}")
     unpublished = shutil.ignore_patterns(PUBLISHED_RECORD)
     shutil.copytree(run.run_dir, other.run_dir, dirs_exist_ok=True, ignore=unpublished)
-    champion = registry.alias_version(run.config, registry.CHAMPION)
+    champion = Registry(run.config).alias_version(CHAMPION)
     path = other.run_dir / "metrics" / "evaluate.json"
     evaluated = json.loads(path.read_text()) if path.is_file() else {}
     evaluated.pop("reference_version", None)

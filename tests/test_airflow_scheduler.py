@@ -20,7 +20,7 @@ import pytest
 
 from recsys_pipeline.cli import airflow_environment
 from recsys_pipeline.config import load_config
-from recsys_pipeline.registry import verified_model
+from recsys_pipeline.registry import Registry
 from tests.conftest import free_port, invocations, start, stop
 from tests.test_dags import RECSYS, WEEKLY_TASKS, airflow_json, recsys
 
@@ -183,7 +183,7 @@ def test_the_champion_serves_from_its_own_environment_built_by_mlflow(
     # model's own requirements): the project is not installed there, its code travels in the model.
     config = load_config(overrides={"state_dir": airflow.env["RECSYS_HOME"]})
     champion = status(airflow.env)
-    model = verified_model(config, str(champion["version"]))
+    model = Registry(config).verified_model(str(champion["version"]))
     port = free_port()
     env = {**airflow.env, "MLFLOW_ENV_ROOT": str(tmp_path / "envs")}
     mlflow = str(Path(RECSYS).parent / "mlflow")

@@ -23,6 +23,7 @@ from recsys_pipeline.artifacts import Gate
 from recsys_pipeline.bundle import Bundle, BundleFormatError, write_bundle
 from recsys_pipeline.config import load_config
 from recsys_pipeline.errors import RecsysError, StageSkipped
+from recsys_pipeline.registry import Registry
 from recsys_pipeline.runs import RunContext
 from recsys_pipeline.serving import Recommender, UnknownIdError
 from recsys_pipeline.stages.publish import run_promotion, run_publish, run_tags
@@ -51,12 +52,12 @@ def test_publishing_the_same_run_twice_registers_one_version(own_weekly_run) -> 
     assert first == second
     assert versions(own_weekly_run).count(first) == 1
     run_promotion(own_weekly_run, first)
-    status = registry.champion_status(own_weekly_run.config)
+    status = Registry(own_weekly_run.config).champion_status()
     assert status["version"] == int(first)
     assert status["metrics"]["ndcg_at_10"] > status["metrics"]["baseline_ndcg_at_10"]
     assert status["data_window"]["end"].startswith("1998-04-23")
     # The served vectors (cold items flagged) and the content map travel in the verified bundle.
-    bundle = registry.version_bundle(own_weekly_run.config, first)
+    bundle = Registry(own_weekly_run.config).version_bundle(first)
     assert {"content_vectors.parquet", "content_map.parquet", "content_map.json"} <= {
         path.name for path in (bundle.path / "content").iterdir()
     }
@@ -73,14 +74,14 @@ def test_a_dry_run_registers_its_version_but_skips_promotion(own_weekly_run) -> 
     assert dry.publication.published_version() == version
     with pytest.raises(StageSkipped, match=f"dry run: version {version} passed every gate"):
         run_promotion(dry, version)
-    assert registry.alias_version(config, registry.CHAMPION) is None
+    assert Registry(config).alias_version(registry.CHAMPION) is None
     tags = tracking.client(config).get_model_version(config.mlflow.model_name, version).tags
     assert tags["would_promote"] == "true"
     # A later dry run (a dry replay's next week) is judged against it, as if it had been promoted; a
     # live run is not: it never builds on a version that did not go live.
     later = copy_run(own_weekly_run, "1998-04-23", "1998-04-30")
-    assert str(registry.reference_version(unpromoted, later.interval_end).version) == version
-    assert registry.reference_version(later.config, later.interval_end) is None
+    assert str(Registry(unpromoted).reference_version(later.interval_end).version) == version
+    assert Registry(later.config).reference_version(later.interval_end) is None
     # Published, its folder is frozen: a stage re-run there is refused, a new run is not.
     with pytest.raises(RecsysError, match="trigger a new run for this window"):
         dry.publication.refuse_if_published("train")
@@ -96,23 +97,27 @@ def test_a_replayed_older_week_is_judged_against_the_champion_of_its_time(own_we
     # A week before the champion's data ends: the champion has trained on its holdout, and no
     # version was champion back then, so nothing is compared; the champion stays where it is.
     older = copy_run(own_weekly_run, "1998-04-09", "1998-04-16")
-    assert registry.reference_version(older.config, older.interval_end) is None
-    assert champion_rows(older) is None  # nor a row-count band
+    assert Registry(older.config).reference_version(older.interval_end) is None
+    assert champion_rows(older, Registry(older.config)) is None  # nor a row-count band
     assert not any(name.startswith("champion_") for name in run_evaluation(older))
     replayed = run_publish(older)
     with pytest.raises(StageSkipped, match="recorded as would_promote, champion left as it was"):
         run_promotion(older, replayed)
     client = tracking.client(older.config)
     assert client.get_model_version(older.config.mlflow.model_name, replayed).tags["would_promote"] == "true"
-    assert registry.champion_status(older.config)["version"] == int(champion)
+    assert Registry(older.config).champion_status()["version"] == int(champion)
     # A later week is judged against the live champion, and a week that ends later than a version
     # once promoted, but earlier than the champion, against that version.
     later = copy_run(own_weekly_run, "1998-04-23", "1998-04-30")
-    assert str(registry.reference_version(later.config, later.interval_end).version) == champion
-    assert champion_rows(later) == own_weekly_run.artifacts.read_metrics()["window_events"] > 0
+    assert str(Registry(later.config).reference_version(later.interval_end).version) == champion
+    assert (
+        champion_rows(later, Registry(later.config))
+        == own_weekly_run.artifacts.read_metrics()["window_events"]
+        > 0
+    )
     assert "champion_ndcg_at_10" in run_evaluation(later)
-    registry.promote(later.config, str(run_publish(later)), reason="test: a newer champion")
-    between = registry.reference_version(later.config, own_weekly_run.interval_end)
+    Registry(later.config).promote(str(run_publish(later)), reason="test: a newer champion")
+    between = Registry(later.config).reference_version(own_weekly_run.interval_end)
     assert str(between.version) == champion
 
 
@@ -127,7 +132,7 @@ def test_failed_gate_leaves_the_champion_where_it_was(own_weekly_run) -> None:
     assert candidate != champion
     with pytest.raises(registry.GateFailedError, match="evaluation: ndcg_at_10=0.1"):
         run_promotion(failing, candidate)
-    assert registry.champion_status(own_weekly_run.config)["version"] == int(champion)
+    assert Registry(own_weekly_run.config).champion_status()["version"] == int(champion)
 
 
 def test_promotion_keeps_the_replaced_champion_as_previous(own_weekly_run) -> None:
@@ -140,7 +145,7 @@ def test_promotion_keeps_the_replaced_champion_as_previous(own_weekly_run) -> No
     name = own_weekly_run.config.mlflow.model_name
     assert str(client.get_model_version_by_alias(name, "champion").version) == candidate
     assert str(client.get_model_version_by_alias(name, "previous").version) == champion
-    registry.promote(own_weekly_run.config, champion, reason="restore for later tests")
+    Registry(own_weekly_run.config).promote(champion, reason="restore for later tests")
 
 
 def test_recommender_excludes_history_and_rejects_unknown_ids(own_weekly_run) -> None:
@@ -195,7 +200,7 @@ def test_registered_pyfunc_answers_like_the_in_process_client(own_weekly_run, tm
         "frame = pd.DataFrame({'user_id': sys.argv[2:], 'k': 5})\n"
         "print(model.predict(frame).to_json(orient='records'))\n"
     )
-    stored = registry.verified_model(own_weekly_run.config, version)
+    stored = Registry(own_weekly_run.config).verified_model(version)
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     loaded = subprocess.run(
         [str(fresh / "bin" / "python"), "-c", script, str(stored), *users],
@@ -216,7 +221,7 @@ def test_registered_pyfunc_answers_like_the_in_process_client(own_weekly_run, tm
 def test_status_without_a_champion_is_a_clear_error(tmp_path: Path) -> None:
     config = load_config(overrides={"state_dir": str(tmp_path)})
     with pytest.raises(registry.NothingPublishedError, match="no version .* nothing has been published yet"):
-        registry.champion_status(config)
+        Registry(config).champion_status()
 
 
 def test_status_says_why_nothing_is_champion(own_weekly_run) -> None:
@@ -230,7 +235,7 @@ def test_status_says_why_nothing_is_champion(own_weekly_run) -> None:
         registry.NothingPublishedError,
         match=f"version {version} failed the evaluation gate: ndcg_at_10=0.1 does not beat",
     ):
-        registry.champion_status(own_weekly_run.config)
+        Registry(own_weekly_run.config).champion_status()
 
 
 def test_status_names_the_run_that_failed_before_publishing_and_why(tmp_path: Path) -> None:
@@ -244,7 +249,7 @@ def test_status_names_the_run_that_failed_before_publishing_and_why(tmp_path: Pa
         registry.NothingPublishedError,
         match=f"run {run.run_key} failed at build_interactions: the holdout has 12 users with an item",
     ):
-        registry.champion_status(config)
+        Registry(config).champion_status()
 
 
 def test_cli_versions_promote_and_rollback(own_weekly_run, capsys) -> None:
@@ -263,9 +268,10 @@ def test_cli_versions_promote_and_rollback(own_weekly_run, capsys) -> None:
     assert rows[second]["tags"]["promotion_reason"] == "ab test won"
     assert "ndcg_at_10" in rows[second]["metrics"]
     assert main([*state, "rollback", "--reason", "bad canary"]) == 0
-    assert registry.champion_status(own_weekly_run.config)["version"] == int(first)
+    assert Registry(own_weekly_run.config).champion_status()["version"] == int(first)
     assert (
-        registry.champion_status(own_weekly_run.config)["tags"]["promotion_reason"] == "rollback: bad canary"
+        Registry(own_weekly_run.config).champion_status()["tags"]["promotion_reason"]
+        == "rollback: bad canary"
     )
 
 
@@ -315,4 +321,4 @@ def test_a_run_failing_validation_is_logged_to_mlflow_but_not_registered(own_wee
     assert "validation/failures.json" in logged and "validation/gx" in logged
     assert versions(own_weekly_run) == before
     with pytest.raises(registry.NothingPublishedError, match="failed validation: interaction_profile"):
-        registry.champion_status(strict)
+        Registry(strict).champion_status()

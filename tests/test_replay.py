@@ -14,7 +14,7 @@ from recsys_pipeline.artifacts import RefreshRecord
 from recsys_pipeline.config import load_config
 from recsys_pipeline.drift import read_report
 from recsys_pipeline.pipelines import NIGHTLY, WEEKLY, run_in_process
-from recsys_pipeline.registry import NothingPublishedError, champion_status, list_versions, version_bundle
+from recsys_pipeline.registry import NothingPublishedError, Registry
 from recsys_pipeline.runs import RunContext
 from recsys_pipeline.serving import Recommender
 from recsys_pipeline.stages.interactions import run_interactions
@@ -52,7 +52,7 @@ def replay(spark, tmp_path_factory):
 
 def test_each_night_publishes_a_version_derived_from_the_one_before(replay) -> None:
     config, _, nights = replay
-    versions = {row["version"]: row for row in list_versions(config)}
+    versions = {row["version"]: row for row in Registry(config).list_versions()}
     assert sorted(versions) == [1, 2, 3]
     assert versions[1]["tags"]["kind"] == "full"
     for offset, (run, record) in enumerate(nights):
@@ -62,7 +62,7 @@ def test_each_night_publishes_a_version_derived_from_the_one_before(replay) -> N
         assert tags["refresh_day"] == (WEEKLY_END + timedelta(days=offset)).date().isoformat()
         assert int(tags["users_updated"]) + int(tags["users_added"]) > 0
         assert record.users_added == int(tags["users_added"])
-    status = champion_status(config)
+    status = Registry(config).champion_status()
     assert status["version"] == 3 and status["kind"] == "refresh"
     assert status["refresh"]["parent_version"] == 1 and status["refresh"]["day"] == "1998-03-21"
     assert {"users_updated", "users_added", "items_added", "refresh_s"} <= set(status["refresh"])
@@ -77,8 +77,8 @@ def test_users_who_arrive_after_the_weekly_run_get_personal_recommendations(repl
     last_night_end = WEEKLY_END + timedelta(days=NIGHTS)
     newcomers = [str(u) for u, t in first_seen.items() if WEEKLY_END <= t < last_night_end]
     assert newcomers, "the replay window should contain users who first appear after the weekly run"
-    before = Recommender(version_bundle(config, "1"))
-    after = Recommender(version_bundle(config, str(1 + NIGHTS)))
+    before = Recommender(Registry(config).version_bundle("1"))
+    after = Recommender(Registry(config).version_bundle(str(1 + NIGHTS)))
     for user in newcomers:
         assert user not in before.user_lookup
         assert after.has_user_vector[after.user_lookup[user]]
@@ -131,7 +131,7 @@ def test_validation_takes_the_fold_ins_drift_only_when_the_champion_is_its_weekl
 def test_refresh_record_is_in_the_bundle_lineage(replay) -> None:
     config, _, (first, *_) = replay
     run, record = first
-    lineage = json.loads((version_bundle(config, "2").path / "lineage.json").read_text())
+    lineage = json.loads((Registry(config).version_bundle("2").path / "lineage.json").read_text())
     assert lineage["tags"]["parent_version"] == "1" and lineage["tags"]["kind"] == "refresh"
     assert record.escalate is False and record.reasons == []
     assert np.isfinite(record.refresh_s)

@@ -10,7 +10,7 @@ import yaml
 
 from recsys_pipeline.cli import airflow_environment
 from recsys_pipeline.config import SAMPLE_PROFILE_PATH, load_config
-from recsys_pipeline.registry import list_versions
+from recsys_pipeline.registry import Registry
 from recsys_pipeline.replay import (
     NIGHTLY,
     WEEKLY,
@@ -86,7 +86,7 @@ def test_a_dry_replay_builds_each_run_on_the_ones_before_and_moves_no_alias(tmp_
         handed_over["version"],
     ]
     assert summary["champion_before"] is None and summary["champion_after"] is None
-    versions = {row["version"]: row for row in list_versions(config)}
+    versions = {row["version"]: row for row in Registry(config).list_versions()}
     assert all(versions[run["version"]]["aliases"] == [] for run in passed)
     # The nightly folded into the replay's own weekly, and its lineage says so.
     assert versions[nightly["version"]]["tags"]["parent_version"] == str(weekly["version"])

@@ -94,3 +94,37 @@ def test_a_manual_run_covers_the_period_ending_at_its_logical_date() -> None:
         wall_clock,
     )
     assert run_window("backfill", asked - week, asked - week, asked) == (asked - week, asked)
+
+
+def test_version_tags_round_trip_through_the_registry_form_and_refuse_a_foreign_version() -> None:
+    from types import SimpleNamespace
+
+    from recsys_pipeline.artifacts import RefreshLineage
+    from recsys_pipeline.registry import VersionTags
+
+    end = datetime(1998, 4, 23, tzinfo=UTC)
+    nightly = VersionTags(
+        dag_id="recsys_nightly",
+        airflow_run_id="scheduled__1998-04-23",
+        run_key="recsys_nightly/1998-04-22T0000_1998-04-23T0000",
+        data_interval_start=datetime(1998, 4, 22, tzinfo=UTC),
+        data_interval_end=end,
+        source="ml-100k",
+        input_fingerprint="f",
+        config_hash="c",
+        code_version="v",
+        backend="implicit",
+        bundle_format="3",
+        kind="refresh",
+        lineage=RefreshLineage("4", "5", "1998-04-22", 10, 2, 1, 0.25),
+    )
+    tags = nightly.as_tags()
+    assert tags["data_interval_end"] == "1998-04-23T00:00:00+00:00" and tags["users_added"] == "2"
+    assert VersionTags.of(SimpleNamespace(version="6", tags=tags)) == nightly
+    weekly_tags = {name: value for name, value in tags.items() if name not in nightly.lineage.tags()}
+    weekly = VersionTags.of(SimpleNamespace(version="7", tags=weekly_tags | {"kind": "full"}))
+    assert weekly.lineage is None and weekly.identity() == nightly.identity()
+    with pytest.raises(RecsysError, match="version 8 lacks the tags code_version: it was not published"):
+        VersionTags.of(
+            SimpleNamespace(version="8", tags={k: v for k, v in tags.items() if k != "code_version"})
+        )

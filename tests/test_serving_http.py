@@ -11,7 +11,8 @@ import mlflow
 import pandas as pd
 import pytest
 
-from recsys_pipeline import registry, tracking
+from recsys_pipeline import tracking
+from recsys_pipeline.registry import Registry
 from recsys_pipeline.runs import RunContext
 from recsys_pipeline.serving import Recommender
 from recsys_pipeline.stages.publish import run_promotion, run_publish
@@ -60,9 +61,9 @@ def test_publish_promote_and_consume_through_a_tracking_server(own_weekly_run, t
     version = run_publish(run)
     assert run_publish(run) == version
     run_promotion(run, version)
-    status = registry.champion_status(config)
+    status = Registry(config).champion_status()
     assert status["version"] == int(version)
-    assert registry.list_versions(config)[0]["aliases"] == ["champion"]
+    assert Registry(config).list_versions()[0]["aliases"] == ["champion"]
 
     user_id = run.artifacts.interactions.ids("users")[5]
     with tracking.fluent(config):

@@ -6,7 +6,7 @@ import logging
 
 from recsys_pipeline.artifacts import Gate
 from recsys_pipeline.evaluate import EvaluationSet, gate
-from recsys_pipeline.registry import reference_bundle
+from recsys_pipeline.registry import Registry
 from recsys_pipeline.runs import RunContext
 
 log = logging.getLogger(__name__)
@@ -22,7 +22,7 @@ def run_evaluation(run: RunContext) -> dict[str, float]:
     judged by the content map's fit and the ``cold_start`` benchmark, and two versions' cold sets
     differ, which would make the comparison unlike for like.
     """
-    reference = reference_bundle(run)
+    reference = Registry(run.config).reference_bundle(run)
     champion = None
     if reference is not None:
         run.artifacts.interactions.check_maps_extend(reference[1], reference[0])

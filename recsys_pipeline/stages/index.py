@@ -8,7 +8,7 @@ from recsys_pipeline.artifacts import Gate
 from recsys_pipeline.errors import RecsysError
 from recsys_pipeline.files import atomic_dir
 from recsys_pipeline.index import ItemIndex, build_tuned, recall_queries, update
-from recsys_pipeline.registry import version_bundle
+from recsys_pipeline.registry import Registry
 from recsys_pipeline.runs import RunContext
 
 
@@ -29,7 +29,7 @@ def run_index_refresh(run: RunContext) -> dict[str, float]:
     record = run.artifacts.refresh_record()
     if record is None:
         raise RecsysError(f"no refresh record in {run.run_dir}: run the fold-in first")
-    parent_bundle = version_bundle(run.config, record.derived_from_version)
+    parent_bundle = Registry(run.config).version_bundle(record.derived_from_version)
     embeddings = run.artifacts.served.embeddings()
     index, metrics = update(
         parent_bundle.index(),

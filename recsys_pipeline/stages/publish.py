@@ -13,7 +13,6 @@ from typing import Any
 from recsys_pipeline import tracking
 from recsys_pipeline.bundle import (
     BUNDLE_FORMAT,
-    MANIFEST_TAG,
     MODEL_MANIFEST,
     Bundle,
     BundleIntegrityError,
@@ -23,16 +22,7 @@ from recsys_pipeline.bundle import (
     write_bundle,
 )
 from recsys_pipeline.errors import StageSkipped
-from recsys_pipeline.registry import (
-    CHAMPION,
-    IDENTITY_TAGS,
-    WOULD_PROMOTE,
-    GateFailedError,
-    alias_version,
-    data_end,
-    find_version,
-    promote,
-)
+from recsys_pipeline.registry import CHAMPION, GateFailedError, Registry, VersionMark, VersionTags, data_end
 from recsys_pipeline.runs import REQUIRED_GATES, RunContext
 from recsys_pipeline.serving import model_signature
 
@@ -63,24 +53,24 @@ def code_version() -> str:
     return digest.hexdigest()
 
 
-def run_tags(run: RunContext) -> dict[str, str]:
+def run_tags(run: RunContext) -> VersionTags:
     """The tags a run's MLflow run and model version carry: identity, window, input, code, lineage."""
     record = run.artifacts.refresh_record() if run.mode == "refresh" else None
-    return {
-        "dag_id": run.dag_id,
-        "airflow_run_id": run.run_id,
-        "run_key": run.run_key,
-        "data_interval_start": run.interval_start.isoformat(),
-        "data_interval_end": run.interval_end.isoformat(),
-        "source": run.config.source.name,
-        "input_fingerprint": run.artifacts.interactions.input_fingerprint(),
-        "config_hash": run.config.fingerprint(),
-        "code_version": code_version(),
-        "backend": run.artifacts.trained.trained_params().backend,
-        "bundle_format": str(BUNDLE_FORMAT),
-        "kind": run.mode,
-        **(record.tags() if record is not None else {}),
-    }
+    return VersionTags(
+        dag_id=run.dag_id,
+        airflow_run_id=run.run_id,
+        run_key=run.run_key,
+        data_interval_start=run.interval_start,
+        data_interval_end=run.interval_end,
+        source=run.config.source.name,
+        input_fingerprint=run.artifacts.interactions.input_fingerprint(),
+        config_hash=run.config.fingerprint(),
+        code_version=code_version(),
+        backend=run.artifacts.trained.trained_params().backend,
+        bundle_format=str(BUNDLE_FORMAT),
+        kind=run.mode,
+        lineage=record.lineage() if record is not None else None,
+    )
 
 
 def flatten(prefix: str, value: Any) -> dict[str, str]:
@@ -115,20 +105,19 @@ def run_publish(run: RunContext) -> str:
 
     config = run.config
     tags = run_tags(run)
-    existing = find_version(config, tags)
+    existing = Registry(config).find_version(tags)
     if existing is not None:
-        log.info("run %s already published as version %s", tags["run_key"], existing.version)
-        if run.publication.published_version() is None and existing.tags.get("airflow_run_id") == run.run_id:
-            run.publication.mark_published(
-                config.mlflow.model_name, str(existing.version)
-            )  # killed after registering
+        log.info("run %s already published as version %s", tags.run_key, existing.version)
+        killed_after_registering = VersionTags.of(existing).airflow_run_id == run.run_id
+        if run.publication.published_version() is None and killed_after_registering:
+            run.publication.mark_published(config.mlflow.model_name, str(existing.version))
         return str(existing.version)
     bundle = write_bundle(
-        run, {"tags": tags, "config": config.as_record(), "source": str(config.source.path)}
+        run, {"tags": tags.as_tags(), "config": config.as_record(), "source": str(config.source.path)}
     )
     with tracking.fluent(config) as bound:
         with mlflow.start_run(
-            experiment_id=tracking.experiment_id(bound, config), run_name=tags["run_key"], tags=tags
+            experiment_id=tracking.experiment_id(bound, config), run_name=tags.run_key, tags=tags.as_tags()
         ) as active:
             mlflow.log_params(flatten("", config.as_record()))
             mlflow.log_params(trained_params(run))
@@ -156,7 +145,9 @@ def run_publish(run: RunContext) -> str:
                 mlflow.log_artifact(str(Path(staging) / MODEL_MANIFEST))
             check_uploaded(model_uri, manifest)
         version = mlflow.register_model(
-            model_uri, config.mlflow.model_name, tags={**tags, MANIFEST_TAG: manifest_sha256(manifest)}
+            model_uri,
+            config.mlflow.model_name,
+            tags={**tags.as_tags(), VersionMark.MANIFEST: manifest_sha256(manifest)},
         )
     run.publication.mark_published(config.mlflow.model_name, str(version.version))
     log.info("registered %s version %s", config.mlflow.model_name, version.version)
@@ -168,12 +159,12 @@ def log_rejected_run(run: RunContext, reason: str) -> str:
     import mlflow
 
     config = run.config
-    tags = {**run_tags(run), "rejected": reason[:5000]}
+    tags = run_tags(run)
     with tracking.fluent(config) as bound:
         with mlflow.start_run(
             experiment_id=tracking.experiment_id(bound, config),
-            run_name=f"{tags['run_key']} (rejected)",
-            tags=tags,
+            run_name=f"{tags.run_key} (rejected)",
+            tags={**tags.as_tags(), "rejected": reason[:5000]},
         ) as active:
             mlflow.log_params(flatten("", config.as_record()))
             mlflow.log_metrics(run.artifacts.read_metrics())
@@ -222,10 +213,10 @@ def serving_requirements() -> list[str]:
 
 def run_promotion(run: RunContext, version: str) -> str:
     """Promote the run's version only if it is this run's own and every gate recorded for the run passed."""
-    client = tracking.client(run.config)
-    registered = client.get_model_version(run.config.mlflow.model_name, version).tags
-    expected = run_tags(run)
-    foreign = [name for name in IDENTITY_TAGS if registered.get(name) != expected[name]]
+    registry = Registry(run.config)
+    registered = VersionTags.of(registry.version(version)).identity()
+    expected = run_tags(run).identity()
+    foreign = [name for name in expected if registered[name] != expected[name]]
     if foreign:
         raise GateFailedError(
             f"version {version} was not published by this run (its {', '.join(foreign)} differ): "
@@ -237,28 +228,26 @@ def run_promotion(run: RunContext, version: str) -> str:
         for gate in REQUIRED_GATES[run.mode]
         if not gates.get(gate, {}).get("passed", False)
     ]
-    name = run.config.mlflow.model_name
-    client.set_model_version_tag(name, version, "gates_passed", str(not failed).lower())
+    registry.mark(version, VersionMark.GATES_PASSED, str(not failed).lower())
     if failed:
-        client.set_model_version_tag(name, version, "gates_failed", " | ".join(failed)[:5000])
+        registry.mark(version, VersionMark.GATES_FAILED, " | ".join(failed)[:5000])
         raise GateFailedError(f"version {version} not promoted; failed gates: {' | '.join(failed)}")
     if not run.config.mlflow.promote:
-        client.set_model_version_tag(name, version, WOULD_PROMOTE, "true")
+        registry.mark(version, VersionMark.WOULD_PROMOTE, "true")
         raise StageSkipped(
             f"dry run: version {version} passed every gate; recorded as would_promote, champion left "
             "as it was"
         )
-    champion = alias_version(run.config, CHAMPION)
+    champion = registry.alias_version(CHAMPION)
     if champion is not None and data_end(champion) > run.interval_end:
         # A replay of history: the champion has newer data. Moving it back in time is a person's call.
-        client.set_model_version_tag(name, version, WOULD_PROMOTE, "true")
+        registry.mark(version, VersionMark.WOULD_PROMOTE, "true")
         raise StageSkipped(
             f"version {version} passed every gate for its window, which ends before the champion's data "
             f"(version {champion.version}): recorded as would_promote, champion left as it was; "
             f"`recsys promote --version {version}` makes it champion"
         )
-    promote(
-        run.config,
+    registry.promote(
         version,
         reason=f"gates passed in {run.dag_id} {run.interval_key}",
         judged_against=judged_against(run),

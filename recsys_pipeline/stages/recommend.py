@@ -17,7 +17,7 @@ from recsys_pipeline.recommendations import (
     recommendation_batches,
     write_recommendations,
 )
-from recsys_pipeline.registry import version_bundle
+from recsys_pipeline.registry import Registry
 from recsys_pipeline.runs import RunContext
 
 
@@ -41,7 +41,7 @@ def run_batch_recommendations(run: RunContext) -> dict[str, float]:
     carried: Iterable[pa.Table] = ()
     record = run.artifacts.refresh_record()
     if record is not None:
-        parent = version_bundle(run.config, record.derived_from_version)
+        parent = Registry(run.config).version_bundle(record.derived_from_version)
         if parent.recommendations_file.is_file():
             changed = presence_mask(run.artifacts.interactions.recent("users"), n_users) | (
                 has_vector & ~presence_mask(parent.embeddings().user_idx, n_users)

@@ -16,8 +16,8 @@ from recsys_pipeline.artifacts import Gate, RefreshRecord
 from recsys_pipeline.errors import RecsysError
 from recsys_pipeline.files import atomic_dir
 from recsys_pipeline.refresh import escalation_reasons, fold_in, rows_to_refresh
-from recsys_pipeline.registry import NothingPublishedError, run_reference, version_bundle, version_status
-from recsys_pipeline.runs import RunContext, parse_instant
+from recsys_pipeline.registry import NothingPublishedError, Registry, VersionTags
+from recsys_pipeline.runs import RunContext
 
 log = logging.getLogger(__name__)
 
@@ -27,20 +27,21 @@ def run_refresh(run: RunContext) -> RefreshRecord:
     the record and the gate. That version is the run's :func:`~recsys_pipeline.registry.run_reference`: the
     live champion, or in a replay the version its earlier runs would have promoted."""
     config = run.config
-    champion = run_reference(run)
+    registry = Registry(config)
+    champion = registry.run_reference(run)
     if champion is None:
         raise NothingPublishedError(
             f"no version of {config.mlflow.model_name} to fold {run.interval_key} into: none is champion "
             "with data no newer than this run's (nor, in a dry run or a replay, passed every gate): run "
             "the weekly DAG for this date first"
         )
-    champion_bundle = version_bundle(config, str(champion.version))
+    champion_bundle = registry.version_bundle(str(champion.version))
     run.artifacts.interactions.check_maps_extend(champion_bundle, str(champion.version))
-    champion_tags = dict(champion.tags)
-    if champion_tags.get("kind") == "refresh":
-        weekly_version = champion_tags["parent_version"]
-        weekly = version_bundle(config, weekly_version).embeddings()
-        weekly_tags = version_status(config, weekly_version)["tags"]
+    champion_tags = VersionTags.of(champion)
+    if champion_tags.lineage is not None:
+        weekly_version = champion_tags.lineage.parent_version
+        weekly = registry.version_bundle(weekly_version).embeddings()
+        weekly_tags = VersionTags.of(registry.version(weekly_version))
     else:
         weekly_version, weekly, weekly_tags = str(champion.version), None, champion_tags
     parent = champion_bundle.embeddings()
@@ -62,7 +63,7 @@ def run_refresh(run: RunContext) -> RefreshRecord:
     reasons = escalation_reasons(
         new_items=len(new_items),
         catalogue_items=len(refreshed.item_idx),
-        parent_data_end=parse_instant(weekly_tags["data_interval_end"]),
+        parent_data_end=weekly_tags.data_interval_end,
         run_end=run.interval_end,
         drift_metrics=drift_metrics,
         run_config=config,

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from recsys_pipeline import tracking
 from recsys_pipeline.als import train
 from recsys_pipeline.config import AlsConfig, SweepConfig
-from recsys_pipeline.registry import reference_params
+from recsys_pipeline.registry import Registry
 from recsys_pipeline.runs import RunContext
 from recsys_pipeline.tuning import SweepResult, sweep
 
@@ -26,7 +26,7 @@ def run_training(run: RunContext, spark: SparkSession | None = None) -> dict[str
     params = run.config.als
     sweep_summary, tuning_s = None, 0.0
     if params.sweep is not None:
-        result = run_sweep(user_items, run, params.sweep, spark, reference_params(run))
+        result = run_sweep(user_items, run, params.sweep, spark, Registry(run.config).reference_params(run))
         params, sweep_summary, tuning_s = result.best, result.summary(), result.seconds
         log.info("sweep chose %s in %.1f s", params.hyperparameters(), tuning_s)
     embeddings, losses = train(user_items, params, spark)

@@ -14,7 +14,7 @@ from recsys_pipeline.artifacts import Gate
 from recsys_pipeline.embeddings import Embeddings
 from recsys_pipeline.events import ingest_window
 from recsys_pipeline.files import atomic_dir, write_json
-from recsys_pipeline.registry import run_reference, version_bundle, version_status
+from recsys_pipeline.registry import Registry, VersionTags
 from recsys_pipeline.runs import RunContext
 from recsys_pipeline.stages.publish import log_rejected_run
 from recsys_pipeline.validation import (
@@ -39,7 +39,7 @@ from recsys_pipeline.validation import (
 )
 
 
-def champion_rows(run: RunContext) -> float | None:
+def champion_rows(run: RunContext, registry: Registry) -> float | None:
     """How many events the reference version's weekly run (the champion, or the champion of the run's
     own time) had in its window: the reference for a full run's row-count band.
 
@@ -47,29 +47,29 @@ def champion_rows(run: RunContext) -> float | None:
     """
     if run.mode == "refresh":
         return None
-    reference = run_reference(run)
+    reference = registry.run_reference(run)
     if reference is None:
         return None
-    if reference.tags.get("kind") == "refresh":
-        reference = version_status(run.config, reference.tags["parent_version"])
-    else:
-        reference = version_status(run.config, str(reference.version))
-    return reference["metrics"].get("window_events")
+    lineage = VersionTags.of(reference).lineage
+    weekly = str(reference.version) if lineage is None else lineage.parent_version
+    return registry.version_status(weekly)["metrics"].get("window_events")
 
 
-def drift_against_champion(run: RunContext, embeddings: Embeddings) -> drift.DriftReport | None:
+def drift_against_champion(
+    run: RunContext, registry: Registry, embeddings: Embeddings
+) -> drift.DriftReport | None:
     """Drift of this run's vectors against the champion's; None when there is no champion yet.
 
     A refresh whose champion is still its weekly parent compared these same two models in its fold-in:
     that report is taken as it is.
     """
-    reference = run_reference(run)
+    reference = registry.run_reference(run)
     if reference is None:
         return None
     version, rules = str(reference.version), run.config.drift
     report = drift.read_report(run.artifacts.parent_drift_dir, version, rules)
     if report is None:
-        champion = version_bundle(run.config, version).embeddings()
+        champion = registry.version_bundle(version).embeddings()
         report = drift.compare(champion, embeddings, rules.k, rules.sample_items, rules.sample_users)
     run.artifacts.write_metrics("drift", report.metrics)
     return report
@@ -100,6 +100,7 @@ def sample_positions(rows: int, size: int, seed: int = 0) -> np.ndarray:
 def run_validation(run: RunContext) -> dict[str, float]:
     """Validate the run's events, interactions and embeddings; raise naming every failure."""
     config = run.config
+    registry = Registry(config)
     n_users, n_items = run.artifacts.interactions.matrix_shape()
     embeddings = run.artifacts.served.embeddings()
     learned = embeddings.warm_items()
@@ -119,7 +120,7 @@ def run_validation(run: RunContext) -> dict[str, float]:
         "events": (events, events_suite(config, pd.Timestamp(window_start), pd.Timestamp(window_end))),
         "events_volume": (
             pd.DataFrame({"rows": [event_count]}),
-            events_volume_suite(config, champion_rows(run)),
+            events_volume_suite(config, champion_rows(run, registry)),
         ),
         "ingest_summary": (
             pd.DataFrame([run.artifacts.read_metrics()]).reindex(columns=["quarantine_share"]),
@@ -170,7 +171,7 @@ def run_validation(run: RunContext) -> dict[str, float]:
             ),
             recommendations_summary_suite(config),
         )
-    report = drift_against_champion(run, embeddings)
+    report = drift_against_champion(run, registry, embeddings)
     if report is not None:
         frames["item_drift"] = (report.items, item_drift_suite(config))
         frames["drift_summary"] = (pd.DataFrame([report.metrics]), drift_summary_suite(config))

@@ -16,7 +16,7 @@ import pyarrow.dataset as ds
 import pytest
 
 from recsys_pipeline.config import PROJECT_ROOT, load_config
-from recsys_pipeline.registry import CHAMPION, PREVIOUS, list_versions
+from recsys_pipeline.registry import CHAMPION, PREVIOUS, Registry
 from recsys_pipeline.tables import read_id_map
 
 # Gates and drift bounds opened wide: this test is about shared state, not about which run wins.
@@ -94,7 +94,7 @@ def test_two_weeklies_and_a_nightly_at_once_leave_shared_state_intact(tmp_path: 
         snapshot = read_id_map(run_dir / "interactions" / "maps" / "users")
         assert list(users[: len(snapshot)]) == list(snapshot), f"{run_dir.name}: a map index moved"
 
-    rows = list_versions(config)
+    rows = Registry(config).list_versions()
     assert len(rows) == 2
     (champion,) = [row for row in rows if CHAMPION in row["aliases"]]
     (other,) = [row for row in rows if row is not champion]

@@ -18,7 +18,7 @@ import pytest
 
 from recsys_pipeline import tracking
 from recsys_pipeline.config import PROJECT_ROOT, load_config
-from recsys_pipeline.registry import champion_status
+from recsys_pipeline.registry import Registry
 from recsys_pipeline.runs import RunContext
 from recsys_pipeline.stages.publish import run_promotion, run_publish
 from recsys_pipeline.stages.train import run_training
@@ -85,7 +85,7 @@ def test_publish_killed_mid_way_is_retried_to_one_version(own_weekly_run, tmp_pa
     name = run.config.mlflow.model_name
     versions = client.search_model_versions(f"name = '{name}'")
     assert [str(v.version) for v in versions] == [version] and versions[0].status == "READY"
-    assert champion_status(run.config)["version"] == int(version)
+    assert Registry(run.config).champion_status()["version"] == int(version)
     assert run_publish(run) == version  # a further retry finds it
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from recsys_pipeline import registry
 from recsys_pipeline.artifacts import Gate
+from recsys_pipeline.registry import Registry
 from recsys_pipeline.stages import publish
 from recsys_pipeline.stages.publish import run_promotion, run_publish
 from tests.conftest import another_run_of, free_port, run_recsys
@@ -36,7 +37,7 @@ def test_a_rerun_with_another_config_is_another_version_promoted_only_on_its_own
     # Neither run can promote the other's version on its own gates.
     with pytest.raises(registry.GateFailedError, match=f"version {first} was not published by this run"):
         run_promotion(rerun, first)
-    status = registry.champion_status(own_weekly_run.config)
+    status = Registry(own_weekly_run.config).champion_status()
     assert status["version"] == int(first) and status["tags"]["gates_passed"] == "true"
 
 
@@ -46,14 +47,14 @@ def test_an_unreachable_registry_fails_closed_instead_of_meaning_no_champion(
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     config = make_config(mlflow__tracking_uri=f"http://127.0.0.1:{free_port()}")
     with pytest.raises(registry.RegistryUnavailableError, match="could not be read"):
-        registry.alias_version(config, registry.CHAMPION)
+        Registry(config).alias_version(registry.CHAMPION)
     with pytest.raises(registry.RegistryUnavailableError):
         # What evaluation and drift ask before comparing.
-        registry.reference_version(config, datetime(1998, 4, 23, tzinfo=UTC))
+        Registry(config).reference_version(datetime(1998, 4, 23, tzinfo=UTC))
 
 
 def test_a_missing_alias_on_a_working_registry_is_simply_absent(make_config) -> None:
-    assert registry.alias_version(make_config(), registry.CHAMPION) is None
+    assert Registry(make_config()).alias_version(registry.CHAMPION) is None
 
 
 @pytest.mark.e2e

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from recsys_pipeline import registry, tracking
+from recsys_pipeline import tracking
 from recsys_pipeline.bundle import (
     MODEL_MANIFEST,
     BundleIntegrityError,
@@ -27,6 +27,7 @@ from recsys_pipeline.bundle import (
     verify_tree,
 )
 from recsys_pipeline.index import ExactIndex, IndexIntegrityError, ScannIndex, SearchParams, load_index
+from recsys_pipeline.registry import Registry
 from recsys_pipeline.serving import Recommender, verified_pyfunc
 from recsys_pipeline.stages.publish import run_promotion, run_publish
 
@@ -54,7 +55,7 @@ def swap_first_two_rows(path: Path) -> None:
 
 def test_nothing_in_a_published_model_is_a_pickle(published) -> None:
     config, version = published
-    model = registry.verified_model(config, version)
+    model = Registry(config).verified_model(version)
     files = [p for p in model.rglob("*") if p.is_file()]
     assert files and not [p for p in files if p.suffix == ".pkl" or is_pickle(p)]
     assert "python_model.pkl" not in (model / "MLmodel").read_text()
@@ -84,7 +85,7 @@ def test_a_tampered_cache_is_downloaded_again_once(published) -> None:
     first = Recommender.from_registry(config=config)
     user = first.user_ids[0]
     expected = first.recommend(user, 10)
-    cached = registry.verified_model(config, version) / "artifacts" / "bundle" / "id_maps" / "users.parquet"
+    cached = Registry(config).verified_model(version) / "artifacts" / "bundle" / "id_maps" / "users.parquet"
     swap_first_two_rows(cached)
     again = Recommender.from_registry(config=config)
     assert again.recommend(user, 10).equals(expected)
@@ -106,7 +107,7 @@ def test_a_pickle_planted_in_the_stored_model_is_refused_even_with_a_matching_ma
     (stored / "python_model.pkl").write_bytes(pickle.dumps({"payload": "runs on load"}))
     shutil.rmtree(config.state_home / "cache", ignore_errors=True)
     with pytest.raises(BundleIntegrityError, match="files not in the manifest: \\['python_model.pkl'\\]"):
-        registry.verified_model(config, version)
+        Registry(config).verified_model(version)
     # The attacker also rewrites the manifest logged beside the model to list the pickle; the
     # registry's tag still holds the hash of the original one.
     client = tracking.client(config)
@@ -117,7 +118,7 @@ def test_a_pickle_planted_in_the_stored_model_is_refused_even_with_a_matching_ma
     stored_manifest.write_bytes(manifest_bytes(manifest))
     shutil.rmtree(config.state_home / "cache", ignore_errors=True)
     with pytest.raises(BundleIntegrityError, match="does not match the hash the registry holds"):
-        registry.verified_model(config, version)
+        Registry(config).verified_model(version)
 
 
 def test_the_verified_loader_checks_every_file_before_mlflow_imports_the_stored_code(
