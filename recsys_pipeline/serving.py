@@ -13,11 +13,13 @@ from typing import Any, cast
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import scipy.sparse as sp
 from mlflow.pyfunc import PythonModel
 
 from recsys_pipeline.bundle import Bundle
-from recsys_pipeline.config import PipelineConfig, load_config
+from recsys_pipeline.config import AlsConfig, PipelineConfig, load_config
 from recsys_pipeline.embeddings import presence_mask
 from recsys_pipeline.errors import RecsysError
 from recsys_pipeline.ranking import dot_top_k, first_unseen, popular_items
@@ -29,6 +31,9 @@ DEFAULT_K = 10
 # MAX_BATCH_ROWS rows, so a single call cannot ask the service for an unbounded response.
 MAX_K = 1000
 MAX_BATCH_ROWS = 1000
+# How much a known user's recommendations for a session follow the session rather than their stored
+# vector (1: the session alone).
+DEFAULT_SESSION_WEIGHT = 0.5
 # A REST body above this is refused before it is parsed: 1000 rows of an id and a k take about 50 kB.
 MAX_BODY_BYTES = 1 << 20
 
@@ -82,6 +87,17 @@ class Recommender:
         self.popularity = bundle.popularity()
         self.popular = popular_items(self.popularity)
         self.popular_scores = self.popularity[self.popular].astype(np.float32)
+        # A session's vector is the fold-in's least-squares update over its items: the items' learned
+        # Gram matrix plus regularisation is the same for every request, so it is formed once here.
+        trained = bundle.trained_params(AlsConfig())
+        self.alpha = trained.alpha
+        self.session_items = embeddings.learned().dense_items(len(self.item_ids)).astype(np.float64)
+        self.session_gram = self.session_items.T @ self.session_items + trained.regularization * np.eye(
+            self.session_items.shape[1]
+        )
+        # The popularity prior's user side is one constant per version (see als.with_popularity_prior).
+        self.prior_tail = np.full(embeddings.prior_dims, trained.popularity_weight, dtype=np.float32)
+        self.precomputed_lists = PrecomputedLists.read(bundle.recommendations_file)
 
     @classmethod
     def from_path(cls, path: Path) -> Recommender:
@@ -122,6 +138,68 @@ class Recommender:
             }
         )
 
+    def session_vector(self, item_idx: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """The learned dimensions of a user who interacted with ``item_idx`` (confidence ``weights``
+        each, summed over repeats): implicit's least-squares user update with the item factors fixed,
+        as the nightly fold-in solves a user (one k x k solve)."""
+        items, position = np.unique(item_idx, return_inverse=True)
+        confidence = self.alpha * np.bincount(position, weights=weights, minlength=len(items))
+        factors = self.session_items[items]
+        system = self.session_gram + (factors.T * (confidence - 1.0)) @ factors
+        return np.linalg.solve(system, factors.T @ confidence).astype(np.float32)
+
+    def for_session(
+        self,
+        recent_item_ids: list[str],
+        k: int = DEFAULT_K,
+        weights: list[float] | None = None,
+        user_id: str | None = None,
+        session_weight: float = DEFAULT_SESSION_WEIGHT,
+    ) -> pd.DataFrame:
+        """Top-k items for a session: the user vector solved from its recent items at request time
+        (ids this version does not know are left out), blended with a known user's stored vector as
+        ``session_weight`` says (1: the session alone). None of the session's items, nor the user's
+        history, are recommended. With no known item, the answer is :meth:`recommend`'s."""
+        k = checked_k(k)
+        if not 0 <= session_weight <= 1:
+            raise BadRequestError(f"session_weight must be from 0 to 1, got {session_weight!r}")
+        given = np.ones(len(recent_item_ids)) if weights is None else np.asarray(weights, dtype=np.float64)
+        if len(given) != len(recent_item_ids) or not np.all(np.isfinite(given)) or np.any(given <= 0):
+            raise BadRequestError("weights must be positive numbers, one per recent item id")
+        positions = [self.item_lookup.get(str(item_id)) for item_id in recent_item_ids]
+        known = np.array([idx is not None for idx in positions], dtype=bool)
+        item_idx = np.array([idx for idx in positions if idx is not None], dtype=np.int64)
+        user_idx = None if user_id is None else self._user_idx(user_id)
+        if not len(item_idx):
+            return self.recommend(user_id, k, unknown="popular") if user_id is not None else self._popular(k)
+        vector = self.session_vector(item_idx, given[known])
+        learned_dims = len(vector)
+        if user_idx is not None and self.has_user_vector[user_idx]:
+            stored = self.user_vectors[user_idx][:learned_dims]
+            vector = (1 - session_weight) * stored + session_weight * vector
+        query = np.concatenate([vector, self.prior_tail]).astype(np.float32)
+        seen = np.union1d(item_idx, self.history[user_idx].indices if user_idx is not None else [])
+        found, found_scores = self.index.search(query[None, :], k + len(seen))
+        items, scores = first_unseen(found[0], found_scores[0], seen.astype(np.int64), k)
+        return self._answer("user_id", "" if user_id is None else str(user_id), items, scores)
+
+    def precomputed(self, user_id: str) -> pd.DataFrame:
+        """The list the batch stage precomputed for an active user (empty for any other user)."""
+        return self.precomputed_lists.of(str(user_id))
+
+    def _popular(self, k: int) -> pd.DataFrame:
+        return self._answer("user_id", "", self.popular[:k], self.popular_scores[:k])
+
+    def _answer(self, key: str, value: str, items: np.ndarray, scores: np.ndarray) -> pd.DataFrame:
+        return pd.DataFrame(
+            {
+                key: value,
+                "rank": np.arange(1, len(items) + 1),
+                "item_id": self.item_ids[items],
+                "score": np.asarray(scores, dtype=np.float64),
+            }
+        )
+
     def similar(self, item_id: str, k: int = DEFAULT_K) -> pd.DataFrame:
         """The k items (1 to ``MAX_K``) with the highest cosine to the item's vector, itself excluded."""
         k = checked_k(k)
@@ -144,6 +222,38 @@ class Recommender:
                 "rank": np.arange(1, best.shape[1] + 1),
                 "item_id": self.item_ids[best[0]],
                 "score": cosine[0].astype(np.float64),
+            }
+        )
+
+
+class PrecomputedLists:
+    """The batch stage's lists (``user_id, rank, item_id, score``) in memory, sorted by user, each found
+    by one dictionary lookup."""
+
+    def __init__(self, table: pa.Table):
+        table = table.sort_by([("user_id", "ascending"), ("rank", "ascending")])
+        users = table.column("user_id").to_numpy(zero_copy_only=False)
+        starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]]) if len(users) else np.empty(0, int)
+        ends = np.r_[starts[1:], len(users)]
+        self.bounds = {str(users[start]): (int(start), int(end)) for start, end in zip(starts, ends)}
+        self.ranks = table.column("rank").to_numpy()
+        self.items = table.column("item_id").to_numpy(zero_copy_only=False)
+        self.scores = table.column("score").to_numpy().astype(np.float64)
+
+    @classmethod
+    def read(cls, path: Path) -> PrecomputedLists:
+        if not path.is_file():
+            return cls(pa.table({"user_id": [], "rank": [], "item_id": [], "score": []}))
+        return cls(pq.read_table(path, columns=["user_id", "rank", "item_id", "score"]))
+
+    def of(self, user_id: str) -> pd.DataFrame:
+        start, end = self.bounds.get(user_id, (0, 0))
+        return pd.DataFrame(
+            {
+                "user_id": user_id,
+                "rank": self.ranks[start:end],
+                "item_id": self.items[start:end],
+                "score": self.scores[start:end],
             }
         )
 
