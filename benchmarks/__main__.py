@@ -13,7 +13,17 @@ from typing import Any
 
 import yaml
 
-from benchmarks import als, cold_start, index_search, interactions, pipeline, quality, refresh
+from benchmarks import (
+    als,
+    cold_start,
+    index_search,
+    interactions,
+    pipeline,
+    quality,
+    refresh,
+    serving,
+    session,
+)
 from recsys_pipeline.config import load_config
 from recsys_pipeline.files import write_json
 from recsys_pipeline.state import StateLayout
@@ -29,6 +39,8 @@ BENCHMARKS: dict[str, Benchmark] = {
     "quality": (quality.PARAMS, quality.run),
     "quality_ml100k": (quality.PARAMS, quality.run_bundled),
     "refresh": (refresh.PARAMS, refresh.run),
+    "serving": (serving.PARAMS, serving.run),
+    "session": (session.PARAMS, session.run),
 }
 
 

@@ -54,8 +54,15 @@ def _parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="the version behind the champion alias and its metrics")
     status.add_argument("--json", action="store_true")
 
-    recommend = commands.add_parser("recommend", help="top-k items for a user from the champion")
-    recommend.add_argument("--user-id", required=True)
+    recommend = commands.add_parser(
+        "recommend", help="top-k items for a user, or for a session's recent items, from the champion"
+    )
+    recommend.add_argument("--user-id")
+    recommend.add_argument(
+        "--recent-item-ids",
+        type=lambda value: [item for item in value.split(",") if item],
+        help="a session's recent item ids, comma-separated (with --user-id: blended with the user's vector)",
+    )
     recommend.add_argument("-k", type=int, default=10)
     recommend.add_argument("--json", action="store_true")
 
@@ -95,10 +102,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     replay.add_argument("--weekly-only", action="store_true", help="no nightly runs between the weeks")
 
-    serve = commands.add_parser("serve", help="serve a published version over REST (MLflow's scoring server)")
+    serve = commands.add_parser(
+        "serve", help="serve the version behind an alias over REST (MLflow's /invocations contract)"
+    )
     serve.add_argument("--port", type=int, default=5001)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--alias", default="champion")
+    serve.add_argument("--workers", type=int, default=1, help="server processes sharing the port")
+    serve.add_argument(
+        "--watch-interval",
+        type=float,
+        default=60.0,
+        help="seconds between checks of the alias (a new version is verified, then swapped in; 0: never)",
+    )
 
     synth = commands.add_parser("synth", help="write a synthetic event log (Parquet) usable as a source")
     synth.add_argument("--out", required=True, type=Path)
@@ -260,14 +276,11 @@ def _registry_command(config: PipelineConfig, args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve(config: PipelineConfig, args: argparse.Namespace) -> int:
-    """Serve the version behind the alias over REST (MLflow's scoring server, its body size capped)."""
-    from recsys_pipeline.serving import serve_rest
+def _serve(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
+    """Serve the version behind the alias over REST (see :mod:`recsys_pipeline.rest`)."""
+    from recsys_pipeline.rest import serve
 
-    # The local copy just verified against the registry's manifest hash, not a fresh download
-    # nobody checked.
-    _, model = Registry(config).alias_model(args.alias)
-    serve_rest(model, args.host, args.port)
+    serve(args.host, args.port, args.alias, args.config, overrides, args.workers, args.watch_interval)
     return 0
 
 
@@ -311,7 +324,7 @@ def run(argv: Sequence[str]) -> int:
         print(folder_sha256(args.model_dir))
         return 0
     if args.command == "serve":
-        return _serve(config, args)
+        return _serve(args, overrides)
     if args.command == "mlflow-ui":
         print(f"mlflow ui --backend-store-uri {config.tracking_uri} --port 5000")
         return 0
@@ -322,8 +335,12 @@ def run(argv: Sequence[str]) -> int:
         return _registry_command(config, args)
     from recsys_pipeline.serving import Recommender
 
+    if args.command == "recommend" and args.user_id is None and args.recent_item_ids is None:
+        raise RecsysError("recommend needs --user-id, --recent-item-ids or both")
     recommender = Recommender.from_registry(config=config)
-    if args.command == "recommend":
+    if args.command == "recommend" and args.recent_item_ids is not None:
+        _print_table(recommender.for_session(args.recent_item_ids, args.k, user_id=args.user_id), args.json)
+    elif args.command == "recommend":
         _print_table(recommender.recommend(args.user_id, args.k), args.json)
     elif args.command == "similar":
         _print_table(recommender.similar(args.item_id, args.k), args.json)

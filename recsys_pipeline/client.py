@@ -1,12 +1,14 @@
 """The client a recommendation service embeds: the version behind an alias, verified and in memory,
 swapped for a newer one while requests keep being answered.
 
-    client = RecsysClient()                       # champion, from the configured registry
+    client = RecsysClient(RegistryConfig(         # champion, from a tracking server
+        mlflow={"tracking_uri": "http://mlflow:5000"}, state_dir="/var/cache/recsys"))
     client.recommend("196", k=10)
     client.for_session(["242", "302"], k=10)      # from what a visitor just did
     watcher = client.watch(interval_s=60)         # follow the alias; watcher.wake() checks at once
 
-Every request reads the loaded version once and answers from it alone, so no answer mixes two
+Without a configuration the client reads the project's (``conf/``, ``RECSYS_CONFIG``), as the CLI
+does. Every request reads the loaded version once and answers from it alone, so no answer mixes two
 versions. A new version is downloaded, checked file by file against the manifest whose sha256 the
 registry holds, and loaded in full beside the one serving; only then does it replace it (one
 reference assignment). A version that fails verification or loading is never served: the one
@@ -23,7 +25,7 @@ from typing import Any
 import pandas as pd
 
 from recsys_pipeline.bundle import Bundle
-from recsys_pipeline.config import PipelineConfig, load_config
+from recsys_pipeline.config import RegistryConfig, load_config
 from recsys_pipeline.registry import CHAMPION, NothingPublishedError, Registry
 from recsys_pipeline.serving import DEFAULT_K, DEFAULT_SESSION_WEIGHT, Recommender
 
@@ -43,7 +45,7 @@ class RecsysClient:
 
     def __init__(
         self,
-        config: PipelineConfig | None = None,
+        config: RegistryConfig | None = None,
         alias: str = CHAMPION,
         session_weight: float = DEFAULT_SESSION_WEIGHT,
     ):
@@ -59,7 +61,7 @@ class RecsysClient:
     @property
     def version(self) -> str:
         """The version answering requests now."""
-        return self._current().version
+        return self.loaded().version
 
     def refresh(self) -> bool:
         """Serve the version behind the alias if it is not the one serving: download, verify and load
@@ -95,13 +97,13 @@ class RecsysClient:
         return watcher
 
     def recommend(self, user_id: str, k: int = DEFAULT_K, unknown: str = "popular") -> pd.DataFrame:
-        return self._current().recommender.recommend(user_id, k, unknown=unknown)
+        return self.loaded().recommender.recommend(user_id, k, unknown=unknown)
 
     def similar(self, item_id: str, k: int = DEFAULT_K) -> pd.DataFrame:
-        return self._current().recommender.similar(item_id, k)
+        return self.loaded().recommender.similar(item_id, k)
 
     def precomputed(self, user_id: str) -> pd.DataFrame:
-        return self._current().recommender.precomputed(user_id)
+        return self.loaded().recommender.precomputed(user_id)
 
     def for_session(
         self,
@@ -110,11 +112,11 @@ class RecsysClient:
         weights: list[float] | None = None,
         user_id: str | None = None,
     ) -> pd.DataFrame:
-        return self._current().recommender.for_session(
+        return self.loaded().recommender.for_session(
             recent_item_ids, k, weights, user_id, self.session_weight
         )
 
-    def _current(self) -> LoadedVersion:
+    def loaded(self) -> LoadedVersion:
         loaded = self._loaded
         if loaded is None:  # only before the first load succeeded, which the constructor ensures
             raise NothingPublishedError(f"nothing loaded for the alias '{self.alias}'")

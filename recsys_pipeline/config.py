@@ -25,6 +25,7 @@ from recsys_pipeline.redaction import has_credentials, is_secret_name, redact_tr
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_PATH = PROJECT_ROOT / "conf" / "pipeline.yaml"
 SAMPLE_PROFILE_PATH = PROJECT_ROOT / "conf" / "sample.yaml"
+CONFIG_ENV = "RECSYS_CONFIG"  # names the profile when no path is given
 # Connection arguments of the embedded Airflow's SQLite database (``[database]
 # sql_alchemy_connect_args`` names this dict). The scheduler and a command such as a backfill write
 # at once; sqlite3's default 5 s wait for the other side's lock is too short on a busy machine.
@@ -509,8 +510,31 @@ def _overlaps(field: str, section: str) -> bool:
     return field == section or field.startswith(f"{section}.") or section.startswith(f"{field}.")
 
 
-class PipelineConfig(_Section):
+class RegistryConfig(_Section):
+    """Where published versions are: the registry (MLflow) and the state folder that caches verified
+    copies. All a service needs (:class:`~recsys_pipeline.client.RecsysClient`); the pipeline's
+    configuration extends it."""
+
     state_dir: Path | None = Field(default=None, description="Null: $RECSYS_HOME, else ./var.")
+    mlflow: MlflowConfig = MlflowConfig()
+
+    @field_validator("state_dir", mode="after")
+    @classmethod
+    def _absolute_state_dir(cls, value: Path | None) -> Path | None:
+        return None if value is None else value.expanduser()
+
+    @property
+    def state_home(self) -> Path:
+        if self.state_dir is not None:
+            return self.state_dir
+        return Path(os.environ.get("RECSYS_HOME") or PROJECT_ROOT / "var").resolve()
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.mlflow.tracking_uri or f"sqlite:///{self.state_home / 'mlflow' / 'mlflow.db'}"
+
+
+class PipelineConfig(RegistryConfig):
     source: SourceConfig
     events: EventsConfig = EventsConfig()
     interactions: InteractionsConfig
@@ -523,7 +547,6 @@ class PipelineConfig(_Section):
     refresh: RefreshConfig = RefreshConfig()
     content: ContentConfig = ContentConfig()
     spark: SparkConfig = SparkConfig()
-    mlflow: MlflowConfig = MlflowConfig()
     run_overrides_allowed: list[str] = Field(
         default=DEFAULT_RUN_OVERRIDABLE,
         description="Fields or sections a DAG run's config_overrides may set; never paths, URIs or "
@@ -554,21 +577,6 @@ class PipelineConfig(_Section):
         if unweighted:
             raise ValueError(f"interactions.event_weights has no entry for event types {unweighted}")
         return self
-
-    @field_validator("state_dir", mode="after")
-    @classmethod
-    def _absolute_state_dir(cls, value: Path | None) -> Path | None:
-        return None if value is None else value.expanduser()
-
-    @property
-    def state_home(self) -> Path:
-        if self.state_dir is not None:
-            return self.state_dir
-        return Path(os.environ.get("RECSYS_HOME") or PROJECT_ROOT / "var").resolve()
-
-    @property
-    def tracking_uri(self) -> str:
-        return self.mlflow.tracking_uri or f"sqlite:///{self.state_home / 'mlflow' / 'mlflow.db'}"
 
     def as_record(self) -> dict[str, Any]:
         """The whole configuration as a run records and logs it: JSON-compatible values, secrets
@@ -636,7 +644,7 @@ def load_config(path: Path | str | None = None, overrides: dict[str, Any] | None
     Relative paths inside the files are resolved against the project root, so the
     same file works from any working directory.
     """
-    config_path = Path(path or os.environ.get("RECSYS_CONFIG") or SAMPLE_PROFILE_PATH)
+    config_path = Path(path or os.environ.get(CONFIG_ENV) or SAMPLE_PROFILE_PATH)
     raw = apply_overrides(layered(_read_yaml(DEFAULT_CONFIG_PATH), _read_yaml(config_path)), overrides or {})
     if "source" not in raw:
         raise ConfigError(

@@ -90,6 +90,26 @@ def fold_in(
     )
 
 
+class SessionSolver:
+    """A user's learned vector from a handful of items, at request time: implicit's least-squares user
+    update with the item factors fixed (what :func:`fold_in` solves for a user with the Cholesky
+    solver). The items' Gram matrix plus regularisation is the same for every user, so it is formed
+    once; each solve is then one k x k system over the session's items."""
+
+    def __init__(self, item_factors: np.ndarray, regularization: float, alpha: float):
+        self.items = np.asarray(item_factors, dtype=np.float64)
+        self.gram = self.items.T @ self.items + regularization * np.eye(self.items.shape[1])
+        self.alpha = alpha
+
+    def solve(self, item_idx: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        """The vector of a user with confidence ``weights`` on ``item_idx`` (repeats summed)."""
+        items, position = np.unique(item_idx, return_inverse=True)
+        confidence = self.alpha * np.bincount(position, weights=weights, minlength=len(items))
+        factors = self.items[items]
+        system = self.gram + (factors.T * (confidence - 1.0)) @ factors
+        return np.linalg.solve(system, factors.T @ confidence).astype(np.float32)
+
+
 def rows_to_refresh(
     user_items: sp.csr_matrix, parent: Embeddings, recent_users: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -15,7 +15,7 @@ from typing import Any
 from recsys_pipeline import tracking
 from recsys_pipeline.artifacts import RefreshLineage
 from recsys_pipeline.bundle import MANIFEST_TAG, MODEL_MANIFEST, Bundle, BundleIntegrityError, verify_tree
-from recsys_pipeline.config import AlsConfig, PipelineConfig
+from recsys_pipeline.config import AlsConfig, RegistryConfig
 from recsys_pipeline.errors import RecsysError
 from recsys_pipeline.files import atomic_dir
 from recsys_pipeline.runs import RunContext, RunMode
@@ -126,7 +126,7 @@ class Registry:
     """The model registry of one configuration, through one MLflow client: a run, a CLI command or a
     service builds it once and asks it everything."""
 
-    def __init__(self, config: PipelineConfig):
+    def __init__(self, config: RegistryConfig):
         self.config = config
         self.client = tracking.client(config)
 

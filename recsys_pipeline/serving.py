@@ -19,10 +19,11 @@ import scipy.sparse as sp
 from mlflow.pyfunc import PythonModel
 
 from recsys_pipeline.bundle import Bundle
-from recsys_pipeline.config import AlsConfig, PipelineConfig, load_config
+from recsys_pipeline.config import AlsConfig, RegistryConfig, load_config
 from recsys_pipeline.embeddings import presence_mask
 from recsys_pipeline.errors import RecsysError
 from recsys_pipeline.ranking import dot_top_k, first_unseen, popular_items
+from recsys_pipeline.refresh import SessionSolver
 from recsys_pipeline.registry import CHAMPION, Registry
 
 RESULT_COLUMNS = ["rank", "item_id", "score"]
@@ -87,13 +88,9 @@ class Recommender:
         self.popularity = bundle.popularity()
         self.popular = popular_items(self.popularity)
         self.popular_scores = self.popularity[self.popular].astype(np.float32)
-        # A session's vector is the fold-in's least-squares update over its items: the items' learned
-        # Gram matrix plus regularisation is the same for every request, so it is formed once here.
         trained = bundle.trained_params(AlsConfig())
-        self.alpha = trained.alpha
-        self.session_items = embeddings.learned().dense_items(len(self.item_ids)).astype(np.float64)
-        self.session_gram = self.session_items.T @ self.session_items + trained.regularization * np.eye(
-            self.session_items.shape[1]
+        self.sessions = SessionSolver(
+            embeddings.learned().dense_items(len(self.item_ids)), trained.regularization, trained.alpha
         )
         # The popularity prior's user side is one constant per version (see als.with_popularity_prior).
         self.prior_tail = np.full(embeddings.prior_dims, trained.popularity_weight, dtype=np.float32)
@@ -104,7 +101,7 @@ class Recommender:
         return cls(Bundle(path))
 
     @classmethod
-    def from_registry(cls, alias: str = CHAMPION, config: PipelineConfig | None = None) -> Recommender:
+    def from_registry(cls, alias: str = CHAMPION, config: RegistryConfig | None = None) -> Recommender:
         _, bundle = Registry(config or load_config()).download(alias)
         return cls(bundle)
 
@@ -117,6 +114,12 @@ class Recommender:
         A user without a vector (new, or no training data) gets the most popular unseen
         items. A user id never seen raises :class:`UnknownIdError` unless ``unknown="popular"``.
         """
+        return self.frame("user_id", user_id, *self.recommend_ranked(user_id, k, unknown))
+
+    def recommend_ranked(
+        self, user_id: str, k: int = DEFAULT_K, unknown: str = "error"
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`recommend`'s answer as (item indices, scores), best first."""
         k = checked_k(k)
         idx = self._user_idx(user_id)
         if idx is None and unknown == "error":
@@ -128,25 +131,7 @@ class Recommender:
         else:
             found, found_scores = self.index.search(self.user_vectors[idx][None, :], k + len(seen))
             ranked, ranked_scores = found[0], found_scores[0]
-        items, scores = first_unseen(ranked, ranked_scores, seen, k)
-        return pd.DataFrame(
-            {
-                "user_id": str(user_id),
-                "rank": np.arange(1, len(items) + 1),
-                "item_id": self.item_ids[items],
-                "score": np.asarray(scores, dtype=np.float64),
-            }
-        )
-
-    def session_vector(self, item_idx: np.ndarray, weights: np.ndarray) -> np.ndarray:
-        """The learned dimensions of a user who interacted with ``item_idx`` (confidence ``weights``
-        each, summed over repeats): implicit's least-squares user update with the item factors fixed,
-        as the nightly fold-in solves a user (one k x k solve)."""
-        items, position = np.unique(item_idx, return_inverse=True)
-        confidence = self.alpha * np.bincount(position, weights=weights, minlength=len(items))
-        factors = self.session_items[items]
-        system = self.session_gram + (factors.T * (confidence - 1.0)) @ factors
-        return np.linalg.solve(system, factors.T @ confidence).astype(np.float32)
+        return first_unseen(ranked, ranked_scores, seen, k)
 
     def for_session(
         self,
@@ -159,49 +144,60 @@ class Recommender:
         """Top-k items for a session: the user vector solved from its recent items at request time
         (ids this version does not know are left out), blended with a known user's stored vector as
         ``session_weight`` says (1: the session alone). None of the session's items, nor the user's
-        history, are recommended. With no known item, the answer is :meth:`recommend`'s."""
+        history, are recommended. With no known item, the answer is :meth:`recommend`'s (the popular
+        list for an unknown user or none)."""
+        ranked = self.for_session_ranked(recent_item_ids, k, weights, user_id, session_weight)
+        return self.frame("user_id", "" if user_id is None else user_id, *ranked)
+
+    def for_session_ranked(
+        self,
+        recent_item_ids: list[str],
+        k: int = DEFAULT_K,
+        weights: list[float] | None = None,
+        user_id: str | None = None,
+        session_weight: float = DEFAULT_SESSION_WEIGHT,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`for_session`'s answer as (item indices, scores), best first."""
         k = checked_k(k)
         if not 0 <= session_weight <= 1:
             raise BadRequestError(f"session_weight must be from 0 to 1, got {session_weight!r}")
-        given = np.ones(len(recent_item_ids)) if weights is None else np.asarray(weights, dtype=np.float64)
-        if len(given) != len(recent_item_ids) or not np.all(np.isfinite(given)) or np.any(given <= 0):
+        if not isinstance(recent_item_ids, (list, tuple, np.ndarray)):
+            raise BadRequestError("recent_item_ids must be a list of item ids")
+        if len(recent_item_ids) > MAX_K:
+            raise BadRequestError(f"{len(recent_item_ids)} recent items: send at most {MAX_K}")
+        asked = np.ones(len(recent_item_ids)) if weights is None else weights
+        try:
+            given = np.asarray(asked, dtype=np.float64)
+        except (TypeError, ValueError):
+            given = np.empty(0)  # refused just below
+        if given.shape != (len(recent_item_ids),) or not np.all(np.isfinite(given)) or np.any(given <= 0):
             raise BadRequestError("weights must be positive numbers, one per recent item id")
         positions = [self.item_lookup.get(str(item_id)) for item_id in recent_item_ids]
         known = np.array([idx is not None for idx in positions], dtype=bool)
         item_idx = np.array([idx for idx in positions if idx is not None], dtype=np.int64)
-        user_idx = None if user_id is None else self._user_idx(user_id)
         if not len(item_idx):
-            return self.recommend(user_id, k, unknown="popular") if user_id is not None else self._popular(k)
-        vector = self.session_vector(item_idx, given[known])
-        learned_dims = len(vector)
+            return self.recommend_ranked("" if user_id is None else user_id, k, unknown="popular")
+        vector = self.sessions.solve(item_idx, given[known])
+        user_idx = None if user_id is None else self._user_idx(user_id)
         if user_idx is not None and self.has_user_vector[user_idx]:
-            stored = self.user_vectors[user_idx][:learned_dims]
+            stored = self.user_vectors[user_idx][: len(vector)]
             vector = (1 - session_weight) * stored + session_weight * vector
         query = np.concatenate([vector, self.prior_tail]).astype(np.float32)
-        seen = np.union1d(item_idx, self.history[user_idx].indices if user_idx is not None else [])
+        history = self.history[user_idx].indices if user_idx is not None else np.empty(0, dtype=np.int64)
+        seen = np.union1d(item_idx, history).astype(np.int64)
         found, found_scores = self.index.search(query[None, :], k + len(seen))
-        items, scores = first_unseen(found[0], found_scores[0], seen.astype(np.int64), k)
-        return self._answer("user_id", "" if user_id is None else str(user_id), items, scores)
+        return first_unseen(found[0], found_scores[0], seen, k)
 
     def precomputed(self, user_id: str) -> pd.DataFrame:
         """The list the batch stage precomputed for an active user (empty for any other user)."""
         return self.precomputed_lists.of(str(user_id))
 
-    def _popular(self, k: int) -> pd.DataFrame:
-        return self._answer("user_id", "", self.popular[:k], self.popular_scores[:k])
-
-    def _answer(self, key: str, value: str, items: np.ndarray, scores: np.ndarray) -> pd.DataFrame:
-        return pd.DataFrame(
-            {
-                key: value,
-                "rank": np.arange(1, len(items) + 1),
-                "item_id": self.item_ids[items],
-                "score": np.asarray(scores, dtype=np.float64),
-            }
-        )
-
     def similar(self, item_id: str, k: int = DEFAULT_K) -> pd.DataFrame:
         """The k items (1 to ``MAX_K``) with the highest cosine to the item's vector, itself excluded."""
+        return self.frame("query_item_id", item_id, *self.similar_ranked(item_id, k))
+
+    def similar_ranked(self, item_id: str, k: int = DEFAULT_K) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`similar`'s answer as (item indices, cosines), best first."""
         k = checked_k(k)
         idx = self.item_lookup.get(str(item_id))
         if idx is None:
@@ -216,12 +212,15 @@ class Recommender:
             min(k, int(allowed.sum())),
             allowed=allowed,
         )
+        return best[0], cosine[0]
+
+    def frame(self, key: str, value: str, items: np.ndarray, scores: np.ndarray) -> pd.DataFrame:
         return pd.DataFrame(
             {
-                "query_item_id": str(item_id),
-                "rank": np.arange(1, best.shape[1] + 1),
-                "item_id": self.item_ids[best[0]],
-                "score": cosine[0].astype(np.float64),
+                key: str(value),
+                "rank": np.arange(1, len(items) + 1),
+                "item_id": self.item_ids[items],
+                "score": np.asarray(scores, dtype=np.float64),
             }
         )
 
@@ -258,7 +257,7 @@ class PrecomputedLists:
         )
 
 
-def verified_pyfunc(alias: str = CHAMPION, config: PipelineConfig | None = None) -> Any:
+def verified_pyfunc(alias: str = CHAMPION, config: RegistryConfig | None = None) -> Any:
     """The registered model behind ``alias`` as an MLflow pyfunc, loaded only once every file of its
     local copy matched the manifest whose sha256 the registry holds; then MLflow imports its code.
     Service authors call this, not ``mlflow.pyfunc.load_model("models:/...")``, which imports the
@@ -270,7 +269,8 @@ def verified_pyfunc(alias: str = CHAMPION, config: PipelineConfig | None = None)
 
 
 def model_signature() -> Any:
-    """Input: ``user_id`` (recommend) or ``item_id`` (similar) strings, optional ``k`` (1 to ``MAX_K``)."""
+    """Input: ``user_id`` (recommend) or ``item_id`` (similar) strings or ``recent_item_ids`` (a
+    session, with ``user_id`` if known), optional ``k`` (1 to ``MAX_K``)."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
     from mlflow.types.schema import AnyType
@@ -282,6 +282,9 @@ def model_signature() -> Any:
                 ColSpec("string", "item_id", required=False),
                 # Any type: MLflow would otherwise truncate k=2.5 to 2 before the model could refuse it.
                 ColSpec(AnyType(), "k", required=False),
+                # A session: recent item ids (and optionally one positive weight each).
+                ColSpec(AnyType(), "recent_item_ids", required=False),
+                ColSpec(AnyType(), "weights", required=False),
             ]
         ),
         outputs=Schema(
@@ -326,20 +329,34 @@ class RecsysPyfunc(PythonModel):
         frames, problems = [], []
         for number, row in enumerate(model_input.to_dict(orient="records")):
             try:
-                frames.append(self._answer(row))
+                frames.append(self.recommender.frame(*answer_row(self.recommender, row)))
             except RecsysError as error:
                 problems.append(f"row {number}: {error}")
         if problems:
             raise MlflowException.invalid_parameter_value("; ".join(problems))
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=RESULT_COLUMNS)
 
-    def _answer(self, row: dict[str, Any]) -> pd.DataFrame:
-        k = checked_k(row.get("k"))
-        if _present(row.get("user_id")):
-            return self.recommender.recommend(str(row["user_id"]), k, unknown="popular")
-        if _present(row.get("item_id")):
-            return self.recommender.similar(str(row["item_id"]), k)
-        raise BadRequestError("each row needs a user_id or an item_id")
+
+def answer_row(
+    recommender: Recommender, row: dict[str, Any], session_weight: float = DEFAULT_SESSION_WEIGHT
+) -> tuple[str, str, np.ndarray, np.ndarray]:
+    """One request row's answer as (key column, its value, item indices, scores): ``recent_item_ids``
+    asks for a session's list (of ``user_id`` if given), else ``user_id`` for the user's list (the
+    popular one for an unknown user), else ``item_id`` for similar items; ``k`` items each."""
+    k = checked_k(row.get("k"))
+    user_id = str(row["user_id"]) if _present(row.get("user_id")) else None
+    recent = row.get("recent_item_ids")
+    if recent is not None and not (isinstance(recent, float) and np.isnan(recent)):
+        weights = row.get("weights")
+        weights = None if weights is None or (isinstance(weights, float) and np.isnan(weights)) else weights
+        ranked = recommender.for_session_ranked(recent, k, weights, user_id, session_weight)
+        return "user_id", user_id or "", *ranked
+    if user_id is not None:
+        return "user_id", user_id, *recommender.recommend_ranked(user_id, k, unknown="popular")
+    if _present(row.get("item_id")):
+        item_id = str(row["item_id"])
+        return "query_item_id", item_id, *recommender.similar_ranked(item_id, k)
+    raise BadRequestError("each row needs a user_id or an item_id (or recent_item_ids for a session)")
 
 
 def _present(value: Any) -> bool:
@@ -396,14 +413,3 @@ class BodySizeLimit:
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
         await send({"type": "http.response.start", "status": 413, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
-
-
-def serve_rest(model: Path, host: str, port: int) -> None:
-    """Serve a verified local model folder over REST: MLflow's scoring server (``/invocations``,
-    ``/ping``, ``/health``, ``/version``) behind :class:`BodySizeLimit`, until the process stops."""
-    import mlflow
-    import uvicorn
-    from mlflow.pyfunc import scoring_server
-
-    app = scoring_server.init(mlflow.pyfunc.load_model(str(model)))
-    uvicorn.run(BodySizeLimit(app), host=host, port=port, log_level="warning")

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from recsys_pipeline.config import PipelineConfig
+from recsys_pipeline.config import RegistryConfig
 from recsys_pipeline.redaction import redact_text
 from recsys_pipeline.state import StateLayout
 
@@ -20,12 +20,12 @@ from recsys_pipeline.state import StateLayout
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
-def display_uri(config: PipelineConfig) -> str:
+def display_uri(config: RegistryConfig) -> str:
     """The tracking URI without any credentials it may carry, for messages and logs."""
     return redact_text(config.tracking_uri)
 
 
-def client(config: PipelineConfig) -> Any:
+def client(config: RegistryConfig) -> Any:
     """An ``MlflowClient`` for the configured tracking and registry store."""
     from mlflow import MlflowClient
 
@@ -35,7 +35,7 @@ def client(config: PipelineConfig) -> Any:
 
 
 @contextmanager
-def fluent(config: PipelineConfig) -> Iterator[Any]:
+def fluent(config: RegistryConfig) -> Iterator[Any]:
     """MLflow's fluent API pointed at the configured store for the block; yields a client too."""
     import mlflow
 
@@ -50,7 +50,7 @@ def fluent(config: PipelineConfig) -> Iterator[Any]:
         mlflow.set_registry_uri(previous[1])
 
 
-def experiment_id(bound: Any, config: PipelineConfig) -> str:
+def experiment_id(bound: Any, config: RegistryConfig) -> str:
     """The configured experiment, created on first use."""
     experiment = bound.get_experiment_by_name(config.mlflow.experiment)
     if experiment is not None:

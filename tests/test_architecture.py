@@ -51,7 +51,7 @@ LAYERS: list[tuple[str, set[str]]] = [
         },
     ),
     ("artifacts and registry", {"tracking", "bundle", "registry"}),
-    ("consumers", {"serving", "client", "pyfunc_entry", "replay", "cli"}),
+    ("consumers", {"serving", "client", "rest", "pyfunc_entry", "replay", "cli"}),
     ("stages", {"stages", "pipelines"}),
     ("entry points", {"jobs", "orchestration"}),
 ]

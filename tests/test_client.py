@@ -107,10 +107,10 @@ def test_a_session_vector_is_the_fold_ins_least_squares_solve(own_weekly_run) ->
 
     recommender = Recommender(Bundle(write_bundle(own_weekly_run, {})))
     trained = own_weekly_run.artifacts.served.trained_params()
-    items = recommender.session_items
+    items = recommender.sessions.items
     session = np.array([5, 17, 17, 260, 1])
     weights = np.array([1.0, 0.5, 2.0, 1.0, 3.0])
-    solved = recommender.session_vector(session, weights)
+    solved = recommender.sessions.solve(session, weights)
 
     model = AlternatingLeastSquares(
         factors=trained.factors, regularization=trained.regularization, alpha=trained.alpha

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -91,12 +93,34 @@ def test_rest_predictions_equal_in_process_predictions(own_weekly_run, tmp_path:
         f"http://127.0.0.1:{port}/ping",
         tmp_path / "serve.log",
     )
+    item_ids = list(own_weekly_run.artifacts.interactions.ids("items")[:3])
     try:
         users = [*own_weekly_run.artifacts.interactions.ids("users")[:4], "never-seen"]
         served = invocations(port, [{"user_id": u, "k": 5} for u in users])
+        session = invocations(
+            port, [{"recent_item_ids": item_ids, "k": 5}, {"recent_item_ids": item_ids, "user_id": users[0]}]
+        )
+        split = json.loads(
+            urllib.request.urlopen(
+                urllib.request.Request(
+                    f"http://127.0.0.1:{port}/invocations",
+                    data=json.dumps(
+                        {"dataframe_split": {"columns": ["item_id", "k"], "data": [[item_ids[0], 4]]}}
+                    ).encode(),
+                    headers={"Content-Type": "application/json"},
+                ),
+                timeout=60,
+            ).read()
+        )["predictions"]
     finally:
         stop(server)
     recommender = Recommender.from_registry(config=own_weekly_run.config)
+    expected_session = pd.concat(
+        [recommender.for_session(item_ids, 5), recommender.for_session(item_ids, 10, user_id=users[0])],
+        ignore_index=True,
+    )
+    assert session["item_id"].tolist() == expected_session["item_id"].tolist()
+    assert [row["item_id"] for row in split] == recommender.similar(item_ids[0], 4)["item_id"].tolist()
     expected = pd.concat([recommender.recommend(u, 5, unknown="popular") for u in users], ignore_index=True)
     pd.testing.assert_frame_equal(served[expected.columns], expected, check_dtype=False)
     assert served.loc[served["user_id"] == "never-seen", "item_id"].tolist() == list(

@@ -31,17 +31,6 @@ log = logging.getLogger(__name__)
 PACKAGE = Path(__file__).resolve().parent.parent
 PYFUNC_CODE = PACKAGE / "pyfunc_entry.py"
 MODEL_PATH = "model"  # the model's folder among its run's artifacts
-SERVING_REQUIREMENTS = (
-    "mlflow",
-    "scann",
-    "pyarrow",
-    "pandas",
-    "numpy",
-    "scipy",
-    "pydantic",
-    "pyyaml",
-    "threadpoolctl",
-)
 
 
 def code_version() -> str:
@@ -206,9 +195,16 @@ def input_example(bundle: Bundle) -> Any:
 
 
 def serving_requirements() -> list[str]:
-    from importlib.metadata import version
+    """The registered model's environment: the package's own dependencies (the client's, no extra),
+    pinned to the versions running here."""
+    from importlib.metadata import requires, version
 
-    return [f"{name}=={version(name)}" for name in SERVING_REQUIREMENTS]
+    from packaging.requirements import Requirement
+
+    own = [Requirement(spec) for spec in requires("recsys-pipeline") or []]
+    return sorted(
+        f"{requirement.name}=={version(requirement.name)}" for requirement in own if not requirement.marker
+    )
 
 
 def run_promotion(run: RunContext, version: str) -> str:

@@ -84,6 +84,15 @@ def test_the_cli_refuses_a_negative_k_in_one_line(own_weekly_run, capsys) -> Non
         assert main([*state, *command, "-k", "-1", "--json"]) == 1
         out, err = capsys.readouterr()
         assert out == "" and err.startswith("recsys: k must be a whole number from 1 to")
+    # A session from the command line: recent item ids, of a known user or of nobody known.
+    recent = ",".join(own_weekly_run.artifacts.interactions.ids("items")[:3])
+    for who in ([], ["--user-id", user]):
+        capsys.readouterr()
+        assert main([*state, "recommend", "--recent-item-ids", recent, *who, "-k", "4", "--json"]) == 0
+        answer = json.loads(capsys.readouterr().out)
+        assert len(answer) == 4 and not {row["item_id"] for row in answer} & set(recent.split(","))
+    assert main([*state, "recommend", "-k", "4"]) == 1
+    assert "recommend needs --user-id, --recent-item-ids or both" in capsys.readouterr().err
 
 
 def send_unfinished(port: int, headers: dict[str, str], parts: list[bytes]) -> tuple[int, str]:

@@ -1,0 +1,196 @@
+"""Serving speed: the in-process client (the floor) and ``recsys serve`` over loopback, side by side.
+
+The weekly pipeline runs once on the bundled sample into a state folder of the bench's own and
+promotes its version. The in-process figures come from :class:`~recsys_pipeline.client.RecsysClient`
+answering single-row requests one after another; the REST figures from ``recsys serve`` (its
+``workers`` processes) under a closed-loop load of ``c`` keep-alive connections for ``seconds`` each,
+at c in ``concurrency``. Server and load share the machine's cores, as a service and its callers on
+one host would.
+
+Results for single-row ``recommend`` requests: ``in_process_qps``, ``in_process_p99_ms`` and, per
+concurrency c, ``rest_c{c}_qps``, ``rest_c{c}_p50_ms``, ``rest_c{c}_p99_ms``, ``rest_c{c}_errors``;
+beside them the same for ``similar`` and session requests (``*_similar_*``, ``*_session_*``), the
+ratio of REST at c=8 to the floor (``rest_c8_share_of_in_process``) and each worker's resident memory
+(``rest_worker_rss_mb``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from recsys_pipeline.client import RecsysClient
+from recsys_pipeline.config import load_config
+from recsys_pipeline.pipelines import WEEKLY, run_in_process
+from recsys_pipeline.runs import RunContext
+from recsys_pipeline.state import StateLayout
+
+PARAMS: dict[str, Any] = {
+    "in_process_requests": 5000,
+    "seconds": 8,
+    "concurrency": [1, 8, 32],
+    "workers": 2,
+    "k": 10,
+    "session_items": 5,
+}
+KINDS = ("recommend", "similar", "session")
+
+
+def run(params: dict[str, Any]) -> dict[str, Any]:
+    work = StateLayout(load_config().state_home).bench / "work" / "serving"
+    shutil.rmtree(work, ignore_errors=True)
+    overrides = {"state_dir": str(work / "state"), "als.sweep": None}
+    config = load_config(overrides=overrides)
+    started = time.perf_counter()
+    run_in_process(WEEKLY, RunContext.create(config, "recsys_weekly", "1998-04-16", "1998-04-23", "bench"))
+    results: dict[str, Any] = {"setup_s": round(time.perf_counter() - started, 1)}
+
+    client = RecsysClient(config)
+    recommender = client.loaded().recommender
+    rng = np.random.default_rng(0)
+    users = [str(u) for u in rng.choice(recommender.user_ids, 500)]
+    items = [str(i) for i in rng.choice(recommender.item_ids[recommender.has_item_vector], 500)]
+    sessions = [
+        [str(i) for i in rng.choice(recommender.item_ids, params["session_items"], replace=False)]
+        for _ in range(500)
+    ]
+    k = params["k"]
+    rows = {
+        "recommend": [{"user_id": user, "k": k} for user in users],
+        "similar": [{"item_id": item, "k": k} for item in items],
+        "session": [{"recent_item_ids": session, "k": k} for session in sessions],
+    }
+    calls = {
+        "recommend": lambda i: client.recommend(users[i % 500], k),
+        "similar": lambda i: client.similar(items[i % 500], k),
+        "session": lambda i: client.for_session(sessions[i % 500], k),
+    }
+    for kind in KINDS:
+        latencies = []
+        for i in range(params["in_process_requests"]):
+            began = time.perf_counter()
+            calls[kind](i)
+            latencies.append(time.perf_counter() - began)
+        prefix = "in_process" if kind == "recommend" else f"in_process_{kind}"
+        results.update(summary(prefix, np.array(latencies), sum(latencies), 0))
+
+    server, port = start_server(work, overrides, params["workers"])
+    try:
+        results["rest_worker_rss_mb"] = worker_rss_mb(server.pid)
+        for concurrency in params["concurrency"]:
+            for kind in KINDS:
+                bodies = [json.dumps({"dataframe_records": [row]}).encode() for row in rows[kind]]
+                latencies, errors, elapsed = asyncio.run(
+                    closed_loop(port, bodies, concurrency, params["seconds"])
+                )
+                prefix = f"rest_c{concurrency}" + ("" if kind == "recommend" else f"_{kind}")
+                results.update(summary(prefix, latencies, elapsed, errors))
+    finally:
+        server.terminate()
+        server.wait(30)
+    results["rest_c8_share_of_in_process"] = round(results["rest_c8_qps"] / results["in_process_qps"], 3)
+    results["version"] = client.version
+    results["catalogue_items"] = len(recommender.item_ids)
+    return results
+
+
+def summary(prefix: str, latencies: np.ndarray, elapsed_s: float, errors: int) -> dict[str, float]:
+    return {
+        f"{prefix}_qps": round(len(latencies) / elapsed_s, 1),
+        f"{prefix}_p50_ms": round(float(np.percentile(latencies, 50)) * 1000, 3),
+        f"{prefix}_p99_ms": round(float(np.percentile(latencies, 99)) * 1000, 3),
+        **({} if prefix.startswith("in_process") else {f"{prefix}_errors": errors}),
+    }
+
+
+def start_server(work: Path, overrides: dict[str, Any], workers: int) -> tuple[subprocess.Popen, int]:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    recsys = str(Path(sys.executable).parent / "recsys")
+    sets = [arg for name, value in overrides.items() for arg in ("--set", f"{name}={json.dumps(value)}")]
+    log = (work / "serve.log").open("w")
+    server = subprocess.Popen(
+        [recsys, *sets, "serve", "--port", str(port), "--workers", str(workers)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=dict(os.environ),
+    )
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
+                # Every worker must have loaded its version: ask a few times over fresh connections.
+                for _ in range(4 * workers):
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=60).close()
+                return server, port
+        except OSError:
+            if server.poll() is not None:
+                raise RuntimeError(f"recsys serve exited; see {work / 'serve.log'}") from None
+            time.sleep(0.5)
+    server.terminate()
+    raise RuntimeError(f"recsys serve did not answer in 180 s; see {work / 'serve.log'}")
+
+
+def worker_rss_mb(pid: int) -> list[float]:
+    import psutil
+
+    children = psutil.Process(pid).children(recursive=True)
+    return [round(child.memory_info().rss / 2**20, 1) for child in children] or [
+        round(psutil.Process(pid).memory_info().rss / 2**20, 1)
+    ]
+
+
+async def closed_loop(
+    port: int, bodies: list[bytes], concurrency: int, seconds: float
+) -> tuple[np.ndarray, int, float]:
+    """``concurrency`` keep-alive connections, each sending its next request when the last is
+    answered, for ``seconds``: (latencies, non-200 answers and failures, elapsed seconds)."""
+    latencies: list[float] = []
+    errors = 0
+    began = time.perf_counter()
+    deadline = began + seconds
+
+    async def connection(offset: int) -> None:
+        nonlocal errors
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        sent = offset
+        try:
+            while time.perf_counter() < deadline:
+                body = bodies[sent % len(bodies)]
+                sent += concurrency
+                request = (
+                    b"POST /invocations HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+                )
+                start = time.perf_counter()
+                writer.write(request)
+                status = await reader.readline()
+                length = 0
+                while (line := await reader.readline()) not in (b"\r\n", b""):
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                await reader.readexactly(length)
+                latencies.append(time.perf_counter() - start)
+                if not status.startswith(b"HTTP/1.1 200"):
+                    errors += 1
+        except (OSError, asyncio.IncompleteReadError):
+            errors += 1
+        finally:
+            writer.close()
+
+    await asyncio.gather(*(connection(offset) for offset in range(concurrency)))
+    return np.array(latencies), errors, time.perf_counter() - began
