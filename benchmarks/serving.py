@@ -11,7 +11,9 @@ Results for single-row ``recommend`` requests: ``in_process_qps``, ``in_process_
 concurrency c, ``rest_c{c}_qps``, ``rest_c{c}_p50_ms``, ``rest_c{c}_p99_ms``, ``rest_c{c}_errors``;
 beside them the same for ``similar`` and session requests (``*_similar_*``, ``*_session_*``), the
 ratio of REST at c=8 to the floor (``rest_c8_share_of_in_process``) and each worker's resident memory
-(``rest_worker_rss_mb``).
+(``rest_worker_rss_mb``). Then the same, in process and at c=8, prefixed ``large_``, for a version of
+``large_items`` items and ``large_users`` users with random vectors, indexed and published by the
+pipeline's own index and publish stages (the real bundle format and verification).
 """
 
 from __future__ import annotations
@@ -28,12 +30,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from recsys_pipeline.client import RecsysClient
-from recsys_pipeline.config import load_config
+from recsys_pipeline.config import PipelineConfig, load_config
+from recsys_pipeline.embeddings import Embeddings
 from recsys_pipeline.pipelines import WEEKLY, run_in_process
+from recsys_pipeline.registry import Registry
 from recsys_pipeline.runs import RunContext
+from recsys_pipeline.stages.index import run_index
+from recsys_pipeline.stages.publish import run_publish
 from recsys_pipeline.state import StateLayout
+from recsys_pipeline.tables import MATRIX_ARROW_SCHEMA
 
 PARAMS: dict[str, Any] = {
     "in_process_requests": 5000,
@@ -42,6 +51,9 @@ PARAMS: dict[str, Any] = {
     "workers": 2,
     "k": 10,
     "session_items": 5,
+    "large_items": 1_000_000,
+    "large_users": 100_000,
+    "factors": 64,
 }
 KINDS = ("recommend", "similar", "session")
 
@@ -49,16 +61,39 @@ KINDS = ("recommend", "similar", "session")
 def run(params: dict[str, Any]) -> dict[str, Any]:
     work = StateLayout(load_config().state_home).bench / "work" / "serving"
     shutil.rmtree(work, ignore_errors=True)
-    overrides = {"state_dir": str(work / "state"), "als.sweep": None}
+    overrides = {"state_dir": str(work / "sample"), "als.sweep": None}
     config = load_config(overrides=overrides)
     started = time.perf_counter()
     run_in_process(WEEKLY, RunContext.create(config, "recsys_weekly", "1998-04-16", "1998-04-23", "bench"))
     results: dict[str, Any] = {"setup_s": round(time.perf_counter() - started, 1)}
+    results.update(measure(config, overrides, params, params["concurrency"], work / "sample"))
+    results["rest_c8_share_of_in_process"] = round(results["rest_c8_qps"] / results["in_process_qps"], 3)
 
+    # The same at a catalogue of ``large_items``: synthetic vectors, published as a run would be.
+    large = {"state_dir": str(work / "large"), "als.sweep": None}
+    config = load_config(overrides=large)
+    started = time.perf_counter()
+    version = publish_synthetic(config, params)
+    results["large_setup_s"] = round(time.perf_counter() - started, 1)
+    Registry(config).promote(version, "serving benchmark")
+    measured = measure(config, large, params, [8], work / "large")
+    results.update({f"large_{name}": value for name, value in measured.items()})
+    return results
+
+
+def measure(
+    config: PipelineConfig,
+    overrides: dict[str, Any],
+    params: dict[str, Any],
+    concurrency: list[int],
+    work: Path,
+) -> dict[str, Any]:
+    """In-process and REST figures of the champion of ``config``."""
     client = RecsysClient(config)
     recommender = client.loaded().recommender
     rng = np.random.default_rng(0)
-    users = [str(u) for u in rng.choice(recommender.user_ids, 500)]
+    known_users = recommender.user_ids[recommender.has_user_vector]
+    users = [str(u) for u in rng.choice(known_users, 500)]
     items = [str(i) for i in rng.choice(recommender.item_ids[recommender.has_item_vector], 500)]
     sessions = [
         [str(i) for i in rng.choice(recommender.item_ids, params["session_items"], replace=False)]
@@ -75,7 +110,10 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
         "similar": lambda i: client.similar(items[i % 500], k),
         "session": lambda i: client.for_session(sessions[i % 500], k),
     }
+    results: dict[str, Any] = {"version": client.version, "catalogue_items": len(recommender.item_ids)}
     for kind in KINDS:
+        for i in range(50):  # warm caches and code paths before timing
+            calls[kind](i)
         latencies = []
         for i in range(params["in_process_requests"]):
             began = time.perf_counter()
@@ -87,21 +125,59 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     server, port = start_server(work, overrides, params["workers"])
     try:
         results["rest_worker_rss_mb"] = worker_rss_mb(server.pid)
-        for concurrency in params["concurrency"]:
+        for concurrency_level in concurrency:
             for kind in KINDS:
                 bodies = [json.dumps({"dataframe_records": [row]}).encode() for row in rows[kind]]
+                asyncio.run(closed_loop(port, bodies, concurrency_level, 1.0))  # warm-up, not counted
                 latencies, errors, elapsed = asyncio.run(
-                    closed_loop(port, bodies, concurrency, params["seconds"])
+                    closed_loop(port, bodies, concurrency_level, params["seconds"])
                 )
-                prefix = f"rest_c{concurrency}" + ("" if kind == "recommend" else f"_{kind}")
+                prefix = f"rest_c{concurrency_level}" + ("" if kind == "recommend" else f"_{kind}")
                 results.update(summary(prefix, latencies, elapsed, errors))
     finally:
         server.terminate()
         server.wait(30)
-    results["rest_c8_share_of_in_process"] = round(results["rest_c8_qps"] / results["in_process_qps"], 3)
-    results["version"] = client.version
-    results["catalogue_items"] = len(recommender.item_ids)
     return results
+
+
+def publish_synthetic(config: PipelineConfig, params: dict[str, Any]) -> str:
+    """A weekly run's outputs with ``large_items`` items and ``large_users`` users of random vectors
+    (log-normal norms, as popularity spreads them), indexed by the index stage and published by the
+    publish stage: the real bundle, the real verification."""
+    rng = np.random.default_rng(1)
+    n_users, n_items, factors = params["large_users"], params["large_items"], params["factors"]
+    run = RunContext.create(config, "recsys_weekly", "2000-01-01", "2000-01-08", "bench_large")
+    artifacts = run.artifacts
+    for side, size in (("users", n_users), ("items", n_items)):
+        folder = artifacts.interactions.map_dir(side)
+        folder.mkdir(parents=True)
+        ids = pa.array([f"{side[0]}{i}" for i in range(size)], pa.string())
+        pq.write_table(
+            pa.table({"id": ids, "idx": pa.array(np.arange(size, dtype=np.int32))}), folder / "part-0.parquet"
+        )
+    history = 5 * n_users  # five items per user: what the lists leave out
+    artifacts.interactions.train_dir.mkdir(parents=True)
+    pq.write_table(
+        pa.table(
+            {
+                "user_idx": np.repeat(np.arange(n_users, dtype=np.int32), 5),
+                "item_idx": rng.integers(0, n_items, history).astype(np.int32),
+                "confidence": np.ones(history, np.float32),
+            },
+            schema=MATRIX_ARROW_SCHEMA,
+        ),
+        artifacts.interactions.train_dir / "part-0.parquet",
+    )
+    artifacts.interactions.write_fingerprint("synthetic")
+    norms = rng.lognormal(0.0, 0.5, (n_items, 1))
+    item_factors = (rng.normal(size=(n_items, factors)) * norms / np.sqrt(factors)).astype(np.float32)
+    user_factors = rng.normal(size=(n_users, factors)).astype(np.float32)
+    embeddings = Embeddings(np.arange(n_users), user_factors, np.arange(n_items), item_factors)
+    als = config.als.model_copy(update={"factors": factors, "popularity_weight": 0.0})
+    artifacts.write_trained(embeddings, [0.0], als)
+    run_index(run)
+    artifacts.validation_dir.mkdir(parents=True)
+    return run_publish(run)
 
 
 def summary(prefix: str, latencies: np.ndarray, elapsed_s: float, errors: int) -> dict[str, float]:

@@ -90,6 +90,9 @@ def fold_in(
     )
 
 
+GRAM_BLOCK_ROWS = 65_536
+
+
 class SessionSolver:
     """A user's learned vector from a handful of items, at request time: implicit's least-squares user
     update with the item factors fixed (what :func:`fold_in` solves for a user with the Cholesky
@@ -97,15 +100,21 @@ class SessionSolver:
     once; each solve is then one k x k system over the session's items."""
 
     def __init__(self, item_factors: np.ndarray, regularization: float, alpha: float):
-        self.items = np.asarray(item_factors, dtype=np.float64)
-        self.gram = self.items.T @ self.items + regularization * np.eye(self.items.shape[1])
+        self.items = np.ascontiguousarray(item_factors, dtype=np.float32)
+        width = self.items.shape[1]
+        # Summed in float64 a block at a time: no float64 copy of a catalogue of millions.
+        gram = np.zeros((width, width))
+        for start in range(0, len(self.items), GRAM_BLOCK_ROWS):
+            block = self.items[start : start + GRAM_BLOCK_ROWS].astype(np.float64)
+            gram += block.T @ block
+        self.gram = gram + regularization * np.eye(width)
         self.alpha = alpha
 
     def solve(self, item_idx: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """The vector of a user with confidence ``weights`` on ``item_idx`` (repeats summed)."""
         items, position = np.unique(item_idx, return_inverse=True)
         confidence = self.alpha * np.bincount(position, weights=weights, minlength=len(items))
-        factors = self.items[items]
+        factors = self.items[items].astype(np.float64)
         system = self.gram + (factors.T * (confidence - 1.0)) @ factors
         return np.linalg.solve(system, factors.T @ confidence).astype(np.float32)
 
