@@ -63,9 +63,16 @@ dag-run:
 test: init
 	$(BIN)/pytest -n 2 --dist loadfile --durations=15 -m "not slow"
 
-## test-slow: the slow tier: a real Airflow scheduler and API server, triggers, a backfill, concurrent runs, a Spark cluster, mlflow models serve
-test-slow: init
+## test-slow: the slow tier: a real Airflow scheduler and API server, triggers, a backfill, concurrent runs, a Spark cluster, mlflow models serve, PostgreSQL locks
+test-slow: init servers
 	$(BIN)/pytest --durations=5 -m slow
+
+## servers: install the servers the slow tier runs against, from Debian's packages (postgresql; needs root)
+servers:
+	@ls /usr/lib/postgresql/*/bin/initdb > /dev/null 2>&1 || { \
+	  [ "$$(id -u)" = 0 ] || { echo "servers: install Debian's postgresql (as root: make servers)"; exit 1; }; \
+	  echo "servers: installing postgresql (apt-get)"; \
+	  apt-get update -qq > /dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql > /dev/null; }
 
 ## test-fast: run the unit tier only (no Spark, no servers; under a minute)
 test-fast: setup

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -486,6 +487,7 @@ NEVER_RUN_OVERRIDABLE = (
     "source",
     "spark",
     "mlflow",
+    "locks",
     "content.source",
     "content.precomputed",
     "content.sentence",
@@ -510,6 +512,44 @@ def _overlaps(field: str, section: str) -> bool:
     return field == section or field.startswith(f"{section}.") or section.startswith(f"{field}.")
 
 
+class LocksConfig(_Section):
+    """How runs, the CLI and services coordinate writes to what they share (the lake, the ID maps,
+    alias moves)."""
+
+    backend: Literal["flock", "postgres"] = Field(
+        default="flock",
+        description="flock: lock files in the state folder (one machine, or a file system whose locks "
+        "reach every machine); postgres: advisory locks on the database at `dsn` (any number of machines).",
+    )
+    dsn: str | None = Field(
+        default=None,
+        description="postgres: a libpq connection string or URI, e.g. the Airflow metadata database's, "
+        "without a password (PGPASSWORD or ~/.pgpass supply it).",
+    )
+    timeout_s: float = Field(
+        default=4 * 3600.0,
+        gt=0,
+        description="A lock not free within this long fails the task, naming its holder.",
+    )
+
+    @field_validator("dsn")
+    @classmethod
+    def _dsn_without_credentials(cls, value: str | None) -> str | None:
+        # A user name is fine (libpq needs one); a password in the URI's user info or as a keyword is not.
+        if value is not None and re.search(r"://[^/@\s]*:[^/@\s]*@|password\s*=", value, re.IGNORECASE):
+            raise ValueError(
+                "locks.dsn holds a password: set PGPASSWORD or a ~/.pgpass entry in the environment "
+                "instead, which libpq reads itself"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _postgres_has_a_dsn(self) -> LocksConfig:
+        if self.backend == "postgres" and not self.dsn:
+            raise ValueError("locks.backend postgres needs locks.dsn (the database to hold the locks)")
+        return self
+
+
 class RegistryConfig(_Section):
     """Where published versions are: the registry (MLflow) and the state folder that caches verified
     copies. All a service needs (:class:`~recsys_pipeline.client.RecsysClient`); the pipeline's
@@ -517,6 +557,7 @@ class RegistryConfig(_Section):
 
     state_dir: Path | None = Field(default=None, description="Null: $RECSYS_HOME, else ./var.")
     mlflow: MlflowConfig = MlflowConfig()
+    locks: LocksConfig = LocksConfig()
 
     @field_validator("state_dir", mode="after")
     @classmethod

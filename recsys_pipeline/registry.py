@@ -186,7 +186,7 @@ class Registry:
         name = self.config.mlflow.model_name
         self.wait_until_ready(version)
         candidate = bound.get_model_version(name, version)
-        with StateLayout(self.config.state_home).lock(name="aliases"):
+        with StateLayout.of(self.config).lock(name="aliases"):
             current = self.alias_version(CHAMPION)
             if current is not None and str(current.version) == str(version):
                 return
@@ -205,7 +205,7 @@ class Registry:
 
     def rollback(self, reason: str) -> str:
         """Make the ``previous`` version champion again (the replaced champion becomes ``previous``)."""
-        with StateLayout(self.config.state_home).lock(name="aliases"):
+        with StateLayout.of(self.config).lock(name="aliases"):
             previous = self.alias_version(PREVIOUS)
         if previous is None:
             raise NothingPublishedError(
@@ -252,7 +252,7 @@ class Registry:
             raise BundleIntegrityError(
                 f"{name} version {version} was published without a manifest (an older format): republish it"
             )
-        cache = StateLayout(self.config.state_home).model_cache / name / version
+        cache = StateLayout.of(self.config).model_cache / name / version
         if (cache / MODEL_MANIFEST).is_file():
             try:
                 verify_tree(cache / "model", cache / MODEL_MANIFEST, expected)
@@ -409,7 +409,7 @@ class Registry:
         bound = self.client
         versions = bound.search_model_versions(f"name = '{self.config.mlflow.model_name}'")
         latest = max(versions, key=lambda v: int(v.version)) if versions else None
-        failure_file = StateLayout(self.config.state_home).last_failure
+        failure_file = StateLayout.of(self.config).last_failure
         if failure_file.exists():
             failure = json.loads(failure_file.read_text())
             failed_at = datetime.fromisoformat(failure["failed_at"]).timestamp() * 1000

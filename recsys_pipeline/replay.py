@@ -104,7 +104,7 @@ def replay(
     """Run the DAGs over the days from ``start`` to ``end`` (:func:`planned_runs`), in order, and
     write the report; returns its folder."""
     plan = planned_runs(start, end, weekly_only)
-    folder = StateLayout(config.state_home).home / "reports" / f"replay_{start}_{end}"
+    folder = StateLayout.of(config).home / "reports" / f"replay_{start}_{end}"
     (folder / "logs").mkdir(parents=True, exist_ok=True)
     champion_before = champion_version(config)
     newest_before = max((row["version"] for row in registry_rows(config)), default=0)
@@ -168,7 +168,7 @@ def describe(
             run.reference_version = int(refresh.derived_from_version)
             run.decision = f"escalated to a weekly run: {'; '.join(refresh.reasons)}"
             return run
-        failure = StateLayout(config.state_home).last_failure
+        failure = StateLayout.of(config).last_failure
         reason = json.loads(failure.read_text()).get("message", "") if failure.is_file() else ""
         run.decision = f"failed before publishing: {reason}" if not succeeded else "registered nothing"
         return run

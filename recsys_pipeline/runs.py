@@ -141,7 +141,7 @@ class RunContext:
 
     @property
     def layout(self) -> StateLayout:
-        return StateLayout(self.config.state_home)
+        return StateLayout.of(self.config)
 
     @property
     def items_quarantine_dir(self) -> Path:

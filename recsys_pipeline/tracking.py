@@ -30,7 +30,7 @@ def client(config: RegistryConfig) -> Any:
     from mlflow import MlflowClient
 
     if config.mlflow.tracking_uri is None:
-        StateLayout(config.state_home).mlflow_dir.mkdir(parents=True, exist_ok=True)
+        StateLayout.of(config).mlflow_dir.mkdir(parents=True, exist_ok=True)
     return MlflowClient(config.tracking_uri, config.tracking_uri)
 
 
@@ -57,7 +57,7 @@ def experiment_id(bound: Any, config: RegistryConfig) -> str:
         return str(experiment.experiment_id)
     # The embedded store keeps artifacts beside its database; a tracking server decides for itself.
     location = (
-        StateLayout(config.state_home).mlflow_artifacts.as_uri()
+        StateLayout.of(config).mlflow_artifacts.as_uri()
         if config.mlflow.tracking_uri is None
         else None
     )

@@ -261,3 +261,59 @@ def run_recsys(*args: str) -> subprocess.CompletedProcess:
     """The ``recsys`` command of this environment, as a user runs it; output captured, never checked."""
     recsys = str(Path(sys.executable).parent / "recsys")
     return subprocess.run([recsys, *args], capture_output=True, text=True, timeout=120)
+
+
+def postgres_bin() -> Path:
+    """The newest PostgreSQL server binaries Debian's ``postgresql`` package installed."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]))
+    if not found:
+        raise AssertionError("PostgreSQL's server is not installed: run `make servers` (Debian's postgresql)")
+    return found[-1].parent
+
+
+@pytest.fixture(scope="session")
+def postgres_dsn() -> Iterator[str]:
+    """A throwaway PostgreSQL cluster on a free loopback port, trusting local connections; its DSN.
+
+    PostgreSQL refuses to run as root: as root, the cluster belongs to the ``postgres`` user, in a
+    folder of its own outside pytest's root-only temporary folders."""
+    import tempfile
+
+    binaries = postgres_bin()
+    root = Path(tempfile.mkdtemp(prefix="recsys-pg-"))
+    data, port = root / "data", free_port()
+    as_owner: list[str] = []
+    if os.geteuid() == 0:
+        root.chmod(0o755)
+        shutil.chown(root, "postgres", "postgres")
+        as_owner = ["runuser", "-u", "postgres", "--"]
+    subprocess.run(
+        [*as_owner, str(binaries / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust"],
+        check=True,
+        capture_output=True,
+    )
+    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1"
+    subprocess.run(
+        [
+            *as_owner,
+            str(binaries / "pg_ctl"),
+            "-D",
+            str(data),
+            "-o",
+            options,
+            "-l",
+            str(root / "log"),
+            "-w",
+            "start",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    try:
+        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run(
+            [*as_owner, str(binaries / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+            capture_output=True,
+        )
+        shutil.rmtree(root, ignore_errors=True)

@@ -1,5 +1,5 @@
 """Two weekly runs and a nightly started at once on one state folder all finish, and leave the lake,
-the ID maps and the aliases intact (issue #14, item 7).
+the ID maps and the aliases intact (issue #14, item 7), with each lock backend (issue #34, item 3).
 
 Each run is a separate process with its own Spark driver, as Airflow tasks, ``spark-submit`` jobs
 and ``dags test`` runs are; this file is also the worker they run (``python this_file STATE KIND START END``).
@@ -39,13 +39,20 @@ RUNS = [
 ]
 
 
-def work(state: str, kind: str, start: str, end: str) -> None:
+def work(state: str, kind: str, start: str, end: str, locks: str) -> None:
     from recsys_pipeline.errors import StageSkipped
     from recsys_pipeline.pipelines import PIPELINES, run_in_process
     from recsys_pipeline.runs import RunContext
     from recsys_pipeline.spark import spark_session
 
-    config = load_config(overrides={"state_dir": state, **LAX, **(NIGHTLY if kind == "nightly" else {})})
+    config = load_config(
+        overrides={
+            "state_dir": state,
+            "locks": json.loads(locks),
+            **LAX,
+            **(NIGHTLY if kind == "nightly" else {}),
+        }
+    )
     pipeline = PIPELINES[f"recsys_{kind}"]
     run = RunContext.create(config, pipeline.dag_id, start, end, f"concurrent__{kind}_{end}", pipeline.mode)
     spark = spark_session(config, f"concurrent-{kind}-{end}", master="local[1]")
@@ -60,11 +67,18 @@ def work(state: str, kind: str, start: str, end: str) -> None:
 
 @pytest.mark.e2e
 @pytest.mark.slow  # three runs at once on 2 cores: about 3 minutes
-def test_two_weeklies_and_a_nightly_at_once_leave_shared_state_intact(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["flock", "postgres"])
+def test_two_weeklies_and_a_nightly_at_once_leave_shared_state_intact(
+    request, backend: str, tmp_path: Path
+) -> None:
     state = tmp_path / "state"
+    locks = {
+        "backend": backend,
+        "dsn": request.getfixturevalue("postgres_dsn") if backend == "postgres" else None,
+    }
     workers = [
         subprocess.Popen(
-            [sys.executable, __file__, str(state), kind, start, end],
+            [sys.executable, __file__, str(state), kind, start, end, json.dumps(locks)],
             cwd=PROJECT_ROOT,
             stdout=(tmp_path / f"{kind}-{end}.log").open("w"),
             stderr=subprocess.STDOUT,
@@ -110,4 +124,4 @@ def test_two_weeklies_and_a_nightly_at_once_leave_shared_state_intact(tmp_path: 
 
 if __name__ == "__main__":
     sys.path.insert(0, str(PROJECT_ROOT))
-    work(*sys.argv[1:5])
+    work(*sys.argv[1:6])
