@@ -116,6 +116,12 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds between checks of the alias (a new version is verified, then swapped in; 0: never)",
     )
 
+    commands.add_parser(
+        "doctor",
+        help="check that this machine can run the pipeline as configured: state folder, locks, Java, "
+        "packages, Spark, MLflow, Airflow (exit 1 on a failure)",
+    )
+
     synth = commands.add_parser("synth", help="write a synthetic event log (Parquet) usable as a source")
     synth.add_argument("--out", required=True, type=Path)
     synth.add_argument(
@@ -323,6 +329,13 @@ def run(argv: Sequence[str]) -> int:
 
         print(folder_sha256(args.model_dir))
         return 0
+    if args.command == "doctor":
+        from recsys_pipeline.doctor import run_checks
+
+        findings = run_checks(config, airflow_environment(config, args.config))
+        for finding in findings:
+            print(finding.line())
+        return 1 if any(finding.status == "FAIL" for finding in findings) else 0
     if args.command == "serve":
         return _serve(args, overrides)
     if args.command == "mlflow-ui":

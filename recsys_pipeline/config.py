@@ -27,6 +27,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_PATH = PROJECT_ROOT / "conf" / "pipeline.yaml"
 SAMPLE_PROFILE_PATH = PROJECT_ROOT / "conf" / "sample.yaml"
 CONFIG_ENV = "RECSYS_CONFIG"  # names the profile when no path is given
+ALERTS_CONN_ID = "recsys_alerts"  # the Airflow connection a failed task's alert is posted through
 # Connection arguments of the embedded Airflow's SQLite database (``[database]
 # sql_alchemy_connect_args`` names this dict). The scheduler and a command such as a backfill write
 # at once; sqlite3's default 5 s wait for the other side's lock is too short on a busy machine.

@@ -17,7 +17,7 @@ import urllib.request
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from recsys_pipeline.config import PROJECT_ROOT, PipelineConfig, load_config
+from recsys_pipeline.config import ALERTS_CONN_ID, PROJECT_ROOT, PipelineConfig, load_config
 
 # DAG files are parsed often: nothing imported here at the top may pull in Spark (``jobs`` does) or
 # NumPy, SciPy and Arrow (``runs`` does); what a task needs loads when it runs.
@@ -33,7 +33,6 @@ if TYPE_CHECKING:
     from recsys_pipeline.runs import RunContext, RunMode
 
 ESCALATION_TASK = "trigger_full_retrain"
-ALERTS_CONN_ID = "recsys_alerts"
 log = logging.getLogger(__name__)
 
 

@@ -19,9 +19,10 @@ import scipy.sparse as sp
 from mlflow.pyfunc import PythonModel
 
 from recsys_pipeline.bundle import Bundle
-from recsys_pipeline.config import AlsConfig, RegistryConfig, load_config
+from recsys_pipeline.config import AlsConfig, IndexConfig, RegistryConfig, load_config
 from recsys_pipeline.embeddings import presence_mask
 from recsys_pipeline.errors import RecsysError
+from recsys_pipeline.index import ScannIndex, search_params
 from recsys_pipeline.ranking import dot_top_k, first_unseen, popular_items
 from recsys_pipeline.refresh import SessionSolver
 from recsys_pipeline.registry import CHAMPION, Registry
@@ -35,6 +36,8 @@ MAX_BATCH_ROWS = 1000
 # How much a known user's recommendations for a session follow the session rather than their stored
 # vector (1: the session alone).
 DEFAULT_SESSION_WEIGHT = 0.5
+# Similar items are found by an exact scan in catalogues smaller than this, by an index above.
+SIMILAR_EXACT_BELOW = IndexConfig().brute_force_below
 # A REST body above this is refused before it is parsed: 1000 rows of an id and a k take about 50 kB.
 MAX_BODY_BYTES = 1 << 20
 
@@ -80,6 +83,16 @@ class Recommender:
         self.item_directions = geometry / np.maximum(np.linalg.norm(geometry, axis=1, keepdims=True), 1e-12)
         self.has_item_vector = presence_mask(embeddings.item_idx, len(self.item_ids))
         self.index = bundle.index()
+        # Similar items: an exact cosine scan is cheap for a small catalogue; above the size where the
+        # pipeline's own index stops searching exactly, a ScaNN index over the directions, built once
+        # as the version loads, keeps a request's cost off the catalogue's size.
+        warm = np.flatnonzero(self.has_item_vector)
+        params = search_params(len(warm), IndexConfig())
+        self.similar_index = (
+            ScannIndex.build(warm, self.item_directions[warm], params, DEFAULT_K)
+            if len(warm) >= SIMILAR_EXACT_BELOW
+            else None
+        )
         user_idx, item_idx = bundle.history()
         self.history = sp.csr_matrix(
             (np.ones(len(user_idx), dtype=np.int8), (user_idx, item_idx)),
@@ -202,6 +215,9 @@ class Recommender:
             raise UnknownIdError(f"unknown item id {item_id!r}: not in this version's ID map")
         if not self.has_item_vector[idx]:
             raise UnknownIdError(f"item id {item_id!r} has no vector in this version (no training data)")
+        if self.similar_index is not None:
+            found, cosines = self.similar_index.search(self.item_directions[idx][None, :], k + 1)
+            return first_unseen(found[0], cosines[0], np.array([idx]), k)
         allowed = self.has_item_vector.copy()
         allowed[idx] = False
         best, cosine = dot_top_k(

@@ -99,6 +99,30 @@ class StateLayout:
             with file_lock(self.home / "locks" / f"{name}.lock", name, shared, self.locks.timeout_s, holder):
                 yield
 
+    def probe_lock(self, name: LockName = "state") -> str:
+        """Whether the lock's backend answers and the lock could be shared now, without waiting:
+        ``free``, or who holds it."""
+        if self.locks.backend == "postgres":
+            import psycopg
+
+            key = self.lock_key(name)
+            with psycopg.connect(self.locks.dsn or "", autocommit=True) as connection:
+                taken = connection.execute("SELECT pg_try_advisory_lock_shared(%s)", (key,)).fetchone()
+                if taken and taken[0]:
+                    connection.execute("SELECT pg_advisory_unlock_shared(%s)", (key,))
+                    return "free"
+                return f"held by {advisory_holders(connection, key)}"
+        path = self.home / "locks" / f"{name}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holders = path.with_suffix(".holder")
+                return f"held by {holders.read_text().strip() if holders.is_file() else 'unknown'}"
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            return "free"
+
     def lock_key(self, name: LockName) -> int:
         """The advisory lock's key: one per state home and lock, so two state folders on one database
         never share a lock."""

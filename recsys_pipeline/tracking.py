@@ -57,8 +57,6 @@ def experiment_id(bound: Any, config: RegistryConfig) -> str:
         return str(experiment.experiment_id)
     # The embedded store keeps artifacts beside its database; a tracking server decides for itself.
     location = (
-        StateLayout.of(config).mlflow_artifacts.as_uri()
-        if config.mlflow.tracking_uri is None
-        else None
+        StateLayout.of(config).mlflow_artifacts.as_uri() if config.mlflow.tracking_uri is None else None
     )
     return str(bound.create_experiment(config.mlflow.experiment, artifact_location=location))

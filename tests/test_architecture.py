@@ -51,7 +51,7 @@ LAYERS: list[tuple[str, set[str]]] = [
         },
     ),
     ("artifacts and registry", {"tracking", "bundle", "registry"}),
-    ("consumers", {"serving", "client", "rest", "pyfunc_entry", "replay", "cli"}),
+    ("consumers", {"serving", "client", "rest", "pyfunc_entry", "replay", "doctor", "cli"}),
     ("stages", {"stages", "pipelines"}),
     ("entry points", {"jobs", "orchestration"}),
 ]

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
+from recsys_pipeline import serving
 from recsys_pipeline.bundle import Bundle, BundleIntegrityError, write_bundle
 from recsys_pipeline.client import RecsysClient
 from recsys_pipeline.registry import Registry
@@ -100,6 +101,25 @@ def test_a_tampered_new_version_is_never_served_and_the_old_one_stays(two_versio
     assert client.recommend(user, 10).equals(old)
     with pytest.raises(BundleIntegrityError):
         RecsysClient(config)  # a service starting now gets no version at all, not the tampered one
+
+
+def test_similar_items_above_the_exact_scan_size_come_from_an_index_close_to_the_scan(
+    own_weekly_run, monkeypatch
+) -> None:
+    bundle = Bundle(write_bundle(own_weekly_run, {}))
+    exact = Recommender(bundle)
+    monkeypatch.setattr(serving, "SIMILAR_EXACT_BELOW", 100)
+    indexed = Recommender(bundle)
+    assert exact.similar_index is None and indexed.similar_index is not None
+    items = exact.item_ids[np.flatnonzero(exact.has_item_vector)[:50]]
+    found = [
+        (set(exact.similar(item, 10)["item_id"]), indexed.similar(item, 10)["item_id"].tolist())
+        for item in items
+    ]
+    assert all(
+        item not in listed and len(listed) == 10 for item, (_, listed) in zip(items, found, strict=True)
+    )
+    assert np.mean([len(truth & set(listed)) / 10 for truth, listed in found]) >= 0.9
 
 
 def test_a_session_vector_is_the_fold_ins_least_squares_solve(own_weekly_run) -> None:
