@@ -67,12 +67,13 @@ test: init
 test-slow: init servers
 	$(BIN)/pytest --durations=5 -m slow
 
-## servers: install the servers the slow tier runs against, from Debian's packages (postgresql; needs root)
+## servers: install the servers the slow tier runs against, from Debian's packages (postgresql, redis-server; needs root)
 servers:
-	@ls /usr/lib/postgresql/*/bin/initdb > /dev/null 2>&1 || { \
-	  [ "$$(id -u)" = 0 ] || { echo "servers: install Debian's postgresql (as root: make servers)"; exit 1; }; \
-	  echo "servers: installing postgresql (apt-get)"; \
-	  apt-get update -qq > /dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql > /dev/null; }
+	@{ ls /usr/lib/postgresql/*/bin/initdb && command -v redis-server; } > /dev/null 2>&1 || { \
+	  [ "$$(id -u)" = 0 ] || { echo "servers: install Debian's postgresql and redis-server (as root: make servers)"; exit 1; }; \
+	  echo "servers: installing postgresql and redis-server (apt-get)"; \
+	  apt-get update -qq > /dev/null \
+	  && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql redis-server > /dev/null; }
 
 ## test-fast: run the unit tier only (no Spark, no servers; under a minute)
 test-fast: setup

@@ -126,3 +126,80 @@ def test_rest_predictions_equal_in_process_predictions(own_weekly_run, tmp_path:
     assert served.loc[served["user_id"] == "never-seen", "item_id"].tolist() == list(
         recommender.item_ids[recommender.popular[:5]]
     )
+
+
+@pytest.mark.slow  # PostgreSQL and an MLflow server
+def test_a_server_on_postgresql_proxies_artifacts_to_consumers_that_have_only_its_uri(
+    own_weekly_run, postgres_dsn, tmp_path: Path
+) -> None:
+    """MLflow as deployed (issue #34, item 2): its store on PostgreSQL, artifacts served over HTTP
+    (``mlflow-artifacts:``); the pipeline publishes and promotes through it, and the CLI and the
+    client consume from a state folder that has only the tracking URI."""
+    import psycopg
+
+    from recsys_pipeline.client import RecsysClient
+    from recsys_pipeline.config import RegistryConfig
+    from tests.conftest import run_recsys
+
+    with psycopg.connect(postgres_dsn, autocommit=True) as connection:
+        connection.execute("CREATE DATABASE mlflow_store")
+    store = postgres_dsn.replace("postgresql://", "postgresql+psycopg://").rsplit("/", 1)[0] + "/mlflow_store"
+    port = free_port()
+    server = start(
+        [
+            str(BIN / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            store,
+            "--serve-artifacts",
+            "--artifacts-destination",
+            str(tmp_path / "served_artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        dict(os.environ),
+        f"http://127.0.0.1:{port}/health",
+        tmp_path / "server.log",
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        config = own_weekly_run.config.model_copy(
+            update={"mlflow": own_weekly_run.config.mlflow.model_copy(update={"tracking_uri": uri})}
+        )
+        run = RunContext(
+            config,
+            own_weekly_run.dag_id,
+            own_weekly_run.run_id,
+            own_weekly_run.interval_start,
+            own_weekly_run.interval_end,
+        )
+        version = run_publish(run)
+        run_promotion(run, version)
+        registry = Registry(config)
+        assert registry.client.get_run(registry.version(version).run_id).info.artifact_uri.startswith(
+            "mlflow-artifacts:"
+        )
+        user = str(run.artifacts.interactions.ids("users")[7])
+        expected = Recommender.from_registry(config=config).recommend(user, 5)["item_id"].tolist()
+
+        fresh = tmp_path / "consumer"  # no path to the server's artifact folder, no state of its own
+        answered = run_recsys(
+            "--set",
+            f"state_dir={fresh / 'cli'}",
+            "--set",
+            f"mlflow.tracking_uri={uri}",
+            "recommend",
+            "--user-id",
+            user,
+            "-k",
+            "5",
+            "--json",
+        )
+        assert answered.returncode == 0, answered.stderr
+        assert [row["item_id"] for row in json.loads(answered.stdout)] == expected
+        client = RecsysClient(RegistryConfig(state_dir=fresh / "service", mlflow={"tracking_uri": uri}))
+        assert client.version == version and client.recommend(user, 5)["item_id"].tolist() == expected
+    finally:
+        stop(server)
