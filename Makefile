@@ -63,9 +63,13 @@ dag-run:
 test: init
 	$(BIN)/pytest -n 2 --dist loadfile --durations=15 -m "not slow"
 
-## test-slow: the slow tier: a real Airflow scheduler and API server, triggers, a backfill, concurrent runs, a Spark cluster, mlflow models serve, PostgreSQL locks
-test-slow: init servers
-	$(BIN)/pytest --durations=5 -m slow
+## test-slow: the slow tier: a real Airflow scheduler and API server, triggers, a backfill, a Spark cluster, mlflow models serve, the client installed alone
+test-slow: init
+	$(BIN)/pytest --durations=5 -m "slow and not deploy"
+
+## test-deploy: a deployment on loopback: Airflow on PostgreSQL with Celery workers and Redis, an MLflow server on PostgreSQL, both lock backends, recsys doctor (installs the servers first)
+test-deploy: init servers
+	$(BIN)/pytest --durations=5 -m deploy
 
 ## servers: install the servers the slow tier runs against, from Debian's packages (postgresql, redis-server; needs root)
 servers:

@@ -4,7 +4,7 @@ scheduler, DAG processor and API server as separate processes; runs coordinate t
 advisory locks. The weekly, then the nightly, triggered through the REST API, succeed with tasks on
 both workers, and ``recsys doctor`` passes on each worker.
 
-Slow (several Airflow processes, two whole DAG runs): ``make test-slow``, in CI.
+Several Airflow processes and two whole DAG runs, about 6 minutes: ``make test-deploy``, in CI.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from recsys_pipeline.config import SAMPLE_PROFILE_PATH, load_config
 from tests.conftest import free_port, start, stop
 from tests.test_dags import NIGHTLY_TASKS, RECSYS, WEEKLY_TASKS, recsys
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.deploy]
 
 AIRFLOW = str(Path(sys.executable).parent / "airflow")
 RUN_TIMEOUT_S = 1500

@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import free_port
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # Airflow's CLI, started once per check
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.deploy]  # Airflow's CLI, once per check
 RECSYS = str(Path(sys.executable).parent / "recsys")
 
 

@@ -128,7 +128,8 @@ def test_rest_predictions_equal_in_process_predictions(own_weekly_run, tmp_path:
     )
 
 
-@pytest.mark.slow  # PostgreSQL and an MLflow server
+@pytest.mark.slow
+@pytest.mark.deploy  # PostgreSQL and an MLflow server on it
 def test_a_server_on_postgresql_proxies_artifacts_to_consumers_that_have_only_its_uri(
     own_weekly_run, postgres_dsn, tmp_path: Path
 ) -> None:

@@ -66,7 +66,8 @@ def work(state: str, kind: str, start: str, end: str, locks: str) -> None:
 
 
 @pytest.mark.e2e
-@pytest.mark.slow  # three runs at once on 2 cores: about 3 minutes
+@pytest.mark.slow  # three runs at once on 2 cores: about 3 minutes each
+@pytest.mark.deploy  # with each lock backend, PostgreSQL's among them
 @pytest.mark.parametrize("backend", ["flock", "postgres"])
 def test_two_weeklies_and_a_nightly_at_once_leave_shared_state_intact(
     request, backend: str, tmp_path: Path

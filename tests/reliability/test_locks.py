@@ -26,8 +26,11 @@ with layout.lock():
 """
 
 
-# The postgres backend runs against a real cluster: a server, so the slow tier (make test-slow).
-@pytest.fixture(params=["flock", pytest.param("postgres", marks=[pytest.mark.e2e, pytest.mark.slow])])
+# The postgres backend runs against a real cluster: a deployment's server (make test-deploy).
+POSTGRES = pytest.param("postgres", marks=[pytest.mark.e2e, pytest.mark.slow, pytest.mark.deploy])
+
+
+@pytest.fixture(params=["flock", POSTGRES])
 def locks(request) -> LocksConfig:
     if request.param == "postgres":
         return LocksConfig(backend="postgres", dsn=request.getfixturevalue("postgres_dsn"), timeout_s=1)
