@@ -6,7 +6,9 @@
 "query_item_id", "rank", "item_id", "score"}, ...]}``, as ``mlflow models serve`` does for the
 registered pyfunc. A bad request gets 400 with ``{"error_code", "message"}`` naming each bad row; a
 body over :data:`~recsys_pipeline.serving.MAX_BODY_BYTES` gets 413 before it is parsed.
-``GET /ping`` and ``/health`` answer 200 once a version is loaded; ``/version`` names it.
+``GET /ping`` and ``/health`` answer 200 once a version is loaded; ``/version`` names it; ``POST
+/refresh`` checks the alias at once (what a DAG scheduled on the champion's Asset calls), answering
+the version serving, with 503 and the reason when a new one failed verification.
 
 The answers come from a :class:`~recsys_pipeline.client.RecsysClient`: the version is verified before
 it is served and followed live (a new champion is swapped in without a restart). A request costs its
@@ -15,6 +17,7 @@ index search and a small JSON document: no DataFrame, nothing proportional to th
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -84,6 +87,19 @@ class InvocationsApp:
             await respond(send, 200, b"\n", [(b"content-type", b"text/plain")])
         elif method == "GET" and path == "/version":
             await respond(send, 200, json.dumps({"version": self.client.version}).encode())
+        elif method == "POST" and path == "/refresh":
+            # A consumer of the champion's Airflow Asset calls this so a new version is checked now,
+            # not at the next poll; the version is verified before it is served, as at every check.
+            await read_body(receive)
+            await asyncio.to_thread(self.client.refresh)
+            error = self.client.last_error
+            await respond(
+                send,
+                200 if error is None else 503,
+                json.dumps(
+                    {"version": self.client.version, "error": None if error is None else str(error)}
+                ).encode(),
+            )
         elif method == "POST" and path == "/invocations":
             status, body = self.invocations(await read_body(receive))
             await respond(send, status, body)

@@ -3,6 +3,8 @@ version that is never served, and session vectors that are the fold-in's least-s
 
 from __future__ import annotations
 
+import asyncio
+import json
 import shutil
 import threading
 from dataclasses import replace
@@ -16,6 +18,7 @@ from recsys_pipeline import serving
 from recsys_pipeline.bundle import Bundle, BundleIntegrityError, write_bundle
 from recsys_pipeline.client import RecsysClient
 from recsys_pipeline.registry import Registry
+from recsys_pipeline.rest import InvocationsApp
 from recsys_pipeline.serving import Recommender
 from recsys_pipeline.stages.publish import run_promotion, run_publish
 from tests.conftest import copy_run
@@ -82,6 +85,20 @@ def test_a_new_champion_is_swapped_in_under_a_request_loop_without_a_failed_or_m
     assert kinds[0] == 0 and kinds[-1] == 1 and kinds == sorted(kinds)  # old until the swap, then new
 
 
+def asgi(app: InvocationsApp, method: str, path: str, body: bytes = b"") -> tuple[int, dict]:
+    """One request to an ASGI app in process: (status, JSON body)."""
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    asyncio.run(app({"type": "http", "method": method, "path": path, "headers": []}, receive, send))
+    return sent[0]["status"], json.loads(sent[1]["body"])
+
+
 def version_of(answer: pd.DataFrame, old: pd.DataFrame, new: pd.DataFrame) -> int:
     """0 for the old version's answer, 1 for the new one's, -1 for neither."""
     return 0 if answer.equals(old) else 1 if answer.equals(new) else -1
@@ -95,6 +112,9 @@ def test_a_tampered_new_version_is_never_served_and_the_old_one_stays(two_versio
     )
     shutil.rmtree(config.state_home / "cache")  # its verified copy, cached when the fixture read it
     Registry(config).promote(second, "test: a tampered newer week")
+    # What recsys serve answers a DAG that tells it of the new champion: still the old version.
+    status, body = asgi(InvocationsApp(client), "POST", "/refresh")
+    assert status == 503 and body["version"] == first and "does not match" in body["error"]
     assert client.refresh() is False
     assert isinstance(client.last_error, BundleIntegrityError)
     assert client.version == first
