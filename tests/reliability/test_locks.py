@@ -93,3 +93,43 @@ def test_a_lock_database_is_named_without_its_password(dsn: str) -> None:
         load_config(overrides={"locks": {"backend": "postgres", "dsn": dsn}})
     with pytest.raises(ConfigError, match="locks.backend postgres needs locks.dsn"):
         load_config(overrides={"locks": {"backend": "postgres"}})
+
+
+@pytest.mark.e2e
+@pytest.mark.slow  # a Spark stage and a publish, under a minute: kept out of make test's budget
+@pytest.mark.parametrize("name", ["state", "aliases"])
+def test_what_writes_shared_state_waits_for_its_lock(spark, own_weekly_run, name: str) -> None:
+    """Each writer of what runs share goes through its lock: with the lock held elsewhere, extending
+    the ID maps (``state``) and moving the champion (``aliases``) wait, then fail naming the holder.
+    A writer that skipped the lock would go ahead here (what the concurrency test can only catch
+    under an unlucky interleaving)."""
+    from recsys_pipeline.registry import Registry
+    from recsys_pipeline.stages.interactions import run_interactions
+    from recsys_pipeline.stages.publish import run_publish
+
+    locks = LocksConfig(timeout_s=1)
+    config = own_weekly_run.config.model_copy(update={"locks": locks})
+    run = own_weekly_run.__class__.create(
+        config,
+        own_weekly_run.dag_id,
+        own_weekly_run.interval_start,
+        own_weekly_run.interval_end,
+        "manual__held",
+    )
+    version = run_publish(own_weekly_run) if name == "aliases" else None
+    script = HOLDER.replace("layout.lock()", f"layout.lock(name={name!r})")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", script, str(config.state_home), locks.model_dump_json()],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(LockTimeoutError, match=rf"{name} lock .* held by .*pid {holder.pid}"):
+            if name == "state":
+                run_interactions(spark, run)
+            else:
+                Registry(config).promote(str(version), "test: the alias lock is held")
+    finally:
+        holder.kill()
+        holder.wait()
