@@ -33,7 +33,7 @@ RUN_TIMEOUT_S = 900
 class Airflow:
     """A running ``recsys airflow standalone`` and its REST API."""
 
-    def __init__(self, env: dict[str, str], port: int, process: subprocess.Popen):
+    def __init__(self, env: dict[str, str], port: int, process: subprocess.Popen | None):
         self.env, self.base, self.process = env, f"http://127.0.0.1:{port}", process
         with urllib.request.urlopen(f"{self.base}/auth/token", timeout=30) as response:
             self.token = json.loads(response.read())["access_token"]

@@ -27,6 +27,7 @@ import yaml
 from recsys_pipeline.cli import airflow_environment
 from recsys_pipeline.config import SAMPLE_PROFILE_PATH, load_config
 from tests.conftest import free_port, start, stop
+from tests.test_airflow_scheduler import Airflow
 from tests.test_dags import NIGHTLY_TASKS, RECSYS, WEEKLY_TASKS, recsys
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.deploy]
@@ -38,21 +39,11 @@ WORKERS = ("worker-a", "worker-b")
 IDENTITY = "import os\n\ndef name():\n    return os.environ.get('RECSYS_TEST_WORKER', 'control')\n"
 
 
-class Deployment:
-    def __init__(self, env: dict[str, str], port: int):
-        self.env, self.base = env, f"http://127.0.0.1:{port}"
-        with urllib.request.urlopen(f"{self.base}/auth/token", timeout=30) as response:
-            self.token = json.loads(response.read())["access_token"]
+class Deployment(Airflow):
+    """The deployment's REST API (see :class:`~tests.test_airflow_scheduler.Airflow`)."""
 
-    def api(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        request = urllib.request.Request(
-            f"{self.base}/api/v2{path}",
-            data=json.dumps(body).encode() if body is not None else None,
-            method=method,
-            headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return json.loads(response.read())
+    def __init__(self, env: dict[str, str], port: int):
+        super().__init__(env, port, None)
 
     def run(self, dag_id: str, logical_date: str) -> dict[str, Any]:
         """Trigger ``dag_id`` for ``logical_date`` through the REST API and wait for the run to end."""

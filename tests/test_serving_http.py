@@ -49,17 +49,16 @@ def tracking_server(tmp_path_factory) -> Iterator[str]:
     stop(process)
 
 
+def tracked_by(run: RunContext, tracking_uri: str) -> RunContext:
+    """The same run, publishing to the tracking server at ``tracking_uri``."""
+    mlflow_config = run.config.mlflow.model_copy(update={"tracking_uri": tracking_uri})
+    config = run.config.model_copy(update={"mlflow": mlflow_config})
+    return RunContext(config, run.dag_id, run.run_id, run.interval_start, run.interval_end)
+
+
 def test_publish_promote_and_consume_through_a_tracking_server(own_weekly_run, tracking_server) -> None:
-    config = own_weekly_run.config.model_copy(
-        update={"mlflow": own_weekly_run.config.mlflow.model_copy(update={"tracking_uri": tracking_server})}
-    )
-    run = RunContext(
-        config,
-        own_weekly_run.dag_id,
-        own_weekly_run.run_id,
-        own_weekly_run.interval_start,
-        own_weekly_run.interval_end,
-    )
+    run = tracked_by(own_weekly_run, tracking_server)
+    config = run.config
     version = run_publish(run)
     assert run_publish(run) == version
     run_promotion(run, version)
@@ -166,16 +165,8 @@ def test_a_server_on_postgresql_proxies_artifacts_to_consumers_that_have_only_it
     )
     uri = f"http://127.0.0.1:{port}"
     try:
-        config = own_weekly_run.config.model_copy(
-            update={"mlflow": own_weekly_run.config.mlflow.model_copy(update={"tracking_uri": uri})}
-        )
-        run = RunContext(
-            config,
-            own_weekly_run.dag_id,
-            own_weekly_run.run_id,
-            own_weekly_run.interval_start,
-            own_weekly_run.interval_end,
-        )
+        run = tracked_by(own_weekly_run, uri)
+        config = run.config
         version = run_publish(run)
         run_promotion(run, version)
         registry = Registry(config)
