@@ -632,7 +632,7 @@ class PipelineConfig(RegistryConfig):
     def fingerprint(self) -> str:
         """sha256 of every setting that shapes a model (where state lives and which servers run it
         do not), so a run with another config is another version."""
-        shaping = self.model_dump(mode="json", exclude={"state_dir", "spark", "mlflow"})
+        shaping = self.model_dump(mode="json", exclude={"state_dir", "spark", "mlflow", "locks"})
         return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()
 
 

@@ -75,3 +75,15 @@ def test_a_profile_without_a_source_is_refused_naming_what_to_add(tmp_path: Path
     sample = yaml.safe_load(SAMPLE_PROFILE_PATH.read_text())
     profile.write_text(yaml.safe_dump(sample | {"als": {"sweep": None}}))
     assert load_config(profile).als.sweep is None
+
+
+def test_where_state_lives_and_how_it_is_locked_make_no_other_version() -> None:
+    base = load_config()
+    elsewhere = load_config(
+        overrides={
+            "state_dir": "/srv/recsys",
+            "locks": {"backend": "postgres", "dsn": "postgresql://airflow@db/airflow"},
+        }
+    )
+    assert elsewhere.fingerprint() == base.fingerprint()
+    assert load_config(overrides={"als.factors": 8}).fingerprint() != base.fingerprint()
