@@ -359,11 +359,9 @@ def answer_row(
     popular one for an unknown user), else ``item_id`` for similar items; ``k`` items each."""
     k = checked_k(row.get("k"))
     user_id = str(row["user_id"]) if _present(row.get("user_id")) else None
-    recent = row.get("recent_item_ids")
-    if recent is not None and not (isinstance(recent, float) and np.isnan(recent)):
-        weights = row.get("weights")
-        weights = None if weights is None or (isinstance(weights, float) and np.isnan(weights)) else weights
-        ranked = recommender.for_session_ranked(recent, k, weights, user_id, session_weight)
+    if _present(row.get("recent_item_ids")):
+        weights = row["weights"] if _present(row.get("weights")) else None
+        ranked = recommender.for_session_ranked(row["recent_item_ids"], k, weights, user_id, session_weight)
         return "user_id", user_id or "", *ranked
     if user_id is not None:
         return "user_id", user_id, *recommender.recommend_ranked(user_id, k, unknown="popular")

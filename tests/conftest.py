@@ -317,3 +317,12 @@ def postgres_dsn() -> Iterator[str]:
             capture_output=True,
         )
         shutil.rmtree(root, ignore_errors=True)
+
+
+def postgres_database(dsn: str, name: str) -> str:
+    """A new database on the cluster at ``dsn``, as an SQLAlchemy URL through psycopg 3."""
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as connection:
+        connection.execute(f"CREATE DATABASE {name}")
+    return dsn.replace("postgresql://", "postgresql+psycopg://").rsplit("/", 1)[0] + f"/{name}"

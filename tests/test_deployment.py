@@ -26,7 +26,7 @@ import yaml
 
 from recsys_pipeline.cli import airflow_environment
 from recsys_pipeline.config import SAMPLE_PROFILE_PATH, load_config
-from tests.conftest import free_port, start, stop
+from tests.conftest import free_port, postgres_database, start, stop
 from tests.test_airflow_scheduler import Airflow
 from tests.test_dags import NIGHTLY_TASKS, RECSYS, WEEKLY_TASKS, recsys
 
@@ -76,15 +76,9 @@ class Deployment(Airflow):
 
 @pytest.fixture(scope="module")
 def deployment(postgres_dsn: str, tmp_path_factory) -> Iterator[Deployment]:
-    import psycopg
-
     root = tmp_path_factory.mktemp("deployment")
     home = root / "state"
-    with psycopg.connect(postgres_dsn, autocommit=True) as connection:
-        connection.execute("CREATE DATABASE airflow_meta")
-    metadata = (
-        postgres_dsn.replace("postgresql://", "postgresql+psycopg://").rsplit("/", 1)[0] + "/airflow_meta"
-    )
+    metadata = postgres_database(postgres_dsn, "airflow_meta")
     # The bundled sample, its locks on the database every worker reaches.
     profile = yaml.safe_load(SAMPLE_PROFILE_PATH.read_text())
     profile["locks"] = {"backend": "postgres", "dsn": postgres_dsn, "timeout_s": 1200}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import urllib.request
 from collections.abc import Iterator
@@ -18,22 +19,23 @@ from recsys_pipeline.registry import Registry
 from recsys_pipeline.runs import RunContext
 from recsys_pipeline.serving import Recommender
 from recsys_pipeline.stages.publish import run_promotion, run_publish
-from tests.conftest import free_port, invocations, start, stop
+from tests.conftest import free_port, invocations, postgres_database, start, stop
 
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def tracking_server(tmp_path_factory) -> Iterator[str]:
-    root = tmp_path_factory.mktemp("mlflow_server")
+def mlflow_server(backend_store: str, root: Path) -> tuple[subprocess.Popen, str]:
+    """``mlflow server`` on a free loopback port, its artifacts served over HTTP from ``root``:
+    (the process, its URI)."""
     port = free_port()
     process = start(
         [
             str(BIN / "mlflow"),
             "server",
             "--backend-store-uri",
-            f"sqlite:///{root / 'mlflow.db'}",
+            backend_store,
+            "--serve-artifacts",
             "--artifacts-destination",
             str(root / "artifacts"),
             "--host",
@@ -45,7 +47,14 @@ def tracking_server(tmp_path_factory) -> Iterator[str]:
         f"http://127.0.0.1:{port}/health",
         root / "server.log",
     )
-    yield f"http://127.0.0.1:{port}"
+    return process, f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="module")
+def tracking_server(tmp_path_factory) -> Iterator[str]:
+    root = tmp_path_factory.mktemp("mlflow_server")
+    process, uri = mlflow_server(f"sqlite:///{root / 'mlflow.db'}", root)
+    yield uri
     stop(process)
 
 
@@ -135,35 +144,11 @@ def test_a_server_on_postgresql_proxies_artifacts_to_consumers_that_have_only_it
     """MLflow as deployed (issue #34, item 2): its store on PostgreSQL, artifacts served over HTTP
     (``mlflow-artifacts:``); the pipeline publishes and promotes through it, and the CLI and the
     client consume from a state folder that has only the tracking URI."""
-    import psycopg
-
     from recsys_pipeline.client import RecsysClient
     from recsys_pipeline.config import RegistryConfig
     from tests.conftest import run_recsys
 
-    with psycopg.connect(postgres_dsn, autocommit=True) as connection:
-        connection.execute("CREATE DATABASE mlflow_store")
-    store = postgres_dsn.replace("postgresql://", "postgresql+psycopg://").rsplit("/", 1)[0] + "/mlflow_store"
-    port = free_port()
-    server = start(
-        [
-            str(BIN / "mlflow"),
-            "server",
-            "--backend-store-uri",
-            store,
-            "--serve-artifacts",
-            "--artifacts-destination",
-            str(tmp_path / "served_artifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        dict(os.environ),
-        f"http://127.0.0.1:{port}/health",
-        tmp_path / "server.log",
-    )
-    uri = f"http://127.0.0.1:{port}"
+    server, uri = mlflow_server(postgres_database(postgres_dsn, "mlflow_store"), tmp_path)
     try:
         run = tracked_by(own_weekly_run, uri)
         config = run.config
