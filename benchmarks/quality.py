@@ -83,6 +83,7 @@ PARAMS: dict[str, Any] = {
         "validation_share": 0.25,
         "max_seconds": None,  # every candidate, whatever the machine's pace
         "space": {
+            "weighting": ["bm25", "none"],
             "factors": [32, 64, 128],
             "regularization": [3, 10, 30, 100],
             "alpha": [1, 3, 10],

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from recsys_pipeline.als import train
+from recsys_pipeline.als import extended_item_weights, item_weights, train
 from recsys_pipeline.config import AlsConfig, RefreshConfig
 from recsys_pipeline.evaluate import EvaluationSet
 from recsys_pipeline.refresh import fold_in, rows_to_refresh
@@ -66,7 +66,8 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
 
     started = time.perf_counter()
     changed, new_items = rows_to_refresh(current, parent, np.unique(users[parent_end:new_end]))
-    refreshed = fold_in(parent, current, changed, new_items, als, RefreshConfig())
+    weights = extended_item_weights(item_weights(before, als), parent.item_idx, current, als)
+    refreshed = fold_in(parent, current, changed, new_items, als, RefreshConfig(), weights)
     refresh_s = time.perf_counter() - started
 
     evaluation = EvaluationSet.build(current, holdout)

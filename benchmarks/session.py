@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow.csv as csv
 import scipy.sparse as sp
 
-from recsys_pipeline.als import train
+from recsys_pipeline.als import item_weights, train
 from recsys_pipeline.config import PROJECT_ROOT, load_config
 from recsys_pipeline.embeddings import Embeddings
 from recsys_pipeline.evaluate import EvaluationSet
@@ -71,7 +71,7 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
 
     trained, _ = train(matrix(~is_held_out), als)
     items_dense = trained.dense_items(shape[1])
-    solver = SessionSolver(items_dense[:, : als.factors], als.regularization, als.alpha)
+    solver = SessionSolver(items_dense[:, : als.factors], als, item_weights(matrix(~is_held_out), als))
     popularity = np.asarray(matrix(~is_held_out).getnnz(axis=0))
     for n in params["sessions"]:
         session = is_held_out & (position < n)

@@ -11,6 +11,14 @@ many users could have chosen but did not counts against it as much as a rare one
 by taste relative to exposure and under-rank popular items a user goes on to pick. Measured on the
 synthetic log (4M events, 100k users, 20k items): ALS alone loses to the most-popular list at every
 regularization and confidence tried; with the prior it captures 45% of the oracle's lift over it.
+
+With ``als.weighting: bm25`` (the default) ALS fits BM25 weights of the confidences rather than the
+confidences themselves, as implicit's own examples do (``implicit.nearest_neighbours.bm25_weight``,
+without its length normalisation): each confidence is saturated (``k1``) and multiplied by the item's
+inverse document frequency, so a pair counts more the rarer its item. Why: on the same synthetic log
+the prior alone captures 46% of the oracle's lift, BM25 with the prior 62% (saturation alone: 18%,
+IDF alone: 42%; the row-length normalisation changes nothing). On MovieLens-100k's random split it
+is 0.01 nDCG@10 below raw confidences, within the interval, so the sweep tries both.
 """
 
 from __future__ import annotations
@@ -29,6 +37,45 @@ from recsys_pipeline.errors import RecsysError
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
+
+
+def item_weights(user_items: sp.csr_matrix, params: AlsConfig) -> np.ndarray | None:
+    """Each item's confidence multiplier under ``params.weighting`` (None: unweighted): BM25's inverse
+    document frequency, log(users) - log(1 + users with the item), implicit's formula, kept at or above 0
+    (an item nearly every user has says nothing about any of them)."""
+    if params.weighting == "none":
+        return None
+    users_with_item = np.bincount(user_items.indices, minlength=user_items.shape[1])
+    return np.maximum(np.log(user_items.shape[0]) - np.log1p(users_with_item), 0.0).astype(np.float32)
+
+
+def extended_item_weights(
+    stored: np.ndarray | None, fitted_items: np.ndarray, user_items: sp.csr_matrix, params: AlsConfig
+) -> np.ndarray | None:
+    """The weights a model was fitted with, for a matrix that has grown since: the items it fitted
+    (``fitted_items``) keep theirs, so re-solved vectors stay solutions of the same problem; every other
+    item (new, or without data then) gets today's."""
+    today = item_weights(user_items, params)
+    if today is None or stored is None:
+        return today
+    kept = fitted_items[fitted_items < min(len(stored), len(today))]
+    today[kept] = stored[kept]
+    return today
+
+
+def weigh(confidences: np.ndarray, weights: np.ndarray, params: AlsConfig) -> np.ndarray:
+    """BM25's term weight of aggregated confidences (at most ``bm25_k1`` + 1) times the items' weights."""
+    k1 = params.bm25_k1
+    return (confidences * (k1 + 1.0) / (k1 + confidences) * weights).astype(np.float32)
+
+
+def weighted(user_items: sp.csr_matrix, params: AlsConfig, weights: np.ndarray | None) -> sp.csr_matrix:
+    """The confidences ALS fits: ``user_items`` itself when unweighted, else its BM25 weights."""
+    if weights is None:
+        return user_items
+    matrix = user_items.tocsr().astype(np.float32)  # a copy: the caller's matrix stays as it was
+    matrix.data = weigh(matrix.data, weights[matrix.indices], params)
+    return matrix
 
 
 class ModelFitError(RecsysError):
@@ -207,10 +254,12 @@ def trainer_for(backend: str, spark: SparkSession | None = None) -> AlsTrainer:
 def train(
     user_items: sp.csr_matrix, params: AlsConfig, spark: SparkSession | None = None
 ) -> tuple[Embeddings, list[float]]:
-    """Fit ALS with the configured backend; return embeddings of rows with data (with the popularity
-    prior's dimension, if weighted) and the loss per iteration."""
+    """Fit ALS with the configured backend on the weighted confidences (see :func:`item_weights`);
+    return embeddings of rows with data (with the popularity prior's dimension, if weighted) and the
+    loss per iteration."""
     check_trainable(user_items, params.factors)
-    user_factors, item_factors, losses = trainer_for(params.backend, spark).fit(user_items, params)
+    confidences = weighted(user_items, params, item_weights(user_items, params))
+    user_factors, item_factors, losses = trainer_for(params.backend, spark).fit(confidences, params)
     user_factors = np.asarray(user_factors, dtype=np.float32)
     item_factors = np.asarray(item_factors, dtype=np.float32)
     check_finite(user_factors, item_factors, "training")

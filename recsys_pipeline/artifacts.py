@@ -123,11 +123,13 @@ class InteractionsFiles:
 
 
 TRAINED_PARAMS, TRAINING_LOSS, SWEEP = "params.json", "training_loss.json", "sweep.json"
+ITEM_WEIGHTS = "item_weights.npy"  # the confidence weighting's per-item multipliers (als.item_weights)
 
 
 @dataclass(frozen=True)
 class ModelFiles:
-    """A model folder: factors, loss per iteration, the hyperparameters used (and the sweep, if any).
+    """A model folder: factors, loss per iteration, the hyperparameters used, the per-item confidence
+    weights it was fitted with (if weighted) and the sweep (if any).
 
     ``als`` is what a folder that records no hyperparameters was trained with."""
 
@@ -139,17 +141,26 @@ class ModelFiles:
         embeddings: Embeddings,
         losses: list[float],
         params: AlsConfig,
+        item_weights: np.ndarray | None,
         sweep_summary: dict[str, Any] | None = None,
     ) -> None:
         write_embeddings(self.root, embeddings)
         write_json(self.root / TRAINING_LOSS, losses)
         write_json(self.root / TRAINED_PARAMS, {"backend": params.backend, **params.hyperparameters()})
+        if item_weights is not None:
+            np.save(self.root / ITEM_WEIGHTS, item_weights.astype(np.float32), allow_pickle=False)
         if sweep_summary is not None:
             write_json(self.root / SWEEP, sweep_summary)
 
     def copy_to(self, target: ModelFiles, embeddings: Embeddings) -> None:
-        """Write ``embeddings`` to ``target`` with this model's training record (loss, params, sweep)."""
-        target.write(embeddings, self.training_losses(), self.trained_params(), self.sweep_summary())
+        """Write ``embeddings`` to ``target`` with this model's record (loss, params, weights, sweep)."""
+        target.write(
+            embeddings,
+            self.training_losses(),
+            self.trained_params(),
+            self.item_weights(),
+            self.sweep_summary(),
+        )
 
     def exists(self) -> bool:
         return self.root.is_dir()
@@ -165,11 +176,18 @@ class ModelFiles:
         path = self.root / TRAINED_PARAMS
         if not path.is_file():
             return self.als
-        # Models trained before the popularity prior existed have no prior dimension.
-        recorded = {"popularity_weight": 0.0} | json.loads(path.read_text())
+        # Models trained before the popularity prior (or the weighting) existed have none.
+        recorded = {"popularity_weight": 0.0, "weighting": "none", "bm25_k1": 1.2} | json.loads(
+            path.read_text()
+        )
         return self.als.with_params({name: recorded[name] for name in self.als.hyperparameters()}).model_copy(
             update={"backend": recorded.get("backend", self.als.backend)}
         )
+
+    def item_weights(self) -> np.ndarray | None:
+        """The per-item confidence weights the model was fitted with (None: unweighted)."""
+        path = self.root / ITEM_WEIGHTS
+        return np.load(path, allow_pickle=False) if path.is_file() else None
 
     def sweep_summary(self) -> dict[str, Any] | None:
         path = self.root / SWEEP
@@ -283,10 +301,11 @@ class RunArtifacts:
         embeddings: Embeddings,
         losses: list[float],
         params: AlsConfig,
+        item_weights: np.ndarray | None,
         sweep_summary: dict[str, Any] | None = None,
     ) -> None:
         with atomic_dir(self.trained.root) as staging:
-            ModelFiles(staging, self.als).write(embeddings, losses, params, sweep_summary)
+            ModelFiles(staging, self.als).write(embeddings, losses, params, item_weights, sweep_summary)
 
     @property
     def content(self) -> ContentFiles:

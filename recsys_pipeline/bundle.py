@@ -3,7 +3,8 @@
 Layout (the ``bundle`` artifact of a registered pyfunc model)::
 
     bundle.json                  format version, model name, data window, creation time
-    embeddings/                  {user,item}_factors.parquet, cold_items.parquet, training_loss, params
+    embeddings/                  {user,item}_factors.parquet, cold_items.parquet, training_loss, params,
+                                 item_weights.npy (the confidence weighting's, if any)
     content/                     content_vectors.parquet, content_map.{parquet,json} (content enabled)
     id_maps/{users,items}.parquet   (id STRING, idx INT)
     history.parquet              (user_idx, item_idx) training interactions, to exclude seen items
@@ -204,6 +205,9 @@ class Bundle:
 
     def trained_params(self, fallback: AlsConfig) -> AlsConfig:
         return ModelFiles(self.path / "embeddings", fallback).trained_params()
+
+    def item_weights(self) -> np.ndarray | None:
+        return ModelFiles(self.path / "embeddings", AlsConfig()).item_weights()
 
     def ids(self, side: str) -> np.ndarray:
         return read_id_map(self.path / "id_maps" / f"{side}.parquet")

@@ -146,8 +146,13 @@ class InteractionsConfig(_Section):
     history_days: int | None = Field(default=None, ge=1, description="Training window length; all if null.")
 
 
-TunableParameter = Literal["factors", "regularization", "alpha", "iterations", "popularity_weight"]
-DEFAULT_SWEEP_SPACE: dict[TunableParameter, list[float]] = {
+TunableParameter = Literal[
+    "factors", "regularization", "alpha", "iterations", "popularity_weight", "weighting"
+]
+Weighting = Literal["bm25", "none"]
+WEIGHTINGS: tuple[Weighting, ...] = ("bm25", "none")
+DEFAULT_SWEEP_SPACE: dict[TunableParameter, list[float | str]] = {
+    "weighting": ["bm25", "none"],
     "regularization": [3.0, 10.0, 30.0],
     "alpha": [2.0, 5.0, 10.0],
     "popularity_weight": [0.0, 0.1, 0.25, 0.5],
@@ -165,7 +170,7 @@ class SweepConfig(_Section):
     validation_share: float = Field(
         default=0.25, gt=0, lt=1, description="Share of each user's training items held out for validation."
     )
-    space: dict[TunableParameter, list[float]] = Field(
+    space: dict[TunableParameter, list[float | str]] = Field(
         default_factory=lambda: dict(DEFAULT_SWEEP_SPACE),
         description="Values to try per parameter; parameters left out keep their als value.",
     )
@@ -185,7 +190,20 @@ class SweepConfig(_Section):
             raise ValueError(f"sweep.space needs at least one value per listed parameter (empty: {empty})")
         if self.strategy == "random" and self.trials is None:
             raise ValueError("a random sweep needs sweep.trials")
+        for name, values in self.space.items():
+            categorical = name == "weighting"
+            wrong = [v for v in values if (v not in WEIGHTINGS if categorical else isinstance(v, str))]
+            if wrong:
+                expected = f"one of {list(WEIGHTINGS)}" if name == "weighting" else "numbers"
+                raise ValueError(f"sweep.space.{name} takes {expected}, not {wrong}")
         return self
+
+
+def _typed(name: str, value: float | str) -> float | str:
+    """A hyperparameter as its field holds it: the weighting by name, counts as integers."""
+    if name == "weighting":
+        return value
+    return int(value) if name in ("factors", "iterations") else float(value)
 
 
 class AlsConfig(_Section):
@@ -201,25 +219,32 @@ class AlsConfig(_Section):
         ge=0,
         description="Weight of log(1 + item confidence) added to every score, as one more vector dimension.",
     )
+    weighting: Weighting = Field(
+        default="none",
+        description="bm25: fit BM25 weights of the confidences (saturated, times the item's IDF); "
+        "none: the confidences themselves.",
+    )
+    bm25_k1: float = Field(
+        default=1.2, gt=0, description="BM25's saturation: a pair's confidence counts at most k1 + 1."
+    )
     use_cg: bool = True
     random_state: int = 42
     sweep: SweepConfig | None = Field(default=None, description="Null: train with the values above.")
 
-    def with_params(self, params: dict[str, float]) -> AlsConfig:
+    def with_params(self, params: dict[str, float | str]) -> AlsConfig:
         """A copy with some hyperparameters replaced (integers kept integral)."""
-        typed = {
-            name: int(value) if name in ("factors", "iterations") else float(value)
-            for name, value in params.items()
-        }
-        return self.model_copy(update=typed)
+        typed = {name: _typed(name, value) for name, value in params.items()}
+        return self.model_validate(self.model_dump() | typed)
 
-    def hyperparameters(self) -> dict[str, float]:
+    def hyperparameters(self) -> dict[str, float | str]:
         return {
             "factors": self.factors,
             "regularization": self.regularization,
             "alpha": self.alpha,
             "iterations": self.iterations,
             "popularity_weight": self.popularity_weight,
+            "weighting": self.weighting,
+            "bm25_k1": self.bm25_k1,
         }
 
 

@@ -20,7 +20,7 @@ import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
 from recsys_pipeline import drift
-from recsys_pipeline.als import item_popularity, learned, with_popularity_prior
+from recsys_pipeline.als import item_popularity, learned, weigh, weighted, with_popularity_prior
 from recsys_pipeline.config import AlsConfig, PipelineConfig, RefreshConfig
 from recsys_pipeline.embeddings import Embeddings, presence_mask
 
@@ -32,8 +32,10 @@ def fold_in(
     new_items: np.ndarray,
     params: AlsConfig,
     config: RefreshConfig,
+    item_weights: np.ndarray | None,
 ) -> Embeddings:
-    """Solve ``new_items`` (users fixed), then ``users`` (items fixed) on the full ``user_items``."""
+    """Solve ``new_items`` (users fixed), then ``users`` (items fixed) on the full ``user_items``,
+    weighted by ``item_weights`` as the parent was trained (see :func:`~recsys_pipeline.als.weighted`)."""
     from implicit.cpu import _als
     from implicit.cpu.als import AlternatingLeastSquares
 
@@ -49,7 +51,8 @@ def fold_in(
     # Only the learned dimensions are solved; the popularity prior's (if any) is set again below.
     model.user_factors = np.ascontiguousarray(learned(parent.dense_users(n_users), params))
     model.item_factors = np.ascontiguousarray(learned(parent_items, params))
-    user_items = user_items.astype(np.float32).tocsr()
+    popularity_today = item_popularity(user_items)
+    user_items = weighted(user_items.astype(np.float32).tocsr(), params, item_weights)
     with threadpool_limits(limits=1, user_api="blas"):
         if len(new_items):
             model.partial_fit_items(new_items, user_items.T.tocsr()[new_items])
@@ -73,7 +76,7 @@ def fold_in(
     # Items keep the popularity their vectors were fitted beside; new ones get today's.
     popularity = parent_items[:, -1].copy()
     if params.popularity_weight:
-        popularity[new_items] = item_popularity(user_items)[new_items]
+        popularity[new_items] = popularity_today[new_items]
     user_factors, item_factors = with_popularity_prior(
         model.user_factors[user_idx],
         model.item_factors[item_idx],
@@ -97,9 +100,11 @@ class SessionSolver:
     """A user's learned vector from a handful of items, at request time: implicit's least-squares user
     update with the item factors fixed (what :func:`fold_in` solves for a user with the Cholesky
     solver). The items' Gram matrix plus regularisation is the same for every user, so it is formed
-    once; each solve is then one k x k system over the session's items."""
+    once; each solve is then one k x k system over the session's items. A session's weights are
+    weighted as the model's training confidences were (``item_weights``, see
+    :func:`~recsys_pipeline.als.weighted`)."""
 
-    def __init__(self, item_factors: np.ndarray, regularization: float, alpha: float):
+    def __init__(self, item_factors: np.ndarray, params: AlsConfig, item_weights: np.ndarray | None):
         self.items = np.ascontiguousarray(item_factors, dtype=np.float32)
         width = self.items.shape[1]
         # Summed in float64 a block at a time: no float64 copy of a catalogue of millions.
@@ -107,13 +112,17 @@ class SessionSolver:
         for start in range(0, len(self.items), GRAM_BLOCK_ROWS):
             block = self.items[start : start + GRAM_BLOCK_ROWS].astype(np.float64)
             gram += block.T @ block
-        self.gram = gram + regularization * np.eye(width)
-        self.alpha = alpha
+        self.gram = gram + params.regularization * np.eye(width)
+        self.params = params
+        self.item_weights = item_weights
 
     def solve(self, item_idx: np.ndarray, weights: np.ndarray) -> np.ndarray:
         """The vector of a user with confidence ``weights`` on ``item_idx`` (repeats summed)."""
         items, position = np.unique(item_idx, return_inverse=True)
-        confidence = self.alpha * np.bincount(position, weights=weights, minlength=len(items))
+        summed = np.bincount(position, weights=weights, minlength=len(items))
+        if self.item_weights is not None:
+            summed = weigh(summed, self.item_weights[items], self.params).astype(np.float64)
+        confidence = self.params.alpha * summed
         factors = self.items[items].astype(np.float64)
         system = self.gram + (factors.T * (confidence - 1.0)) @ factors
         return np.linalg.solve(system, factors.T @ confidence).astype(np.float32)

@@ -102,7 +102,7 @@ class Recommender:
         self.popular = popular_items(self.popularity)
         self.popular_scores = self.popularity[self.popular].astype(np.float32)
         trained = bundle.trained_params(AlsConfig())
-        self.sessions = SessionSolver(geometry, trained.regularization, trained.alpha)
+        self.sessions = SessionSolver(geometry, trained, bundle.item_weights())
         # The popularity prior's user side is one constant per version (see als.with_popularity_prior).
         self.prior_tail = np.full(embeddings.prior_dims, trained.popularity_weight, dtype=np.float32)
         self.precomputed_lists = PrecomputedLists.read(bundle.recommendations_file)

@@ -51,7 +51,9 @@ def validation_split(
     return part(~valid), part(valid)
 
 
-def candidates(sweep: SweepConfig, start: dict[str, float] | None = None) -> list[dict[str, float]]:
+def candidates(
+    sweep: SweepConfig, start: dict[str, float | str] | None = None
+) -> list[dict[str, float | str]]:
     """The training hyperparameters a sweep tries, in a reproducible order (``popularity_weight`` is
     not among them: :func:`sweep` scores every trained candidate at each weight).
 
@@ -59,7 +61,7 @@ def candidates(sweep: SweepConfig, start: dict[str, float] | None = None) -> lis
     follow by steps on the grid from it, so a time-boxed sweep explores around what worked last time.
     """
     space = sorted((name, values) for name, values in sweep.space.items() if name != PRIOR)
-    grid: list[dict[str, float]] = [
+    grid: list[dict[str, float | str]] = [
         {name: value for (name, _), value in zip(space, values, strict=True)}
         for values in itertools.product(*(values for _, values in space))
     ]
@@ -73,14 +75,16 @@ def candidates(sweep: SweepConfig, start: dict[str, float] | None = None) -> lis
         return grid
     nearest = {name: _nearest(values, start[name]) for name, values in space}
 
-    def steps(candidate: dict[str, float]) -> int:
+    def steps(candidate: dict[str, float | str]) -> int:
         return sum(abs(values.index(candidate[name]) - nearest[name]) for name, values in space)
 
     return sorted(grid, key=steps)  # stable: ties keep the grid's order
 
 
-def _nearest(values: list[float], value: float) -> int:
-    return min(range(len(values)), key=lambda i: abs(values[i] - value))
+def _nearest(values: list[float | str], value: float | str) -> int:
+    if isinstance(value, str) or any(isinstance(v, str) for v in values):
+        return values.index(value) if value in values else 0
+    return min(range(len(values)), key=lambda i: abs(float(values[i]) - value))
 
 
 @dataclass
@@ -104,7 +108,7 @@ class SweepResult:
         }
 
 
-TrialCallback = Callable[[int, dict[str, float], dict[str, float] | None, str | None], None]
+TrialCallback = Callable[[int, dict[str, float | str], dict[str, float] | None, str | None], None]
 
 
 def sweep(
@@ -126,7 +130,7 @@ def sweep(
     fit, valid = validation_split(user_items, config.validation_share, config.seed)
     evaluation = EvaluationSet.build(fit, valid, config.validation_users, config.seed)
     popularity = item_popularity(fit)
-    weights = config.space.get(PRIOR, [base.popularity_weight])
+    weights = [float(weight) for weight in config.space.get(PRIOR, [base.popularity_weight])]
     objective = f"ndcg_at_{k}"
     best: tuple[float, AlsConfig] | None = None
     trials: list[dict[str, Any]] = []

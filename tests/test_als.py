@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from recsys_pipeline.als import ImplicitTrainer, ModelFitError, implicit_loss, train
+from recsys_pipeline.als import ImplicitTrainer, ModelFitError, implicit_loss, item_weights, train, weighted
 from recsys_pipeline.config import AlsConfig
 from recsys_pipeline.embeddings import Embeddings, read_embeddings, write_embeddings
 from recsys_pipeline.runs import RunContext
@@ -99,6 +99,8 @@ def test_training_stage_records_the_hyperparameters_it_used(make_config) -> None
         "alpha": config.als.alpha,
         "iterations": 5,
         "popularity_weight": config.als.popularity_weight,
+        "weighting": config.als.weighting,
+        "bm25_k1": config.als.bm25_k1,
     }
     other = RunContext.create(make_config(), run.dag_id, run.interval_start, run.interval_end, run.run_id)
     assert other.artifacts.trained.trained_params().factors == 4
@@ -152,3 +154,34 @@ def test_the_prior_dimension_is_known_after_a_round_trip_and_left_out_of_the_geo
     assert read.prior_dims == 1 and read.item_factors.shape[1] == 9
     assert read.learned().item_factors.shape[1] == 8 and read.warm_items().prior_dims == 1
     np.testing.assert_array_equal(read.learned().user_factors, embeddings.user_factors[:, :8])
+
+
+def test_bm25_weighting_is_implicits_bm25_weight_without_length_normalisation(movielens) -> None:
+    from implicit.nearest_neighbours import bm25_weight
+
+    matrix = movielens.tocsr().astype(np.float32)
+    matrix.data *= np.random.default_rng(0).integers(1, 6, matrix.nnz)  # confidences, not only ones
+    params = AlsConfig(weighting="bm25", bm25_k1=1.2)
+    weights = item_weights(matrix, params)
+    ours = weighted(matrix, params, weights)
+    theirs = bm25_weight(matrix, K1=1.2, B=0.0).tocsr()
+    np.testing.assert_allclose(ours.toarray(), theirs.toarray(), rtol=1e-5, atol=1e-6)
+    assert weighted(matrix, AlsConfig(weighting="none"), item_weights(matrix, AlsConfig())) is matrix
+    # The rarer an item, the more each of its pairs counts; the input is left as it was.
+    counts = matrix.getnnz(axis=0)
+    assert weights[np.argmin(np.where(counts > 0, counts, 10**9))] > weights[np.argmax(counts)] >= 0
+    assert matrix.data.max() > 1.2 + 1
+
+
+def test_training_fits_the_weighted_confidences(movielens) -> None:
+    """A BM25-weighted model is the unweighted model of the BM25-weighted matrix: the weighting, and
+    nothing else, reaches the trainer (and the raw matrix gives another model)."""
+    matrix = movielens.tocsr()
+    params = AlsConfig(factors=8, regularization=2.0, alpha=3.0, iterations=5, weighting="bm25")
+    embeddings, _ = train(matrix, params)
+    unweighted = params.model_copy(update={"weighting": "none"})
+    same, _ = train(weighted(matrix, params, item_weights(matrix, params)), unweighted)
+    raw, _ = train(matrix, unweighted)
+    np.testing.assert_allclose(embeddings.user_factors, same.user_factors, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(embeddings.item_factors, same.item_factors, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(embeddings.user_factors, raw.user_factors, atol=1e-3)

@@ -15,6 +15,7 @@ import pytest
 import scipy.sparse as sp
 
 from recsys_pipeline import serving
+from recsys_pipeline.als import weighted
 from recsys_pipeline.bundle import Bundle, BundleIntegrityError, write_bundle
 from recsys_pipeline.client import RecsysClient
 from recsys_pipeline.registry import Registry
@@ -36,7 +37,12 @@ def two_versions(own_weekly_run):
     embeddings, losses, params = served.embeddings(), served.training_losses(), served.trained_params()
     shutil.rmtree(served.root)
     # Users' vectors reversed in order: every list changes, and so would a half-swapped answer.
-    served.write(replace(embeddings, user_factors=embeddings.user_factors[::-1].copy()), losses, params)
+    served.write(
+        replace(embeddings, user_factors=embeddings.user_factors[::-1].copy()),
+        losses,
+        params,
+        served.item_weights(),
+    )
     second = run_publish(later)
     config = own_weekly_run.config
     registry = Registry(config)
@@ -158,7 +164,10 @@ def test_a_session_vector_is_the_fold_ins_least_squares_solve(own_weekly_run) ->
     model.item_factors = items.astype(np.float32)
     model.user_factors = np.zeros((1, trained.factors), dtype=np.float32)
     row = sp.csr_matrix((weights, (np.zeros(len(session)), session)), shape=(1, len(items)))
-    expected = model.recalculate_user(0, row)
+    row.sum_duplicates()
+    # The session is weighted as training weighted every user's row (BM25 under the default weighting).
+    assert trained.weighting == "bm25" and recommender.sessions.item_weights is not None
+    expected = model.recalculate_user(0, weighted(row, trained, recommender.sessions.item_weights))
     np.testing.assert_allclose(solved, np.ravel(expected), atol=1e-4)
 
     answer = recommender.for_session([recommender.item_ids[i] for i in session], k=10)

@@ -5,7 +5,7 @@ import pytest
 import scipy.sparse as sp
 
 from recsys_pipeline import drift
-from recsys_pipeline.als import Embeddings, train
+from recsys_pipeline.als import Embeddings, extended_item_weights, item_weights, train, weighted
 from recsys_pipeline.config import AlsConfig, RefreshConfig, load_config
 from recsys_pipeline.refresh import escalation_reasons, fold_in, rows_to_refresh
 
@@ -37,7 +37,7 @@ def split(movielens):
 def test_folded_in_users_equal_the_exact_least_squares_solution(split) -> None:
     full, parent = split
     users = np.array([0, 5, 17, full.shape[0] - 1, full.shape[0] - 2])  # existing and brand-new users
-    result = fold_in(parent, full, users, np.array([], dtype=np.int64), PARAMS, RefreshConfig())
+    result = fold_in(parent, full, users, np.array([], dtype=np.int64), PARAMS, RefreshConfig(), None)
     vectors = result.dense_users(full.shape[0])
     items = parent.dense_items(full.shape[1])
     for user in users:
@@ -53,11 +53,19 @@ def test_conjugate_gradient_fold_in_is_within_its_stated_tolerance(split) -> Non
     exact = np.array([exact_solution(items, full[u], PARAMS) for u in users])
     # Stated tolerance: with as many CG steps as factors, within 1e-3 relative (L2) of the exact solve.
     cg = fold_in(
-        parent, full, users, np.array([], dtype=np.int64), PARAMS, RefreshConfig(solver="cg", cg_steps=8)
+        parent,
+        full,
+        users,
+        np.array([], dtype=np.int64),
+        PARAMS,
+        RefreshConfig(solver="cg", cg_steps=8),
+        None,
     )
     found = cg.dense_users(full.shape[0])[users]
     assert np.linalg.norm(found - exact) / np.linalg.norm(exact) < 1e-3
-    three = fold_in(parent, full, users, np.array([], dtype=np.int64), PARAMS, RefreshConfig(solver="cg"))
+    three = fold_in(
+        parent, full, users, np.array([], dtype=np.int64), PARAMS, RefreshConfig(solver="cg"), None
+    )
     rough = three.dense_users(full.shape[0])[users]
     assert np.linalg.norm(rough - exact) / np.linalg.norm(exact) > 1e-3  # fewer steps: visibly inexact
 
@@ -66,7 +74,7 @@ def test_new_items_are_solved_against_fixed_user_factors_and_nothing_else_moves(
     full, parent = split
     new_items = np.arange(full.shape[1] - 30, full.shape[1])
     new_items = new_items[full.getnnz(axis=0)[new_items] > 0]
-    result = fold_in(parent, full, np.array([3]), new_items, PARAMS, RefreshConfig())
+    result = fold_in(parent, full, np.array([3]), new_items, PARAMS, RefreshConfig(), None)
     users = parent.dense_users(full.shape[0])
     item_users = full.T.tocsr()
     refreshed_items = result.dense_items(full.shape[1])
@@ -91,7 +99,7 @@ def test_fold_in_solves_the_learned_dimensions_and_keeps_the_popularity_prior(mo
     assert parent.user_factors.shape[1] == params.factors + 1
     new_items = hidden_items[full.getnnz(axis=0)[hidden_items] > 0]
     users = np.array([0, 5, 17])
-    result = fold_in(parent, full, users, new_items, params, RefreshConfig())
+    result = fold_in(parent, full, users, new_items, params, RefreshConfig(), None)
     refreshed_users, refreshed_items = result.dense_users(full.shape[0]), result.dense_items(full.shape[1])
     # Users are solved against the learned item dimensions only (new items solved first); the prior
     # keeps its weight.
@@ -109,6 +117,32 @@ def test_fold_in_solves_the_learned_dimensions_and_keeps_the_popularity_prior(mo
     np.testing.assert_allclose(
         refreshed_items[new_items, -1], np.log1p(np.asarray(full.sum(axis=0)).ravel()[new_items])
     )
+
+
+def test_a_weighted_fold_in_solves_rows_weighted_as_the_parent_was_trained(movielens) -> None:
+    params = PARAMS.model_copy(update={"weighting": "bm25"})
+    full = movielens.tocsr()
+    hidden_items = np.arange(full.shape[1] - 30, full.shape[1])
+    parent_matrix = full.tolil()
+    parent_matrix[-40:, :] = 0
+    parent_matrix[:, hidden_items] = 0
+    parent_matrix = parent_matrix.tocsr()
+    parent, _ = train(parent_matrix, params)
+    stored = item_weights(parent_matrix, params)
+    weights = extended_item_weights(stored, parent.item_idx, full, params)
+    # Items the parent knew keep the weights it was trained with; new ones get today's.
+    np.testing.assert_array_equal(weights[parent.item_idx], stored[parent.item_idx])
+    np.testing.assert_array_equal(weights[hidden_items], item_weights(full, params)[hidden_items])
+    users = np.array([0, 5, full.shape[0] - 1])
+    result = fold_in(parent, full, users, np.array([], dtype=np.int64), params, RefreshConfig(), weights)
+    confidences = weighted(full, params, weights)
+    for user in users:
+        np.testing.assert_allclose(
+            result.dense_users(full.shape[0])[user],
+            exact_solution(parent.dense_items(full.shape[1]), confidences[user], params),
+            rtol=1e-4,
+            atol=1e-5,
+        )
 
 
 def test_rows_to_refresh_are_active_users_plus_rows_without_a_vector(split) -> None:
@@ -183,7 +217,7 @@ def test_a_cold_item_with_interactions_now_gets_a_learned_vector_and_drift_ignor
     users, new_items = rows_to_refresh(full, served, np.array([], dtype=np.int64))
     with_data = hidden[full[:, hidden].getnnz(axis=0) > 0]
     assert np.array_equal(new_items, with_data)  # cold items that now have data are solved
-    refreshed = fold_in(served, full, users, new_items, PARAMS, RefreshConfig())
+    refreshed = fold_in(served, full, users, new_items, PARAMS, RefreshConfig(), None)
     assert np.array_equal(refreshed.cold_item_idx, np.setdiff1d(hidden, with_data))
     rows = np.searchsorted(refreshed.item_idx, with_data)
     assert not np.allclose(refreshed.item_factors[rows], mapped[np.isin(hidden, with_data)])

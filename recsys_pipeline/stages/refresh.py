@@ -11,7 +11,7 @@ from dataclasses import asdict
 import numpy as np
 
 from recsys_pipeline import drift
-from recsys_pipeline.als import check_finite, implicit_loss
+from recsys_pipeline.als import check_finite, extended_item_weights, implicit_loss, weighted
 from recsys_pipeline.artifacts import Gate, RefreshRecord
 from recsys_pipeline.errors import RecsysError
 from recsys_pipeline.files import atomic_dir
@@ -51,7 +51,10 @@ def run_refresh(run: RunContext) -> RefreshRecord:
     user_items = run.artifacts.interactions.train_matrix()
     users, new_items = rows_to_refresh(user_items, parent, run.artifacts.interactions.recent("users"))
     started = time.perf_counter()
-    refreshed = fold_in(parent, user_items, users, new_items, params, config.refresh)
+    weights = extended_item_weights(
+        champion_bundle.item_weights(), parent.warm_items().item_idx, user_items, params
+    )
+    refreshed = fold_in(parent, user_items, users, new_items, params, config.refresh, weights)
     refresh_s = time.perf_counter() - started
     check_finite(refreshed.user_factors, refreshed.item_factors, "the fold-in")
 
@@ -82,8 +85,13 @@ def run_refresh(run: RunContext) -> RefreshRecord:
         reasons=reasons,
     )
     n_users, n_items = user_items.shape
-    loss = implicit_loss(user_items, refreshed.dense_users(n_users), refreshed.dense_items(n_items), params)
-    run.artifacts.write_trained(refreshed, [loss], params)
+    loss = implicit_loss(
+        weighted(user_items, params, weights),
+        refreshed.dense_users(n_users),
+        refreshed.dense_items(n_items),
+        params,
+    )
+    run.artifacts.write_trained(refreshed, [loss], params, weights)
     run.artifacts.write_refresh_record(record)
     run.artifacts.write_metrics(
         "refresh",

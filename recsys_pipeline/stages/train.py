@@ -6,7 +6,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from recsys_pipeline import tracking
-from recsys_pipeline.als import train
+from recsys_pipeline.als import item_weights, train
 from recsys_pipeline.config import AlsConfig, SweepConfig
 from recsys_pipeline.registry import Registry
 from recsys_pipeline.runs import RunContext
@@ -30,7 +30,7 @@ def run_training(run: RunContext, spark: SparkSession | None = None) -> dict[str
         params, sweep_summary, tuning_s = result.best, result.summary(), result.seconds
         log.info("sweep chose %s in %.1f s", params.hyperparameters(), tuning_s)
     embeddings, losses = train(user_items, params, spark)
-    run.artifacts.write_trained(embeddings, losses, params, sweep_summary)
+    run.artifacts.write_trained(embeddings, losses, params, item_weights(user_items, params), sweep_summary)
     log.info("ALS loss per iteration: %s", ", ".join(f"{loss:.5f}" for loss in losses))
     metrics = {
         "training_loss": losses[-1],
@@ -58,7 +58,7 @@ def run_sweep(
         experiment = tracking.experiment_id(bound, config)
 
         def log_trial(
-            number: int, params: dict[str, float], metrics: dict[str, float] | None, error: str | None
+            number: int, params: dict[str, float | str], metrics: dict[str, float] | None, error: str | None
         ) -> None:
             with mlflow.start_run(experiment_id=experiment, run_name=f"trial {number}", nested=True):
                 mlflow.log_params(params)
