@@ -16,7 +16,7 @@ TRIGGER_PARAMS: dict[str, tuple[str, dict[str, Any], str]] = {
     "sweep": (
         "als.sweep",
         {"type": "boolean"},
-        "Search regularization, alpha and the popularity weight first",
+        "Search the weighting, regularization, alpha and the popularity weight first",
     ),
     "holdout_strategy": (
         "interactions.holdout.strategy",
