@@ -9,7 +9,7 @@ from recsys_pipeline.als import ModelFitError
 from recsys_pipeline.config import AlsConfig, ConfigError, SweepConfig, load_config
 from recsys_pipeline.runs import RunContext
 from recsys_pipeline.stages.train import run_sweep, run_training
-from recsys_pipeline.tuning import candidates, sweep, validation_split
+from recsys_pipeline.tuning import candidates, plainest_within_noise, sweep, validation_split
 from tests.conftest import write_interactions
 
 BASE = AlsConfig(factors=8, regularization=1.0, alpha=2.0, iterations=8)
@@ -114,3 +114,28 @@ def test_every_trained_candidate_is_scored_at_each_popularity_weight_within_the_
     start = BASE.with_params({"regularization": 30.0})
     boxed = sweep(movielens, BASE, SweepConfig(space=space, max_seconds=1e-6), k=10, start=start)
     assert boxed.untried == 2 and [t["params"]["regularization"] for t in boxed.trials] == [30.0, 30.0]
+
+
+def test_the_sweep_keeps_unweighted_confidences_unless_the_weighting_wins_beyond_noise() -> None:
+    rng = np.random.default_rng(0)
+    plain_scores = rng.random(2_000)
+    plain = AlsConfig(weighting="none")
+    weighted = AlsConfig(weighting="bm25")
+    noise = rng.normal(scale=0.3, size=2_000)
+
+    def best(shift: float) -> dict[str, tuple[float, AlsConfig, np.ndarray]]:
+        weighted_scores = plain_scores + shift + noise
+        return {
+            "none": (float(plain_scores.mean()), plain, plain_scores),
+            "bm25": (float(weighted_scores.mean()), weighted, weighted_scores),
+        }
+
+    # The standard error of the paired difference is 0.3 / sqrt(2000), about 0.0067.
+    tied = best(0.0045 - noise.mean())
+    assert tied["bm25"][0] > tied["none"][0] and plainest_within_noise(tied)[1] is plain
+    clear = best(0.03 - noise.mean())
+    assert plainest_within_noise(clear)[1] is weighted
+    # Without an unweighted candidate (a time box that tried only the weighted one) the best stands.
+    assert plainest_within_noise({"bm25": clear["bm25"]})[1] is weighted
+    # An unweighted winner needs no rule.
+    assert plainest_within_noise(best(-0.03 - noise.mean()))[1] is plain
