@@ -88,8 +88,15 @@ lint: setup
 	$(BIN)/ruff check recsys_pipeline dags jobs tests benchmarks
 	$(BIN)/mypy
 
+# The peers the benchmarks run beside ours (cornac's BPR, Faiss, hnswlib): the `bench` extra.
+$(BIN)/.bench-installed: $(BIN)/.installed
+	@log=$(SETUP_LOG); echo "bench: installing the benchmarks' peers (cornac, faiss, hnswlib; output in $$log)"; \
+	  $(BIN)/python -m pip install -e '.[dev,bench]' >> $$log 2>&1 \
+	  || { tail -n 20 $$log; echo "bench: FAILED to install the peers (full output in $$log)"; exit 1; }
+	@touch $@
+
 ## bench: run every benchmark, or one with NAME=x (writes var/bench/x.json); PARAMS="k=v ..." for a one-off
-bench: setup
+bench: $(BIN)/.bench-installed
 	$(BIN)/python -m benchmarks $(NAME) $(PARAMS)
 
 .PHONY: help setup init run test test-slow test-fast lint bench

@@ -20,7 +20,9 @@ as each task recorded them, the Spark JVM included), ``max_peak_rss_mb``, ``floo
 evaluation users: ``ndcg_at_10``, ``baseline_ndcg_at_10`` (popularity), ``oracle_ndcg_at_10`` (the
 generator's exact choice probabilities) and ``lift_captured`` = (ndcg - baseline) / (oracle -
 baseline); ``known_items_ndcg_at_10`` and ``known_items_lift_captured``, a reference point for a
-dot-product model that knew every item exactly (see :func:`weekly_quality`).
+dot-product model that knew every item exactly (see :func:`weekly_quality`); ``spark_profile``,
+where each Spark task's seconds went, action by action, from its event log
+(:mod:`benchmarks.spark_profile`).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import yaml
 
+from benchmarks.spark_profile import print_profile, profile
 from recsys_pipeline.config import load_config
 from recsys_pipeline.evaluate import EvaluationSet, scores
 from recsys_pipeline.ranking import exclude, pad, top_k
@@ -218,6 +221,7 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
         "weekly_vs_floor": weekly_s / floor_s,
         "source_rows": ds.dataset(str(source), format="parquet").count_rows(),
         "arrow_version": pa.__version__,
+        "spark_profile": profile(state / "spark-events"),
     }
     if weekly_ok:
         evaluation = load_config(config_path).evaluation
@@ -227,4 +231,5 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     for dag, tasks in costs.items():
         for task, cost in tasks.items():
             print(f"  {dag:<15}{task:<24}{cost['seconds']:>8.1f} s{cost['peak_rss_mb']:>9.0f} MB")
+    print_profile(results["spark_profile"])
     return results

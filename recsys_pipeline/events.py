@@ -37,6 +37,7 @@ from recsys_pipeline.config import EventsConfig, SourceConfig
 from recsys_pipeline.errors import RecsysError
 from recsys_pipeline.files import write_json
 from recsys_pipeline.runs import RunContext
+from recsys_pipeline.spark import label_actions
 
 CORRUPT_COLUMN = "_corrupt_record"
 SOURCE_FILE_COLUMN = "_source_file"
@@ -383,6 +384,7 @@ def ingest(
     )
     # The one shuffle by date serves the deduplication, the sort a date-partitioned write needs, and
     # the lake's layout: each date's events come back from ``staging`` as one file.
+    label_actions(spark, "ingest: classify, deduplicate and stage by date")
     (
         mark_duplicates(dated)
         .select(*EVENT_COLUMNS, "reason", "raw_record", SOURCE_FILE_COLUMN, "event_date")
@@ -391,6 +393,7 @@ def ingest(
         .parquet(str(staging))
     )
     classified = spark.read.parquet(str(staging))
+    label_actions(spark, "ingest: count records by reason")
     counts = {row["reason"]: row["count"] for row in classified.groupBy("reason").count().collect()}
     # Only the file and timestamp columns are read for this: a narrow pass, not the whole records.
     per_file = (
@@ -400,10 +403,12 @@ def ingest(
         .groupBy(SOURCE_FILE_COLUMN)
         .agg(F.count(F.lit(1)).alias("rows"), F.max("event_ts").alias("latest_event"))
     )
+    label_actions(spark, "ingest: rows and latest event per source file")
     read = {file_path(row[SOURCE_FILE_COLUMN]): row for row in per_file.collect()}
     accepted = classified.where(F.col("reason").isNull())
     filled: dict[str, set[date]] = {}
     # (file, date) pairs by a plain aggregate: a set per file would be an object aggregate per task.
+    label_actions(spark, "ingest: dates per source file")
     for row in accepted.groupBy(SOURCE_FILE_COLUMN, "event_date").count().collect():
         filled.setdefault(file_path(row[SOURCE_FILE_COLUMN]), set()).add(row["event_date"])
     metrics = record_counts(sum(row["rows"] for row in read.values()), counts)
@@ -469,6 +474,7 @@ def write_lake(
     behind. Dates the window only partly covers are never removed.
     """
     dated = events.withColumn("event_date", F.to_date("event_ts"))
+    label_actions(events.sparkSession, "ingest: write the lake")
     written = {row["event_date"] for row in dated.select("event_date").distinct().collect()}
     if written:
         # No shuffle by date: ingest stages the events one file per date, so each date is still written

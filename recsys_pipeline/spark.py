@@ -40,3 +40,9 @@ def spark_session(config: PipelineConfig, app_name: str, master: str | None = No
     session = builder.getOrCreate()
     session.sparkContext.setLogLevel("WARN")
     return session
+
+
+def label_actions(spark: SparkSession, label: str) -> None:
+    """Name the Spark actions from here on, until the next label: Spark's UI, its event logs and the
+    pipeline benchmark's per-action profile show this instead of a JVM call site."""
+    spark.sparkContext.setJobDescription(label)

@@ -62,6 +62,12 @@ def count_rows(path: Path) -> int:
     return sum(pq.ParquetFile(f).metadata.num_rows for f in sorted(path.glob("*.parquet")))
 
 
+def distinct_users(path: Path) -> int:
+    """Users with at least one pair in a matrix folder, counted by Arrow (no Spark job)."""
+    table = ds.dataset(str(path), format="parquet").to_table(columns=["user_idx"])
+    return int(pc.count_distinct(table.column("user_idx")).as_py())
+
+
 def read_indices(path: Path) -> np.ndarray:
     """The ``idx`` column of a Parquet folder (e.g. the users active in a run)."""
     table = ds.dataset(str(path), format="parquet").to_table(columns=["idx"])

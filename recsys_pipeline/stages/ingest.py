@@ -28,6 +28,7 @@ from recsys_pipeline.events import (
     write_ledger,
 )
 from recsys_pipeline.runs import RunContext, now_utc
+from recsys_pipeline.spark import label_actions
 
 QUARANTINE_SCHEMA = (
     "raw_record STRING, reason STRING, event_ts TIMESTAMP, ingested_at TIMESTAMP, source STRING"
@@ -70,6 +71,7 @@ def run_ingest(spark: SparkSession, run: RunContext) -> dict[str, float]:
             result = _ingest_files(spark, run, None, None)
         metrics = _metrics(result, listing, ledger)
         if result is not None:
+            label_actions(spark, "ingest: write the quarantine")
             result.quarantine.write.mode("overwrite").parquet(str(run.quarantine_dir))
             check_quarantine_share(result.metrics, config.events.max_quarantine_share)
             write_lake(result.events, lake, window_start, window_end, replaced)
@@ -87,6 +89,7 @@ def run_ingest(spark: SparkSession, run: RunContext) -> dict[str, float]:
                     ledger[path] = ledger_entry(listing[path], summary, window_end)
             write_ledger(lake, settings, ledger)
         shutil.rmtree(run.artifacts.ingest_staging, ignore_errors=True)
+        label_actions(spark, "ingest: count the interval's events")
         interval_events = read_lake(spark, lake, run.interval_start, run.interval_end).count()
     metrics["events_in_interval"] = float(interval_events)
     run.artifacts.write_metrics("ingest", metrics)

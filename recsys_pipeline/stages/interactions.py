@@ -45,8 +45,9 @@ from recsys_pipeline.interactions import (
     unmapped_ids,
 )
 from recsys_pipeline.runs import RunContext, parse_instant
+from recsys_pipeline.spark import label_actions
 from recsys_pipeline.stages.content import ITEMS_FILE
-from recsys_pipeline.tables import count_rows, write_empty_matrix
+from recsys_pipeline.tables import count_rows, distinct_users, write_empty_matrix
 
 log = logging.getLogger(__name__)
 
@@ -109,10 +110,12 @@ def build_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]
         train_pairs, holdout_pairs, all_pairs = split(
             events, indexed, run, window_end, train_counts, cached, carried
         )
+        label_actions(spark, "interactions: item activity and the input fingerprint")
         fingerprint = input_fingerprint(item_activity, history.fingerprint if history else None)
         with atomic_dir(out.root) as staging:
             written = InteractionsFiles(staging)
             for side, id_map in (("users", maps.users), ("items", maps.items)):
+                label_actions(spark, f"interactions: write the {side} map and recent {side}")
                 id_map.orderBy("idx").coalesce(1).write.parquet(str(written.map_dir(side)))
                 (
                     recent_ids[side]
@@ -121,11 +124,13 @@ def build_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]
                     .coalesce(1)
                     .write.parquet(str(written.recent_dir(side)))
                 )
+            label_actions(spark, "interactions: write the pair history")
             pair_writer(history_columns(all_pairs)).parquet(str(written.history_dir))
             if train_pairs is None:
                 train_pairs = supported(
                     spark.read.parquet(str(written.history_dir)), config, INDEX_PAIR, train_counts
                 )
+            label_actions(spark, "interactions: write the training matrix")
             pair_writer(matrix_columns(train_pairs)).parquet(str(written.train_dir))
             train_rows = count_rows(written.train_dir)
             dropped = train_counts.dropped(train_rows)
@@ -140,10 +145,17 @@ def build_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]
             if holdout_pairs is None:
                 write_empty_matrix(written.holdout_dir)
             else:
+                label_actions(spark, "interactions: write the holdout")
                 pair_writer(matrix_columns(holdout_pairs)).parquet(str(written.holdout_dir))
-                evaluable = evaluable_users(
-                    spark.read.parquet(str(written.holdout_dir)), spark.read.parquet(str(written.train_dir))
-                )
+                if config.holdout.strategy == "per_user_last":
+                    # Each pair went to one side: every holdout user has an item they did not train on.
+                    evaluable = distinct_users(written.holdout_dir)
+                else:
+                    label_actions(spark, "interactions: count evaluable holdout users")
+                    evaluable = evaluable_users(
+                        spark.read.parquet(str(written.holdout_dir)),
+                        spark.read.parquet(str(written.train_dir)),
+                    )
                 check_holdout_size(evaluable, run.config.evaluation.min_users, config.holdout)
             written.write_fingerprint(str(fingerprint))
     finally:
