@@ -70,6 +70,9 @@ class SyntheticSpec:
     days: int = 28
     start: str = "2024-01-01"
     seed: int = 0
+    # 0: the events follow the world's draws from ``seed``. Another number: an independent stream of
+    # events from the same world (tastes, traits, popularity), to extend a log with later days.
+    event_stream: int = 0
     chunk_events: int = 2_000_000
 
     def as_dict(self) -> dict[str, object]:
@@ -178,6 +181,8 @@ def sample_events(spec: SyntheticSpec) -> Iterator[EventChunk]:
     """The spec's events in chunks of at most ``chunk_events``, reproducibly from ``seed``."""
     rng = np.random.default_rng(spec.seed)
     world = SyntheticWorld.draw(spec, rng)  # as SyntheticWorld.of(spec): the same first draws
+    if spec.event_stream:
+        rng = np.random.default_rng([spec.seed, 2, spec.event_stream])
     user_cdf = np.cumsum(world.user_probability)
     start = int(datetime.fromisoformat(spec.start).replace(tzinfo=UTC).timestamp())
     for offset in range(0, spec.events, spec.chunk_events):
