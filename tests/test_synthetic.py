@@ -12,6 +12,7 @@ from recsys_pipeline.synthetic import (
     SyntheticSpec,
     SyntheticWorld,
     generate,
+    sample_events,
     write_item_metadata,
 )
 
@@ -104,3 +105,20 @@ def test_item_metadata_follows_the_items_traits(tmp_path: Path) -> None:
     shuffled = np.random.default_rng(0).permutation(category)
     across = np.mean([np.linalg.norm(traits[shuffled == name].mean(axis=0)) for name in np.unique(category)])
     assert within > 2 * across
+
+
+def test_another_event_stream_draws_new_events_from_the_same_world() -> None:
+    spec = SyntheticSpec(events=20_000, users=500, items=300, days=7, seed=3)
+    later = SyntheticSpec(
+        events=20_000, users=500, items=300, days=7, seed=3, start="2024-01-08", event_stream=1
+    )
+    world, later_world = SyntheticWorld.of(spec), SyntheticWorld.of(later)
+    np.testing.assert_array_equal(world.user_taste, later_world.user_taste)
+    np.testing.assert_array_equal(world.item_traits, later_world.item_traits)
+    (first,), (second,) = sample_events(spec), sample_events(later)
+    assert not np.array_equal(first.users, second.users)
+    assert second.ts.min() >= first.ts.max() - 1  # the later stretch starts where the first ends
+    # Drawn from the same popularity: the items chosen most often agree.
+    top = {int(i) for i in np.argsort(-np.bincount(first.items, minlength=300))[:20]}
+    later_top = {int(i) for i in np.argsort(-np.bincount(second.items, minlength=300))[:20]}
+    assert len(top & later_top) >= 12
