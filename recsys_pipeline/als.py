@@ -73,9 +73,12 @@ def weighted(user_items: sp.csr_matrix, params: AlsConfig, weights: np.ndarray |
     """The confidences ALS fits: ``user_items`` itself when unweighted, else its BM25 weights."""
     if weights is None:
         return user_items
-    matrix = user_items.tocsr().astype(np.float32)  # a copy: the caller's matrix stays as it was
-    matrix.data = weigh(matrix.data, weights[matrix.indices], params)
-    return matrix
+    matrix = user_items.tocsr()
+    # New values over the same structure: at volume the index arrays are most of the matrix.
+    return sp.csr_matrix(
+        (weigh(matrix.data, weights[matrix.indices], params), matrix.indices, matrix.indptr),
+        shape=matrix.shape,
+    )
 
 
 class ModelFitError(RecsysError):

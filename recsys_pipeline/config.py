@@ -194,7 +194,7 @@ class SweepConfig(_Section):
             categorical = name == "weighting"
             wrong = [v for v in values if (v not in WEIGHTINGS if categorical else isinstance(v, str))]
             if wrong:
-                expected = f"one of {list(WEIGHTINGS)}" if name == "weighting" else "numbers"
+                expected = f"one of {list(WEIGHTINGS)}" if categorical else "numbers"
                 raise ValueError(f"sweep.space.{name} takes {expected}, not {wrong}")
         return self
 

@@ -51,7 +51,7 @@ def fold_in(
     # Only the learned dimensions are solved; the popularity prior's (if any) is set again below.
     model.user_factors = np.ascontiguousarray(learned(parent.dense_users(n_users), params))
     model.item_factors = np.ascontiguousarray(learned(parent_items, params))
-    popularity_today = item_popularity(user_items)
+    popularity_today = item_popularity(user_items) if params.popularity_weight else None
     user_items = weighted(user_items.astype(np.float32).tocsr(), params, item_weights)
     with threadpool_limits(limits=1, user_api="blas"):
         if len(new_items):
@@ -75,7 +75,7 @@ def fold_in(
     item_idx = np.union1d(parent.item_idx, new_items)
     # Items keep the popularity their vectors were fitted beside; new ones get today's.
     popularity = parent_items[:, -1].copy()
-    if params.popularity_weight:
+    if popularity_today is not None:
         popularity[new_items] = popularity_today[new_items]
     user_factors, item_factors = with_popularity_prior(
         model.user_factors[user_idx],
