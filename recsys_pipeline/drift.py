@@ -4,7 +4,13 @@ ALS factors are only defined up to an orthogonal transform, so per-dimension com
 are meaningless. Everything here is invariant to rotating a version's user and item
 factors together:
 
-- ``drift_neighbour_overlap``: mean Jaccard of each shared item's top-k cosine neighbours, old vs new;
+- ``drift_neighbour_retention``: how close each shared item's old top-k cosine neighbours still are in
+  the new version, as a share of how close its new top-k are (1: as close as the nearest; about 0:
+  as far as any item);
+- ``drift_neighbour_overlap``: mean Jaccard of each shared item's top-k cosine neighbours, old vs new
+  (how much "similar items" lists churn: in a large catalogue, many near-tied neighbours trade
+  places between two retrains of the same data, so this falls with catalogue size while the
+  geometry holds);
 - ``drift_aligned_cosine``: mean cosine between new and old item vectors after orthogonal Procrustes
   alignment of new onto old on the shared items;
 - ``drift_rec_overlap``: mean Jaccard of top-k recommendations (by dot product) for sampled shared users;
@@ -31,7 +37,7 @@ from recsys_pipeline.index import exact_top_k
 @dataclass(frozen=True)
 class DriftReport:
     metrics: dict[str, float]
-    items: pd.DataFrame  # item_idx, neighbour_jaccard, aligned_cosine
+    items: pd.DataFrame  # item_idx, neighbour_jaccard, neighbour_retention, aligned_cosine
 
 
 def _shared(idx_old: np.ndarray, idx_new: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -59,13 +65,23 @@ def _without_self(neighbours: np.ndarray, queries: np.ndarray, k: int) -> np.nda
     return np.array([row[row != query][:k] for row, query in zip(neighbours, queries, strict=True)])
 
 
-def neighbour_jaccard(old: np.ndarray, new: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
-    """Per query row: Jaccard of its k nearest (cosine) other rows in old vs new."""
+def neighbour_agreement(
+    old: np.ndarray, new: np.ndarray, queries: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per query row: (Jaccard of its k nearest (cosine) other rows in old vs new, retention: the mean
+    new-space cosine to its old k nearest over the mean to its new k nearest).
+
+    Retention tells reshuffled near-ties (old neighbours still about as close: near 1) from a moved
+    geometry (old neighbours now far: near 0), which Jaccard alone cannot in a dense catalogue.
+    """
     old_unit, new_unit = _unit(old), _unit(new)
     # k + 1 because each item is its own nearest neighbour.
     old_nn = _without_self(exact_top_k(old_unit[queries], old_unit, k + 1), queries, k)
     new_nn = _without_self(exact_top_k(new_unit[queries], new_unit, k + 1), queries, k)
-    return jaccard_rows(old_nn, new_nn)
+    query_unit = new_unit[queries][:, None, :]
+    kept = np.sum(query_unit * new_unit[old_nn], axis=2).mean(axis=1)
+    nearest = np.sum(query_unit * new_unit[new_nn], axis=2).mean(axis=1)
+    return jaccard_rows(old_nn, new_nn), kept / np.maximum(nearest, 1e-12)
 
 
 def aligned_cosine(old: np.ndarray, new: np.ndarray) -> np.ndarray:
@@ -105,7 +121,7 @@ def compare(
         )
     old_items, new_items = old_learned.item_factors[item_old], new_learned.item_factors[item_new]
     queries = np.sort(rng.choice(len(items), min(sample_items, len(items)), replace=False))
-    jaccard = neighbour_jaccard(old_items, new_items, queries, k)
+    jaccard, retention = neighbour_agreement(old_items, new_items, queries, k)
     cosine = aligned_cosine(old_items, new_items)
 
     users, user_old, user_new = _shared(old.user_idx, new.user_idx)
@@ -115,13 +131,21 @@ def compare(
     rec_overlap = jaccard_rows(rec_old, rec_new) if len(picked) else np.array([1.0])
 
     old_norms, new_norms = np.linalg.norm(old_items, axis=1), np.linalg.norm(new_items, axis=1)
-    neighbour_column = np.full(len(items), np.nan)
-    neighbour_column[queries] = jaccard
-    table = pd.DataFrame({"item_idx": items, "neighbour_jaccard": neighbour_column, "aligned_cosine": cosine})
+    jaccard_column, retention_column = np.full(len(items), np.nan), np.full(len(items), np.nan)
+    jaccard_column[queries], retention_column[queries] = jaccard, retention
+    table = pd.DataFrame(
+        {
+            "item_idx": items,
+            "neighbour_jaccard": jaccard_column,
+            "neighbour_retention": retention_column,
+            "aligned_cosine": cosine,
+        }
+    )
     metrics = {
         "drift_shared_items": float(len(items)),
         "drift_shared_users": float(len(users)),
         "drift_neighbour_overlap": float(jaccard.mean()),
+        "drift_neighbour_retention": float(retention.mean()),
         "drift_aligned_cosine": float(cosine.mean()),
         "drift_rec_overlap": float(rec_overlap.mean()),
         "drift_norm_ks": float(ks_2samp(old_norms, new_norms, method="asymp").statistic),
@@ -150,13 +174,25 @@ def read_report(directory: Path, against: str, rules: DriftConfig) -> DriftRepor
     return DriftReport(kept["metrics"], pd.read_parquet(directory / "items.parquet"))
 
 
-def _sampling(rules: DriftConfig) -> dict[str, int]:
-    return {"k": rules.k, "sample_items": rules.sample_items, "sample_users": rules.sample_users}
+def _sampling(rules: DriftConfig) -> dict[str, object]:
+    # What a kept report measured is part of its key: one from before a measure existed is redone.
+    measures = ["neighbour_jaccard", "neighbour_retention", "aligned_cosine"]
+    return {
+        "k": rules.k,
+        "sample_items": rules.sample_items,
+        "sample_users": rules.sample_users,
+        "measures": measures,
+    }
 
 
 def violations(metrics: dict[str, float], bounds: DriftConfig) -> list[str]:
     """Which configured drift bounds the metrics break, each as a readable reason."""
     checks = [
+        (
+            "drift_neighbour_retention",
+            metrics["drift_neighbour_retention"] < bounds.min_neighbour_retention,
+            f">= {bounds.min_neighbour_retention}",
+        ),
         (
             "drift_neighbour_overlap",
             metrics["drift_neighbour_overlap"] < bounds.min_neighbour_overlap,
@@ -178,21 +214,26 @@ def violations(metrics: dict[str, float], bounds: DriftConfig) -> list[str]:
 
 
 def plot(report: DriftReport, path: Path) -> None:
-    """Histograms of per-item neighbour overlap and aligned cosine."""
+    """Histograms of per-item neighbour overlap, neighbour retention and aligned cosine."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4))
     axes[0].hist(report.items["neighbour_jaccard"].dropna(), bins=20, range=(0, 1))
     axes[0].set(
         title=f"top-k neighbour Jaccard (mean {report.metrics['drift_neighbour_overlap']:.3f})",
         xlabel="Jaccard",
         ylabel="items",
     )
-    axes[1].hist(report.items["aligned_cosine"], bins=20, range=(-1, 1))
+    axes[1].hist(report.items["neighbour_retention"].dropna(), bins=20, range=(0, 1))
     axes[1].set(
+        title=f"top-k neighbour retention (mean {report.metrics['drift_neighbour_retention']:.3f})",
+        xlabel="old neighbours' cosine / new neighbours'",
+    )
+    axes[2].hist(report.items["aligned_cosine"], bins=20, range=(-1, 1))
+    axes[2].set(
         title=f"Procrustes-aligned cosine (mean {report.metrics['drift_aligned_cosine']:.3f})",
         xlabel="cosine",
     )

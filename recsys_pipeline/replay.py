@@ -46,7 +46,7 @@ QUALITY = {
     "baseline_ndcg_at_10": "popularity",
     "champion_ndcg_at_10": "version judged against",
 }
-DRIFT = ("drift_aligned_cosine", "drift_neighbour_overlap", "drift_rec_overlap")
+DRIFT = ("drift_aligned_cosine", "drift_neighbour_retention", "drift_neighbour_overlap", "drift_rec_overlap")
 PLOTS = ("quality.png", "drift.png", "champion.png", "stages.png")
 
 

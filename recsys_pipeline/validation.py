@@ -180,6 +180,7 @@ def item_drift_suite(config: PipelineConfig) -> list[Any]:
     E = gx.expectations
     rules = config.drift
     return [
+        E.ExpectColumnMeanToBeBetween(column="neighbour_retention", min_value=rules.min_neighbour_retention),
         E.ExpectColumnMeanToBeBetween(column="neighbour_jaccard", min_value=rules.min_neighbour_overlap),
         E.ExpectColumnMeanToBeBetween(column="aligned_cosine", min_value=rules.min_aligned_cosine),
         E.ExpectColumnValuesToNotBeNull(column="aligned_cosine"),

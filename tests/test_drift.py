@@ -41,6 +41,7 @@ def test_a_rotated_copy_shows_no_drift() -> None:
     old = embeddings()
     metrics = compare(old, rotated(old), k=10, sample_items=400, sample_users=300).metrics
     assert metrics["drift_neighbour_overlap"] == pytest.approx(1.0, abs=1e-3)
+    assert metrics["drift_neighbour_retention"] == pytest.approx(1.0, abs=1e-4)
     assert metrics["drift_aligned_cosine"] == pytest.approx(1.0, abs=1e-4)
     assert metrics["drift_rec_overlap"] == pytest.approx(1.0, abs=1e-3)
     assert metrics["drift_norm_ks"] == pytest.approx(0.0, abs=1e-2)
@@ -50,6 +51,7 @@ def test_shuffled_vectors_show_large_drift() -> None:
     old = embeddings()
     metrics = compare(old, shuffled(old), k=10, sample_items=400, sample_users=300).metrics
     assert metrics["drift_neighbour_overlap"] < 0.2
+    assert metrics["drift_neighbour_retention"] < 0.3
     assert metrics["drift_aligned_cosine"] < 0.5
     assert metrics["drift_rec_overlap"] < 0.3
     # The same vectors in another order: the norm distribution does not move.
@@ -85,7 +87,7 @@ def test_drift_suites_pass_a_rotation_and_fail_a_shuffle_on_both_bounds(tmp_path
     assert failures(stable, "stable") == []
     failed = {(f.suite, f.column) for f in failures(broken, "broken")}
     assert failed == {
-        ("item_drift", "neighbour_jaccard"),
+        ("item_drift", "neighbour_retention"),
         ("item_drift", "aligned_cosine"),
         ("drift_summary", "drift_rec_overlap"),
     }
@@ -99,6 +101,36 @@ def test_drift_suites_pass_a_rotation_and_fail_a_shuffle_on_both_bounds(tmp_path
         },
     )
     assert [(f.suite, f.column) for f in upper] == [("drift_summary", "drift_norm_ks")]
+
+
+def test_near_tied_neighbours_trading_places_is_not_drift(tmp_path: Path, make_config) -> None:
+    """A dense catalogue: items in tight groups, so each item's top-k neighbours are near-ties that
+    a retrain's noise reorders. Similar-item lists churn (low Jaccard) while the geometry holds
+    (high retention): the default bounds pass it, and a bound on Jaccard, when set, catches it."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(40, 16))
+    items = centres[rng.integers(0, 40, 4000)] + 0.05 * rng.normal(size=(4000, 16))
+    users = centres[rng.integers(0, 40, 500)] + 0.3 * rng.normal(size=(500, 16))
+    old = Embeddings(np.arange(500), users.astype(np.float32), np.arange(4000), items.astype(np.float32))
+    retrained = rotated(
+        Embeddings(
+            old.user_idx,
+            old.user_factors,
+            old.item_idx,
+            (items + 0.05 * rng.normal(size=items.shape)).astype(np.float32),
+        )
+    )
+    report = compare(old, retrained, k=10, sample_items=500, sample_users=300)
+    assert report.metrics["drift_neighbour_overlap"] < 0.3
+    assert report.metrics["drift_neighbour_retention"] > 0.9
+    suites = {"item_drift": (report.items, item_drift_suite(make_config()))}
+    assert validate_frames(tmp_path / "default", suites) == []
+    strict = {
+        "item_drift": (report.items, item_drift_suite(make_config(**{"drift.min_neighbour_overlap": 0.3})))
+    }
+    assert [(f.suite, f.column) for f in validate_frames(tmp_path / "strict", strict)] == [
+        ("item_drift", "neighbour_jaccard")
+    ]
 
 
 def test_jaccard_rows_is_the_set_jaccard_of_each_pair_of_lists() -> None:

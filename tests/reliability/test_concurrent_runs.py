@@ -25,7 +25,7 @@ LAX = {
     "evaluation.gate.max_drop_vs_champion": 1.0,
     "evaluation.gate.min_lift_over_baseline": -1.0,
     "validation.row_count_band": 100.0,
-    "drift.min_neighbour_overlap": 0.0,
+    "drift.min_neighbour_retention": 0.0,
     "drift.min_aligned_cosine": -1.0,
     "drift.min_rec_overlap": 0.0,
     "drift.max_norm_ks": 1.0,
