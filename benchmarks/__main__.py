@@ -16,6 +16,7 @@ import yaml
 from benchmarks import (
     als,
     cold_start,
+    forget,
     index_search,
     interactions,
     pipeline,
@@ -33,6 +34,7 @@ Benchmark = tuple[dict[str, Any], Callable[[dict[str, Any]], dict[str, Any]]]
 BENCHMARKS: dict[str, Benchmark] = {
     "als": (als.PARAMS, als.run),
     "cold_start": (cold_start.PARAMS, cold_start.run),
+    "forget": (forget.PARAMS, forget.run),
     "index": (index_search.PARAMS, index_search.run),
     "interactions": (interactions.PARAMS, interactions.run),
     "pipeline": (pipeline.PARAMS, pipeline.run),

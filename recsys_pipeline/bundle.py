@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 from recsys_pipeline.artifacts import SERVED_MODEL, SIDES, ModelFiles
 from recsys_pipeline.config import AlsConfig
 from recsys_pipeline.embeddings import Embeddings, read_embeddings
+from recsys_pipeline.erasure import Forgotten, Scrubbed, scrub_tree
 from recsys_pipeline.errors import RecsysError
 from recsys_pipeline.files import atomic_dir, file_sha256, write_json
 from recsys_pipeline.index import ItemIndex, load_index
@@ -165,6 +166,25 @@ def write_bundle(run: RunContext, lineage: dict[str, Any]) -> Path:
         )
         write_json(staging / BUNDLE_FILES, tree_manifest(staging))
     return run.artifacts.bundle_dir
+
+
+def write_erased_bundle(
+    source: Path, target: Path, forgotten: Forgotten, user_tombstones: pa.Array, erasure: dict[str, str]
+) -> Scrubbed:
+    """Write at ``target`` a copy of the bundle at ``source`` without the forgotten users: their ids
+    tombstoned in the users' map, their vectors, training history and precomputed lists removed,
+    and any mention in its reports replaced (see :func:`recsys_pipeline.erasure.scrub_tree`). Items,
+    the index and the popularity counts stay as they are. ``erasure`` (the request and the parent
+    version) is added to its lineage; ``files.json`` is written anew."""
+    with atomic_dir(target) as staging:
+        shutil.copytree(source, staging, ignore=shutil.ignore_patterns(BUNDLE_FILES, *DOWNLOAD_METADATA))
+        scrubbed = scrub_tree(staging, forgotten, user_tombstones)
+        lineage = json.loads((staging / "lineage.json").read_text())
+        write_json(staging / "lineage.json", {**lineage, "erasure": erasure})
+        meta = json.loads((staging / META).read_text())
+        write_json(staging / META, {**meta, "created_at": now_utc().isoformat()})
+        write_json(staging / BUNDLE_FILES, tree_manifest(staging))
+    return scrubbed
 
 
 class Bundle:

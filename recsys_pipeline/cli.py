@@ -131,6 +131,24 @@ def _parser() -> argparse.ArgumentParser:
         if name != "chunk_events":
             synth.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
 
+    forget = commands.add_parser(
+        "forget",
+        help="erase users everywhere (lake, ID maps, run folders, published versions): record the "
+        "request in the erasure ledger (salted hashes, never the ids) and run the recsys_forget DAG",
+    )
+    forget.add_argument("--user-id", action="append", default=[], help="a user id to forget (repeatable)")
+    forget.add_argument("--user-ids-file", type=Path, help="a file of user ids to forget, one per line")
+    forget.add_argument("--reason", default="", help="why (kept in the ledger)")
+    forget.add_argument("--request-id", help="run a request recorded earlier instead of recording one")
+    forget.add_argument(
+        "--record-only", action="store_true", help="record the request; run the DAG later with --request-id"
+    )
+    forget.add_argument(
+        "--trigger",
+        action="store_true",
+        help="queue the DAG run on the Airflow deployment's scheduler instead of running it here",
+    )
+
     commands.add_parser("mlflow-ui", help="print the command that opens the MLflow UI on the local state")
     content_hash = commands.add_parser(
         "content-hash",
@@ -282,6 +300,43 @@ def _registry_command(config: PipelineConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def _forget(config: PipelineConfig, args: argparse.Namespace) -> int:
+    """Record an erasure request (or take a recorded one) and run ``recsys_forget`` for it, in this
+    process (``airflow dags test``) or on the scheduler (``--trigger``). Only the request's id reaches
+    Airflow."""
+    import subprocess
+
+    from recsys_pipeline.erasure import ErasureError, ErasureLedger
+
+    ledger = ErasureLedger(StateLayout.of(config))
+    if args.request_id is not None:
+        if args.user_id or args.user_ids_file:
+            raise ErasureError("--request-id runs a recorded request: give it no user ids")
+        request_id = ledger.request(args.request_id).request_id
+    else:
+        ids = list(args.user_id)
+        if args.user_ids_file is not None:
+            ids += args.user_ids_file.read_text().splitlines()
+        request = ledger.record(ids, args.reason)
+        request_id = request.request_id
+        print(f"recorded erasure request {request_id} ({len(request.user_hashes)} user(s))")
+    if args.record_only:
+        print(f"run it with: recsys forget --request-id {request_id}")
+        return 0
+    env = airflow_environment(config, args.config)
+    Path(env["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)
+    airflow = str(Path(sys.executable).parent / "airflow")
+    conf = json.dumps({"request_id": request_id})
+    command = ["dags", "trigger" if args.trigger else "test", "recsys_forget", "--conf", conf]
+    code = subprocess.call([airflow, *command], env=env)
+    if code == 0 and not args.trigger:
+        report = (
+            StateLayout.of(config).home / "runs" / "recsys_forget" / request_id / "report" / "report.html"
+        )
+        print(f"erasure {request_id} verified; report: {report}")
+    return code
+
+
 def _serve(args: argparse.Namespace, overrides: dict[str, Any]) -> int:
     """Serve the version behind the alias over REST (see :mod:`recsys_pipeline.rest`)."""
     from recsys_pipeline.rest import serve
@@ -314,6 +369,9 @@ def run(argv: Sequence[str]) -> int:
         report = replay(config, args.start, args.end, args.promote, airflow_dags_test(env), args.weekly_only)
         print(f"replay report: {report / 'report.html'} (also logged to MLflow)")
         return 0
+    if args.command == "forget":
+        refuse_unreached(overrides)
+        return _forget(config, args)
     if args.command == "synth":
         spec = SyntheticSpec(
             **{k: getattr(args, k) for k in SyntheticSpec().as_dict() if k != "chunk_events"}

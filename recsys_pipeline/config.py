@@ -347,6 +347,16 @@ class DriftConfig(_Section):
     max_norm_ks: float = Field(default=0.5, ge=0, le=1)
 
 
+class ErasureConfig(_Section):
+    """How an erasure request (``recsys forget``) treats the registered versions that hold the user."""
+
+    retain_versions: bool = Field(
+        default=True,
+        description="true: keep the old versions' records (tags, metrics) and delete their artifacts; "
+        "false: delete the versions",
+    )
+
+
 class RefreshConfig(_Section):
     """The nightly fold-in, and when it must give way to a full retrain."""
 
@@ -613,6 +623,7 @@ class PipelineConfig(RegistryConfig):
     validation: ValidationConfig = ValidationConfig()
     drift: DriftConfig = DriftConfig()
     refresh: RefreshConfig = RefreshConfig()
+    erasure: ErasureConfig = ErasureConfig()
     content: ContentConfig = ContentConfig()
     spark: SparkConfig = SparkConfig()
     run_overrides_allowed: list[str] = Field(

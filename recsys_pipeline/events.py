@@ -6,7 +6,8 @@ Canonical event schema (one row per event)::
     event_ts TIMESTAMP, ingested_at TIMESTAMP, source STRING   -- partitioned by event_date DATE
 
 Every source row read ends up in exactly one of: the lake, the quarantine table (with a
-reason), or the ``events_outside_window`` count.
+reason), the ``events_outside_window`` count, or (a user someone asked to forget) the
+``events_erased_at_ingest`` count.
 
 A full run reads only the source files that changed since the lake last took them in (a ledger
 in the lake keeps each file's size, modification time and the dates it filled), plus any other
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+import pyarrow as pa
 from pyspark.sql import Column, DataFrame, DataFrameReader, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -331,6 +333,42 @@ def canonicalize(
     )
 
 
+ERASED = "erased"
+
+
+def erase_forgotten(frame: DataFrame, salt: bytes, user_hashes: frozenset[str]) -> DataFrame:
+    """Blank every event of a user the erasure ledger holds, leaving only its mark (``reason``
+    ``erased``): nothing of it is staged, quarantined or written to the lake, only counted.
+
+    The ids are hashed with the ledger's salt in an Arrow UDF: as a literal of the query, the salt
+    would be printed in every plan and event log.
+    """
+
+    @F.arrow_udf("boolean")  # type: ignore[call-overload]
+    def forgotten(ids: pa.Array) -> pa.Array:
+        import hashlib
+
+        import pyarrow.compute as pc
+
+        distinct = pc.unique(ids).drop_null().to_pylist()
+        hits = [v for v in distinct if hashlib.sha256(salt + v.encode()).hexdigest() in user_hashes]
+        return pc.fill_null(pc.is_in(ids, value_set=pa.array(hits, pa.string())), False)
+
+    erased = forgotten(F.col("user_id"))
+    kept = ("ingested_at", "source", SOURCE_FILE_COLUMN)
+    return frame.withColumn("_erased", erased).select(
+        *[
+            F.col(name)
+            if name in kept
+            else F.when(F.col("_erased"), F.lit(ERASED) if name == "reason" else F.lit(None))
+            .otherwise(F.col(name))
+            .cast(frame.schema[name].dataType)
+            .alias(name)
+            for name in frame.columns
+        ]
+    )
+
+
 def mark_duplicates(frame: DataFrame) -> DataFrame:
     """Tag all but one copy of each exactly repeated valid event as a duplicate (the copy from the
     first source file by name is kept). A duplicate's ``raw_record`` is its mapped fields: the copy
@@ -359,8 +397,12 @@ def ingest(
     ingested_at: datetime,
     staging: Path,
     dates: Collection[date] | None = None,
+    forgotten: tuple[bytes, frozenset[str]] | None = None,
 ) -> IngestResult:
     """Split source rows into good in-window events and quarantined records, with counts.
+
+    ``forgotten`` (the erasure ledger's salt and user hashes) names users whose events are only
+    counted, as ``events_erased_at_ingest`` (see :func:`erase_forgotten`).
 
     Rows whose timestamp parses but falls outside [window_start, window_end), or on a date not in
     ``dates`` (when given), belong to another run or stay as the lake has them, and are only counted.
@@ -372,10 +414,12 @@ def ingest(
     out of heap. The caller removes ``staging`` once the returned frames are written.
     """
     canonical = canonicalize(raw, source, events, ingested_at)
+    if forgotten is not None:
+        canonical = erase_forgotten(canonical, *forgotten)
     in_window = (F.col("event_ts") >= F.lit(window_start)) & (F.col("event_ts") < F.lit(window_end))
     if dates is not None:
         in_window = in_window & F.to_date("event_ts").isin(sorted(dates))
-    flagged = F.col("corrupt") | F.col("reason").isin("before_floor", "future_timestamp")
+    flagged = F.col("corrupt") | F.col("reason").isin("before_floor", "future_timestamp", ERASED)
     spark = raw.sparkSession
     dated = (
         canonical.where(F.col("event_ts").isNull() | in_window | flagged)
@@ -412,7 +456,7 @@ def ingest(
     for row in accepted.groupBy(SOURCE_FILE_COLUMN, "event_date").count().collect():
         filled.setdefault(file_path(row[SOURCE_FILE_COLUMN]), set()).add(row["event_date"])
     metrics = record_counts(sum(row["rows"] for row in read.values()), counts)
-    bad = classified.where(F.col("reason").isNotNull()).select(
+    bad = classified.where(F.col("reason").isNotNull() & (F.col("reason") != ERASED)).select(
         "raw_record", "reason", "event_ts", "ingested_at", "source"
     )
     files = {
@@ -423,14 +467,16 @@ def ingest(
 
 
 def record_counts(total_rows: int, counts: Mapping[str | None, int]) -> dict[str, float]:
-    """Where the records read went: ``counts`` per quarantine reason, accepted ones under None."""
-    accepted = counts.get(None, 0)
-    quarantined = sum(count for reason, count in counts.items() if reason is not None)
+    """Where the records read went: ``counts`` per quarantine reason (or ``erased``), accepted ones
+    under None."""
+    accepted, erased = counts.get(None, 0), counts.get(ERASED, 0)
+    quarantined = sum(count for reason, count in counts.items() if reason not in (None, ERASED))
     metrics: dict[str, float] = {
         "events_read": float(total_rows),
         "events_ingested": float(accepted),
         "events_quarantined": float(quarantined),
-        "events_outside_window": float(total_rows - accepted - quarantined),
+        "events_erased_at_ingest": float(erased),
+        "events_outside_window": float(total_rows - accepted - quarantined - erased),
         "quarantine_share": quarantined / max(accepted + quarantined, 1),
     }
     metrics.update({f"quarantine_{reason}": float(counts.get(reason, 0)) for reason in QUARANTINE_REASONS})

@@ -22,7 +22,7 @@ from recsys_pipeline.config import ALERTS_CONN_ID, PROJECT_ROOT, PipelineConfig,
 # DAG files are parsed often: nothing imported here at the top may pull in Spark (``jobs`` does) or
 # NumPy, SciPy and Arrow (``runs`` does); what a task needs loads when it runs.
 from recsys_pipeline.errors import USER_ERROR_EXIT, RecsysError, StageSkipped
-from recsys_pipeline.pipelines import Pipeline, Stage
+from recsys_pipeline.pipelines import STAGES_PACKAGE, Pipeline, Stage
 from recsys_pipeline.redaction import redact_text, without_user_info
 from recsys_pipeline.resources import measured
 from recsys_pipeline.trigger import TRIGGER_PARAMS, run_overrides, trigger_defaults
@@ -307,6 +307,49 @@ def wire(pipeline: Pipeline, config: PipelineConfig) -> dict[str, Any]:
             if before is not after:
                 before >> after
     return tasks
+
+
+# The recsys_forget DAG's stages in order: (task id, stage function under recsys_pipeline.stages.forget).
+FORGET_STAGES = (
+    ("erase_state", "run_state_erasure"),
+    ("republish", "run_republish"),
+    ("verify_erasure", "run_erasure_verification"),
+)
+
+
+def wire_forget(config: PipelineConfig) -> dict[str, Any]:
+    """The tasks of ``recsys_forget``, one per stage in order; each reads the request's id (the run's
+    only param) and nothing else. Republishing moves the champion, so it updates the champion asset."""
+    tasks = {
+        name: forget_task(name, function, [champion_asset(config)] if name == "republish" else [])()
+        for name, function in FORGET_STAGES
+    }
+    names = [name for name, _ in FORGET_STAGES]
+    for before, after in zip(names, names[1:], strict=False):
+        tasks[before] >> tasks[after]
+    return tasks
+
+
+def forget_task(name: str, function: str, outlets: list[Any]) -> Any:
+    """A TaskFlow task calling one stage of :mod:`recsys_pipeline.stages.forget` for the run's
+    request; a user-facing failure (an unknown request, an id still found) fails without retries."""
+    from airflow.sdk import task
+
+    @task(task_id=name, outlets=outlets)
+    def run_stage(**context: Any) -> None:
+        from importlib import import_module
+
+        from airflow.sdk.exceptions import AirflowFailException
+
+        stage = getattr(import_module(f"{STAGES_PACKAGE}.forget"), function)
+        request_id = str(context["params"]["request_id"])
+        extra = (context["run_id"],) if function == "run_republish" else ()
+        try:
+            stage(load_config(), request_id, *extra)
+        except RecsysError as error:
+            raise AirflowFailException(str(error)) from error
+
+    return run_stage
 
 
 def spark_job(config: PipelineConfig, pipeline: Pipeline, job: str) -> SparkSubmitOperator:

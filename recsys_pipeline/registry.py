@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 from recsys_pipeline import tracking
 from recsys_pipeline.artifacts import RefreshLineage
@@ -18,7 +18,7 @@ from recsys_pipeline.bundle import MANIFEST_TAG, MODEL_MANIFEST, Bundle, BundleI
 from recsys_pipeline.config import AlsConfig, RegistryConfig
 from recsys_pipeline.errors import RecsysError
 from recsys_pipeline.files import atomic_dir
-from recsys_pipeline.runs import RunContext, RunMode
+from recsys_pipeline.runs import RunContext
 from recsys_pipeline.state import StateLayout
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,12 @@ class VersionMark(StrEnum):
     WOULD_PROMOTE = "would_promote"
     PROMOTION_REASON = "promotion_reason"  # set whenever the version became champion
 
+
+# A version is a weekly's (full), a nightly's (refresh), or a copy of one without the users an
+# erasure request named (erasure).
+VersionKind = Literal["full", "refresh", "erasure"]
+# What an erasure version records beside its parent's tags.
+ERASURE_OF, ERASURE_REQUEST = "erasure_of", "erasure_request"
 
 # What makes two runs the same version: the same DAG and window, input, resolved config and code.
 IDENTITY_TAGS = ("run_key", "input_fingerprint", "config_hash", "code_version")
@@ -58,8 +64,8 @@ class VersionTags:
     code_version: str
     backend: str
     bundle_format: str
-    kind: RunMode
-    lineage: RefreshLineage | None = None  # a nightly's
+    kind: VersionKind
+    lineage: RefreshLineage | None = None  # a nightly's (and its erasure copy's)
 
     def as_tags(self) -> dict[str, str]:
         tags = {field.name: getattr(self, field.name) for field in fields(self) if field.name != "lineage"}
@@ -80,7 +86,7 @@ class VersionTags:
                 f"version {getattr(version, 'version', '?')} lacks the tags {', '.join(missing)}: it was "
                 "not published by this pipeline"
             )
-        kind: RunMode = "refresh" if tags["kind"] == "refresh" else "full"
+        kind = cast(VersionKind, tags["kind"] if tags["kind"] in ("refresh", "erasure") else "full")
         return cls(
             dag_id=tags["dag_id"],
             airflow_run_id=tags["airflow_run_id"],
@@ -94,7 +100,7 @@ class VersionTags:
             backend=tags["backend"],
             bundle_format=tags["bundle_format"],
             kind=kind,
-            lineage=RefreshLineage.from_tags(tags) if kind == "refresh" else None,
+            lineage=RefreshLineage.from_tags(tags) if "refresh_day" in tags else None,
         )
 
 
@@ -218,6 +224,38 @@ class Registry:
             judged_against=None if current is None else str(current.version),
         )
         return str(previous.version)
+
+    def erasure_copy(self, parent: str, request_id: str) -> Any | None:
+        """The version an erasure request republished ``parent`` as, if it did."""
+        query = (
+            f"name = '{self.config.mlflow.model_name}' and tags.{ERASURE_OF} = '{parent}' "
+            f"and tags.{ERASURE_REQUEST} = '{request_id}'"
+        )
+        versions = self.client.search_model_versions(query)
+        return max(versions, key=lambda v: int(v.version)) if versions else None
+
+    def all_versions(self) -> list[Any]:
+        return list(self.client.search_model_versions(f"name = '{self.config.mlflow.model_name}'"))
+
+    def point_previous(self, version: str | None) -> None:
+        """Point ``previous`` at ``version`` (None: remove the alias), under the alias lock."""
+        name = self.config.mlflow.model_name
+        with StateLayout.of(self.config).lock(name="aliases"):
+            if version is None:
+                if self.alias_version(PREVIOUS) is not None:
+                    self.client.delete_registered_model_alias(name, PREVIOUS)
+            else:
+                self.client.set_registered_model_alias(name, PREVIOUS, version)
+
+    def delete_run_artifacts(self, run_id: str) -> None:
+        """Delete every artifact of an MLflow run from the store (the run's record stays)."""
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        with tracking.fluent(self.config) as bound:
+            get_artifact_repository(bound.get_run(run_id).info.artifact_uri).delete_artifacts()
+
+    def delete_version(self, version: str) -> None:
+        self.client.delete_model_version(self.config.mlflow.model_name, version)
 
     def download(self, alias: str = CHAMPION) -> tuple[Any, Bundle]:
         """(model version, its bundle) behind ``alias``, cached per version under the state home."""

@@ -48,6 +48,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "validation",
             "synthetic",
             "content",
+            "erasure",
         },
     ),
     ("artifacts and registry", {"tracking", "bundle", "registry"}),

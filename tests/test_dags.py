@@ -50,7 +50,7 @@ NIGHTLY_TASKS = [
 
 def test_dags_import_without_errors(dagbag) -> None:
     assert dagbag.import_errors == {}
-    assert {"recsys_weekly", "recsys_nightly"} <= set(dagbag.dags)
+    assert {"recsys_weekly", "recsys_nightly", "recsys_forget"} <= set(dagbag.dags)
 
 
 @pytest.mark.e2e
@@ -73,7 +73,7 @@ def test_parsing_the_dag_files_loads_no_spark_and_no_array_library(tmp_path: Pat
     assert loaded.stdout.strip().splitlines()[-1] == "[]"
 
 
-@pytest.mark.parametrize("dag_id", ["recsys_weekly", "recsys_nightly"])
+@pytest.mark.parametrize("dag_id", ["recsys_weekly", "recsys_nightly", "recsys_forget"])
 def test_dag_integrity_docs_tags_owner_retries_and_timeouts(dagbag, dag_id: str) -> None:
     dag = dagbag.dags[dag_id]
     assert dag.doc_md and dag_id in dag.doc_md
@@ -84,9 +84,23 @@ def test_dag_integrity_docs_tags_owner_retries_and_timeouts(dagbag, dag_id: str)
         assert task.retries >= 2 and task.retry_exponential_backoff, task.task_id
         assert task.execution_timeout is not None, task.task_id
     spark_tasks = [task for task in dag.tasks if task.task_type == "StageSparkSubmitOperator"]
-    assert spark_tasks and all(task.pool == "recsys_spark" for task in spark_tasks)
+    assert all(task.pool == "recsys_spark" for task in spark_tasks)
+    assert bool(spark_tasks) == (dag_id != "recsys_forget")  # erasure rewrites files without Spark
     others = [task for task in dag.tasks if task not in spark_tasks]
     assert all(task.pool == "default_pool" for task in others)
+
+
+def test_the_forget_dag_takes_only_a_request_id_and_runs_its_stages_in_order(dagbag) -> None:
+    from airflow.sdk.definitions.param import ParamValidationError
+
+    dag = dagbag.dags["recsys_forget"]
+    assert type(dag.timetable).__name__ == "NullTimetable"  # only ever triggered, by `recsys forget`
+    assert set(dag.params.keys()) == {"request_id"}
+    with pytest.raises(ParamValidationError):
+        dag.params.get_param("request_id").resolve(value="")
+    assert [task.task_id for task in dag.topological_sort()] == ["erase_state", "republish", "verify_erasure"]
+    outlets = {task.task_id: [asset.name for asset in task.outlets] for task in dag.tasks}
+    assert outlets == {"erase_state": [], "republish": ["recsys-als_champion"], "verify_erasure": []}
 
 
 @pytest.mark.parametrize("dag_id", ["recsys_weekly", "recsys_nightly"])

@@ -8,6 +8,7 @@ from typing import Any
 
 from pyspark.sql import SparkSession
 
+from recsys_pipeline.erasure import ErasureLedger, Forgotten, erase_rows, parquet_files
 from recsys_pipeline.events import (
     EmptyIntervalError,
     IngestResult,
@@ -51,6 +52,7 @@ def run_ingest(spark: SparkSession, run: RunContext) -> dict[str, float]:
     lake = run.layout.events_lake
     listing = source_files(config.source)
     settings = ingest_settings_hash(config.source, config.events)
+    forgotten = ErasureLedger(run.layout).forgotten()
     with run.layout.lock():
         ledger = read_ledger(lake, settings) if config.events.incremental else {}
         stale = stale_files(listing, ledger) if ledger else list(listing)
@@ -62,17 +64,21 @@ def run_ingest(spark: SparkSession, run: RunContext) -> dict[str, float]:
                 *(ledger_dates(ledger[path]) for path in [*stale, *removed] if path in ledger)
             )
             if stale:
-                result = _ingest_files(spark, run, stale, None)
+                result = _ingest_files(spark, run, stale, None, forgotten)
                 replaced |= set().union(*(summary.dates for summary in result.files.values()))
             companions = companion_files(listing, ledger, stale, replaced)
             if companions:
-                result = _ingest_files(spark, run, [*stale, *companions], replaced)
+                result = _ingest_files(spark, run, [*stale, *companions], replaced, forgotten)
         else:
-            result = _ingest_files(spark, run, None, None)
+            result = _ingest_files(spark, run, None, None, forgotten)
         metrics = _metrics(result, listing, ledger)
         if result is not None:
             label_actions(spark, "ingest: write the quarantine")
             result.quarantine.write.mode("overwrite").parquet(str(run.quarantine_dir))
+            if forgotten is not None:
+                # A record too broken to map still names its user somewhere in its raw form.
+                scrubbed = erase_rows(parquet_files(run.quarantine_dir), ["raw_record"], forgotten)
+                metrics["quarantine_erased"] = float(scrubbed.rows_removed)
             check_quarantine_share(result.metrics, config.events.max_quarantine_share)
             write_lake(result.events, lake, window_start, window_end, replaced)
         else:
@@ -103,7 +109,11 @@ def run_ingest(spark: SparkSession, run: RunContext) -> dict[str, float]:
 
 
 def _ingest_files(
-    spark: SparkSession, run: RunContext, files: list[str] | None, dates: set[date] | None
+    spark: SparkSession,
+    run: RunContext,
+    files: list[str] | None,
+    dates: set[date] | None,
+    forgotten: Forgotten | None,
 ) -> IngestResult:
     window_start, window_end = ingest_window(run)
     raw = read_source(spark, run.config.source, files)
@@ -116,6 +126,7 @@ def _ingest_files(
         now_utc(),
         run.artifacts.ingest_staging,
         dates,
+        (forgotten.salt, forgotten.user_hashes) if forgotten is not None else None,
     )
 
 

@@ -7,6 +7,7 @@ import json
 import logging
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from recsys_pipeline.bundle import (
     tree_manifest,
     write_bundle,
 )
+from recsys_pipeline.config import PipelineConfig
 from recsys_pipeline.errors import StageSkipped
 from recsys_pipeline.registry import CHAMPION, GateFailedError, Registry, VersionMark, VersionTags, data_end
 from recsys_pipeline.runs import REQUIRED_GATES, RunContext
@@ -85,13 +87,8 @@ def trained_params(run: RunContext) -> dict[str, str]:
 def run_publish(run: RunContext) -> str:
     """Log the run and register its bundle as a new model version (or return the one already there).
 
-    The model is written here first and hashed file by file; that manifest is logged beside it and
-    its sha256 registered with the version, so every later load can be checked against it. The
-    uploaded copy is downloaded back and checked against it before anything is registered: what the
-    store returns is never taken for what was published.
+    See :func:`register_bundle` for how the model is checked on its way to the store.
     """
-    import mlflow
-
     config = run.config
     tags = run_tags(run)
     existing = Registry(config).find_version(tags)
@@ -104,17 +101,42 @@ def run_publish(run: RunContext) -> str:
     bundle = write_bundle(
         run, {"tags": tags.as_tags(), "config": config.as_record(), "source": str(config.source.path)}
     )
+
+    def record() -> None:
+        import mlflow
+
+        mlflow.log_params(flatten("", config.as_record()))
+        mlflow.log_params(trained_params(run))
+        mlflow.log_metrics(run.artifacts.read_metrics())
+        for step, loss in enumerate(run.artifacts.trained.training_losses()):
+            mlflow.log_metric("training_loss_per_iteration", loss, step=step)
+        mlflow.log_artifacts(str(run.artifacts.validation_dir), artifact_path="validation")
+        mlflow.log_dict(run.artifacts.read_gates(), "gates.json")
+
+    version = register_bundle(config, bundle, tags.as_tags(), tags.run_key, record)
+    run.publication.mark_published(config.mlflow.model_name, version)
+    log.info("registered %s version %s", config.mlflow.model_name, version)
+    return version
+
+
+def register_bundle(
+    config: PipelineConfig, bundle: Path, tags: dict[str, str], run_name: str, record: Callable[[], None]
+) -> str:
+    """Log ``bundle`` as a pyfunc model in a new MLflow run (``record`` logs what else the run
+    holds) and register it with ``tags``; return the version.
+
+    The model is written here first and hashed file by file; that manifest is logged beside it and
+    its sha256 registered with the version, so every later load can be checked against it. The
+    uploaded copy is downloaded back and checked against it before anything is registered: what the
+    store returns is never taken for what was published.
+    """
+    import mlflow
+
     with tracking.fluent(config) as bound:
         with mlflow.start_run(
-            experiment_id=tracking.experiment_id(bound, config), run_name=tags.run_key, tags=tags.as_tags()
+            experiment_id=tracking.experiment_id(bound, config), run_name=run_name, tags=tags
         ) as active:
-            mlflow.log_params(flatten("", config.as_record()))
-            mlflow.log_params(trained_params(run))
-            mlflow.log_metrics(run.artifacts.read_metrics())
-            for step, loss in enumerate(run.artifacts.trained.training_losses()):
-                mlflow.log_metric("training_loss_per_iteration", loss, step=step)
-            mlflow.log_artifacts(str(run.artifacts.validation_dir), artifact_path="validation")
-            mlflow.log_dict(run.artifacts.read_gates(), "gates.json")
+            record()
             model_uri = f"runs:/{active.info.run_id}/{MODEL_PATH}"
             with tempfile.TemporaryDirectory() as staging:
                 model = Path(staging) / MODEL_PATH
@@ -136,10 +158,8 @@ def run_publish(run: RunContext) -> str:
         version = mlflow.register_model(
             model_uri,
             config.mlflow.model_name,
-            tags={**tags.as_tags(), VersionMark.MANIFEST: manifest_sha256(manifest)},
+            tags={**tags, VersionMark.MANIFEST: manifest_sha256(manifest)},
         )
-    run.publication.mark_published(config.mlflow.model_name, str(version.version))
-    log.info("registered %s version %s", config.mlflow.model_name, version.version)
     return str(version.version)
 
 

@@ -8,9 +8,11 @@ import pyarrow.dataset as ds
 import pytest
 from pyspark.sql import functions as F
 
+from recsys_pipeline.erasure import ErasureLedger
 from recsys_pipeline.events import EmptyIntervalError, QuarantineThresholdError, ingest, read_source
 from recsys_pipeline.runs import RunContext
 from recsys_pipeline.stages.ingest import run_ingest
+from recsys_pipeline.state import StateLayout
 from tests.conftest import FIXTURES
 
 BAD_IDS = {
@@ -22,7 +24,12 @@ WEEK = (datetime(1998, 4, 16, tzinfo=UTC), datetime(1998, 4, 23, tzinfo=UTC))
 
 
 def accounted(metrics: dict[str, float]) -> float:
-    return metrics["events_ingested"] + metrics["events_quarantined"] + metrics["events_outside_window"]
+    return (
+        metrics["events_ingested"]
+        + metrics["events_quarantined"]
+        + metrics["events_erased_at_ingest"]
+        + metrics["events_outside_window"]
+    )
 
 
 def ingest_week(spark, config, staging):
@@ -43,6 +50,31 @@ def test_a_row_shifted_by_a_tab_in_an_id_is_quarantined_not_lost_outside_the_win
     assert reasons.get("unparseable_record") == 2
     assert result.metrics["events_read"] == 24 == accounted(result.metrics)
     assert result.metrics["events_outside_window"] == 0
+
+
+def test_a_forgotten_users_events_are_counted_as_erased_and_kept_nowhere(
+    tmp_path, spark, make_config
+) -> None:
+    config = make_config(**BAD_IDS)
+    request = ErasureLedger(StateLayout(tmp_path / "state")).record(["100"], "")
+    forgotten = ErasureLedger(StateLayout(tmp_path / "state")).forgotten()
+    assert forgotten is not None and len(request.user_hashes) == 1
+    result = ingest(
+        read_source(spark, config.source),
+        config.source,
+        config.events,
+        *WEEK,
+        datetime.now(UTC),
+        tmp_path / "staging",
+        forgotten=(forgotten.salt, forgotten.user_hashes),
+    )
+    assert result.metrics["events_erased_at_ingest"] == 4
+    assert result.metrics["events_ingested"] == 16
+    assert result.metrics["events_read"] == 24 == accounted(result.metrics)
+    assert result.events.where(F.col("user_id") == "100").count() == 0
+    assert result.quarantine.where(F.col("raw_record").contains("100\t")).count() == 0
+    staged = ds.dataset(str(tmp_path / "staging"), format="parquet", partitioning="hive").to_table()
+    assert "100" not in staged.column("user_id").to_pylist()
 
 
 def test_overlong_ids_and_ids_with_control_characters_are_invalid(tmp_path, spark, make_config) -> None:
