@@ -236,6 +236,12 @@ def _status(config: PipelineConfig, as_json: bool) -> None:
     window = status["data_window"]
     print(f"{status['model']} version {status['version']} (aliases: {', '.join(status['aliases'])})")
     print(f"  data window: {window['start']} -> {window['end']}   created: {status['created_at']}")
+    erasure = status.get("erasure")
+    if erasure:
+        print(
+            f"  copy of version {erasure['copy_of_version']} without the users erasure request "
+            f"{erasure['request_id']} named (recsys forget)"
+        )
     refresh = status.get("refresh")
     if refresh:
         print(

@@ -361,9 +361,12 @@ def is_users_map(path: Path, table: pa.Table) -> bool:
 
 def _scrub_parquet(path: Path, forgotten: Forgotten, user_tombstones: pa.Array, done: Scrubbed) -> None:
     try:
-        table = pq.read_table(path)
+        columns = set(pq.read_schema(path).names)
     except (pa.ArrowInvalid, OSError):
         return  # not a table this pipeline wrote: the verifier still reads its strings
+    if not (columns & {"user_id", "user_idx"} or ("idx" in columns and is_users_file(path))):
+        return  # nothing in it names a user (an item table, a matrix of items)
+    table = pq.read_table(path)
     metadata = table.schema.metadata
     if is_users_map(path, table):
         changed, count = tombstoned_map(table, forgotten)

@@ -428,6 +428,11 @@ class Registry:
                     if f"content_map_{name}" in metrics
                 },
             }
+        if tags.kind == "erasure":
+            status["erasure"] = {
+                "copy_of_version": int(version.tags[ERASURE_OF]),
+                "request_id": version.tags[ERASURE_REQUEST],
+            }
         if tags.lineage is not None:
             lineage = tags.lineage
             status["refresh"] = {

@@ -89,7 +89,8 @@ def test_a_forgotten_user_is_gone_everywhere_and_stays_gone(forget_env: dict[str
     assert report["findings"] == [] and report["checked"]["state folder"]["files"] > 100
 
     status = json.loads(recsys("status", "--json", env=env).stdout)
-    assert status["kind"] == "erasure" and status["tags"]["erasure_of"] == str(before["version"])
+    assert status["kind"] == "erasure"
+    assert status["erasure"] == {"copy_of_version": before["version"], "request_id": request.request_id}
     assert status["refresh"]["parent_version"] != before["refresh"]["parent_version"]  # the weekly's copy
     versions = {row["version"]: row for row in json.loads(recsys("versions", "--json", env=env).stdout)}
     assert versions[before["version"]]["tags"]["artifacts_erased_by"] == request.request_id
