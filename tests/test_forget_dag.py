@@ -113,3 +113,19 @@ def test_a_forgotten_user_is_gone_everywhere_and_stays_gone(forget_env: dict[str
     assert users.num_rows == len(set(users.column("idx").to_pylist()))
     assert users.column("id").null_count == 1
     assert config.erasure.retain_versions
+
+    # A second request, recorded first and run later: the copies of the first request are copied
+    # again (the previous champion is the nightly's copy, which folds against its weekly's copy).
+    second = "user-000197"
+    recorded = recsys("forget", "--user-id", second, "--record-only", env=env)
+    request_id = recorded.stdout.split("recorded erasure request ")[1].split()[0]
+    recsys("forget", "--request-id", request_id, env=env)
+    republished = json.loads((home / "runs" / "recsys_forget" / request_id / "republish.json").read_text())
+    assert len(republished["copies"]) == 3  # the weekly champion, the previous (a nightly's copy), its parent
+    final = json.loads(recsys("status", "--json", env=env).stdout)
+    assert final["erasure"] == {"copy_of_version": after["version"], "request_id": request_id}
+    everyone = ErasureLedger(StateLayout(home)).forgotten()
+    assert everyone is not None and everyone.matches(second) and everyone.matches(GONE)
+    assert verify([home], everyone, skip=[home / "erasure"]).clean
+    recsys("rollback", "--reason", "the previous champion must load", env=env)
+    assert json.loads(recsys("recommend", "--user-id", "user-000001", "--json", env=env).stdout)

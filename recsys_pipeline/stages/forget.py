@@ -128,7 +128,7 @@ def run_republish(config: PipelineConfig, request_id: str, airflow_run_id: str) 
     parents = [
         registry.version(tags.lineage.parent_version)
         for tags in (VersionTags.of(version) for version in served)
-        if tags.lineage is not None and tags.kind != "erasure"
+        if tags.lineage is not None
     ]
     copies: dict[str, str] = {}
     # Weekly parents first: a nightly's copy names its parent's copy.
@@ -221,9 +221,10 @@ def _erasure_copy(
             ERASURE_REQUEST: request_id,
         }
     )
-    if parent_tags.lineage is not None:
+    if parent_tags.lineage is not None:  # a nightly's copy folds against its weekly parent's copy
         lineage = parent_tags.lineage
         tags["parent_version"] = copies.get(lineage.parent_version, lineage.parent_version)
+        tags["derived_from_version"] = copies.get(lineage.derived_from_version, lineage.derived_from_version)
     status = registry.version_status(parent)
 
     def record() -> None:
