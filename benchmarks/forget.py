@@ -9,14 +9,15 @@ Results: ``events``, ``users_forgotten``, ``weekly_ok``, ``forget_ok``, ``forget
 request, CLI to verified report), ``erase_state_s``, ``republish_s``, ``verify_s`` (each stage's own
 time), ``events_erased``, ``lake_partitions_rewritten``, ``lake_partitions``,
 ``lake_bytes_rewritten``, ``lake_bytes`` and ``lake_share_rewritten`` (bytes rewritten over the
-lake's size), ``verified_files`` and ``verified_strings``.
+lake's size), ``verified_files`` and ``verified_strings``; then the following week of the same
+world's log lands in the source and the weekly runs again: ``weekly_after_s``, ``weekly_after_ok``,
+``events_erased_at_ingest`` (the forgotten users' events, old and new, counted and kept nowhere) and
+``clean_after_weekly`` (the verifier still finds none of them in the state).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import time
 from datetime import date, timedelta
@@ -24,55 +25,29 @@ from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
-import yaml
 
 from benchmarks.pipeline import PARAMS as PIPELINE_PARAMS
-from benchmarks.pipeline import RECSYS, cached_source, link_days, timed_dag
+from benchmarks.pipeline import RECSYS, cached_source, fresh_state, land_following_week, spec_of, timed_dag
 from recsys_pipeline.config import load_config
+from recsys_pipeline.erasure import ErasureLedger, verify
 from recsys_pipeline.events import lake_partitions
 from recsys_pipeline.state import StateLayout
-from recsys_pipeline.synthetic import SOURCE_MAPPING, SyntheticSpec
 
 PARAMS: dict[str, Any] = {**PIPELINE_PARAMS, "forget_users": 1000, "seed": 0}
 
 
 def run(params: dict[str, Any]) -> dict[str, Any]:
     layout = StateLayout(load_config().state_home)
-    spec = SyntheticSpec(
-        events=params["events"],
-        users=params["users"],
-        items=params["items"],
-        days=params["days"],
-        start=params["start"],
-        taste_strength=params["taste_strength"],
-    )
-    cached = cached_source(spec, layout.bench / "data")
-    work = layout.bench / "work" / "forget"
-    shutil.rmtree(work, ignore_errors=True)
-    state, source = work / "state", work / "source"
-    link_days(cached, source)
-    config_path = work / "pipeline.yaml"
-    config_path.write_text(
-        yaml.safe_dump(
-            {
-                "source": {
-                    "name": "synthetic",
-                    "path": str(source),
-                    "format": "parquet",
-                    "mapping": SOURCE_MAPPING,
-                }
-            }
-        )
-    )
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("AIRFLOW", "RECSYS"))}
-    env |= {"RECSYS_CONFIG": str(config_path), "RECSYS_HOME": str(state)}
-    subprocess.run([RECSYS, "airflow", "db", "migrate"], env=env, check=True, capture_output=True)
+    spec = spec_of(params)
+    bench = fresh_state(layout, "forget", cached_source(spec, layout.bench / "data"))
+    work, state, env = bench.work, bench.state, bench.env
     last_day = date.fromisoformat(params["start"]) + timedelta(days=params["days"] - 1)
     weekly_s, weekly_ok = timed_dag("recsys_weekly", last_day.isoformat(), env, work / "weekly.log")
     print(f"  weekly: {weekly_s:.0f} s ({'ok' if weekly_ok else 'FAILED, see ' + str(work / 'weekly.log')})")
     results: dict[str, Any] = {"events": params["events"], "weekly_ok": weekly_ok}
     if not weekly_ok:
         return results
+    (first_weekly,) = [path for path in (state / "runs" / "recsys_weekly").iterdir() if path.is_dir()]
 
     ids = pq.read_table(state / "id_maps" / "users", columns=["id"]).column("id").to_pylist()
     picked = np.random.default_rng(params["seed"]).choice(len(ids), params["forget_users"], replace=False)
@@ -108,5 +83,24 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
         "lake_share_rewritten": erased["lake_bytes_rewritten"] / max(erased["lake_bytes"], 1.0),
         "verified_files": report["metrics"]["verified_files"],
         "verified_strings": report["metrics"]["verified_strings"],
+    }
+
+    # The following week lands (the forgotten users have new events in it too) and the weekly reads
+    # the source again: their events are erased on the way in, and the state stays clean.
+    steady_date = land_following_week(spec, last_day, layout, bench.source)
+    after_s, after_ok = timed_dag("recsys_weekly", steady_date, env, work / "weekly_after.log")
+    print(f"  weekly, the week after: {after_s:.0f} s ({'ok' if after_ok else 'FAILED'})")
+    forgotten = ErasureLedger(StateLayout(state)).forgotten()
+    assert forgotten is not None
+    (ingest,) = [
+        json.loads(path.read_text())
+        for path in (state / "runs" / "recsys_weekly").glob("*/*/metrics/ingest.json")
+        if not path.is_relative_to(first_weekly)
+    ]
+    results |= {
+        "weekly_after_s": after_s,
+        "weekly_after_ok": after_ok,
+        "events_erased_at_ingest": ingest["events_erased_at_ingest"],
+        "clean_after_weekly": verify([state], forgotten, skip=[state / "erasure"]).clean,
     }
     return results

@@ -36,7 +36,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
@@ -182,9 +182,8 @@ def timed_dag(dag_id: str, logical_date: str, env: dict[str, str], log: Path) ->
     return time.perf_counter() - started, result.returncode == 0
 
 
-def run(params: dict[str, Any]) -> dict[str, Any]:
-    layout = StateLayout(load_config().state_home)
-    spec = SyntheticSpec(
+def spec_of(params: dict[str, Any]) -> SyntheticSpec:
+    return SyntheticSpec(
         events=params["events"],
         users=params["users"],
         items=params["items"],
@@ -192,16 +191,27 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
         start=params["start"],
         taste_strength=params["taste_strength"],
     )
-    cached = cached_source(spec, layout.bench / "data")
-    work = layout.bench / "work" / "pipeline"
+
+
+@dataclass(frozen=True)
+class BenchState:
+    """A fresh state folder whose pipeline reads a synthetic log as its source."""
+
+    work: Path
+    state: Path
+    source: Path
+    config_path: Path
+    env: dict[str, str]
+
+
+def fresh_state(layout: StateLayout, name: str, log: Path) -> BenchState:
+    """``<bench>/work/<name>``, emptied: a state folder, a migrated Airflow database, and a source
+    folder holding ``log``'s days as production logs land (hard links into the cache, which stays as
+    generated), described by a profile as a user writes one (content off: no item metadata)."""
+    work = layout.bench / "work" / name
     shutil.rmtree(work, ignore_errors=True)
-    state = work / "state"
-    # The source folder the pipeline reads, as production logs land: one folder per day, more days
-    # appearing later (hard links into the cache, which stays as generated).
-    source = work / "source"
-    link_days(cached, source)
-    # A profile as a user writes one: the source, every other setting the pipeline's default (content
-    # off: no item metadata is generated here).
+    state, source = work / "state", work / "source"
+    link_days(log, source)
     config = {
         "source": {"name": "synthetic", "path": str(source), "format": "parquet", "mapping": SOURCE_MAPPING}
     }
@@ -210,6 +220,38 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     env = {key: value for key, value in os.environ.items() if not key.startswith(("AIRFLOW", "RECSYS"))}
     env |= {"RECSYS_CONFIG": str(config_path), "RECSYS_HOME": str(state)}
     subprocess.run([RECSYS, "airflow", "db", "migrate"], env=env, check=True, capture_output=True)
+    return BenchState(work, state, source, config_path, env)
+
+
+def land_following_week(spec: SyntheticSpec, last_day: date, layout: StateLayout, source: Path) -> str:
+    """Land the week after ``last_day`` of the same world's log in ``source``; return the logical date
+    of the weekly run that covers it."""
+    following = cached_source(
+        replace(
+            spec,
+            events=round(spec.events * 7 / spec.days),
+            days=7,
+            start=(last_day + timedelta(days=1)).isoformat(),
+            event_stream=1,
+        ),
+        layout.bench / "data",
+    )
+    link_days(following, source)
+    return (last_day + timedelta(days=7)).isoformat()
+
+
+def run(params: dict[str, Any]) -> dict[str, Any]:
+    layout = StateLayout(load_config().state_home)
+    spec = spec_of(params)
+    cached = cached_source(spec, layout.bench / "data")
+    bench = fresh_state(layout, "pipeline", cached)
+    work, state, source, config_path, env = (
+        bench.work,
+        bench.state,
+        bench.source,
+        bench.config_path,
+        bench.env,
+    )
 
     last_day = date.fromisoformat(params["start"]) + timedelta(days=params["days"] - 1)
     weekly_s, weekly_ok = timed_dag("recsys_weekly", last_day.isoformat(), env, work / "weekly.log")
@@ -245,18 +287,7 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
 
     # What a team pays every week: the following week's weekly on top of the first (its days land,
     # incremental ingest, the ID maps and pair history carried), from the same world's log.
-    following = cached_source(
-        replace(
-            spec,
-            events=round(spec.events * 7 / spec.days),
-            days=7,
-            start=(last_day + timedelta(days=1)).isoformat(),
-            event_stream=1,
-        ),
-        layout.bench / "data",
-    )
-    link_days(following, source)
-    steady_date = (last_day + timedelta(days=7)).isoformat()
+    steady_date = land_following_week(spec, last_day, layout, source)
     steady_s, steady_ok = timed_dag("recsys_weekly", steady_date, env, work / "weekly_steady.log")
     print(
         f"  weekly, the week after: {steady_s:.0f} s "
