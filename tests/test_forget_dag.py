@@ -112,16 +112,27 @@ def test_a_forgotten_user_is_gone_everywhere_and_stays_gone(forget_env: dict[str
     users = pq.read_table(home / "id_maps" / "users")
     assert users.num_rows == len(set(users.column("idx").to_pylist()))
     assert users.column("id").null_count == 1
-    assert config.erasure.retain_versions
+    assert config.erasure.retain_versions  # the default
 
     # A second request, recorded first and run later: the copies of the first request are copied
     # again (the previous champion is the nightly's copy, which folds against its weekly's copy).
+    # ... and with erasure.retain_versions false (each task reads the profile as it is when it runs):
+    # versions neither copied nor already emptied by the first request are deleted.
+    profile = Path(env["RECSYS_CONFIG"])
+    profile.write_text(
+        yaml.safe_dump({**yaml.safe_load(profile.read_text()), "erasure": {"retain_versions": False}})
+    )
+    listed = {row["version"] for row in json.loads(recsys("versions", "--json", env=env).stdout)}
     second = "user-000197"
     recorded = recsys("forget", "--user-id", second, "--record-only", env=env)
     request_id = recorded.stdout.split("recorded erasure request ")[1].split()[0]
     recsys("forget", "--request-id", request_id, env=env)
     republished = json.loads((home / "runs" / "recsys_forget" / request_id / "republish.json").read_text())
     assert len(republished["copies"]) == 3  # the weekly champion, the previous (a nightly's copy), its parent
+    copies = {int(copy) for copy in republished["copies"].values()}
+    emptied_before = {before["version"], before["refresh"]["parent_version"]}  # by the first request
+    remaining = {row["version"] for row in json.loads(recsys("versions", "--json", env=env).stdout)}
+    assert remaining == emptied_before | copies and max(listed) < min(copies)
     final = json.loads(recsys("status", "--json", env=env).stdout)
     assert final["erasure"] == {"copy_of_version": after["version"], "request_id": request_id}
     everyone = ErasureLedger(StateLayout(home)).forgotten()
