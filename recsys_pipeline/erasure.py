@@ -235,11 +235,8 @@ def erase_rows(files: Iterable[Path], columns: Sequence[str], forgotten: Forgott
         if not any(len(forgotten_values(probe.column(column), forgotten)) for column in present):
             continue
         table, removed = without_forgotten(parquet.read(), present, forgotten)
-        staging = path.with_name(f".erasing-{path.name}")
-        pq.write_table(
-            table.replace_schema_metadata(parquet.schema_arrow.metadata), staging, compression="snappy"
-        )
-        os.replace(staging, path)
+        metadata = parquet.schema_arrow.metadata
+        _replace(path, lambda staging: pq.write_table(table.replace_schema_metadata(metadata), staging))
         done.files_rewritten += 1
         done.rows_removed += removed
         done.bytes_rewritten += path.stat().st_size
@@ -395,9 +392,13 @@ def _scrub_parquet(path: Path, forgotten: Forgotten, user_tombstones: pa.Array, 
 
 
 def _replace(path: Path, write: Callable[[Path], object]) -> None:
+    """Write ``path`` anew beside it and rename over it; drop the checksum Hadoop's local file system
+    keeps beside a file Spark wrote (``.<name>.crc``): it would no longer match, and Spark reads a
+    file without one unchecked."""
     staging = path.with_name(f".erasing-{path.name}")
     write(staging)
     os.replace(staging, path)
+    path.with_name(f".{path.name}.crc").unlink(missing_ok=True)
 
 
 @dataclass

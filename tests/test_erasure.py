@@ -91,6 +91,10 @@ def test_only_the_files_holding_a_forgotten_user_are_rewritten(tmp_path: Path) -
     assert forgotten is not None
     files = write_lake(tmp_path / "lake")
     untouched = files["1998-04-21"].stat().st_mtime_ns
+    # Spark's local writes leave a Hadoop checksum beside each file; a stale one fails every read.
+    checksums = {day: path.with_name(f".{path.name}.crc") for day, path in files.items()}
+    for checksum in checksums.values():
+        checksum.write_bytes(b"crc")
     done = erase_rows(parquet_files(tmp_path / "lake"), ["user_id"], forgotten)
     assert (done.files_rewritten, done.rows_removed, len(done.partitions)) == (1, 2, 1)
     rewritten = pq.read_table(files["1998-04-20"])
@@ -98,6 +102,7 @@ def test_only_the_files_holding_a_forgotten_user_are_rewritten(tmp_path: Path) -
     assert rewritten.column("item_id").to_pylist() == ["2"]
     assert rewritten.schema.metadata == {b"org.apache.spark.version": b"4.2.0"}
     assert files["1998-04-21"].stat().st_mtime_ns == untouched
+    assert not checksums["1998-04-20"].exists() and checksums["1998-04-21"].exists()
     # Nothing is left to do a second time.
     assert erase_rows(parquet_files(tmp_path / "lake"), ["user_id"], forgotten).files_rewritten == 0
 

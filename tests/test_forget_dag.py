@@ -104,6 +104,10 @@ def test_a_forgotten_user_is_gone_everywhere_and_stays_gone(forget_env: dict[str
     assert rolled_back["kind"] == "erasure"  # the previous champion is a copy without the user too
     recsys("rollback", "--reason", "back", env=env)
 
+    # A nightly reads the rewritten lake files back through Spark.
+    recsys("airflow", "dags", "test", "recsys_nightly", "1998-04-18", env=env)
+    assert json.loads(recsys("status", "--json", env=env).stdout)["kind"] == "refresh"
+
     # The next weekly re-reads the source file, which still holds the user's events: erased on the way in.
     recsys("airflow", "dags", "test", "recsys_weekly", "1998-04-23", env=env)
     after = json.loads(recsys("status", "--json", env=env).stdout)
