@@ -72,7 +72,8 @@ class Recommender:
         self.meta = bundle.meta
         self.user_ids = bundle.ids("users")
         self.item_ids = bundle.ids("items")
-        self.user_lookup = {user_id: idx for idx, user_id in enumerate(self.user_ids)}
+        # An erased user keeps an index without an id (a tombstone): nothing looks it up.
+        self.user_lookup = {user_id: idx for idx, user_id in enumerate(self.user_ids) if user_id is not None}
         self.item_lookup = {item_id: idx for idx, item_id in enumerate(self.item_ids)}
         embeddings = bundle.embeddings()
         self.user_vectors = embeddings.dense_users(len(self.user_ids))

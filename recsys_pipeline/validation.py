@@ -241,7 +241,9 @@ def popular_list_share(
     """
     if recs.empty:
         return 0.0
-    users = pd.Index(user_ids).get_indexer(recs["user_id"])
+    # An erased user's index keeps no id (a tombstone, see recsys_pipeline.erasure): not a key.
+    named = np.flatnonzero(pd.notna(user_ids))
+    users = named[pd.Index(user_ids[named]).get_indexer(recs["user_id"])]
     items = pd.Index(item_ids).get_indexer(recs["item_id"])
     order = np.argsort(users, kind="stable")
     users, items = users[order], items[order]

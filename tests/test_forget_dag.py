@@ -142,5 +142,9 @@ def test_a_forgotten_user_is_gone_everywhere_and_stays_gone(forget_env: dict[str
     everyone = ErasureLedger(StateLayout(home)).forgotten()
     assert everyone is not None and everyone.matches(second) and everyone.matches(GONE)
     assert verify([home], everyone, skip=[home / "erasure"]).clean
+    # Two tombstones now: a weekly over them validates and publishes as any other.
+    recsys("airflow", "dags", "test", "recsys_weekly", "1998-04-23", env=env)
+    assert json.loads(recsys("status", "--json", env=env).stdout)["kind"] == "full"
+    assert pq.read_table(home / "id_maps" / "users").column("id").null_count == 2
     recsys("rollback", "--reason", "the previous champion must load", env=env)
     assert json.loads(recsys("recommend", "--user-id", "user-000001", "--json", env=env).stdout)

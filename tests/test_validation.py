@@ -212,6 +212,14 @@ def test_recommendation_summary_flags_unserved_users_and_lists_that_repeat_the_p
     # The popularity ranking itself, minus what each user saw.
     repeated = personal.assign(item_id=[f"i{n}" for n in (2, 3, 4, 5, 6, 0, 1, 2, 3, 4)])
     assert popular_list_share(repeated, users, items, popularity, seen) == 1.0
+    # Users whose ids an erasure emptied (tombstones) keep their rows and match no list.
+    tombstoned = np.array([None, "a", None, "b"], dtype=object)
+    seen_with_tombstones = sp.vstack(
+        [sp.csr_matrix((1, 200)), seen[0], sp.csr_matrix((1, 200)), seen[1]]
+    ).tocsr()
+    assert popular_list_share(personal, tombstoned, items, popularity, seen_with_tombstones) == pytest.approx(
+        3 / 10
+    )
     failures = run(
         tmp_path / "bad",
         "recs",
