@@ -32,10 +32,16 @@ def accounted(metrics: dict[str, float]) -> float:
     )
 
 
-def ingest_week(spark, config, staging):
-    """The fixture week of the configured source, classified."""
+def ingest_week(spark, config, staging, forgotten=None):
+    """The fixture week of the configured source, classified (``forgotten``: salt and user hashes)."""
     return ingest(
-        read_source(spark, config.source), config.source, config.events, *WEEK, datetime.now(UTC), staging
+        read_source(spark, config.source),
+        config.source,
+        config.events,
+        *WEEK,
+        datetime.now(UTC),
+        staging,
+        forgotten=forgotten,
     )
 
 
@@ -59,15 +65,7 @@ def test_a_forgotten_users_events_are_counted_as_erased_and_kept_nowhere(
     request = ErasureLedger(StateLayout(tmp_path / "state")).record(["100"], "")
     forgotten = ErasureLedger(StateLayout(tmp_path / "state")).forgotten()
     assert forgotten is not None and len(request.user_hashes) == 1
-    result = ingest(
-        read_source(spark, config.source),
-        config.source,
-        config.events,
-        *WEEK,
-        datetime.now(UTC),
-        tmp_path / "staging",
-        forgotten=(forgotten.salt, forgotten.user_hashes),
-    )
+    result = ingest_week(spark, config, tmp_path / "staging", (forgotten.salt, forgotten.user_hashes))
     assert result.metrics["events_erased_at_ingest"] == 4
     assert result.metrics["events_ingested"] == 16
     assert result.metrics["events_read"] == 24 == accounted(result.metrics)
