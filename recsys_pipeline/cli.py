@@ -269,7 +269,12 @@ def _status(config: PipelineConfig, as_json: bool) -> None:
         print(
             f"  records: {metrics['events_read']:.0f} read = {metrics['events_ingested']:.0f} ingested"
             f" + {metrics['events_quarantined']:.0f} quarantined"
-            f" + {metrics['events_outside_window']:.0f} outside the window"
+            + (
+                f" + {metrics['events_erased_at_ingest']:.0f} erased (recsys forget)"
+                if metrics.get("events_erased_at_ingest")
+                else ""
+            )
+            + f" + {metrics['events_outside_window']:.0f} outside the window"
         )
     if status["stages"]:
         costs = ", ".join(
