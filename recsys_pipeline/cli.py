@@ -327,6 +327,8 @@ def _forget(config: PipelineConfig, args: argparse.Namespace) -> int:
     else:
         ids = list(args.user_id)
         if args.user_ids_file is not None:
+            if not args.user_ids_file.is_file():
+                raise ErasureError(f"--user-ids-file {args.user_ids_file} is not a file")
             ids += args.user_ids_file.read_text().splitlines()
         request = ledger.record(ids, args.reason)
         request_id = request.request_id

@@ -182,3 +182,15 @@ def test_the_verifier_finds_an_id_in_every_kind_of_file(tmp_path: Path) -> None:
     ]
     assert found.files_checked == 7
     assert verify([root], forgotten, skip=[root]).files_checked == 0
+
+
+def test_a_request_without_ids_is_refused_in_one_line(tmp_path: Path, capsys) -> None:
+    from recsys_pipeline.cli import main
+
+    state = ["--set", f"state_dir={tmp_path / 'state'}"]
+    assert main([*state, "forget", "--user-ids-file", str(tmp_path / "missing.txt")]) == 1
+    assert "is not a file" in capsys.readouterr().err
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    assert main([*state, "forget", "--user-ids-file", str(tmp_path / "empty.txt")]) == 1
+    assert "at least one non-empty user id" in capsys.readouterr().err
+    assert not (tmp_path / "state" / "erasure" / "ledger.jsonl").exists()
