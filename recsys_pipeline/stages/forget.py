@@ -82,7 +82,6 @@ def run_state_erasure(config: PipelineConfig, request_id: str) -> dict[str, floa
     """
     layout, forgotten = _forgotten(config, request_id)
     started = time.perf_counter()
-    lake_bytes = sum(path.stat().st_size for path in parquet_files(layout.events_lake))
     with layout.lock():
         lake = erase_rows(parquet_files(layout.events_lake), ["user_id"], forgotten)
         quarantine = erase_rows(parquet_files(layout.quarantine), ["raw_record"], forgotten)
@@ -95,7 +94,7 @@ def run_state_erasure(config: PipelineConfig, request_id: str) -> dict[str, floa
         "lake_partitions_rewritten": float(len(lake.partitions)),
         "lake_files_rewritten": float(lake.files_rewritten),
         "lake_bytes_rewritten": float(lake.bytes_rewritten),
-        "lake_bytes": float(lake_bytes),
+        "lake_bytes": float(lake.bytes_scanned),  # the lake's size before the rewrite
         "quarantine_records_erased": float(quarantine.rows_removed),
         "ids_tombstoned": float(tombstoned),
         "run_files_rewritten": float(len(runs.files_rewritten)),
