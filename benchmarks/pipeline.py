@@ -17,7 +17,11 @@ as each task recorded them, the Spark JVM included), ``max_peak_rss_mb``, ``floo
 ``weekly_vs_floor`` (weekly_s / floor_s), ``weekly_ok``/``nightly_ok`` (the DAG run succeeded);
 ``weekly_steady_s``, ``weekly_steady_ok`` and ``weekly_steady_vs_floor``: the following week's weekly
 on top of the first, once a week more of the same world's log has landed (what a team pays every
-week; its tasks under ``recsys_weekly_steady`` in ``stage_s`` and ``peak_rss_mb``); and
+week; its tasks under ``recsys_weekly_steady`` in ``stage_s`` and ``peak_rss_mb``), with what its
+train stage recorded (``weekly_steady_tuning_s``, ``_tuning_age_days``: 7 when it kept the first
+weekly's tuning, ``_warm_start_iterations``: 0 when it fitted from random factors) and its
+evaluation (``weekly_steady_ndcg_at_10``, ``_baseline_ndcg_at_10``, ``_champion_ndcg_at_10``, on
+its own holdout); and
 ``tuning_s`` (the weekly's hyperparameter sweep, inside its ``train``) beside
 ``tuning_budget_s`` (half of the rest of the weekly), and the weekly model's quality on its own
 evaluation users: ``ndcg_at_10``, ``baseline_ndcg_at_10`` (popularity), ``oracle_ndcg_at_10`` (the
@@ -111,10 +115,10 @@ def stage_costs(runs: Path) -> dict[str, dict[str, float]]:
     return costs
 
 
-def tuning_seconds(runs: Path) -> float:
-    """The weekly's sweep time, as its train stage recorded it (``runs``: its interval's folder)."""
-    path = next(runs.glob("**/metrics/train.json"))
-    return float(json.loads(path.read_text())["tuning_s"])
+def stage_metrics(runs: Path, stage: str) -> dict[str, float]:
+    """What a stage of the run under ``runs`` (its interval's folder) recorded, e.g. ``train``."""
+    path = next(runs.glob(f"**/metrics/{stage}.json"))
+    return {name: float(value) for name, value in json.loads(path.read_text()).items()}
 
 
 def generator_indices(ids: np.ndarray) -> np.ndarray:
@@ -282,7 +286,7 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
     if weekly_ok:
         evaluation = load_config(config_path).evaluation
         results |= weekly_quality(first_weekly, spec, evaluation.max_users, evaluation.sample_seed)
-        results["tuning_s"] = tuning_seconds(first_weekly)
+        results["tuning_s"] = stage_metrics(first_weekly, "train")["tuning_s"]
         results["tuning_budget_s"] = (weekly_s - results["tuning_s"]) / 2
 
     # What a team pays every week: the following week's weekly on top of the first (its days land,
@@ -299,6 +303,15 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
         if path.is_dir() and path != first_weekly
     ]
     costs["recsys_weekly_steady"] = stage_costs(steady_weekly)
+    if steady_ok:
+        trained, evaluated = stage_metrics(steady_weekly, "train"), stage_metrics(steady_weekly, "evaluate")
+        results |= {
+            f"weekly_steady_{name}": trained[name]
+            for name in ("tuning_s", "tuning_age_days", "warm_start_iterations")
+        } | {
+            f"weekly_steady_{name}": evaluated[name]
+            for name in ("ndcg_at_10", "baseline_ndcg_at_10", "champion_ndcg_at_10")
+        }
     peaks = [cost["peak_rss_mb"] for tasks in costs.values() for cost in tasks.values()]
     results |= {
         "weekly_steady_s": steady_s,

@@ -23,7 +23,9 @@ is 0.01 nDCG@10 below raw confidences, within the interval, so the sweep tries b
 
 from __future__ import annotations
 
+import logging
 import os
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -37,6 +39,8 @@ from recsys_pipeline.errors import RecsysError
 
 if TYPE_CHECKING:
     from pyspark.sql import DataFrame, SparkSession
+
+log = logging.getLogger(__name__)
 
 
 def item_weights(user_items: sp.csr_matrix, params: AlsConfig) -> np.ndarray | None:
@@ -102,21 +106,79 @@ def check_trainable(user_items: sp.csr_matrix, factors: int) -> None:
         )
 
 
+@dataclass(frozen=True)
+class WarmStart:
+    """Where a fit starts instead of random factors: dense (all users, all items) x factors arrays from
+    an earlier solution of the same problem, and the iterations that then suffice."""
+
+    user_factors: np.ndarray
+    item_factors: np.ndarray
+    iterations: int
+
+
+def warm_start(
+    start: Embeddings, start_params: AlsConfig, params: AlsConfig, shape: tuple[int, int]
+) -> WarmStart | None:
+    """A fit of ``params`` on a (users x items) matrix of ``shape``, started from ``start`` (last week's
+    model, trained with ``start_params``), or None when it cannot seed it: warm starts off
+    (``als.warm_start_iterations`` null), a backend that cannot resume (Spark MLlib's ALS takes no
+    initial factors), or other hyperparameters (a weighting, regularization or alpha of their own make
+    the earlier factors a different problem's solution). Rows the earlier model lacks (new users and
+    items, or ones without data then) start as implicit starts every row, uniform in [0, 0.01); the
+    append-only ID maps keep every other row where it was.
+
+    Why: measured on the 20M synthetic log's second week, five iterations from last week's factors
+    reach a lower training loss than fifteen from random ones (0.008280 against 0.008289) with the
+    same held-out nDCG@10 (0.2689 against 0.2697, within its interval) in a third of the time."""
+    iterations = params.warm_start_iterations
+    if iterations is None:
+        return None
+    same_problem = {"factors", "weighting", "regularization", "alpha", "bm25_k1"}
+    differing = sorted(
+        name
+        for name in same_problem
+        if start_params.hyperparameters()[name] != params.hyperparameters()[name]
+    )
+    if params.backend != "implicit" or start_params.backend != "implicit" or differing:
+        log.info(
+            "final fit from random factors: backend %s after %s, differing %s",
+            params.backend,
+            start_params.backend,
+            differing,
+        )
+        return None
+    random = np.random.default_rng(params.random_state)
+    factors = []
+    for size, idx, vectors in (
+        (shape[0], start.user_idx, start.user_factors),
+        (shape[1], start.item_idx, start.item_factors),
+    ):
+        dense = random.random((size, params.factors), dtype=np.float32) * np.float32(0.01)
+        kept = idx < size
+        dense[idx[kept]] = learned(vectors[kept], params)
+        factors.append(dense)
+    return WarmStart(factors[0], factors[1], iterations)
+
+
 class AlsTrainer(Protocol):
     """One ALS implementation. Every backend reads the same confidence matrix and config and
     returns dense (all users x factors, all items x factors) arrays; :func:`train` does the
     checks and keeps the rows that had data, so later stages never see which backend ran.
     """
 
-    def fit(self, user_items: sp.csr_matrix, params: AlsConfig) -> tuple[np.ndarray, np.ndarray, list[float]]:
-        """(user factors, item factors, training loss per iteration)."""
+    def fit(
+        self, user_items: sp.csr_matrix, params: AlsConfig, start: WarmStart | None = None
+    ) -> tuple[np.ndarray, np.ndarray, list[float]]:
+        """(user factors, item factors, training loss per iteration), from ``start`` if given."""
         ...
 
 
 class ImplicitTrainer:
     """``implicit``'s CPU ALS: confidence = alpha x value, loss reported after every iteration."""
 
-    def fit(self, user_items: sp.csr_matrix, params: AlsConfig) -> tuple[np.ndarray, np.ndarray, list[float]]:
+    def fit(
+        self, user_items: sp.csr_matrix, params: AlsConfig, start: WarmStart | None = None
+    ) -> tuple[np.ndarray, np.ndarray, list[float]]:
         from implicit.cpu.als import AlternatingLeastSquares
 
         losses: list[float] = []
@@ -127,12 +189,15 @@ class ImplicitTrainer:
                 factors=params.factors,
                 regularization=params.regularization,
                 alpha=params.alpha,
-                iterations=params.iterations,
+                iterations=params.iterations if start is None else start.iterations,
                 use_cg=params.use_cg,
                 calculate_training_loss=True,
                 random_state=params.random_state,
                 num_threads=os.cpu_count() or 0,
             )
+            if start is not None:  # implicit draws random factors only for a side left None
+                model.user_factors = start.user_factors.copy()
+                model.item_factors = start.item_factors.copy()
             model.fit(
                 user_items,
                 show_progress=False,
@@ -153,8 +218,13 @@ class SparkMllibTrainer:
     def __init__(self, spark: SparkSession) -> None:
         self.spark = spark
 
-    def fit(self, user_items: sp.csr_matrix, params: AlsConfig) -> tuple[np.ndarray, np.ndarray, list[float]]:
+    def fit(
+        self, user_items: sp.csr_matrix, params: AlsConfig, start: WarmStart | None = None
+    ) -> tuple[np.ndarray, np.ndarray, list[float]]:
         from pyspark.ml.recommendation import ALS
+
+        if start is not None:
+            raise ModelFitError("Spark MLlib's ALS cannot start from given factors (see warm_start)")
 
         coo = user_items.tocoo()
         ratings = self.spark.createDataFrame(
@@ -255,14 +325,17 @@ def trainer_for(backend: str, spark: SparkSession | None = None) -> AlsTrainer:
 
 
 def train(
-    user_items: sp.csr_matrix, params: AlsConfig, spark: SparkSession | None = None
+    user_items: sp.csr_matrix,
+    params: AlsConfig,
+    spark: SparkSession | None = None,
+    start: WarmStart | None = None,
 ) -> tuple[Embeddings, list[float]]:
-    """Fit ALS with the configured backend on the weighted confidences (see :func:`item_weights`);
-    return embeddings of rows with data (with the popularity prior's dimension, if weighted) and the
-    loss per iteration."""
+    """Fit ALS with the configured backend on the weighted confidences (see :func:`item_weights`),
+    from ``start`` if given (:func:`warm_start`); return embeddings of rows with data (with the
+    popularity prior's dimension, if weighted) and the loss per iteration."""
     check_trainable(user_items, params.factors)
     confidences = weighted(user_items, params, item_weights(user_items, params))
-    user_factors, item_factors, losses = trainer_for(params.backend, spark).fit(confidences, params)
+    user_factors, item_factors, losses = trainer_for(params.backend, spark).fit(confidences, params, start)
     user_factors = np.asarray(user_factors, dtype=np.float32)
     item_factors = np.asarray(item_factors, dtype=np.float32)
     check_finite(user_factors, item_factors, "training")

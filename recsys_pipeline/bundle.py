@@ -229,6 +229,10 @@ class Bundle:
     def item_weights(self) -> np.ndarray | None:
         return ModelFiles(self.path / "embeddings", AlsConfig()).item_weights()
 
+    def sweep_summary(self) -> dict[str, Any] | None:
+        """The sweep that chose the model's settings (a nightly carries its weekly parent's)."""
+        return ModelFiles(self.path / "embeddings", AlsConfig()).sweep_summary()
+
     def ids(self, side: str) -> np.ndarray:
         return read_id_map(self.path / "id_maps" / f"{side}.parquet")
 

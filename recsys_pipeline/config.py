@@ -182,6 +182,13 @@ class SweepConfig(_Section):
     validation_users: int | None = Field(
         default=10_000, ge=1, description="Validation users scored per trial (a seeded sample)."
     )
+    retune_after_days: float | None = Field(
+        default=None,
+        ge=0,
+        description="A weekly keeps the hyperparameters its reference version was tuned to while that "
+        "sweep's data ended less than this many days before the run's and the als settings are unchanged; "
+        "null: sweep every weekly.",
+    )
 
     @model_validator(mode="after")
     def _space_is_searchable(self) -> SweepConfig:
@@ -229,6 +236,13 @@ class AlsConfig(_Section):
     )
     use_cg: bool = True
     random_state: int = 42
+    warm_start_iterations: int | None = Field(
+        default=None,
+        ge=1,
+        description="A weekly whose reference version was trained with the same factors, weighting, "
+        "regularization and alpha starts from its factors and runs this many iterations; null: always "
+        "from random factors, for als.iterations.",
+    )
     sweep: SweepConfig | None = Field(default=None, description="Null: train with the values above.")
 
     def with_params(self, params: dict[str, float | str]) -> AlsConfig:

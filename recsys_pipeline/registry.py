@@ -15,7 +15,7 @@ from typing import Any, Literal, cast
 from recsys_pipeline import tracking
 from recsys_pipeline.artifacts import RefreshLineage
 from recsys_pipeline.bundle import MANIFEST_TAG, MODEL_MANIFEST, Bundle, BundleIntegrityError, verify_tree
-from recsys_pipeline.config import AlsConfig, RegistryConfig
+from recsys_pipeline.config import RegistryConfig
 from recsys_pipeline.errors import RecsysError
 from recsys_pipeline.files import atomic_dir
 from recsys_pipeline.runs import RunContext
@@ -368,12 +368,6 @@ class Registry:
         if version is None:
             return None
         return str(version.version), self.version_bundle(str(version.version))
-
-    def reference_params(self, run: RunContext) -> AlsConfig | None:
-        """The ALS settings :func:`run_reference` was trained with (what a sweep starts from); None if
-        there is no such version."""
-        reference = self.reference_bundle(run)
-        return None if reference is None else reference[1].trained_params(run.config.als)
 
     def list_versions(self) -> list[dict[str, Any]]:
         """Every registered version, newest first, as ``{version, aliases, tags, metrics}``."""

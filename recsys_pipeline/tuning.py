@@ -6,11 +6,14 @@ the data that then judges them would flatter the candidate.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -176,6 +179,39 @@ def sweep(
     return SweepResult(
         chosen, objective, score, trials, seconds=time.perf_counter() - started, untried=untried
     )
+
+
+def tuned_for(als: AlsConfig) -> str:
+    """What a sweep's choice answers to, as a digest: the als settings, less those that only say how
+    fast to tune, how often, or where the final fit starts."""
+    settings = als.model_dump(mode="json", exclude={"warm_start_iterations"})
+    if settings["sweep"] is not None:
+        settings["sweep"] = {
+            name: value
+            for name, value in settings["sweep"].items()
+            if name not in ("max_seconds", "retune_after_days")
+        }
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def with_tuning_record(summary: dict[str, Any], als: AlsConfig, data_end: datetime) -> dict[str, Any]:
+    """A sweep's summary with what :func:`kept_tuning_age` checks: the end of the data it tuned on and
+    the settings it tuned under."""
+    return summary | {"tuned_through": data_end.isoformat(), "tuned_for": tuned_for(als)}
+
+
+def kept_tuning_age(summary: dict[str, Any] | None, als: AlsConfig, data_end: datetime) -> float | None:
+    """The age in days (from the end of its data to ``data_end``) of the sweep behind ``summary`` when
+    its choice may be kept instead of sweeping again: the same settings and younger than
+    ``als.sweep.retune_after_days``. None: sweep. Why keep it: the choice moves little week to week on
+    the same kind of data, the sweep is most of a steady weekly's training, and the evaluation gate
+    still judges every model trained with it."""
+    if als.sweep is None or als.sweep.retune_after_days is None or summary is None:
+        return None
+    if "tuned_through" not in summary or summary.get("tuned_for") != tuned_for(als):
+        return None
+    age = (data_end - datetime.fromisoformat(summary["tuned_through"])).total_seconds() / 86_400
+    return age if 0 <= age < als.sweep.retune_after_days else None
 
 
 def plainest_within_noise(

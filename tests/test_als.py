@@ -2,7 +2,16 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from recsys_pipeline.als import ImplicitTrainer, ModelFitError, implicit_loss, item_weights, train, weighted
+from recsys_pipeline.als import (
+    ImplicitTrainer,
+    ModelFitError,
+    SparkMllibTrainer,
+    implicit_loss,
+    item_weights,
+    train,
+    warm_start,
+    weighted,
+)
 from recsys_pipeline.config import AlsConfig
 from recsys_pipeline.embeddings import Embeddings, read_embeddings, write_embeddings
 from recsys_pipeline.runs import RunContext
@@ -185,3 +194,55 @@ def test_training_fits_the_weighted_confidences(movielens) -> None:
     np.testing.assert_allclose(embeddings.user_factors, same.user_factors, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(embeddings.item_factors, same.item_factors, rtol=1e-5, atol=1e-6)
     assert not np.allclose(embeddings.user_factors, raw.user_factors, atol=1e-3)
+
+
+def test_a_warm_start_resumes_last_weeks_solution_and_starts_new_rows_as_implicit_does(movielens) -> None:
+    params = AlsConfig(
+        factors=8,
+        regularization=1.0,
+        alpha=2.0,
+        popularity_weight=0.25,
+        warm_start_iterations=2,
+        random_state=0,
+    )
+    last_week, last_losses = train(movielens, params)
+    # This week: the same pairs and one new user (the last row), who copies the first user.
+    grown = sp.vstack([movielens, movielens[:1]]).tocsr()
+    start = warm_start(last_week, params, params, grown.shape)
+    assert start is not None and start.iterations == 2
+    assert start.user_factors.shape == (grown.shape[0], 8) and start.item_factors.shape == (grown.shape[1], 8)
+    np.testing.assert_array_equal(start.item_factors[last_week.item_idx], last_week.item_factors[:, :8])
+    assert 0 <= start.user_factors[-1].min() and start.user_factors[-1].max() < 0.01
+    warm, warm_losses = train(grown, params, start=start)
+    _, short_losses = train(grown, params.model_copy(update={"iterations": 2}))
+    assert len(warm_losses) == 2
+    assert warm_losses[-1] < short_losses[-1] and warm_losses[-1] == pytest.approx(last_losses[-1], rel=0.02)
+    assert grown.shape[0] - 1 in warm.user_idx and warm.item_factors.shape[1] == 9  # the prior's too
+    scores = warm.user_factors @ warm.item_factors.T
+    assert np.corrcoef(scores[-1], scores[0])[0, 1] > 0.99  # the new user solved as the first
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"alpha": 4.0}, {"regularization": 2.0}, {"weighting": "none"}, {"factors": 3}, {"backend": "spark"}],
+)
+def test_a_warm_start_needs_the_same_problem_and_a_backend_that_resumes(change) -> None:
+    params = AlsConfig(factors=2, weighting="bm25", warm_start_iterations=3)
+    start = Embeddings(np.array([0]), np.ones((1, 2), np.float32), np.array([1]), np.ones((1, 2), np.float32))
+    assert warm_start(start, params, params.model_copy(update={"popularity_weight": 0.5}), (2, 2)) is not None
+    assert warm_start(start, params, params.model_copy(update=change), (2, 2)) is None
+    assert (
+        warm_start(start, params, params.model_copy(update={"warm_start_iterations": None}), (2, 2)) is None
+    )
+
+
+def test_spark_mllib_refuses_a_warm_start() -> None:
+    start = warm_start(
+        Embeddings(np.array([0]), np.ones((1, 4), np.float32), np.array([0]), np.ones((1, 4), np.float32)),
+        CONFIG,
+        CONFIG.model_copy(update={"warm_start_iterations": 2}),
+        (20, 20),
+    )
+    assert start is not None
+    with pytest.raises(ModelFitError, match="cannot start from given factors"):
+        SparkMllibTrainer(None).fit(checker_board(20), CONFIG, start)  # type: ignore[arg-type]

@@ -1,4 +1,5 @@
 import json
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pytest
@@ -8,9 +9,18 @@ from recsys_pipeline import tracking
 from recsys_pipeline.als import ModelFitError
 from recsys_pipeline.config import AlsConfig, ConfigError, SweepConfig, load_config
 from recsys_pipeline.runs import RunContext
+from recsys_pipeline.stages.content import run_content
+from recsys_pipeline.stages.publish import run_promotion, run_publish
 from recsys_pipeline.stages.train import run_sweep, run_training
-from recsys_pipeline.tuning import candidates, plainest_within_noise, sweep, validation_split
-from tests.conftest import write_interactions
+from recsys_pipeline.tuning import (
+    candidates,
+    kept_tuning_age,
+    plainest_within_noise,
+    sweep,
+    validation_split,
+    with_tuning_record,
+)
+from tests.conftest import another_run_of, copy_run, write_interactions
 
 BASE = AlsConfig(factors=8, regularization=1.0, alpha=2.0, iterations=8)
 
@@ -139,3 +149,48 @@ def test_the_sweep_keeps_unweighted_confidences_unless_the_weighting_wins_beyond
     assert plainest_within_noise({"bm25": clear["bm25"]})[1] is weighted
     # An unweighted winner needs no rule.
     assert plainest_within_noise(best(-0.03 - noise.mean()))[1] is plain
+
+
+def test_a_sweeps_choice_is_kept_until_it_is_too_old_or_the_settings_change() -> None:
+    als = AlsConfig(sweep=SweepConfig(space={"alpha": [1.0, 4.0]}, retune_after_days=28))
+    assert als.sweep is not None
+    tuned = datetime(2024, 1, 7, tzinfo=UTC)
+    summary = with_tuning_record({"best": als.hyperparameters()}, als, tuned)
+    assert kept_tuning_age(summary, als, tuned + timedelta(days=7)) == 7
+    assert kept_tuning_age(summary, als, tuned + timedelta(days=28)) is None
+    # How fast, how often, or from where the final fit starts asks nothing new of a sweep.
+    faster = als.sweep.model_copy(update={"max_seconds": 60.0, "retune_after_days": 35.0})
+    same = als.model_copy(update={"sweep": faster, "warm_start_iterations": 3})
+    assert kept_tuning_age(summary, same, tuned + timedelta(days=30)) == 30
+    changed = [
+        als.model_copy(update={"factors": 32}),
+        als.model_copy(update={"sweep": als.sweep.model_copy(update={"space": {"alpha": [1.0, 8.0]}})}),
+        als.model_copy(update={"sweep": als.sweep.model_copy(update={"retune_after_days": None})}),
+    ]
+    assert all(kept_tuning_age(summary, other, tuned + timedelta(days=7)) is None for other in changed)
+    assert kept_tuning_age({"best": {}}, als, tuned + timedelta(days=7)) is None  # tuned before the record
+    assert kept_tuning_age(summary, als, tuned - timedelta(days=7)) is None  # a replay of an earlier week
+
+
+def test_the_next_weekly_keeps_its_champions_tuning_and_starts_from_its_factors(own_weekly_run) -> None:
+    sweep_config = SweepConfig(space={"alpha": [1.0, 4.0]}, validation_users=300, retune_after_days=10)
+    base = own_weekly_run.config
+    als = base.als.model_copy(update={"sweep": sweep_config, "warm_start_iterations": 3})
+    first = another_run_of(own_weekly_run, "manual__swept", base.model_copy(update={"als": als}))
+    assert run_training(first)["warm_start_iterations"] == 0  # nothing published yet
+    run_content(first)
+    run_promotion(first, run_publish(first))
+    tuned = first.artifacts.trained.sweep_summary()
+    assert tuned is not None and tuned["tuned_through"] == first.interval_end.isoformat()
+
+    following = copy_run(first, "1998-04-23", "1998-04-30")
+    metrics = run_training(following)
+    assert metrics["tuning_s"] == 0 and metrics["tuning_age_days"] == 7
+    assert following.artifacts.trained.sweep_summary() == tuned
+    assert following.artifacts.trained.trained_params() == first.artifacts.trained.trained_params()
+    assert metrics["warm_start_iterations"] == 3 and len(following.artifacts.trained.training_losses()) == 3
+
+    later = copy_run(first, "1998-04-30", "1998-05-07")  # 14 days after the champion's sweep: tune again
+    metrics = run_training(later)
+    assert metrics["tuning_s"] > 0 and metrics["tuning_age_days"] == 0
+    assert later.artifacts.trained.sweep_summary()["tuned_through"] == later.interval_end.isoformat()

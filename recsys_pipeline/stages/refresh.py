@@ -91,7 +91,7 @@ def run_refresh(run: RunContext) -> RefreshRecord:
         refreshed.dense_items(n_items),
         params,
     )
-    run.artifacts.write_trained(refreshed, [loss], params, weights)
+    run.artifacts.write_trained(refreshed, [loss], params, weights, champion_bundle.sweep_summary())
     run.artifacts.write_refresh_record(record)
     run.artifacts.write_metrics(
         "refresh",

@@ -6,11 +6,11 @@ import logging
 from typing import TYPE_CHECKING
 
 from recsys_pipeline import tracking
-from recsys_pipeline.als import item_weights, train
+from recsys_pipeline.als import item_weights, train, warm_start
 from recsys_pipeline.config import AlsConfig, SweepConfig
 from recsys_pipeline.registry import Registry
 from recsys_pipeline.runs import RunContext
-from recsys_pipeline.tuning import SweepResult, sweep
+from recsys_pipeline.tuning import SweepResult, kept_tuning_age, sweep, with_tuning_record
 
 if TYPE_CHECKING:
     import scipy.sparse as sp
@@ -21,15 +21,34 @@ log = logging.getLogger(__name__)
 
 def run_training(run: RunContext, spark: SparkSession | None = None) -> dict[str, float]:
     """Train on the run's training matrix and write its model folder (the hyperparameters used
-    included); Spark only with ``als.backend: spark``."""
+    included); Spark only with ``als.backend: spark``.
+
+    With a reference version (the champion of the run's time): a sweep starts from its settings, or is
+    skipped while the reference's own is recent enough (:func:`~recsys_pipeline.tuning.kept_tuning_age`),
+    and the final fit starts from its factors when it solved the same problem
+    (:func:`~recsys_pipeline.als.warm_start`)."""
     user_items = run.artifacts.interactions.train_matrix()
-    params = run.config.als
-    sweep_summary, tuning_s = None, 0.0
-    if params.sweep is not None:
-        result = run_sweep(user_items, run, params.sweep, spark, Registry(run.config).reference_params(run))
-        params, sweep_summary, tuning_s = result.best, result.summary(), result.seconds
-        log.info("sweep chose %s in %.1f s", params.hyperparameters(), tuning_s)
-    embeddings, losses = train(user_items, params, spark)
+    config = run.config.als
+    reference = Registry(run.config).reference_bundle(run)
+    reference_params = None if reference is None else reference[1].trained_params(config)
+    kept_age = None
+    if reference is not None and config.sweep is not None:
+        kept_age = kept_tuning_age(reference[1].sweep_summary(), config, run.interval_end)
+    params, sweep_summary, tuning_s = config, None, 0.0
+    if reference is not None and kept_age is not None:
+        params, sweep_summary = reference[1].trained_params(config), reference[1].sweep_summary()
+        log.info("kept version %s's tuning, on data %.1f days old: no sweep", reference[0], kept_age)
+    elif config.sweep is not None:
+        result = run_sweep(user_items, run, config.sweep, spark, reference_params)
+        params, tuning_s = result.best, result.seconds
+        sweep_summary = with_tuning_record(result.summary(), config, run.interval_end)
+    start = None
+    if reference is not None and reference_params is not None:
+        start = warm_start(reference[1].embeddings().warm_items(), reference_params, params, user_items.shape)
+        if start is not None:
+            log.info("final fit from version %s's factors, %d iterations", reference[0], start.iterations)
+    log.info("training with %s", params.hyperparameters())
+    embeddings, losses = train(user_items, params, spark, start)
     run.artifacts.write_trained(embeddings, losses, params, item_weights(user_items, params), sweep_summary)
     log.info("ALS loss per iteration: %s", ", ".join(f"{loss:.5f}" for loss in losses))
     metrics = {
@@ -37,6 +56,8 @@ def run_training(run: RunContext, spark: SparkSession | None = None) -> dict[str
         "trained_users": float(len(embeddings.user_idx)),
         "trained_items": float(len(embeddings.item_idx)),
         "tuning_s": tuning_s,
+        "tuning_age_days": kept_age or 0.0,
+        "warm_start_iterations": float(0 if start is None else start.iterations),
     }
     run.artifacts.write_metrics("train", metrics)
     return metrics
