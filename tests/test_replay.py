@@ -218,6 +218,54 @@ def test_nights_carry_the_pairs_forward_and_build_what_a_rebuild_from_every_even
     assert abs(difference).max() < 1e-4
 
 
+def test_a_weekly_carries_the_last_nights_pairs_and_builds_what_a_rebuild_builds(
+    spark, replay, tmp_path: Path
+) -> None:
+    config, _, _ = replay
+    shutil.copytree(config.state_home / "lake", tmp_path / "state" / "lake")
+    decayed = config.model_copy(
+        update={
+            "state_dir": tmp_path / "state",
+            "interactions": config.interactions.model_copy(update={"half_life_days": 30.0}),
+            "evaluation": config.evaluation.model_copy(update={"min_users": 1}),
+        }
+    )
+    assert decayed.interactions.holdout.strategy == "per_user_last"
+    run_interactions(
+        spark, RunContext.create(decayed, "recsys_weekly", WEEKLY_END - timedelta(weeks=1), WEEKLY_END)
+    )
+    night = RunContext.create(
+        decayed, "recsys_nightly", WEEKLY_END, WEEKLY_END + timedelta(days=1), mode="refresh"
+    )
+    run_interactions(spark, night)
+    # The next week ends a day after the night: the history carried ends inside its interval.
+    end = WEEKLY_END + timedelta(days=2)
+    runs = {
+        name: RunContext.create(decayed, "recsys_weekly", end - timedelta(weeks=1), end, name)
+        for name in ("carried", "rebuilt")
+    }
+    run_interactions(spark, runs["carried"])
+    runs["rebuilt"].layout.pair_history.unlink()  # nothing to carry: it aggregates every event
+    run_interactions(spark, runs["rebuilt"])
+    carried, rebuilt = (runs[name].artifacts for name in ("carried", "rebuilt"))
+    assert (
+        carried.read_metrics()["history_carried"] == 1.0 and rebuilt.read_metrics()["history_carried"] == 0.0
+    )
+    assert carried.interactions.input_fingerprint() == rebuilt.interactions.input_fingerprint()
+    for side in ("users", "items"):
+        assert list(carried.interactions.ids(side)) == list(rebuilt.interactions.ids(side))
+        np.testing.assert_array_equal(
+            np.sort(carried.interactions.recent(side)), np.sort(rebuilt.interactions.recent(side))
+        )
+    # Items active only between the interval's start and the night's end are recent too.
+    assert len(carried.interactions.recent("items")) > len(night.artifacts.interactions.recent("items"))
+    for matrix in ("train_matrix", "holdout_matrix"):
+        kept, built = getattr(carried.interactions, matrix)(), getattr(rebuilt.interactions, matrix)()
+        assert kept.nnz == built.nnz > 0
+        np.testing.assert_array_equal(kept.indices, built.indices)
+        assert abs(kept - built).max() < 1e-4
+
+
 def test_a_night_before_every_version_s_data_has_nothing_to_fold_into(replay) -> None:
     config, weekly, _ = replay
     # The champion has trained through later days: folding an earlier night into it would publish

@@ -93,11 +93,14 @@ def build_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]
             stored_size(map_dir / "items"),
         ).cache(),
     )
+    interval_events = read_lake(spark, run.layout.events_lake, run.interval_start, window_end)
     recent_ids = {
-        "users": read_lake(spark, run.layout.events_lake, run.interval_start, window_end)
-        .select(F.col("user_id").alias("id"))
-        .distinct(),
-        "items": item_activity.where("recent").select("id"),
+        "users": interval_events.select(F.col("user_id").alias("id")).distinct(),
+        # A history carried from within the interval (a night's, for the week) leaves the events read
+        # starting after the interval does: the interval's items are then read apart, as its users are.
+        "items": item_activity.where("recent").select("id")
+        if history is None or history.as_of <= run.interval_start
+        else interval_events.select(F.col("item_id").alias("id")).distinct(),
     }
     out = run.artifacts.interactions
     cached: list[DataFrame] = [item_activity, maps.users, maps.items]
@@ -227,10 +230,10 @@ def split(
     their ID indices), by the run's holdout strategy; frames it persists are appended to ``cached`` for
     the caller to release.
 
-    A refresh holds nothing out (None): its model is the champion's, folded over the whole history,
-    of which ``carried`` holds the pairs aggregated by an earlier run (``indexed`` then holds only the
-    events since). Its training pairs are None: they are read back from every pair once written,
-    rather than merged twice.
+    ``carried`` holds the pairs an earlier run aggregated (``indexed`` then holds only the events
+    since), for a refresh or a per-user holdout. A refresh holds nothing out (None): its model is the
+    champion's, folded over the whole history. Its training pairs are None: they are read back from
+    every pair once written, rather than merged twice.
     """
     config = run.config.interactions
     if run.mode == "refresh":
@@ -241,10 +244,12 @@ def split(
         return None, None, pairs
     holdout_only = config.model_copy(update={"min_user_interactions": 1, "min_item_interactions": 1})
     if config.holdout.strategy == "per_user_last":
-        pairs = mark_last_per_user(
-            pair_confidences(indexed, config, F.lit(window_end), INDEX_PAIR, last_seen=True),
-            config.holdout.last_n,
-        ).persist()
+        every_pair = (
+            pair_confidences(indexed, config, F.lit(window_end), INDEX_PAIR, last_seen=True)
+            if carried is None
+            else merged_pairs(indexed, config, F.lit(window_end), carried)
+        )
+        pairs = mark_last_per_user(every_pair, config.holdout.last_n).persist()
         cached.append(pairs)
         train = pairs.where(~F.col("held_out")).select(*INDEX_PAIR, "confidence")
         held = pairs.where("held_out").select(*INDEX_PAIR, "confidence")
@@ -288,18 +293,24 @@ class PairHistory:
 
 
 def carried_history(spark: SparkSession, run: RunContext) -> PairHistory | None:
-    """The last run's pair history for a refresh to carry forward, or None when it must rebuild from
-    every event: no history yet, a sliding ``history_days`` window (events leave it), a history newer
-    than the run's interval (a replayed night), other confidence settings, or a lake whose days before
-    the history's end were re-ingested since."""
+    """The last run's pair history to carry forward, or None when the run must rebuild from every
+    event: no history yet, a sliding ``history_days`` window (events leave it), a weekly holding out
+    by a global cut (it aggregates the events before the cut apart), a history newer than a night's
+    interval or a week's end (a replayed run), other confidence settings, or a lake whose days before
+    the history's end were re-ingested since (late events, a full re-ingest, an erasure).
+
+    A weekly with the per-user holdout carries it as a night does: each user's last pairs are
+    marked over the merged pairs, as over pairs aggregated from every event (tested equal)."""
     config = run.config
     pointer = run.layout.pair_history
-    if run.mode != "refresh" or config.interactions.history_days or not pointer.is_file():
+    per_user = config.interactions.holdout.strategy == "per_user_last"
+    if config.interactions.history_days or not pointer.is_file() or not (run.mode == "refresh" or per_user):
         return None
     record = json.loads(pointer.read_text())
     as_of = parse_instant(record["as_of"])
-    if as_of > run.interval_start:
-        reason = f"it ends at {as_of.isoformat()}, after this run's interval starts"
+    latest = run.interval_start if run.mode == "refresh" else run.interval_end
+    if as_of > latest:
+        reason = f"it ends at {as_of.isoformat()}, after {latest.isoformat()}"
     elif record["settings"] != history_settings_hash(config.interactions, config.events.min_event_time):
         reason = "the confidence settings changed since"
     elif record["lake"] != lake_signature(run.layout.events_lake, as_of.date()):
