@@ -512,21 +512,38 @@ def write_lake(
     window_start: datetime,
     window_end: datetime,
     dates: Collection[date] | None = None,
-) -> None:
-    """Replace the lake's ``dates`` (default: every date the window wholly covers) with ``events``.
+) -> set[date]:
+    """Replace the lake's ``dates`` (default: every date the window wholly covers) with ``events``;
+    return the dates left as they were because ``events`` holds exactly what the lake has for them.
 
     Dynamic partition overwrite replaces the dates present in ``events``; dates to replace that no
     longer have events are removed too, so a re-ingest of a shrunken source leaves no stale rows
-    behind. Dates the window only partly covers are never removed.
+    behind. Dates the window only partly covers are never removed. A date whose events are the
+    lake's (the same count and sums of event hashes, :func:`date_contents`) keeps its files, and
+    with them its events' first ``ingested_at``: a full run re-reading a night's file then leaves
+    the pair history built over that day valid (:func:`lake_signature`).
     """
+    spark = events.sparkSession
     dated = events.withColumn("event_date", F.to_date("event_ts"))
-    label_actions(events.sparkSession, "ingest: write the lake")
-    written = {row["event_date"] for row in dated.select("event_date").distinct().collect()}
-    if written:
+    label_actions(spark, "ingest: events per date")
+    incoming = date_contents(dated)
+    stored = lake_partitions(lake)
+    overlapping = sorted(day for day in incoming if day in stored)
+    unchanged: set[date] = set()
+    if overlapping:
+        label_actions(spark, "ingest: compare the lake's dates")
+        existing = date_contents(
+            spark.read.option("basePath", str(lake)).parquet(*(str(stored[day]) for day in overlapping))
+        )
+        unchanged = {day for day in overlapping if existing.get(day) == incoming[day]}
+    changed = set(incoming) - unchanged
+    if changed:
+        label_actions(spark, "ingest: write the lake")
         # No shuffle by date: ingest stages the events one file per date, so each date is still written
         # as one file (or a few, for a date larger than a read split).
         (
-            dated.write.mode("overwrite")
+            dated.where(~F.col("event_date").isin(sorted(unchanged)) if unchanged else F.lit(True))
+            .write.mode("overwrite")
             .option("partitionOverwriteMode", "dynamic")
             .partitionBy("event_date")
             .parquet(str(lake))
@@ -534,12 +551,30 @@ def write_lake(
     for day, partition in lake_partitions(lake).items():
         start_of_day = datetime(day.year, day.month, day.day, tzinfo=UTC)
         if (
-            day not in written
+            day not in incoming
             and (dates is None or day in dates)
             and window_start <= start_of_day
             and start_of_day + timedelta(days=1) <= window_end
         ):
             shutil.rmtree(partition)
+    return unchanged
+
+
+def date_contents(dated: DataFrame) -> dict[date, tuple[int, int, int]]:
+    """Per ``event_date``: the count of events and the sums of the halves of their 64-bit hashes over
+    every column but ``ingested_at``, equal for the same events however they are cut into files."""
+    event_hash = F.xxhash64("user_id", "item_id", "event_type", "value", "event_ts", "source")
+    return {
+        row["event_date"]: (row["events"], row["hash_high"], row["hash_low"])
+        for row in dated.groupBy("event_date")
+        .agg(
+            F.count("*").alias("events"),
+            # Summed as two 32-bit halves: long sums cannot overflow below 2^31 events.
+            F.sum(F.shiftrightunsigned(event_hash, 32)).alias("hash_high"),
+            F.sum(event_hash.bitwiseAND(F.lit(0xFFFFFFFF))).alias("hash_low"),
+        )
+        .collect()
+    }
 
 
 def lake_signature(lake: Path, before: date) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow.dataset as ds
 import pytest
 
-from recsys_pipeline.events import SourceMissingError, source_files
+from recsys_pipeline.events import SourceMissingError, lake_signature, source_files
 from recsys_pipeline.runs import RunContext
 from recsys_pipeline.stages.ingest import run_ingest
 
@@ -92,9 +92,14 @@ def test_weekly_runs_read_only_new_or_changed_files_and_replace_their_dates(
     run, metrics = _run(spark, make_config, source, end_day=4)
     assert metrics["source_files_removed"] == 1 and "2024-03-01" not in _lake_days(run)
 
-    # Settings that shape what a file becomes in the lake re-read every file when they change.
+    assert metrics["lake_dates_unchanged"] == 0
+
+    # Settings that shape what a file becomes in the lake re-read every file when they change; the
+    # dates whose events come out the same keep their files.
+    before = lake_signature(run.layout.events_lake, (DAY0 + timedelta(days=4)).date())
     run, metrics = _run(spark, make_config, source, end_day=4, **{"events.max_id_length": 64})
-    assert metrics["source_files_read"] == 4
+    assert metrics["source_files_read"] == 4 and metrics["lake_dates_unchanged"] == 3
+    assert lake_signature(run.layout.events_lake, (DAY0 + timedelta(days=4)).date()) == before
 
     # Re-reading everything is one setting.
     run, metrics = _run(spark, make_config, source, end_day=4, **{"events.incremental": False})
@@ -137,5 +142,11 @@ def test_a_nightly_reads_only_the_new_days_files_and_the_next_weekly_takes_them_
     assert (metrics["source_files_read"], metrics["events_ingested"]) == (1, 3)
     assert _lake_days(nightly) == {"2024-03-01": 5, "2024-03-02": 6, "2024-03-03": 3}
 
+    night_end = (DAY0 + timedelta(days=3)).date()
+    after_night = lake_signature(nightly.layout.events_lake, night_end)
     run, metrics = _run(spark, make_config, source, end_day=3)
     assert metrics["source_files_read"] == 1 and _lake_days(run)["2024-03-03"] == 3
+    # The night's file holds the night's events as the lake has them: the day keeps its files (a pair
+    # history built over it stays valid), and its events their first ingestion time.
+    assert metrics["lake_dates_unchanged"] == 1
+    assert lake_signature(run.layout.events_lake, night_end) == after_night

@@ -10,6 +10,7 @@ from pyspark.sql import SparkSession
 
 from recsys_pipeline.erasure import ErasureLedger, Forgotten, erase_rows, parquet_files
 from recsys_pipeline.events import (
+    LAKE_SCHEMA,
     EmptyIntervalError,
     IngestResult,
     check_quarantine_share,
@@ -80,13 +81,17 @@ def run_ingest(spark: SparkSession, run: RunContext) -> dict[str, float]:
                 scrubbed = erase_rows(parquet_files(run.quarantine_dir), ["raw_record"], forgotten)
                 metrics["quarantine_erased"] = float(scrubbed.rows_removed)
             check_quarantine_share(result.metrics, config.events.max_quarantine_share)
-            write_lake(result.events, lake, window_start, window_end, replaced)
+            kept = write_lake(result.events, lake, window_start, window_end, replaced)
         else:
             spark.createDataFrame([], QUARANTINE_SCHEMA).write.mode("overwrite").parquet(
                 str(run.quarantine_dir)
             )
-            write_lake(
-                spark.createDataFrame([], "event_ts TIMESTAMP"), lake, window_start, window_end, replaced
+            kept = write_lake(
+                spark.createDataFrame([], LAKE_SCHEMA).drop("event_date"),
+                lake,
+                window_start,
+                window_end,
+                replaced,
             )
         if run.mode == "full":
             ledger = {path: entry for path, entry in ledger.items() if path in listing}
@@ -98,6 +103,7 @@ def run_ingest(spark: SparkSession, run: RunContext) -> dict[str, float]:
         label_actions(spark, "ingest: count the interval's events")
         interval_events = read_lake(spark, lake, run.interval_start, run.interval_end).count()
     metrics["events_in_interval"] = float(interval_events)
+    metrics["lake_dates_unchanged"] = float(len(kept))
     run.artifacts.write_metrics("ingest", metrics)
     if interval_events == 0:
         raise EmptyIntervalError(
