@@ -85,6 +85,9 @@ class SourceHeaderError(RecsysError):
     """A CSV file's header lacks a column the mapping reads."""
 
 
+DateContents = tuple[int, int, int]  # a date's events: count, sums of their hashes' halves
+
+
 @dataclass(frozen=True)
 class FileSummary:
     """What one read of a source file put in the lake."""
@@ -189,6 +192,7 @@ class IngestResult:
     quarantine: DataFrame
     metrics: dict[str, float]
     files: dict[str, FileSummary]  # per source file read
+    dates: dict[date, DateContents]  # what the events hold per date
 
 
 def read_source(spark: SparkSession, source: SourceConfig, files: list[str] | None = None) -> DataFrame:
@@ -451,10 +455,18 @@ def ingest(
     read = {file_path(row[SOURCE_FILE_COLUMN]): row for row in per_file.collect()}
     accepted = classified.where(F.col("reason").isNull())
     filled: dict[str, set[date]] = {}
+    contents: dict[date, DateContents] = {}
     # (file, date) pairs by a plain aggregate: a set per file would be an object aggregate per task.
+    # The same pass sums what each date holds, for write_lake to compare with the lake.
     label_actions(spark, "ingest: dates per source file")
-    for row in accepted.groupBy(SOURCE_FILE_COLUMN, "event_date").count().collect():
+    for row in accepted.groupBy(SOURCE_FILE_COLUMN, "event_date").agg(*content_sums()).collect():
         filled.setdefault(file_path(row[SOURCE_FILE_COLUMN]), set()).add(row["event_date"])
+        held = contents.get(row["event_date"], (0, 0, 0))
+        contents[row["event_date"]] = (
+            held[0] + row["events"],
+            held[1] + row["hash_high"],
+            held[2] + row["hash_low"],
+        )
     metrics = record_counts(sum(row["rows"] for row in read.values()), counts)
     bad = classified.where(F.col("reason").isNotNull() & (F.col("reason") != ERASED)).select(
         "raw_record", "reason", "event_ts", "ingested_at", "source"
@@ -463,7 +475,7 @@ def ingest(
         path: FileSummary(frozenset(filled.get(path, set())), _utc(row["latest_event"]))
         for path, row in read.items()
     }
-    return IngestResult(accepted.select(*EVENT_COLUMNS), bad, metrics, files)
+    return IngestResult(accepted.select(*EVENT_COLUMNS), bad, metrics, files, contents)
 
 
 def record_counts(total_rows: int, counts: Mapping[str | None, int]) -> dict[str, float]:
@@ -508,25 +520,24 @@ def check_quarantine_share(metrics: dict[str, float], max_share: float) -> None:
 
 def write_lake(
     events: DataFrame,
+    incoming: Mapping[date, DateContents],
     lake: Path,
     window_start: datetime,
     window_end: datetime,
     dates: Collection[date] | None = None,
 ) -> set[date]:
-    """Replace the lake's ``dates`` (default: every date the window wholly covers) with ``events``;
-    return the dates left as they were because ``events`` holds exactly what the lake has for them.
+    """Replace the lake's ``dates`` (default: every date the window wholly covers) with ``events``
+    (holding ``incoming`` per date, :func:`date_contents`); return the dates left as they were
+    because ``events`` holds exactly what the lake has for them.
 
     Dynamic partition overwrite replaces the dates present in ``events``; dates to replace that no
     longer have events are removed too, so a re-ingest of a shrunken source leaves no stale rows
     behind. Dates the window only partly covers are never removed. A date whose events are the
-    lake's (the same count and sums of event hashes, :func:`date_contents`) keeps its files, and
-    with them its events' first ``ingested_at``: a full run re-reading a night's file then leaves
-    the pair history built over that day valid (:func:`lake_signature`).
+    lake's (the same count and sums of event hashes) keeps its files, and with them its events'
+    first ``ingested_at``: a full run re-reading a night's file then leaves the pair history built
+    over that day valid (:func:`lake_signature`).
     """
     spark = events.sparkSession
-    dated = events.withColumn("event_date", F.to_date("event_ts"))
-    label_actions(spark, "ingest: events per date")
-    incoming = date_contents(dated)
     stored = lake_partitions(lake)
     overlapping = sorted(day for day in incoming if day in stored)
     unchanged: set[date] = set()
@@ -536,11 +547,11 @@ def write_lake(
             spark.read.option("basePath", str(lake)).parquet(*(str(stored[day]) for day in overlapping))
         )
         unchanged = {day for day in overlapping if existing.get(day) == incoming[day]}
-    changed = set(incoming) - unchanged
-    if changed:
+    if set(incoming) - unchanged:
         label_actions(spark, "ingest: write the lake")
         # No shuffle by date: ingest stages the events one file per date, so each date is still written
         # as one file (or a few, for a date larger than a read split).
+        dated = events.withColumn("event_date", F.to_date("event_ts"))
         (
             dated.where(~F.col("event_date").isin(sorted(unchanged)) if unchanged else F.lit(True))
             .write.mode("overwrite")
@@ -560,20 +571,23 @@ def write_lake(
     return unchanged
 
 
-def date_contents(dated: DataFrame) -> dict[date, tuple[int, int, int]]:
-    """Per ``event_date``: the count of events and the sums of the halves of their 64-bit hashes over
-    every column but ``ingested_at``, equal for the same events however they are cut into files."""
+def content_sums() -> list[Column]:
+    """A group's event count and the sums of the halves of its events' 64-bit hashes over every lake
+    column but ``ingested_at``: equal for the same events however they are cut into files."""
     event_hash = F.xxhash64("user_id", "item_id", "event_type", "value", "event_ts", "source")
+    return [
+        F.count("*").alias("events"),
+        # Summed as two 32-bit halves: long sums cannot overflow below 2^31 events.
+        F.sum(F.shiftrightunsigned(event_hash, 32)).alias("hash_high"),
+        F.sum(event_hash.bitwiseAND(F.lit(0xFFFFFFFF))).alias("hash_low"),
+    ]
+
+
+def date_contents(lake_events: DataFrame) -> dict[date, DateContents]:
+    """:func:`content_sums` per ``event_date``."""
     return {
         row["event_date"]: (row["events"], row["hash_high"], row["hash_low"])
-        for row in dated.groupBy("event_date")
-        .agg(
-            F.count("*").alias("events"),
-            # Summed as two 32-bit halves: long sums cannot overflow below 2^31 events.
-            F.sum(F.shiftrightunsigned(event_hash, 32)).alias("hash_high"),
-            F.sum(event_hash.bitwiseAND(F.lit(0xFFFFFFFF))).alias("hash_low"),
-        )
-        .collect()
+        for row in lake_events.groupBy("event_date").agg(*content_sums()).collect()
     }
 
 

@@ -81,13 +81,14 @@ def run_ingest(spark: SparkSession, run: RunContext) -> dict[str, float]:
                 scrubbed = erase_rows(parquet_files(run.quarantine_dir), ["raw_record"], forgotten)
                 metrics["quarantine_erased"] = float(scrubbed.rows_removed)
             check_quarantine_share(result.metrics, config.events.max_quarantine_share)
-            kept = write_lake(result.events, lake, window_start, window_end, replaced)
+            kept = write_lake(result.events, result.dates, lake, window_start, window_end, replaced)
         else:
             spark.createDataFrame([], QUARANTINE_SCHEMA).write.mode("overwrite").parquet(
                 str(run.quarantine_dir)
             )
             kept = write_lake(
                 spark.createDataFrame([], LAKE_SCHEMA).drop("event_date"),
+                {},
                 lake,
                 window_start,
                 window_end,
