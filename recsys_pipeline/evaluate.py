@@ -187,6 +187,16 @@ class EvaluationSet:
         ]
         return cls(holdout_users, seen, relevant, np.asarray(train.getnnz(axis=0)), train.shape)
 
+    def without(self, user_idx: np.ndarray, item_idx: np.ndarray) -> EvaluationSet:
+        """The same users with the (``user_idx``, ``item_idx``) pairs taken out of what they go on to
+        interact with: a model trained on those pairs (an older champion, on earlier events of a pair
+        the holdout took whole) would be scored on what it was fitted to."""
+        trained = sp.csr_matrix(
+            (np.ones(len(user_idx), dtype=np.int8), (user_idx, item_idx)), shape=self.shape
+        )[self.users]
+        relevant = [np.setdiff1d(items, trained[row].indices) for row, items in enumerate(self.relevant)]
+        return EvaluationSet(self.users, self.seen, relevant, self.popularity, self.shape)
+
     def scores(self, embeddings: Embeddings, k: int) -> Scores:
         """Per-user metrics of the embeddings' top-k lists (see :meth:`recommend`)."""
         recommended, catalogue_size = self.recommend(embeddings, k)
@@ -242,29 +252,32 @@ def gate(
     champion: Scores | None,
     config: GateConfig,
     confidence: float,
+    candidate_vs_champion: Scores | None = None,
 ) -> tuple[bool, list[str], dict[str, float]]:
     """(passed, reasons, figures): paired bootstrap tests on ndcg@k over the same users.
 
     The candidate passes when its lift over the popularity baseline is above
     ``min_lift_over_baseline``, and its lift over the champion above ``-max_drop_vs_champion``, each
-    with probability ``confidence``. ``figures`` holds ``lift_over_<reference>_ndcg_at_k`` with its
+    with probability ``confidence``. ``candidate_vs_champion`` is the candidate's scores on the pairs
+    the champion was scored on, when those are not all of ``candidate``'s (see
+    :meth:`EvaluationSet.without`). ``figures`` holds ``lift_over_<reference>_ndcg_at_k`` with its
     one-sided ``_ci_low`` and ``_p`` (the bootstrap share of resamples at or below the threshold).
     """
     metric = f"ndcg_at_{candidate.k}"
-    tests = [("baseline", baseline, config.min_lift_over_baseline)]
+    tests = [("baseline", candidate, baseline, config.min_lift_over_baseline)]
     if champion is not None:
-        tests.append(("champion", champion, -config.max_drop_vs_champion))
+        tests.append(("champion", candidate_vs_champion or candidate, champion, -config.max_drop_vs_champion))
     reasons: list[str] = []
     figures: dict[str, float] = {}
-    for name, reference, threshold in tests:
+    for name, scored, reference, threshold in tests:
         lift = paired_lift(
-            candidate.per_user[metric], reference.per_user[metric], threshold, confidence, config.resamples
+            scored.per_user[metric], reference.per_user[metric], threshold, confidence, config.resamples
         )
         key = f"lift_over_{name}_{metric}"
         figures.update({key: lift.mean, f"{key}_ci_low": lift.ci_low, f"{key}_p": lift.p})
         if lift.p > 1 - confidence:
             reasons.append(
-                f"{metric} lift over the {name} is {lift.mean:+.4f} on {candidate.users} users, not above "
+                f"{metric} lift over the {name} is {lift.mean:+.4f} on {scored.users} users, not above "
                 f"{threshold:+.4f} with {confidence:.0%} confidence (lower bound {lift.ci_low:+.4f}, "
                 f"p={lift.p:.3f})"
             )

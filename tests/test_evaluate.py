@@ -93,6 +93,41 @@ def test_gate_requires_a_lift_over_baseline_and_no_real_drop_from_the_champion()
     assert figures["lift_over_champion_ndcg_at_10_p"] > 0.05
 
 
+def test_the_champion_is_compared_only_on_holdout_pairs_it_never_trained_on() -> None:
+    """Each user goes on to pick a pair the champion trained on earlier events of (m) and a new one
+    (f). The champion ranks m first, then f; the candidate, which never saw m, ranks f first. On
+    the whole holdout the champion looks far better; on what neither trained on, the candidate is."""
+    users = np.arange(40)
+    memorised, fresh, other = users % 10, 10 + users % 10, 20 + users % 10
+    seen = sp.csr_matrix((np.ones(40), (users, 30 + users % 5)), shape=(40, 35))
+    holdout = sp.csr_matrix((np.ones(80), (np.r_[users, users], np.r_[memorised, fresh])), shape=(40, 35))
+    evaluation = EvaluationSet.build(seen, holdout)
+
+    def model(first: np.ndarray, second: np.ndarray) -> Embeddings:
+        vectors = np.zeros((40, 35), np.float32)
+        vectors[users, first], vectors[users, second] = 1.0, 0.5
+        return Embeddings(users, vectors, np.arange(35), np.eye(35, dtype=np.float32))
+
+    champion, candidate = model(memorised, fresh), model(fresh, other)
+    config = GateConfig(max_drop_vs_champion=0.02)
+    baseline = evaluation.popularity_scores(2)
+    naive = gate(evaluation.scores(candidate, 2), baseline, evaluation.scores(champion, 2), config, 0.95)
+    assert not naive[0] and naive[2]["lift_over_champion_ndcg_at_2"] < -0.3
+
+    unseen = evaluation.without(users, memorised)
+    assert all(list(items) == [f] for items, f in zip(unseen.relevant, fresh, strict=True))
+    passed, reasons, figures = gate(
+        evaluation.scores(candidate, 2),
+        baseline,
+        unseen.scores(champion, 2),
+        config,
+        0.95,
+        unseen.scores(candidate, 2),
+    )
+    assert figures["lift_over_champion_ndcg_at_2"] == pytest.approx(1 - 1 / np.log2(3))
+    assert not any("champion" in reason for reason in reasons)
+
+
 def test_paired_gate_sees_a_small_lift_that_unpaired_intervals_overlap_on() -> None:
     """Users differ far more from each other than the two models do on each user: pairing removes the
     spread between users, so a small real lift shows even though the two means' intervals overlap."""

@@ -23,28 +23,37 @@ def run_evaluation(run: RunContext) -> dict[str, float]:
     differ, which would make the comparison unlike for like.
     """
     reference = Registry(run.config).reference_bundle(run)
-    champion = None
     if reference is not None:
         run.artifacts.interactions.check_maps_extend(reference[1], reference[0])
-        champion = reference[1].embeddings()
     settings = run.config.evaluation
     holdout = run.artifacts.interactions.holdout_matrix()
     evaluation = EvaluationSet.build(
         run.artifacts.interactions.train_matrix(), holdout, settings.max_users, settings.sample_seed
     )
     k, confidence = settings.k, settings.confidence
-    candidate = evaluation.scores(run.artifacts.served.embeddings().warm_items(), k)
+    served = run.artifacts.served.embeddings().warm_items()
+    candidate = evaluation.scores(served, k)
     baseline = evaluation.popularity_scores(k)
-    champion_scores = None if champion is None else evaluation.scores(champion.warm_items(), k)
     metrics = candidate.summary(confidence) | baseline.summary(confidence, "baseline_")
-    if champion_scores is not None:
-        metrics.update(champion_scores.summary(confidence, "champion_"))
+    champion_scores = candidate_vs_champion = None
     if reference is not None:
+        # A user's last pairs are held out whole, earlier events included, and an older champion
+        # trained on those events: on 20M events 13.5% of the week after's holdout pairs, worth
+        # +0.008 nDCG@10 to it. Both are compared on the pairs the champion never trained on.
+        unseen = evaluation.without(*reference[1].history())
+        champion_scores = unseen.scores(reference[1].embeddings().warm_items(), k)
+        candidate_vs_champion = unseen.scores(served, k)
+        metrics.update(champion_scores.summary(confidence, "champion_"))
+        metrics[f"candidate_vs_champion_ndcg_at_{k}"] = float(
+            candidate_vs_champion.per_user[f"ndcg_at_{k}"].mean()
+        )
         metrics["reference_version"] = float(reference[0])
     metrics["eval_users"] = float(candidate.users)
     metrics["eval_holdout_users"] = float((holdout.getnnz(axis=1) > 0).sum())
     metrics["eval_users_sampled"] = float(len(evaluation.users))
-    passed, reasons, figures = gate(candidate, baseline, champion_scores, settings.gate, confidence)
+    passed, reasons, figures = gate(
+        candidate, baseline, champion_scores, settings.gate, confidence, candidate_vs_champion
+    )
     metrics.update(figures)
     run.artifacts.write_metrics("evaluate", metrics)
     run.artifacts.write_gate(Gate.EVALUATION, passed, reasons)
