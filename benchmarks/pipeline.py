@@ -20,8 +20,9 @@ on top of the first, once a week more of the same world's log has landed (what a
 week; its tasks under ``recsys_weekly_steady`` in ``stage_s`` and ``peak_rss_mb``), with what its
 train stage recorded (``weekly_steady_tuning_s``, ``_tuning_age_days``: 7 when it kept the first
 weekly's tuning, ``_warm_start_iterations``: 0 when it fitted from random factors) and its
-evaluation (``weekly_steady_ndcg_at_10``, ``_baseline_ndcg_at_10``, ``_champion_ndcg_at_10``, on
-its own holdout); and
+evaluation (``weekly_steady_ndcg_at_10``, ``_baseline_ndcg_at_10`` on its own holdout;
+``_champion_ndcg_at_10`` and ``_candidate_vs_champion_ndcg_at_10`` on its pairs the champion never
+trained on); and
 ``tuning_s`` (the weekly's hyperparameter sweep, inside its ``train``) beside
 ``tuning_budget_s`` (half of the rest of the weekly), and the weekly model's quality on its own
 evaluation users: ``ndcg_at_10``, ``baseline_ndcg_at_10`` (popularity), ``oracle_ndcg_at_10`` (the
@@ -310,7 +311,12 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
             for name in ("tuning_s", "tuning_age_days", "warm_start_iterations")
         } | {
             f"weekly_steady_{name}": evaluated[name]
-            for name in ("ndcg_at_10", "baseline_ndcg_at_10", "champion_ndcg_at_10")
+            for name in (
+                "ndcg_at_10",
+                "baseline_ndcg_at_10",
+                "champion_ndcg_at_10",
+                "candidate_vs_champion_ndcg_at_10",
+            )
         }
     peaks = [cost["peak_rss_mb"] for tasks in costs.values() for cost in tasks.values()]
     results |= {
