@@ -571,16 +571,22 @@ def write_lake(
     return unchanged
 
 
-def content_sums() -> list[Column]:
-    """A group's event count and the sums of the halves of its events' 64-bit hashes over every lake
-    column but ``ingested_at``: equal for the same events however they are cut into files."""
-    event_hash = F.xxhash64("user_id", "item_id", "event_type", "value", "event_ts", "source")
+def hash_sums(*columns: str) -> list[Column]:
+    """A group's event count and the sums of the halves of its events' 64-bit hashes over
+    ``columns``: equal for the same events however they are cut into files or groups."""
+    event_hash = F.xxhash64(*columns)
     return [
         F.count("*").alias("events"),
-        # Summed as two 32-bit halves: long sums cannot overflow below 2^31 events.
+        # Summed as two 32-bit halves: long sums cannot overflow below 2^31 events and are far
+        # cheaper than decimal arithmetic.
         F.sum(F.shiftrightunsigned(event_hash, 32)).alias("hash_high"),
         F.sum(event_hash.bitwiseAND(F.lit(0xFFFFFFFF))).alias("hash_low"),
     ]
+
+
+def content_sums() -> list[Column]:
+    """:func:`hash_sums` over every lake column but ``ingested_at``."""
+    return hash_sums("user_id", "item_id", "event_type", "value", "event_ts", "source")
 
 
 def date_contents(lake_events: DataFrame) -> dict[date, DateContents]:

@@ -24,6 +24,7 @@ from pyspark.sql import functions as F
 
 from recsys_pipeline.config import HoldoutConfig, InteractionsConfig
 from recsys_pipeline.errors import RecsysError
+from recsys_pipeline.events import hash_sums
 
 
 class EmptyInteractionsError(RecsysError):
@@ -305,15 +306,8 @@ def entity_activity(events: DataFrame, column: str, recent_start: datetime, *sum
 
 
 def fingerprint_sums() -> list[Column]:
-    """Aggregates of a group's events (count and 64-bit hash sum) that add up to the input fingerprint."""
-    event_hash = F.xxhash64("user_id", "item_id", "event_type", "value", "event_ts")
-    return [
-        F.count("*").alias("events"),
-        # The hash summed as two 32-bit halves: long sums cannot overflow below 2^31 events
-        # and are far cheaper than decimal arithmetic.
-        F.sum(F.shiftrightunsigned(event_hash, 32)).alias("hash_high"),
-        F.sum(event_hash.bitwiseAND(F.lit(0xFFFFFFFF))).alias("hash_low"),
-    ]
+    """Aggregates of a group's events (count and 64-bit hash sums) that add up to the input fingerprint."""
+    return hash_sums("user_id", "item_id", "event_type", "value", "event_ts")
 
 
 @dataclass(frozen=True)

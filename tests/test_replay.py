@@ -154,6 +154,25 @@ def test_a_night_recomputes_the_lists_of_users_it_refreshed_and_carries_the_othe
     assert any(latest[user] != earlier.get(user) for user in refreshed & set(latest.index))
 
 
+def decayed_copy(config, tmp_path: Path, holdout_strategy: str):
+    """The replay's lake in a state folder under ``tmp_path``, configured with time decay (which makes
+    carrying pairs non-trivial), the given holdout, and any number of users enough to evaluate."""
+    shutil.copytree(config.state_home / "lake", tmp_path / "state" / "lake")
+    interactions = config.interactions.model_copy(
+        update={
+            "half_life_days": 30.0,
+            "holdout": config.interactions.holdout.model_copy(update={"strategy": holdout_strategy}),
+        }
+    )
+    return config.model_copy(
+        update={
+            "state_dir": tmp_path / "state",
+            "interactions": interactions,
+            "evaluation": config.evaluation.model_copy(update={"min_users": 1}),
+        }
+    )
+
+
 @pytest.mark.parametrize("weekly_holdout", ["per_user_last", "days"])
 def test_nights_carry_the_pairs_forward_and_build_what_a_rebuild_from_every_event_builds(
     spark, replay, tmp_path: Path, weekly_holdout: str
@@ -163,20 +182,7 @@ def test_nights_carry_the_pairs_forward_and_build_what_a_rebuild_from_every_even
     assert all(run.artifacts.read_metrics()["history_carried"] == 1.0 for run, _ in nights)
     # Decay makes carrying non-trivial: the carried aggregates must age as their events would. A
     # weekly with a global cut keeps pairs aggregated to the cut, then carried to its end.
-    shutil.copytree(config.state_home / "lake", tmp_path / "state" / "lake")
-    interactions = config.interactions.model_copy(
-        update={
-            "half_life_days": 30.0,
-            "holdout": config.interactions.holdout.model_copy(update={"strategy": weekly_holdout}),
-        }
-    )
-    decayed = config.model_copy(
-        update={
-            "state_dir": tmp_path / "state",
-            "interactions": interactions,
-            "evaluation": config.evaluation.model_copy(update={"min_users": 1}),
-        }
-    )
+    decayed = decayed_copy(config, tmp_path, weekly_holdout)
     run_interactions(
         spark, RunContext.create(decayed, "recsys_weekly", WEEKLY_END - timedelta(weeks=1), WEEKLY_END)
     )
@@ -222,15 +228,7 @@ def test_a_weekly_carries_the_last_nights_pairs_and_builds_what_a_rebuild_builds
     spark, replay, tmp_path: Path
 ) -> None:
     config, _, _ = replay
-    shutil.copytree(config.state_home / "lake", tmp_path / "state" / "lake")
-    decayed = config.model_copy(
-        update={
-            "state_dir": tmp_path / "state",
-            "interactions": config.interactions.model_copy(update={"half_life_days": 30.0}),
-            "evaluation": config.evaluation.model_copy(update={"min_users": 1}),
-        }
-    )
-    assert decayed.interactions.holdout.strategy == "per_user_last"
+    decayed = decayed_copy(config, tmp_path, "per_user_last")
     run_interactions(
         spark, RunContext.create(decayed, "recsys_weekly", WEEKLY_END - timedelta(weeks=1), WEEKLY_END)
     )

@@ -31,12 +31,11 @@ def run_training(run: RunContext, spark: SparkSession | None = None) -> dict[str
     config = run.config.als
     reference = Registry(run.config).reference_bundle(run)
     reference_params = None if reference is None else reference[1].trained_params(config)
-    kept_age = None
-    if reference is not None and config.sweep is not None:
-        kept_age = kept_tuning_age(reference[1].sweep_summary(), config, run.interval_end)
+    reference_sweep = None if reference is None else reference[1].sweep_summary()
+    kept_age = kept_tuning_age(reference_sweep, config, run.interval_end)
     params, sweep_summary, tuning_s = config, None, 0.0
-    if reference is not None and kept_age is not None:
-        params, sweep_summary = reference[1].trained_params(config), reference[1].sweep_summary()
+    if reference is not None and reference_params is not None and kept_age is not None:
+        params, sweep_summary = reference_params, reference_sweep
         log.info("kept version %s's tuning, on data %.1f days old: no sweep", reference[0], kept_age)
     elif config.sweep is not None:
         result = run_sweep(user_items, run, config.sweep, spark, reference_params)
