@@ -154,8 +154,8 @@ WEIGHTINGS: tuple[Weighting, ...] = ("bm25", "none")
 DEFAULT_SWEEP_SPACE: dict[TunableParameter, list[float | str]] = {
     "weighting": ["bm25", "none"],
     "regularization": [3.0, 10.0, 30.0],
-    "alpha": [2.0, 5.0, 10.0],
-    "popularity_weight": [0.0, 0.1, 0.25, 0.5],
+    "alpha": [2.0, 3.0, 5.0, 10.0],
+    "popularity_weight": [0.0, 0.1, 0.2, 0.3, 0.5],
 }
 
 
