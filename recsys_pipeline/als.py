@@ -50,7 +50,8 @@ def item_weights(user_items: sp.csr_matrix, params: AlsConfig) -> np.ndarray | N
     if params.weighting == "none":
         return None
     users_with_item = np.bincount(user_items.indices, minlength=user_items.shape[1])
-    return np.maximum(np.log(user_items.shape[0]) - np.log1p(users_with_item), 0.0).astype(np.float32)
+    idf = np.maximum(np.log(user_items.shape[0]) - np.log1p(users_with_item), 0.0)
+    return (idf**params.bm25_idf_exponent).astype(np.float32)
 
 
 def extended_item_weights(
@@ -133,7 +134,7 @@ def warm_start(
     iterations = params.warm_start_iterations
     if iterations is None:
         return None
-    same_problem = {"factors", "weighting", "regularization", "alpha", "bm25_k1"}
+    same_problem = {"factors", "weighting", "regularization", "alpha", "bm25_k1", "bm25_idf_exponent"}
     differing = sorted(
         name
         for name in same_problem

@@ -177,9 +177,12 @@ class ModelFiles:
         if not path.is_file():
             return self.als
         # Models trained before the popularity prior (or the weighting) existed have none.
-        recorded = {"popularity_weight": 0.0, "weighting": "none", "bm25_k1": 1.2} | json.loads(
-            path.read_text()
-        )
+        recorded = {
+            "popularity_weight": 0.0,
+            "weighting": "none",
+            "bm25_k1": 1.2,
+            "bm25_idf_exponent": 1.0,
+        } | json.loads(path.read_text())
         return self.als.with_params({name: recorded[name] for name in self.als.hyperparameters()}).model_copy(
             update={"backend": recorded.get("backend", self.als.backend)}
         )

@@ -154,7 +154,7 @@ WEIGHTINGS: tuple[Weighting, ...] = ("bm25", "none")
 DEFAULT_SWEEP_SPACE: dict[TunableParameter, list[float | str]] = {
     "weighting": ["bm25", "none"],
     "regularization": [3.0, 10.0, 30.0],
-    "alpha": [2.0, 3.0, 5.0, 10.0],
+    "alpha": [1.5, 3.0, 5.0, 10.0],
     "popularity_weight": [0.0, 0.1, 0.2, 0.3, 0.5],
 }
 
@@ -234,6 +234,12 @@ class AlsConfig(_Section):
     bm25_k1: float = Field(
         default=1.2, gt=0, description="BM25's saturation: a pair's confidence counts at most k1 + 1."
     )
+    bm25_idf_exponent: float = Field(
+        default=1.0,
+        ge=0,
+        description="An item's weight is its IDF to this power: above 1, a pair counts more steeply "
+        "the rarer its item (1: BM25's own weight).",
+    )
     use_cg: bool = True
     random_state: int = 42
     warm_start_iterations: int | None = Field(
@@ -259,6 +265,7 @@ class AlsConfig(_Section):
             "popularity_weight": self.popularity_weight,
             "weighting": self.weighting,
             "bm25_k1": self.bm25_k1,
+            "bm25_idf_exponent": self.bm25_idf_exponent,
         }
 
 

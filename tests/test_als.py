@@ -110,6 +110,7 @@ def test_training_stage_records_the_hyperparameters_it_used(make_config) -> None
         "popularity_weight": config.als.popularity_weight,
         "weighting": config.als.weighting,
         "bm25_k1": config.als.bm25_k1,
+        "bm25_idf_exponent": config.als.bm25_idf_exponent,
     }
     other = RunContext.create(make_config(), run.dag_id, run.interval_start, run.interval_end, run.run_id)
     assert other.artifacts.trained.trained_params().factors == 4
@@ -180,6 +181,9 @@ def test_bm25_weighting_is_implicits_bm25_weight_without_length_normalisation(mo
     counts = matrix.getnnz(axis=0)
     assert weights[np.argmin(np.where(counts > 0, counts, 10**9))] > weights[np.argmax(counts)] >= 0
     assert matrix.data.max() > 1.2 + 1
+    # A steeper weight is the IDF to a power: rare items' pairs count more, popular ones' less.
+    steeper = item_weights(matrix, params.model_copy(update={"bm25_idf_exponent": 1.5}))
+    np.testing.assert_allclose(steeper, weights**1.5, rtol=1e-5)
 
 
 def test_training_fits_the_weighted_confidences(movielens) -> None:
@@ -224,7 +228,14 @@ def test_a_warm_start_resumes_last_weeks_solution_and_starts_new_rows_as_implici
 
 @pytest.mark.parametrize(
     "change",
-    [{"alpha": 4.0}, {"regularization": 2.0}, {"weighting": "none"}, {"factors": 3}, {"backend": "spark"}],
+    [
+        {"alpha": 4.0},
+        {"regularization": 2.0},
+        {"weighting": "none"},
+        {"bm25_idf_exponent": 1.5},
+        {"factors": 3},
+        {"backend": "spark"},
+    ],
 )
 def test_a_warm_start_needs_the_same_problem_and_a_backend_that_resumes(change) -> None:
     params = AlsConfig(factors=2, weighting="bm25", warm_start_iterations=3)
