@@ -246,8 +246,8 @@ class AlsConfig(_Section):
         default=None,
         ge=1,
         description="A weekly whose reference version was trained with the same factors, weighting, "
-        "regularization and alpha starts from its factors and runs this many iterations; null: always "
-        "from random factors, for als.iterations.",
+        "regularization, alpha and BM25 settings starts from its factors and runs this many "
+        "iterations; null: always from random factors, for als.iterations.",
     )
     sweep: SweepConfig | None = Field(default=None, description="Null: train with the values above.")
 
