@@ -176,7 +176,7 @@ class ModelFiles:
         path = self.root / TRAINED_PARAMS
         if not path.is_file():
             return self.als
-        # Models trained before the popularity prior (or the weighting) existed have none.
+        # Models trained before the popularity prior (or the weighting, or its exponent) existed have none.
         recorded = {
             "popularity_weight": 0.0,
             "weighting": "none",
