@@ -17,9 +17,10 @@ confidences themselves, as implicit's own examples do (``implicit.nearest_neighb
 without its length normalisation): each confidence is saturated (``k1``) and multiplied by the item's
 inverse document frequency (to the power ``bm25_idf_exponent``), so a pair counts more the rarer its
 item. Why: on the same synthetic log the prior alone captures 46% of the oracle's lift, BM25 with
-the prior 62% (saturation alone: 18%, IDF alone: 42%; the row-length normalisation changes nothing). On MovieLens-100k's random split it
-is 0.01 nDCG@10 below raw confidences, within the interval, so the sweep tries both. At 20M events
-and 100k items an exponent of 1.5 captures 60% rather than 58.5% (docs/configuration.md, Training).
+the prior 62% (saturation alone: 18%, IDF alone: 42%; the row-length normalisation changes
+nothing). On MovieLens-100k's random split it is 0.01 nDCG@10 below raw confidences, within the
+interval, so the sweep tries both. At 20M events and 100k items an exponent of 1.5 captures 60%
+rather than 58.5% (docs/configuration.md, Training).
 """
 
 from __future__ import annotations
