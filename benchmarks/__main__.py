@@ -40,6 +40,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "pipeline": (pipeline.PARAMS, pipeline.run),
     "quality": (quality.PARAMS, quality.run),
     "quality_ml100k": (quality.PARAMS, quality.run_bundled),
+    "quality_synthetic": (quality.SYNTHETIC_PARAMS, quality.run_synthetic),
     "refresh": (refresh.PARAMS, refresh.run),
     "serving": (serving.PARAMS, serving.run),
     "session": (session.PARAMS, session.run),

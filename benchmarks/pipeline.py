@@ -127,6 +127,21 @@ def generator_indices(ids: np.ndarray) -> np.ndarray:
     return np.array([int(name[1:]) for name in ids], dtype=np.int64)
 
 
+def oracle_recommendations(
+    world: SyntheticWorld, user_ids: np.ndarray, item_ids: np.ndarray, evaluation: EvaluationSet, k: int
+) -> np.ndarray:
+    """Each evaluated user's top ``k`` unseen items by the generator's exact choice probability (the
+    ceiling of any model on that holdout); ``user_ids``/``item_ids`` name the matrix's rows and columns."""
+    users, items = generator_indices(user_ids), generator_indices(item_ids)
+    lists = np.empty((len(evaluation.users), k), dtype=np.int64)
+    for start in range(0, len(evaluation.users), ORACLE_BLOCK_USERS):
+        rows = slice(start, start + ORACLE_BLOCK_USERS)
+        log_probability = world.choice_log_probability(users[evaluation.users[rows]])[:, items]
+        exclude(log_probability, evaluation.seen[rows])
+        lists[rows] = pad(top_k(log_probability, k)[0], k)
+    return lists
+
+
 def weekly_quality(runs: Path, spec: SyntheticSpec, max_users: int, sample_seed: int) -> dict[str, float]:
     """The weekly run's nDCG@10, popularity's and the generator's oracle's, on the very users and
     holdout the evaluate stage scored (same seeded sample of the same matrices), and the share of
@@ -144,19 +159,16 @@ def weekly_quality(runs: Path, spec: SyntheticSpec, max_users: int, sample_seed:
     holdout = read_matrix(run_dir / "interactions" / "holdout").to_csr(*shape)
     evaluation = EvaluationSet.build(train, holdout, max_users, sample_seed)
     world = SyntheticWorld.of(spec)
-    users = generator_indices(read_id_map(maps / "users"))
-    items = generator_indices(read_id_map(maps / "items"))
+    user_ids, item_ids = read_id_map(maps / "users"), read_id_map(maps / "items")
+    lists = oracle_recommendations(world, user_ids, item_ids, evaluation, 10)
+    items = generator_indices(item_ids)
     item_traits = world.item_traits[items]
     scaled_traits = item_traits * world.taste_scale
     log_popularity = np.log(world.item_probability[items]).astype(np.float32)
-    lists = np.empty((len(evaluation.users), 10), dtype=np.int64)
     known_lists = np.empty_like(lists)
     for start in range(0, len(evaluation.users), ORACLE_BLOCK_USERS):
         rows = slice(start, start + ORACLE_BLOCK_USERS)
         seen = evaluation.seen[rows]
-        log_probability = world.choice_log_probability(users[evaluation.users[rows]])[:, items]
-        exclude(log_probability, seen)
-        lists[rows] = pad(top_k(log_probability, 10)[0], 10)
         taste = (seen.sign() @ item_traits) / np.maximum(seen.getnnz(axis=1), 1)[:, None]
         known = log_popularity + np.asarray(taste, dtype=np.float32) @ scaled_traits.T
         exclude(known, seen)

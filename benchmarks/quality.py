@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -32,13 +33,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import scipy.sparse as sp
+import yaml
 
+from benchmarks.pipeline import cached_source, oracle_recommendations
 from recsys_pipeline.als import train
 from recsys_pipeline.config import SAMPLE_PROFILE_PATH, AlsConfig, PipelineConfig, SweepConfig, load_config
 from recsys_pipeline.embeddings import Embeddings
 from recsys_pipeline.evaluate import EvaluationSet, bootstrap_interval, per_user_metrics
 from recsys_pipeline.events import canonicalize, read_source
 from recsys_pipeline.spark import spark_session
+from recsys_pipeline.state import StateLayout
+from recsys_pipeline.synthetic import SOURCE_MAPPING, SyntheticSpec, SyntheticWorld
 from recsys_pipeline.tuning import sweep, validation_split
 
 SOURCE = (
@@ -95,12 +100,38 @@ PARAMS: dict[str, Any] = {
     # EASE's L2 weight, log-spaced over this range, as many values as our sweep scores.
     "ease": {"min_regularization": 1.0, "max_regularization": 10_000.0, "max_items": 20_000},
 }
+# A synthetic log small enough for EASE's closed form, with the default generator's taste, and a
+# grid around the pipeline's defaults (EASE gets as many trials as ours scores).
+SYNTHETIC_PARAMS: dict[str, Any] = PARAMS | {
+    "synthetic": {"events": 1_000_000, "users": 20_000, "items": 5_000, "days": 28, "taste_strength": 3.0},
+    "base": {"iterations": 15, "use_cg": True, "random_state": 42, "bm25_idf_exponent": 1.5},
+    "sweep": PARAMS["sweep"]
+    | {
+        "space": {
+            "weighting": ["bm25", "none"],
+            "factors": [32, 64],
+            "regularization": [3, 10, 30],
+            "alpha": [1.5, 3, 10],
+            "popularity_weight": [0, 0.1, 0.2, 0.3],
+        }
+    },
+}
 
 
-def source_matrix(config: PipelineConfig) -> tuple[sp.csr_matrix, dict[str, Any]]:
-    """(users x items binary matrix of distinct valid pairs, dataset description) of the configured
-    source, read and validated as ingest does; ids are indexed in sorted order, numerically when
-    every id is a number (so MovieLens ids 1..n become indices 0..n-1, as in the published runs)."""
+@dataclass(frozen=True)
+class SourceMatrix:
+    """A source's distinct valid (user, item) pairs as a binary matrix, and what its rows and columns
+    are: ids in sorted order, numerically when every id is a number (so MovieLens ids 1..n become
+    indices 0..n-1, as in the published runs)."""
+
+    matrix: sp.csr_matrix
+    dataset: dict[str, Any]
+    user_ids: np.ndarray
+    item_ids: np.ndarray
+
+
+def source_matrix(config: PipelineConfig) -> SourceMatrix:
+    """The configured source's pairs, read and validated as ingest does."""
     spark = spark_session(config, "quality-benchmark")
     events = canonicalize(
         read_source(spark, config.source), config.source, config.events, datetime.now(UTC)
@@ -120,7 +151,9 @@ def source_matrix(config: PipelineConfig) -> tuple[sp.csr_matrix, dict[str, Any]
         "items": len(items),
         "interactions": int(matrix.nnz),
     }
-    return matrix, dataset
+    return SourceMatrix(
+        matrix, dataset, users.to_numpy(zero_copy_only=False), items.to_numpy(zero_copy_only=False)
+    )
 
 
 def sorted_ids(ids: pa.ChunkedArray) -> pa.Array:
@@ -251,8 +284,14 @@ def peers() -> dict[str, Callable[[sp.csr_matrix, dict[str, Any]], Embeddings]]:
     return available
 
 
-def measure(matrix: sp.csr_matrix, dataset: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+Oracle = Callable[[EvaluationSet, int], np.ndarray]
+
+
+def measure(source: SourceMatrix, params: dict[str, Any], oracle: Oracle | None = None) -> dict[str, Any]:
+    """Ours and every peer on one split; with ``oracle`` (the test users' best possible lists, for a
+    synthetic log) also the ceiling and the share of its lift over popularity ours captured."""
     k, confidence = params["k"], params["confidence"]
+    matrix, dataset = source.matrix, source.dataset
     train_part, test_part = validation_split(matrix, params["split"]["test_share"], params["split"]["seed"])
     base = AlsConfig(**params["base"])
     chosen = sweep(train_part, base, SweepConfig(**params["sweep"]), k)
@@ -273,6 +312,14 @@ def measure(matrix: sp.csr_matrix, dataset: dict[str, Any], params: dict[str, An
         peer_results["EASE"] = headline(test.recommend(ease_fit, k)[0], test, k, confidence)
         peer_results["EASE"]["chosen"] = ease_choice
         print(f"  EASE: ndcg_at_10 {peer_results['EASE']['ndcg_at_10']:.4f} ({ease_choice})", flush=True)
+    if oracle is not None:
+        ceiling = headline(oracle(test, k), test, k, confidence)
+        baseline = peer_results["popularity"]["ndcg_at_10"]
+        results["oracle"] = ceiling
+        results["lift_captured"] = (results["ndcg_at_10"] - baseline) / (ceiling["ndcg_at_10"] - baseline)
+        print(
+            f"  oracle: ndcg_at_10 {ceiling['ndcg_at_10']:.4f}, lift captured {results['lift_captured']:.3f}"
+        )
     missing = sorted({"cornac BPR"} - set(peer_results))
     results.update(
         {
@@ -308,7 +355,8 @@ def print_table(results: dict[str, Any]) -> None:
         f"{dataset['items']} items, {results['test_users']} test users), same split for every row:"
     )
     print(f"  {'model':<24}{'MAP':>10}{'nDCG@10':>10}{'P@10':>10}{'R@10':>10}   nDCG@10 95% CI")
-    for name, row in [("recsys-pipeline ALS", results), *results["peers"].items()]:
+    oracle = [("generator's oracle", results["oracle"])] if "oracle" in results else []
+    for name, row in [("recsys-pipeline ALS", results), *results["peers"].items(), *oracle]:
         print(
             f"  {name:<24}"
             + "".join(f"{row[key]:>10.6f}" for key in HEADLINE)
@@ -321,9 +369,28 @@ def print_table(results: dict[str, Any]) -> None:
 
 def run(params: dict[str, Any]) -> dict[str, Any]:
     """On the configured source (``RECSYS_CONFIG``, else the bundled sample)."""
-    return measure(*source_matrix(load_config()), params)
+    return measure(source_matrix(load_config()), params)
 
 
 def run_bundled(params: dict[str, Any]) -> dict[str, Any]:
     """On the bundled MovieLens-100k, whatever ``RECSYS_CONFIG`` points at."""
-    return measure(*source_matrix(load_config(SAMPLE_PROFILE_PATH)), params)
+    return measure(source_matrix(load_config(SAMPLE_PROFILE_PATH)), params)
+
+
+def run_synthetic(params: dict[str, Any]) -> dict[str, Any]:
+    """On a log of the project's generator (cached as the pipeline bench caches its own), read
+    through a profile as a user writes one, with the generator's exact oracle as the ceiling."""
+    spec = SyntheticSpec(**params["synthetic"])
+    bench = StateLayout(load_config().state_home).bench
+    log = cached_source(spec, bench / "data")
+    profile = bench / "work" / "quality_synthetic" / "pipeline.yaml"
+    profile.parent.mkdir(parents=True, exist_ok=True)
+    source = {"name": "synthetic", "path": str(log), "format": "parquet", "mapping": SOURCE_MAPPING}
+    profile.write_text(yaml.safe_dump({"source": source}))
+    pairs = source_matrix(load_config(profile))
+    world = SyntheticWorld.of(spec)
+
+    def oracle(test: EvaluationSet, k: int) -> np.ndarray:
+        return oracle_recommendations(world, pairs.user_ids, pairs.item_ids, test, k)
+
+    return measure(pairs, params, oracle)
