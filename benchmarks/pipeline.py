@@ -221,6 +221,14 @@ class BenchState:
     env: dict[str, str]
 
 
+def write_source_profile(path: Path, log: Path) -> Path:
+    """A profile, as a user writes one, whose source is the generated log in ``log``; returns ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    source = {"name": "synthetic", "path": str(log), "format": "parquet", "mapping": SOURCE_MAPPING}
+    path.write_text(yaml.safe_dump({"source": source}))
+    return path
+
+
 def fresh_state(layout: StateLayout, name: str, log: Path) -> BenchState:
     """``<bench>/work/<name>``, emptied: a state folder, a migrated Airflow database, and a source
     folder holding ``log``'s days as production logs land (hard links into the cache, which stays as
@@ -229,11 +237,7 @@ def fresh_state(layout: StateLayout, name: str, log: Path) -> BenchState:
     shutil.rmtree(work, ignore_errors=True)
     state, source = work / "state", work / "source"
     link_days(log, source)
-    config = {
-        "source": {"name": "synthetic", "path": str(source), "format": "parquet", "mapping": SOURCE_MAPPING}
-    }
-    config_path = work / "pipeline.yaml"
-    config_path.write_text(yaml.safe_dump(config))
+    config_path = write_source_profile(work / "pipeline.yaml", source)
     env = {key: value for key, value in os.environ.items() if not key.startswith(("AIRFLOW", "RECSYS"))}
     env |= {"RECSYS_CONFIG": str(config_path), "RECSYS_HOME": str(state)}
     subprocess.run([RECSYS, "airflow", "db", "migrate"], env=env, check=True, capture_output=True)

@@ -33,9 +33,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import scipy.sparse as sp
-import yaml
 
-from benchmarks.pipeline import cached_source, oracle_recommendations
+from benchmarks.pipeline import cached_source, oracle_recommendations, write_source_profile
 from recsys_pipeline.als import train
 from recsys_pipeline.config import SAMPLE_PROFILE_PATH, AlsConfig, PipelineConfig, SweepConfig, load_config
 from recsys_pipeline.embeddings import Embeddings
@@ -43,7 +42,7 @@ from recsys_pipeline.evaluate import EvaluationSet, bootstrap_interval, per_user
 from recsys_pipeline.events import canonicalize, read_source
 from recsys_pipeline.spark import spark_session
 from recsys_pipeline.state import StateLayout
-from recsys_pipeline.synthetic import SOURCE_MAPPING, SyntheticSpec, SyntheticWorld
+from recsys_pipeline.synthetic import SyntheticSpec, SyntheticWorld
 from recsys_pipeline.tuning import sweep, validation_split
 
 SOURCE = (
@@ -383,10 +382,7 @@ def run_synthetic(params: dict[str, Any]) -> dict[str, Any]:
     spec = SyntheticSpec(**params["synthetic"])
     bench = StateLayout(load_config().state_home).bench
     log = cached_source(spec, bench / "data")
-    profile = bench / "work" / "quality_synthetic" / "pipeline.yaml"
-    profile.parent.mkdir(parents=True, exist_ok=True)
-    source = {"name": "synthetic", "path": str(log), "format": "parquet", "mapping": SOURCE_MAPPING}
-    profile.write_text(yaml.safe_dump({"source": source}))
+    profile = write_source_profile(bench / "work" / "quality_synthetic" / "pipeline.yaml", log)
     pairs = source_matrix(load_config(profile))
     world = SyntheticWorld.of(spec)
 
