@@ -1,3 +1,4 @@
+import json
 from datetime import UTC, date, datetime
 from pathlib import Path
 
@@ -58,6 +59,31 @@ def test_each_bad_record_kind_is_quarantined_with_its_reason(tmp_path, spark, ma
     watch = result.events.where(F.col("event_type") == "watch").first()
     assert watch["value"] == pytest.approx(120.5)
     assert watch["source"] == "fixture"
+
+
+def test_a_repeated_event_keeps_the_copy_from_the_first_file_by_name(tmp_path, spark, make_config) -> None:
+    source = tmp_path / "source"
+    source.mkdir()
+    header = "user,item,type,value,ts\n"
+    # The same event three times (a timestamp written two ways parses to the same instant), and one
+    # that differs only in its value.
+    (source / "b.csv").write_text(header + "u1,i1,view,1,880000000.0\nu1,i1,view,2,880000000\n")
+    (source / "a.csv").write_text(header + "u1,i1,view,1,880000000\nu1,i1,view,1,880000000.000\n")
+    config = make_config(**csv_events_source("copies", source))
+    result = ingest(
+        read_source(spark, config.source),
+        config.source,
+        config.events,
+        *WINDOW,
+        datetime(2026, 1, 1, tzinfo=UTC),
+        tmp_path / "staging",
+    )
+
+    assert sorted(row["value"] for row in result.events.collect()) == [1.0, 2.0]
+    duplicates = sorted(row["raw_record"] for row in result.quarantine.collect())
+    # a.csv's "880000000" is kept: the later copies in a.csv and in b.csv are the duplicates.
+    assert [json.loads(record)["raw_ts"] for record in duplicates] == ["880000000.0", "880000000.000"]
+    assert result.metrics["quarantine_duplicate"] == 2
 
 
 def test_rows_outside_the_window_are_counted_not_quarantined(tmp_path, spark, make_config) -> None:
