@@ -6,9 +6,9 @@ task calls one stage function, after the stages whose outputs it reads; the data
 `[data_interval_start, data_interval_end)` fixes every path the run reads and writes. The run
 sees the source's events up to `data_interval_end`.
 
-ingest events (Spark) and item metadata → build interactions (Spark) → train ALS (implicit in
-the task, or Spark MLlib, after an optional sweep) → content vectors for items without a learned
-one (cold start) → evaluate, build the index, precompute recommendations for active users →
+ingest events, then item metadata, then build interactions (one Spark application) → train
+ALS (implicit in the task, or Spark MLlib, after an optional sweep) → content vectors for items
+without a learned one (cold start) → evaluate, build the index, precompute recommendations for active users →
 validate → publish to MLflow → promote `champion` only if every gate passed.
 """
 

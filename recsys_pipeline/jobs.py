@@ -67,13 +67,13 @@ def run_spark_job(argv: Sequence[str], master: str | None = None) -> int:
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = run_arguments().parse_args(argv)
-    stages = [stage for stage in PIPELINES[args.dag_id].stages if stage.job() == args.job]
     app_name = f"recsys-{args.job}"
     metrics: dict[str, float] = {}
     try:
+        run = run_context(args)
+        stages = PIPELINES[args.dag_id].spark_jobs(run.config).get(args.job, [])
         if not stages:
             raise RecsysError(f"{args.dag_id} has no Spark job {args.job!r}")
-        run = run_context(args)
         for stage in stages:
             run.publication.refuse_if_published(stage.name)
         spark: SparkSession | None = None
@@ -82,9 +82,12 @@ def run_spark_job(argv: Sequence[str], master: str | None = None) -> int:
                 cost: dict[str, float] = {}
                 try:
                     with measured(stage.name, cost):
-                        if spark is None:
-                            spark = spark_session(run.config, f"{app_name}:{run.interval_key}", master)
-                        metrics |= stage.callable()(spark=spark, run=run)
+                        if stage.uses_spark(run.config):
+                            if spark is None:
+                                spark = spark_session(run.config, f"{app_name}:{run.interval_key}", master)
+                            metrics |= stage.callable()(spark=spark, run=run)
+                        else:
+                            metrics |= stage.callable()(run)
                 except RecsysError as error:
                     run.publication.record_failure(stage.name, error)
                     raise

@@ -258,9 +258,9 @@ def branch_task(stage: Stage, mode: RunMode, if_true: str, if_false: list[str]) 
     return decide()
 
 
-def task_id(stage: Stage, config: PipelineConfig) -> str:
-    """A Spark stage runs in the task of its Spark job; any other in its own task."""
-    return stage.job() if stage.uses_spark(config) else stage.name
+def task_id(pipeline: Pipeline, stage: Stage, config: PipelineConfig) -> str:
+    """A stage of a Spark job runs in the job's task; any other in its own task."""
+    return pipeline.job_of(stage, config) or stage.name
 
 
 def wire(pipeline: Pipeline, config: PipelineConfig) -> dict[str, Any]:
@@ -271,11 +271,12 @@ def wire(pipeline: Pipeline, config: PipelineConfig) -> dict[str, Any]:
 
     tasks: dict[str, Any] = {}
     for stage in pipeline.stages:
-        own = task_id(stage, config)
+        own = task_id(pipeline, stage, config)
         if own in tasks:
             continue  # a further stage of a Spark job already submitted
-        if stage.uses_spark(config):
-            tasks[own] = spark_job(config, pipeline, stage.job())
+        job = pipeline.job_of(stage, config)
+        if job is not None:
+            tasks[own] = spark_job(config, pipeline, job)
         elif stage.escalates_to:
             tasks[ESCALATION_TASK] = TriggerDagRunOperator(
                 task_id=ESCALATION_TASK,
@@ -287,7 +288,7 @@ def wire(pipeline: Pipeline, config: PipelineConfig) -> dict[str, Any]:
                 skip_when_already_exists=True,
             )
             after = [
-                task_id(later, config)
+                task_id(pipeline, later, config)
                 for later in pipeline.stages
                 if stage.name in pipeline.upstream(later.name)
             ]
@@ -295,7 +296,7 @@ def wire(pipeline: Pipeline, config: PipelineConfig) -> dict[str, Any]:
             tasks[own] >> tasks[ESCALATION_TASK]
         else:
             handed = [
-                tasks[task_id(writer, config)]
+                tasks[task_id(pipeline, writer, config)]
                 for writer in pipeline.stages
                 if writer.returns is not None and writer.returns in stage.reads
             ]
@@ -303,7 +304,10 @@ def wire(pipeline: Pipeline, config: PipelineConfig) -> dict[str, Any]:
             tasks[own] = stage_task(stage, pipeline.mode, outlets)(*handed)
     for stage in pipeline.stages:
         for upstream in pipeline.upstream(stage.name):
-            before, after = tasks[task_id(pipeline.stage(upstream), config)], tasks[task_id(stage, config)]
+            before, after = (
+                tasks[task_id(pipeline, pipeline.stage(upstream), config)],
+                tasks[task_id(pipeline, stage, config)],
+            )
             if before is not after:
                 before >> after
     return tasks

@@ -49,7 +49,8 @@ class Stage:
     writes: tuple[str, ...] = ()
     # Whether the stage takes a Spark session (and so runs under spark-submit): by the config.
     uses_spark: Callable[[PipelineConfig], bool] = never
-    # Spark stages with the same job run in one Spark application (one task named by the job).
+    # Stages with the same job run in one Spark application, in their declared order (one task named
+    # by the job). A stage that takes no Spark session may join a job to run between its Spark stages.
     spark_job: str | None = None
     # A branch: when the function returns True the DAG triggers this DAG instead of going on.
     escalates_to: str | None = None
@@ -73,12 +74,16 @@ class Stage:
         return (*self.writes, self.returns) if self.returns else self.writes
 
 
+# What a run reads from outside itself: the sources and the champion version.
+EXTERNAL = frozenset({"source", "item_source", "champion"})
+
+
 @dataclass(frozen=True)
 class Pipeline:
     dag_id: str
     mode: RunMode
     stages: tuple[Stage, ...]
-    external: frozenset[str] = field(default=frozenset({"source", "item_source", "champion"}))
+    external: frozenset[str] = field(default=EXTERNAL)
 
     def stage(self, name: str) -> Stage:
         (found,) = [stage for stage in self.stages if stage.name == name]
@@ -103,12 +108,25 @@ class Pipeline:
             written |= set(stage.outputs)
         return missing
 
+    def job_of(self, stage: Stage, config: PipelineConfig) -> str | None:
+        """The Spark application ``stage`` runs in under ``config``, or None (a task of its own): a
+        stage without Spark runs in the job it joins only while that job has a Spark stage."""
+        if stage.uses_spark(config):
+            return stage.job()
+        joined = stage.spark_job
+        if joined is not None and any(
+            other.spark_job == joined and other.uses_spark(config) for other in self.stages
+        ):
+            return joined
+        return None
+
     def spark_jobs(self, config: PipelineConfig) -> dict[str, list[Stage]]:
         """The Spark applications the pipeline submits under ``config``: job name -> its stages."""
         jobs: dict[str, list[Stage]] = {}
         for stage in self.stages:
-            if stage.uses_spark(config):
-                jobs.setdefault(stage.job(), []).append(stage)
+            job = self.job_of(stage, config)
+            if job is not None:
+                jobs.setdefault(job, []).append(stage)
         return jobs
 
 
@@ -141,7 +159,8 @@ def _ingest_and_interactions(*between: Stage, spark_job: str | None = None) -> t
         Stage(
             "build_interactions",
             "interactions:run_interactions",
-            reads=(LAKE,),
+            # The items: with content on, the item metadata's ids join the catalogue.
+            reads=(LAKE, ITEMS),
             writes=(INTERACTIONS,),
             uses_spark=always,
             spark_job=spark_job,
@@ -181,13 +200,24 @@ def _publish_tail(recommend_reads: tuple[str, ...], publish_reads: tuple[str, ..
     )
 
 
+INGEST_JOB = "ingest_and_build_interactions"
+
 WEEKLY = Pipeline(
     "recsys_weekly",
     "full",
     (
         *_ingest_and_interactions(
-            # After the events: it checks the metadata names enough of their items before training.
-            Stage("ingest_items", "content:run_item_ingest", reads=("item_source", LAKE), writes=(ITEMS,)),
+            # After the events: it checks the metadata names enough of their items before training,
+            # and the interactions' catalogue takes in the items it describes. It needs no Spark, but
+            # running inside the events' application spares a second Spark start-up after it.
+            Stage(
+                "ingest_items",
+                "content:run_item_ingest",
+                reads=("item_source", LAKE),
+                writes=(ITEMS,),
+                spark_job=INGEST_JOB,
+            ),
+            spark_job=INGEST_JOB,
         ),
         Stage(
             "train",
@@ -213,8 +243,8 @@ NIGHTLY = Pipeline(
     "recsys_nightly",
     "refresh",
     (
-        # A night's input is small: one Spark application for both costs less than two start-ups.
-        *_ingest_and_interactions(spark_job="ingest_and_build_interactions"),
+        # One Spark application for both: a second start-up would cost more than a night's work.
+        *_ingest_and_interactions(spark_job=INGEST_JOB),
         Stage(
             "fold_in",
             "refresh:run_refresh",
@@ -236,6 +266,8 @@ NIGHTLY = Pipeline(
         ),
         *_publish_tail((GO_ON, REFRESH), (REFRESH,)),
     ),
+    # A night's catalogue takes in the item metadata the last weekly took in.
+    external=EXTERNAL | {ITEMS},
 )
 
 PIPELINES = {pipeline.dag_id: pipeline for pipeline in (WEEKLY, NIGHTLY)}
@@ -255,7 +287,7 @@ def stage_table(pipeline: Pipeline, config: PipelineConfig) -> str:
             ", ".join(stage.reads),
             ", ".join(stage.outputs),
             ", ".join(pipeline.upstream(stage.name)),
-            f"yes ({stage.job()})" if stage.uses_spark(config) else "no",
+            _spark_cell(pipeline, stage, config),
         )
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
@@ -304,3 +336,10 @@ def run_in_process(
         if spark is None and session is not None:
             session.stop()
     return InProcessResult(tuple(ran), version=results.get(VERSION))
+
+
+def _spark_cell(pipeline: Pipeline, stage: Stage, config: PipelineConfig) -> str:
+    job = pipeline.job_of(stage, config)
+    if job is None:
+        return "no"
+    return f"yes ({job})" if stage.uses_spark(config) else f"no, in {job}"

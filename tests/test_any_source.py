@@ -108,10 +108,10 @@ def test_make_run_on_a_half_star_csv_on_a_standalone_cluster_publishes_a_champio
         assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
         with urllib.request.urlopen(master_status, timeout=10) as response:
             cluster = json.load(response)
-    # Each Spark task's application carries its job's name (recsys-ingest_events:<interval>, ...);
-    # training with implicit starts none.
+    # The Spark task's application carries its job's name (recsys-ingest_and_build_interactions:
+    # <interval>); training with implicit starts none.
     finished = sorted(app["name"].split(":")[0] for app in cluster["completedapps"])
-    assert finished == ["recsys-build_interactions", "recsys-ingest_events"], finished
+    assert finished == ["recsys-ingest_and_build_interactions"], finished
     assert all(app["state"] == "FINISHED" for app in cluster["completedapps"])
     assert "champion" in result.stdout and "ndcg_at_10" in result.stdout
 

@@ -15,9 +15,7 @@ from recsys_pipeline.pipelines import NIGHTLY, WEEKLY
 
 RECSYS = str(Path(sys.executable).parent / "recsys")
 WEEKLY_TASKS = [
-    "ingest_events",
-    "ingest_items",
-    "build_interactions",
+    "ingest_and_build_interactions",
     "train",
     "content",
     "evaluate",
@@ -220,11 +218,13 @@ def test_each_dag_is_its_declared_pipeline(dagbag, pipeline) -> None:
 
     dag = dagbag.dags[pipeline.dag_id]
     config = load_config()
-    tasks = {task_id(stage, config) for stage in pipeline.stages}
+    tasks = {task_id(pipeline, stage, config) for stage in pipeline.stages}
     assert set(dag.task_ids) - {"trigger_full_retrain"} == tasks
     for stage in pipeline.stages:
-        own = task_id(stage, config)
-        expected = {task_id(pipeline.stage(name), config) for name in pipeline.upstream(stage.name)} - {own}
+        own = task_id(pipeline, stage, config)
+        expected = {
+            task_id(pipeline, pipeline.stage(name), config) for name in pipeline.upstream(stage.name)
+        } - {own}
         assert dag.get_task(own).upstream_task_ids == expected, own
 
 
@@ -232,15 +232,21 @@ def test_the_weekly_trains_in_its_task_unless_spark_trains(dagbag) -> None:
     dag = dagbag.dags["recsys_weekly"]
     assert set(dag.task_ids) == set(WEEKLY_TASKS)
     assert dag.get_task("train").task_type == "_PythonDecoratedOperator"  # implicit: no JVM
-    assert dag.get_task("ingest_events").task_type == "StageSparkSubmitOperator"
-    assert dag.get_task("ingest_events")._conn_id == load_config().spark.conn_id
-    assert dag.get_task("ingest_items").downstream_task_ids == {"content"}
+    # The item metadata is taken in inside the events' Spark application, between its two stages.
+    ingest = dag.get_task("ingest_and_build_interactions")
+    assert ingest.task_type == "StageSparkSubmitOperator"
+    assert ingest._conn_id == load_config().spark.conn_id
+    assert [stage.name for stage in WEEKLY.spark_jobs(load_config())["ingest_and_build_interactions"]] == [
+        "ingest_events",
+        "ingest_items",
+        "build_interactions",
+    ]
     assert {"recsys", "weekly"} <= set(dag.tags)
     assert dag.timetable.delta == timedelta(weeks=1)
     from recsys_pipeline.orchestration import task_id
 
     spark = load_config(overrides={"als.backend": "spark"})
-    assert task_id(WEEKLY.stage("train"), spark) == "train" and WEEKLY.spark_jobs(spark)["train"]
+    assert task_id(WEEKLY, WEEKLY.stage("train"), spark) == "train" and WEEKLY.spark_jobs(spark)["train"]
     assert "train" not in WEEKLY.spark_jobs(load_config())
 
 
@@ -340,9 +346,11 @@ def test_weekly_dag_runs_end_to_end_and_publishes_a_champion(weekly_dag_run) -> 
     ):
         assert name in metrics
     assert metrics["ndcg_at_10"] > metrics["baseline_ndcg_at_10"]
-    # Every task before publishing recorded its wall time and peak memory (the JVM's included for Spark).
-    for task in WEEKLY_TASKS[: WEEKLY_TASKS.index("publish")]:
-        assert status["stages"][task]["seconds"] > 0 and status["stages"][task]["peak_rss_mb"] > 0, task
+    # Every stage before publishing recorded its wall time and peak memory (the JVM's included for
+    # Spark), those sharing a Spark task too.
+    stages = [stage.name for stage in WEEKLY.stages]
+    for stage in stages[: stages.index("publish")]:
+        assert status["stages"][stage]["seconds"] > 0 and status["stages"][stage]["peak_rss_mb"] > 0, stage
     assert status["stages"]["ingest_events"]["peak_rss_mb"] > 250  # a Python driver alone stays near 100 MB
     recs = json.loads(recsys("recommend", "--user-id", "1", "-k", "5", "--json", env=state_env).stdout)
     assert [r["rank"] for r in recs] == [1, 2, 3, 4, 5] and all(r["user_id"] == "1" for r in recs)
@@ -399,7 +407,7 @@ def test_corrupted_input_fails_the_run_keeping_the_champion_and_its_files(
     )
     assert result.returncode != 0
     states = task_states(state_env)
-    assert states["ingest_events"] == "failed" and states["promote"] != "success"
+    assert states["ingest_and_build_interactions"] == "failed" and states["promote"] != "success"
     assert "quarantined" in result.stdout + result.stderr
     # The job exits with the user-error code, so the task fails at once instead of retrying.
     assert "failed on its input" in result.stdout + result.stderr

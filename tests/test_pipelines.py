@@ -44,11 +44,14 @@ def test_a_read_nothing_wrote_is_found() -> None:
 
 def test_spark_runs_only_the_stages_that_need_it() -> None:
     implicit, spark = load_config(), load_config(overrides={"als.backend": "spark"})
+    # ingest_items needs no Spark, but runs inside the Spark job it joins rather than in a task between
+    # two Spark start-ups.
     assert {name: [s.name for s in stages] for name, stages in WEEKLY.spark_jobs(implicit).items()} == {
-        "ingest_events": ["ingest_events"],
-        "build_interactions": ["build_interactions"],
+        "ingest_and_build_interactions": ["ingest_events", "ingest_items", "build_interactions"],
     }
     assert "train" in WEEKLY.spark_jobs(spark)
+    joining = Pipeline("joining", "full", (Stage("a", "train:run_training", spark_job="job"),))
+    assert joining.spark_jobs(implicit) == {}, "a job with no Spark stage is no Spark application"
     nightly = PIPELINES["recsys_nightly"].spark_jobs(implicit)
     assert [stage.name for stage in nightly["ingest_and_build_interactions"]] == [
         "ingest_events",
