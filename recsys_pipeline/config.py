@@ -338,7 +338,17 @@ class ValidationConfig(_Section):
     max_top_item_share: float = Field(
         default=0.2, gt=0, le=1, description="One item's share of interactions."
     )
-    min_rec_coverage: float = Field(default=0.01, ge=0, le=1)
+    min_rec_coverage: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="Share of the catalogue the batch lists cover (a floor for one's own catalogue).",
+    )
+    min_rec_coverage_over_popular: float = Field(
+        default=1.5,
+        ge=0,
+        description="Distinct items the lists span over those the same users' most-popular lists span.",
+    )
     max_rec_popular_share: float = Field(
         default=0.9, ge=0, le=1, description="Slots each user's most-popular list (unseen items) fills too."
     )

@@ -19,7 +19,7 @@ import scipy.sparse as sp
 from recsys_pipeline.config import PipelineConfig
 from recsys_pipeline.errors import RecsysError
 from recsys_pipeline.events import EVENT_COLUMNS
-from recsys_pipeline.ranking import popular_unseen
+from recsys_pipeline.ranking import NO_ITEM, popular_unseen
 
 DATA_DOCS = Path("gx") / "uncommitted" / "data_docs" / "local_site"
 # Cosine above this to another vector counts as a collapsed (duplicate) embedding.
@@ -211,36 +211,54 @@ def recommendations_suite(config: PipelineConfig) -> list[Any]:
 
 
 def recommendations_summary(
-    recs: pd.DataFrame, metrics: dict[str, float], popular_share: float
+    recs: pd.DataFrame, metrics: dict[str, float], popular: PopularComparison
 ) -> pd.DataFrame:
-    """Share of active users served, catalogue coverage, and ``popular_share`` (see
-    :func:`popular_list_share`)."""
+    """Share of active users served, catalogue coverage, and how the lists compare with the
+    most-popular ones (:func:`compare_with_popular`)."""
     return pd.DataFrame(
         {
             "active_users_served": [metrics["batch_users_served"] / max(metrics["batch_active_users"], 1.0)],
             "catalogue_coverage": [metrics["batch_coverage"]],
-            "popular_share": [popular_share],
+            "popular_share": [popular.share],
+            "coverage_over_popular": [popular.coverage_ratio],
         }
     )
 
 
-def popular_list_share(
+@dataclass(frozen=True)
+class PopularComparison:
+    """Lists against the same users' most-popular lists (unseen items, as long).
+
+    ``share``: the share of the lists' slots the popular lists fill too; 1.0 for a model that only
+    repeats the popularity ranking. Not the share of slots going to a fixed top slice of the
+    catalogue: where choices follow a power law that share is near 1 for the best possible lists
+    too (measured on the synthetic log, 20M events: the generator's exact choice probabilities put
+    every top-50 slot in the top 1% of items, while their lists share 39% with the most-popular
+    list).
+
+    ``coverage_ratio``: the distinct items the lists span over those the popular lists span; 1.0 or
+    less for lists that collapse onto the popular ones or onto any fixed few. Unlike the share of
+    the catalogue covered, it does not shrink as a long-tailed catalogue grows: on the synthetic
+    logs the generator's exact best lists for 4,000 users span 6.6x the popular lists' items at
+    20M events and 6.7x at 100M (ours 6.3x and 6.9x), yet 0.75% and 0.12% of the catalogue; on
+    MovieLens-100k ours span 2.4x.
+    """
+
+    share: float
+    coverage_ratio: float
+
+
+def compare_with_popular(
     recs: pd.DataFrame,
     user_ids: np.ndarray,
     item_ids: np.ndarray,
     popularity: np.ndarray,
     seen: sp.csr_matrix,
-) -> float:
-    """Share of the lists' slots that each user's most-popular list (unseen items, as long) fills too:
-    1.0 for a model that only repeats the popularity ranking.
-
-    Not the share of slots going to a fixed top slice of the catalogue: where choices follow a
-    power law that share is near 1 for the best possible lists too (measured on the synthetic log,
-    20M events: the generator's exact choice probabilities put every top-50 slot in the top 1% of
-    items, while their lists share 39% with the most-popular list).
-    """
+) -> PopularComparison:
+    """The lists in ``recs`` against each of their users' most-popular unseen list (see
+    :class:`PopularComparison`)."""
     if recs.empty:
-        return 0.0
+        return PopularComparison(share=0.0, coverage_ratio=0.0)
     # An erased user's index keeps no id (a tombstone, see recsys_pipeline.erasure): not a key.
     named = np.flatnonzero(pd.notna(user_ids))
     users = named[pd.Index(user_ids[named]).get_indexer(recs["user_id"])]
@@ -249,11 +267,16 @@ def popular_list_share(
     users, items = users[order], items[order]
     rows, starts, lengths = np.unique(users, return_index=True, return_counts=True)
     popular = popular_unseen(popularity, seen[rows], int(lengths.max()))
-    shared = sum(
-        np.isin(items[start : start + length], popular[row, :length]).sum()
-        for row, (start, length) in enumerate(zip(starts, lengths, strict=True))
+    shared = 0
+    popular_items: set[int] = set()
+    for row, (start, length) in enumerate(zip(starts, lengths, strict=True)):
+        compared = popular[row, :length]
+        shared += int(np.isin(items[start : start + length], compared).sum())
+        popular_items.update(compared[compared != NO_ITEM].tolist())
+    return PopularComparison(
+        share=float(shared) / len(items),
+        coverage_ratio=len(np.unique(items)) / max(len(popular_items), 1),
     )
-    return float(shared) / len(items)
 
 
 def recommendations_summary_suite(config: PipelineConfig) -> list[Any]:
@@ -265,6 +288,9 @@ def recommendations_summary_suite(config: PipelineConfig) -> list[Any]:
         E.ExpectColumnValuesToBeBetween(column="active_users_served", min_value=1.0),
         E.ExpectColumnValuesToBeBetween(column="catalogue_coverage", min_value=rules.min_rec_coverage),
         E.ExpectColumnValuesToBeBetween(column="popular_share", max_value=rules.max_rec_popular_share),
+        E.ExpectColumnValuesToBeBetween(
+            column="coverage_over_popular", min_value=rules.min_rec_coverage_over_popular
+        ),
     ]
 
 

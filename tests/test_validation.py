@@ -181,7 +181,7 @@ def test_recommendation_summary_flags_unserved_users_and_lists_that_repeat_the_p
     import scipy.sparse as sp
 
     from recsys_pipeline.validation import (
-        popular_list_share,
+        compare_with_popular,
         recommendations_summary,
         recommendations_summary_suite,
     )
@@ -199,34 +199,66 @@ def test_recommendation_summary_flags_unserved_users_and_lists_that_repeat_the_p
             "item_id": [f"i{n}" for n in (2, 9, 12, 15, 3, 0, 8, 11, 14, 17)],
         }
     )
-    share = popular_list_share(personal, users, items, popularity, seen)
-    assert share == pytest.approx(3 / 10)  # a: i2, i3 of its i2..i6; b: i0 of its i0..i4
-    metrics = {"batch_users_served": 2.0, "batch_active_users": 2.0, "batch_coverage": 0.05}
+    personal_vs_popular = compare_with_popular(personal, users, items, popularity, seen)
+    assert personal_vs_popular.share == pytest.approx(3 / 10)  # a: i2, i3 of its i2..i6; b: i0 of its i0..i4
+    # 10 items against the popular lists' 7 (i0..i6).
+    assert personal_vs_popular.coverage_ratio == pytest.approx(10 / 7)
+    # A third user, who saw nothing, with a list of their own: 15 items against the same 7.
+    spanning = pd.concat(
+        [
+            personal,
+            pd.DataFrame(
+                {"user_id": ["c"] * 5, "rank": [1, 2, 3, 4, 5], "item_id": [f"i{n}" for n in range(20, 25)]}
+            ),
+        ]
+    )
+    wide = compare_with_popular(
+        spanning,
+        np.array(["a", "b", "c"]),
+        items,
+        popularity,
+        sp.vstack([seen, sp.csr_matrix((1, 200))]).tocsr(),
+    )
+    assert wide.share == pytest.approx(3 / 15) and wide.coverage_ratio == pytest.approx(15 / 7)
+    # Lists spanning 5% of the catalogue pass: that floor is only what one sets for one's own catalogue.
+    metrics = {"batch_users_served": 3.0, "batch_active_users": 3.0, "batch_coverage": 0.05}
     ok = run(
         tmp_path / "ok",
         "recs",
-        recommendations_summary(personal, metrics, share),
+        recommendations_summary(spanning, metrics, wide),
         recommendations_summary_suite(config),
     )
     assert ok == []
     # The popularity ranking itself, minus what each user saw.
     repeated = personal.assign(item_id=[f"i{n}" for n in (2, 3, 4, 5, 6, 0, 1, 2, 3, 4)])
-    assert popular_list_share(repeated, users, items, popularity, seen) == 1.0
+    repeated_vs_popular = compare_with_popular(repeated, users, items, popularity, seen)
+    assert repeated_vs_popular.share == 1.0 and repeated_vs_popular.coverage_ratio == 1.0
     # Users whose ids an erasure emptied (tombstones) keep their rows and match no list.
     tombstoned = np.array([None, "a", None, "b"], dtype=object)
     seen_with_tombstones = sp.vstack(
         [sp.csr_matrix((1, 200)), seen[0], sp.csr_matrix((1, 200)), seen[1]]
     ).tocsr()
-    assert popular_list_share(personal, tombstoned, items, popularity, seen_with_tombstones) == pytest.approx(
-        3 / 10
-    )
+    assert compare_with_popular(
+        personal, tombstoned, items, popularity, seen_with_tombstones
+    ).share == pytest.approx(3 / 10)
     failures = run(
         tmp_path / "bad",
         "recs",
-        recommendations_summary(repeated, {**metrics, "batch_users_served": 0.0}, 1.0),
+        recommendations_summary(repeated, {**metrics, "batch_users_served": 0.0}, repeated_vs_popular),
         recommendations_summary_suite(config),
     )
-    assert {f.column for f in failures} == {"active_users_served", "popular_share"}
+    assert {f.column for f in failures} == {"active_users_served", "popular_share", "coverage_over_popular"}
+    # The same few items for everyone, none of them popular: a collapse the popular share misses.
+    fixed = personal.assign(item_id=[f"i{n}" for n in (90, 91, 92, 93, 94) * 2])
+    fixed_vs_popular = compare_with_popular(fixed, users, items, popularity, seen)
+    assert fixed_vs_popular.share == 0.0 and fixed_vs_popular.coverage_ratio == pytest.approx(5 / 7)
+    failures = run(
+        tmp_path / "fixed",
+        "recs",
+        recommendations_summary(fixed, metrics, fixed_vs_popular),
+        recommendations_summary_suite(config),
+    )
+    assert [f.column for f in failures] == ["coverage_over_popular"]
 
 
 def test_validation_reads_a_bounded_sample_of_the_window_and_its_exact_count(weekly_run) -> None:

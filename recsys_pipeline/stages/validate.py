@@ -20,6 +20,7 @@ from recsys_pipeline.stages.publish import log_rejected_run
 from recsys_pipeline.validation import (
     ValidationFailedError,
     cold_embeddings_suite,
+    compare_with_popular,
     content_summary_suite,
     drift_summary_suite,
     embedding_profile,
@@ -31,7 +32,6 @@ from recsys_pipeline.validation import (
     interaction_profile_suite,
     interactions_suite,
     item_drift_suite,
-    popular_list_share,
     recommendations_suite,
     recommendations_summary,
     recommendations_summary_suite,
@@ -158,7 +158,7 @@ def run_validation(run: RunContext) -> dict[str, float]:
         )
         # What the lists exclude (as batch_recommend does): the training and held-out items.
         seen = (train.to_csr(n_users, n_items) + run.artifacts.interactions.holdout_matrix()).tocsr()
-        popular_share = popular_list_share(
+        popular = compare_with_popular(
             frames["recommendations"][0],
             run.artifacts.interactions.ids("users"),
             run.artifacts.interactions.ids("items"),
@@ -166,9 +166,7 @@ def run_validation(run: RunContext) -> dict[str, float]:
             seen,
         )
         frames["recommendations_summary"] = (
-            recommendations_summary(
-                frames["recommendations"][0], run.artifacts.read_metrics(), popular_share
-            ),
+            recommendations_summary(frames["recommendations"][0], run.artifacts.read_metrics(), popular),
             recommendations_summary_suite(config),
         )
     report = drift_against_champion(run, registry, embeddings)
