@@ -52,6 +52,8 @@ LAKE_SCHEMA = (
     "user_id STRING, item_id STRING, event_type STRING, value DOUBLE, event_ts TIMESTAMP, "
     "ingested_at TIMESTAMP, source STRING, event_date DATE"
 )
+# What ingest stages: the lake's columns, the quarantine's and the file each record came from.
+STAGING_SCHEMA = f"{LAKE_SCHEMA}, reason STRING, raw_record STRING, {SOURCE_FILE_COLUMN} STRING"
 
 # Checked in this order; a record is quarantined with the first reason that applies.
 QUARANTINE_REASONS = (
@@ -444,7 +446,9 @@ def ingest(
         .partitionBy("event_date")
         .parquet(str(staging))
     )
-    classified = spark.read.parquet(str(staging))
+    # With its schema given: files whose every row belongs to another run's window stage nothing, and
+    # Spark cannot infer a schema from no files.
+    classified = spark.read.schema(STAGING_SCHEMA).parquet(str(staging))
     label_actions(spark, "ingest: count records by reason")
     counts = {row["reason"]: row["count"] for row in classified.groupBy("reason").count().collect()}
     # Only the file and timestamp columns are read for this: a narrow pass, not the whole records.

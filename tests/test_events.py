@@ -101,6 +101,29 @@ def test_rows_outside_the_window_are_counted_not_quarantined(tmp_path, spark, ma
     )
 
 
+def test_a_source_with_no_row_in_the_window_stages_nothing_and_counts_every_row(
+    tmp_path, spark, make_config
+) -> None:
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "old.csv").write_text(
+        "user,item,type,value,ts\nu1,i1,view,1,880000000\nu2,i1,view,1,880000100\n"
+    )
+    config = make_config(**csv_events_source("old", source))
+    start, end = datetime(1999, 1, 1, tzinfo=UTC), datetime(1999, 1, 2, tzinfo=UTC)
+    result = ingest(
+        read_source(spark, config.source),
+        config.source,
+        config.events,
+        start,
+        end,
+        datetime(2026, 1, 1, tzinfo=UTC),
+        tmp_path / "staging",
+    )
+    assert result.events.count() == 0 and result.quarantine.count() == 0
+    assert result.metrics["events_read"] == 2 and result.metrics["events_outside_window"] == 2
+
+
 def test_quarantine_threshold_names_the_top_reasons() -> None:
     metrics = {
         "quarantine_share": 0.4,
