@@ -347,7 +347,10 @@ class ValidationConfig(_Section):
     min_rec_coverage_over_popular: float = Field(
         default=1.5,
         ge=0,
-        description="Distinct items the lists span over those the same users' most-popular lists span.",
+        description=(
+            "Distinct items the lists span over those the same users' most-popular lists span"
+            " (where the catalogue leaves less room above those lists, half the room it leaves)."
+        ),
     )
     max_rec_popular_share: float = Field(
         default=0.9, ge=0, le=1, description="Slots each user's most-popular list (unseen items) fills too."

@@ -226,7 +226,7 @@ def test_recommendation_summary_flags_unserved_users_and_lists_that_repeat_the_p
         tmp_path / "ok",
         "recs",
         recommendations_summary(spanning, metrics, wide),
-        recommendations_summary_suite(config),
+        recommendations_summary_suite(config, wide),
     )
     assert ok == []
     # The popularity ranking itself, minus what each user saw.
@@ -245,7 +245,7 @@ def test_recommendation_summary_flags_unserved_users_and_lists_that_repeat_the_p
         tmp_path / "bad",
         "recs",
         recommendations_summary(repeated, {**metrics, "batch_users_served": 0.0}, repeated_vs_popular),
-        recommendations_summary_suite(config),
+        recommendations_summary_suite(config, repeated_vs_popular),
     )
     assert {f.column for f in failures} == {"active_users_served", "popular_share", "coverage_over_popular"}
     # The same few items for everyone, none of them popular: a collapse the popular share misses.
@@ -256,9 +256,51 @@ def test_recommendation_summary_flags_unserved_users_and_lists_that_repeat_the_p
         tmp_path / "fixed",
         "recs",
         recommendations_summary(fixed, metrics, fixed_vs_popular),
-        recommendations_summary_suite(config),
+        recommendations_summary_suite(config, fixed_vs_popular),
     )
     assert [f.column for f in failures] == ["coverage_over_popular"]
+
+
+def test_a_small_catalogue_its_users_mostly_saw_asks_for_half_the_room_above_the_popular_lists(
+    tmp_path, make_config
+) -> None:
+    import scipy.sparse as sp
+
+    from recsys_pipeline.validation import (
+        compare_with_popular,
+        recommendations_summary,
+        recommendations_summary_suite,
+    )
+
+    config = make_config()
+    items = np.array([f"i{n}" for n in range(10)])
+    popularity = 100 - np.arange(10)
+    # Both users saw i0..i5: the popular lists of three are i6..i8, and only i9 is left beyond them.
+    seen = sp.csr_matrix(np.repeat([[1.0] * 6 + [0.0] * 4], 2, axis=0))
+    users = np.array(["a", "b"])
+    metrics = {"batch_users_served": 2.0, "batch_active_users": 2.0, "batch_coverage": 0.4}
+
+    def lists(a: tuple[int, ...], b: tuple[int, ...]) -> pd.DataFrame:
+        return pd.DataFrame(
+            {"user_id": ["a"] * 3 + ["b"] * 3, "rank": [1, 2, 3] * 2, "item_id": [f"i{n}" for n in a + b]}
+        )
+
+    def failed_columns(name: str, recs: pd.DataFrame) -> list[str | None]:
+        popular = compare_with_popular(recs, users, items, popularity, seen)
+        # 4 items are left unseen against the popular lists' 3: 1.5 is out of reach; half the room is.
+        assert popular.attainable_ratio == pytest.approx(4 / 3)
+        assert popular.coverage_floor(config.validation.min_rec_coverage_over_popular) == pytest.approx(7 / 6)
+        summary = recommendations_summary(recs, metrics, popular)
+        suite = recommendations_summary_suite(config, popular)
+        return [f.column for f in run(tmp_path / name, "recs", summary, suite)]
+
+    # Every item left, spread over both lists: 4 against 3, under 1.5 and as broad as can be.
+    assert failed_columns("broad", lists((6, 7, 9), (6, 8, 9))) == []
+    # The popular lists themselves still fail (the popular share too).
+    popular_lists = lists((6, 7, 8), (6, 7, 8))
+    assert failed_columns("popular", popular_lists) == ["popular_share", "coverage_over_popular"]
+    # The same three items for both, one beyond the popular lists: no broader than those lists.
+    assert failed_columns("narrow", lists((6, 7, 9), (6, 7, 9))) == ["coverage_over_popular"]
 
 
 def test_validation_reads_a_bounded_sample_of_the_window_and_its_exact_count(weekly_run) -> None:

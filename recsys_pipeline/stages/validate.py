@@ -167,7 +167,7 @@ def run_validation(run: RunContext) -> dict[str, float]:
         )
         frames["recommendations_summary"] = (
             recommendations_summary(frames["recommendations"][0], run.artifacts.read_metrics(), popular),
-            recommendations_summary_suite(config),
+            recommendations_summary_suite(config, popular),
         )
     report = drift_against_champion(run, registry, embeddings)
     if report is not None:
