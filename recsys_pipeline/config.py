@@ -429,6 +429,12 @@ class SparkConfig(_Section):
     pool_slots: int = Field(
         default=1, ge=1, description="Spark jobs at once: 1 on one machine; more on a cluster."
     )
+    broadcast_max_rows: int = Field(
+        default=5_000_000,
+        ge=0,
+        description="A table joined by broadcast (an ID map, a night's pairs) is held whole by the driver "
+        "and every executor: up to this many rows; a larger one joins by a shuffle.",
+    )
     conf: dict[str, str] = Field(
         default={},
         description="Spark settings; one whose name is secret (spark.redaction.regex) is set by the job "

@@ -212,7 +212,7 @@ def merged_pairs(
     keys: tuple[str, str] = INDEX_PAIR,
 ) -> DataFrame:
     """:func:`pair_confidences` of ``events`` with ``carried`` (with ``last_seen``), for events far
-    fewer than the carried pairs (a night's against the whole history).
+    fewer than the carried pairs (a night's against the whole history) that fit in memory.
 
     Only the carried pairs the events share are aggregated again; every other carried pair is passed
     through as it is, by joins against the events' broadcast pairs that never shuffle the history.
@@ -335,12 +335,10 @@ class InputFingerprint:
         )
 
 
-def input_fingerprint(groups: DataFrame, carried: InputFingerprint | None = None) -> InputFingerprint:
-    """The fingerprint of the events in groups carrying ``fingerprint_sums``; ``carried``: that of
-    older events the groups add to."""
+def input_fingerprint(groups: DataFrame) -> InputFingerprint:
+    """The fingerprint of the events in groups carrying ``fingerprint_sums``."""
     row = groups.agg(*(F.sum(name) for name in ("events", "hash_high", "hash_low"))).collect()[0]
-    own = InputFingerprint(*(int(value or 0) for value in row))
-    return own + carried if carried else own
+    return InputFingerprint(*(int(value or 0) for value in row))
 
 
 def unmapped_ids(events: DataFrame, column: str, existing: DataFrame | None) -> DataFrame:
@@ -372,7 +370,10 @@ def read_id_map_frame(spark: SparkSession, path: Path) -> DataFrame | None:
 
 
 def indexed_events(
-    events: DataFrame, maps: IdMaps, id_hash: Callable[[Column], Column] = F.xxhash64
+    events: DataFrame,
+    maps: IdMaps,
+    broadcast_max_rows: int,
+    id_hash: Callable[[Column], Column] = F.xxhash64,
 ) -> DataFrame:
     """The events with ``user_idx`` and ``item_idx`` from maps that hold every one of their ids.
 
@@ -380,12 +381,18 @@ def indexed_events(
     the id itself only on a match: exact even where two ids share a hash, with no pass over the maps
     to rule that out. (The confirmation sits inside ``coalesce`` so that Spark keeps it out of the
     join key it hashes.)
+
+    A map of at most ``broadcast_max_rows`` ids is broadcast; a larger one joins by a shuffle. The
+    choice is never left to Spark's size estimates: those of events are their compressed files',
+    so a week's 12 million events looked smaller than a map of 2.5 million ids held in memory, and
+    broadcasting the events ran the driver out of memory.
     """
     for entity, id_map in (("user", maps.users), ("item", maps.items)):
         id_column, idx_column = f"{entity}_id", f"{entity}_idx"
         hashed = id_map.select(
             id_hash(F.col("id")).alias("key"), F.col("id").alias("mapped_id"), F.col("idx").alias(idx_column)
         )
+        hashed = F.broadcast(hashed) if id_map.count() <= broadcast_max_rows else hashed.hint("merge")
         matches = (id_hash(F.col(id_column)) == hashed["key"]) & F.coalesce(
             F.col(id_column) == hashed["mapped_id"], F.lit(False)
         )

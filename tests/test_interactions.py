@@ -145,19 +145,43 @@ def test_id_maps_keep_old_indices_and_append_new_ids(spark, make_config, tmp_pat
     assert np.all(csr[2].toarray() == 0)
 
 
-@pytest.mark.parametrize("id_hash", [F.xxhash64, lambda _: F.lit(7)], ids=["hashed", "colliding"])
-def test_events_get_the_indices_of_their_own_ids(spark, id_hash) -> None:
-    """A hash that collides for every id must still give each event its own id's index."""
-    events = _events(
-        spark, [("u1", "i1", "view", None, 1), ("u2", "i2", "view", None, 1), ("u2", "i1", "view", None, 2)]
-    )
-    maps = IdMaps(
+def _maps(spark) -> IdMaps:
+    return IdMaps(
         users=spark.createDataFrame([("u2", 0), ("u1", 1), ("u9", 2)], "id string, idx int"),
-        items=spark.createDataFrame([("i2", 5), ("i1", 3)], "id string, idx int"),
+        items=spark.createDataFrame([("i2", 5), ("i1", 3), ("i7", 4)], "id string, idx int"),
     )
-    indexed = indexed_events(events, maps, id_hash).select("user_id", "user_idx", "item_id", "item_idx")
-    assert sorted(tuple(row) for row in indexed.collect()) == [
+
+
+_INDEXED_EVENTS = [
+    ("u1", "i1", "view", None, 1),
+    ("u2", "i2", "view", None, 1),
+    ("u2", "i1", "view", None, 2),
+]
+
+
+@pytest.mark.parametrize("id_hash", [F.xxhash64, lambda _: F.lit(7)], ids=["hashed", "colliding"])
+@pytest.mark.parametrize("broadcast_max_rows", [3, 2], ids=["broadcast", "shuffled"])
+def test_events_get_the_indices_of_their_own_ids(spark, id_hash, broadcast_max_rows) -> None:
+    """A hash that collides for every id must still give each event its own id's index."""
+    events = _events(spark, _INDEXED_EVENTS)
+    indexed = indexed_events(events, _maps(spark), broadcast_max_rows, id_hash)
+    assert sorted(
+        tuple(row) for row in indexed.select("user_id", "user_idx", "item_id", "item_idx").collect()
+    ) == [
         ("u1", 1, "i1", 3),
         ("u2", 0, "i1", 3),
         ("u2", 0, "i2", 5),
     ]
+
+
+@pytest.mark.parametrize(("broadcast_max_rows", "join"), [(3, "BroadcastHashJoin"), (2, "SortMergeJoin")])
+def test_maps_up_to_the_broadcast_bound_are_broadcast_and_never_the_events(
+    spark, tmp_path, broadcast_max_rows, join
+) -> None:
+    # Left to its size estimates, Spark would broadcast the events: their file is small, and it
+    # cannot size the maps.
+    _events(spark, _INDEXED_EVENTS).write.parquet(str(tmp_path / "events"))
+    events = spark.read.parquet(str(tmp_path / "events"))
+    indexed = indexed_events(events, _maps(spark), broadcast_max_rows)
+    physical = indexed._jdf.queryExecution().executedPlan().toString()
+    assert physical.count(join) == 2 and "BuildLeft" not in physical, physical

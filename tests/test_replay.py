@@ -154,9 +154,10 @@ def test_a_night_recomputes_the_lists_of_users_it_refreshed_and_carries_the_othe
     assert any(latest[user] != earlier.get(user) for user in refreshed & set(latest.index))
 
 
-def decayed_copy(config, tmp_path: Path, holdout_strategy: str):
+def decayed_copy(config, tmp_path: Path, holdout_strategy: str, broadcast_max_rows: int | None = None):
     """The replay's lake in a state folder under ``tmp_path``, configured with time decay (which makes
-    carrying pairs non-trivial), the given holdout, and any number of users enough to evaluate."""
+    carrying pairs non-trivial), the given holdout, any number of users enough to evaluate, and
+    (if given) the bound on what joins by broadcast."""
     shutil.copytree(config.state_home / "lake", tmp_path / "state" / "lake")
     interactions = config.interactions.model_copy(
         update={
@@ -169,20 +170,26 @@ def decayed_copy(config, tmp_path: Path, holdout_strategy: str):
             "state_dir": tmp_path / "state",
             "interactions": interactions,
             "evaluation": config.evaluation.model_copy(update={"min_users": 1}),
+            "spark": config.spark
+            if broadcast_max_rows is None
+            else config.spark.model_copy(update={"broadcast_max_rows": broadcast_max_rows}),
         }
     )
 
 
-@pytest.mark.parametrize("weekly_holdout", ["per_user_last", "days"])
+# A bound of 1 row: the nights' events aggregate with the carried pairs, the maps join by a shuffle.
+@pytest.mark.parametrize(
+    ("weekly_holdout", "broadcast_max_rows"), [("per_user_last", None), ("days", None), ("per_user_last", 1)]
+)
 def test_nights_carry_the_pairs_forward_and_build_what_a_rebuild_from_every_event_builds(
-    spark, replay, tmp_path: Path, weekly_holdout: str
+    spark, replay, tmp_path: Path, weekly_holdout: str, broadcast_max_rows: int | None
 ) -> None:
     config, weekly, nights = replay
     assert weekly.artifacts.read_metrics()["history_carried"] == 0.0
     assert all(run.artifacts.read_metrics()["history_carried"] == 1.0 for run, _ in nights)
     # Decay makes carrying non-trivial: the carried aggregates must age as their events would. A
     # weekly with a global cut keeps pairs aggregated to the cut, then carried to its end.
-    decayed = decayed_copy(config, tmp_path, weekly_holdout)
+    decayed = decayed_copy(config, tmp_path, weekly_holdout, broadcast_max_rows)
     run_interactions(
         spark, RunContext.create(decayed, "recsys_weekly", WEEKLY_END - timedelta(weeks=1), WEEKLY_END)
     )

@@ -105,16 +105,18 @@ def build_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]
     out = run.artifacts.interactions
     cached: list[DataFrame] = [item_activity, maps.users, maps.items]
     try:
+        label_actions(spark, "interactions: item activity and the input fingerprint")
+        read = input_fingerprint(item_activity)
+        fingerprint = read + history.fingerprint if history else read
         # Ids become dense indices before the aggregation: integer pairs shuffle and hash far cheaper than
         # strings.
-        indexed = indexed_events(events, maps)
+        label_actions(spark, "interactions: the ID maps")
+        indexed = indexed_events(events, maps, run.config.spark.broadcast_max_rows)
         train_counts = PairCounts("train")
         carried = carried_pairs(history.pairs, config, window_end - history.as_of) if history else None
         train_pairs, holdout_pairs, all_pairs = split(
-            events, indexed, run, window_end, train_counts, cached, carried
+            events, indexed, run, window_end, train_counts, cached, read.events, carried
         )
-        label_actions(spark, "interactions: item activity and the input fingerprint")
-        fingerprint = input_fingerprint(item_activity, history.fingerprint if history else None)
         with atomic_dir(out.root) as staging:
             written = InteractionsFiles(staging)
             for side, id_map in (("users", maps.users), ("items", maps.items)):
@@ -224,6 +226,7 @@ def split(
     window_end: datetime,
     train_counts: PairCounts,
     cached: list[DataFrame],
+    events_read: int,
     carried: DataFrame | None = None,
 ) -> tuple[DataFrame | None, DataFrame | None, DataFrame]:
     """(training pairs, holdout pairs, every pair unfiltered) of the window's events (``indexed``: with
@@ -231,23 +234,26 @@ def split(
     the caller to release.
 
     ``carried`` holds the pairs an earlier run aggregated (``indexed`` then holds only the events
-    since), for a refresh or a per-user holdout. A refresh holds nothing out (None): its model is the
-    champion's, folded over the whole history. Its training pairs are None: they are read back from
-    every pair once written, rather than merged twice.
+    since), for a refresh or a per-user holdout; ``events_read``: how many events ``indexed`` holds. A
+    refresh holds nothing out (None): its model is the champion's, folded over the whole history. Its
+    training pairs are None: they are read back from every pair once written, rather than merged twice.
     """
     config = run.config.interactions
     if run.mode == "refresh":
-        if carried is None:
-            pairs = pair_confidences(indexed, config, F.lit(window_end), INDEX_PAIR, last_seen=True)
-        else:
-            pairs = merged_pairs(indexed, config, F.lit(window_end), carried)
-        return None, None, pairs
+        # A night's few events merge by broadcast without shuffling the history, which nothing after
+        # them needs shuffled; events too many to hold in memory aggregate with it instead.
+        if carried is not None and events_read <= run.config.spark.broadcast_max_rows:
+            return None, None, merged_pairs(indexed, config, F.lit(window_end), carried)
+        every_pair = pair_confidences(
+            indexed, config, F.lit(window_end), INDEX_PAIR, last_seen=True, carried=carried
+        )
+        return None, None, every_pair
     holdout_only = config.model_copy(update={"min_user_interactions": 1, "min_item_interactions": 1})
     if config.holdout.strategy == "per_user_last":
-        every_pair = (
-            pair_confidences(indexed, config, F.lit(window_end), INDEX_PAIR, last_seen=True)
-            if carried is None
-            else merged_pairs(indexed, config, F.lit(window_end), carried)
+        # Shuffled by user together with the carried pairs, the pairs are ready for the per-user
+        # marking: a merge by broadcast would save no shuffle, as the marking shuffles every pair.
+        every_pair = pair_confidences(
+            indexed, config, F.lit(window_end), INDEX_PAIR, last_seen=True, carried=carried
         )
         pairs = mark_last_per_user(every_pair, config.holdout.last_n).persist()
         cached.append(pairs)
