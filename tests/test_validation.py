@@ -3,13 +3,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse as sp
 
 from recsys_pipeline.validation import (
     DATA_DOCS,
+    compare_with_popular,
     embedding_profile,
     embeddings_suite,
     events_suite,
     interactions_suite,
+    recommendations_summary,
+    recommendations_summary_suite,
     validate_frames,
 )
 
@@ -178,14 +182,6 @@ def test_interaction_profile_flags_one_item_dominating(tmp_path, make_config) ->
 def test_recommendation_summary_flags_unserved_users_and_lists_that_repeat_the_popular_one(
     tmp_path, make_config
 ) -> None:
-    import scipy.sparse as sp
-
-    from recsys_pipeline.validation import (
-        compare_with_popular,
-        recommendations_summary,
-        recommendations_summary_suite,
-    )
-
     config = make_config()
     items = np.array([f"i{n}" for n in range(200)])
     popularity = 1000 - np.arange(200)  # i0 the most popular
@@ -264,14 +260,6 @@ def test_recommendation_summary_flags_unserved_users_and_lists_that_repeat_the_p
 def test_a_small_catalogue_its_users_mostly_saw_asks_for_half_the_room_above_the_popular_lists(
     tmp_path, make_config
 ) -> None:
-    import scipy.sparse as sp
-
-    from recsys_pipeline.validation import (
-        compare_with_popular,
-        recommendations_summary,
-        recommendations_summary_suite,
-    )
-
     config = make_config()
     items = np.array([f"i{n}" for n in range(10)])
     popularity = 100 - np.arange(10)
