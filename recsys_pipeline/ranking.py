@@ -3,13 +3,17 @@
 Every ranking in the pipeline goes through :func:`top_k` (best columns of a score block)
 or :func:`dot_top_k` (batched dot products, then ``top_k``), so ties, padding and the
 handling of excluded items are the same everywhere. Memory stays bounded by the batch:
-a (batch x items) score block and its partition, never (users x items).
+a (batch x items) score block and its partition per thread, never (users x items).
 """
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import scipy.sparse as sp
+from threadpoolctl import threadpool_limits
 
 NO_ITEM = -1
 # Score elements partitioned at once: 4M float32 scores plus their int64 positions, about 48 MB.
@@ -91,18 +95,22 @@ def dot_top_k(
     allowed: np.ndarray | None = None,
     seen: sp.csr_matrix | None = None,
     batch_size: int = 1024,
+    threads: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k rows of ``vectors`` by dot product per query, in batches of at most ``batch_size``
     queries and never more than ``SCORE_BUDGET`` scores at once (fewer queries for a larger catalogue).
 
     ``allowed`` (bool per vector) masks rows that may be returned; ``seen`` (one sparse row per
-    query) excludes each query's own items.
+    query) excludes each query's own items. Batches are ranked by ``threads`` threads at once (default:
+    one per core), so at most that many score blocks are held: NumPy and BLAS release the GIL, and
+    BLAS then runs one thread per batch.
     """
     batch_size = max(1, min(batch_size, SCORE_BUDGET // max(len(vectors), 1)))
     width = min(k, len(vectors))
     columns = np.empty((len(queries), width), dtype=np.int64)
     best = np.empty((len(queries), width), dtype=np.float32)
-    for start in range(0, len(queries), batch_size):
+
+    def rank(start: int) -> None:
         stop = start + batch_size
         scores = np.asarray(queries[start:stop], dtype=np.float32) @ vectors.T
         if allowed is not None:
@@ -110,6 +118,16 @@ def dot_top_k(
         if seen is not None:
             exclude(scores, seen[start:stop])
         columns[start:stop], best[start:stop] = top_k(scores, k)
+
+    starts = range(0, len(queries), batch_size)
+    workers = min(threads or os.cpu_count() or 1, len(starts))
+    if workers <= 1:
+        for start in starts:
+            rank(start)
+    else:
+        with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
+            for _ in pool.map(rank, starts):
+                pass
     return columns, best
 
 

@@ -11,6 +11,7 @@ from recsys_pipeline.evaluate import (
     gate,
     paired_lift,
     ranking_metrics,
+    row_difference,
 )
 from recsys_pipeline.ranking import NO_ITEM, exclude, pad, top_k
 
@@ -239,3 +240,12 @@ def test_metrics_carry_their_interval_when_asked() -> None:
         assert m[f"{name}_ci_low"] <= m[name] <= m[f"{name}_ci_high"]
     assert 0 <= m["recall_at_3_ci_low"] < m["recall_at_3"] < m["recall_at_3_ci_high"] <= 0.75
     assert "precision_at_3_ci_low" not in ranking_metrics(recommended, relevant, k=3, catalogue_size=10)
+
+
+def test_row_difference_is_setdiff_per_row() -> None:
+    rows = sp.csr_matrix(
+        (np.ones(7), ([0, 0, 0, 2, 2, 3, 3], [5, 1, 5, 0, 4, 2, 3])), shape=(5, 6)
+    )  # row 0 names item 5 twice, row 1 and row 4 are empty
+    taken = sp.csr_matrix((np.ones(3), ([0, 2, 4], [1, 0, 3])), shape=(5, 6))
+    assert [items.tolist() for items in row_difference(rows, taken)] == [[5], [], [4], [2, 3], []]
+    assert row_difference(rows[:0], taken[:0]) == []

@@ -3,6 +3,7 @@
 import tracemalloc
 
 import numpy as np
+import pytest
 import scipy.sparse as sp
 
 from recsys_pipeline.ranking import (
@@ -28,12 +29,16 @@ def test_top_k_never_returns_more_columns_than_exist() -> None:
     assert columns.shape == (2, 3)
 
 
-def test_dot_top_k_equals_a_full_sort_with_masks_and_seen_items() -> None:
+@pytest.mark.parametrize("threads", [1, 3])
+def test_dot_top_k_equals_a_full_sort_with_masks_and_seen_items(threads: int) -> None:
+    """Batches ranked one after another or by threads at once (each writing its own rows)."""
     rng = np.random.default_rng(0)
     queries, vectors = rng.normal(size=(50, 8)), rng.normal(size=(300, 8)).astype(np.float32)
     allowed = rng.random(300) > 0.2
     seen = sp.random(50, 300, density=0.05, random_state=1, format="csr")
-    columns, scores = dot_top_k(queries, vectors, 7, allowed=allowed, seen=seen, batch_size=16)
+    columns, scores = dot_top_k(
+        queries, vectors, 7, allowed=allowed, seen=seen, batch_size=16, threads=threads
+    )
     full = queries @ vectors.T
     full[:, ~allowed] = -np.inf
     full[seen.nonzero()] = -np.inf
@@ -87,11 +92,11 @@ def test_memory_is_bounded_by_the_batch_not_the_number_of_queries() -> None:
     vectors = rng.normal(size=(200_000, 4)).astype(np.float32)
     queries = rng.normal(size=(2_000, 4)).astype(np.float32)
     tracemalloc.start()
-    columns, _ = dot_top_k(queries, vectors, 10, batch_size=64)
+    columns, _ = dot_top_k(queries, vectors, 10, batch_size=64, threads=2)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert columns.shape == (2_000, 10)
-    # One batch: 64 x 200k float32 scores (51 MB) plus the partition's positions of a chunk.
+    # One batch per thread: 64 x 200k float32 scores (51 MB) plus the partition's positions of a chunk.
     assert peak < 200 * 2**20, f"peak {peak / 2**20:.0f} MB"
 
 
