@@ -132,7 +132,8 @@ def warm_start(
 
     Why: measured on the 20M synthetic log's second week, five iterations from last week's factors
     reach a lower training loss than fifteen from random ones (0.008280 against 0.008289) with the
-    same held-out nDCG@10 (0.2689 against 0.2697, within its interval) in a third of the time."""
+    same held-out nDCG@10 (0.2689 against 0.2697, within its interval) in a third of the time; two
+    score as five do (docs/configuration.md)."""
     iterations = params.warm_start_iterations
     if iterations is None:
         return None
