@@ -11,6 +11,7 @@ from recsys_pipeline.events import (
     check_quarantine_share,
     ingest,
     lake_signature,
+    mark_duplicates,
     read_source,
 )
 from recsys_pipeline.runs import RunContext
@@ -210,3 +211,23 @@ def test_the_lake_signature_before_a_day_changes_only_when_an_earlier_day_is_rew
     assert lake_signature(lake, before) == signature
     (lake / "event_date=1998-03-19" / "part-0.parquet").write_bytes(b"an earlier day, ingested again")
     assert lake_signature(lake, before) != signature
+
+
+def test_deduplication_leaves_rows_sorted_by_date_so_the_staging_write_sorts_nothing_again(spark) -> None:
+    rows = [("u1", "i1", "view", "1", 1.0, "880000000", datetime(1997, 11, 20, tzinfo=UTC), "a.csv")] * 2
+    frame = (
+        spark.createDataFrame(
+            rows,
+            "user_id string, item_id string, event_type string, raw_value string, value double, "
+            "raw_ts string, event_ts timestamp, _source_file string",
+        )
+        .withColumn("reason", F.lit(None).cast("string"))
+        .withColumn("raw_record", F.lit(None).cast("string"))
+        .withColumn("event_date", F.to_date("event_ts"))
+        .repartition("event_date")
+    )
+    deduplicated = mark_duplicates(frame)
+    # A date-partitioned write sorts its input by date unless it already comes in that order.
+    ordering = deduplicated._jdf.queryExecution().executedPlan().initialPlan().outputOrdering()
+    assert ordering.mkString(", ").startswith("event_date")
+    assert sorted(row["reason"] or "" for row in deduplicated.collect()) == ["", "duplicate"]
