@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from recsys_pipeline.artifacts import Gate
-from recsys_pipeline.evaluate import EvaluationSet, gate
+from recsys_pipeline.evaluate import EvaluationSet, gate, scores
 from recsys_pipeline.registry import Registry
 from recsys_pipeline.runs import RunContext
 
@@ -32,7 +32,8 @@ def run_evaluation(run: RunContext) -> dict[str, float]:
     )
     k, confidence = settings.k, settings.confidence
     served = run.artifacts.served.embeddings().warm_items()
-    candidate = evaluation.scores(served, k)
+    recommended, catalogue_size = evaluation.recommend(served, k)
+    candidate = scores(recommended, evaluation.relevant, k, catalogue_size)
     baseline = evaluation.popularity_scores(k)
     metrics = candidate.summary(confidence) | baseline.summary(confidence, "baseline_")
     champion_scores = candidate_vs_champion = None
@@ -42,7 +43,8 @@ def run_evaluation(run: RunContext) -> dict[str, float]:
         # +0.008 nDCG@10 to it. Both are compared on the pairs the champion never trained on.
         unseen = evaluation.without(*reference[1].history())
         champion_scores = unseen.scores(reference[1].embeddings().warm_items(), k)
-        candidate_vs_champion = unseen.scores(served, k)
+        # The same users with the same seen items: the candidate's lists are the ones scored above.
+        candidate_vs_champion = scores(recommended, unseen.relevant, k, catalogue_size)
         metrics.update(champion_scores.summary(confidence, "champion_"))
         metrics[f"candidate_vs_champion_ndcg_at_{k}"] = float(
             candidate_vs_champion.per_user[f"ndcg_at_{k}"].mean()
