@@ -126,8 +126,7 @@ def dot_top_k(
             rank(start)
     else:
         with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(workers) as pool:
-            for _ in pool.map(rank, starts):
-                pass
+            list(pool.map(rank, starts))  # each batch fills its own rows; an error surfaces here
     return columns, best
 
 

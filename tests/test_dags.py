@@ -419,7 +419,7 @@ def test_corrupted_input_fails_the_run_keeping_the_champion_and_its_files(
 
 
 @pytest.mark.e2e
-def test_nightly_dag_refreshes_the_champion_or_escalates(weekly_dag_run) -> None:
+def test_nightly_dag_folds_the_day_into_the_champion(weekly_dag_run) -> None:
     state_env = weekly_dag_run
     before = json.loads(recsys("status", "--json", env=state_env).stdout)
     # The sample's last day, folded into the weekly champion (trained on all but each user's last items).
@@ -437,6 +437,12 @@ def test_nightly_dag_refreshes_the_champion_or_escalates(weekly_dag_run) -> None
     # none is added here; test_replay covers users who arrive after the weekly run).
     assert status["refresh"]["users_updated"] > 0
 
+
+@pytest.mark.e2e
+@pytest.mark.slow  # a whole-DAG run more on the module's one worker would set `make test`'s length
+def test_a_nightly_drifting_from_its_weekly_parent_hands_over_to_a_full_retrain(weekly_dag_run) -> None:
+    state_env = weekly_dag_run
+    status = json.loads(recsys("status", "--json", env=state_env).stdout)
     # Drift past a bound from the weekly parent: the run says why and hands over to the weekly DAG,
     # whose run for that day exists already (the module's weekly_dag_run), so none is added.
     conf = json.dumps({"config_overrides": {"drift.min_rec_overlap": 1.0}})
