@@ -380,6 +380,7 @@ def tree_hashes(folder: Path) -> dict[str, str]:
 
 
 @pytest.mark.e2e
+@pytest.mark.slow  # a whole-DAG run: with the weekly and nightly runs, it set `make test`'s length
 def test_corrupted_input_fails_the_run_keeping_the_champion_and_its_files(
     weekly_dag_run, tmp_path: Path
 ) -> None:

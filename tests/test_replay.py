@@ -177,9 +177,11 @@ def decayed_copy(config, tmp_path: Path, holdout_strategy: str, broadcast_max_ro
     )
 
 
-# A bound of 1 row: the nights' events aggregate with the carried pairs, the maps join by a shuffle.
+# A bound of 1 row: the nights' events aggregate with the carried pairs, the maps join by a shuffle
+# (the slow tier's: this module's worker sets `make test`'s length).
 @pytest.mark.parametrize(
-    ("weekly_holdout", "broadcast_max_rows"), [("per_user_last", None), ("days", None), ("per_user_last", 1)]
+    ("weekly_holdout", "broadcast_max_rows"),
+    [("per_user_last", None), ("days", None), pytest.param("per_user_last", 1, marks=pytest.mark.slow)],
 )
 def test_nights_carry_the_pairs_forward_and_build_what_a_rebuild_from_every_event_builds(
     spark, replay, tmp_path: Path, weekly_holdout: str, broadcast_max_rows: int | None
