@@ -340,6 +340,8 @@ def canonicalize(
 
 
 ERASED = "erased"
+# Staged rows whose timestamp is outside the run's window (or its dates): only counted.
+OUTSIDE_WINDOW = "outside_window"
 
 
 def erase_forgotten(frame: DataFrame, salt: bytes, user_hashes: frozenset[str]) -> DataFrame:
@@ -432,9 +434,14 @@ def ingest(
     if dates is not None:
         in_window = in_window & F.to_date("event_ts").isin(sorted(dates))
     flagged = F.col("corrupt") | F.col("reason").isin("before_floor", "future_timestamp", ERASED)
+    # Rows of other windows are staged too, under a reason of their own and without their record:
+    # one aggregate over the staged rows then accounts for every row read, where counting them apart
+    # read the source a second time.
+    outside = ~F.coalesce(F.col("event_ts").isNull() | in_window | flagged, F.lit(False))
     spark = raw.sparkSession
     dated = (
-        canonical.where(F.col("event_ts").isNull() | in_window | flagged)
+        canonical.withColumn("raw_record", F.when(~outside, F.col("raw_record")))
+        .withColumn("reason", F.when(outside, F.lit(OUTSIDE_WINDOW)).otherwise(F.col("reason")))
         .withColumn("event_date", F.to_date("event_ts"))
         .repartition("event_date")
     )
@@ -451,51 +458,44 @@ def ingest(
         .partitionBy("event_date")
         .parquet(str(staging))
     )
-    # With its schema given: files whose every row belongs to another run's window stage nothing, and
-    # Spark cannot infer a schema from no files.
+    # With its schema given: files without a row stage nothing, and Spark cannot infer a schema from
+    # no files.
     classified = spark.read.schema(STAGING_SCHEMA).parquet(str(staging))
-    label_actions(spark, "ingest: count records by reason")
-    counts = {row["reason"]: row["count"] for row in classified.groupBy("reason").count().collect()}
-    # Only the file and timestamp columns are read for this: a narrow pass, not the whole records.
-    per_file = (
-        raw.select(
-            SOURCE_FILE_COLUMN, _timestamp(F.col(source.mapping["timestamp"] or ""), source).alias("event_ts")
-        )
-        .groupBy(SOURCE_FILE_COLUMN)
-        .agg(F.count(F.lit(1)).alias("rows"), F.max("event_ts").alias("latest_event"))
-    )
-    label_actions(spark, "ingest: rows and latest event per source file")
-    read = {file_path(row[SOURCE_FILE_COLUMN]): row for row in per_file.collect()}
-    accepted = classified.where(F.col("reason").isNull())
+    counts: dict[str | None, int] = {}
+    rows: dict[str, int] = {}
+    latest: dict[str, datetime | None] = {}
     filled: dict[str, set[date]] = {}
     contents: dict[date, DateContents] = {}
-    # (file, date) pairs by a plain aggregate: a set per file would be an object aggregate per task.
-    # The same pass sums what each date holds, for write_lake to compare with the lake.
-    label_actions(spark, "ingest: dates per source file")
-    for row in accepted.groupBy(SOURCE_FILE_COLUMN, "event_date").agg(*content_sums()).collect():
-        filled.setdefault(file_path(row[SOURCE_FILE_COLUMN]), set()).add(row["event_date"])
-        held = contents.get(row["event_date"], (0, 0, 0))
-        contents[row["event_date"]] = (
-            held[0] + row["events"],
-            held[1] + row["hash_high"],
-            held[2] + row["hash_low"],
-        )
-    metrics = record_counts(sum(row["rows"] for row in read.values()), counts)
-    bad = classified.where(F.col("reason").isNotNull() & (F.col("reason") != ERASED)).select(
+    # The groups are (file, date, reason) triples, few against the rows. The accepted ones' hash
+    # sums are what each date holds, for write_lake to compare with the lake.
+    label_actions(spark, "ingest: account for the records by file, date and reason")
+    groups = classified.groupBy(SOURCE_FILE_COLUMN, "event_date", "reason").agg(
+        F.max("event_ts").alias("latest_event"), *content_sums()
+    )
+    for row in groups.collect():
+        path, reason, day = file_path(row[SOURCE_FILE_COLUMN]), row["reason"], row["event_date"]
+        counts[reason] = counts.get(reason, 0) + row["events"]
+        rows[path] = rows.get(path, 0) + row["events"]
+        latest[path] = max(filter(None, (latest.get(path), row["latest_event"])), default=None)
+        if reason is None:
+            filled.setdefault(path, set()).add(day)
+            held = contents.get(day, (0, 0, 0))
+            contents[day] = (held[0] + row["events"], held[1] + row["hash_high"], held[2] + row["hash_low"])
+    metrics = record_counts(sum(rows.values()), counts)
+    accepted = classified.where(F.col("reason").isNull())
+    bad = classified.where(~F.col("reason").isin(ERASED, OUTSIDE_WINDOW)).select(
         "raw_record", "reason", "event_ts", "ingested_at", "source"
     )
-    files = {
-        path: FileSummary(frozenset(filled.get(path, set())), _utc(row["latest_event"]))
-        for path, row in read.items()
-    }
+    files = {path: FileSummary(frozenset(filled.get(path, set())), _utc(latest[path])) for path in rows}
     return IngestResult(accepted.select(*EVENT_COLUMNS), bad, metrics, files, contents)
 
 
 def record_counts(total_rows: int, counts: Mapping[str | None, int]) -> dict[str, float]:
-    """Where the records read went: ``counts`` per quarantine reason (or ``erased``), accepted ones
-    under None."""
+    """Where the records read went: ``counts`` per quarantine reason (or ``erased``, or
+    ``outside_window``), accepted ones under None."""
     accepted, erased = counts.get(None, 0), counts.get(ERASED, 0)
-    quarantined = sum(count for reason, count in counts.items() if reason not in (None, ERASED))
+    not_quarantined = (None, ERASED, OUTSIDE_WINDOW)
+    quarantined = sum(count for reason, count in counts.items() if reason not in not_quarantined)
     metrics: dict[str, float] = {
         "events_read": float(total_rows),
         "events_ingested": float(accepted),

@@ -7,6 +7,7 @@ import pytest
 from pyspark.sql import functions as F
 
 from recsys_pipeline.events import (
+    FileSummary,
     QuarantineThresholdError,
     check_quarantine_share,
     ingest,
@@ -102,7 +103,7 @@ def test_rows_outside_the_window_are_counted_not_quarantined(tmp_path, spark, ma
     )
 
 
-def test_a_source_with_no_row_in_the_window_stages_nothing_and_counts_every_row(
+def test_a_source_with_no_row_in_the_window_ingests_nothing_and_accounts_for_every_row(
     tmp_path, spark, make_config
 ) -> None:
     source = tmp_path / "source"
@@ -123,6 +124,11 @@ def test_a_source_with_no_row_in_the_window_stages_nothing_and_counts_every_row(
     )
     assert result.events.count() == 0 and result.quarantine.count() == 0
     assert result.metrics["events_read"] == 2 and result.metrics["events_outside_window"] == 2
+    # The file put no date in the lake; its latest event, outside the window, is still known to the
+    # ledger (which reads a file again when that event is later than the window that read it).
+    assert result.files == {
+        str(source / "old.csv"): FileSummary(frozenset(), datetime.fromtimestamp(880000100, UTC))
+    }
 
 
 def test_quarantine_threshold_names_the_top_reasons() -> None:
