@@ -483,9 +483,10 @@ def ingest(
             contents[day] = (held[0] + row["events"], held[1] + row["hash_high"], held[2] + row["hash_low"])
     metrics = record_counts(sum(rows.values()), counts)
     accepted = classified.where(F.col("reason").isNull())
-    bad = classified.where(~F.col("reason").isin(ERASED, OUTSIDE_WINDOW)).select(
-        "raw_record", "reason", "event_ts", "ingested_at", "source"
-    )
+    # ``isNotNull`` spelled out: Parquet statistics then skip the files without a quarantined row.
+    bad = classified.where(
+        F.col("reason").isNotNull() & ~F.col("reason").isin(ERASED, OUTSIDE_WINDOW)
+    ).select("raw_record", "reason", "event_ts", "ingested_at", "source")
     files = {path: FileSummary(frozenset(filled.get(path, set())), _utc(latest[path])) for path in rows}
     return IngestResult(accepted.select(*EVENT_COLUMNS), bad, metrics, files, contents)
 
