@@ -7,6 +7,7 @@ The stage that writes them (``stages.interactions``) produces::
     maps/users, maps/items   Parquet (id STRING, idx INT)                snapshot of the ID maps used
     history/   Parquet (``HISTORY_SCHEMA``)    every pair's aggregate over the whole window, unfiltered,
                as of the window's end: what the next run carries forward instead of re-reading events
+               (a weekly's per-user holdout adds ``held_out BOOLEAN``, its marks)
     recent/users, recent/items   Parquet (idx INT)                       active in the run's interval
 """
 
@@ -248,8 +249,10 @@ def history_settings_hash(config: InteractionsConfig, min_event_time: datetime) 
 
 
 def history_columns(pairs: DataFrame) -> DataFrame:
-    """The columns pair aggregates are kept with for later runs to carry forward (``HISTORY_SCHEMA``)."""
-    return pairs.select("user_idx", "item_idx", F.col("confidence").cast("double"), "event_ts")
+    """The columns pair aggregates are kept with for later runs to carry forward (``HISTORY_SCHEMA``),
+    and the holdout's marks where ``pairs`` has them (:func:`mark_last_per_user`)."""
+    marks = ["held_out"] if "held_out" in pairs.columns else []
+    return pairs.select("user_idx", "item_idx", F.col("confidence").cast("double"), "event_ts", *marks)
 
 
 def holdout_cut(events: DataFrame, holdout: HoldoutConfig, window_end: datetime) -> datetime:
