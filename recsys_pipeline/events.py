@@ -483,7 +483,7 @@ def ingest(
             contents[day] = (held[0] + row["events"], held[1] + row["hash_high"], held[2] + row["hash_low"])
     metrics = record_counts(sum(rows.values()), counts)
     accepted = classified.where(F.col("reason").isNull())
-    # ``isNotNull`` spelled out: Parquet statistics then skip the files without a quarantined row.
+    # ``isNotNull`` spelled out: Parquet statistics then skip row groups without a quarantined row.
     bad = classified.where(
         F.col("reason").isNotNull() & ~F.col("reason").isin(ERASED, OUTSIDE_WINDOW)
     ).select("raw_record", "reason", "event_ts", "ingested_at", "source")
