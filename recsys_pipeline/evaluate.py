@@ -38,20 +38,30 @@ def per_user_metrics(
     """``{metric_at_k: one value per user with at least one relevant item}``.
 
     ``recommended`` is (users, >=k) item indices best first, padded with ``NO_ITEM``;
-    ``relevant[u]`` holds user u's relevant item indices.
+    ``relevant[u]`` holds user u's relevant item indices. Hits are found for every user at once, as
+    (user, item) keys looked up in one sorted array: a lookup per user cost 3 s of a 20,000-user
+    evaluation.
     """
-    values: dict[str, list[float]] = {name: [] for name in USER_METRICS}
-    discounts = 1.0 / np.log2(np.arange(2, k + 2))
-    for row, rel in zip(recommended[:, :k], relevant, strict=True):
-        if len(rel) == 0:
-            continue
-        hits = np.isin(row, rel) & (row != NO_ITEM)
-        n_hits = hits.sum()
-        values["precision"].append(n_hits / k)
-        values["recall"].append(n_hits / len(rel))
-        values["ndcg"].append(float(discounts[: len(row)][hits].sum() / discounts[: min(len(rel), k)].sum()))
-        precision_at_hit = np.cumsum(hits) / np.arange(1, len(row) + 1)
-        values["map"].append(float(precision_at_hit[hits].sum() / min(len(rel), k)))
+    shown = recommended[:, :k]
+    counts = np.fromiter((len(rel) for rel in relevant), dtype=np.int64, count=len(relevant))
+    users = np.arange(len(shown), dtype=np.int64)[:, None]
+    relevant_items = np.concatenate([np.empty(0, np.int64), *(np.asarray(rel, np.int64) for rel in relevant)])
+    base = int(max(shown.max(initial=0), relevant_items.max(initial=0))) + 1
+    hits = np.isin(users * base + shown, np.repeat(users[:, 0], counts) * base + relevant_items) & (
+        shown != NO_ITEM
+    )
+    hits, counts = hits[counts > 0], counts[counts > 0]
+    ideal = np.minimum(counts, k)
+    discounts = 1.0 / np.log2(np.arange(2, hits.shape[1] + 2))
+    ideal_gain = np.cumsum(1.0 / np.log2(np.arange(2, k + 2)))[ideal - 1]
+    n_hits = hits.sum(axis=1)
+    precision_at_hit = np.cumsum(hits, axis=1) / np.arange(1, hits.shape[1] + 1)
+    values = {
+        "precision": n_hits / k,
+        "recall": n_hits / counts,
+        "ndcg": (hits * discounts).sum(axis=1) / ideal_gain,
+        "map": (hits * precision_at_hit).sum(axis=1) / ideal,
+    }
     return {f"{name}_at_{k}": np.asarray(values[name], dtype=np.float64) for name in USER_METRICS}
 
 

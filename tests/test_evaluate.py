@@ -10,6 +10,7 @@ from recsys_pipeline.evaluate import (
     bootstrap_interval,
     gate,
     paired_lift,
+    per_user_metrics,
     ranking_metrics,
     row_difference,
 )
@@ -249,3 +250,26 @@ def test_row_difference_is_setdiff_per_row() -> None:
     taken = sp.csr_matrix((np.ones(3), ([0, 2, 4], [1, 0, 3])), shape=(5, 6))
     assert [items.tolist() for items in row_difference(rows, taken)] == [[5], [], [4], [2, 3], []]
     assert row_difference(rows[:0], taken[:0]) == []
+
+
+def test_per_user_metrics_match_a_loop_over_users() -> None:
+    rng = np.random.default_rng(3)
+    for width, k in ((10, 10), (4, 10), (12, 5)):
+        recommended = np.stack([rng.permutation(60)[:width] for _ in range(300)])
+        recommended[rng.random(recommended.shape) < 0.1] = NO_ITEM
+        relevant = [rng.choice(60, rng.integers(0, 15), replace=False) for _ in range(300)]
+        expected: dict[str, list[float]] = {"precision": [], "recall": [], "ndcg": [], "map": []}
+        discounts = 1.0 / np.log2(np.arange(2, k + 2))
+        for row, rel in zip(recommended[:, :k], relevant, strict=True):
+            if len(rel) == 0:
+                continue
+            hits = np.isin(row, rel) & (row != NO_ITEM)
+            expected["precision"].append(hits.sum() / k)
+            expected["recall"].append(hits.sum() / len(rel))
+            expected["ndcg"].append(discounts[: len(row)][hits].sum() / discounts[: min(len(rel), k)].sum())
+            at_hit = np.cumsum(hits) / np.arange(1, len(row) + 1)
+            expected["map"].append(at_hit[hits].sum() / min(len(rel), k))
+        got = per_user_metrics(recommended, relevant, k)
+        for name, values in expected.items():
+            np.testing.assert_allclose(got[f"{name}_at_{k}"], values, rtol=1e-12)
+    assert all(len(v) == 0 for v in per_user_metrics(np.empty((0, 10), np.int64), [], 10).values())
