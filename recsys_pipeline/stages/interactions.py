@@ -297,8 +297,8 @@ def written_split(
     where it has them (a per-user holdout), every pair to train on otherwise (a refresh).
 
     Read back from the files, the marked pairs need no cache: a 20M-event weekly's interactions took
-    65 s (the mean of two warm runs in one process) against 71 s with its 17M pairs held in memory
-    for the history, the training pairs and the holdout."""
+    65 s (the mean of three warm runs) against 71 s with its 17M pairs held in memory for the
+    history, the training pairs and the holdout."""
     if "held_out" not in history.columns:
         return supported(history, config, INDEX_PAIR, train_counts), None
     return (
