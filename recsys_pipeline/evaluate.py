@@ -52,14 +52,14 @@ def per_user_metrics(
     )
     hits, counts = hits[counts > 0], counts[counts > 0]
     ideal = np.minimum(counts, k)
-    discounts = 1.0 / np.log2(np.arange(2, hits.shape[1] + 2))
-    ideal_gain = np.cumsum(1.0 / np.log2(np.arange(2, k + 2)))[ideal - 1]
+    discounts = 1.0 / np.log2(np.arange(2, k + 2))
+    ideal_gain = np.cumsum(discounts)[ideal - 1]
     n_hits = hits.sum(axis=1)
     precision_at_hit = np.cumsum(hits, axis=1) / np.arange(1, hits.shape[1] + 1)
     values = {
         "precision": n_hits / k,
         "recall": n_hits / counts,
-        "ndcg": (hits * discounts).sum(axis=1) / ideal_gain,
+        "ndcg": (hits * discounts[: hits.shape[1]]).sum(axis=1) / ideal_gain,
         "map": (hits * precision_at_hit).sum(axis=1) / ideal,
     }
     return {f"{name}_at_{k}": np.asarray(values[name], dtype=np.float64) for name in USER_METRICS}

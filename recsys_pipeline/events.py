@@ -342,6 +342,8 @@ def canonicalize(
 ERASED = "erased"
 # Staged rows whose timestamp is outside the run's window (or its dates): only counted.
 OUTSIDE_WINDOW = "outside_window"
+# Reasons a staged row is only counted for, never quarantined.
+COUNTED_ONLY = (ERASED, OUTSIDE_WINDOW)
 
 
 def erase_forgotten(frame: DataFrame, salt: bytes, user_hashes: frozenset[str]) -> DataFrame:
@@ -484,9 +486,9 @@ def ingest(
     metrics = record_counts(sum(rows.values()), counts)
     accepted = classified.where(F.col("reason").isNull())
     # ``isNotNull`` spelled out: Parquet statistics then skip row groups without a quarantined row.
-    bad = classified.where(
-        F.col("reason").isNotNull() & ~F.col("reason").isin(ERASED, OUTSIDE_WINDOW)
-    ).select("raw_record", "reason", "event_ts", "ingested_at", "source")
+    bad = classified.where(F.col("reason").isNotNull() & ~F.col("reason").isin(*COUNTED_ONLY)).select(
+        "raw_record", "reason", "event_ts", "ingested_at", "source"
+    )
     files = {path: FileSummary(frozenset(filled.get(path, set())), _utc(latest[path])) for path in rows}
     return IngestResult(accepted.select(*EVENT_COLUMNS), bad, metrics, files, contents)
 
@@ -495,8 +497,9 @@ def record_counts(total_rows: int, counts: Mapping[str | None, int]) -> dict[str
     """Where the records read went: ``counts`` per quarantine reason (or ``erased``, or
     ``outside_window``), accepted ones under None."""
     accepted, erased = counts.get(None, 0), counts.get(ERASED, 0)
-    not_quarantined = (None, ERASED, OUTSIDE_WINDOW)
-    quarantined = sum(count for reason, count in counts.items() if reason not in not_quarantined)
+    quarantined = sum(
+        count for reason, count in counts.items() if reason is not None and reason not in COUNTED_ONLY
+    )
     metrics: dict[str, float] = {
         "events_read": float(total_rows),
         "events_ingested": float(accepted),
