@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
@@ -154,6 +155,15 @@ def test_a_night_recomputes_the_lists_of_users_it_refreshed_and_carries_the_othe
     assert any(latest[user] != earlier.get(user) for user in refreshed & set(latest.index))
 
 
+def interval_ids(run: RunContext, column: str) -> list[str]:
+    """The ids of ``column`` with an event in the run's interval, as the lake holds them."""
+    events = ds.dataset(str(run.layout.events_lake), format="parquet", partitioning="hive").to_table(
+        columns=[column],
+        filter=(ds.field("event_ts") >= run.interval_start) & (ds.field("event_ts") < run.interval_end),
+    )
+    return sorted(set(events.column(column).to_pylist()))
+
+
 def decayed_copy(config, tmp_path: Path, holdout_strategy: str, broadcast_max_rows: int | None = None):
     """The replay's lake in a state folder under ``tmp_path``, configured with time decay (which makes
     carrying pairs non-trivial), the given holdout, any number of users enough to evaluate, and
@@ -266,6 +276,10 @@ def test_a_weekly_carries_the_last_nights_pairs_and_builds_what_a_rebuild_builds
         )
     # Items active only between the interval's start and the night's end are recent too.
     assert len(carried.interactions.recent("items")) > len(night.artifacts.interactions.recent("items"))
+    for run in (night, runs["carried"]):
+        for side in ("users", "items"):
+            recent = run.artifacts.interactions.ids(side)[run.artifacts.interactions.recent(side)]
+            assert sorted(recent) == interval_ids(run, side.removesuffix("s") + "_id")
     for matrix in ("train_matrix", "holdout_matrix"):
         kept, built = getattr(carried.interactions, matrix)(), getattr(rebuilt.interactions, matrix)()
         assert kept.nnz == built.nnz > 0
