@@ -28,11 +28,11 @@ LOG = [
 ]
 
 
-def _split(make_config, tmp_path: Path, spark, **overrides) -> tuple[set, set]:
+def _split(make_config, tmp_path: Path, spark, log=LOG, **overrides) -> tuple[set, set]:
     source = tmp_path / "log.csv"
     source.write_text(
         "user,item,ts\n"
-        + "".join(f"{u},{i},{int((START + timedelta(days=d, hours=1)).timestamp())}\n" for u, i, d in LOG)
+        + "".join(f"{u},{i},{int((START + timedelta(days=d, hours=1)).timestamp())}\n" for u, i, d in log)
     )
     config = make_config(
         **{
@@ -106,15 +106,23 @@ def test_per_user_last_holds_out_each_users_latest_items(spark, make_config, tmp
     assert train == {("ann", "a"), ("ann", "b"), ("ann", "c"), ("bob", "c"), ("cat", "b")}
 
 
+# The holdout then joins the training pairs by broadcast, or (a holdout above the bound) by a shuffle.
+@pytest.mark.parametrize("broadcast_max_rows", [5_000_000, 1], ids=["broadcast", "shuffled"])
 def test_a_holdout_of_a_few_users_fails_before_training_naming_the_count(
-    spark, make_config, tmp_path: Path
+    spark, make_config, tmp_path: Path, broadcast_max_rows: int
 ) -> None:
     with pytest.raises(HoldoutTooSmallError) as failure:
         _split(
             make_config,
             tmp_path,
             spark,
-            **{"interactions.holdout.strategy": "days", "interactions.holdout.days": 2},
+            # bob's one held-out pair is one he trained on: evaluation cannot score him.
+            log=[*LOG, ("bob", "c", 9)],
+            **{
+                "interactions.holdout.strategy": "days",
+                "interactions.holdout.days": 2,
+                "spark.broadcast_max_rows": broadcast_max_rows,
+            },
         )
     message = str(failure.value)
     assert "the holdout has 2 users" in message and "evaluation.min_users=100" in message

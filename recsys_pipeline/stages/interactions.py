@@ -146,6 +146,7 @@ def build_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]
                     evaluable = evaluable_users(
                         spark.read.parquet(str(written.holdout_dir)),
                         spark.read.parquet(str(written.train_dir)),
+                        broadcast=count_rows(written.holdout_dir) <= run.config.spark.broadcast_max_rows,
                     )
                 check_holdout_size(evaluable, run.config.evaluation.min_users, config.holdout)
             written.write_fingerprint(str(fingerprint))
@@ -267,14 +268,16 @@ def split(
     cached.append(train)
     after_cut = indexed.where(~before_cut)
     held = pair_confidences(after_cut, holdout_only, F.lit(window_end), INDEX_PAIR)
-    every_pair = pair_confidences(
-        after_cut,
-        config,
-        F.lit(window_end),
-        INDEX_PAIR,
-        last_seen=True,
-        carried=carried_pairs(train, config, window_end - cut),
-    )
+    trained = carried_pairs(train, config, window_end - cut)
+    # The holdout's events merge with the training pairs as a night's do with its history, by
+    # broadcast, where aggregating them together would shuffle every training pair again.
+    label_actions(events.sparkSession, "interactions: count the holdout's events")
+    if events.where(~before_cut).count() <= run.config.spark.broadcast_max_rows:
+        every_pair = merged_pairs(after_cut, config, F.lit(window_end), trained)
+    else:
+        every_pair = pair_confidences(
+            after_cut, config, F.lit(window_end), INDEX_PAIR, last_seen=True, carried=trained
+        )
     return (
         supported(train, config, INDEX_PAIR, train_counts),
         supported(held, holdout_only, INDEX_PAIR),
