@@ -14,6 +14,7 @@ from recsys_pipeline.events import (
     lake_signature,
     mark_duplicates,
     read_source,
+    with_file_ranks,
 )
 from recsys_pipeline.runs import RunContext
 from recsys_pipeline.stages.ingest import run_ingest
@@ -86,6 +87,20 @@ def test_a_repeated_event_keeps_the_copy_from_the_first_file_by_name(tmp_path, s
     # a.csv's "880000000" is kept: the later copies in a.csv and in b.csv are the duplicates.
     assert [json.loads(record)["raw_ts"] for record in duplicates] == ["880000000.0", "880000000.000"]
     assert result.metrics["quarantine_duplicate"] == 2
+
+
+def test_a_row_names_its_file_by_rank_or_else_by_its_uri(spark) -> None:
+    frame = spark.createDataFrame(
+        [("u1", "file:///s/b.csv"), ("u2", "file:///s/a.csv"), ("u3", "file:///elsewhere.csv")],
+        "user_id string, _source_file string",
+    )
+    ranked = with_file_ranks(frame, ["file:///s/a.csv", "file:///s/b.csv"])
+    assert sorted(ranked.select("user_id", "_source_file_rank", "_source_file").collect()) == [
+        ("u1", 1, None),
+        ("u2", 0, None),
+        # Not among the files listed: its URI stays, so that it is still counted against its file.
+        ("u3", None, "file:///elsewhere.csv"),
+    ]
 
 
 def test_rows_outside_the_window_are_counted_not_quarantined(tmp_path, spark, make_config) -> None:
@@ -220,12 +235,12 @@ def test_the_lake_signature_before_a_day_changes_only_when_an_earlier_day_is_rew
 
 
 def test_deduplication_leaves_rows_sorted_by_date_so_the_staging_write_sorts_nothing_again(spark) -> None:
-    rows = [("u1", "i1", "view", "1", 1.0, "880000000", datetime(1997, 11, 20, tzinfo=UTC), "a.csv")] * 2
+    rows = [("u1", "i1", "view", "1", 1.0, "880000000", datetime(1997, 11, 20, tzinfo=UTC), None, 0)] * 2
     frame = (
         spark.createDataFrame(
             rows,
             "user_id string, item_id string, event_type string, raw_value string, value double, "
-            "raw_ts string, event_ts timestamp, _source_file string",
+            "raw_ts string, event_ts timestamp, _source_file string, _source_file_rank int",
         )
         .withColumn("reason", F.lit(None).cast("string"))
         .withColumn("raw_record", F.lit(None).cast("string"))
