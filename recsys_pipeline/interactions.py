@@ -299,8 +299,8 @@ def evaluable_users(
     """
     pairs = list(keys)
     if broadcast:
-        trained = train.join(F.broadcast(holdout.select(*pairs)), pairs, "left_semi")
-        return holdout.join(trained, pairs, "left_anti").select(keys[0]).distinct().count()
+        # Only the training pairs the holdout shares can hide a holdout item.
+        train = train.join(F.broadcast(holdout.select(*pairs)), pairs, "left_semi")
     return holdout.join(train, pairs, "left_anti").select(keys[0]).distinct().count()
 
 
