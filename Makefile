@@ -33,10 +33,11 @@ $(BIN)/.installed: pyproject.toml
 ## setup: check Python 3.11 and Java 17+, create .venv and install the project
 setup: $(BIN)/.installed
 
-## init: create the Airflow and MLflow state under var/ (or $RECSYS_HOME)
+## init: create the Airflow and MLflow state under var/ (or $RECSYS_HOME), and archive the Spark driver's classes once
 init: setup
 	@mkdir -p $$(dirname $(SETUP_LOG)); $(RECSYS) airflow db migrate > $(SETUP_LOG).init 2>&1 \
 	  || { tail -n 20 $(SETUP_LOG).init; echo "init: FAILED (full output in $(SETUP_LOG).init)"; exit 1; }
+	@$(RECSYS) spark-archive | grep -v " exists$$" || true
 
 # Where `make run`/`make nightly` keep a DAG run's full output: the screen gets the summary.
 RUN_LOGS = $${RECSYS_HOME:-var}/logs

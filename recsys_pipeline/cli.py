@@ -151,6 +151,11 @@ def _parser() -> argparse.ArgumentParser:
         help="print the sha256 a local sentence-transformers folder goes by in content.sentence",
     )
     content_hash.add_argument("model_dir", type=Path)
+    commands.add_parser(
+        "spark-archive",
+        help="archive the Spark driver's classes for this JDK and Spark (once; `make init` runs it): "
+        "every Spark job then starts about 3 s sooner",
+    )
     return parser
 
 
@@ -172,7 +177,6 @@ def airflow_environment(config: PipelineConfig, config_path: str | None) -> dict
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
         "OPENBLAS_NUM_THREADS": "1",
-        "SPARK_CONF_DIR": str(PROJECT_ROOT / "conf" / "spark"),
         f"AIRFLOW_CONN_{config.spark.conn_id.upper()}": json.dumps(
             {"conn_type": "spark", "host": config.spark.master}
         ),
@@ -401,6 +405,12 @@ def run(argv: Sequence[str]) -> int:
         from recsys_pipeline.content import folder_sha256
 
         print(folder_sha256(args.model_dir))
+        return 0
+    if args.command == "spark-archive":
+        from recsys_pipeline.spark import DRIVER_OPTIONS, archive_driver_classes, class_archive
+
+        outcome = archive_driver_classes(config.spark.conf.get(DRIVER_OPTIONS, ""), class_archive())
+        print(f"spark-archive: {outcome}")
         return 0
     if args.command == "doctor":
         from recsys_pipeline.doctor import run_checks

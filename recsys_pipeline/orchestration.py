@@ -362,10 +362,17 @@ def spark_job(config: PipelineConfig, pipeline: Pipeline, job: str) -> SparkSubm
     from airflow.providers.apache.spark.operators.spark_submit import SparkSubmitOperator
     from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
+    from recsys_pipeline.spark import DRIVER_OPTIONS, class_archive, driver_java_options
+
+    configured_options = config.spark.conf.get(DRIVER_OPTIONS, "")
+
     class StageSparkSubmitOperator(SparkSubmitOperator):
         """A job that exits with ``USER_ERROR_EXIT`` failed on its input: fail without retries."""
 
         def execute(self, context: Any) -> None:
+            # Set on the machine that runs the job: the archive of the driver's classes is its own.
+            options = driver_java_options(configured_options, class_archive())
+            self.conf = {**(self.conf or {}), DRIVER_OPTIONS: options}
             try:
                 super().execute(context)
             except AirflowException as error:

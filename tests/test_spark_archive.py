@@ -1,0 +1,78 @@
+"""The Spark driver's class archive: the options a driver starts with, and how the archive is made."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from recsys_pipeline.config import PROJECT_ROOT
+from recsys_pipeline.spark import LOG_SETTINGS, archive_driver_classes, driver_java_options
+
+
+@pytest.mark.unit
+def test_a_driver_starts_from_the_archive_only_once_it_exists(tmp_path: Path) -> None:
+    archive = tmp_path / "driver.jsa"
+    before = driver_java_options("-XX:+UseParallelGC", archive)
+    assert before == f"-XX:+UseParallelGC -Dlog4j2.configurationFile={LOG_SETTINGS.as_uri()}"
+    archive.write_bytes(b"made")
+    assert driver_java_options("-XX:+UseParallelGC", archive) == f"{before} -XX:SharedArchiveFile={archive}"
+
+
+@pytest.mark.unit
+def test_log_settings_of_ones_own_are_kept(tmp_path: Path) -> None:
+    own = "-Dlog4j2.configurationFile=file:///etc/spark/log4j2.properties"
+    assert driver_java_options(own, tmp_path / "none.jsa") == own
+    default = f"-Dlog4j2.configurationFile={LOG_SETTINGS.as_uri()}"
+    assert driver_java_options("", tmp_path / "none.jsa") == default
+
+
+@pytest.mark.slow
+def test_a_class_path_the_jdk_cannot_archive_leaves_jobs_without_an_archive(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Spark puts SPARK_CONF_DIR on the driver's class path; the JDK archives none holding files.
+    conf_dir = tmp_path / "spark-conf"
+    conf_dir.mkdir()
+    (conf_dir / "spark-defaults.conf").write_text("spark.ui.enabled false\n")
+    monkeypatch.setenv("SPARK_CONF_DIR", str(conf_dir))
+    archive = tmp_path / "share" / "driver.jsa"
+    outcome = archive_driver_classes("", archive, timeout_s=120)
+    assert outcome.startswith("no archive (") and outcome.endswith("Spark jobs start without one")
+    assert "directory" in outcome
+    assert not archive.exists() and list(archive.parent.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_a_made_archive_starts_a_spark_job_that_runs_as_without_it(tmp_path: Path) -> None:
+    archive = tmp_path / "driver.jsa"
+    assert archive_driver_classes("-XX:+UseParallelGC", archive).endswith(" MB)")
+    assert archive_driver_classes("-XX:+UseParallelGC", archive) == f"{archive} exists"
+    options = driver_java_options("-XX:+UseParallelGC", archive)
+    assert options.endswith(f"-XX:SharedArchiveFile={archive}")
+    # The JVM logs where each class came from: Spark's own classes come from the archive, hardly any
+    # from its jars (a few the JDK does not archive; classes made at run time, lambdas and generated
+    # code, are defined anew), and the job does its work.
+    done = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "spark-submit"),
+            "--master",
+            "local[2]",
+            "--conf",
+            f"spark.driver.extraJavaOptions={options} -Xlog:class+load=info:file={tmp_path / 'classes.log'}",
+            str(PROJECT_ROOT / "jobs" / "archive_classes.py"),
+            str(tmp_path / "work"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    loaded = (tmp_path / "classes.log").read_text().splitlines()
+    spark_classes = [line for line in loaded if " org.apache.spark." in line]
+    shared = [line for line in spark_classes if "source: shared objects file" in line]
+    from_jars = [line for line in spark_classes if line.endswith(".jar") and "GeneratedClass" not in line]
+    assert len(shared) > 1000 and len(from_jars) < 0.01 * len(shared)
+    assert (tmp_path / "work" / "pairs").is_dir()
