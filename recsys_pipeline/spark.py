@@ -10,10 +10,12 @@ import sys
 import tempfile
 from importlib.metadata import version
 from pathlib import Path
-
-from pyspark.sql import SparkSession
+from typing import TYPE_CHECKING
 
 from recsys_pipeline.config import PROJECT_ROOT, PipelineConfig
+
+if TYPE_CHECKING:
+    from pyspark.sql import SparkSession
 
 # Spark's log settings reach the driver as a JVM option, not through SPARK_CONF_DIR: Spark puts that
 # folder on the driver's class path, and the JDK archives no classes for a class path holding a folder
@@ -28,6 +30,10 @@ def spark_session(config: PipelineConfig, app_name: str, master: str | None = No
     Under ``spark-submit`` the master comes from the submit command (``master=None``);
     in-process callers such as tests and benchmarks pass ``config.spark.master``.
     """
+    # Imported here: a Spark task's Airflow side takes its driver's options from this module, and
+    # Airflow imports that side wherever it parses the DAG files.
+    from pyspark.sql import SparkSession
+
     # Executors must run the same interpreter (and so the same packages) as the driver.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     builder = SparkSession.builder.appName(app_name)
