@@ -114,8 +114,9 @@ def archive_driver_classes(configured: str, archive: Path, timeout_s: float = 60
     JVM writes the classes it loaded as it exits. Return what happened, in a line.
 
     The JDK cannot archive for a class path holding a folder with files (a ``SPARK_CONF_DIR`` or
-    ``HADOOP_CONF_DIR`` of a cluster's, say): its JVM refuses to start. That is why the archive is
-    made by a job of its own, never by a pipeline's: jobs then run without one, as before.
+    ``HADOOP_CONF_DIR`` of a cluster's, say): its JVM does the job's work, then fails as it exits and
+    writes nothing. That is why the archive is made by a job of its own, never by a pipeline's: jobs
+    then run without one, as before.
     """
     if archive.is_file():
         return f"{archive} exists"
