@@ -124,18 +124,15 @@ def archive_driver_classes(configured: str, archive: Path, timeout_s: float = 60
     with tempfile.TemporaryDirectory(dir=archive.parent) as work:
         written = Path(work) / archive.name
         options = f"{driver_java_options(configured, archive)} -XX:ArchiveClassesAtExit={written}"
-        command = [
-            str(Path(sys.executable).parent / "spark-submit"),
-            "--master",
-            "local[2]",
-            "--conf",
-            f"{DRIVER_OPTIONS}={options}",
-            str(PROJECT_ROOT / "jobs" / "archive_classes.py"),
-            work,
-        ]
         env = {**os.environ, "PYSPARK_PYTHON": sys.executable}
         try:
-            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout_s)
+            done = subprocess.run(
+                exercise_command(options, Path(work)),
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=timeout_s,
+            )
         except subprocess.TimeoutExpired:
             return f"no archive: its job took over {timeout_s:.0f} s; Spark jobs start without one"
         if done.returncode != 0 or not written.is_file():
@@ -144,6 +141,20 @@ def archive_driver_classes(configured: str, archive: Path, timeout_s: float = 60
             return f"no archive ({said[-1]}); Spark jobs start without one"
         os.replace(written, archive)
     return f"{archive} made ({archive.stat().st_size / 2**20:.0f} MB)"
+
+
+def exercise_command(driver_options: str, work: Path) -> list[str]:
+    """The ``spark-submit`` of ``jobs/archive_classes.py`` (:func:`exercise` in ``work``) on a local
+    master, its driver started with ``driver_options``."""
+    return [
+        str(Path(sys.executable).parent / "spark-submit"),
+        "--master",
+        "local[2]",
+        "--conf",
+        f"{DRIVER_OPTIONS}={driver_options}",
+        str(PROJECT_ROOT / "jobs" / "archive_classes.py"),
+        str(work),
+    ]
 
 
 def exercise(spark: SparkSession, work: Path) -> None:

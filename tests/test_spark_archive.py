@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from recsys_pipeline.config import PROJECT_ROOT
-from recsys_pipeline.spark import LOG_SETTINGS, archive_driver_classes, driver_java_options
+from recsys_pipeline.spark import LOG_SETTINGS, archive_driver_classes, driver_java_options, exercise_command
 
 
 @pytest.mark.unit
@@ -46,7 +44,7 @@ def test_a_class_path_the_jdk_cannot_archive_leaves_jobs_without_an_archive(
 
 
 @pytest.mark.slow
-def test_a_made_archive_starts_a_spark_job_that_runs_as_without_it(tmp_path: Path) -> None:
+def test_a_made_archive_serves_sparks_classes_to_a_job_that_does_its_work(tmp_path: Path) -> None:
     archive = tmp_path / "driver.jsa"
     assert archive_driver_classes("-XX:+UseParallelGC", archive).endswith(" MB)")
     assert archive_driver_classes("-XX:+UseParallelGC", archive) == f"{archive} exists"
@@ -55,19 +53,9 @@ def test_a_made_archive_starts_a_spark_job_that_runs_as_without_it(tmp_path: Pat
     # The JVM logs where each class came from: Spark's own classes come from the archive, hardly any
     # from its jars (a few the JDK does not archive; classes made at run time, lambdas and generated
     # code, are defined anew), and the job does its work.
+    logged = f"{options} -Xlog:class+load=info:file={tmp_path / 'classes.log'}"
     done = subprocess.run(
-        [
-            str(Path(sys.executable).parent / "spark-submit"),
-            "--master",
-            "local[2]",
-            "--conf",
-            f"spark.driver.extraJavaOptions={options} -Xlog:class+load=info:file={tmp_path / 'classes.log'}",
-            str(PROJECT_ROOT / "jobs" / "archive_classes.py"),
-            str(tmp_path / "work"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+        exercise_command(logged, tmp_path / "work"), capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-2000:]
     loaded = (tmp_path / "classes.log").read_text().splitlines()
