@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from recsys_pipeline.config import PROJECT_ROOT, PipelineConfig
+from recsys_pipeline.files import write_json
 
 if TYPE_CHECKING:
     from pyspark.sql import SparkSession
@@ -109,6 +111,10 @@ def class_archive() -> Path:
     return Path(sys.prefix) / "share" / "recsys-pipeline" / f"spark-driver-{key}.jsa"
 
 
+# What puts folders on the driver's class path besides the jars (Spark's launcher reads them).
+CLASS_PATH_SETTINGS = ("SPARK_CONF_DIR", "HADOOP_CONF_DIR", "YARN_CONF_DIR", "SPARK_DIST_CLASSPATH")
+
+
 def archive_driver_classes(configured: str, archive: Path, timeout_s: float = 600.0) -> str:
     """Make ``archive`` unless it exists: run a small Spark job (``jobs/archive_classes.py``) whose
     JVM writes the classes it loaded as it exits. Return what happened, in a line.
@@ -116,10 +122,16 @@ def archive_driver_classes(configured: str, archive: Path, timeout_s: float = 60
     The JDK cannot archive for a class path holding a folder with files (a ``SPARK_CONF_DIR`` or
     ``HADOOP_CONF_DIR`` of a cluster's, say): its JVM does the job's work, then fails as it exits and
     writes nothing. That is why the archive is made by a job of its own, never by a pipeline's: jobs
-    then run without one, as before.
+    then run without one, as before. A failure is remembered beside the archive with the settings
+    that shape the class path (``CLASS_PATH_SETTINGS``): until those change, asking again costs
+    nothing (``make init`` asks every time).
     """
     if archive.is_file():
         return f"{archive} exists"
+    failed = archive.with_suffix(".failed.json")
+    settings = {name: os.environ.get(name) for name in CLASS_PATH_SETTINGS}
+    if failed.is_file() and json.loads(failed.read_text())["settings"] == settings:
+        return json.loads(failed.read_text())["outcome"] + f" (remembered in {failed})"
     archive.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=archive.parent) as work:
         written = Path(work) / archive.name
@@ -138,8 +150,11 @@ def archive_driver_classes(configured: str, archive: Path, timeout_s: float = 60
         if done.returncode != 0 or not written.is_file():
             # The JVM says why it wrote no archive on its standard output, as it exits.
             said = done.stdout.strip().splitlines() or done.stderr.strip().splitlines() or ["no output"]
-            return f"no archive ({said[-1]}); Spark jobs start without one"
+            outcome = f"no archive ({said[-1]}); Spark jobs start without one"
+            write_json(failed, {"settings": settings, "outcome": outcome})
+            return outcome
         os.replace(written, archive)
+    failed.unlink(missing_ok=True)
     return f"{archive} made ({archive.stat().st_size / 2**20:.0f} MB)"
 
 
