@@ -47,6 +47,7 @@ def run_checks(config: PipelineConfig, airflow_env: dict[str, str]) -> list[Find
         ("java", check_java),
         ("packages", check_packages),
         ("spark", lambda: check_spark(config)),
+        ("spark archive", check_spark_archive),
         ("mlflow", lambda: check_mlflow(config)),
         ("airflow pool", lambda: check_airflow(["pools", "get", config.spark.pool], airflow_env)),
         (
@@ -150,6 +151,22 @@ def check_spark(config: PipelineConfig) -> tuple[Status, str]:
     if unreachable:
         return "FAIL", f"{master}: no answer from {', '.join(unreachable)}"
     return "OK", f"{master} answers"
+
+
+def check_spark_archive() -> tuple[Status, str]:
+    """This machine's archive of the Spark driver's classes exists (each job starts ~3 s sooner)."""
+    from recsys_pipeline.spark import class_archive
+
+    archive = class_archive()
+    if archive.is_file():
+        return "OK", f"{archive}: every Spark driver here starts from it"
+    failed = archive.with_suffix(".failed.json")
+    if failed.is_file():
+        return "WARN", json.loads(failed.read_text())["outcome"]
+    return (
+        "WARN",
+        "none for this JDK and Spark: `recsys spark-archive` makes it (each Spark job starts ~3 s sooner)",
+    )
 
 
 def check_mlflow(config: PipelineConfig) -> tuple[Status, str]:
