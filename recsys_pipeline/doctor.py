@@ -155,12 +155,12 @@ def check_spark(config: PipelineConfig) -> tuple[Status, str]:
 
 def check_spark_archive() -> tuple[Status, str]:
     """This machine's archive of the Spark driver's classes exists (each job starts ~3 s sooner)."""
-    from recsys_pipeline.spark import class_archive
+    from recsys_pipeline.spark import class_archive, failure_record
 
     archive = class_archive()
     if archive.is_file():
         return "OK", f"{archive}: every Spark driver here starts from it"
-    failed = archive.with_suffix(".failed.json")
+    failed = failure_record(archive)
     if failed.is_file():
         return "WARN", json.loads(failed.read_text())["outcome"]
     return (

@@ -128,10 +128,11 @@ def archive_driver_classes(configured: str, archive: Path, timeout_s: float = 60
     """
     if archive.is_file():
         return f"{archive} exists"
-    failed = archive.with_suffix(".failed.json")
+    failed = failure_record(archive)
     settings = {name: os.environ.get(name) for name in CLASS_PATH_SETTINGS}
-    if failed.is_file() and json.loads(failed.read_text())["settings"] == settings:
-        return json.loads(failed.read_text())["outcome"] + f" (remembered in {failed})"
+    remembered = json.loads(failed.read_text()) if failed.is_file() else None
+    if remembered is not None and remembered["settings"] == settings:
+        return f"{remembered['outcome']} (remembered in {failed})"
     archive.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=archive.parent) as work:
         written = Path(work) / archive.name
@@ -156,6 +157,11 @@ def archive_driver_classes(configured: str, archive: Path, timeout_s: float = 60
         os.replace(written, archive)
     failed.unlink(missing_ok=True)
     return f"{archive} made ({archive.stat().st_size / 2**20:.0f} MB)"
+
+
+def failure_record(archive: Path) -> Path:
+    """Where :func:`archive_driver_classes` remembers why it made no ``archive``."""
+    return archive.with_suffix(".failed.json")
 
 
 def exercise_command(driver_options: str, work: Path) -> list[str]:

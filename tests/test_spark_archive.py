@@ -9,7 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from recsys_pipeline.spark import LOG_SETTINGS, archive_driver_classes, driver_java_options, exercise_command
+from recsys_pipeline.spark import (
+    LOG_SETTINGS,
+    archive_driver_classes,
+    driver_java_options,
+    exercise_command,
+    failure_record,
+)
 
 
 @pytest.mark.unit
@@ -42,7 +48,7 @@ def test_a_class_path_the_jdk_cannot_archive_leaves_jobs_without_an_archive(
     outcome = archive_driver_classes("", archive, timeout_s=120)
     assert outcome.startswith("no archive (") and outcome.endswith("Spark jobs start without one")
     assert "directory" in outcome
-    failure = archive.with_suffix(".failed.json")
+    failure = failure_record(archive)
     assert not archive.exists() and list(archive.parent.iterdir()) == [failure]
     # Asked again with the same class path (as every `make init` asks), it runs no job.
     assert archive_driver_classes("", archive, timeout_s=1) == f"{outcome} (remembered in {failure})"
