@@ -389,14 +389,16 @@ def mark_duplicates(frame: DataFrame) -> DataFrame:
     first source file by name is kept: the files' ranks, :func:`with_file_ranks`, follow their names).
     A duplicate's ``raw_record`` is its mapped fields: the copy it repeats is in the lake.
 
-    Copies share their ``event_date``, which leads the window's key: a frame already partitioned by
-    date (as the lake is written) is deduplicated without another shuffle, and the window's sort is
-    the order a date-partitioned write needs (led by the key's hash instead, it was followed by a
-    second sort of every row by date). The key's 64-bit hash comes next, so that rows of one date are
-    told apart by one number instead of by both rows' strings.
+    Copies share their ``event_date``, which is part of the window's key: a frame already
+    partitioned by date (as the lake is written) is deduplicated without another shuffle. The key's
+    64-bit hash leads it, because Spark's sort compares rows by their first key alone wherever that
+    tells them apart: led by the date, every comparison between rows of one date read both rows,
+    and the window's sort took 4 times as long (14.9 s against 3.8 s of task time over 7M events).
+    A date-partitioned write then sorts the rows by date again, a radix sort on one number (0.1 s),
+    which keeps each date's rows in the hash's order as before.
     """
     key = ["user_id", "item_id", "event_type", "value", "event_ts"]
-    copies = Window.partitionBy("event_date", F.xxhash64("event_date", *key), *key).orderBy(
+    copies = Window.partitionBy(F.xxhash64("event_date", *key), "event_date", *key).orderBy(
         FILE_RANK_COLUMN, SOURCE_FILE_COLUMN, "raw_ts"
     )
     copy_number = F.row_number().over(copies)
@@ -467,8 +469,8 @@ def ingest(
         .withColumn("event_date", F.to_date("event_ts"))
         .repartition("event_date")
     )
-    # The one shuffle by date serves the deduplication, the sort a date-partitioned write needs, and
-    # the lake's layout: each date's events come back from ``staging`` as one file.
+    # The one shuffle by date serves the deduplication, the date-partitioned write, and the lake's
+    # layout: each date's events come back from ``staging`` as one file.
     label_actions(spark, "ingest: classify, deduplicate and stage by date")
     (
         event_writer(
