@@ -255,5 +255,6 @@ def test_deduplication_shuffles_only_by_date_and_sorts_by_the_key_hash_first(spa
     # Spark's sort decides by its first key alone where that differs: a 64-bit hash of the key, not
     # the date most rows of a partition share.
     leading = re.search(r"Sort \[(\S+) ASC", plan)
-    assert leading is not None and re.search(rf"xxhash64\(event_date[^)]*\) AS {re.escape(leading[1])}\b", plan)
+    assert leading is not None
+    assert re.search(rf"xxhash64\(event_date[^)]*\) AS {re.escape(leading[1])}\b", plan)
     assert sorted(row["reason"] or "" for row in deduplicated.collect()) == ["", "duplicate"]
