@@ -13,7 +13,8 @@ from benchmarks.spark_profile import profile
 from recsys_pipeline.spark import driver_java_options, exercise_command
 
 
-@pytest.mark.e2e
+# The slow tier's: a profiling tool's test, not worth its 30-40 s of `make test`.
+@pytest.mark.slow
 def test_each_action_reports_where_its_tasks_time_went_operator_by_operator(tmp_path: Path) -> None:
     events = tmp_path / "events"
     events.mkdir()
