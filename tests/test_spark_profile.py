@@ -13,7 +13,7 @@ from benchmarks.spark_profile import profile
 from recsys_pipeline.spark import driver_java_options, exercise_command
 
 
-# The slow tier's: a profiling tool's test, not worth its 30-40 s of `make test`.
+# The slow tier's: it starts a spark-submit job, 30-40 s of `make test` for a benchmark's tool.
 @pytest.mark.slow
 def test_each_action_reports_where_its_tasks_time_went_operator_by_operator(tmp_path: Path) -> None:
     events = tmp_path / "events"
