@@ -393,7 +393,8 @@ def mark_duplicates(frame: DataFrame) -> DataFrame:
     partitioned by date (as the lake is written) is deduplicated without another shuffle. The key's
     64-bit hash leads it, because Spark's sort compares rows by their first key alone wherever that
     tells them apart: led by the date, every comparison between rows of one date read both rows,
-    and the window's sort took 4 times as long (14.9 s against 3.8 s of task time over 7M events).
+    and the window's sort took over 3 times as long (22.5-25.2 s against 6.4-7.1 s of task time
+    over 20M events).
     A date-partitioned write then sorts the rows by date again, a radix sort on one number (0.1 s),
     which keeps each date's rows in the hash's order as before.
     """
