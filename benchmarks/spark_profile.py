@@ -4,9 +4,10 @@
 One profile per Spark application (one per Spark task of a DAG run): its wall time, the time
 inside Spark actions and the rest (JVM start-up, the driver's own Python work, waiting), and each
 action (a SQL execution: a write, a count, a collect) with its label, seconds, rows read and
-written, shuffle and spill, and its ``operators``: where its tasks' time went, operator by operator
-(a sort's sort time, an aggregate's build time, a scan, a whole-stage-code-generated stage's
-duration, which holds the operators fused into it), from the SQL metrics its tasks reported. A
+written, shuffle and spill, and its ``operators``: where its tasks' time went, by kind of operator
+and metric (a sort's sort time, an aggregate's build time, a scan, a whole-stage-code-generated
+stage's duration, which holds the operators fused into it; operators of one kind in a plan, such as
+a partial and a final aggregate, add up), from the SQL metrics its tasks reported. A
 stage names its actions with :func:`recsys_pipeline.spark.label_actions`; unlabelled ones show
 Spark's own call site.
 """

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Mapping
 from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -164,15 +165,15 @@ def failure_record(archive: Path) -> Path:
     return archive.with_suffix(".failed.json")
 
 
-def exercise_command(driver_options: str, work: Path) -> list[str]:
+def exercise_command(driver_options: str, work: Path, conf: Mapping[str, str] | None = None) -> list[str]:
     """The ``spark-submit`` of ``jobs/archive_classes.py`` (:func:`exercise` in ``work``) on a local
-    master, its driver started with ``driver_options``."""
+    master, its driver started with ``driver_options``, with any further Spark ``conf``."""
+    settings = {DRIVER_OPTIONS: driver_options, **(conf or {})}
     return [
         str(Path(sys.executable).parent / "spark-submit"),
         "--master",
         "local[2]",
-        "--conf",
-        f"{DRIVER_OPTIONS}={driver_options}",
+        *(argument for key, value in settings.items() for argument in ("--conf", f"{key}={value}")),
         str(PROJECT_ROOT / "jobs" / "archive_classes.py"),
         str(work),
     ]

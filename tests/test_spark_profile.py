@@ -18,13 +18,13 @@ from recsys_pipeline.spark import driver_java_options, exercise_command
 def test_each_action_reports_where_its_tasks_time_went_operator_by_operator(tmp_path: Path) -> None:
     events = tmp_path / "events"
     events.mkdir()
-    command = exercise_command(driver_java_options("", tmp_path / "no-archive.jsa"), tmp_path / "work")
-    logging = ["--conf", "spark.eventLog.enabled=true", "--conf", f"spark.eventLog.dir={events.as_uri()}"]
+    logging = {"spark.eventLog.enabled": "true", "spark.eventLog.dir": events.as_uri()}
+    command = exercise_command(
+        driver_java_options("", tmp_path / "no-archive.jsa"), tmp_path / "work", logging
+    )
     # spark-submit finds Spark through this interpreter's pyspark.
     env = {**os.environ, "PYSPARK_PYTHON": sys.executable}
-    done = subprocess.run(
-        [*command[:-2], *logging, *command[-2:]], env=env, capture_output=True, text=True, timeout=300
-    )
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
 
     (application,) = profile(events, min_operator_s=0.0)
