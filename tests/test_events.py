@@ -3,7 +3,9 @@ import re
 from datetime import UTC, date, datetime
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 import pytest
 from pyspark.sql import functions as F
 
@@ -88,6 +90,84 @@ def test_a_repeated_event_keeps_the_copy_from_the_first_file_by_name(tmp_path, s
     # a.csv's "880000000" is kept: the later copies in a.csv and in b.csv are the duplicates.
     assert [json.loads(record)["raw_ts"] for record in duplicates] == ["880000000.0", "880000000.000"]
     assert result.metrics["quarantine_duplicate"] == 2
+
+
+def test_a_parquet_sources_numbers_are_read_as_numbers_with_the_outcome_their_text_gives(
+    tmp_path, spark, make_config
+) -> None:
+    # (user, item, type, value, ts): kept, repeated, a half star, a negative and a NaN value, no
+    # value, a time beyond the timestamp range, no time, a time after ingest.
+    rows = [
+        ("u1", "i1", "view", 1.0, 880000000),
+        ("u1", "i1", "view", 1.0, 880000000),
+        ("u2", "i1", "rating", 4.5, 880000100),
+        ("u2", "i2", "rating", -1.0, 880000200),
+        ("u3", "i1", "view", float("nan"), 880000300),
+        ("u3", "i2", "view", None, 880000400),
+        ("u4", "i1", "view", 1.0, 10**18),
+        ("u4", "i2", "view", 1.0, None),
+        ("u5", "i1", "view", 2.0, 2000000000),
+    ]
+    columns = dict(zip(("user", "item", "type", "value", "ts"), zip(*rows, strict=True), strict=True))
+    typed = tmp_path / "typed"
+    typed.mkdir()
+    pq.write_table(
+        pa.table(
+            {
+                **columns,
+                "value": pa.array(columns["value"], pa.float64()),
+                "ts": pa.array(columns["ts"], pa.int64()),
+            }
+        ),
+        typed / "events.parquet",
+    )
+    # The same events as text, as Spark writes these numbers as text.
+    as_text = spark.read.parquet(str(typed)).selectExpr(
+        *(f"cast({name} as string) as {name}" for name in columns)
+    )
+    as_text.coalesce(1).write.parquet(str(tmp_path / "text"))
+
+    outcomes = []
+    for name in ("typed", "text"):
+        config = make_config(
+            **csv_events_source(name, tmp_path / name),
+            source__format="parquet",
+            events__max_quarantine_share=1.0,
+        )
+        raw = read_source(spark, config.source)
+        result = ingest(
+            raw,
+            config.source,
+            config.events,
+            *WINDOW,
+            datetime(2026, 1, 1, tzinfo=UTC),
+            tmp_path / f"staging_{name}",
+        )
+        outcomes.append(
+            (
+                sorted(tuple(row) for row in result.events.drop("source", "ingested_at").collect()),
+                sorted((row["reason"], row["raw_record"]) for row in result.quarantine.collect()),
+                {key: value for key, value in result.metrics.items()},
+            )
+        )
+        if name == "typed":
+            assert raw.schema["value"].dataType.simpleString() == "double"
+            assert raw.schema["ts"].dataType.simpleString() == "bigint"
+    assert outcomes[0] == outcomes[1]
+    events, quarantine, metrics = outcomes[0]
+    assert len(events) == 3 and metrics["events_read"] == len(rows)
+    assert [reason for reason, _ in quarantine] == [
+        "duplicate",
+        "future_timestamp",
+        "invalid_timestamp",
+        "invalid_value",
+        "invalid_value",
+        "unparseable_timestamp",
+    ]
+    # Records keep their numbers as text, as a text source's are.
+    assert {"user": "u2", "item": "i2", "type": "rating", "value": "-1.0", "ts": "880000200"} in [
+        json.loads(record) for _, record in quarantine
+    ]
 
 
 def test_a_row_names_its_file_by_rank_or_else_by_its_uri(spark) -> None:
