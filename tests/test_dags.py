@@ -508,3 +508,29 @@ def test_a_custom_api_port_tells_tasks_where_the_execution_api_is(monkeypatch) -
     assert airflow_environment(load_config(), None)["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"].startswith(
         "http://api.internal"
     )
+
+
+# An object in a reference cycle is finalized only by the collector's walk: at exit, only if it walks.
+CYCLE_AT_EXIT = """
+import gc
+gc.disable()
+{imports}
+class Cycle:
+    def __del__(self):
+        print("collected at exit", flush=True)
+cycle = Cycle()
+cycle.self = cycle
+del cycle
+"""
+
+
+@pytest.mark.e2e
+def test_a_process_that_loads_the_dags_skips_the_collectors_walk_at_exit() -> None:
+    def exit_output(imports: str) -> str:
+        script = CYCLE_AT_EXIT.format(imports=imports)
+        return subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, check=True
+        ).stdout
+
+    assert exit_output("") == "collected at exit\n"
+    assert exit_output("import recsys_pipeline.orchestration") == ""
