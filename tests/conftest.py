@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -28,6 +29,10 @@ import pytest
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+# py4j logs each connection it closes at INFO, also from the collector at the interpreter's exit,
+# after pytest has closed the streams the tests' log handlers write to: a "Logging error" traceback
+# at the end of the suite's output.
+logging.getLogger("py4j").setLevel(logging.WARNING)
 
 from recsys_pipeline.config import PipelineConfig, load_config  # noqa: E402
 from recsys_pipeline.runs import PUBLISHED_RECORD, RunContext  # noqa: E402
