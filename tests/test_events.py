@@ -147,7 +147,7 @@ def test_a_parquet_sources_numbers_are_read_as_numbers_with_the_outcome_their_te
             (
                 sorted(tuple(row) for row in result.events.drop("source", "ingested_at").collect()),
                 sorted((row["reason"], row["raw_record"]) for row in result.quarantine.collect()),
-                {key: value for key, value in result.metrics.items()},
+                dict(result.metrics),
             )
         )
         if name == "typed":
