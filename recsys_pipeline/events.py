@@ -218,7 +218,7 @@ def read_source(spark: SparkSession, source: SourceConfig, files: list[str] | No
         frame = reader.parquet(*paths)
         numeric = numeric_columns(frame.schema, source)
         return frame.select(
-            *[F.col(c) if c in numeric else F.col(c).cast("string").alias(c) for c in frame.columns],
+            *[F.col(c) if c in numeric else as_text(c) for c in frame.columns],
             F.lit(None).cast("string").alias(CORRUPT_COLUMN),
             F.input_file_name().alias(SOURCE_FILE_COLUMN),
         )
@@ -256,9 +256,9 @@ def numeric_columns(schema: T.StructType, source: SourceConfig) -> set[str]:
     """The source columns of ``schema`` that the value and a numeric timestamp are read from as they
     are, rather than as text: integers and doubles, whose text parses back to the same double.
 
-    Formatting 20M numbers as text only to parse them again took 3 s of the 20M-event bench's ingest
-    (of 44). A float would parse back as its shortest decimal, not its own value, and a timestamp
-    by ``timestamp_format`` is text: both stay text, as every other column."""
+    Formatting 20M numbers as text only to parse them again took 3 s of the 44 s that staging 20M
+    events took. A float would parse back as its shortest decimal, not its own value, and a timestamp
+    by ``timestamp_format`` is text: both stay text (:func:`as_text`), as every other column."""
     wanted = [source.mapping.get("value")]
     if source.timestamp_unit != "format":
         wanted.append(source.mapping.get("timestamp"))
@@ -267,6 +267,11 @@ def numeric_columns(schema: T.StructType, source: SourceConfig) -> set[str]:
         for field in schema.fields
         if field.name in wanted and isinstance(field.dataType, T.IntegralType | T.DoubleType)
     }
+
+
+def as_text(name: str) -> Column:
+    """Column ``name`` as text, under its own name: how records keep the values they came with."""
+    return F.col(name).cast("string").alias(name)
 
 
 def _read_csv(reader: DataFrameReader, paths: list[str], names: list[str]) -> DataFrame:
@@ -313,9 +318,9 @@ def canonicalize(
         F.lower(F.trim(column["event_type"])) if "event_type" in column else F.lit(source.default_event_type)
     )
     # A record is kept as text, as it came (numeric columns included, as read_source leaves them).
-    as_text = [F.col(c).cast("string").alias(c) for c in source_columns]
+    record = F.to_json(F.struct(*[as_text(c) for c in source_columns]))
     frame = raw.select(
-        F.coalesce(F.col(CORRUPT_COLUMN), F.to_json(F.struct(*as_text))).alias("source_record"),
+        F.coalesce(F.col(CORRUPT_COLUMN), record).alias("source_record"),
         F.col(CORRUPT_COLUMN).isNotNull().alias("corrupt"),
         F.trim(column["user_id"]).alias("user_id"),
         F.trim(column["item_id"]).alias("item_id"),
@@ -423,8 +428,7 @@ def mark_duplicates(frame: DataFrame) -> DataFrame:
     )
     copy_number = F.row_number().over(copies)
     duplicate = F.col("reason").isNull() & (copy_number > 1)
-    raw = [F.col(name).cast("string").alias(name) for name in ("raw_value", "raw_ts")]
-    mapped = F.to_json(F.struct("user_id", "item_id", "event_type", *raw))
+    mapped = F.to_json(F.struct("user_id", "item_id", "event_type", as_text("raw_value"), as_text("raw_ts")))
     return frame.withColumn("duplicate", duplicate).select(
         *[c for c in frame.columns if c not in ("reason", "raw_record")],
         F.when(F.col("duplicate"), F.lit("duplicate")).otherwise(F.col("reason")).alias("reason"),
