@@ -15,17 +15,24 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from recsys_pipeline.config import HoldoutConfig, InteractionsConfig
 from recsys_pipeline.errors import RecsysError
 from recsys_pipeline.events import hash_sums
+from recsys_pipeline.tables import MATRIX_ARROW_SCHEMA
 
 
 class EmptyInteractionsError(RecsysError):
@@ -39,6 +46,15 @@ class HoldoutTooSmallError(RecsysError):
 ID_PAIR = ("user_id", "item_id")
 INDEX_PAIR = ("user_idx", "item_idx")
 HISTORY_SCHEMA = "user_idx INT, item_idx INT, confidence DOUBLE, event_ts TIMESTAMP"
+# HISTORY_SCHEMA as Arrow writes it for Spark to read back.
+HISTORY_ARROW_SCHEMA = pa.schema(
+    [
+        ("user_idx", pa.int32()),
+        ("item_idx", pa.int32()),
+        ("confidence", pa.float64()),
+        ("event_ts", pa.timestamp("us", tz="UTC")),
+    ]
+)
 
 
 @dataclass(frozen=True)
@@ -108,14 +124,20 @@ class PairCounts:
         """Pairs dropped per reason, given how many were kept in the end (read after the write)."""
         # A sum over no rows is null: no pairs at all.
         aggregated = {name: value or 0 for name, value in self.aggregated.get.items()}
-        item_supported = self.item_supported.get["pairs"] or 0
-        positive = aggregated["pairs"] - aggregated["zero_confidence"]
-        return {
-            "pairs_aggregated": float(aggregated["pairs"]),
-            "dropped_pairs_zero_confidence": float(aggregated["zero_confidence"]),
-            "dropped_pairs_min_item_support": float(positive - item_supported),
-            "dropped_pairs_min_user_support": float(item_supported - kept),
-        }
+        return dropped_pairs(
+            aggregated["pairs"], aggregated["zero_confidence"], self.item_supported.get["pairs"] or 0, kept
+        )
+
+
+def dropped_pairs(aggregated: int, zero_confidence: int, item_supported: int, kept: int) -> dict[str, float]:
+    """Pairs dropped per reason by :func:`supported`'s filters, from how many pairs went in, how many
+    weighed 0, how many passed the item support and how many were kept."""
+    return {
+        "pairs_aggregated": float(aggregated),
+        "dropped_pairs_zero_confidence": float(zero_confidence),
+        "dropped_pairs_min_item_support": float(aggregated - zero_confidence - item_supported),
+        "dropped_pairs_min_user_support": float(item_supported - kept),
+    }
 
 
 def check_zero_confidence_share(dropped: dict[str, float], max_share: float) -> None:
@@ -178,6 +200,97 @@ def supported(
     return kept
 
 
+def write_history_matrices(
+    history: Path,
+    config: InteractionsConfig,
+    shape: tuple[int, int],
+    train: Path,
+    holdout: Path,
+    batch_rows: int = 1 << 20,
+) -> dict[str, float]:
+    """Write the matrices of a written pair history (``HISTORY_SCHEMA``, of ``shape`` users and items):
+    into ``train`` the pairs it does not hold out that pass :func:`supported`, into ``holdout`` those
+    its ``held_out`` marks hold out, positive and capped, with no minimum support (an item or user
+    too rare to train on is still one to evaluate on); a history without marks holds nothing out.
+    Returns the pairs dropped per reason (:func:`dropped_pairs`).
+
+    :func:`supported`'s filters, counted by NumPy over the files, ``batch_rows`` pairs at a time, in
+    three passes (the items' support, the users' among the pairs it keeps, the write): memory holds a
+    count per user and per item. Spark took 4-5 s for a 20M-event history's training matrix, as
+    its user support shuffled every pair by user.
+    """
+    pairs = ds.dataset(str(history), format="parquet")
+    marked = "held_out" in pairs.schema.names
+    n_users, n_items = shape
+
+    def read() -> Iterator[tuple[pa.RecordBatch, np.ndarray, np.ndarray]]:
+        """Each batch of pairs, with which of them train and which are positive."""
+        columns = [*INDEX_PAIR, "confidence", *(["held_out"] if marked else [])]
+        for batch in pairs.to_batches(columns=columns, batch_size=batch_rows):
+            held = (
+                batch.column("held_out").to_numpy(zero_copy_only=False)
+                if marked
+                else np.zeros(batch.num_rows, dtype=bool)
+            )
+            yield batch, ~held, batch.column("confidence").to_numpy() > 0
+
+    aggregated = zero_confidence = 0
+    per_item = np.zeros(n_items, dtype=np.int64)
+    for batch, trains, positive in read():
+        aggregated += int(trains.sum())
+        zero_confidence += int((trains & ~positive).sum())
+        per_item += np.bincount(batch.column("item_idx").to_numpy()[trains & positive], minlength=n_items)
+    item_supported = per_item >= config.min_item_interactions
+    per_user = np.zeros(n_users, dtype=np.int64)
+    for batch, trains, positive in read():
+        items = batch.column("item_idx").to_numpy()
+        supported_pairs = trains & positive & item_supported[items]
+        per_user += np.bincount(batch.column("user_idx").to_numpy()[supported_pairs], minlength=n_users)
+    user_supported = per_user >= config.min_user_interactions
+    kept = 0
+    train.mkdir(parents=True)
+    holdout.mkdir(parents=True)
+    with ExitStack() as files:
+        train_rows, holdout_rows = (
+            files.enter_context(
+                pq.ParquetWriter(folder / "part-00000.parquet", MATRIX_ARROW_SCHEMA, use_dictionary=False)
+            )
+            for folder in (train, holdout)
+        )
+        for batch, trains, positive in read():
+            users, items = batch.column("user_idx").to_numpy(), batch.column("item_idx").to_numpy()
+            keep = trains & positive & item_supported[items] & user_supported[users]
+            kept += int(keep.sum())
+            train_rows.write_table(capped_rows(batch, keep, config.max_confidence))
+            if marked:
+                holdout_rows.write_table(capped_rows(batch, ~trains & positive, config.max_confidence))
+    return dropped_pairs(aggregated, zero_confidence, int(per_user.sum()), kept)
+
+
+def capped_rows(pairs: pa.RecordBatch, rows: np.ndarray, max_confidence: float) -> pa.Table:
+    """The ``rows`` of ``pairs`` as a matrix stores them (``MATRIX_ARROW_SCHEMA``), capped as
+    :func:`supported` caps them."""
+    kept = pa.Table.from_batches([pairs]).filter(pa.array(rows))
+    confidence = pc.min_element_wise(kept.column("confidence"), pa.scalar(max_confidence, pa.float64()))
+    return pa.table(
+        [kept.column("user_idx"), kept.column("item_idx"), confidence.cast(pa.float32())],
+        schema=MATRIX_ARROW_SCHEMA,
+    )
+
+
+def recent_indices(history: Path, since: datetime, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The users and the items (of ``shape``) with a pair in a written history whose latest event is
+    at or after ``since``."""
+    recent = [np.zeros(size, dtype=bool) for size in shape]
+    since_then = ds.field("event_ts") >= pa.scalar(since, pa.timestamp("us", tz="UTC"))
+    for batch in ds.dataset(str(history), format="parquet").to_batches(
+        columns=list(INDEX_PAIR), filter=since_then
+    ):
+        for flags, column in zip(recent, INDEX_PAIR, strict=True):
+            flags[batch.column(column).to_numpy()] = True
+    return np.flatnonzero(recent[0]), np.flatnonzero(recent[1])
+
+
 def pair_confidences(
     events: DataFrame,
     config: InteractionsConfig,
@@ -213,7 +326,8 @@ def merged_pairs(
     keys: tuple[str, str] = INDEX_PAIR,
 ) -> DataFrame:
     """:func:`pair_confidences` of ``events`` with ``carried`` (with ``last_seen``), for events far
-    fewer than the carried pairs (a night's against the whole history) that fit in memory.
+    fewer than the carried pairs (a holdout's days against the training pairs, not yet written) that
+    fit in memory; a night's merge into a written history is :func:`write_merged_history`'s.
 
     Only the carried pairs the events share are aggregated again; every other carried pair is passed
     through as it is, by joins against the events' broadcast pairs that never shuffle the history.
@@ -227,15 +341,69 @@ def merged_pairs(
 
 
 def carried_pairs(history: DataFrame, config: InteractionsConfig, elapsed: timedelta) -> DataFrame:
-    """Pair aggregates (``HISTORY_SCHEMA``) as of ``elapsed`` later than they were computed.
+    """Pair aggregates (``HISTORY_SCHEMA``) as of ``elapsed`` later than they were computed."""
+    if not config.half_life_days:
+        return history
+    return history.withColumn("confidence", F.col("confidence") * F.lit(decay_factor(config, elapsed)))
+
+
+def decay_factor(config: InteractionsConfig, elapsed: timedelta) -> float:
+    """What a pair aggregate's confidence is multiplied by ``elapsed`` later (1 without decay).
 
     Decay halves every event's confidence at the same rate, so a sum or a maximum of decayed
     confidences decays by the same factor as each of its terms.
     """
     if not config.half_life_days:
-        return history
-    factor = 0.5 ** (elapsed.total_seconds() / 86400.0 / config.half_life_days)
-    return history.withColumn("confidence", F.col("confidence") * F.lit(factor))
+        return 1.0
+    return float(0.5 ** (elapsed.total_seconds() / 86400.0 / config.half_life_days))
+
+
+def write_merged_history(
+    night: pa.Table,
+    history: Path,
+    config: InteractionsConfig,
+    elapsed: timedelta,
+    target: Path,
+    batch_rows: int = 1 << 20,
+) -> None:
+    """Write into the folder ``target`` the pair history in the folder ``history`` (``HISTORY_SCHEMA``),
+    brought ``elapsed`` forward (:func:`carried_pairs`), with ``night`` merged in: the pair aggregates
+    (with ``last_seen``) of the events since, at the same ``as_of``, few enough to hold in memory.
+
+    As in :func:`merged_pairs`, only the carried pairs the night shares are aggregated again; the
+    others pass through as they are, ``batch_rows`` at a time, so memory holds a batch and the night.
+    Streamed through Arrow, the 17.7M pairs of a 20M-event history merged in 2.4-3.0 s, where Spark's
+    joins took 10.7 s: they read the history twice (the shared pairs, the untouched ones) before
+    writing it.
+    """
+    night_keys = pc.unique(pair_keys(night))
+    factor = decay_factor(config, elapsed)
+    shared: list[pa.Table] = []
+    carried = ds.dataset(str(history), format="parquet")
+    target.mkdir(parents=True, exist_ok=True)
+    with pq.ParquetWriter(
+        target / "part-00000.parquet", HISTORY_ARROW_SCHEMA, use_dictionary=False
+    ) as writer:
+        for batch in carried.to_batches(columns=HISTORY_ARROW_SCHEMA.names, batch_size=batch_rows):
+            pairs = pa.Table.from_batches([batch]).cast(HISTORY_ARROW_SCHEMA)
+            if factor != 1.0:
+                pairs = pairs.set_column(2, "confidence", pc.multiply(pairs.column("confidence"), factor))
+            in_night = pc.is_in(pair_keys(pairs), value_set=night_keys)
+            shared.append(pairs.filter(in_night))
+            writer.write_table(pairs.filter(pc.invert(in_night)))
+        combined = (
+            pa.concat_tables([*shared, night.select(HISTORY_ARROW_SCHEMA.names).cast(HISTORY_ARROW_SCHEMA)])
+            .group_by(list(INDEX_PAIR))
+            .aggregate([("confidence", config.aggregation), ("event_ts", "max")])
+        )
+        merged = combined.select([*INDEX_PAIR, f"confidence_{config.aggregation}", "event_ts_max"])
+        writer.write_table(merged.rename_columns(HISTORY_ARROW_SCHEMA.names).cast(HISTORY_ARROW_SCHEMA))
+
+
+def pair_keys(pairs: pa.Table) -> pa.Array:
+    """Each (user_idx, item_idx) pair of ``pairs`` as one 64-bit integer (indices are 32-bit)."""
+    user = pc.cast(pairs.column("user_idx"), pa.int64())
+    return pc.add(pc.shift_left(user, 32), pc.cast(pairs.column("item_idx"), pa.int64()))
 
 
 def history_settings_hash(config: InteractionsConfig, min_event_time: datetime) -> str:

@@ -12,7 +12,8 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import scipy.sparse as sp
 
-# How matrices are stored: what Spark writes from ``interactions.matrix_columns``.
+# How matrices are stored: what Spark writes from ``interactions.matrix_columns``, and Arrow from
+# ``interactions.write_history_matrices``.
 MATRIX_ARROW_SCHEMA = pa.schema(
     [("user_idx", pa.int32()), ("item_idx", pa.int32()), ("confidence", pa.float32())]
 )
@@ -74,10 +75,10 @@ def read_indices(path: Path) -> np.ndarray:
     return table.column("idx").to_numpy().astype(np.int64)
 
 
-def write_empty_matrix(path: Path) -> None:
-    """A matrix folder with no pairs, as the readers expect one (without a Spark job for no rows)."""
+def write_indices(path: Path, indices: np.ndarray) -> None:
+    """A folder :func:`read_indices` reads ``indices`` back from."""
     path.mkdir(parents=True)
-    pq.write_table(MATRIX_ARROW_SCHEMA.empty_table(), path / "part-00000.parquet")
+    pq.write_table(pa.table({"idx": pa.array(indices, pa.int32())}), path / "part-00000.parquet")
 
 
 def distinct_values(paths: list[Path], column: str) -> pa.Array:

@@ -2,14 +2,27 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from pyspark.sql import functions as F
 
-from recsys_pipeline.interactions import IdMaps, indexed_events, pair_confidences, supported
+from recsys_pipeline.interactions import (
+    INDEX_PAIR,
+    IdMaps,
+    PairCounts,
+    carried_pairs,
+    indexed_events,
+    pair_confidences,
+    recent_indices,
+    supported,
+    write_history_matrices,
+    write_merged_history,
+)
 from recsys_pipeline.runs import RunContext
 from recsys_pipeline.stages.ingest import run_ingest
 from recsys_pipeline.stages.interactions import run_interactions
-from recsys_pipeline.tables import read_id_map
+from recsys_pipeline.tables import read_id_map, read_matrix
 
 AS_OF = datetime(2024, 1, 10, tzinfo=UTC)
 NO_MIN_SUPPORT = {"interactions.min_item_interactions": 1, "interactions.min_user_interactions": 1}
@@ -185,3 +198,128 @@ def test_maps_up_to_the_broadcast_bound_are_broadcast_and_never_the_events(
     indexed = indexed_events(events, _maps(spark), broadcast_max_rows)
     physical = indexed._jdf.queryExecution().executedPlan().toString()
     assert physical.count(join) == 2 and "BuildLeft" not in physical, physical
+
+
+def _random_history(path: Path, marked: bool, seed: int = 7) -> tuple[int, int]:
+    """A pair history (``HISTORY_SCHEMA``, with ``held_out`` marks if ``marked``) of random pairs,
+    some of zero confidence and some above the cap, written as Arrow writes one; returns its shape."""
+    rng = np.random.default_rng(seed)
+    users, items = 60, 40
+    keys = rng.choice(users * items, size=900, replace=False)
+    confidence = rng.choice([0.0, 1.0, 3.5, 250.0], size=len(keys), p=[0.15, 0.5, 0.25, 0.1])
+    columns = {
+        "user_idx": pa.array(keys // items, pa.int32()),
+        "item_idx": pa.array(keys % items, pa.int32()),
+        "confidence": pa.array(confidence * rng.uniform(0.5, 1.5, len(keys))),
+        "event_ts": pa.array([AS_OF - timedelta(hours=int(h)) for h in rng.integers(0, 200, len(keys))]),
+    }
+    if marked:
+        columns["held_out"] = pa.array(rng.random(len(keys)) < 0.2)
+    path.mkdir()
+    pq.write_table(pa.table(columns), path / "part-00000.parquet")
+    return users, items
+
+
+# Supports that drop some pairs and keep most: a fifth of a marked history's pairs are held out.
+@pytest.mark.parametrize(
+    ("marked", "min_item_interactions"), [(True, 12), (False, 17)], ids=["held-out-marks", "no-marks"]
+)
+def test_the_matrices_of_a_written_history_are_the_pairs_spark_keeps_with_the_same_counts(
+    spark, make_config, tmp_path: Path, marked: bool, min_item_interactions: int
+) -> None:
+    config = make_config(
+        **{
+            "interactions.min_item_interactions": min_item_interactions,
+            "interactions.min_user_interactions": 9,
+        }
+    ).interactions
+    history = tmp_path / "history"
+    shape = _random_history(history, marked)
+    dropped = write_history_matrices(history, config, shape, tmp_path / "train", tmp_path / "holdout")
+
+    pairs = spark.read.parquet(str(history))
+    trains = ~F.col("held_out") if marked else F.lit(True)
+    counts = PairCounts("contract")
+    expected_train = _indexed_confidences(supported(pairs.where(trains), config, INDEX_PAIR, counts))
+    no_support = config.model_copy(update={"min_item_interactions": 1, "min_user_interactions": 1})
+    expected_holdout = _indexed_confidences(supported(pairs.where(~trains), no_support, INDEX_PAIR))
+    train, holdout = read_matrix(tmp_path / "train"), read_matrix(tmp_path / "holdout")
+
+    assert _triples(train) == pytest.approx(expected_train)
+    assert _triples(holdout) == pytest.approx(expected_holdout)
+    assert dropped == counts.dropped(train.nnz)
+    # Every filter dropped something, and a capped pair is kept: the data exercises each of them.
+    assert min(dropped.values()) > 0 and max(train.confidence) == config.max_confidence
+    assert (holdout.nnz > 0) == marked
+
+
+def test_the_users_and_items_of_a_histories_latest_pairs_are_recent(tmp_path: Path) -> None:
+    history = tmp_path / "history"
+    shape = _random_history(history, marked=False)
+    since = AS_OF - timedelta(hours=20)
+    users, items = recent_indices(history, since, shape)
+
+    table = pq.read_table(history)
+    latest = np.asarray([ts >= since for ts in table.column("event_ts").to_pylist()])
+    assert 0 < latest.sum() < len(latest)
+    for found, column in ((users, "user_idx"), (items, "item_idx")):
+        np.testing.assert_array_equal(found, np.unique(table.column(column).to_numpy()[latest]))
+
+
+@pytest.mark.parametrize("aggregation", ["sum", "max"])
+def test_a_nights_pairs_merged_into_a_written_history_are_what_spark_aggregates(
+    spark, make_config, tmp_path: Path, aggregation: str
+) -> None:
+    config = make_config(
+        **{"interactions.half_life_days": 3.0, "interactions.aggregation": aggregation}
+    ).interactions
+    history = tmp_path / "history"
+    _random_history(history, marked=True)  # a weekly's history: its marks are not carried
+    elapsed = timedelta(days=1)
+    as_of = AS_OF + elapsed
+    rng = np.random.default_rng(3)
+    # The night's events: on pairs the history holds, and on new ones.
+    night_events = spark.createDataFrame(
+        [
+            (int(u), int(i), str(t), as_of - timedelta(hours=int(h)))
+            for u, i, t, h in zip(
+                rng.integers(0, 70, 400),
+                rng.integers(0, 40, 400),
+                rng.choice(["view", "click", "purchase"], 400),
+                rng.integers(1, 24, 400),
+                strict=True,
+            )
+        ],
+        "user_idx int, item_idx int, event_type string, event_ts timestamp",
+    ).withColumn("value", F.lit(None).cast("double"))
+    night = pair_confidences(night_events, config, F.lit(as_of), INDEX_PAIR, last_seen=True)
+    write_merged_history(night.toArrow(), history, config, elapsed, tmp_path / "merged", batch_rows=100)
+
+    carried = carried_pairs(spark.read.parquet(str(history)), config, elapsed)
+    expected = pair_confidences(
+        night_events, config, F.lit(as_of), INDEX_PAIR, last_seen=True, carried=carried
+    )
+    merged, expected_pairs = pq.read_table(tmp_path / "merged"), expected.toArrow()
+    assert merged.schema.names == ["user_idx", "item_idx", "confidence", "event_ts"]
+    assert merged.num_rows == expected_pairs.num_rows > 200
+    found, wanted = (
+        {(row["user_idx"], row["item_idx"]): row for row in table.to_pylist()}
+        for table in (merged, expected_pairs)
+    )
+    assert {pair: row["event_ts"] for pair, row in found.items()} == {
+        pair: row["event_ts"] for pair, row in wanted.items()
+    }
+    assert {pair: row["confidence"] for pair, row in found.items()} == pytest.approx(
+        {pair: row["confidence"] for pair, row in wanted.items()}
+    )
+
+
+def _indexed_confidences(frame) -> dict[tuple[int, int], float]:
+    return {(r.user_idx, r.item_idx): r.confidence for r in frame.collect()}
+
+
+def _triples(triples) -> dict[tuple[int, int], float]:
+    return {
+        (int(u), int(i)): float(c)
+        for u, i, c in zip(triples.user_idx, triples.item_idx, triples.confidence, strict=True)
+    }

@@ -6,7 +6,7 @@ import json
 import logging
 import shutil
 from dataclasses import dataclass
-from datetime import UTC, datetime, time
+from datetime import UTC, datetime, time, timedelta
 from functools import partial
 from pathlib import Path
 
@@ -42,13 +42,16 @@ from recsys_pipeline.interactions import (
     merged_pairs,
     pair_confidences,
     read_id_map_frame,
+    recent_indices,
     supported,
     unmapped_ids,
+    write_history_matrices,
+    write_merged_history,
 )
 from recsys_pipeline.runs import RunContext, parse_instant
 from recsys_pipeline.spark import label_actions
 from recsys_pipeline.stages.content import ITEMS_FILE
-from recsys_pipeline.tables import count_rows, distinct_users, write_empty_matrix
+from recsys_pipeline.tables import count_rows, distinct_users, write_indices
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +108,8 @@ def build_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]
         label_actions(spark, "interactions: the ID maps")
         indexed = indexed_events(events, maps, run.config.spark.broadcast_max_rows)
         train_counts = PairCounts("train")
-        carried = carried_pairs(history.pairs, config, window_end - history.as_of) if history else None
         train_pairs, holdout_pairs, all_pairs = split(
-            events, indexed, run, window_end, train_counts, cached, read.events, carried
+            events, indexed, run, window_end, train_counts, cached, read.events, history
         )
         with atomic_dir(out.root) as staging:
             written = InteractionsFiles(staging)
@@ -115,16 +117,31 @@ def build_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]
                 label_actions(spark, f"interactions: write the {side} map")
                 id_map.orderBy("idx").coalesce(1).write.parquet(str(written.map_dir(side)))
             label_actions(spark, "interactions: write the pair history")
-            pair_writer(history_columns(all_pairs)).parquet(str(written.history_dir))
-            write_recent(spark.read.parquet(str(written.history_dir)), run.interval_start, written)
-            if train_pairs is None:
-                train_pairs, holdout_pairs = written_split(
-                    spark.read.parquet(str(written.history_dir)), config, train_counts
+            if isinstance(all_pairs, NightPairs):
+                write_merged_history(
+                    all_pairs.pairs.toArrow(),
+                    all_pairs.history,
+                    config,
+                    all_pairs.elapsed,
+                    written.history_dir,
                 )
-            label_actions(spark, "interactions: write the training matrix")
-            pair_writer(matrix_columns(train_pairs)).parquet(str(written.train_dir))
+            else:
+                pair_writer(history_columns(all_pairs)).parquet(str(written.history_dir))
+            write_recent(written, run.interval_start)
+            if train_pairs is None:
+                # The matrices are the written history's, filtered and split by its marks.
+                dropped = write_history_matrices(
+                    written.history_dir,
+                    config,
+                    written.matrix_shape(),
+                    written.train_dir,
+                    written.holdout_dir,
+                )
+            else:
+                label_actions(spark, "interactions: write the training matrix")
+                pair_writer(matrix_columns(train_pairs)).parquet(str(written.train_dir))
+                dropped = train_counts.dropped(count_rows(written.train_dir))
             train_rows = count_rows(written.train_dir)
-            dropped = train_counts.dropped(train_rows)
             check_zero_confidence_share(dropped, config.max_zero_confidence_share)
             if train_rows == 0:
                 raise EmptyInteractionsError(
@@ -133,21 +150,19 @@ def build_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]
                     "event weights and interactions.holdout"
                 )
             evaluable = 0
-            if holdout_pairs is None:
-                write_empty_matrix(written.holdout_dir)
-            else:
+            if holdout_pairs is not None:
                 label_actions(spark, "interactions: write the holdout")
                 pair_writer(matrix_columns(holdout_pairs)).parquet(str(written.holdout_dir))
-                if config.holdout.strategy == "per_user_last":
-                    # Each pair went to one side: every holdout user has an item they did not train on.
-                    evaluable = distinct_users(written.holdout_dir)
-                else:
-                    label_actions(spark, "interactions: count evaluable holdout users")
-                    evaluable = evaluable_users(
-                        spark.read.parquet(str(written.holdout_dir)),
-                        spark.read.parquet(str(written.train_dir)),
-                        broadcast=count_rows(written.holdout_dir) <= run.config.spark.broadcast_max_rows,
-                    )
+                label_actions(spark, "interactions: count evaluable holdout users")
+                evaluable = evaluable_users(
+                    spark.read.parquet(str(written.holdout_dir)),
+                    spark.read.parquet(str(written.train_dir)),
+                    broadcast=count_rows(written.holdout_dir) <= run.config.spark.broadcast_max_rows,
+                )
+            elif run.mode != "refresh":
+                # Each pair went to one side: every holdout user has an item they did not train on.
+                evaluable = distinct_users(written.holdout_dir)
+            if run.mode != "refresh":
                 check_holdout_size(evaluable, run.config.evaluation.min_users, config.holdout)
             written.write_fingerprint(str(fingerprint))
     finally:
@@ -177,17 +192,14 @@ def build_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]
     return metrics
 
 
-def write_recent(history: DataFrame, interval_start: datetime, written: InteractionsFiles) -> None:
+def write_recent(written: InteractionsFiles, interval_start: datetime) -> None:
     """The users and items with events in the run's interval, by index: those whose latest event
     with some pair (the written history's ``event_ts``) falls in it, as the history ends where the
     interval does. Read so from a few integer columns, rather than from the interval's events by
     their string ids joined to the maps (3.6 s of a 20M-event weekly's users)."""
-    recent = history.where(F.col("event_ts") >= F.lit(interval_start))
-    for side, column in zip(SIDES, INDEX_PAIR, strict=True):
-        label_actions(history.sparkSession, f"interactions: write the recent {side}")
-        recent.select(F.col(column).alias("idx")).distinct().coalesce(1).write.parquet(
-            str(written.recent_dir(side))
-        )
+    recent = recent_indices(written.history_dir, interval_start, written.matrix_shape())
+    for side, indices in zip(SIDES, recent, strict=True):
+        write_indices(written.recent_dir(side), indices)
 
 
 def stored_size(map_dir: Path) -> int:
@@ -219,6 +231,16 @@ def catalogue_ids(spark: SparkSession, run: RunContext, item_activity: DataFrame
     return ids.unionByName(described)
 
 
+@dataclass(frozen=True)
+class NightPairs:
+    """The pair aggregates of a night's events, to merge into the carried history as it is written
+    (:func:`write_merged_history`)."""
+
+    pairs: DataFrame
+    history: Path  # the carried history's folder
+    elapsed: timedelta  # from the carried history's end to the night's
+
+
 def split(
     events: DataFrame,
     indexed: DataFrame,
@@ -227,25 +249,29 @@ def split(
     train_counts: PairCounts,
     cached: list[DataFrame],
     events_read: int,
-    carried: DataFrame | None = None,
-) -> tuple[DataFrame | None, DataFrame | None, DataFrame]:
+    history: PairHistory | None = None,
+) -> tuple[DataFrame | None, DataFrame | None, DataFrame | NightPairs]:
     """(training pairs, holdout pairs, every pair unfiltered) of the window's events (``indexed``: with
     their ID indices), by the run's holdout strategy; frames it persists are appended to ``cached`` for
     the caller to release.
 
-    ``carried`` holds the pairs an earlier run aggregated (``indexed`` then holds only the events
+    ``history`` holds the pairs an earlier run aggregated (``indexed`` then holds only the events
     since), for a refresh or a per-user holdout; ``events_read``: how many events ``indexed`` holds.
 
     A refresh and a per-user holdout return no training or holdout pairs (None): those are read back
-    from every pair once written (:func:`written_split`), rather than aggregated again or held in
-    memory. A refresh holds nothing out: its model is the champion's, folded over the whole history.
+    from every pair once written (:func:`write_history_matrices`), rather than aggregated again or
+    held in memory. A refresh holds nothing out: its model is the champion's, folded over the whole history.
     """
     config = run.config.interactions
+    carried = carried_pairs(history.pairs, config, window_end - history.as_of) if history else None
     if run.mode == "refresh":
-        # A night's few events merge by broadcast without shuffling the history, which nothing after
-        # them needs shuffled; events too many to hold in memory aggregate with it instead.
-        if carried is not None and events_read <= run.config.spark.broadcast_max_rows:
-            return None, None, merged_pairs(indexed, config, F.lit(window_end), carried)
+        # A night's few events merge into the history as it is written, without Spark reading or
+        # shuffling it; events too many to hold in memory aggregate with it instead.
+        if history is not None and events_read <= run.config.spark.broadcast_max_rows:
+            every_night_pair = pair_confidences(
+                indexed, config, F.lit(window_end), INDEX_PAIR, last_seen=True
+            )
+            return None, None, NightPairs(every_night_pair, history.path, window_end - history.as_of)
         every_pair = pair_confidences(
             indexed, config, F.lit(window_end), INDEX_PAIR, last_seen=True, carried=carried
         )
@@ -291,28 +317,12 @@ def holdout_settings(config: InteractionsConfig) -> InteractionsConfig:
     return config.model_copy(update={"min_user_interactions": 1, "min_item_interactions": 1})
 
 
-def written_split(
-    history: DataFrame, config: InteractionsConfig, train_counts: PairCounts
-) -> tuple[DataFrame, DataFrame | None]:
-    """(training pairs, holdout pairs or None) of a pair history as written: by its ``held_out`` marks
-    where it has them (a per-user holdout), every pair to train on otherwise (a refresh).
-
-    Read back from the files, the marked pairs need no cache: a 20M-event weekly's interactions took
-    65 s (the mean of three warm runs) against 71 s with its 17M pairs held in memory for the
-    history, the training pairs and the holdout."""
-    if "held_out" not in history.columns:
-        return supported(history, config, INDEX_PAIR, train_counts), None
-    return (
-        supported(history.where(~F.col("held_out")), config, INDEX_PAIR, train_counts),
-        supported(history.where("held_out"), holdout_settings(config), INDEX_PAIR),
-    )
-
-
 @dataclass(frozen=True)
 class PairHistory:
     """Pair aggregates an earlier run made over every event before ``as_of``."""
 
     pairs: DataFrame
+    path: Path
     as_of: datetime
     fingerprint: InputFingerprint
 
@@ -344,7 +354,10 @@ def carried_history(spark: SparkSession, run: RunContext) -> PairHistory | None:
         reason = f"{record['path']} is gone"
     else:
         return PairHistory(
-            spark.read.parquet(record["path"]), as_of, InputFingerprint.parse(record["fingerprint"])
+            spark.read.parquet(record["path"]),
+            Path(record["path"]),
+            as_of,
+            InputFingerprint.parse(record["fingerprint"]),
         )
     log.info("aggregating every event of the window: the last pair history cannot be carried (%s)", reason)
     return None
