@@ -432,8 +432,9 @@ class SparkConfig(_Section):
     broadcast_max_rows: int = Field(
         default=5_000_000,
         ge=0,
-        description="A table joined by broadcast (an ID map, a night's pairs) is held whole by the driver "
-        "and every executor: up to this many rows; a larger one joins by a shuffle.",
+        description="An ID map joined by broadcast is held whole by the driver and every executor, a "
+        "night's pairs merged into the carried history by the driver: up to this many rows; larger ones "
+        "join by a shuffle.",
     )
     conf: dict[str, str] = Field(
         default={},
