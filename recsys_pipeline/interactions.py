@@ -7,7 +7,6 @@ The stage that writes them (``stages.interactions``) produces::
     maps/users, maps/items   Parquet (id STRING, idx INT)                snapshot of the ID maps used
     history/   Parquet (``HISTORY_SCHEMA``)    every pair's aggregate over the whole window, unfiltered,
                as of the window's end: what the next run carries forward instead of re-reading events
-               (a weekly's per-user holdout adds ``held_out BOOLEAN``, its marks)
     recent/users, recent/items   Parquet (idx INT)                       active in the run's interval
 """
 
@@ -206,12 +205,13 @@ def write_history_matrices(
     shape: tuple[int, int],
     train: Path,
     holdout: Path,
+    last_n: int | None,
     batch_rows: int = 1 << 20,
 ) -> dict[str, float]:
     """Write the matrices of a written pair history (``HISTORY_SCHEMA``, of ``shape`` users and items):
-    into ``train`` the pairs it does not hold out that pass :func:`supported`, into ``holdout`` those
-    its ``held_out`` marks hold out, positive and capped, with no minimum support (an item or user
-    too rare to train on is still one to evaluate on); a history without marks holds nothing out.
+    into ``holdout`` each user's ``last_n`` latest pairs (:func:`latest_pairs`; none without
+    ``last_n``), positive and capped, with no minimum support (an item or user too rare to train on
+    is still one to evaluate on); into ``train`` the other pairs that pass :func:`supported`.
     Returns the pairs dropped per reason (:func:`dropped_pairs`).
 
     :func:`supported`'s filters, counted by NumPy over the files, ``batch_rows`` pairs at a time, in
@@ -220,18 +220,16 @@ def write_history_matrices(
     its user support shuffled every pair by user.
     """
     pairs = ds.dataset(str(history), format="parquet")
-    marked = "held_out" in pairs.schema.names
     n_users, n_items = shape
+    held_items = latest_pairs(pairs, n_users, last_n, batch_rows) if last_n else np.empty((0, n_users))
 
     def read() -> Iterator[tuple[pa.RecordBatch, np.ndarray, np.ndarray]]:
         """Each batch of pairs, with which of them train and which are positive."""
-        columns = [*INDEX_PAIR, "confidence", *(["held_out"] if marked else [])]
-        for batch in pairs.to_batches(columns=columns, batch_size=batch_rows):
-            held = (
-                batch.column("held_out").to_numpy(zero_copy_only=False)
-                if marked
-                else np.zeros(batch.num_rows, dtype=bool)
-            )
+        for batch in pairs.to_batches(columns=[*INDEX_PAIR, "confidence"], batch_size=batch_rows):
+            users, items = batch.column("user_idx").to_numpy(), batch.column("item_idx").to_numpy()
+            held = np.zeros(len(users), dtype=bool)
+            for items_held in held_items:
+                held |= items_held[users] == items
             yield batch, ~held, batch.column("confidence").to_numpy() > 0
 
     aggregated = zero_confidence = 0
@@ -262,9 +260,49 @@ def write_history_matrices(
             keep = trains & positive & item_supported[items] & user_supported[users]
             kept += int(keep.sum())
             train_rows.write_table(capped_rows(batch, keep, config.max_confidence))
-            if marked:
+            if last_n:
                 holdout_rows.write_table(capped_rows(batch, ~trains & positive, config.max_confidence))
     return dropped_pairs(aggregated, zero_confidence, int(per_user.sum()), kept)
+
+
+def latest_pairs(pairs: ds.Dataset, n_users: int, last_n: int, batch_rows: int) -> np.ndarray:
+    """The items of each user's ``last_n`` most recent positive pairs (by their latest event): row r
+    holds every user's (r + 1)-th, for users with more positive pairs than ``last_n`` (so some are
+    left to train on), and -1 for the others. Ties in time go to the higher item index, so the split
+    is reproducible.
+
+    One pass over the pairs per rank, each keeping a user's latest time and highest item at that
+    time so far: memory holds a few numbers per user, where a window by user in Spark sorted every
+    pair of the history.
+    """
+    chosen = np.full((last_n, n_users), -1, dtype=np.int64)
+    positives = np.zeros(n_users, dtype=np.int64)
+    for rank in range(last_n):
+        latest = np.full(n_users, np.iinfo(np.int64).min)
+        highest = np.full(n_users, -1, dtype=np.int64)
+        for batch in pairs.to_batches(columns=[*INDEX_PAIR, "confidence", "event_ts"], batch_size=batch_rows):
+            users, items = batch.column("user_idx").to_numpy(), batch.column("item_idx").to_numpy()
+            open_pairs = batch.column("confidence").to_numpy() > 0
+            if rank == 0:
+                positives += np.bincount(users[open_pairs], minlength=n_users)
+            for earlier in chosen[:rank]:
+                open_pairs &= earlier[users] != items
+            users, items = users[open_pairs], items[open_pairs]
+            times = batch.column("event_ts").to_numpy().view(np.int64)[open_pairs]
+            batch_latest = np.full(n_users, np.iinfo(np.int64).min)
+            np.maximum.at(batch_latest, users, times)
+            at_latest = times == batch_latest[users]
+            batch_highest = np.full(n_users, -1, dtype=np.int64)
+            np.maximum.at(batch_highest, users[at_latest], items[at_latest])
+            highest = np.where(
+                batch_latest > latest,
+                batch_highest,
+                np.where(batch_latest == latest, np.maximum(highest, batch_highest), highest),
+            )
+            latest = np.maximum(latest, batch_latest)
+        chosen[rank] = highest
+    chosen[:, positives <= last_n] = -1
+    return chosen
 
 
 def capped_rows(pairs: pa.RecordBatch, rows: np.ndarray, max_confidence: float) -> pa.Table:
@@ -327,7 +365,7 @@ def merged_pairs(
 ) -> DataFrame:
     """:func:`pair_confidences` of ``events`` with ``carried`` (with ``last_seen``), for events far
     fewer than the carried pairs (a holdout's days against the training pairs, not yet written) that
-    fit in memory; a night's merge into a written history is :func:`write_merged_history`'s.
+    fit in memory; a merge into a written history is :func:`write_merged_history`'s.
 
     Only the carried pairs the events share are aggregated again; every other carried pair is passed
     through as it is, by joins against the events' broadcast pairs that never shuffle the history.
@@ -359,7 +397,7 @@ def decay_factor(config: InteractionsConfig, elapsed: timedelta) -> float:
 
 
 def write_merged_history(
-    night: pa.Table,
+    since: pa.Table,
     history: Path,
     config: InteractionsConfig,
     elapsed: timedelta,
@@ -367,16 +405,17 @@ def write_merged_history(
     batch_rows: int = 1 << 20,
 ) -> None:
     """Write into the folder ``target`` the pair history in the folder ``history`` (``HISTORY_SCHEMA``),
-    brought ``elapsed`` forward (:func:`carried_pairs`), with ``night`` merged in: the pair aggregates
-    (with ``last_seen``) of the events since, at the same ``as_of``, few enough to hold in memory.
+    brought ``elapsed`` forward (:func:`carried_pairs`), with ``since`` merged in: the pair aggregates
+    (with ``last_seen``) of the events since (a night's, a week's), at the same ``as_of``, few enough
+    to hold in memory.
 
-    As in :func:`merged_pairs`, only the carried pairs the night shares are aggregated again; the
-    others pass through as they are, ``batch_rows`` at a time, so memory holds a batch and the night.
-    Streamed through Arrow, the 17.7M pairs of a 20M-event history merged in 2.4-3.0 s, where Spark's
-    joins took 10.7 s: they read the history twice (the shared pairs, the untouched ones) before
-    writing it.
+    As in :func:`merged_pairs`, only the carried pairs ``since`` shares are aggregated again; the
+    others pass through as they are, ``batch_rows`` at a time, so memory holds a batch and ``since``.
+    Streamed through Arrow, the 17.7M pairs of a 20M-event history merged with a night's in
+    2.4-3.0 s, where Spark's joins took 10.7 s: they read the history twice (the shared pairs, the
+    untouched ones) before writing it.
     """
-    night_keys = pc.unique(pair_keys(night))
+    since_keys = pc.unique(pair_keys(since))
     factor = decay_factor(config, elapsed)
     shared: list[pa.Table] = []
     carried = ds.dataset(str(history), format="parquet")
@@ -388,11 +427,11 @@ def write_merged_history(
             pairs = pa.Table.from_batches([batch]).cast(HISTORY_ARROW_SCHEMA)
             if factor != 1.0:
                 pairs = pairs.set_column(2, "confidence", pc.multiply(pairs.column("confidence"), factor))
-            in_night = pc.is_in(pair_keys(pairs), value_set=night_keys)
-            shared.append(pairs.filter(in_night))
-            writer.write_table(pairs.filter(pc.invert(in_night)))
+            shared_by_since = pc.is_in(pair_keys(pairs), value_set=since_keys)
+            shared.append(pairs.filter(shared_by_since))
+            writer.write_table(pairs.filter(pc.invert(shared_by_since)))
         combined = (
-            pa.concat_tables([*shared, night.select(HISTORY_ARROW_SCHEMA.names).cast(HISTORY_ARROW_SCHEMA)])
+            pa.concat_tables([*shared, since.select(HISTORY_ARROW_SCHEMA.names).cast(HISTORY_ARROW_SCHEMA)])
             .group_by(list(INDEX_PAIR))
             .aggregate([("confidence", config.aggregation), ("event_ts", "max")])
         )
@@ -417,10 +456,8 @@ def history_settings_hash(config: InteractionsConfig, min_event_time: datetime) 
 
 
 def history_columns(pairs: DataFrame) -> DataFrame:
-    """The columns pair aggregates are kept with for later runs to carry forward (``HISTORY_SCHEMA``),
-    and the holdout's marks where ``pairs`` has them (:func:`mark_last_per_user`)."""
-    marks = ["held_out"] if "held_out" in pairs.columns else []
-    return pairs.select("user_idx", "item_idx", F.col("confidence").cast("double"), "event_ts", *marks)
+    """The columns pair aggregates are kept with for later runs to carry forward (``HISTORY_SCHEMA``)."""
+    return pairs.select("user_idx", "item_idx", F.col("confidence").cast("double"), "event_ts")
 
 
 def holdout_cut(events: DataFrame, holdout: HoldoutConfig, window_end: datetime) -> datetime:
@@ -435,22 +472,6 @@ def holdout_cut(events: DataFrame, holdout: HoldoutConfig, window_end: datetime)
         return window_end
     # Events at the quantile's own time train, so ties never push the holdout past its share.
     return datetime.fromtimestamp(quantile[0], tz=UTC) + timedelta(microseconds=1)
-
-
-def mark_last_per_user(pairs: DataFrame, last_n: int, keys: tuple[str, str] = INDEX_PAIR) -> DataFrame:
-    """``pairs`` (with ``event_ts``, their latest event) and a ``held_out`` column: each user's
-    ``last_n`` most recent positive pairs, for users with more positive pairs than that (so some are
-    left to train on). Ties in time go to the higher item index, so the split is reproducible."""
-    user, item = keys
-    positive = F.col("confidence") > 0
-    by_user = Window.partitionBy(user)
-    recency = by_user.orderBy(positive.desc(), F.col("event_ts").desc(), F.col(item).desc())
-    return pairs.withColumn(
-        "held_out",
-        positive
-        & (F.row_number().over(recency) <= last_n)
-        & (F.sum(positive.cast("int")).over(by_user) > last_n),
-    )
 
 
 def evaluable_users(

@@ -200,32 +200,49 @@ def test_maps_up_to_the_broadcast_bound_are_broadcast_and_never_the_events(
     assert physical.count(join) == 2 and "BuildLeft" not in physical, physical
 
 
-def _random_history(path: Path, marked: bool, seed: int = 7) -> tuple[int, int]:
-    """A pair history (``HISTORY_SCHEMA``, with ``held_out`` marks if ``marked``) of random pairs,
-    some of zero confidence and some above the cap, written as Arrow writes one; returns its shape."""
+def _random_history(path: Path, seed: int = 7) -> tuple[int, int]:
+    """A pair history (``HISTORY_SCHEMA``) of random pairs, some of zero confidence, some above the
+    cap and many sharing their user's latest time, written as Arrow writes one; returns its shape."""
     rng = np.random.default_rng(seed)
     users, items = 60, 40
-    keys = rng.choice(users * items, size=900, replace=False)
+    # The others about 15 pairs each; the last two users 3 and 2 positive ones: a holdout of the last
+    # 3 pairs would leave them nothing to train on.
+    few = [58 * items, 58 * items + 1, 58 * items + 2, 59 * items, 59 * items + 1]
+    keys = np.concatenate([rng.choice((users - 2) * items, size=900, replace=False), few])
     confidence = rng.choice([0.0, 1.0, 3.5, 250.0], size=len(keys), p=[0.15, 0.5, 0.25, 0.1])
+    confidence[-len(few) :] = 1.0
     columns = {
         "user_idx": pa.array(keys // items, pa.int32()),
         "item_idx": pa.array(keys % items, pa.int32()),
         "confidence": pa.array(confidence * rng.uniform(0.5, 1.5, len(keys))),
-        "event_ts": pa.array([AS_OF - timedelta(hours=int(h)) for h in rng.integers(0, 200, len(keys))]),
+        "event_ts": pa.array([AS_OF - timedelta(hours=int(h)) for h in rng.integers(0, 12, len(keys))]),
     }
-    if marked:
-        columns["held_out"] = pa.array(rng.random(len(keys)) < 0.2)
     path.mkdir()
     pq.write_table(pa.table(columns), path / "part-00000.parquet")
     return users, items
 
 
-# Supports that drop some pairs and keep most: a fifth of a marked history's pairs are held out.
+def _latest_per_user(history: Path, last_n: int) -> set[tuple[int, int]]:
+    """Each user's last_n latest positive pairs, ties to the higher item, for users with more: as
+    the per-user holdout promises, by sorting each user's pairs."""
+    by_user: dict[int, list[dict]] = {}
+    for row in pq.read_table(history).to_pylist():
+        if row["confidence"] > 0:
+            by_user.setdefault(row["user_idx"], []).append(row)
+    return {
+        (user, row["item_idx"])
+        for user, rows in by_user.items()
+        if len(rows) > last_n
+        for row in sorted(rows, key=lambda row: (row["event_ts"], row["item_idx"]), reverse=True)[:last_n]
+    }
+
+
+# Supports that drop some pairs and keep most, with or without three pairs per user held out.
 @pytest.mark.parametrize(
-    ("marked", "min_item_interactions"), [(True, 12), (False, 17)], ids=["held-out-marks", "no-marks"]
+    ("last_n", "min_item_interactions"), [(3, 13), (None, 17)], ids=["last-3-held-out", "none-held-out"]
 )
 def test_the_matrices_of_a_written_history_are_the_pairs_spark_keeps_with_the_same_counts(
-    spark, make_config, tmp_path: Path, marked: bool, min_item_interactions: int
+    spark, make_config, tmp_path: Path, last_n: int | None, min_item_interactions: int
 ) -> None:
     config = make_config(
         **{
@@ -234,15 +251,24 @@ def test_the_matrices_of_a_written_history_are_the_pairs_spark_keeps_with_the_sa
         }
     ).interactions
     history = tmp_path / "history"
-    shape = _random_history(history, marked)
-    dropped = write_history_matrices(history, config, shape, tmp_path / "train", tmp_path / "holdout")
+    shape = _random_history(history)
+    dropped = write_history_matrices(
+        history, config, shape, tmp_path / "train", tmp_path / "holdout", last_n, batch_rows=100
+    )
 
-    pairs = spark.read.parquet(str(history))
-    trains = ~F.col("held_out") if marked else F.lit(True)
+    held = _latest_per_user(history, last_n) if last_n else set()
+    table = pq.read_table(history)
+    rows = table.to_pylist()
+    trains = spark.createDataFrame(
+        table.filter(pa.array([(row["user_idx"], row["item_idx"]) not in held for row in rows]))
+    )
     counts = PairCounts("contract")
-    expected_train = _indexed_confidences(supported(pairs.where(trains), config, INDEX_PAIR, counts))
-    no_support = config.model_copy(update={"min_item_interactions": 1, "min_user_interactions": 1})
-    expected_holdout = _indexed_confidences(supported(pairs.where(~trains), no_support, INDEX_PAIR))
+    expected_train = _indexed_confidences(supported(trains, config, INDEX_PAIR, counts))
+    expected_holdout = {
+        (row["user_idx"], row["item_idx"]): min(row["confidence"], config.max_confidence)
+        for row in rows
+        if (row["user_idx"], row["item_idx"]) in held
+    }
     train, holdout = read_matrix(tmp_path / "train"), read_matrix(tmp_path / "holdout")
 
     assert _triples(train) == pytest.approx(expected_train)
@@ -250,13 +276,20 @@ def test_the_matrices_of_a_written_history_are_the_pairs_spark_keeps_with_the_sa
     assert dropped == counts.dropped(train.nnz)
     # Every filter dropped something, and a capped pair is kept: the data exercises each of them.
     assert min(dropped.values()) > 0 and max(train.confidence) == config.max_confidence
-    assert (holdout.nnz > 0) == marked
+    # Users held out less than everything, and ties in time were broken: the choice is tested.
+    if last_n:
+        assert 0 < len({user for user, _ in held}) < shape[0]
+        latest = {}
+        for row in rows:
+            if row["confidence"] > 0:
+                latest.setdefault((row["user_idx"], row["event_ts"]), []).append(row["item_idx"])
+        assert any(len(items) > 1 for items in latest.values())
 
 
 def test_the_users_and_items_of_a_histories_latest_pairs_are_recent(tmp_path: Path) -> None:
     history = tmp_path / "history"
-    shape = _random_history(history, marked=False)
-    since = AS_OF - timedelta(hours=20)
+    shape = _random_history(history)
+    since = AS_OF - timedelta(hours=2)
     users, items = recent_indices(history, since, shape)
 
     table = pq.read_table(history)
@@ -274,7 +307,7 @@ def test_a_nights_pairs_merged_into_a_written_history_are_what_spark_aggregates(
         **{"interactions.half_life_days": 3.0, "interactions.aggregation": aggregation}
     ).interactions
     history = tmp_path / "history"
-    _random_history(history, marked=True)  # a weekly's history: its marks are not carried
+    _random_history(history)
     elapsed = timedelta(days=1)
     as_of = AS_OF + elapsed
     rng = np.random.default_rng(3)

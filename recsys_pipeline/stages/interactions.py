@@ -37,7 +37,6 @@ from recsys_pipeline.interactions import (
     holdout_cut,
     indexed_events,
     input_fingerprint,
-    mark_last_per_user,
     matrix_columns,
     merged_pairs,
     pair_confidences,
@@ -117,7 +116,7 @@ def build_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]
                 label_actions(spark, f"interactions: write the {side} map")
                 id_map.orderBy("idx").coalesce(1).write.parquet(str(written.map_dir(side)))
             label_actions(spark, "interactions: write the pair history")
-            if isinstance(all_pairs, NightPairs):
+            if isinstance(all_pairs, HistoryMerge):
                 write_merged_history(
                     all_pairs.pairs.toArrow(),
                     all_pairs.history,
@@ -129,13 +128,14 @@ def build_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]
                 pair_writer(history_columns(all_pairs)).parquet(str(written.history_dir))
             write_recent(written, run.interval_start)
             if train_pairs is None:
-                # The matrices are the written history's, filtered and split by its marks.
+                # The matrices are the written history's: each user's last pairs held out (a weekly).
                 dropped = write_history_matrices(
                     written.history_dir,
                     config,
                     written.matrix_shape(),
                     written.train_dir,
                     written.holdout_dir,
+                    last_n=None if run.mode == "refresh" else config.holdout.last_n,
                 )
             else:
                 label_actions(spark, "interactions: write the training matrix")
@@ -232,13 +232,13 @@ def catalogue_ids(spark: SparkSession, run: RunContext, item_activity: DataFrame
 
 
 @dataclass(frozen=True)
-class NightPairs:
-    """The pair aggregates of a night's events, to merge into the carried history as it is written
-    (:func:`write_merged_history`)."""
+class HistoryMerge:
+    """The pair aggregates of the events since the carried history, to merge into it as it is
+    written (:func:`write_merged_history`)."""
 
     pairs: DataFrame
     history: Path  # the carried history's folder
-    elapsed: timedelta  # from the carried history's end to the night's
+    elapsed: timedelta  # from the carried history's end to the run's
 
 
 def split(
@@ -250,7 +250,7 @@ def split(
     cached: list[DataFrame],
     events_read: int,
     history: PairHistory | None = None,
-) -> tuple[DataFrame | None, DataFrame | None, DataFrame | NightPairs]:
+) -> tuple[DataFrame | None, DataFrame | None, DataFrame | HistoryMerge]:
     """(training pairs, holdout pairs, every pair unfiltered) of the window's events (``indexed``: with
     their ID indices), by the run's holdout strategy; frames it persists are appended to ``cached`` for
     the caller to release.
@@ -259,30 +259,23 @@ def split(
     since), for a refresh or a per-user holdout; ``events_read``: how many events ``indexed`` holds.
 
     A refresh and a per-user holdout return no training or holdout pairs (None): those are read back
-    from every pair once written (:func:`write_history_matrices`), rather than aggregated again or
-    held in memory. A refresh holds nothing out: its model is the champion's, folded over the whole history.
+    from every pair once written (:func:`write_history_matrices`, which also picks each user's last
+    pairs), rather than aggregated again or held in memory. A refresh holds nothing out: its model is
+    the champion's, folded over the whole history.
     """
     config = run.config.interactions
     carried = carried_pairs(history.pairs, config, window_end - history.as_of) if history else None
-    if run.mode == "refresh":
-        # A night's few events merge into the history as it is written, without Spark reading or
-        # shuffling it; events too many to hold in memory aggregate with it instead.
-        if history is not None and events_read <= run.config.spark.broadcast_max_rows:
-            every_night_pair = pair_confidences(
-                indexed, config, F.lit(window_end), INDEX_PAIR, last_seen=True
-            )
-            return None, None, NightPairs(every_night_pair, history.path, window_end - history.as_of)
+    # ``history`` is carried only by a refresh or a per-user holdout, which hold no pairs apart.
+    if history is not None and events_read <= run.config.spark.broadcast_max_rows:
+        # Few enough events (a night's, a week's) merge into the history as it is written, without
+        # Spark reading or shuffling it.
+        since = pair_confidences(indexed, config, F.lit(window_end), INDEX_PAIR, last_seen=True)
+        return None, None, HistoryMerge(since, history.path, window_end - history.as_of)
+    if run.mode == "refresh" or config.holdout.strategy == "per_user_last":
         every_pair = pair_confidences(
             indexed, config, F.lit(window_end), INDEX_PAIR, last_seen=True, carried=carried
         )
         return None, None, every_pair
-    if config.holdout.strategy == "per_user_last":
-        # Shuffled by user together with the carried pairs, the pairs are ready for the per-user
-        # marking: a merge by broadcast would save no shuffle, as the marking shuffles every pair.
-        every_pair = pair_confidences(
-            indexed, config, F.lit(window_end), INDEX_PAIR, last_seen=True, carried=carried
-        )
-        return None, None, mark_last_per_user(every_pair, config.holdout.last_n)
     holdout_only = holdout_settings(config)
     # A global cut: training and holdout pairs come from disjoint events (the holdout's days are read
     # apart, pruned by date), so neither needs the other's aggregate kept around.
@@ -295,8 +288,8 @@ def split(
     after_cut = indexed.where(~before_cut)
     held = pair_confidences(after_cut, holdout_only, F.lit(window_end), INDEX_PAIR)
     trained = carried_pairs(train, config, window_end - cut)
-    # The holdout's events merge with the training pairs as a night's do with its history, by
-    # broadcast, where aggregating them together would shuffle every training pair again.
+    # The holdout's events merge with the training pairs by broadcast, where aggregating them
+    # together would shuffle every training pair again.
     label_actions(events.sparkSession, "interactions: count the holdout's events")
     if events.where(~before_cut).count() <= run.config.spark.broadcast_max_rows:
         every_pair = merged_pairs(after_cut, config, F.lit(window_end), trained)
