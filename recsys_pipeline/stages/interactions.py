@@ -264,13 +264,13 @@ def split(
     the champion's, folded over the whole history.
     """
     config = run.config.interactions
-    carried = carried_pairs(history.pairs, config, window_end - history.as_of) if history else None
-    # ``history`` is carried only by a refresh or a per-user holdout, which hold no pairs apart.
+    # Only a refresh or a per-user holdout carries a history (a global cut aggregates the events
+    # before it apart). Few enough events since (a night's, a week's) merge into it as it is
+    # written, without Spark reading or shuffling it.
     if history is not None and events_read <= run.config.spark.broadcast_max_rows:
-        # Few enough events (a night's, a week's) merge into the history as it is written, without
-        # Spark reading or shuffling it.
         since = pair_confidences(indexed, config, F.lit(window_end), INDEX_PAIR, last_seen=True)
         return None, None, HistoryMerge(since, history.path, window_end - history.as_of)
+    carried = carried_pairs(history.pairs, config, window_end - history.as_of) if history else None
     if run.mode == "refresh" or config.holdout.strategy == "per_user_last":
         every_pair = pair_confidences(
             indexed, config, F.lit(window_end), INDEX_PAIR, last_seen=True, carried=carried
