@@ -54,8 +54,8 @@ class PeakRss:
 
     A child with its parent's virtual size is a copy of its parent, whose pages are the parent's until
     written: the JVM spawning a command (Hadoop's local file system runs some while a task writes)
-    reports the JVM's resident size as the command's own until it runs. Such a child is not counted,
-    where it made one sample in three read twice the JVM (7.4 GB for 3.4).
+    reports the JVM's resident size as the command's own until it runs. Such a child is not counted:
+    counted, it made some runs read twice the JVM (6.6-7.4 GB for 3.4-4.6).
     """
 
     def __init__(self, interval_s: float = 0.2):
