@@ -1,4 +1,5 @@
-"""Build the user-item confidence matrix, its time-based holdout and stable ID maps (Spark).
+"""Build the user-item confidence matrix, its time-based holdout and stable ID maps (Spark, and
+Arrow with NumPy for the passes over a written pair history).
 
 The stage that writes them (``stages.interactions``) produces::
 
