@@ -8,11 +8,14 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 from pyspark.sql import functions as F
+from pyspark.sql import types as T
 
 from recsys_pipeline.events import (
+    LAKE_SCHEMA,
     FileSummary,
     QuarantineThresholdError,
     check_quarantine_share,
+    lake_partitions,
     ingest,
     lake_signature,
     mark_duplicates,
@@ -247,6 +250,29 @@ def test_failing_run_writes_quarantine_but_not_the_lake(spark, make_config) -> N
     assert not run.layout.events_lake.exists()
     quarantine = ds.dataset(str(run.quarantine_dir)).to_table()
     assert quarantine.num_rows == sum(EXPECTED_REASONS.values())
+
+
+def test_the_lake_holds_the_accepted_events_with_the_types_spark_reads(spark, make_config, tmp_path) -> None:
+    config = make_config(**BAD_SOURCE, **{"events.max_quarantine_share": 1.0})
+    run = RunContext.create(config, "test", *WINDOW)
+    run_ingest(spark, run)
+    expected = ingest(
+        read_source(spark, config.source),
+        config.source,
+        config.events,
+        *WINDOW,
+        datetime(2026, 1, 1, tzinfo=UTC),
+        tmp_path / "staging",
+    ).events
+
+    lake = spark.read.parquet(str(run.layout.events_lake))
+    assert lake.schema.simpleString() == T._parse_datatype_string(LAKE_SCHEMA).simpleString()
+    assert sorted(lake.drop("ingested_at", "event_date").collect()) == sorted(
+        expected.drop("ingested_at").collect()
+    )
+    assert lake.count() == 6
+    days = {row["event_date"] for row in lake.select("event_date").collect()}
+    assert sorted(lake_partitions(run.layout.events_lake)) == sorted(days)
 
 
 def _lake_rows(lake: Path) -> list[tuple]:

@@ -10,7 +10,6 @@ from pyspark.sql import SparkSession
 
 from recsys_pipeline.erasure import ErasureLedger, Forgotten, erase_rows, parquet_files
 from recsys_pipeline.events import (
-    LAKE_SCHEMA,
     EmptyIntervalError,
     IngestResult,
     check_quarantine_share,
@@ -81,18 +80,15 @@ def run_ingest(spark: SparkSession, run: RunContext) -> dict[str, float]:
                 scrubbed = erase_rows(parquet_files(run.quarantine_dir), ["raw_record"], forgotten)
                 metrics["quarantine_erased"] = float(scrubbed.rows_removed)
             check_quarantine_share(result.metrics, config.events.max_quarantine_share)
-            kept = write_lake(result.events, result.dates, lake, window_start, window_end, replaced)
+            kept = write_lake(
+                spark, run.artifacts.ingest_staging, result.dates, lake, window_start, window_end, replaced
+            )
         else:
             spark.createDataFrame([], QUARANTINE_SCHEMA).write.mode("overwrite").parquet(
                 str(run.quarantine_dir)
             )
             kept = write_lake(
-                spark.createDataFrame([], LAKE_SCHEMA).drop("event_date"),
-                {},
-                lake,
-                window_start,
-                window_end,
-                replaced,
+                spark, run.artifacts.ingest_staging, {}, lake, window_start, window_end, replaced
             )
         if run.mode == "full":
             ledger = {path: entry for path, entry in ledger.items() if path in listing}
