@@ -243,6 +243,25 @@ def test_metrics_carry_their_interval_when_asked() -> None:
     assert "precision_at_3_ci_low" not in ranking_metrics(recommended, relevant, k=3, catalogue_size=10)
 
 
+def test_each_metrics_interval_is_its_own_bootstrap_interval_with_one_draw_for_all() -> None:
+    rng = np.random.default_rng(3)
+    per_user = {
+        "precision_at_10": rng.beta(1.0, 3.0, 500),
+        "recall_at_10": rng.beta(2.0, 2.0, 500),
+        "ndcg_at_10": rng.beta(1.0, 9.0, 500),
+    }
+    summary = Scores(per_user, 0.5, 10).summary(0.9, prefix="test_")
+    for name, values in per_user.items():
+        assert (summary[f"test_{name}_ci_low"], summary[f"test_{name}_ci_high"]) == bootstrap_interval(
+            values, 0.9
+        )
+    assert list(summary) == [
+        f"test_{name}{part}" for name in per_user for part in ("", "_ci_low", "_ci_high")
+    ] + ["test_coverage_at_10"]
+    empty = Scores({name: np.array([]) for name in per_user}, 0.0, 10).summary(0.9)
+    assert empty["ndcg_at_10_ci_low"] == empty["ndcg_at_10_ci_high"] == 0.0
+
+
 def test_row_difference_is_setdiff_per_row() -> None:
     rows = sp.csr_matrix(
         (np.ones(7), ([0, 0, 0, 2, 2, 3, 3], [5, 1, 5, 0, 4, 2, 3])), shape=(5, 6)
