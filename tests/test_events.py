@@ -7,12 +7,15 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
+from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from recsys_pipeline.config import PipelineConfig
 from recsys_pipeline.events import (
     LAKE_SCHEMA,
     FileSummary,
+    IngestResult,
     QuarantineThresholdError,
     check_quarantine_share,
     ingest,
@@ -28,6 +31,7 @@ from tests.conftest import FIXTURES, csv_events_source
 
 BAD_SOURCE = csv_events_source("fixture", FIXTURES / "events_bad_records.csv")
 WINDOW = (datetime(1997, 1, 1, tzinfo=UTC), datetime(2000, 1, 1, tzinfo=UTC))
+INGESTED_AT = datetime(2026, 1, 1, tzinfo=UTC)
 EXPECTED_REASONS = {
     "unparseable_record": 1,
     "missing_user_id": 1,
@@ -41,12 +45,18 @@ EXPECTED_REASONS = {
 }
 
 
+def ingest_source(
+    spark: SparkSession, config: PipelineConfig, staging: Path, window: tuple[datetime, datetime] = WINDOW
+) -> IngestResult:
+    """The whole of ``config``'s source through :func:`ingest` over ``window``, staged in ``staging``."""
+    return ingest(
+        read_source(spark, config.source), config.source, config.events, *window, INGESTED_AT, staging
+    )
+
+
 def test_each_bad_record_kind_is_quarantined_with_its_reason(tmp_path, spark, make_config) -> None:
     config = make_config(**BAD_SOURCE)
-    raw = read_source(spark, config.source)
-    result = ingest(
-        raw, config.source, config.events, *WINDOW, datetime(2026, 1, 1, tzinfo=UTC), tmp_path / "staging"
-    )
+    result = ingest_source(spark, config, tmp_path / "staging")
 
     reasons = {row["reason"]: row["count"] for row in result.quarantine.groupBy("reason").count().collect()}
     assert reasons == EXPECTED_REASONS
@@ -79,14 +89,7 @@ def test_a_repeated_event_keeps_the_copy_from_the_first_file_by_name(tmp_path, s
     (source / "b.csv").write_text(header + "u1,i1,view,1,880000000.0\nu1,i1,view,2,880000000\n")
     (source / "a.csv").write_text(header + "u1,i1,view,1,880000000\nu1,i1,view,1,880000000.000\n")
     config = make_config(**csv_events_source("copies", source))
-    result = ingest(
-        read_source(spark, config.source),
-        config.source,
-        config.events,
-        *WINDOW,
-        datetime(2026, 1, 1, tzinfo=UTC),
-        tmp_path / "staging",
-    )
+    result = ingest_source(spark, config, tmp_path / "staging")
 
     assert sorted(row["value"] for row in result.events.collect()) == [1.0, 2.0]
     duplicates = sorted(row["raw_record"] for row in result.quarantine.collect())
@@ -143,7 +146,7 @@ def test_a_parquet_sources_numbers_are_read_as_numbers_with_the_outcome_their_te
             config.source,
             config.events,
             *WINDOW,
-            datetime(2026, 1, 1, tzinfo=UTC),
+            INGESTED_AT,
             tmp_path / f"staging_{name}",
         )
         outcomes.append(
@@ -189,11 +192,8 @@ def test_a_row_names_its_file_by_rank_or_else_by_its_uri(spark) -> None:
 
 def test_rows_outside_the_window_are_counted_not_quarantined(tmp_path, spark, make_config) -> None:
     config = make_config(**BAD_SOURCE)
-    raw = read_source(spark, config.source)
-    start, end = datetime(1997, 11, 21, tzinfo=UTC), datetime(1997, 11, 22, tzinfo=UTC)
-    result = ingest(
-        raw, config.source, config.events, start, end, datetime(2026, 1, 1, tzinfo=UTC), tmp_path / "staging"
-    )
+    day = (datetime(1997, 11, 21, tzinfo=UTC), datetime(1997, 11, 22, tzinfo=UTC))
+    result = ingest_source(spark, config, tmp_path / "staging", day)
     assert result.metrics["events_ingested"] == 0
     assert result.metrics["events_outside_window"] > 0
     assert (
@@ -211,16 +211,8 @@ def test_a_source_with_no_row_in_the_window_ingests_nothing_and_accounts_for_eve
         "user,item,type,value,ts\nu1,i1,view,1,880000000\nu2,i1,view,1,880000100\n"
     )
     config = make_config(**csv_events_source("old", source))
-    start, end = datetime(1999, 1, 1, tzinfo=UTC), datetime(1999, 1, 2, tzinfo=UTC)
-    result = ingest(
-        read_source(spark, config.source),
-        config.source,
-        config.events,
-        start,
-        end,
-        datetime(2026, 1, 1, tzinfo=UTC),
-        tmp_path / "staging",
-    )
+    day = (datetime(1999, 1, 1, tzinfo=UTC), datetime(1999, 1, 2, tzinfo=UTC))
+    result = ingest_source(spark, config, tmp_path / "staging", day)
     assert result.events.count() == 0 and result.quarantine.count() == 0
     assert result.metrics["events_read"] == 2 and result.metrics["events_outside_window"] == 2
     # The file put no date in the lake; its latest event, outside the window, is still known to the
@@ -256,14 +248,7 @@ def test_the_lake_holds_the_accepted_events_with_the_types_spark_reads(spark, ma
     config = make_config(**BAD_SOURCE, **{"events.max_quarantine_share": 1.0})
     run = RunContext.create(config, "test", *WINDOW)
     run_ingest(spark, run)
-    expected = ingest(
-        read_source(spark, config.source),
-        config.source,
-        config.events,
-        *WINDOW,
-        datetime(2026, 1, 1, tzinfo=UTC),
-        tmp_path / "staging",
-    ).events
+    expected = ingest_source(spark, config, tmp_path / "staging").events
 
     lake = spark.read.parquet(str(run.layout.events_lake))
     assert lake.schema.simpleString() == T._parse_datatype_string(LAKE_SCHEMA).simpleString()
