@@ -40,7 +40,7 @@ from pyspark.sql import types as T
 
 from recsys_pipeline.config import EventsConfig, SourceConfig
 from recsys_pipeline.errors import RecsysError
-from recsys_pipeline.files import atomic_dir, write_json
+from recsys_pipeline.files import atomic_dir, restore_set_aside, write_json
 from recsys_pipeline.runs import RunContext
 from recsys_pipeline.spark import label_actions
 
@@ -738,6 +738,14 @@ def lake_partitions(lake: Path) -> dict[date, Path]:
         date.fromisoformat(partition.name.removeprefix("event_date=")): partition
         for partition in lake.glob("event_date=*")
     }
+
+
+def restore_lake(lake: Path) -> None:
+    """Undo what a crash in the middle of a date's swap (:func:`copy_accepted`) left: a date set
+    aside with no new one in its place comes back, any other set aside is removed. Called under the
+    state lock before the lake is read or rewritten, so that no run (nor an erasure) misses a date."""
+    for name in {aside.name[1:].split(".old-")[0] for aside in lake.glob(".event_date=*.old-*")}:
+        restore_set_aside(lake / name)
 
 
 def partition_name(day: date) -> str:

@@ -24,6 +24,7 @@ from recsys_pipeline.erasure import (
     verify,
 )
 from recsys_pipeline.files import publish_snapshot
+from recsys_pipeline.stages.forget import run_state_erasure
 from recsys_pipeline.state import StateLayout
 
 pytestmark = pytest.mark.unit
@@ -105,6 +106,20 @@ def test_only_the_files_holding_a_forgotten_user_are_rewritten(tmp_path: Path) -
     assert not checksums["1998-04-20"].exists() and checksums["1998-04-21"].exists()
     # Nothing is left to do a second time.
     assert erase_rows(parquet_files(tmp_path / "lake"), ["user_id"], forgotten).files_rewritten == 0
+
+
+def test_an_erasure_reaches_a_lake_date_a_crash_left_set_aside(make_config) -> None:
+    config = make_config()
+    layout = StateLayout.of(config)
+    request_id = ErasureLedger(layout).record([GONE], "asked by email").request_id
+    files = write_lake(layout.events_lake)
+    # A kill between the two renames of an ingest's swap of the date (events.copy_accepted).
+    aside = layout.events_lake / ".event_date=1998-04-20.old-0badf00d"
+    files["1998-04-20"].parent.rename(aside)
+
+    assert run_state_erasure(config, request_id)["events_erased"] == 2
+    assert not aside.exists()
+    assert pq.read_table(files["1998-04-20"]).column("user_id").to_pylist() == [STAYS]
 
 
 def test_a_run_folder_is_scrubbed_and_the_shared_map_keeps_a_tombstone(tmp_path: Path) -> None:

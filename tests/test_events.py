@@ -1,5 +1,6 @@
 import json
 import re
+import shutil
 from datetime import UTC, date, datetime
 from pathlib import Path
 
@@ -283,6 +284,22 @@ def test_reingesting_an_interval_overwrites_its_partitions_without_duplicates(sp
     dates = {dict(row)["event_date"] for row in first}
     assert min(map(str, dates)) >= "1998-03-01" and max(map(str, dates)) <= "1998-03-30"
     assert len(first) > 1000
+
+
+def test_a_date_a_crash_left_set_aside_is_back_after_the_next_ingest(spark, make_config) -> None:
+    config = make_config(**{"interactions.history_days": 30})
+    run = RunContext.create(config, "test", "1998-03-24", "1998-03-31")
+    run_ingest(spark, run)
+    lake = run.layout.events_lake
+    first = _lake_rows(lake)
+    # A kill between the swap's two renames: one date set aside with nothing in its place, another
+    # already replaced with the old copy still aside.
+    (lake / "event_date=1998-03-20").rename(lake / ".event_date=1998-03-20.old-0badf00d")
+    shutil.copytree(lake / "event_date=1998-03-21", lake / ".event_date=1998-03-21.old-0badf00d")
+
+    run_ingest(spark, run)  # the source is unchanged: nothing is read again
+    assert _lake_rows(lake) == first
+    assert not list(lake.glob(".*"))
 
 
 def test_reingesting_a_shrunken_source_leaves_no_stale_dates(spark, make_config, tmp_path: Path) -> None:

@@ -35,6 +35,7 @@ from recsys_pipeline.erasure import (
     tombstones,
     verify,
 )
+from recsys_pipeline.events import restore_lake
 from recsys_pipeline.files import atomic_dir, write_json
 from recsys_pipeline.registry import (
     CHAMPION,
@@ -83,6 +84,7 @@ def run_state_erasure(config: PipelineConfig, request_id: str) -> dict[str, floa
     layout, forgotten = _forgotten(config, request_id)
     started = time.perf_counter()
     with layout.lock():
+        restore_lake(layout.events_lake)  # a date set aside by a crash would escape the erasure
         lake = erase_rows(parquet_files(layout.events_lake), ["user_id"], forgotten)
         quarantine = erase_rows(parquet_files(layout.quarantine), ["raw_record"], forgotten)
         tombstoned, user_tombstones = tombstone_ids(layout.id_maps / "users", forgotten)

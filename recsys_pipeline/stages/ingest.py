@@ -23,6 +23,7 @@ from recsys_pipeline.events import (
     read_ledger,
     read_source,
     record_counts,
+    restore_lake,
     source_files,
     stale_files,
     write_lake,
@@ -54,6 +55,7 @@ def run_ingest(spark: SparkSession, run: RunContext) -> dict[str, float]:
     settings = ingest_settings_hash(config.source, config.events)
     forgotten = ErasureLedger(run.layout).forgotten()
     with run.layout.lock():
+        restore_lake(lake)
         ledger = read_ledger(lake, settings) if config.events.incremental else {}
         stale = stale_files(listing, ledger) if ledger else list(listing)
         removed = sorted(set(ledger) - set(listing))
