@@ -657,10 +657,9 @@ def copy_accepted(staged: Path, target: Path) -> None:
     ``target``, swapped in whole (:func:`~recsys_pipeline.files.atomic_dir`).
 
     Copied by Arrow, batch by batch, rather than by a Spark job reading staging back: Spark's Parquet
-    writer took 14.3 s of a first weekly's 20M events (25.9 s of task time), Arrow 3.8 s. As before,
-    ids are written without dictionary encoding, which a day's hundreds of thousands of distinct users
-    defeat (files 10% larger, written faster, read no slower), and each date's rows keep the order
-    ingest staged them in.
+    writer took 14.3 s of a first weekly's 20M events (25.9 s of task time), Arrow 3.8 s. As Spark
+    wrote them, ids are written without dictionary encoding, which a day's hundreds of thousands of
+    distinct users defeat, and each date's rows keep the order ingest staged them in.
     """
     with atomic_dir(target) as folder:
         folder.mkdir()
@@ -741,11 +740,14 @@ def lake_partitions(lake: Path) -> dict[date, Path]:
 
 
 def restore_lake(lake: Path) -> None:
-    """Undo what a crash in the middle of a date's swap (:func:`copy_accepted`) left: a date set
-    aside with no new one in its place comes back, any other set aside is removed. Called under the
-    state lock before the lake is read or rewritten, so that no run (nor an erasure) misses a date."""
+    """Undo what a crash in the middle of a date's copy (:func:`copy_accepted`) left: a date set
+    aside with no new one in its place comes back, any other set aside is removed, and so is a copy
+    never swapped in. Called under the state lock before the lake is read or rewritten, so that no
+    run misses a date and no erasure misses a file."""
     for name in {aside.name[1:].split(".old-")[0] for aside in lake.glob(".event_date=*.old-*")}:
         restore_set_aside(lake / name)
+    for unfinished in lake.glob(".event_date=*.tmp-*"):
+        shutil.rmtree(unfinished)
 
 
 def partition_name(day: date) -> str:

@@ -292,10 +292,11 @@ def test_a_date_a_crash_left_set_aside_is_back_after_the_next_ingest(spark, make
     run_ingest(spark, run)
     lake = run.layout.events_lake
     first = _lake_rows(lake)
-    # A kill between the swap's two renames: one date set aside with nothing in its place, another
-    # already replaced with the old copy still aside.
+    # Kills during a date's copy: one date set aside with nothing in its place, another already
+    # replaced with the old copy still aside, a third copy never swapped in.
     (lake / "event_date=1998-03-20").rename(lake / ".event_date=1998-03-20.old-0badf00d")
     shutil.copytree(lake / "event_date=1998-03-21", lake / ".event_date=1998-03-21.old-0badf00d")
+    shutil.copytree(lake / "event_date=1998-03-22", lake / ".event_date=1998-03-22.tmp-0badf00d")
 
     run_ingest(spark, run)  # the source is unchanged: nothing is read again
     assert _lake_rows(lake) == first
