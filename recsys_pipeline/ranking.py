@@ -24,6 +24,8 @@ SCORE_BUDGET = 1 << 24
 # ``candidate_columns``); pruning pays once a row has this many times more blocks than k.
 BLOCK_COLUMNS = 64
 MIN_BLOCKS_PER_K = 4
+# Rows :func:`popular_unseen` looks up at once.
+POPULAR_ROWS = 1 << 16
 
 
 def top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -180,14 +182,24 @@ def first_unseen_rows(
 def popular_unseen(popularity: np.ndarray, seen: sp.csr_matrix, k: int) -> np.ndarray:
     """The k most popular unseen items for every row of ``seen``, padded with ``NO_ITEM``.
 
-    Each row looks only at the head of the popular list it needs (k plus its own history),
-    so memory is (rows x k), whatever the catalogue size.
+    Rows are looked up together in the head of the popular list that k more items than they keep
+    cover (:func:`first_unseen_rows`); the few whose history hid more of it are looked up again
+    alone, each in the head it needs (k plus its own history). Memory is (rows x 2k) whatever the
+    catalogue size: one row at a time, 20k evaluated users took 0.9 s.
     """
     popular = popular_items(popularity)
     out = np.full((seen.shape[0], k), NO_ITEM, dtype=np.int64)
-    for row in range(seen.shape[0]):
-        history = seen.indices[seen.indptr[row] : seen.indptr[row + 1]]
-        head = popular[: k + len(history)]
-        items, _ = first_unseen(head, head, history, k)
-        out[row, : len(items)] = items
+    history = np.diff(seen.indptr)
+    width = min(2 * k, len(popular))
+    for start in range(0, seen.shape[0], POPULAR_ROWS):
+        rows = slice(start, start + POPULAR_ROWS)
+        head = np.broadcast_to(popular[:width], (len(history[rows]), width))
+        out[rows], _, kept = first_unseen_rows(head, head, seen[rows], k)
+        # Rows left short because their history hid more than k of the head, where the list goes on.
+        hidden = (kept < k) & (history[rows] > width - k) & (width < len(popular))
+        for row in np.flatnonzero(hidden) + start:
+            items = seen.indices[seen.indptr[row] : seen.indptr[row + 1]]
+            head_row = popular[: k + len(items)]
+            found, _ = first_unseen(head_row, head_row, items, k)
+            out[row] = pad(found[None, :], k)[0]
     return out

@@ -54,6 +54,26 @@ def test_popular_unseen_skips_history_and_items_nobody_used() -> None:
     assert popular_unseen(popularity, seen, 3).tolist() == [[3, 1, NO_ITEM], [0, 1, NO_ITEM]]
 
 
+def test_popular_unseen_is_each_rows_first_unseen_of_the_popular_list() -> None:
+    """Rows whose history hides more of the popular list than k (so the shared head leaves them short)
+    still get their k, as a row looked up alone would."""
+    rng = np.random.default_rng(3)
+    n_rows, n_items, k = 40, 60, 4
+    popularity = rng.integers(0, 50, n_items)
+    popular = popular_items(popularity)
+    seen = sp.random(n_rows, n_items, density=0.1, random_state=2, format="lil")
+    seen[5, popular[:30]] = 1  # the head and far beyond it seen
+    seen[6, popular[1 : 2 * k + 1]] = 1  # all of the head but its first item
+    seen = seen.tocsr()
+    expected = [
+        first_unseen(popular, popular, seen.indices[seen.indptr[r] : seen.indptr[r + 1]], k)[0].tolist()
+        for r in range(n_rows)
+    ]
+    got = popular_unseen(popularity, seen, k)
+    assert [row[row != NO_ITEM].tolist() for row in got] == expected
+    assert got[5].tolist() == popular[30:34].tolist()
+
+
 def test_first_unseen_keeps_scores_aligned_with_items() -> None:
     items, scores = first_unseen(
         np.array([4, 2, 7, NO_ITEM]), np.array([0.9, 0.8, 0.7, -1.0]), np.array([2]), 3
