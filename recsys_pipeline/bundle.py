@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -38,7 +39,7 @@ from recsys_pipeline.config import AlsConfig
 from recsys_pipeline.embeddings import Embeddings, read_embeddings
 from recsys_pipeline.erasure import Forgotten, Scrubbed, scrub_tree
 from recsys_pipeline.errors import RecsysError
-from recsys_pipeline.files import atomic_dir, file_sha256, write_json
+from recsys_pipeline.files import atomic_dir, file_sha256, linked_copy, write_json
 from recsys_pipeline.index import ItemIndex, load_index
 from recsys_pipeline.runs import RunContext, now_utc
 from recsys_pipeline.tables import read_id_map
@@ -127,17 +128,18 @@ def verify_tree(directory: Path, manifest_file: Path, expected_sha256: str) -> N
 def write_bundle(run: RunContext, lineage: dict[str, Any]) -> Path:
     """Assemble the run's outputs into one folder a service can load on its own (its ``bundle_dir``)."""
     with atomic_dir(run.artifacts.bundle_dir) as staging:
-        shutil.copytree(run.artifacts.served.root, staging / "embeddings")
+        link_tree = partial(shutil.copytree, copy_function=linked_copy)
+        link_tree(run.artifacts.served.root, staging / "embeddings")
         if run.artifacts.content.root.is_dir():
-            shutil.copytree(
+            link_tree(
                 run.artifacts.content.root, staging / "content", ignore=shutil.ignore_patterns(SERVED_MODEL)
             )
-        shutil.copytree(run.artifacts.index_dir, staging / "index")
-        shutil.copytree(run.artifacts.validation_dir, staging / "validation")
+        link_tree(run.artifacts.index_dir, staging / "index")
+        link_tree(run.artifacts.validation_dir, staging / "validation")
         (staging / "id_maps").mkdir()
         for side in SIDES:
             (part,) = sorted(run.artifacts.interactions.map_dir(side).glob("*.parquet"))
-            shutil.copy(part, staging / "id_maps" / f"{side}.parquet")
+            linked_copy(part, staging / "id_maps" / f"{side}.parquet")
         train = run.artifacts.interactions.train_triples()
         pq.write_table(
             pa.table(
@@ -151,7 +153,7 @@ def write_bundle(run: RunContext, lineage: dict[str, Any]) -> Path:
         n_items = pq.ParquetFile(staging / "id_maps" / "items.parquet").metadata.num_rows
         np.save(staging / "popularity.npy", np.bincount(train.item_idx, minlength=n_items))
         if run.artifacts.recommendations_file.is_file():
-            shutil.copy(run.artifacts.recommendations_file, staging / "recommendations.parquet")
+            linked_copy(run.artifacts.recommendations_file, staging / "recommendations.parquet")
         write_json(staging / "metrics.json", run.artifacts.read_metrics())
         write_json(staging / "gates.json", run.artifacts.read_gates())
         write_json(staging / "lineage.json", lineage)

@@ -139,6 +139,18 @@ def create_json(path: Path, payload: Any) -> bool:
     return True
 
 
+def linked_copy(source: Path | str, target: Path | str) -> None:
+    """``target`` as a copy of the file ``source`` that shares its data (a hard link) where both are on
+    one file system, else a plain copy. As safe as a copy because nothing here changes a file in
+    place: every write makes a new file swapped in by name (``atomic_dir``, ``write_json``, an
+    erasure's rewrite), which leaves the other name's data as it was. A bundle's files took 0.9 s to
+    copy at 20M events."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
 def file_sha256(path: Path) -> str:
     """The sha256 of a file's bytes, read in 1 MB blocks."""
     digest = hashlib.sha256()

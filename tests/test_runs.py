@@ -6,7 +6,7 @@ import pendulum
 import pytest
 
 from recsys_pipeline.errors import RecsysError
-from recsys_pipeline.files import atomic_dir
+from recsys_pipeline.files import atomic_dir, linked_copy, write_json
 from recsys_pipeline.runs import RunContext, parse_instant
 
 
@@ -52,6 +52,22 @@ def test_atomic_dir_replaces_only_on_success(tmp_path: Path) -> None:
         raise RuntimeError("stage crashed")
     assert (target / "a").read_text() == "first"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_linked_copy_keeps_its_content_when_the_original_is_written_anew(tmp_path: Path) -> None:
+    """What the pipeline writes replaces a file by name (a new file), never in place: a bundle's file
+    linked to a run's output keeps what it was published with."""
+    original, bundled = tmp_path / "metrics.json", tmp_path / "bundle.json"
+    write_json(original, {"ndcg": 0.27})
+    linked_copy(original, bundled)
+    assert bundled.stat().st_ino == original.stat().st_ino
+    write_json(original, {"ndcg": 0.31})
+    with atomic_dir(tmp_path / "folder") as staging:
+        staging.mkdir()
+        linked_copy(original, staging / "kept.json")
+    write_json(original, {"ndcg": 0.35})
+    assert json.loads(bundled.read_text()) == {"ndcg": 0.27}
+    assert json.loads((tmp_path / "folder" / "kept.json").read_text()) == {"ndcg": 0.31}
 
 
 def test_every_task_of_a_run_uses_the_config_its_first_task_saw(tmp_path: Path) -> None:
