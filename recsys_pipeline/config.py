@@ -245,9 +245,10 @@ class AlsConfig(_Section):
     warm_start_iterations: int | None = Field(
         default=None,
         ge=1,
-        description="A weekly whose reference version was trained with the same factors, weighting, "
-        "regularization, alpha and BM25 settings starts from its factors and runs this many "
-        "iterations; null: always from random factors, for als.iterations.",
+        description="A weekly that sweeps starts its final fit from the sweep's fit of its choice, one "
+        "whose reference version was trained with the same factors, weighting, regularization, alpha "
+        "and BM25 settings from its factors, and runs this many iterations; null: always from random "
+        "factors, for als.iterations.",
     )
     sweep: SweepConfig | None = Field(default=None, description="Null: train with the values above.")
 

@@ -99,6 +99,9 @@ class SweepResult:
     mlflow_run_id: str | None = None
     seconds: float = 0.0
     untried: int = 0  # candidates the time box left out
+    # The chosen candidate's vectors (without the prior), fitted on the split's fitting part: where
+    # the final fit on the whole matrix starts (``als.warm_start``). Not part of the summary.
+    fitted: Embeddings | None = None
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -135,8 +138,9 @@ def sweep(
     popularity = item_popularity(fit)
     weights = [float(weight) for weight in config.space.get(PRIOR, [base.popularity_weight])]
     objective = f"ndcg_at_{k}"
-    # The best trial per weighting: (validation score, its config, its per-user scores).
+    # The best trial per weighting: (validation score, its config, its per-user scores), and its vectors.
     best: dict[str, tuple[float, AlsConfig, np.ndarray]] = {}
+    fitted: dict[str, Embeddings] = {}
     trials: list[dict[str, Any]] = []
     training = candidates(config, (start or base).hyperparameters())
     number, last_s, untried = 0, 0.0, 0
@@ -170,6 +174,7 @@ def sweep(
             held = best.get(trial_config.weighting)
             if held is None or metrics[objective] > held[0]:
                 best[trial_config.weighting] = (metrics[objective], trial_config, scored.per_user[objective])
+                fitted[trial_config.weighting] = embeddings
             number += 1
         last_s = time.perf_counter() - trial_started
     if not best:
@@ -177,7 +182,13 @@ def sweep(
         raise ModelFitError(f"every sweep trial failed: {reasons}")
     score, chosen, _ = plainest_within_noise(best)
     return SweepResult(
-        chosen, objective, score, trials, seconds=time.perf_counter() - started, untried=untried
+        chosen,
+        objective,
+        score,
+        trials,
+        seconds=time.perf_counter() - started,
+        untried=untried,
+        fitted=fitted[chosen.weighting],
     )
 
 

@@ -24,25 +24,31 @@ def run_training(run: RunContext, spark: SparkSession | None = None) -> dict[str
     included); Spark only with ``als.backend: spark``.
 
     With a reference version (the champion of the run's time): a sweep starts from its settings, or is
-    skipped while the reference's own is recent enough (:func:`~recsys_pipeline.tuning.kept_tuning_age`),
-    and the final fit starts from its factors when it solved the same problem
-    (:func:`~recsys_pipeline.als.warm_start`)."""
+    skipped while the reference's own is recent enough (:func:`~recsys_pipeline.tuning.kept_tuning_age`).
+    The final fit starts (:func:`~recsys_pipeline.als.warm_start`) from the sweep's own fit of its
+    choice when it swept, else from the reference's factors when they solved the same problem."""
     user_items = run.artifacts.interactions.train_matrix()
     config = run.config.als
     reference = Registry(run.config).reference_bundle(run)
     reference_params = None if reference is None else reference[1].trained_params(config)
     reference_sweep = None if reference is None else reference[1].sweep_summary()
     kept_age = kept_tuning_age(reference_sweep, config, run.interval_end)
-    params, sweep_summary, tuning_s = config, None, 0.0
+    params, sweep_summary, tuning_s, swept = config, None, 0.0, None
     if reference is not None and reference_params is not None and kept_age is not None:
         params, sweep_summary = reference_params, reference_sweep
         log.info("kept version %s's tuning, on data %.1f days old: no sweep", reference[0], kept_age)
     elif config.sweep is not None:
         result = run_sweep(user_items, run, config.sweep, spark, reference_params)
-        params, tuning_s = result.best, result.seconds
+        params, tuning_s, swept = result.best, result.seconds, result.fitted
         sweep_summary = with_tuning_record(result.summary(), config, run.interval_end)
     start = None
-    if reference is not None and reference_params is not None:
+    if swept is not None:
+        # The sweep fitted the chosen settings on all but its validation share of these same pairs:
+        # nearer the final solution than any earlier version's factors.
+        start = warm_start(swept, params, params, user_items.shape)
+        if start is not None:
+            log.info("final fit from the sweep's fit of its choice, %d iterations", start.iterations)
+    elif reference is not None and reference_params is not None:
         start = warm_start(reference[1].embeddings().warm_items(), reference_params, params, user_items.shape)
         if start is not None:
             log.info("final fit from version %s's factors, %d iterations", reference[0], start.iterations)
