@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
@@ -311,6 +312,16 @@ class Registry:
                     "the stored model differs from what was published; refusing to load it"
                 ) from error
         return cache / "model"
+
+    def keep_verified(self, version: str, model: Path, manifest: bytes) -> None:
+        """Take ``model``, a copy of one registered version already checked against its ``manifest``
+        (as publishing checks what it uploaded), as this version's local copy: moved, not copied.
+        Every load still verifies it (:meth:`verified_model`)."""
+        cache = StateLayout.of(self.config).model_cache / self.config.mlflow.model_name / version
+        with atomic_dir(cache) as staging:
+            staging.mkdir(parents=True)
+            shutil.move(model, staging / "model")
+            (staging / MODEL_MANIFEST).write_bytes(manifest)
 
     def _download(self, version: str, run_id: str, staging: Path) -> None:
         import mlflow

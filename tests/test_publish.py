@@ -66,6 +66,28 @@ def test_publishing_the_same_run_twice_registers_one_version(own_weekly_run) -> 
     assert np.isin(served.cold_item_idx, served.item_idx).all()
 
 
+def test_the_copy_publish_checked_is_the_local_copy_the_next_load_only_verifies(
+    own_weekly_run, monkeypatch
+) -> None:
+    """Loading a version just published downloads nothing; a local copy changed since fails its check
+    and is downloaded afresh."""
+    version = run_publish(own_weekly_run)
+    downloads: list[str] = []
+    download = Registry._download
+
+    def counted(self: Registry, version: str, run_id: str, staging: Path) -> None:
+        downloads.append(version)
+        download(self, version, run_id, staging)
+
+    monkeypatch.setattr(Registry, "_download", counted)
+    registry_ = Registry(own_weekly_run.config)
+    metrics = registry_.version_bundle(version).path / "metrics.json"
+    assert downloads == [] and json.loads(metrics.read_text())["ndcg_at_10"] > 0
+    metrics.write_text("{}")
+    assert json.loads((registry_.version_bundle(version).path / "metrics.json").read_text())["ndcg_at_10"] > 0
+    assert downloads == [version]
+
+
 def test_a_dry_run_registers_its_version_but_skips_promotion(own_weekly_run) -> None:
     config = own_weekly_run.config
     unpromoted = config.model_copy(update={"mlflow": config.mlflow.model_copy(update={"promote": False})})

@@ -27,6 +27,7 @@ from recsys_pipeline.errors import StageSkipped
 from recsys_pipeline.registry import CHAMPION, GateFailedError, Registry, VersionMark, VersionTags, data_end
 from recsys_pipeline.runs import REQUIRED_GATES, RunContext
 from recsys_pipeline.serving import model_signature
+from recsys_pipeline.state import StateLayout
 
 log = logging.getLogger(__name__)
 # Logged as the model's code (models-from-code): the pyfunc is never pickled.
@@ -128,11 +129,16 @@ def register_bundle(
     The model is written here first and hashed file by file; that manifest is logged beside it and
     its sha256 registered with the version, so every later load can be checked against it. The
     uploaded copy is downloaded back and checked against it before anything is registered: what the
-    store returns is never taken for what was published.
+    store returns is never taken for what was published. That checked copy becomes the registry's
+    local copy of the version (:meth:`Registry.keep_verified`), which the next run to load it then
+    only verifies instead of downloading again.
     """
     import mlflow
 
-    with tracking.fluent(config) as bound:
+    # The copy downloaded back lands beside the registry's local copies, among which it is moved.
+    cache = StateLayout.of(config).model_cache
+    cache.mkdir(parents=True, exist_ok=True)
+    with tracking.fluent(config) as bound, tempfile.TemporaryDirectory(dir=cache) as downloads:
         with mlflow.start_run(
             experiment_id=tracking.experiment_id(bound, config), run_name=run_name, tags=tags
         ) as active:
@@ -154,13 +160,16 @@ def register_bundle(
                 mlflow.log_artifacts(str(model), artifact_path=MODEL_PATH)
                 (Path(staging) / MODEL_MANIFEST).write_bytes(manifest_bytes(manifest))
                 mlflow.log_artifact(str(Path(staging) / MODEL_MANIFEST))
-            check_uploaded(model_uri, manifest)
-        version = mlflow.register_model(
-            model_uri,
-            config.mlflow.model_name,
-            tags={**tags, VersionMark.MANIFEST: manifest_sha256(manifest)},
+            uploaded = check_uploaded(model_uri, manifest, Path(downloads))
+        version = str(
+            mlflow.register_model(
+                model_uri,
+                config.mlflow.model_name,
+                tags={**tags, VersionMark.MANIFEST: manifest_sha256(manifest)},
+            ).version
         )
-    return str(version.version)
+        Registry(config).keep_verified(version, uploaded, manifest_bytes(manifest))
+    return version
 
 
 def log_rejected_run(run: RunContext, reason: str) -> str:
@@ -182,14 +191,13 @@ def log_rejected_run(run: RunContext, reason: str) -> str:
     return str(active.info.run_id)
 
 
-def check_uploaded(model_uri: str, manifest: dict[str, str]) -> None:
-    """Download the uploaded model back and refuse it unless every file is the one written here."""
+def check_uploaded(model_uri: str, manifest: dict[str, str], staging: Path) -> Path:
+    """Download the uploaded model back into ``staging`` and refuse it unless every file is the one
+    written here; return where it is."""
     import mlflow
 
-    with tempfile.TemporaryDirectory() as staging:
-        stored = tree_manifest(
-            Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=staging))
-        )
+    downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(staging)))
+    stored = tree_manifest(downloaded)
     differing = sorted(
         name for name in manifest.keys() | stored.keys() if manifest.get(name) != stored.get(name)
     )
@@ -198,6 +206,7 @@ def check_uploaded(model_uri: str, manifest: dict[str, str]) -> None:
             f"the model store returned files other than those uploaded ({', '.join(differing[:3])}): "
             "nothing was registered; check the artifact store and re-run publish"
         )
+    return downloaded
 
 
 def package_source(staging: Path) -> Path:
