@@ -111,6 +111,17 @@ class InteractionsFiles:
     def holdout_matrix(self) -> sp.csr_matrix:
         return self.holdout_triples().to_csr(*self.matrix_shape())
 
+    def seen_matrix(self, train: Triples, users: np.ndarray) -> sp.csr_matrix:
+        """What lists for the users ``users`` flags exclude: their training pairs (``train``, as read)
+        and held-out ones, as a (users x items) CSR matrix with no other user's rows (a matrix of every
+        user's took about 1 s at 20M events)."""
+        n_users, n_items = len(users), self.matrix_shape()[1]
+        seen = train.to_csr(n_users, n_items, users)
+        holdout = self.holdout_triples()
+        if holdout.nnz:  # a refresh holds nothing out
+            seen = (seen + holdout.to_csr(n_users, n_items, users)).tocsr()
+        return seen
+
     def recent(self, side: Side) -> np.ndarray:
         """Dense indices active in the run's own interval."""
         return read_indices(self.recent_dir(side))

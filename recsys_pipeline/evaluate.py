@@ -205,6 +205,16 @@ def row_difference(rows: sp.csr_matrix, taken: sp.csr_matrix) -> list[np.ndarray
     return np.split(rows.indices[kept], bounds)
 
 
+def sampled_users(holdout: sp.csr_matrix, max_users: int | None, seed: int) -> np.ndarray:
+    """The holdout's users (sorted indices), or a seeded sample of ``max_users`` of them: evaluation's
+    memory and time then depend on the sample, not on how many users the holdout has."""
+    holdout_users = np.flatnonzero(np.diff(holdout.tocsr().indptr) > 0)
+    if max_users is not None and len(holdout_users) > max_users:
+        rng = np.random.default_rng(seed)
+        holdout_users = np.sort(rng.choice(holdout_users, max_users, replace=False))
+    return holdout_users
+
+
 @dataclass(frozen=True)
 class EvaluationSet:
     """Users to evaluate, what they saw in training and what they went on to interact with."""
@@ -223,25 +233,30 @@ class EvaluationSet:
         max_users: int | None = None,
         seed: int = 0,
     ) -> EvaluationSet:
-        """The holdout's users, or a seeded sample of ``max_users`` of them: evaluation's memory and time
-        then depend on the sample, not on how many users the holdout has. Every model evaluated on
-        one set is scored on the same users, so comparisons between them are paired."""
-        holdout = holdout.tocsr()
-        holdout_users = np.flatnonzero(np.diff(holdout.indptr) > 0)
-        if max_users is not None and len(holdout_users) > max_users:
-            rng = np.random.default_rng(seed)
-            holdout_users = np.sort(rng.choice(holdout_users, max_users, replace=False))
-        seen = train[holdout_users]
-        relevant = row_difference(holdout[holdout_users], seen)
-        return cls(holdout_users, seen, relevant, np.asarray(train.getnnz(axis=0)), train.shape)
+        """The holdout's users, or a seeded sample of ``max_users`` of them (:func:`sampled_users`).
+        Every model evaluated on one set is scored on the same users, so comparisons between them are
+        paired."""
+        users = sampled_users(holdout, max_users, seed)
+        return cls.of_users(users, train, holdout, np.asarray(train.getnnz(axis=0)))
+
+    @classmethod
+    def of_users(
+        cls, users: np.ndarray, train: sp.csr_matrix, holdout: sp.csr_matrix, popularity: np.ndarray
+    ) -> EvaluationSet:
+        """The set of ``users`` (sorted indices), from matrices that need only hold their rows, with
+        every item's count of training users ``popularity`` (the baseline's ranking)."""
+        seen = train[users]
+        relevant = row_difference(holdout.tocsr()[users], seen)
+        return cls(users, seen, relevant, popularity, train.shape)
 
     def without(self, user_idx: np.ndarray, item_idx: np.ndarray) -> EvaluationSet:
         """The same users with the (``user_idx``, ``item_idx``) pairs taken out of what they go on to
         interact with: a model trained on those pairs (an older champion, on earlier events of a pair
         the holdout took whole) would be scored on what it was fitted to."""
-        trained = sp.csr_matrix(
-            (np.ones(len(user_idx), dtype=np.int8), (user_idx, item_idx)), shape=self.shape
-        )[self.users]
+        # Only the evaluated users' pairs: a matrix of all of them took 0.9 s at 20M events.
+        theirs = presence_mask(self.users, self.shape[0])[user_idx]
+        pairs = (user_idx[theirs], item_idx[theirs])
+        trained = sp.csr_matrix((np.ones(len(pairs[0]), dtype=np.int8), pairs), shape=self.shape)[self.users]
         lengths = [len(items) for items in self.relevant]
         relevant_rows = sp.csr_matrix(
             (

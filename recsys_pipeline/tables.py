@@ -31,11 +31,16 @@ class Triples:
     def nnz(self) -> int:
         return len(self.confidence)
 
-    def to_csr(self, n_users: int, n_items: int) -> sp.csr_matrix:
-        """A CSR matrix of shape (n_users, n_items); duplicate pairs are summed."""
+    def to_csr(self, n_users: int, n_items: int, users: np.ndarray | None = None) -> sp.csr_matrix:
+        """A CSR matrix of shape (n_users, n_items), of every pair or only of the users ``users`` flags
+        (a bool per user; the other rows are empty); duplicate pairs are summed."""
+        user_idx, item_idx, confidence = self.user_idx, self.item_idx, self.confidence
+        if users is not None:
+            kept = users[user_idx]
+            user_idx, item_idx, confidence = user_idx[kept], item_idx[kept], confidence[kept]
         # COO to CSR sums duplicates and sorts each row as it converts: no second pass needed.
         return sp.coo_matrix(
-            (self.confidence.astype(np.float32), (self.user_idx, self.item_idx)), shape=(n_users, n_items)
+            (confidence.astype(np.float32), (user_idx, item_idx)), shape=(n_users, n_items)
         ).tocsr()
 
 

@@ -172,6 +172,13 @@ def test_evaluation_scores_a_seeded_sample_the_same_for_every_model() -> None:
     )
     # Scoring the sample twice gives the same figures: candidate, baseline and champion see the same users.
     assert sampled.evaluate(embeddings, 5) == again.evaluate(embeddings, 5)
+    # From the sampled users' rows of the training matrix alone, with every item's popularity: the same.
+    their_rows = (sp.diags(np.isin(np.arange(400), sampled.users).astype(np.float32)) @ train).tocsr()
+    alone = EvaluationSet.of_users(sampled.users, their_rows, holdout, np.asarray(train.getnnz(axis=0)))
+    assert alone.evaluate(embeddings, 5) == sampled.evaluate(embeddings, 5)
+    assert alone.evaluate_popularity(5) == sampled.evaluate_popularity(5)
+    # Taking out every holdout pair (other users' among them) leaves the sample nothing to pick.
+    assert all(len(items) == 0 for items in sampled.without(*holdout.nonzero()).relevant)
 
 
 def test_no_users_x_items_array_with_a_two_million_item_catalogue() -> None:

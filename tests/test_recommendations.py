@@ -1,3 +1,4 @@
+from dataclasses import replace
 from datetime import timedelta
 
 import numpy as np
@@ -6,6 +7,7 @@ import scipy.sparse as sp
 
 from recsys_pipeline.index import ExactIndex
 from recsys_pipeline.recommendations import active_user_indices, recommend_for_users
+from recsys_pipeline.stages.recommend import active_users
 
 
 def test_lists_skip_seen_items_and_fall_back_to_popular_without_a_vector() -> None:
@@ -48,6 +50,20 @@ def test_batch_output_covers_every_active_user_and_never_their_history(weekly_ru
     assert not history & set(zip(recs["user_id"], recs["item_id"], strict=True))
     metrics = weekly_run.artifacts.read_metrics()
     assert metrics["batch_users_served"] == metrics["batch_active_users"] == len(active)
+
+
+def test_active_users_beyond_a_shorter_training_window_come_from_the_lake(weekly_run) -> None:
+    """With a training window of 7 days against 30 active ones, the users of the 23 days before it
+    are read from the lake: the same users as the lake's whole 30 days."""
+    user_ids = weekly_run.artifacts.interactions.ids("users")
+    n_items = len(weekly_run.artifacts.interactions.ids("items"))
+    lake, end = weekly_run.layout.events_lake, weekly_run.interval_end
+    since = end - timedelta(days=weekly_run.config.recommendations.active_days)
+    from_lake = active_user_indices(lake, since, end, user_ids)
+    assert len(active_user_indices(lake, end - timedelta(days=7), end, user_ids)) < len(from_lake)
+    seven_days = weekly_run.config.interactions.model_copy(update={"history_days": 7})
+    short = replace(weekly_run, config=weekly_run.config.model_copy(update={"interactions": seven_days}))
+    assert active_users(short, user_ids, n_items).tolist() == from_lake.tolist()
 
 
 def test_batch_lists_for_many_users_are_written_in_bounded_memory(tmp_path) -> None:

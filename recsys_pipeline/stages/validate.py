@@ -6,6 +6,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
@@ -156,11 +158,16 @@ def run_validation(run: RunContext) -> dict[str, float]:
             head.to_pandas() if head is not None else recommendations.schema_arrow.empty_table().to_pandas(),
             recommendations_suite(config),
         )
-        # What the lists exclude (as batch_recommend does): the training and held-out items.
-        seen = (train.to_csr(n_users, n_items) + run.artifacts.interactions.holdout_matrix()).tocsr()
+        # What the lists exclude, as batch_recommend has it, for the listed users.
+        user_ids = run.artifacts.interactions.ids("users")
+        listed = np.zeros(n_users, dtype=bool)
+        if head is not None:
+            found = pc.index_in(head.column("user_id"), value_set=pa.array(user_ids, pa.string()))
+            listed[found.drop_null().to_numpy()] = True
+        seen = run.artifacts.interactions.seen_matrix(train, listed)
         popular = compare_with_popular(
             frames["recommendations"][0],
-            run.artifacts.interactions.ids("users"),
+            user_ids,
             run.artifacts.interactions.ids("items"),
             np.bincount(train.item_idx, minlength=n_items),
             seen,
