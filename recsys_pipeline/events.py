@@ -754,14 +754,19 @@ def partition_name(day: date) -> str:
     return f"event_date={day.isoformat()}"
 
 
-def read_lake(spark: SparkSession, lake: Path, start: datetime, end: datetime) -> DataFrame:
-    """Events with start <= event_ts < end, from the date partitions the range touches only: a night
-    lists one partition, not the lake's whole history."""
-    paths = [
-        str(partition)
+def lake_partitions_between(lake: Path, start: datetime, end: datetime) -> list[Path]:
+    """The date folders that can hold events with start <= event_ts < end, by date."""
+    return [
+        partition
         for day, partition in sorted(lake_partitions(lake).items())
         if start.date() <= day <= end.date()
     ]
+
+
+def read_lake(spark: SparkSession, lake: Path, start: datetime, end: datetime) -> DataFrame:
+    """Events with start <= event_ts < end, from the date partitions the range touches only: a night
+    lists one partition, not the lake's whole history."""
+    paths = [str(partition) for partition in lake_partitions_between(lake, start, end)]
     if not paths:
         return spark.createDataFrame([], LAKE_SCHEMA)
     frame = spark.read.option("basePath", str(lake)).parquet(*paths)

@@ -7,15 +7,19 @@ import pyarrow.parquet as pq
 import pytest
 from pyspark.sql import functions as F
 
+from recsys_pipeline.events import LAKE_ARROW_SCHEMA, lake_partitions_between, partition_name, read_lake
 from recsys_pipeline.interactions import (
     INDEX_PAIR,
     IdMaps,
     PairCounts,
     carried_pairs,
+    extend_id_map,
+    extend_id_map_on_driver,
     indexed_events,
     pair_confidences,
     recent_indices,
     supported,
+    unmapped_ids,
     write_history_matrices,
     write_merged_history,
 )
@@ -156,6 +160,75 @@ def test_id_maps_keep_old_indices_and_append_new_ids(spark, make_config, tmp_pat
         and csr[1, 1] == pytest.approx(2.0)
     )
     assert np.all(csr[2].toarray() == 0)
+
+
+def _lake_of_users(lake: Path, users_by_hour: dict[int, list[str]]) -> None:
+    """A lake of one view per user and hour (hours after AS_OF), a file per date as ingest writes it."""
+    rows = [(user, AS_OF + timedelta(hours=hour)) for hour, users in users_by_hour.items() for user in users]
+    for day in sorted({ts.date() for _, ts in rows}):
+        folder = lake / partition_name(day)
+        folder.mkdir(parents=True)
+        held = [(user, ts) for user, ts in rows if ts.date() == day]
+        columns = {
+            "user_id": [user for user, _ in held],
+            "item_id": ["i"] * len(held),
+            "event_type": ["view"] * len(held),
+            "value": [None] * len(held),
+            "event_ts": [ts for _, ts in held],
+            "ingested_at": [AS_OF] * len(held),
+            "source": ["test"] * len(held),
+        }
+        pq.write_table(pa.table(columns, schema=LAKE_ARROW_SCHEMA), folder / "part-00000.parquet")
+
+
+def test_the_driver_extends_an_id_map_as_spark_does_within_its_bound(spark, tmp_path: Path) -> None:
+    lake = tmp_path / "lake"
+    # Ids Spark and Arrow must order alike (by their UTF-8 bytes, not by letter: "ß" between "É" and "é"),
+    # repeats, ids already mapped, and ids on the window's first and last dates but outside it.
+    _lake_of_users(
+        lake,
+        {
+            1: ["early"],
+            3: ["émile", "Zoe", "bob", "alice", "bob"],
+            20: ["Émile", "zed", "alice", "ß"],
+            30: ["carol", "bob"],
+            52: ["late"],
+        },
+    )
+    start, end = AS_OF + timedelta(hours=2), AS_OF + timedelta(hours=52)
+    existing = pa.table({"id": ["bob", "", "carol"], "idx": pa.array([0, 1, 2], pa.int32())})
+    partitions = lake_partitions_between(lake, start, end)
+    assert len(partitions) == 3
+
+    def spark_map(max_rows: int) -> list[tuple[str, int]] | None:
+        existing_frame = spark.createDataFrame(existing)
+        ids = unmapped_ids(read_lake(spark, lake, start, end), "user_id", existing_frame)
+        rows = [(row.id, row.idx) for row in extend_id_map(existing_frame, ids, 3).orderBy("idx").collect()]
+        return rows if len(rows) <= max_rows else None
+
+    def driver_map(max_rows: int, mapped: pa.Table | None = existing) -> list[tuple[str, int]] | None:
+        table = extend_id_map_on_driver(partitions, "user_id", start, end, mapped, max_rows)
+        return (
+            None
+            if table is None
+            else list(zip(table["id"].to_pylist(), table["idx"].to_pylist(), strict=True))
+        )
+
+    expected = spark_map(10)
+    assert expected is not None and [user for user, _ in expected[3:]] == [
+        "Zoe",
+        "alice",
+        "zed",
+        "Émile",
+        "ß",
+        "émile",
+    ]
+    assert driver_map(10) == driver_map(9) == expected
+    # Past the bound the driver leaves the map to Spark, whether the map or the window is too large.
+    assert driver_map(8) is None and driver_map(2) is None
+    every_user = sorted(["Zoe", "alice", "bob", "carol", "zed", "ß", "Émile", "émile"], key=str.encode)
+    assert driver_map(8, mapped=None) == [(user, idx) for idx, user in enumerate(every_user)]
+    assert driver_map(7, mapped=None) is None
 
 
 def _maps(spark) -> IdMaps:

@@ -11,13 +11,16 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 from pyspark.sql import DataFrame, DataFrameWriter, SparkSession
 from pyspark.sql import functions as F
 
 from recsys_pipeline.artifacts import SIDES, InteractionsFiles
 from recsys_pipeline.config import InteractionsConfig
 from recsys_pipeline.content import ITEM_ID
-from recsys_pipeline.events import history_window, lake_signature, read_lake
+from recsys_pipeline.events import history_window, lake_partitions_between, lake_signature, read_lake
 from recsys_pipeline.files import atomic_dir, publish_snapshot, recover_pointer, write_json
 from recsys_pipeline.interactions import (
     INDEX_PAIR,
@@ -31,6 +34,7 @@ from recsys_pipeline.interactions import (
     entity_activity,
     evaluable_users,
     extend_id_map,
+    extend_id_map_on_driver,
     fingerprint_sums,
     history_columns,
     history_settings_hash,
@@ -76,20 +80,19 @@ def build_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]
     config = run.config.interactions
     window_start, window_end = history_window(run)
     history = carried_history(spark, run)
-    events = read_lake(spark, run.layout.events_lake, history.as_of if history else window_start, window_end)
+    start = history.as_of if history else window_start
+    events = read_lake(spark, run.layout.events_lake, start, window_end)
     map_dir = run.layout.id_maps
     for side in SIDES:
         recover_pointer(map_dir / side)
-    existing_users = read_id_map_frame(spark, map_dir / "users")
-    # Items are few enough to group every event by: that pass also sums the input fingerprint. Users
-    # are many, so only those new since the last run and those active in this run's interval (a
-    # date-pruned read) are grouped.
+    users_table = driver_user_map(run, start, window_end)
+    # Items are few enough to group every event by: that pass also sums the input fingerprint.
     item_activity = entity_activity(events, "item_id", run.interval_start, *fingerprint_sums()).cache()
     # A stored map's size comes from its file footers: no Spark job.
     maps = IdMaps(
-        users=extend_id_map(
-            existing_users, unmapped_ids(events, "user_id", existing_users), stored_size(map_dir / "users")
-        ).cache(),
+        users=spark_user_map(spark, map_dir / "users", events)
+        if users_table is None
+        else spark.createDataFrame(users_table),
         items=extend_id_map(
             read_id_map_frame(spark, map_dir / "items"),
             catalogue_ids(spark, run, item_activity),
@@ -112,7 +115,11 @@ def build_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]
         )
         with atomic_dir(out.root) as staging:
             written = InteractionsFiles(staging)
+            if users_table is not None:
+                write_id_map(users_table, written.map_dir("users"))
             for side, id_map in (("users", maps.users), ("items", maps.items)):
+                if written.map_dir(side).is_dir():
+                    continue
                 label_actions(spark, f"interactions: write the {side} map")
                 id_map.orderBy("idx").coalesce(1).write.parquet(str(written.map_dir(side)))
             label_actions(spark, "interactions: write the pair history")
@@ -200,6 +207,32 @@ def write_recent(written: InteractionsFiles, interval_start: datetime) -> None:
     recent = recent_indices(written.history_dir, interval_start, written.matrix_shape())
     for side, indices in zip(SIDES, recent, strict=True):
         write_indices(written.recent_dir(side), indices)
+
+
+def driver_user_map(run: RunContext, start: datetime, end: datetime) -> pa.Table | None:
+    """The users' ID map extended by the events with start <= event_ts < end, found by Arrow on the
+    driver (:func:`extend_id_map_on_driver`), or None where it would hold more than
+    ``spark.broadcast_max_rows`` ids (Spark then extends it)."""
+    stored = run.layout.id_maps / "users"
+    max_rows = run.config.spark.broadcast_max_rows
+    if stored_size(stored) > max_rows:
+        return None
+    existing = ds.dataset(str(stored), format="parquet").to_table() if stored.is_dir() else None
+    partitions = lake_partitions_between(run.layout.events_lake, start, end)
+    return extend_id_map_on_driver(partitions, "user_id", start, end, existing, max_rows)
+
+
+def spark_user_map(spark: SparkSession, stored: Path, events: DataFrame) -> DataFrame:
+    """The users' ID map extended by Spark: only the ids the stored map lacks are grouped (in steady
+    state almost every id is mapped already)."""
+    existing = read_id_map_frame(spark, stored)
+    return extend_id_map(existing, unmapped_ids(events, "user_id", existing), stored_size(stored)).cache()
+
+
+def write_id_map(table: pa.Table, folder: Path) -> None:
+    """An ID map as one Parquet file in ``folder``, as Spark writes one (ordered by index)."""
+    folder.mkdir(parents=True)
+    pq.write_table(table, folder / "part-00000.parquet")
 
 
 def stored_size(map_dir: Path) -> int:
