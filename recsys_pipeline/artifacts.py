@@ -35,10 +35,20 @@ from recsys_pipeline.config import AlsConfig
 from recsys_pipeline.embeddings import Embeddings, read_embeddings, write_embeddings
 from recsys_pipeline.errors import RecsysError
 from recsys_pipeline.files import atomic_dir, write_json
-from recsys_pipeline.tables import Triples, count_rows, read_id_map, read_indices, read_matrix
+from recsys_pipeline.tables import (
+    Triples,
+    count_rows,
+    read_csr,
+    read_id_map,
+    read_indices,
+    read_matrix,
+    rows_of,
+    write_csr,
+)
 
 Side = Literal["users", "items"]
 SIDES: tuple[Side, ...] = ("users", "items")
+TRAIN_CSR = "train_csr"  # a run's training matrix as CSR arrays (InteractionsFiles.train_csr_dir)
 
 
 class IdMapMismatchError(RecsysError):
@@ -71,6 +81,13 @@ class InteractionsFiles:
         return self.root / "holdout"
 
     @property
+    def train_csr_dir(self) -> Path:
+        """The training matrix once more, as the CSR arrays every later stage starts from: reading the
+        Parquet pairs and converting them took 1-2 s per stage at 20M events. Removed by an erasure
+        (readers then convert the Parquet pairs, which the erasure rewrites)."""
+        return self.root / TRAIN_CSR
+
+    @property
     def history_dir(self) -> Path:
         return self.root / "history"
 
@@ -99,6 +116,8 @@ class InteractionsFiles:
         return count_rows(self.map_dir("users")), count_rows(self.map_dir("items"))
 
     def train_triples(self) -> Triples:
+        if self.train_csr_dir.is_dir():
+            return Triples.of_csr(self.train_matrix())
         return read_matrix(self.train_dir)
 
     def holdout_triples(self) -> Triples:
@@ -106,20 +125,25 @@ class InteractionsFiles:
 
     def train_matrix(self) -> sp.csr_matrix:
         """The training confidences as a (users x items) CSR matrix."""
-        return self.train_triples().to_csr(*self.matrix_shape())
+        n_users, n_items = self.matrix_shape()
+        if self.train_csr_dir.is_dir():
+            return read_csr(self.train_csr_dir, n_items)
+        return read_matrix(self.train_dir).to_csr(n_users, n_items)
+
+    def write_train_csr(self) -> None:
+        """Write :attr:`train_csr_dir` from the training pairs."""
+        write_csr(read_matrix(self.train_dir).to_csr(*self.matrix_shape()), self.train_csr_dir)
 
     def holdout_matrix(self) -> sp.csr_matrix:
         return self.holdout_triples().to_csr(*self.matrix_shape())
 
-    def seen_matrix(self, train: Triples, users: np.ndarray) -> sp.csr_matrix:
-        """What lists for the users ``users`` flags exclude: their training pairs (``train``, as read)
-        and held-out ones, as a (users x items) CSR matrix with no other user's rows (a matrix of every
-        user's took about 1 s at 20M events)."""
-        n_users, n_items = len(users), self.matrix_shape()[1]
-        seen = train.to_csr(n_users, n_items, users)
+    def seen_matrix(self, train: sp.csr_matrix, users: np.ndarray) -> sp.csr_matrix:
+        """What lists for the users ``users`` flags exclude: their training pairs (``train``) and
+        held-out ones, as a (users x items) CSR matrix with no other user's rows."""
+        seen = rows_of(train, users)
         holdout = self.holdout_triples()
         if holdout.nnz:  # a refresh holds nothing out
-            seen = (seen + holdout.to_csr(n_users, n_items, users)).tocsr()
+            seen = (seen + holdout.to_csr(*train.shape, users)).tocsr()
         return seen
 
     def recent(self, side: Side) -> np.ndarray:

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -27,10 +28,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import scipy.sparse as sp
 
+from recsys_pipeline.artifacts import TRAIN_CSR
+from recsys_pipeline.embeddings import presence_mask
 from recsys_pipeline.errors import RecsysError
-from recsys_pipeline.files import publish_snapshot, recover_pointer
+from recsys_pipeline.files import atomic_dir, publish_snapshot, recover_pointer
 from recsys_pipeline.state import StateLayout
+from recsys_pipeline.tables import CSR_ARRAYS, rows_of, write_csr
 
 # What separates an id from what surrounds it in a serialised record or a log line. Ids themselves
 # are trimmed and hold no control characters (ingest quarantines those).
@@ -309,12 +314,19 @@ def scrub_tree(root: Path, forgotten: Forgotten, user_tombstones: pa.Array) -> S
     - any other Parquet table loses the rows naming a forgotten id in a ``user_id`` column or a
       tombstoned user in ``user_idx`` (or ``idx`` under ``users/``, a list of users' indices);
     - JSON files have each string value holding a forgotten id replaced by ``[erased]``, other text
-      files (logs, HTML reports) each such token.
+      files (logs, HTML reports) each such token;
+    - a training matrix's CSR arrays (``train_csr/``) lose the tombstoned users' rows, rewritten as a
+      folder; a copy of one a crash left beside it is removed.
 
     Item ids are never touched, even where one reads like a forgotten user id. Each file is
     rewritten beside itself and renamed over it.
     """
     done = Scrubbed()
+    for folder in sorted(path for path in root.rglob(f"*{TRAIN_CSR}*") if path.is_dir()):
+        if folder.name == TRAIN_CSR:
+            _scrub_csr(folder, user_tombstones, done)
+        else:  # set aside or never swapped in (files.atomic_dir): nothing reads it
+            shutil.rmtree(folder)
     for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink()):
         if path.suffix == ".parquet":
             _scrub_parquet(path, forgotten, user_tombstones, done)
@@ -389,6 +401,23 @@ def _scrub_parquet(path: Path, forgotten: Forgotten, user_tombstones: pa.Array, 
 
         _replace(path, write)
         done.files_rewritten.append(str(path))
+
+
+def _scrub_csr(folder: Path, user_tombstones: pa.Array, done: Scrubbed) -> None:
+    arrays = {name: np.load(folder / f"{name}.npy", allow_pickle=False) for name in CSR_ARRAYS}
+    n_users = len(arrays["indptr"]) - 1
+    tombstoned = user_tombstones.to_numpy(zero_copy_only=False).astype(np.int64)
+    gone = presence_mask(tombstoned[tombstoned < n_users], n_users)
+    count = int(np.diff(arrays["indptr"])[gone].sum())
+    if count:
+        matrix = sp.csr_matrix(
+            (arrays["data"], arrays["indices"], arrays["indptr"]),
+            shape=(n_users, int(arrays["indices"].max()) + 1),
+        )
+        with atomic_dir(folder) as staging:
+            write_csr(rows_of(matrix, ~gone), staging)
+        done.rows_removed += count
+        done.files_rewritten.append(str(folder))
 
 
 def _replace(path: Path, write: Callable[[Path], object]) -> None:

@@ -31,6 +31,12 @@ class Triples:
     def nnz(self) -> int:
         return len(self.confidence)
 
+    @classmethod
+    def of_csr(cls, matrix: sp.csr_matrix) -> Triples:
+        """The pairs of a CSR matrix, row by row."""
+        rows = np.repeat(np.arange(matrix.shape[0], dtype=np.int32), np.diff(matrix.indptr))
+        return cls(rows, matrix.indices, matrix.data)
+
     def to_csr(self, n_users: int, n_items: int, users: np.ndarray | None = None) -> sp.csr_matrix:
         """A CSR matrix of shape (n_users, n_items), of every pair or only of the users ``users`` flags
         (a bool per user; the other rows are empty); duplicate pairs are summed."""
@@ -42,6 +48,31 @@ class Triples:
         return sp.coo_matrix(
             (confidence.astype(np.float32), (user_idx, item_idx)), shape=(n_users, n_items)
         ).tocsr()
+
+
+# A CSR matrix's folder: one NumPy file per array, read back without a conversion.
+CSR_ARRAYS = ("indptr", "indices", "data")
+
+
+def write_csr(matrix: sp.csr_matrix, folder: Path) -> None:
+    """``matrix`` as :func:`read_csr` reads it back: its arrays as NumPy files (no pickle)."""
+    folder.mkdir(parents=True)
+    for name in CSR_ARRAYS:
+        np.save(folder / f"{name}.npy", getattr(matrix, name), allow_pickle=False)
+
+
+def read_csr(folder: Path, n_items: int) -> sp.csr_matrix:
+    """A matrix :func:`write_csr` wrote, ``n_items`` wide."""
+    indptr, indices, data = (np.load(folder / f"{name}.npy", allow_pickle=False) for name in CSR_ARRAYS)
+    return sp.csr_matrix((data, indices, indptr), shape=(len(indptr) - 1, n_items))
+
+
+def rows_of(matrix: sp.csr_matrix, users: np.ndarray) -> sp.csr_matrix:
+    """``matrix`` with only the rows ``users`` flags (a bool per row; the others empty)."""
+    counts = np.where(users, np.diff(matrix.indptr), 0)
+    kept = np.repeat(users, np.diff(matrix.indptr))
+    indptr = np.concatenate([[0], np.cumsum(counts)]).astype(matrix.indptr.dtype, copy=False)
+    return sp.csr_matrix((matrix.data[kept], matrix.indices[kept], indptr), shape=matrix.shape)
 
 
 def read_matrix(path: Path) -> Triples:

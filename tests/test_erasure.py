@@ -12,7 +12,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import scipy.sparse as sp
 
+from recsys_pipeline.artifacts import TRAIN_CSR
 from recsys_pipeline.embeddings import write_factors
 from recsys_pipeline.erasure import (
     ErasureError,
@@ -26,6 +28,7 @@ from recsys_pipeline.erasure import (
 from recsys_pipeline.files import publish_snapshot
 from recsys_pipeline.stages.forget import run_state_erasure
 from recsys_pipeline.state import StateLayout
+from recsys_pipeline.tables import read_csr, write_csr
 
 pytestmark = pytest.mark.unit
 
@@ -150,6 +153,9 @@ def test_a_run_folder_is_scrubbed_and_the_shared_map_keeps_a_tombstone(tmp_path:
         {"user_idx": pa.array([0, 1, 1, 2], pa.int32()), "item_idx": pa.array([0, 0, 1, 1], pa.int32())}
     )
     pq.write_table(history, run / "bundle" / "history.parquet")
+    train = sp.csr_matrix((np.ones(4, np.float32), ([0, 1, 1, 2], [0, 0, 1, 1])), shape=(3, 2))
+    write_csr(train, run / "interactions" / TRAIN_CSR)
+    write_csr(train, run / "interactions" / f".{TRAIN_CSR}.old-1a2b3c4d")  # a crash's leftover
     lists = pa.table({"user_id": [GONE, STAYS], "rank": [1, 1], "item_id": ["1", "1"]})
     pq.write_table(lists, run / "bundle" / "recommendations.parquet")
     (run / "metrics.json").write_text(json.dumps({"sample": [GONE, STAYS], "count": 196}))
@@ -167,6 +173,9 @@ def test_a_run_folder_is_scrubbed_and_the_shared_map_keeps_a_tombstone(tmp_path:
         "idx"
     ).to_pylist() == [0, 2]
     assert pq.read_table(run / "bundle" / "history.parquet").column("user_idx").to_pylist() == [0, 2]
+    scrubbed = read_csr(run / "interactions" / TRAIN_CSR, 2)
+    assert scrubbed.toarray().tolist() == [[1, 0], [0, 0], [0, 1]]
+    assert [path.name for path in (run / "interactions").iterdir()] == [TRAIN_CSR]
     assert pq.read_table(run / "bundle" / "recommendations.parquet").column("user_id").to_pylist() == [STAYS]
     assert json.loads((run / "metrics.json").read_text()) == {"sample": ["[erased]", STAYS], "count": 196}
     assert (run / "task.log").read_text() == "recommended for [erased]\n"

@@ -160,6 +160,10 @@ def test_id_maps_keep_old_indices_and_append_new_ids(spark, make_config, tmp_pat
         and csr[1, 1] == pytest.approx(2.0)
     )
     assert np.all(csr[2].toarray() == 0)
+    # Later stages start from the matrix's CSR arrays: the same matrix as its Parquet pairs.
+    files = second.artifacts.interactions
+    assert files.train_csr_dir.is_dir()
+    assert (files.train_matrix() != read_matrix(files.train_dir).to_csr(*files.matrix_shape())).nnz == 0
 
 
 def _lake_of_users(lake: Path, users_by_hour: dict[int, list[str]]) -> None:

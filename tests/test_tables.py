@@ -1,6 +1,8 @@
+from pathlib import Path
+
 import numpy as np
 
-from recsys_pipeline.tables import Triples
+from recsys_pipeline.tables import Triples, read_csr, rows_of, write_csr
 
 
 def test_a_matrix_of_some_users_holds_their_rows_whole_and_no_other_rows() -> None:
@@ -16,3 +18,26 @@ def test_a_matrix_of_some_users_holds_their_rows_whole_and_no_other_rows() -> No
     assert some.shape == whole.shape
     np.testing.assert_allclose(some[users].toarray(), whole[users].toarray())
     assert some[~users].nnz == 0 and whole[~users].nnz > 0
+
+
+def test_a_csr_matrix_written_reads_back_whole_and_as_its_pairs(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    n_users, n_items, n_pairs = 40, 25, 300
+    triples = Triples(
+        rng.integers(0, n_users, n_pairs).astype(np.int32),
+        rng.integers(0, n_items, n_pairs).astype(np.int32),
+        rng.random(n_pairs).astype(np.float32),
+    )
+    matrix = triples.to_csr(n_users, n_items)
+    write_csr(matrix, tmp_path / "csr")
+    read = read_csr(tmp_path / "csr", n_items)
+    assert read.shape == (n_users, n_items) and read.dtype == np.float32
+    np.testing.assert_array_equal(read.toarray(), matrix.toarray())
+    # Its pairs, row by row, make the same matrix again (duplicates of the triples summed once).
+    pairs = Triples.of_csr(read)
+    assert pairs.nnz == matrix.nnz < n_pairs
+    np.testing.assert_array_equal(pairs.to_csr(n_users, n_items).toarray(), matrix.toarray())
+    users = rng.random(n_users) < 0.3
+    np.testing.assert_array_equal(
+        rows_of(read, users).toarray(), triples.to_csr(n_users, n_items, users).toarray()
+    )

@@ -88,7 +88,7 @@ def run_content(run: RunContext) -> dict[str, float]:
     content_map = fit_content_map(vectors[has_both], learned.learned().item_factors[factor_rows], config.map)
     check_map_fit(content_map, config.map.min_r2)
     mapped = content_map.apply(vectors)
-    counts = np.bincount(run.artifacts.interactions.train_triples().item_idx, minlength=len(catalogue))
+    counts = np.bincount(run.artifacts.interactions.train_matrix().indices, minlength=len(catalogue))
     served = with_content_vectors(learned, content_idx, mapped, counts, config.hybrid_half_count)
 
     with atomic_dir(run.artifacts.content.root) as staging:

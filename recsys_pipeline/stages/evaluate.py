@@ -7,7 +7,6 @@ import logging
 import numpy as np
 
 from recsys_pipeline.artifacts import Gate
-from recsys_pipeline.embeddings import presence_mask
 from recsys_pipeline.evaluate import EvaluationSet, gate, sampled_users, scores
 from recsys_pipeline.registry import Registry
 from recsys_pipeline.runs import RunContext
@@ -31,14 +30,9 @@ def run_evaluation(run: RunContext) -> dict[str, float]:
     settings = run.config.evaluation
     holdout = run.artifacts.interactions.holdout_matrix()
     users = sampled_users(holdout, settings.max_users, settings.sample_seed)
-    train = run.artifacts.interactions.train_triples()
-    n_users, n_items = holdout.shape
-    # The training matrix's rows of the evaluated users only: all of them took 0.9 s at 20M events.
+    train = run.artifacts.interactions.train_matrix()
     evaluation = EvaluationSet.of_users(
-        users,
-        train.to_csr(n_users, n_items, presence_mask(users, n_users)),
-        holdout,
-        np.bincount(train.item_idx, minlength=n_items),
+        users, train, holdout, np.bincount(train.indices, minlength=holdout.shape[1])
     )
     k, confidence = settings.k, settings.confidence
     served = run.artifacts.served.embeddings().warm_items()

@@ -149,6 +149,7 @@ def build_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]
                 pair_writer(matrix_columns(train_pairs)).parquet(str(written.train_dir))
                 dropped = train_counts.dropped(count_rows(written.train_dir))
             train_rows = count_rows(written.train_dir)
+            written.write_train_csr()
             check_zero_confidence_share(dropped, config.max_zero_confidence_share)
             if train_rows == 0:
                 raise EmptyInteractionsError(

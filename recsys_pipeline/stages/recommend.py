@@ -45,7 +45,7 @@ def run_batch_recommendations(run: RunContext) -> dict[str, float]:
             fresh = active[changed[active]]
             carried = carried_lists(parent.recommendations_file, user_ids[active[~changed[active]]])
     # Of the users the lists are computed for (a refresh's are under half of them).
-    train = run.artifacts.interactions.train_triples()
+    train = run.artifacts.interactions.train_matrix()
     seen = run.artifacts.interactions.seen_matrix(train, presence_mask(fresh, n_users))
     batches = recommendation_batches(
         fresh,
@@ -53,7 +53,7 @@ def run_batch_recommendations(run: RunContext) -> dict[str, float]:
         has_vector,
         load_index(run.artifacts.index_dir),
         seen,
-        np.bincount(train.item_idx, minlength=n_items),
+        np.bincount(train.indices, minlength=n_items),
         run.config.recommendations.top_n,
     )
     with atomic_dir(run.artifacts.recommendations_file.parent) as staging:

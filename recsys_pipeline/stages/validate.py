@@ -19,6 +19,7 @@ from recsys_pipeline.files import atomic_dir, write_json
 from recsys_pipeline.registry import Registry, VersionTags
 from recsys_pipeline.runs import RunContext
 from recsys_pipeline.stages.publish import log_rejected_run
+from recsys_pipeline.tables import Triples
 from recsys_pipeline.validation import (
     ValidationFailedError,
     cold_embeddings_suite,
@@ -108,13 +109,14 @@ def run_validation(run: RunContext) -> dict[str, float]:
     learned = embeddings.warm_items()
     window_start, window_end = ingest_window(run)
     sample_rows = config.validation.sample_rows
-    train = run.artifacts.interactions.train_triples()
-    picked = sample_positions(train.nnz, sample_rows)
+    train = run.artifacts.interactions.train_matrix()
+    pairs = Triples.of_csr(train)
+    picked = sample_positions(pairs.nnz, sample_rows)
     train_sample = pd.DataFrame(
         {
-            "user_idx": train.user_idx[picked],
-            "item_idx": train.item_idx[picked],
-            "confidence": train.confidence[picked],
+            "user_idx": pairs.user_idx[picked],
+            "item_idx": pairs.item_idx[picked],
+            "confidence": pairs.confidence[picked],
         }
     )
     events, event_count = lake_sample(run)
@@ -130,7 +132,7 @@ def run_validation(run: RunContext) -> dict[str, float]:
         ),
         "interactions": (train_sample, interactions_suite(n_users, n_items)),
         "interaction_profile": (
-            interaction_profile(train.user_idx, train.item_idx),
+            interaction_profile(pairs.user_idx, pairs.item_idx),
             interaction_profile_suite(config),
         ),
         "item_embeddings": (
@@ -169,7 +171,7 @@ def run_validation(run: RunContext) -> dict[str, float]:
             frames["recommendations"][0],
             user_ids,
             run.artifacts.interactions.ids("items"),
-            np.bincount(train.item_idx, minlength=n_items),
+            np.bincount(train.indices, minlength=n_items),
             seen,
         )
         frames["recommendations_summary"] = (
