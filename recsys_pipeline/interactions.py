@@ -4,6 +4,8 @@ Arrow with NumPy for the passes over a written pair history).
 The stage that writes them (``stages.interactions``) produces::
 
     train/     Parquet (user_idx INT, item_idx INT, confidence FLOAT)   what the model learns from
+    train_csr/ indptr.npy, indices.npy, data.npy                        the same matrix, as later
+               stages load it (``tables.write_csr``)
     holdout/   Parquet (user_idx INT, item_idx INT, confidence FLOAT)   what evaluates it (``holdout``)
     maps/users, maps/items   Parquet (id STRING, idx INT)                snapshot of the ID maps used
     history/   Parquet (``HISTORY_SCHEMA``)    every pair's aggregate over the whole window, unfiltered,
