@@ -144,7 +144,8 @@ class InteractionsFiles:
         seen = rows_of(train, users)
         holdout = self.holdout_triples()
         if holdout.nnz:  # a refresh holds nothing out
-            seen = (seen + holdout.to_csr(*train.shape, users)).tocsr()
+            n_users, n_items = train.shape
+            seen = (seen + holdout.to_csr(n_users, n_items, users)).tocsr()
         return seen
 
     def recent(self, side: Side) -> np.ndarray:
