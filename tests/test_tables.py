@@ -5,14 +5,19 @@ import numpy as np
 from recsys_pipeline.tables import Triples, read_csr, rows_of, write_csr
 
 
-def test_a_matrix_of_some_users_holds_their_rows_whole_and_no_other_rows() -> None:
-    rng = np.random.default_rng(0)
-    n_users, n_items, n_pairs = 30, 20, 400
-    triples = Triples(
+def random_triples(rng: np.random.Generator, n_users: int, n_items: int, n_pairs: int) -> Triples:
+    """Random pairs, some repeated (a matrix sums them)."""
+    return Triples(
         rng.integers(0, n_users, n_pairs).astype(np.int32),
         rng.integers(0, n_items, n_pairs).astype(np.int32),
         rng.random(n_pairs).astype(np.float32),
     )
+
+
+def test_a_matrix_of_some_users_holds_their_rows_whole_and_no_other_rows() -> None:
+    rng = np.random.default_rng(0)
+    n_users, n_items = 30, 20
+    triples = random_triples(rng, n_users, n_items, 400)
     users = rng.random(n_users) < 0.3
     whole, some = triples.to_csr(n_users, n_items), triples.to_csr(n_users, n_items, users)
     assert some.shape == whole.shape
@@ -23,11 +28,7 @@ def test_a_matrix_of_some_users_holds_their_rows_whole_and_no_other_rows() -> No
 def test_a_csr_matrix_written_reads_back_whole_and_as_its_pairs(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     n_users, n_items, n_pairs = 40, 25, 300
-    triples = Triples(
-        rng.integers(0, n_users, n_pairs).astype(np.int32),
-        rng.integers(0, n_items, n_pairs).astype(np.int32),
-        rng.random(n_pairs).astype(np.float32),
-    )
+    triples = random_triples(rng, n_users, n_items, n_pairs)
     matrix = triples.to_csr(n_users, n_items)
     write_csr(matrix, tmp_path / "csr")
     read = read_csr(tmp_path / "csr", n_items)
