@@ -115,10 +115,9 @@ def build_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]
         )
         with atomic_dir(out.root) as staging:
             written = InteractionsFiles(staging)
-            if users_table is not None:
-                write_id_map(users_table, written.map_dir("users"))
             for side, id_map in (("users", maps.users), ("items", maps.items)):
-                if written.map_dir(side).is_dir():
+                if side == "users" and users_table is not None:
+                    write_id_map(users_table, written.map_dir(side))
                     continue
                 label_actions(spark, f"interactions: write the {side} map")
                 id_map.orderBy("idx").coalesce(1).write.parquet(str(written.map_dir(side)))
