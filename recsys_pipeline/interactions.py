@@ -100,6 +100,17 @@ def value_multiplier(value_map: dict[float, float]) -> Column:
     return F.when(value.isNull(), F.lit(0.0)).otherwise(multiplier)
 
 
+def value_multipliers(values: np.ndarray, value_map: dict[float, float]) -> np.ndarray:
+    """:func:`value_multiplier` in NumPy (NaN: no value), computed as Spark computes it."""
+    points = sorted(value_map.items())
+    multipliers = np.full(len(values), float(points[-1][1]))
+    for (low, low_weight), (high, high_weight) in reversed(list(zip(points, points[1:], strict=False))):
+        slope = (high_weight - low_weight) / (high - low)
+        multipliers = np.where(values <= high, low_weight + (values - low) * slope, multipliers)
+    multipliers = np.where(values <= points[0][0], float(points[0][1]), multipliers)
+    return np.where(np.isnan(values), 0.0, multipliers)
+
+
 def decayed(config: InteractionsConfig, as_of: Column) -> Column:
     """Per-event confidence, halved every ``half_life_days`` of age at ``as_of`` (if decay is on)."""
     confidence = confidence_expression(config)
@@ -381,6 +392,109 @@ def pair_confidences(
     # hash every event for nothing. The per-event confidences are shuffled by user alone: that also
     # serves the pair aggregation and every later per-user window without another shuffle.
     return per_event.repartition(user).groupBy(user, item).agg(*aggregates)
+
+
+def event_confidences(
+    event_type: pa.Array | pa.ChunkedArray,
+    value: np.ndarray,
+    seconds: np.ndarray,
+    config: InteractionsConfig,
+    as_of_seconds: int,
+) -> np.ndarray:
+    """:func:`decayed` in NumPy: each event's confidence from its type, its value (NaN where it has
+    none) and its time in whole seconds since the epoch (as Spark's ``unix_timestamp`` truncates it),
+    at ``as_of_seconds``."""
+    confidence = np.zeros(len(value))
+    for name, spec in config.event_weights.items():
+        rows = pc.fill_null(pc.equal(event_type, name), False).to_numpy(zero_copy_only=False)
+        if spec.value_map:
+            multiplier = value_multipliers(value[rows], spec.value_map)
+        elif spec.scale_by_value:
+            multiplier = np.nan_to_num(value[rows], nan=0.0)
+        else:
+            multiplier = np.ones(int(rows.sum()))
+        confidence[rows] = spec.weight * multiplier
+    if config.half_life_days:
+        age_days = (as_of_seconds - seconds) / 86400.0
+        confidence = confidence * np.power(0.5, age_days / config.half_life_days)
+    return confidence
+
+
+# The lake's columns a pair's confidence comes from, as the driver reads them.
+CONFIDENCE_ARROW_SCHEMA = pa.schema(
+    [
+        ("user_id", pa.string()),
+        ("item_id", pa.string()),
+        ("event_type", pa.string()),
+        ("value", pa.float64()),
+        ("event_ts", pa.timestamp("us", tz="UTC")),
+    ]
+)
+
+
+def driver_pair_confidences(
+    partitions: Sequence[Path],
+    start: datetime,
+    end: datetime,
+    maps: tuple[pa.Table, pa.Table],
+    config: InteractionsConfig,
+) -> pa.Table:
+    """:func:`pair_confidences` by index pair, with ``last_seen``, as of ``end``, of the events with
+    start <= event_ts < end in the lake's date folders ``partitions``, by Arrow and NumPy on the
+    driver (``HISTORY_ARROW_SCHEMA``): for events few enough to hold (a night's, a week's), which
+    Spark would index by broadcasting the ID maps (the users' and the items', ``maps``, which hold
+    every id of them) and shuffle for a few seconds' work.
+    """
+    in_window = (ds.field("event_ts") >= pa.scalar(start, pa.timestamp("us", tz="UTC"))) & (
+        ds.field("event_ts") < pa.scalar(end, pa.timestamp("us", tz="UTC"))
+    )
+    events = (
+        pa.concat_tables(
+            [
+                ds.dataset(str(partition), format="parquet")
+                .to_table(columns=CONFIDENCE_ARROW_SCHEMA.names, filter=in_window)
+                .cast(CONFIDENCE_ARROW_SCHEMA)
+                for partition in partitions
+            ],
+        )
+        if partitions
+        else CONFIDENCE_ARROW_SCHEMA.empty_table()
+    )
+    micros = events.column("event_ts").cast(pa.int64()).to_numpy()
+    confidence = event_confidences(
+        events.column("event_type"),
+        events.column("value").to_numpy(zero_copy_only=False).astype(np.float64),
+        np.floor_divide(micros, 1_000_000),
+        config,
+        int(end.timestamp()),
+    )
+    pairs = pa.table(
+        [
+            *(
+                map_indices(events.column(f"{side}_id"), id_map)
+                for side, id_map in zip(("user", "item"), maps, strict=True)
+            ),
+            pa.array(confidence),
+            events.column("event_ts"),
+        ],
+        names=HISTORY_ARROW_SCHEMA.names,
+    )
+    grouped = pairs.group_by(list(INDEX_PAIR)).aggregate(
+        [("confidence", config.aggregation), ("event_ts", "max")]
+    )
+    return (
+        grouped.select([*INDEX_PAIR, f"confidence_{config.aggregation}", "event_ts_max"])
+        .rename_columns(HISTORY_ARROW_SCHEMA.names)
+        .cast(HISTORY_ARROW_SCHEMA)
+    )
+
+
+def map_indices(ids: pa.ChunkedArray, id_map: pa.Table) -> pa.Array:
+    """The index ``id_map`` (id, idx) gives each of ``ids``, which it must all hold."""
+    positions = pc.index_in(ids, value_set=id_map.column("id").combine_chunks())
+    if positions.null_count:
+        raise ValueError(f"{positions.null_count} ids are not in the ID map extended for them")
+    return id_map.column("idx").take(positions).cast(pa.int32())
 
 
 def merged_pairs(

@@ -9,10 +9,13 @@ from pyspark.sql import functions as F
 
 from recsys_pipeline.events import LAKE_ARROW_SCHEMA, lake_partitions_between, partition_name, read_lake
 from recsys_pipeline.interactions import (
+    HISTORY_ARROW_SCHEMA,
+    ID_MAP_ARROW_SCHEMA,
     INDEX_PAIR,
     IdMaps,
     PairCounts,
     carried_pairs,
+    driver_pair_confidences,
     extend_id_map,
     extend_id_map_on_driver,
     indexed_events,
@@ -167,21 +170,31 @@ def test_id_maps_keep_old_indices_and_append_new_ids(spark, make_config, tmp_pat
 
 
 def _lake_of_users(lake: Path, users_by_hour: dict[int, list[str]]) -> None:
-    """A lake of one view per user and hour (hours after AS_OF), a file per date as ingest writes it."""
-    rows = [(user, AS_OF + timedelta(hours=hour)) for hour, users in users_by_hour.items() for user in users]
-    for day in sorted({ts.date() for _, ts in rows}):
+    """A lake of one view per user and hour (hours after AS_OF)."""
+    _lake_of_events(
+        lake,
+        [
+            (user, "i", "view", None, AS_OF + timedelta(hours=hour))
+            for hour, users in users_by_hour.items()
+            for user in users
+        ],
+    )
+
+
+def _lake_of_events(lake: Path, rows: list[tuple]) -> None:
+    """A lake of (user, item, type, value, time) events, a file per date as ingest writes it."""
+    for day in sorted({row[4].date() for row in rows}):
         folder = lake / partition_name(day)
         folder.mkdir(parents=True)
-        held = [(user, ts) for user, ts in rows if ts.date() == day]
-        columns = {
-            "user_id": [user for user, _ in held],
-            "item_id": ["i"] * len(held),
-            "event_type": ["view"] * len(held),
-            "value": [None] * len(held),
-            "event_ts": [ts for _, ts in held],
-            "ingested_at": [AS_OF] * len(held),
-            "source": ["test"] * len(held),
-        }
+        held = [row for row in rows if row[4].date() == day]
+        columns = dict(
+            zip(
+                ("user_id", "item_id", "event_type", "value", "event_ts"),
+                zip(*held, strict=True),
+                strict=True,
+            )
+        )
+        columns |= {"ingested_at": [AS_OF] * len(held), "source": ["test"] * len(held)}
         pq.write_table(pa.table(columns, schema=LAKE_ARROW_SCHEMA), folder / "part-00000.parquet")
 
 
@@ -233,6 +246,87 @@ def test_the_driver_extends_an_id_map_as_spark_does_within_its_bound(spark, tmp_
     every_user = sorted(["Zoe", "alice", "bob", "carol", "zed", "ß", "Émile", "émile"], key=str.encode)
     assert driver_map(8, mapped=None) == [(user, idx) for idx, user in enumerate(every_user)]
     assert driver_map(7, mapped=None) is None
+
+
+@pytest.mark.parametrize("aggregation", ["sum", "max"])
+@pytest.mark.parametrize("half_life_days", [None, 3.0])
+def test_the_driver_aggregates_a_windows_pairs_as_spark_does(
+    spark, make_config, tmp_path: Path, aggregation: str, half_life_days: float | None
+) -> None:
+    weights = {
+        "view": {"weight": 1},
+        "click": {"weight": 2},
+        "add_to_cart": {"weight": 3},
+        "purchase": {"weight": 10},
+        "watch": {"weight": 1, "scale_by_value": True},
+        "rating": {"weight": 2, "value_map": {2: 1, 4: 3, 5: 4}},
+    }
+    config = make_config(
+        **{
+            "interactions.aggregation": aggregation,
+            "interactions.half_life_days": half_life_days,
+            "interactions.event_weights": weights,
+        }
+    ).interactions
+    rng = np.random.default_rng(5)
+    # Every kind of weight (plain, scaled by value, a value map between, on and beyond its points,
+    # no value), a type without a weight, times to the microsecond over four dates, some of them
+    # outside the window on its first and last dates.
+    kinds = [
+        ("view", None),
+        ("purchase", None),
+        ("watch", 30.0),
+        ("watch", None),
+        ("rating", 3.5),
+        ("rating", 4.0),
+        ("rating", 0.5),
+        ("rating", 9.0),
+        ("rating", None),
+        ("share", None),
+    ]
+    rows = [
+        (
+            f"u{rng.integers(40)}",
+            f"i{rng.integers(25)}",
+            *kinds[rng.integers(len(kinds))],
+            AS_OF + timedelta(microseconds=int(offset)),
+        )
+        for offset in rng.integers(0, 4 * 86_400_000_000, 800)
+    ]
+    lake = tmp_path / "lake"
+    _lake_of_events(lake, rows)
+    start, end = AS_OF + timedelta(hours=5), AS_OF + timedelta(days=3, hours=7)
+    # Indices in no order of the ids: each id's own must be found.
+    users, items = (
+        pa.table(
+            {"id": ids, "idx": pa.array(rng.permutation(len(ids)) + offset, pa.int32())},
+            schema=ID_MAP_ARROW_SCHEMA,
+        )
+        for ids, offset in (([f"u{n}" for n in range(40)], 0), ([f"i{n}" for n in range(25)], 3))
+    )
+    partitions = lake_partitions_between(lake, start, end)
+    assert len(partitions) == 4
+
+    driver = driver_pair_confidences(partitions, start, end, (users, items), config)
+    maps = IdMaps(users=spark.createDataFrame(users), items=spark.createDataFrame(items))
+    expected = pair_confidences(
+        indexed_events(read_lake(spark, lake, start, end), maps, 100),
+        config,
+        F.lit(end),
+        INDEX_PAIR,
+        last_seen=True,
+    ).toArrow()
+    assert driver.schema == HISTORY_ARROW_SCHEMA
+    found, wanted = (
+        {(row["user_idx"], row["item_idx"]): row for row in table.to_pylist()} for table in (driver, expected)
+    )
+    assert 200 < len(found) == len(wanted) < len([row for row in rows if start <= row[4] < end])
+    assert {pair: row["event_ts"] for pair, row in found.items()} == {
+        pair: row["event_ts"] for pair, row in wanted.items()
+    }
+    confidences = {pair: row["confidence"] for pair, row in found.items()}
+    assert confidences == pytest.approx({pair: row["confidence"] for pair, row in wanted.items()}, rel=1e-12)
+    assert 0.0 in confidences.values()
 
 
 def _maps(spark) -> IdMaps:

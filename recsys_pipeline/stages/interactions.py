@@ -6,7 +6,7 @@ import json
 import logging
 import shutil
 from dataclasses import dataclass
-from datetime import UTC, datetime, time, timedelta
+from datetime import UTC, datetime, time
 from functools import partial
 from pathlib import Path
 
@@ -31,6 +31,7 @@ from recsys_pipeline.interactions import (
     carried_pairs,
     check_holdout_size,
     check_zero_confidence_share,
+    driver_pair_confidences,
     entity_activity,
     evaluable_users,
     extend_id_map,
@@ -89,46 +90,67 @@ def build_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]
     # Items are few enough to group every event by: that pass also sums the input fingerprint.
     item_activity = entity_activity(events, "item_id", run.interval_start, *fingerprint_sums()).cache()
     # A stored map's size comes from its file footers: no Spark job.
-    maps = IdMaps(
-        users=spark_user_map(spark, map_dir / "users", events)
-        if users_table is None
-        else spark.createDataFrame(users_table),
-        items=extend_id_map(
+    spark_maps = {
+        "items": extend_id_map(
             read_id_map_frame(spark, map_dir / "items"),
             catalogue_ids(spark, run, item_activity),
             stored_size(map_dir / "items"),
-        ).cache(),
-    )
+        ).cache()
+    }
     out = run.artifacts.interactions
-    cached: list[DataFrame] = [item_activity, maps.users, maps.items]
+    cached: list[DataFrame] = [item_activity, spark_maps["items"]]
     try:
         label_actions(spark, "interactions: item activity and the input fingerprint")
         read = input_fingerprint(item_activity)
         fingerprint = read + history.fingerprint if history else read
-        # Ids become dense indices before the aggregation: integer pairs shuffle and hash far cheaper than
-        # strings.
-        label_actions(spark, "interactions: the ID maps")
-        indexed = indexed_events(events, maps, run.config.spark.broadcast_max_rows)
         train_counts = PairCounts("train")
-        train_pairs, holdout_pairs, all_pairs = split(
-            events, indexed, run, window_end, train_counts, cached, read.events, history
-        )
+        train_pairs: DataFrame | None
+        holdout_pairs: DataFrame | None
+        all_pairs: DataFrame | HistoryMerge
+        if (
+            history is not None
+            and users_table is not None
+            and read.events <= run.config.spark.broadcast_max_rows
+        ):
+            # Only a refresh or a per-user holdout carries a history. Few enough events since (a
+            # night's, a week's) are aggregated on the driver and merged into it as it is written,
+            # without Spark indexing them, or reading or shuffling the history.
+            train_pairs, holdout_pairs = None, None
+            all_pairs = HistoryMerge(history.path, history.as_of, users_table)
+        else:
+            spark_maps["users"] = (
+                spark_user_map(spark, map_dir / "users", events)
+                if users_table is None
+                else spark.createDataFrame(users_table)
+            )
+            cached.append(spark_maps["users"])
+            # Ids become dense indices before the aggregation: integer pairs shuffle and hash far
+            # cheaper than strings.
+            label_actions(spark, "interactions: the ID maps")
+            maps = IdMaps(users=spark_maps["users"], items=spark_maps["items"])
+            indexed = indexed_events(events, maps, run.config.spark.broadcast_max_rows)
+            train_pairs, holdout_pairs, all_pairs = split(
+                events, indexed, run, window_end, train_counts, cached, history
+            )
         with atomic_dir(out.root) as staging:
             written = InteractionsFiles(staging)
-            for side, id_map in (("users", maps.users), ("items", maps.items)):
+            for side in SIDES:
                 if side == "users" and users_table is not None:
                     write_id_map(users_table, written.map_dir(side))
                     continue
                 label_actions(spark, f"interactions: write the {side} map")
-                id_map.orderBy("idx").coalesce(1).write.parquet(str(written.map_dir(side)))
+                spark_maps[side].orderBy("idx").coalesce(1).write.parquet(str(written.map_dir(side)))
             label_actions(spark, "interactions: write the pair history")
             if isinstance(all_pairs, HistoryMerge):
-                write_merged_history(
-                    all_pairs.pairs.toArrow(),
-                    all_pairs.history,
+                since = driver_pair_confidences(
+                    lake_partitions_between(run.layout.events_lake, all_pairs.as_of, window_end),
+                    all_pairs.as_of,
+                    window_end,
+                    (all_pairs.users, ds.dataset(str(written.map_dir("items")), format="parquet").to_table()),
                     config,
-                    all_pairs.elapsed,
-                    written.history_dir,
+                )
+                write_merged_history(
+                    since, all_pairs.history, config, window_end - all_pairs.as_of, written.history_dir
                 )
             else:
                 pair_writer(history_columns(all_pairs)).parquet(str(written.history_dir))
@@ -266,12 +288,12 @@ def catalogue_ids(spark: SparkSession, run: RunContext, item_activity: DataFrame
 
 @dataclass(frozen=True)
 class HistoryMerge:
-    """The pair aggregates of the events since the carried history, to merge into it as it is
-    written (:func:`write_merged_history`)."""
+    """The carried history the events since it merge into as it is written
+    (:func:`driver_pair_confidences`, :func:`write_merged_history`)."""
 
-    pairs: DataFrame
     history: Path  # the carried history's folder
-    elapsed: timedelta  # from the carried history's end to the run's
+    as_of: datetime  # where it ends: the events since are the merged ones
+    users: pa.Table  # the users' ID map, extended on the driver by those events
 
 
 def split(
@@ -281,15 +303,15 @@ def split(
     window_end: datetime,
     train_counts: PairCounts,
     cached: list[DataFrame],
-    events_read: int,
     history: PairHistory | None = None,
-) -> tuple[DataFrame | None, DataFrame | None, DataFrame | HistoryMerge]:
+) -> tuple[DataFrame | None, DataFrame | None, DataFrame]:
     """(training pairs, holdout pairs, every pair unfiltered) of the window's events (``indexed``: with
     their ID indices), by the run's holdout strategy; frames it persists are appended to ``cached`` for
     the caller to release.
 
     ``history`` holds the pairs an earlier run aggregated (``indexed`` then holds only the events
-    since), for a refresh or a per-user holdout; ``events_read``: how many events ``indexed`` holds.
+    since), for a refresh or a per-user holdout, with too many events since for the driver
+    (:class:`HistoryMerge`) or users too many for the driver's map.
 
     A refresh and a per-user holdout return no training or holdout pairs (None): those are read back
     from every pair once written (:func:`write_history_matrices`, which also picks each user's last
@@ -297,12 +319,6 @@ def split(
     the champion's, folded over the whole history.
     """
     config = run.config.interactions
-    # Only a refresh or a per-user holdout carries a history (a global cut aggregates the events
-    # before it apart). Few enough events since (a night's, a week's) merge into it as it is
-    # written, without Spark reading or shuffling it.
-    if history is not None and events_read <= run.config.spark.broadcast_max_rows:
-        since = pair_confidences(indexed, config, F.lit(window_end), INDEX_PAIR, last_seen=True)
-        return None, None, HistoryMerge(since, history.path, window_end - history.as_of)
     carried = carried_pairs(history.pairs, config, window_end - history.as_of) if history else None
     if run.mode == "refresh" or config.holdout.strategy == "per_user_last":
         every_pair = pair_confidences(
