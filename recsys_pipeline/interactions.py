@@ -34,7 +34,7 @@ from pyspark.sql import functions as F
 
 from recsys_pipeline.config import HoldoutConfig, InteractionsConfig
 from recsys_pipeline.errors import RecsysError
-from recsys_pipeline.events import hash_sums
+from recsys_pipeline.events import LAKE_ARROW_SCHEMA, hash_sums
 from recsys_pipeline.tables import MATRIX_ARROW_SCHEMA
 
 
@@ -422,13 +422,7 @@ def event_confidences(
 
 # The lake's columns a pair's confidence comes from, as the driver reads them.
 CONFIDENCE_ARROW_SCHEMA = pa.schema(
-    [
-        ("user_id", pa.string()),
-        ("item_id", pa.string()),
-        ("event_type", pa.string()),
-        ("value", pa.float64()),
-        ("event_ts", pa.timestamp("us", tz="UTC")),
-    ]
+    [LAKE_ARROW_SCHEMA.field(name) for name in ("user_id", "item_id", "event_type", "value", "event_ts")]
 )
 
 
