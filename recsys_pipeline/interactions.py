@@ -1,5 +1,5 @@
 """Build the user-item confidence matrix, its time-based holdout and stable ID maps (Spark, and
-Arrow with NumPy for the passes over a written pair history).
+Arrow with NumPy for the passes over a written pair history and for the few events merged into it).
 
 The stage that writes them (``stages.interactions``) produces::
 
