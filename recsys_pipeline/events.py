@@ -33,6 +33,7 @@ from urllib.parse import unquote, urlsplit
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from pyspark.sql import Column, DataFrame, DataFrameReader, DataFrameWriter, SparkSession, Window
 from pyspark.sql import functions as F
@@ -771,6 +772,14 @@ def read_lake(spark: SparkSession, lake: Path, start: datetime, end: datetime) -
         return spark.createDataFrame([], LAKE_SCHEMA)
     frame = spark.read.option("basePath", str(lake)).parquet(*paths)
     return frame.where((F.col("event_ts") >= F.lit(start)) & (F.col("event_ts") < F.lit(end)))
+
+
+def lake_window(start: datetime, end: datetime) -> ds.Expression:
+    """:func:`read_lake`'s filter for Arrow reading the lake's files: start <= event_ts < end."""
+    event_ts = ds.field("event_ts")
+    return (event_ts >= pa.scalar(start, pa.timestamp("us", tz="UTC"))) & (
+        event_ts < pa.scalar(end, pa.timestamp("us", tz="UTC"))
+    )
 
 
 def history_window(run: RunContext) -> tuple[datetime, datetime]:

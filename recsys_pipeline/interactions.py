@@ -34,7 +34,7 @@ from pyspark.sql import functions as F
 
 from recsys_pipeline.config import HoldoutConfig, InteractionsConfig
 from recsys_pipeline.errors import RecsysError
-from recsys_pipeline.events import LAKE_ARROW_SCHEMA, hash_sums
+from recsys_pipeline.events import LAKE_ARROW_SCHEMA, hash_sums, lake_window
 from recsys_pipeline.tables import MATRIX_ARROW_SCHEMA
 
 
@@ -439,9 +439,7 @@ def driver_pair_confidences(
     Spark would index by broadcasting the ID maps (the users' and the items', ``maps``, which hold
     every id of them) and shuffle for a few seconds' work.
     """
-    in_window = (ds.field("event_ts") >= pa.scalar(start, pa.timestamp("us", tz="UTC"))) & (
-        ds.field("event_ts") < pa.scalar(end, pa.timestamp("us", tz="UTC"))
-    )
+    in_window = lake_window(start, end)
     events = (
         pa.concat_tables(
             [
@@ -457,7 +455,7 @@ def driver_pair_confidences(
     micros = events.column("event_ts").cast(pa.int64()).to_numpy()
     confidence = event_confidences(
         events.column("event_type"),
-        events.column("value").to_numpy(zero_copy_only=False).astype(np.float64),
+        events.column("value").to_numpy(zero_copy_only=False),
         np.floor_divide(micros, 1_000_000),
         config,
         int(end.timestamp()),
@@ -735,9 +733,7 @@ def extend_id_map_on_driver(
     size = 0 if existing is None else existing.num_rows
     if size > max_rows:
         return None
-    in_window = (ds.field("event_ts") >= pa.scalar(start, pa.timestamp("us", tz="UTC"))) & (
-        ds.field("event_ts") < pa.scalar(end, pa.timestamp("us", tz="UTC"))
-    )
+    in_window = lake_window(start, end)
 
     def distinct(chunks: list[pa.Array]) -> pa.Array:
         ids = pc.unique(pa.chunked_array(chunks, pa.string()))
