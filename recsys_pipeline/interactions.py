@@ -230,9 +230,10 @@ def write_history_matrices(
     Returns the pairs dropped per reason (:func:`dropped_pairs`).
 
     :func:`supported`'s filters, counted by NumPy over the files, ``batch_rows`` pairs at a time, in
-    three passes (the held-out pairs with the items' support, the users' among the pairs it keeps,
-    the write): memory holds a few numbers per user and per item. Spark took 4-5 s for a 20M-event
-    history's training matrix, as its user support shuffled every pair by user.
+    three passes (the held-out pairs with the items' support, the users' among the pairs it keeps
+    where a user needs more than one, the write): memory holds a few numbers per user and per item.
+    Spark took 4-5 s for a 20M-event history's training matrix, as its user support shuffled every
+    pair by user.
     """
     pairs = ds.dataset(str(history), format="parquet")
     n_users, n_items = shape
@@ -254,12 +255,17 @@ def write_history_matrices(
     item_supported = (
         census.positive_per_item - np.bincount(held_out, minlength=n_items) >= config.min_item_interactions
     )
-    per_user = np.zeros(n_users, dtype=np.int64)
-    for batch, trains, positive in read():
-        items = batch.column("item_idx").to_numpy()
-        supported_pairs = trains & positive & item_supported[items]
-        per_user += np.bincount(batch.column("user_idx").to_numpy()[supported_pairs], minlength=n_users)
-    user_supported = per_user >= config.min_user_interactions
+    # A user with a pair left has one: at a minimum of one, the users' pass would drop nothing.
+    user_supported: np.ndarray | None = None
+    item_supported_pairs: int | None = None
+    if config.min_user_interactions > 1:
+        per_user = np.zeros(n_users, dtype=np.int64)
+        for batch, trains, positive in read():
+            items = batch.column("item_idx").to_numpy()
+            supported_pairs = trains & positive & item_supported[items]
+            per_user += np.bincount(batch.column("user_idx").to_numpy()[supported_pairs], minlength=n_users)
+        user_supported = per_user >= config.min_user_interactions
+        item_supported_pairs = int(per_user.sum())
     kept = 0
     train.mkdir(parents=True)
     holdout.mkdir(parents=True)
@@ -272,12 +278,16 @@ def write_history_matrices(
         )
         for batch, trains, positive in read():
             users, items = batch.column("user_idx").to_numpy(), batch.column("item_idx").to_numpy()
-            keep = trains & positive & item_supported[items] & user_supported[users]
+            keep = trains & positive & item_supported[items]
+            if user_supported is not None:
+                keep &= user_supported[users]
             kept += int(keep.sum())
             train_rows.write_table(capped_rows(batch, keep, config.max_confidence))
             if last_n:
                 holdout_rows.write_table(capped_rows(batch, ~trains & positive, config.max_confidence))
-    return dropped_pairs(aggregated, census.zero_confidence, int(per_user.sum()), kept)
+    if item_supported_pairs is None:
+        item_supported_pairs = kept
+    return dropped_pairs(aggregated, census.zero_confidence, item_supported_pairs, kept)
 
 
 @dataclass(frozen=True)
@@ -311,15 +321,19 @@ def pair_census(pairs: ds.Dataset, shape: tuple[int, int], last_n: int, batch_ro
     positives = np.zeros(n_users, dtype=np.int64)
     positive_per_item = np.zeros(n_items, dtype=np.int64)
     count = zero_confidence = 0
-    for batch in pairs.to_batches(columns=[*INDEX_PAIR, "confidence", "event_ts"], batch_size=batch_rows):
+    # Without a holdout the pairs' times are not needed: a night's 16M-pair census reads one column less.
+    columns = [*INDEX_PAIR, "confidence", *(["event_ts"] if last_n else [])]
+    for batch in pairs.to_batches(columns=columns, batch_size=batch_rows):
         positive = batch.column("confidence").to_numpy() > 0
         count += len(positive)
         zero_confidence += int((~positive).sum())
         users = batch.column("user_idx").to_numpy()[positive]
         items = batch.column("item_idx").to_numpy()[positive]
-        times = batch.column("event_ts").to_numpy().view(np.int64)[positive]
         positives += np.bincount(users, minlength=n_users)
         positive_per_item += np.bincount(items, minlength=n_items)
+        if not last_n:
+            continue
+        times = batch.column("event_ts").to_numpy().view(np.int64)[positive]
         for _ in range(last_n):
             if not len(users):
                 break

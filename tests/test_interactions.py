@@ -408,17 +408,25 @@ def _latest_per_user(history: Path, last_n: int) -> set[tuple[int, int]]:
     }
 
 
-# Supports that drop some pairs and keep most, with or without three pairs per user held out.
+# Supports that drop some pairs and keep most, with or without three pairs per user held out, and
+# the default minimum of one pair per user, which the users' pass is skipped for.
 @pytest.mark.parametrize(
-    ("last_n", "min_item_interactions"), [(3, 13), (None, 17)], ids=["last-3-held-out", "none-held-out"]
+    ("last_n", "min_item_interactions", "min_user_interactions"),
+    [(3, 13, 9), (None, 17, 9), (None, 17, 1)],
+    ids=["last-3-held-out", "none-held-out", "any-user"],
 )
 def test_the_matrices_of_a_written_history_are_the_pairs_spark_keeps_with_the_same_counts(
-    spark, make_config, tmp_path: Path, last_n: int | None, min_item_interactions: int
+    spark,
+    make_config,
+    tmp_path: Path,
+    last_n: int | None,
+    min_item_interactions: int,
+    min_user_interactions: int,
 ) -> None:
     config = make_config(
         **{
             "interactions.min_item_interactions": min_item_interactions,
-            "interactions.min_user_interactions": 9,
+            "interactions.min_user_interactions": min_user_interactions,
         }
     ).interactions
     history = tmp_path / "history"
@@ -445,7 +453,10 @@ def test_the_matrices_of_a_written_history_are_the_pairs_spark_keeps_with_the_sa
     assert _triples(train) == pytest.approx(expected_train)
     assert _triples(holdout) == pytest.approx(expected_holdout)
     assert dropped == counts.dropped(train.nnz)
-    # Every filter dropped something, and a capped pair is kept: the data exercises each of them.
+    # Every filter that can drop a pair dropped some, and a capped pair is kept: the data exercises
+    # each of them.
+    by_user = dropped.pop("dropped_pairs_min_user_support")
+    assert (by_user > 0) == (min_user_interactions > 1)
     assert min(dropped.values()) > 0 and max(train.confidence) == config.max_confidence
     # Users held out less than everything, and ties in time were broken: the choice is tested.
     if last_n:
