@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 from pyspark.sql import functions as F
 
+from recsys_pipeline.content import ITEM_ID
 from recsys_pipeline.events import LAKE_ARROW_SCHEMA, lake_partitions_between, partition_name, read_lake
 from recsys_pipeline.interactions import (
     HISTORY_ARROW_SCHEMA,
@@ -16,19 +17,29 @@ from recsys_pipeline.interactions import (
     PairCounts,
     carried_pairs,
     driver_pair_confidences,
+    entity_activity,
     extend_id_map,
     extend_id_map_on_driver,
     indexed_events,
     pair_confidences,
+    read_id_map_frame,
     recent_indices,
     supported,
     unmapped_ids,
+    window_ids,
     write_history_matrices,
     write_merged_history,
 )
 from recsys_pipeline.runs import RunContext
+from recsys_pipeline.stages.content import ITEMS_FILE
 from recsys_pipeline.stages.ingest import run_ingest
-from recsys_pipeline.stages.interactions import run_interactions
+from recsys_pipeline.stages.interactions import (
+    catalogue_ids,
+    driver_item_map,
+    run_interactions,
+    stored_size,
+    write_id_map,
+)
 from recsys_pipeline.tables import read_id_map, read_matrix
 
 AS_OF = datetime(2024, 1, 10, tzinfo=UTC)
@@ -224,7 +235,8 @@ def test_the_driver_extends_an_id_map_as_spark_does_within_its_bound(spark, tmp_
         return rows if len(rows) <= max_rows else None
 
     def driver_map(max_rows: int, mapped: pa.Table | None = existing) -> list[tuple[str, int]] | None:
-        table = extend_id_map_on_driver(partitions, "user_id", start, end, mapped, max_rows)
+        ids = window_ids(partitions, "user_id", start, end, max_rows)
+        table = None if ids is None else extend_id_map_on_driver(mapped, ids, max_rows)
         return (
             None
             if table is None
@@ -246,6 +258,42 @@ def test_the_driver_extends_an_id_map_as_spark_does_within_its_bound(spark, tmp_
     every_user = sorted(["Zoe", "alice", "bob", "carol", "zed", "ß", "Émile", "émile"], key=str.encode)
     assert driver_map(8, mapped=None) == [(user, idx) for idx, user in enumerate(every_user)]
     assert driver_map(7, mapped=None) is None
+
+
+# Metadata naming most of the window's items is the catalogue's: every item it names is mapped, those
+# without events too. Metadata naming few of them (another catalogue's) adds none.
+@pytest.mark.parametrize(
+    ("described", "added"),
+    [(["b", "c", "d", "new"], ["b", "c", "e", "new"]), (["c", "x", "y"], ["b", "c", "e"])],
+    ids=["the-catalogue", "another-catalogue"],
+)
+def test_the_driver_extends_the_items_map_with_the_metadata_as_spark_does(
+    spark, make_config, tmp_path: Path, described: list[str], added: list[str]
+) -> None:
+    config = make_config()
+    assert config.content.enabled
+    start, end = AS_OF, AS_OF + timedelta(days=2)
+    run = RunContext.create(config, "recsys_weekly", start, end, "manual__items")
+    # Items in the window (one already mapped, one twice), and one outside it.
+    times = [AS_OF + timedelta(hours=hours) for hours in (1, 5, 20, 30, 40, 50)]
+    items = ["b", "c", "d", "e", "b", "z"]
+    _lake_of_events(run.layout.events_lake, [("u", item, "view", None, t) for item, t in zip(items, times)])
+    run.layout.items_lake.mkdir(parents=True)
+    pq.write_table(pa.table({ITEM_ID: described}), run.layout.items_lake / ITEMS_FILE)
+    stored = run.layout.id_maps / "items"
+    write_id_map(pa.table({"id": ["d", "a"], "idx": pa.array([0, 1], pa.int32())}), stored)
+
+    activity = entity_activity(read_lake(spark, run.layout.events_lake, start, end), "item_id", start)
+    expected = extend_id_map(
+        read_id_map_frame(spark, stored), catalogue_ids(spark, run, activity), stored_size(stored)
+    ).orderBy("idx")
+    table = driver_item_map(run, start, end)
+
+    assert table is not None
+    assert list(zip(table["id"].to_pylist(), table["idx"].to_pylist(), strict=True)) == [
+        (row.id, row.idx) for row in expected.collect()
+    ]
+    assert table["id"].to_pylist() == ["d", "a", *added]
 
 
 # Each event's weight is computed apart from how the pairs aggregate: one case of each covers both.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, time
 from functools import partial
@@ -12,12 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from pyspark.sql import DataFrame, DataFrameWriter, SparkSession
 from pyspark.sql import functions as F
 
-from recsys_pipeline.artifacts import SIDES, InteractionsFiles
+from recsys_pipeline.artifacts import SIDES, InteractionsFiles, Side
 from recsys_pipeline.config import InteractionsConfig
 from recsys_pipeline.content import ITEM_ID
 from recsys_pipeline.events import history_window, lake_partitions_between, lake_signature, read_lake
@@ -49,6 +51,7 @@ from recsys_pipeline.interactions import (
     recent_indices,
     supported,
     unmapped_ids,
+    window_ids,
     write_history_matrices,
     write_merged_history,
 )
@@ -87,21 +90,29 @@ def build_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]
     for side in SIDES:
         recover_pointer(map_dir / side)
     users_table = driver_user_map(run, start, window_end)
-    # Items are few enough to group every event by: that pass also sums the input fingerprint.
-    item_activity = entity_activity(events, "item_id", run.interval_start, *fingerprint_sums()).cache()
-    # A stored map's size comes from its file footers: no Spark job.
-    spark_maps = {
-        "items": extend_id_map(
+    driver_maps: dict[Side, pa.Table | None] = {
+        "users": users_table,
+        "items": driver_item_map(run, start, window_end),
+    }
+    spark_maps: dict[Side, DataFrame] = {}
+    cached: list[DataFrame] = []
+    if driver_maps["items"] is None:
+        # Items are few enough to group every event by: that pass also sums the input fingerprint.
+        read_sums = entity_activity(events, "item_id", run.interval_start, *fingerprint_sums()).cache()
+        # A stored map's size comes from its file footers: no Spark job.
+        spark_maps["items"] = extend_id_map(
             read_id_map_frame(spark, map_dir / "items"),
-            catalogue_ids(spark, run, item_activity),
+            catalogue_ids(spark, run, read_sums),
             stored_size(map_dir / "items"),
         ).cache()
-    }
-    out = run.artifacts.interactions
-    cached: list[DataFrame] = [item_activity, spark_maps["items"]]
-    try:
+        cached += [read_sums, spark_maps["items"]]
         label_actions(spark, "interactions: item activity and the input fingerprint")
-        read = input_fingerprint(item_activity)
+    else:
+        read_sums = events.agg(*fingerprint_sums())
+        label_actions(spark, "interactions: the input fingerprint")
+    out = run.artifacts.interactions
+    try:
+        read = input_fingerprint(read_sums)
         fingerprint = read + history.fingerprint if history else read
         train_counts = PairCounts("train")
         train_pairs: DataFrame | None
@@ -118,11 +129,11 @@ def build_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]
             train_pairs, holdout_pairs = None, None
             all_pairs = HistoryMerge(history.path, history.as_of, users_table)
         else:
-            spark_maps["users"] = (
-                spark_user_map(spark, map_dir / "users", events)
-                if users_table is None
-                else spark.createDataFrame(users_table)
-            )
+            for side, table in driver_maps.items():
+                if table is not None:
+                    spark_maps[side] = spark.createDataFrame(table)
+            if users_table is None:
+                spark_maps["users"] = spark_user_map(spark, map_dir / "users", events)
             cached.append(spark_maps["users"])
             # Ids become dense indices before the aggregation: integer pairs shuffle and hash far
             # cheaper than strings.
@@ -135,8 +146,9 @@ def build_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]
         with atomic_dir(out.root) as staging:
             written = InteractionsFiles(staging)
             for side in SIDES:
-                if side == "users" and users_table is not None:
-                    write_id_map(users_table, written.map_dir(side))
+                table = driver_maps[side]
+                if table is not None:
+                    write_id_map(table, written.map_dir(side))
                     continue
                 label_actions(spark, f"interactions: write the {side} map")
                 spark_maps[side].orderBy("idx").coalesce(1).write.parquet(str(written.map_dir(side)))
@@ -235,13 +247,47 @@ def driver_user_map(run: RunContext, start: datetime, end: datetime) -> pa.Table
     """The users' ID map extended by the events with start <= event_ts < end, found by Arrow on the
     driver (:func:`extend_id_map_on_driver`), or None where it would hold more than
     ``spark.broadcast_max_rows`` ids (Spark then extends it)."""
-    stored = run.layout.id_maps / "users"
+    return driver_id_map(run, "users", "user_id", start, end)
+
+
+def driver_item_map(run: RunContext, start: datetime, end: datetime) -> pa.Table | None:
+    """The items' ID map extended on the driver as :func:`catalogue_ids` extends it with Spark: by the
+    items of the events with start <= event_ts < end and, where it describes them, every item of the
+    content metadata; or None where it would hold more than ``spark.broadcast_max_rows`` ids."""
+
+    def with_described(ids: pa.Array) -> pa.Array:
+        items_file = run.layout.items_lake / ITEMS_FILE
+        if not (run.config.content.enabled and items_file.is_file()):
+            return ids
+        described = pq.read_table(items_file, columns=[ITEM_ID]).column(ITEM_ID).cast(pa.string())
+        if not describes_catalogue(int(pc.sum(pc.is_in(ids, value_set=described)).as_py() or 0), len(ids)):
+            return ids
+        return pc.unique(pa.chunked_array([ids, *described.chunks], pa.string()))
+
+    return driver_id_map(run, "items", "item_id", start, end, with_described)
+
+
+def driver_id_map(
+    run: RunContext,
+    side: Side,
+    column: str,
+    start: datetime,
+    end: datetime,
+    catalogue: Callable[[pa.Array], pa.Array] | None = None,
+) -> pa.Table | None:
+    """The shared ID map of ``side`` extended on the driver by the ids of ``column`` in the events with
+    start <= event_ts < end (or by the ``catalogue`` made of them), or None where it would hold more
+    than ``spark.broadcast_max_rows`` ids."""
+    stored = run.layout.id_maps / side
     max_rows = run.config.spark.broadcast_max_rows
     if stored_size(stored) > max_rows:
         return None
-    existing = ds.dataset(str(stored), format="parquet").to_table() if stored.is_dir() else None
     partitions = lake_partitions_between(run.layout.events_lake, start, end)
-    return extend_id_map_on_driver(partitions, "user_id", start, end, existing, max_rows)
+    ids = window_ids(partitions, column, start, end, max_rows)
+    if ids is None:
+        return None
+    existing = ds.dataset(str(stored), format="parquet").to_table() if stored.is_dir() else None
+    return extend_id_map_on_driver(existing, ids if catalogue is None else catalogue(ids), max_rows)
 
 
 def spark_user_map(spark: SparkSession, stored: Path, events: DataFrame) -> DataFrame:
@@ -280,10 +326,14 @@ def catalogue_ids(spark: SparkSession, run: RunContext, item_activity: DataFrame
     if not (run.config.content.enabled and items_file.is_file()):
         return ids
     described = spark.read.parquet(str(items_file)).select(F.col(ITEM_ID).alias("id"))
-    matched = ids.join(described, "id", "left_semi").count()
-    if matched < MIN_DESCRIBED_SHARE * ids.count():
+    if not describes_catalogue(ids.join(described, "id", "left_semi").count(), ids.count()):
         return ids
     return ids.unionByName(described)
+
+
+def describes_catalogue(matched: int, ids: int) -> bool:
+    """Whether metadata naming ``matched`` of the events' ``ids`` distinct items is this catalogue's."""
+    return matched >= MIN_DESCRIBED_SHARE * ids
 
 
 @dataclass(frozen=True)
