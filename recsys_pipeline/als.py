@@ -271,7 +271,7 @@ def implicit_loss(
     dimensions ALS learned."""
     from implicit.cpu import _als
 
-    confidence = (params.alpha * user_items).astype(np.float32).tocsr()
+    confidence = (params.alpha * user_items).astype(np.float32, copy=False).tocsr()
     with threadpool_limits(limits=1, user_api="blas"):
         return float(
             _als.calculate_loss(

@@ -52,7 +52,7 @@ def fold_in(
     model.user_factors = np.ascontiguousarray(learned(parent.dense_users(n_users), params))
     model.item_factors = np.ascontiguousarray(learned(parent_items, params))
     popularity_today = item_popularity(user_items) if params.popularity_weight else None
-    user_items = weighted(user_items.astype(np.float32).tocsr(), params, item_weights)
+    user_items = weighted(user_items.astype(np.float32, copy=False).tocsr(), params, item_weights)
     with threadpool_limits(limits=1, user_api="blas"):
         if len(new_items):
             model.partial_fit_items(new_items, user_items.T.tocsr()[new_items])
@@ -61,7 +61,7 @@ def fold_in(
         elif len(users):
             # Warm start from the parent's vector (zero for a new user); implicit's CG solver in place.
             vectors = np.ascontiguousarray(model.user_factors[users])
-            confidence = (params.alpha * user_items[users]).astype(np.float32).tocsr()
+            confidence = (params.alpha * user_items[users]).astype(np.float32, copy=False).tocsr()
             _als.least_squares_cg(
                 confidence,
                 vectors,
