@@ -434,7 +434,7 @@ class SparkConfig(_Section):
         default=5_000_000,
         ge=0,
         description="An ID map joined by broadcast is held whole by the driver and every executor, the "
-        "users' map extended and a night's (a week's) events aggregated and merged into the carried "
+        "ID maps extended and a night's (a week's) events aggregated and merged into the carried "
         "history by the driver: up to this many rows; larger ones by Spark, joined by a shuffle.",
     )
     conf: dict[str, str] = Field(
