@@ -341,7 +341,9 @@ def pair_census(pairs: ds.Dataset, shape: tuple[int, int], last_n: int, batch_ro
             np.maximum.at(batch_latest, users, times)
             at_latest = times == batch_latest[users]
             batch_highest = np.full(n_users, -1, dtype=np.int64)
-            np.maximum.at(batch_highest, users[at_latest], items[at_latest])
+            # Values of the target's own type: ufunc.at has a fast loop only for those (the 32-bit
+            # items cast one by one took 1.1 s of a 17.5M-pair census, 0.55 s cast at once).
+            np.maximum.at(batch_highest, users[at_latest], items[at_latest].astype(np.int64))
             taken = at_latest & (items == batch_highest[users])
             users, items, times = users[~taken], items[~taken], times[~taken]
             # Insert each user's candidate into their best-first list, pushing the rest down.
