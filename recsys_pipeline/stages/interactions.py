@@ -256,8 +256,8 @@ def driver_item_map(run: RunContext, start: datetime, end: datetime) -> pa.Table
     content metadata; or None where it would hold more than ``spark.broadcast_max_rows`` ids."""
 
     def with_described(ids: pa.Array) -> pa.Array:
-        items_file = run.layout.items_lake / ITEMS_FILE
-        if not (run.config.content.enabled and items_file.is_file()):
+        items_file = content_metadata(run)
+        if items_file is None:
             return ids
         described = pq.read_table(items_file, columns=[ITEM_ID]).column(ITEM_ID).cast(pa.string())
         if not describes_catalogue(int(pc.sum(pc.is_in(ids, value_set=described)).as_py() or 0), len(ids)):
@@ -322,13 +322,19 @@ def catalogue_ids(spark: SparkSession, run: RunContext, item_activity: DataFrame
     content stage then says what is wrong.
     """
     ids = item_activity.select("id")
-    items_file = run.layout.items_lake / ITEMS_FILE
-    if not (run.config.content.enabled and items_file.is_file()):
+    items_file = content_metadata(run)
+    if items_file is None:
         return ids
     described = spark.read.parquet(str(items_file)).select(F.col(ITEM_ID).alias("id"))
     if not describes_catalogue(ids.join(described, "id", "left_semi").count(), ids.count()):
         return ids
     return ids.unionByName(described)
+
+
+def content_metadata(run: RunContext) -> Path | None:
+    """The item metadata the catalogue may take items from: with content on, once ingested."""
+    items_file = run.layout.items_lake / ITEMS_FILE
+    return items_file if run.config.content.enabled and items_file.is_file() else None
 
 
 def describes_catalogue(matched: int, ids: int) -> bool:
