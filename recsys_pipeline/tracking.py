@@ -14,7 +14,7 @@ from typing import Any
 
 from recsys_pipeline.config import RegistryConfig
 from recsys_pipeline.redaction import redact_text
-from recsys_pipeline.state import StateLayout
+from recsys_pipeline.state import StateLayout, describe_holder, file_lock
 
 # Progress bars would land in task logs as noise.
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -29,9 +29,24 @@ def client(config: RegistryConfig) -> Any:
     """An ``MlflowClient`` for the configured tracking and registry store."""
     from mlflow import MlflowClient
 
-    if config.mlflow.tracking_uri is None:
-        StateLayout.of(config).mlflow_dir.mkdir(parents=True, exist_ok=True)
-    return MlflowClient(config.tracking_uri, config.tracking_uri)
+    if config.mlflow.tracking_uri is not None:
+        return MlflowClient(config.tracking_uri, config.tracking_uri)
+    # MLflow creates and migrates a new SQLite store on first use without a lock of its own (for
+    # its tracking and registry stores), so runs starting at once on a new state folder would
+    # migrate it together and fail; each process's first use happens under a lock beside the
+    # database (a file lock reaches every process SQLite itself can serve).
+    layout = StateLayout.of(config)
+    with file_lock(
+        layout.mlflow_dir / "store.lock",
+        "MLflow store",
+        shared=False,
+        timeout_s=config.locks.timeout_s,
+        holder=describe_holder(),
+    ):
+        bound = MlflowClient(config.tracking_uri, config.tracking_uri)
+        bound.search_experiments(max_results=1)
+        bound.search_registered_models(max_results=1)
+    return bound
 
 
 @contextmanager
@@ -52,6 +67,8 @@ def fluent(config: RegistryConfig) -> Iterator[Any]:
 
 def experiment_id(bound: Any, config: RegistryConfig) -> str:
     """The configured experiment, created on first use."""
+    from mlflow.exceptions import MlflowException
+
     experiment = bound.get_experiment_by_name(config.mlflow.experiment)
     if experiment is not None:
         return str(experiment.experiment_id)
@@ -59,4 +76,10 @@ def experiment_id(bound: Any, config: RegistryConfig) -> str:
     location = (
         StateLayout.of(config).mlflow_artifacts.as_uri() if config.mlflow.tracking_uri is None else None
     )
-    return str(bound.create_experiment(config.mlflow.experiment, artifact_location=location))
+    try:
+        return str(bound.create_experiment(config.mlflow.experiment, artifact_location=location))
+    except MlflowException as error:
+        # Another run created it since this one looked.
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return str(bound.get_experiment_by_name(config.mlflow.experiment).experiment_id)

@@ -133,3 +133,42 @@ def test_what_writes_shared_state_waits_for_its_lock(spark, own_weekly_run, name
     finally:
         holder.kill()
         holder.wait()
+
+
+FIRST_STORE_USE = """
+import sys, time
+from pathlib import Path
+from recsys_pipeline import tracking
+from recsys_pipeline.config import RegistryConfig
+
+config = RegistryConfig(state_dir=sys.argv[1])
+go = Path(sys.argv[2])
+print("ready", flush=True)
+while not go.exists():
+    time.sleep(0.01)
+bound = tracking.client(config)
+print(tracking.experiment_id(bound, config), len(bound.search_registered_models()))
+"""
+
+
+@pytest.mark.e2e
+def test_runs_starting_at_once_on_a_new_state_folder_share_one_embedded_store(tmp_path: Path) -> None:
+    # MLflow migrates a new SQLite store on first use without a lock: without the one beside the
+    # database, all but one of these fail in its migrations.
+    go = tmp_path / "go"
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", FIRST_STORE_USE, str(tmp_path / "state"), str(go)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    for run in runs:
+        assert run.stdout is not None and run.stdout.readline().strip() == "ready"
+    go.touch()
+    outcomes = [run.communicate(timeout=120) for run in runs]
+    assert [(run.returncode, out.strip()) for run, (out, _) in zip(runs, outcomes, strict=True)] == [
+        (0, "1 0")
+    ] * 3, [err[-2000:] for _, err in outcomes]
