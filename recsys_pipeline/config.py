@@ -433,9 +433,16 @@ class SparkConfig(_Section):
     broadcast_max_rows: int = Field(
         default=5_000_000,
         ge=0,
-        description="An ID map joined by broadcast is held whole by the driver and every executor, the "
-        "ID maps extended and a night's (a week's) events aggregated and merged into the carried "
-        "history by the driver: up to this many rows; larger ones by Spark, joined by a shuffle.",
+        description="An ID map joined by broadcast is held whole by the driver and every executor, and "
+        "extended by the driver: up to this many rows; larger ones by Spark, joined by a shuffle.",
+    )
+    driver_max_events: int = Field(
+        default=25_000_000,
+        ge=0,
+        description="A run's events (a night's, a week's, a first window) are aggregated into pairs "
+        "by the driver when there are at most this many and the users' ID map is the driver's (within "
+        "broadcast_max_rows); memory: 24 bytes an event, and about 60 for each of a batch of 4M read "
+        "at a time. More, by Spark.",
     )
     conf: dict[str, str] = Field(
         default={},

@@ -28,7 +28,11 @@ LOG = [
 ]
 
 
-def _split(make_config, tmp_path: Path, spark, log=LOG, **overrides) -> tuple[set, set]:
+def _split(
+    make_config, tmp_path: Path, spark, log=LOG, on_driver: bool | None = None, **overrides
+) -> tuple[set, set]:
+    """(training, holdout) pairs of a weekly over ``log``; ``on_driver``: whether its pairs must have
+    been aggregated on the driver (rather than by Spark)."""
     source = tmp_path / "log.csv"
     source.write_text(
         "user,item,ts\n"
@@ -49,6 +53,8 @@ def _split(make_config, tmp_path: Path, spark, log=LOG, **overrides) -> tuple[se
     run = RunContext.create(config, "holdout", END - timedelta(days=7), END)
     run_ingest(spark, run)
     run_interactions(spark, run)
+    if on_driver is not None:
+        assert run.artifacts.read_metrics()["pairs_aggregated_on_driver"] == float(on_driver)
     users, items = run.artifacts.interactions.ids("users"), run.artifacts.interactions.ids("items")
 
     def pairs(triples) -> set[tuple[str, str]]:
@@ -90,15 +96,21 @@ def test_share_holds_out_the_most_recent_share_of_events(spark, make_config, tmp
     assert ("ann", "c") in train and len(train) == 5
 
 
-def test_per_user_last_holds_out_each_users_latest_items(spark, make_config, tmp_path: Path) -> None:
+# The window's events aggregated by the driver (the default at this size), or by Spark.
+@pytest.mark.parametrize("driver_max_events", [25_000_000, 0], ids=["driver", "spark"])
+def test_per_user_last_holds_out_each_users_latest_items(
+    spark, make_config, tmp_path: Path, driver_max_events: int
+) -> None:
     train, holdout = _split(
         make_config,
         tmp_path,
         spark,
+        on_driver=driver_max_events > 0,
         **{
             "interactions.holdout.strategy": "per_user_last",
             "interactions.holdout.last_n": 1,
             "evaluation.min_users": 1,
+            "spark.driver_max_events": driver_max_events,
         },
     )
     # bob's repeat of item a makes it his latest pair; cat has nothing left to train on, so keeps his.

@@ -297,9 +297,12 @@ def test_the_driver_extends_the_items_map_with_the_metadata_as_spark_does(
 
 
 # Each event's weight is computed apart from how the pairs aggregate: one case of each covers both.
-@pytest.mark.parametrize(("aggregation", "half_life_days"), [("sum", None), ("max", 3.0)])
+# A batch of 100 events: the dates are read in several batches, each pair's events spread over them.
+@pytest.mark.parametrize(
+    ("aggregation", "half_life_days", "batch_events"), [("sum", None, 1 << 22), ("max", 3.0, 100)]
+)
 def test_the_driver_aggregates_a_windows_pairs_as_spark_does(
-    spark, make_config, tmp_path: Path, aggregation: str, half_life_days: float | None
+    spark, make_config, tmp_path: Path, aggregation: str, half_life_days: float | None, batch_events: int
 ) -> None:
     weights = {
         "view": {"weight": 1},
@@ -355,7 +358,7 @@ def test_the_driver_aggregates_a_windows_pairs_as_spark_does(
     partitions = lake_partitions_between(lake, start, end)
     assert len(partitions) == 4
 
-    driver = driver_pair_confidences(partitions, start, end, (users, items), config)
+    driver = driver_pair_confidences(partitions, start, end, (users, items), config, batch_events)
     maps = IdMaps(users=spark.createDataFrame(users), items=spark.createDataFrame(items))
     expected = pair_confidences(
         indexed_events(read_lake(spark, lake, start, end), maps, 100),

@@ -52,6 +52,7 @@ from recsys_pipeline.interactions import (
     supported,
     unmapped_ids,
     window_ids,
+    write_history,
     write_history_matrices,
     write_merged_history,
 )
@@ -117,17 +118,19 @@ def build_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]
         train_counts = PairCounts("train")
         train_pairs: DataFrame | None
         holdout_pairs: DataFrame | None
-        all_pairs: DataFrame | HistoryMerge
+        all_pairs: DataFrame | DriverPairs
+        every_pair_written = run.mode == "refresh" or config.holdout.strategy == "per_user_last"
         if (
-            history is not None
+            every_pair_written
             and users_table is not None
-            and read.events <= run.config.spark.broadcast_max_rows
+            and read.events <= run.config.spark.driver_max_events
         ):
-            # Only a refresh or a per-user holdout carries a history. Few enough events since (a
-            # night's, a week's) are aggregated on the driver and merged into it as it is written,
-            # without Spark indexing them, or reading or shuffling the history.
+            # The pairs are the written history, the matrices read from it (only a refresh or a
+            # per-user holdout carries a history): few enough events (a night's, a week's, a first
+            # window's) are aggregated on the driver, and merged into a carried history as it is
+            # written, without Spark indexing or shuffling them, or reading the history.
             train_pairs, holdout_pairs = None, None
-            all_pairs = HistoryMerge(history.path, history.as_of, users_table)
+            all_pairs = DriverPairs(history.path if history else None, start, users_table)
         else:
             for side, table in driver_maps.items():
                 if table is not None:
@@ -153,17 +156,20 @@ def build_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]
                 label_actions(spark, f"interactions: write the {side} map")
                 spark_maps[side].orderBy("idx").coalesce(1).write.parquet(str(written.map_dir(side)))
             label_actions(spark, "interactions: write the pair history")
-            if isinstance(all_pairs, HistoryMerge):
+            if isinstance(all_pairs, DriverPairs):
                 since = driver_pair_confidences(
-                    lake_partitions_between(run.layout.events_lake, all_pairs.as_of, window_end),
-                    all_pairs.as_of,
+                    lake_partitions_between(run.layout.events_lake, all_pairs.start, window_end),
+                    all_pairs.start,
                     window_end,
                     (all_pairs.users, ds.dataset(str(written.map_dir("items")), format="parquet").to_table()),
                     config,
                 )
-                write_merged_history(
-                    since, all_pairs.history, config, window_end - all_pairs.as_of, written.history_dir
-                )
+                if all_pairs.history is None:
+                    write_history(since, written.history_dir)
+                else:
+                    write_merged_history(
+                        since, all_pairs.history, config, window_end - all_pairs.start, written.history_dir
+                    )
             else:
                 pair_writer(history_columns(all_pairs)).parquet(str(written.history_dir))
             write_recent(written, run.interval_start)
@@ -227,6 +233,7 @@ def build_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]
         "holdout_users_evaluable": float(evaluable),
         "window_events": float(fingerprint.events),
         "history_carried": float(history is not None),
+        "pairs_aggregated_on_driver": float(isinstance(all_pairs, DriverPairs)),
         **dropped,
     }
     run.artifacts.write_metrics("interactions", metrics)
@@ -343,12 +350,12 @@ def describes_catalogue(matched: int, ids: int) -> bool:
 
 
 @dataclass(frozen=True)
-class HistoryMerge:
-    """The carried history the events since it merge into as it is written
-    (:func:`driver_pair_confidences`, :func:`write_merged_history`)."""
+class DriverPairs:
+    """The events the driver aggregates (:func:`driver_pair_confidences`), and the carried history
+    they merge into as it is written (:func:`write_merged_history`), if any."""
 
-    history: Path  # the carried history's folder
-    as_of: datetime  # where it ends: the events since are the merged ones
+    history: Path | None  # the carried history's folder
+    start: datetime  # where the history ends, or the window starts: the events since are aggregated
     users: pa.Table  # the users' ID map, extended on the driver by those events
 
 
@@ -367,7 +374,7 @@ def split(
 
     ``history`` holds the pairs an earlier run aggregated (``indexed`` then holds only the events
     since), for a refresh or a per-user holdout, with too many events since for the driver
-    (:class:`HistoryMerge`) or users too many for the driver's map.
+    (:class:`DriverPairs`) or users too many for the driver's map.
 
     A refresh and a per-user holdout return no training or holdout pairs (None): those are read back
     from every pair once written (:func:`write_history_matrices`, which also picks each user's last
