@@ -441,7 +441,7 @@ class SparkConfig(_Section):
         ge=0,
         description="A run's events (a night's, a week's, a first window) are aggregated into pairs "
         "by the driver when there are at most this many and the users' ID map is the driver's (within "
-        "broadcast_max_rows); memory: 24 bytes an event, and about 60 for each of a batch of 4M read "
+        "broadcast_max_rows); memory: 24 bytes an event, and about 60 for each of a batch of 2M read "
         "at a time. More, by Spark.",
     )
     conf: dict[str, str] = Field(

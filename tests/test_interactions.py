@@ -297,7 +297,8 @@ def test_the_driver_extends_the_items_map_with_the_metadata_as_spark_does(
 
 
 # Each event's weight is computed apart from how the pairs aggregate: one case of each covers both.
-# A batch of 100 events: the dates are read in several batches, each pair's events spread over them.
+# A batch of 100 events: the dates are read in several batches, each pair's events spread over them,
+# and aggregated in as many parts by user.
 @pytest.mark.parametrize(
     ("aggregation", "half_life_days", "batch_events"), [("sum", None, 1 << 22), ("max", 3.0, 100)]
 )
@@ -358,7 +359,9 @@ def test_the_driver_aggregates_a_windows_pairs_as_spark_does(
     partitions = lake_partitions_between(lake, start, end)
     assert len(partitions) == 4
 
-    driver = driver_pair_confidences(partitions, start, end, (users, items), config, batch_events)
+    parts = list(driver_pair_confidences(partitions, start, end, (users, items), config, batch_events))
+    assert len(parts) == (1 if batch_events > 800 else 8)
+    driver = pa.concat_tables(parts)
     maps = IdMaps(users=spark.createDataFrame(users), items=spark.createDataFrame(items))
     expected = pair_confidences(
         indexed_events(read_lake(spark, lake, start, end), maps, 100),
@@ -371,7 +374,7 @@ def test_the_driver_aggregates_a_windows_pairs_as_spark_does(
     found, wanted = (
         {(row["user_idx"], row["item_idx"]): row for row in table.to_pylist()} for table in (driver, expected)
     )
-    assert 200 < len(found) == len(wanted) < len([row for row in rows if start <= row[4] < end])
+    assert 200 < len(found) == len(wanted) == driver.num_rows < len([r for r in rows if start <= r[4] < end])
     assert {pair: row["event_ts"] for pair, row in found.items()} == {
         pair: row["event_ts"] for pair, row in wanted.items()
     }

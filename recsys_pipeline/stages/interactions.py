@@ -168,7 +168,11 @@ def build_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]
                     write_history(since, written.history_dir)
                 else:
                     write_merged_history(
-                        since, all_pairs.history, config, window_end - all_pairs.start, written.history_dir
+                        pa.concat_tables(since),
+                        all_pairs.history,
+                        config,
+                        window_end - all_pairs.start,
+                        written.history_dir,
                     )
             else:
                 pair_writer(history_columns(all_pairs)).parquet(str(written.history_dir))
