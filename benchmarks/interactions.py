@@ -2,15 +2,18 @@
 
 Both read the same synthetic events from the lake and end with a CSR matrix: confidence
 weights per event type (watch scaled by its value), sum per (user, item), cap, dense ids.
-The Spark side is the pipeline's own stage (which also writes the holdout and ID maps).
+The Spark side is the pipeline's own stage (which also writes the holdout and ID maps) at the
+pipeline's default holdout (``holdout``): its driver aggregates a window of up to
+``spark.driver_max_events``, so its memory is this process's with the JVM's.
 Results: ``events``, ``spark_events_per_s``, ``baseline_events_per_s``, ``spark_peak_rss_mb``,
 ``spark_vs_baseline`` (throughput ratio, < 1 means Spark is slower).
 
 Each side runs ``repeats`` times (the baseline after the Spark JVM has exited) and keeps its
 fastest run, as ``timeit`` does: the minimum is the run the rest of the machine disturbed least
-(single runs here vary by 15-20%). Every Spark run starts without ID maps, so each assigns every
-index. The first Spark run also pays the JVM's JIT warm-up, as a fresh ``spark-submit`` does: it
-is reported as ``spark_first_run_s``, every run's time as ``spark_runs_s`` and ``baseline_runs_s``.
+(single runs here vary by 15-20%). Every Spark run starts without ID maps or a pair history to
+carry, so each assigns every index and aggregates every event. The first Spark run also pays the
+JVM's JIT warm-up, as a fresh ``spark-submit`` does: it is reported as ``spark_first_run_s``, every
+run's time as ``spark_runs_s`` and ``baseline_runs_s``.
 """
 
 from __future__ import annotations
@@ -45,12 +48,16 @@ PARAMS: dict[str, Any] = {
     "spark_master": "local[2]",
     # The pipeline's default (conf/pipeline.yaml): the peak memory measured is then a run's.
     "spark_driver_memory": "4g",
+    # The pipeline's default holdout (each user's latest pairs), whose pairs the driver aggregates up to
+    # spark.driver_max_events; "days" holds out the window's last day, by Spark.
+    "holdout": "per_user_last",
     "repeats": 2,
 }
 
 
 class PeakRss:
-    """Peak resident memory of this process's children (the Spark JVM), sampled in a thread.
+    """Peak resident memory of this process and its children, sampled in a thread: the stage's driver
+    (whose Arrow and NumPy work runs in this process, as in a task's) and the Spark JVM.
 
     A child with its parent's virtual size is a copy of its parent, whose pages are the parent's until
     written: the JVM spawning a command (Hadoop's local file system runs some while a task writes)
@@ -66,10 +73,10 @@ class PeakRss:
         me = psutil.Process()
         while not self._stop.is_set():
             sizes: dict[int, tuple[int, int, int]] = {}  # pid: (its parent, virtual size, resident)
-            for child in me.children(recursive=True):
+            for process in (me, *me.children(recursive=True)):
                 try:
-                    used = child.memory_info()
-                    sizes[child.pid] = (child.ppid(), used.vms, used.rss)
+                    used = process.memory_info()
+                    sizes[process.pid] = (process.ppid(), used.vms, used.rss)
                 except psutil.Error:
                     continue
             total = 0
@@ -134,7 +141,7 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
                 "format": "parquet",
                 "mapping": SOURCE_MAPPING,
             },
-            "interactions.holdout.strategy": "days",
+            "interactions.holdout.strategy": params["holdout"],
             "interactions.holdout.days": 1,
             "interactions.min_item_interactions": 1,
             "spark.conf": {
@@ -156,6 +163,7 @@ def run(params: dict[str, Any]) -> dict[str, Any]:
         with PeakRss() as memory:
             for _ in range(params["repeats"]):
                 shutil.rmtree(bench_run.layout.id_maps, ignore_errors=True)
+                bench_run.layout.pair_history.unlink(missing_ok=True)
                 started = time.perf_counter()
                 metrics = run_interactions(spark, bench_run)
                 matrix = bench_run.artifacts.interactions.train_triples()

@@ -8,8 +8,8 @@ import pytest
 
 pytestmark = pytest.mark.unit
 
-# Samples its own children only (a process of its own: a test worker's children include the Spark
-# JVM): one child holds 300 MB, then forks a copy that only sleeps and shares every page.
+# Samples in a process of its own (a test worker's children include the Spark JVM), which is counted
+# with its children: one child holds 300 MB, then forks a copy that only sleeps and shares every page.
 SAMPLE_A_CHILD_AND_ITS_COPY = """
 import subprocess, sys, time
 from benchmarks.interactions import PeakRss
@@ -23,12 +23,14 @@ if os.fork() == 0:
 print("ready", flush=True)
 time.sleep(3)
 '''
+import psutil
+own = psutil.Process().memory_info().rss
 with PeakRss(interval_s=0.05) as memory:
     child = subprocess.Popen([sys.executable, "-c", HOLD_AND_FORK], stdout=subprocess.PIPE, text=True)
     assert child.stdout.readline().strip() == "ready"
     time.sleep(1)
     child.wait()
-print(memory.peak)
+print(memory.peak - own)
 """
 
 
