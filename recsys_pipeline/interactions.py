@@ -471,7 +471,8 @@ def driver_pair_confidences(
     expected = sum(count_rows(partition) for partition in partitions)
     parts = max(1, -(-expected // batch_events))
     users_per_part = -(-maps[0].num_rows // parts)
-    bounds = [pa.scalar((part * users_per_part) << 32, pa.int64()) for part in range(parts + 1)]
+    # Each part's least pair key; the last part takes every key from its own on.
+    firsts = [pa.scalar((part * users_per_part) << 32, pa.int64()) for part in range(parts)]
     pieces: list[list[pa.Table]] = [[] for _ in range(parts)]
     for events in event_batches(partitions, start, end, batch_events):
         keyed = event_pairs(events, maps, config, end)
@@ -480,7 +481,9 @@ def driver_pair_confidences(
             if parts == 1:
                 held.append(keyed)
                 continue
-            within = pc.and_(pc.greater_equal(pair, bounds[part]), pc.less(pair, bounds[part + 1]))
+            within = pc.greater_equal(pair, firsts[part])
+            if part + 1 < parts:
+                within = pc.and_(within, pc.less(pair, firsts[part + 1]))
             held.append(keyed.filter(within))
     for held in pieces:
         grouped = (

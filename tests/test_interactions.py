@@ -348,13 +348,14 @@ def test_the_driver_aggregates_a_windows_pairs_as_spark_does(
     lake = tmp_path / "lake"
     _lake_of_events(lake, rows)
     start, end = AS_OF + timedelta(hours=5), AS_OF + timedelta(days=3, hours=7)
-    # Indices in no order of the ids: each id's own must be found.
+    # Indices in no order of the ids, beyond the map's length: each id's own must be found, and the
+    # last part of users takes every index from its first on.
     users, items = (
         pa.table(
             {"id": ids, "idx": pa.array(rng.permutation(len(ids)) + offset, pa.int32())},
             schema=ID_MAP_ARROW_SCHEMA,
         )
-        for ids, offset in (([f"u{n}" for n in range(40)], 0), ([f"i{n}" for n in range(25)], 3))
+        for ids, offset in (([f"u{n}" for n in range(40)], 2), ([f"i{n}" for n in range(25)], 3))
     )
     partitions = lake_partitions_between(lake, start, end)
     assert len(partitions) == 4
