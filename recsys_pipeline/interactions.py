@@ -637,10 +637,7 @@ def write_merged_history(
     factor = decay_factor(config, elapsed)
     shared: list[pa.Table] = []
     carried = ds.dataset(str(history), format="parquet")
-    target.mkdir(parents=True, exist_ok=True)
-    with pq.ParquetWriter(
-        target / "part-00000.parquet", HISTORY_ARROW_SCHEMA, use_dictionary=False
-    ) as writer:
+    with history_writer(target) as writer:
         for batch in carried.to_batches(columns=HISTORY_ARROW_SCHEMA.names, batch_size=batch_rows):
             pairs = pa.Table.from_batches([batch]).cast(HISTORY_ARROW_SCHEMA)
             if factor != 1.0:
@@ -659,13 +656,17 @@ def write_merged_history(
 
 def write_history(parts: Iterable[pa.Table], target: Path) -> None:
     """Write the pair aggregates ``parts`` (``HISTORY_ARROW_SCHEMA``, disjoint) as the history in the
-    folder ``target``, as :func:`write_merged_history` writes one."""
-    target.mkdir(parents=True, exist_ok=True)
-    with pq.ParquetWriter(
-        target / "part-00000.parquet", HISTORY_ARROW_SCHEMA, use_dictionary=False
-    ) as writer:
+    folder ``target``."""
+    with history_writer(target) as writer:
         for pairs in parts:
             writer.write_table(pairs)
+
+
+def history_writer(target: Path) -> pq.ParquetWriter:
+    """A writer of the pair history's one file in the folder ``target``, without dictionary encoding,
+    which would be tried on columns of hundreds of thousands of distinct indices."""
+    target.mkdir(parents=True, exist_ok=True)
+    return pq.ParquetWriter(target / "part-00000.parquet", HISTORY_ARROW_SCHEMA, use_dictionary=False)
 
 
 def pair_keys(pairs: pa.Table) -> pa.Array:
