@@ -18,7 +18,7 @@ import re
 import secrets
 import shutil
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -33,7 +33,7 @@ import scipy.sparse as sp
 from recsys_pipeline.artifacts import TRAIN_CSR
 from recsys_pipeline.embeddings import presence_mask
 from recsys_pipeline.errors import RecsysError
-from recsys_pipeline.files import atomic_dir, publish_snapshot, recover_pointer
+from recsys_pipeline.files import atomic_dir, publish_snapshot, recover_pointer, replace_file
 from recsys_pipeline.state import StateLayout
 from recsys_pipeline.tables import CSR_ARRAYS, rows_of, write_csr
 
@@ -241,7 +241,7 @@ def erase_rows(files: Iterable[Path], columns: Sequence[str], forgotten: Forgott
             continue
         table, removed = without_forgotten(parquet.read(), present, forgotten)
         metadata = parquet.schema_arrow.metadata
-        _replace(path, lambda staging: pq.write_table(table.replace_schema_metadata(metadata), staging))
+        replace_file(path, lambda staging: pq.write_table(table.replace_schema_metadata(metadata), staging))
         done.files_rewritten += 1
         done.rows_removed += removed
         done.bytes_rewritten += path.stat().st_size
@@ -334,7 +334,7 @@ def scrub_tree(root: Path, forgotten: Forgotten, user_tombstones: pa.Array) -> S
             text = path.read_text(errors="replace")
             cleaned = _scrubbed_json(text, forgotten) if path.suffix == ".json" else forgotten.scrubbed(text)
             if cleaned != text:
-                _replace(path, partial(Path.write_text, data=cleaned))
+                replace_file(path, partial(Path.write_text, data=cleaned))
                 done.files_rewritten.append(str(path))
     return done
 
@@ -399,7 +399,7 @@ def _scrub_parquet(path: Path, forgotten: Forgotten, user_tombstones: pa.Array, 
         def write(staging: Path) -> None:
             pq.write_table(changed.replace_schema_metadata(metadata), staging)
 
-        _replace(path, write)
+        replace_file(path, write)
         done.files_rewritten.append(str(path))
 
 
@@ -418,16 +418,6 @@ def _scrub_csr(folder: Path, user_tombstones: pa.Array, done: Scrubbed) -> None:
             write_csr(rows_of(matrix, ~gone), staging)
         done.rows_removed += count
         done.files_rewritten.append(str(folder))
-
-
-def _replace(path: Path, write: Callable[[Path], object]) -> None:
-    """Write ``path`` anew beside it and rename over it; drop the checksum Hadoop's local file system
-    keeps beside a file Spark wrote (``.<name>.crc``): it would no longer match, and Spark reads a
-    file without one unchecked."""
-    staging = path.with_name(f".erasing-{path.name}")
-    write(staging)
-    os.replace(staging, path)
-    path.with_name(f".{path.name}.crc").unlink(missing_ok=True)
 
 
 @dataclass

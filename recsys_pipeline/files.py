@@ -158,3 +158,13 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def replace_file(path: Path, write: Callable[[Path], object]) -> None:
+    """Write ``path`` anew beside it and rename over it; drop the checksum Hadoop's local file system
+    keeps beside a file Spark wrote (``.<name>.crc``): it would no longer match, and Spark reads a
+    file without one unchecked."""
+    staging = path.with_name(f".{path.name}.tmp")
+    write(staging)
+    os.replace(staging, path)
+    path.with_name(f".{path.name}.crc").unlink(missing_ok=True)

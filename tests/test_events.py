@@ -1,9 +1,9 @@
 import json
-import re
 import shutil
 from datetime import UTC, date, datetime
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
@@ -19,10 +19,11 @@ from recsys_pipeline.events import (
     IngestResult,
     QuarantineThresholdError,
     check_quarantine_share,
+    copies_after_the_first,
+    duplicate_records,
     ingest,
     lake_partitions,
     lake_signature,
-    mark_duplicates,
     read_source,
     with_file_ranks,
 )
@@ -93,10 +94,19 @@ def test_a_repeated_event_keeps_the_copy_from_the_first_file_by_name(tmp_path, s
     result = ingest_source(spark, config, tmp_path / "staging")
 
     assert sorted(row["value"] for row in result.events.collect()) == [1.0, 2.0]
-    duplicates = sorted(row["raw_record"] for row in result.quarantine.collect())
-    # a.csv's "880000000" is kept: the later copies in a.csv and in b.csv are the duplicates.
-    assert [json.loads(record)["raw_ts"] for record in duplicates] == ["880000000.0", "880000000.000"]
+    duplicates = [json.loads(row["raw_record"]) for row in result.quarantine.collect()]
+    # A copy in a.csv is kept: the later one in a.csv and the one in b.csv are the duplicates.
+    assert sorted(Path(record["source_file"]).name for record in duplicates) == ["a.csv", "b.csv"]
+    assert {(record["value"], record["event_ts"]) for record in duplicates} == {
+        (1.0, "1997-11-20T04:26:40+00:00")
+    }
     assert result.metrics["quarantine_duplicate"] == 2
+
+
+def _without_file(record: str) -> str:
+    fields = json.loads(record)
+    fields.pop("source_file", None)
+    return json.dumps(fields)
 
 
 def test_a_parquet_sources_numbers_are_read_as_numbers_with_the_outcome_their_text_gives(
@@ -153,7 +163,10 @@ def test_a_parquet_sources_numbers_are_read_as_numbers_with_the_outcome_their_te
         outcomes.append(
             (
                 sorted(tuple(row) for row in result.events.drop("source", "ingested_at").collect()),
-                sorted((row["reason"], row["raw_record"]) for row in result.quarantine.collect()),
+                # Read from other files: a duplicate's record names its own.
+                sorted(
+                    (row["reason"], _without_file(row["raw_record"])) for row in result.quarantine.collect()
+                ),
                 dict(result.metrics),
             )
         )
@@ -344,26 +357,46 @@ def test_the_lake_signature_before_a_day_changes_only_when_an_earlier_day_is_rew
     assert lake_signature(lake, before) != signature
 
 
-def test_deduplication_shuffles_only_by_date_and_sorts_by_the_key_hash_first(spark) -> None:
-    rows = [("u1", "i1", "view", "1", 1.0, "880000000", datetime(1997, 11, 20, tzinfo=UTC), None, 0)] * 2
-    frame = (
-        spark.createDataFrame(
-            rows,
-            "user_id string, item_id string, event_type string, raw_value string, value double, "
-            "raw_ts string, event_ts timestamp, _source_file string, _source_file_rank int",
-        )
-        .withColumn("reason", F.lit(None).cast("string"))
-        .withColumn("raw_record", F.lit(None).cast("string"))
-        .withColumn("event_date", F.to_date("event_ts"))
-        .repartition("event_date")
+def test_only_valid_copies_after_the_first_by_file_rank_are_duplicates() -> None:
+    stamp = datetime(1997, 11, 20, tzinfo=UTC)
+    # (user, value, with a time, reason, file rank) of rows of one date, in the order they were staged.
+    rows = [
+        ("u1", 1.0, True, None, 1),  # a copy of the next row, from a later file: the duplicate
+        ("u1", 1.0, True, None, 0),  # kept: the first file's
+        ("u1", 1.0, True, None, 0),  # the same file again: a duplicate
+        ("u1", 2.0, True, None, 0),  # another value: another event
+        ("u2", None, True, "invalid_value", 0),  # quarantined: not the first copy of the next row
+        ("u2", None, True, None, 1),  # kept (no value is a value too)
+        ("u2", None, True, None, 2),  # a duplicate
+        ("u3", 1.0, False, "unparseable_timestamp", 0),  # quarantined rows are never duplicates
+        ("u3", 1.0, False, "unparseable_timestamp", 0),
+    ]
+    table = pa.table(
+        {
+            "user_id": [row[0] for row in rows],
+            "item_id": ["i1"] * len(rows),
+            "event_type": ["view"] * len(rows),
+            "value": pa.array([row[1] for row in rows], pa.float64()),
+            "event_ts": pa.array([stamp if row[2] else None for row in rows], pa.timestamp("us", tz="UTC")),
+            "reason": pa.array([row[3] for row in rows], pa.string()),
+            "raw_record": pa.nulls(len(rows), pa.string()),
+            "_source_file": pa.nulls(len(rows), pa.string()),
+            "_source_file_rank": pa.array([row[4] for row in rows], pa.int32()),
+        }
     )
-    deduplicated = mark_duplicates(frame)
-    plan = deduplicated._jdf.queryExecution().executedPlan().initialPlan().toString()
-    # The frame's shuffle by date is the only one: copies share their date.
-    assert plan.count("Exchange") == 1
-    # Spark's sort decides by its first key alone where that differs: a 64-bit hash of the key, not
-    # the date most rows of a partition share.
-    leading = re.search(r"Sort \[(\S+) ASC", plan)
-    assert leading is not None
-    assert re.search(rf"xxhash64\(event_date[^)]*\) AS {re.escape(leading[1])}\b", plan)
-    assert sorted(row["reason"] or "" for row in deduplicated.collect()) == ["", "duplicate"]
+    duplicate = copies_after_the_first(table)
+    assert list(np.flatnonzero(duplicate)) == [0, 2, 6]
+    assert not copies_after_the_first(table.slice(3, 3)).any()
+
+    names = ["file:///in/a.csv", "file:///in/b.csv", "file:///in/c.csv"]
+    marked = duplicate_records(table, duplicate, names)
+    assert marked.column("reason").to_pylist()[:3] == ["duplicate", None, "duplicate"]
+    assert json.loads(marked.column("raw_record")[0].as_py()) == {
+        "user_id": "u1",
+        "item_id": "i1",
+        "event_type": "view",
+        "value": 1.0,
+        "event_ts": "1997-11-20T00:00:00+00:00",
+        "source_file": "/in/b.csv",
+    }
+    assert json.loads(marked.column("raw_record")[6].as_py())["source_file"] == "/in/c.csv"
