@@ -477,19 +477,16 @@ def copies_after_the_first(rows: pa.Table) -> np.ndarray:
     shared = np.isin(mixed, ordered[1:][ordered[1:] == ordered[:-1]])
     if not shared.any():
         return duplicate
-    rank = pc.fill_null(rows.column(FILE_RANK_COLUMN).combine_chunks(), -1).to_numpy(zero_copy_only=False)
-    file = pc.dictionary_encode(rows.column(SOURCE_FILE_COLUMN).combine_chunks(), null_encoding="encode")
     candidates = valid[shared]
     keys = [code[shared] for code in codes]
-    # np.lexsort sorts by its last key first: the key's codes, then file rank, file and position.
-    order = np.lexsort(
-        [
-            candidates,
-            file.indices.to_numpy(zero_copy_only=False)[candidates],
-            rank[candidates],
-            *reversed(keys),
-        ]
+    # The order among copies, read for the candidates alone.
+    chosen = pa.array(candidates)
+    rank = pc.fill_null(rows.column(FILE_RANK_COLUMN).take(chosen), -1).to_numpy(zero_copy_only=False)
+    file = pc.dictionary_encode(
+        rows.column(SOURCE_FILE_COLUMN).take(chosen).combine_chunks(), null_encoding="encode"
     )
+    # np.lexsort sorts by its last key first: the key's codes, then file rank, file and position.
+    order = np.lexsort([candidates, file.indices.to_numpy(zero_copy_only=False), rank, *reversed(keys)])
     repeats = np.ones(len(candidates), dtype=bool)
     repeats[0] = False
     for code in keys:
@@ -562,9 +559,10 @@ def ingest(
     A broken record's timestamp cannot be trusted (a shifted column puts anything there), so it is
     quarantined whatever its timestamp says.
 
-    The classified rows are written once to ``staging`` (Parquet by date) and everything
-    else reads them from there: held in memory instead, a production window spills and runs the JVM
-    out of heap. The caller removes ``staging`` once the returned frames are written.
+    The classified rows are written once to ``staging`` (Parquet by date; a date holding copies is
+    rewritten once more, :func:`mark_duplicates`) and everything else reads them from there: held in
+    memory instead, a production window spills and runs the JVM out of heap. The caller removes
+    ``staging`` once the returned frames are written.
     """
     canonical = canonicalize(raw, source, events, ingested_at)
     if forgotten is not None:
