@@ -35,7 +35,7 @@ from pyspark.sql import functions as F
 from recsys_pipeline.config import HoldoutConfig, InteractionsConfig
 from recsys_pipeline.errors import RecsysError
 from recsys_pipeline.events import LAKE_ARROW_SCHEMA, hash_sums, lake_window
-from recsys_pipeline.tables import MATRIX_ARROW_SCHEMA, count_rows
+from recsys_pipeline.tables import MATRIX_ARROW_SCHEMA, PAIR_FILE_COMPRESSION, count_rows
 
 
 class EmptyInteractionsError(RecsysError):
@@ -272,7 +272,12 @@ def write_history_matrices(
     with ExitStack() as files:
         train_rows, holdout_rows = (
             files.enter_context(
-                pq.ParquetWriter(folder / "part-00000.parquet", MATRIX_ARROW_SCHEMA, use_dictionary=False)
+                pq.ParquetWriter(
+                    folder / "part-00000.parquet",
+                    MATRIX_ARROW_SCHEMA,
+                    use_dictionary=False,
+                    compression=PAIR_FILE_COMPRESSION,
+                )
             )
             for folder in (train, holdout)
         )
@@ -664,9 +669,15 @@ def write_history(parts: Iterable[pa.Table], target: Path) -> None:
 
 def history_writer(target: Path) -> pq.ParquetWriter:
     """A writer of the pair history's one file in the folder ``target``, without dictionary encoding,
-    which would be tried on columns of hundreds of thousands of distinct indices."""
+    which would be tried on columns of hundreds of thousands of distinct indices, nor compression
+    (:data:`~recsys_pipeline.tables.PAIR_FILE_COMPRESSION`)."""
     target.mkdir(parents=True, exist_ok=True)
-    return pq.ParquetWriter(target / "part-00000.parquet", HISTORY_ARROW_SCHEMA, use_dictionary=False)
+    return pq.ParquetWriter(
+        target / "part-00000.parquet",
+        HISTORY_ARROW_SCHEMA,
+        use_dictionary=False,
+        compression=PAIR_FILE_COMPRESSION,
+    )
 
 
 def pair_keys(pairs: pa.Table) -> pa.Array:

@@ -23,14 +23,16 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import scipy.sparse as sp
 
 from recsys_pipeline.files import atomic_dir
-from recsys_pipeline.tables import Triples
+
+if TYPE_CHECKING:
+    import scipy.sparse as sp
 
 EVENT_TYPES = np.array(["view", "click", "add_to_cart", "purchase", "watch"])
 SOURCE_MAPPING = {
@@ -207,6 +209,10 @@ def sample_events(spec: SyntheticSpec) -> Iterator[EventChunk]:
 
 def interaction_matrix(spec: SyntheticSpec) -> sp.csr_matrix:
     """(users x items) count of events per pair."""
+    # Imported here: every `recsys` command imports this module (the synth command's defaults), and
+    # tables' pandas and Arrow datasets took 0.4 s of each `recsys airflow ...` start.
+    from recsys_pipeline.tables import Triples
+
     chunks = list(sample_events(spec))
     users = np.concatenate([chunk.users for chunk in chunks])
     items = np.concatenate([chunk.items for chunk in chunks])

@@ -17,6 +17,11 @@ import scipy.sparse as sp
 MATRIX_ARROW_SCHEMA = pa.schema(
     [("user_idx", pa.int32()), ("item_idx", pa.int32()), ("confidence", pa.float32())]
 )
+# Pair files (matrices, pair histories) are written uncompressed: dense indices and confidences
+# hardly compress (snappy kept a 16M-pair history at 244 MB of 366), and a night's stage writes and
+# reads its history several times over; uncompressed it wrote in 0.62 s instead of 1.18 s and read
+# back in 0.23 s instead of 1.01 s.
+PAIR_FILE_COMPRESSION = "none"
 
 
 @dataclass(frozen=True)

@@ -59,7 +59,7 @@ from recsys_pipeline.interactions import (
 from recsys_pipeline.runs import RunContext, parse_instant
 from recsys_pipeline.spark import label_actions
 from recsys_pipeline.stages.content import ITEMS_FILE
-from recsys_pipeline.tables import count_rows, distinct_users, write_indices
+from recsys_pipeline.tables import PAIR_FILE_COMPRESSION, count_rows, distinct_users, write_indices
 
 log = logging.getLogger(__name__)
 
@@ -120,41 +120,45 @@ def build_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]
         holdout_pairs: DataFrame | None
         all_pairs: DataFrame | DriverPairs
         every_pair_written = run.mode == "refresh" or config.holdout.strategy == "per_user_last"
-        if (
-            every_pair_written
-            and users_table is not None
-            and read.events <= run.config.spark.driver_max_events
-        ):
-            # The pairs are the written history, the matrices read from it (only a refresh or a
-            # per-user holdout carries a history): few enough events (a night's, a week's, a first
-            # window's) are aggregated on the driver, and merged into a carried history as it is
-            # written, without Spark indexing or shuffling them, or reading the history.
-            train_pairs, holdout_pairs = None, None
-            all_pairs = DriverPairs(history.path if history else None, start, users_table)
-        else:
-            for side, table in driver_maps.items():
-                if table is not None:
-                    spark_maps[side] = spark.createDataFrame(table)
-            if users_table is None:
-                spark_maps["users"] = spark_user_map(spark, map_dir / "users", events)
-            cached.append(spark_maps["users"])
-            # Ids become dense indices before the aggregation: integer pairs shuffle and hash far
-            # cheaper than strings.
-            label_actions(spark, "interactions: the ID maps")
-            maps = IdMaps(users=spark_maps["users"], items=spark_maps["items"])
-            indexed = indexed_events(events, maps, run.config.spark.broadcast_max_rows)
-            train_pairs, holdout_pairs, all_pairs = split(
-                events, indexed, run, window_end, train_counts, cached, history
-            )
         with atomic_dir(out.root) as staging:
             written = InteractionsFiles(staging)
             for side in SIDES:
                 table = driver_maps[side]
                 if table is not None:
                     write_id_map(table, written.map_dir(side))
-                    continue
-                label_actions(spark, f"interactions: write the {side} map")
-                spark_maps[side].orderBy("idx").coalesce(1).write.parquet(str(written.map_dir(side)))
+            if (
+                every_pair_written
+                and users_table is not None
+                and read.events <= run.config.spark.driver_max_events
+            ):
+                # The pairs are the written history, the matrices read from it (only a refresh or a
+                # per-user holdout carries a history): few enough events (a night's, a week's, a first
+                # window's) are aggregated on the driver, and merged into a carried history as it is
+                # written, without Spark indexing or shuffling them, or reading the history.
+                train_pairs, holdout_pairs = None, None
+                all_pairs = DriverPairs(history.path if history else None, start, users_table)
+            else:
+                for side, table in driver_maps.items():
+                    if table is not None:
+                        # Read back from the map the run writes: a DataFrame made from the driver's table
+                        # held its rows as JVM objects in the driver's heap, and a 100M-event weekly's
+                        # 2.5M users ran its 4 GB heap into garbage collection for good.
+                        spark_maps[side] = spark.read.parquet(str(written.map_dir(side)))
+                if users_table is None:
+                    spark_maps["users"] = spark_user_map(spark, map_dir / "users", events)
+                cached.append(spark_maps["users"])
+                # Ids become dense indices before the aggregation: integer pairs shuffle and hash far
+                # cheaper than strings.
+                label_actions(spark, "interactions: the ID maps")
+                maps = IdMaps(users=spark_maps["users"], items=spark_maps["items"])
+                indexed = indexed_events(events, maps, run.config.spark.broadcast_max_rows)
+                train_pairs, holdout_pairs, all_pairs = split(
+                    events, indexed, run, window_end, train_counts, cached, history
+                )
+            for side in SIDES:
+                if driver_maps[side] is None:
+                    label_actions(spark, f"interactions: write the {side} map")
+                    spark_maps[side].orderBy("idx").coalesce(1).write.parquet(str(written.map_dir(side)))
             label_actions(spark, "interactions: write the pair history")
             if isinstance(all_pairs, DriverPairs):
                 since = driver_pair_confidences(
@@ -320,8 +324,11 @@ def stored_size(map_dir: Path) -> int:
 
 def pair_writer(pairs: DataFrame) -> DataFrameWriter:
     """A writer for millions of (user, item) rows: without dictionary encoding, which would be tried
-    on columns of hundreds of thousands of distinct indices for a fraction of the size saved."""
-    return pairs.write.option("parquet.enable.dictionary", "false")
+    on columns of hundreds of thousands of distinct indices for a fraction of the size saved, nor
+    compression (:data:`~recsys_pipeline.tables.PAIR_FILE_COMPRESSION`)."""
+    return pairs.write.option("parquet.enable.dictionary", "false").option(
+        "compression", PAIR_FILE_COMPRESSION
+    )
 
 
 def catalogue_ids(spark: SparkSession, run: RunContext, item_activity: DataFrame) -> DataFrame:
