@@ -39,6 +39,7 @@ from recsys_pipeline.tables import (
     Triples,
     count_rows,
     read_csr,
+    read_csr_matrix,
     read_id_map,
     read_indices,
     read_matrix,
@@ -133,7 +134,7 @@ class InteractionsFiles:
 
     def write_train_csr(self) -> None:
         """Write :attr:`train_csr_dir` from the training pairs."""
-        write_csr(read_matrix(self.train_dir).to_csr(*self.matrix_shape()), self.train_csr_dir)
+        write_csr(read_csr_matrix(self.train_dir, *self.matrix_shape()), self.train_csr_dir)
 
     def holdout_matrix(self) -> sp.csr_matrix:
         return self.holdout_triples().to_csr(*self.matrix_shape())

@@ -1,8 +1,10 @@
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from recsys_pipeline.tables import Triples, read_csr, rows_of, write_csr
+from recsys_pipeline.tables import MATRIX_ARROW_SCHEMA, Triples, read_csr, read_csr_matrix, rows_of, write_csr
 
 
 def random_triples(rng: np.random.Generator, n_users: int, n_items: int, n_pairs: int) -> Triples:
@@ -42,3 +44,24 @@ def test_a_csr_matrix_written_reads_back_whole_and_as_its_pairs(tmp_path: Path) 
     np.testing.assert_array_equal(
         rows_of(read, users).toarray(), triples.to_csr(n_users, n_items, users).toarray()
     )
+
+
+def test_a_matrix_read_in_batches_is_the_one_its_pairs_make_at_once(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    n_users, n_items = 50, 30
+    parts = [random_triples(rng, n_users, n_items, n_pairs) for n_pairs in (700, 500)]
+    folder = tmp_path / "train"
+    folder.mkdir()
+    for number, part in enumerate(parts):
+        table = pa.table([part.user_idx, part.item_idx, part.confidence], schema=MATRIX_ARROW_SCHEMA)
+        pq.write_table(table, folder / f"part-{number:05d}.parquet", row_group_size=90)
+    whole = Triples(
+        *(np.concatenate(arrays) for arrays in zip(*(vars(p).values() for p in parts), strict=True))
+    )
+    expected = whole.to_csr(n_users, n_items)
+    # Batches of 64 pairs: pairs repeat within a batch, across batches and across files.
+    read = read_csr_matrix(folder, n_users, n_items, batch_rows=64)
+    assert read.has_canonical_format and read.nnz == expected.nnz < whole.nnz
+    np.testing.assert_array_equal(read.indptr, expected.indptr)
+    np.testing.assert_array_equal(read.indices, expected.indices)
+    np.testing.assert_allclose(read.data, expected.data, rtol=1e-6)
