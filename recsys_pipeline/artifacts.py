@@ -130,7 +130,7 @@ class InteractionsFiles:
         n_users, n_items = self.matrix_shape()
         if self.train_csr_dir.is_dir():
             return read_csr(self.train_csr_dir, n_items)
-        return read_matrix(self.train_dir).to_csr(n_users, n_items)
+        return read_csr_matrix(self.train_dir, n_users, n_items)
 
     def write_train_csr(self) -> None:
         """Write :attr:`train_csr_dir` from the training pairs."""
