@@ -35,7 +35,7 @@ from pyspark.sql import functions as F
 from recsys_pipeline.config import HoldoutConfig, InteractionsConfig
 from recsys_pipeline.errors import RecsysError
 from recsys_pipeline.events import LAKE_ARROW_SCHEMA, hash_sums, lake_window
-from recsys_pipeline.tables import MATRIX_ARROW_SCHEMA, PAIR_FILE_COMPRESSION, count_rows
+from recsys_pipeline.tables import MATRIX_ARROW_SCHEMA, PAIR_FILE_COMPRESSION, count_rows, pair_batches
 
 
 class EmptyInteractionsError(RecsysError):
@@ -235,14 +235,13 @@ def write_history_matrices(
     Spark took 4-5 s for a 20M-event history's training matrix, as its user support shuffled every
     pair by user.
     """
-    pairs = ds.dataset(str(history), format="parquet")
     n_users, n_items = shape
-    census = pair_census(pairs, shape, last_n or 0, batch_rows)
+    census = pair_census(history, shape, last_n or 0, batch_rows)
     held_items = census.held
 
     def read() -> Iterator[tuple[pa.RecordBatch, np.ndarray, np.ndarray]]:
         """Each batch of pairs, with which of them train and which are positive."""
-        for batch in pairs.to_batches(columns=[*INDEX_PAIR, "confidence"], batch_size=batch_rows):
+        for batch in pair_batches(history, [*INDEX_PAIR, "confidence"], batch_rows):
             users, items = batch.column("user_idx").to_numpy(), batch.column("item_idx").to_numpy()
             held = np.zeros(len(users), dtype=bool)
             for items_held in held_items:
@@ -308,7 +307,7 @@ class PairCensus:
 NO_TIME = np.iinfo(np.int64).min
 
 
-def pair_census(pairs: ds.Dataset, shape: tuple[int, int], last_n: int, batch_rows: int) -> PairCensus:
+def pair_census(history: Path, shape: tuple[int, int], last_n: int, batch_rows: int) -> PairCensus:
     """The items of each user's ``last_n`` most recent positive pairs (by their latest event), for
     users with more positive pairs than ``last_n`` (so some are left to train on), -1 for the others,
     with the pairs' counts, in one pass. Ties in time go to the higher item, so the split is
@@ -328,7 +327,7 @@ def pair_census(pairs: ds.Dataset, shape: tuple[int, int], last_n: int, batch_ro
     count = zero_confidence = 0
     # Without a holdout the pairs' times are not needed: a night's 16M-pair census reads one column less.
     columns = [*INDEX_PAIR, "confidence", *(["event_ts"] if last_n else [])]
-    for batch in pairs.to_batches(columns=columns, batch_size=batch_rows):
+    for batch in pair_batches(history, columns, batch_rows):
         positive = batch.column("confidence").to_numpy() > 0
         count += len(positive)
         zero_confidence += int((~positive).sum())
@@ -375,16 +374,17 @@ def capped_rows(pairs: pa.RecordBatch, rows: np.ndarray, max_confidence: float) 
     )
 
 
-def recent_indices(history: Path, since: datetime, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def recent_indices(
+    history: Path, since: datetime, shape: tuple[int, int], batch_rows: int = 1 << 20
+) -> tuple[np.ndarray, np.ndarray]:
     """The users and the items (of ``shape``) with a pair in a written history whose latest event is
     at or after ``since``."""
     recent = [np.zeros(size, dtype=bool) for size in shape]
-    since_then = ds.field("event_ts") >= pa.scalar(since, pa.timestamp("us", tz="UTC"))
-    for batch in ds.dataset(str(history), format="parquet").to_batches(
-        columns=list(INDEX_PAIR), filter=since_then
-    ):
+    since_then = pa.scalar(since, pa.timestamp("us", tz="UTC"))
+    for batch in pair_batches(history, [*INDEX_PAIR, "event_ts"], batch_rows):
+        latest_since = pc.greater_equal(batch.column("event_ts"), since_then).to_numpy(zero_copy_only=False)
         for flags, column in zip(recent, INDEX_PAIR, strict=True):
-            flags[batch.column(column).to_numpy()] = True
+            flags[batch.column(column).to_numpy()[latest_since]] = True
     return np.flatnonzero(recent[0]), np.flatnonzero(recent[1])
 
 
@@ -641,9 +641,8 @@ def write_merged_history(
     since_keys = pc.unique(pair_keys(since))
     factor = decay_factor(config, elapsed)
     shared: list[pa.Table] = []
-    carried = ds.dataset(str(history), format="parquet")
     with history_writer(target) as writer:
-        for batch in carried.to_batches(columns=HISTORY_ARROW_SCHEMA.names, batch_size=batch_rows):
+        for batch in pair_batches(history, HISTORY_ARROW_SCHEMA.names, batch_rows):
             pairs = pa.Table.from_batches([batch]).cast(HISTORY_ARROW_SCHEMA)
             if factor != 1.0:
                 pairs = pairs.set_column(2, "confidence", pc.multiply(pairs.column("confidence"), factor))
