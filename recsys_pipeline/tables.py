@@ -27,10 +27,11 @@ PAIR_FILE_COMPRESSION = "none"
 
 def pair_batches(path: Path, columns: list[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
     """The pair files in the folder ``path`` (a matrix, a pair history), read one Parquet row group at a
-    time and handed over at most ``batch_rows`` pairs a batch: memory holds one row group. Arrow's
-    dataset scanner buffers whole files ahead (73M pairs of a 100M-event history took a pass to
-    2.9 GB where this takes 0.9 GB), and ``ParquetFile.iter_batches`` in batches across row groups
-    held most of a file."""
+    time and handed over at most ``batch_rows`` pairs a batch: memory holds one row group. Over 73M
+    pairs laid out as Spark writes a 100M-event history (8 files of 128 MB row groups), the matrices'
+    passes peaked at 2.9 GB through Arrow's dataset scanner, which buffers whole files ahead, and at
+    0.9 GB so; ``ParquetFile.iter_batches``, its batches spanning row groups, held 0.8 GB of one
+    57M-pair file's 0.7 GB where this holds 34 MB."""
     for file in sorted(path.glob("*.parquet")):
         pairs = pq.ParquetFile(file)
         for group in range(pairs.num_row_groups):
@@ -93,8 +94,10 @@ def rows_of(matrix: sp.csr_matrix, users: np.ndarray) -> sp.csr_matrix:
     return sp.csr_matrix((matrix.data[kept], matrix.indices[kept], indptr), shape=matrix.shape)
 
 
-# Pairs :func:`read_csr_matrix` places at a time: about 50 MB of columns and a batch's CSR.
-CSR_BATCH_ROWS = 1 << 22
+# Pairs :func:`read_csr_matrix` places at a time: a batch's CSR and placement take about 70 bytes a
+# pair (a 57M-pair matrix's read peaked at 1.17 GB in 4M-pair batches, at 0.89 GB in 1M-pair ones, as
+# fast).
+CSR_BATCH_ROWS = 1 << 20
 
 
 def read_csr_matrix(
