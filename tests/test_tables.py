@@ -4,7 +4,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from recsys_pipeline.tables import MATRIX_ARROW_SCHEMA, Triples, read_csr, read_csr_matrix, rows_of, write_csr
+from recsys_pipeline.tables import (
+    MATRIX_ARROW_SCHEMA,
+    Triples,
+    pair_batches,
+    read_csr,
+    read_csr_matrix,
+    rows_of,
+    write_csr,
+)
 
 
 def random_triples(rng: np.random.Generator, n_users: int, n_items: int, n_pairs: int) -> Triples:
@@ -65,3 +73,22 @@ def test_a_matrix_read_in_batches_is_the_one_its_pairs_make_at_once(tmp_path: Pa
     np.testing.assert_array_equal(read.indptr, expected.indptr)
     np.testing.assert_array_equal(read.indices, expected.indices)
     np.testing.assert_allclose(read.data, expected.data, rtol=1e-6)
+
+
+def test_pair_files_are_read_in_bounded_batches_every_pair_once_in_file_order(tmp_path: Path) -> None:
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    written = 0
+    # Files of several row groups, one without any (Spark writes empty partitions so).
+    for number, (n_pairs, group) in enumerate([(1000, 90), (0, 10), (1037, 300), (5, 1000)]):
+        users = np.arange(written, written + n_pairs, dtype=np.int32)
+        written += n_pairs
+        table = pa.table([users, users, users.astype(np.float32)], schema=MATRIX_ARROW_SCHEMA)
+        pq.write_table(table, folder / f"part-{number:05d}.parquet", row_group_size=group)
+    (folder / "_SUCCESS").touch()
+    for batch_rows in (1, 64, 5000):
+        batches = list(pair_batches(folder, ["user_idx", "confidence"], batch_rows))
+        assert all(0 < batch.num_rows <= batch_rows for batch in batches)
+        assert all(batch.schema.names == ["user_idx", "confidence"] for batch in batches)
+        read = np.concatenate([batch.column("user_idx").to_numpy() for batch in batches])
+        np.testing.assert_array_equal(read, np.arange(written))
