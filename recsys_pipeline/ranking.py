@@ -68,15 +68,20 @@ def candidate_columns(block: np.ndarray, width: int) -> np.ndarray | None:
     Exact: a best column outside the chosen blocks would mean ``width`` chosen blocks each with a
     score at least as high, so the candidates still hold ``width`` scores that high. One max per
     block and a partition of the maxima cost far less than partitioning every score.
+
+    Block ``b`` of ``n`` is the columns ``b, b + n, b + 2n, ...``: its maxima are then an element-wise
+    maximum of ``BLOCK_COLUMNS`` contiguous slices, which NumPy vectorises, 5x faster than a maximum
+    over each run of ``BLOCK_COLUMNS`` adjacent columns (3.4 ms against 17.5 for 167 x 100k scores,
+    half the time of the dot products that made them).
     """
     n_rows, n_cols = block.shape
     n_blocks = n_cols // BLOCK_COLUMNS
     if n_blocks < MIN_BLOCKS_PER_K * width:
         return None
     covered = n_blocks * BLOCK_COLUMNS
-    maxima = block[:, :covered].reshape(n_rows, n_blocks, BLOCK_COLUMNS).max(axis=2)
+    maxima = block[:, :covered].reshape(n_rows, BLOCK_COLUMNS, n_blocks).max(axis=1)
     best_blocks = np.argpartition(maxima, n_blocks - width, axis=1)[:, n_blocks - width :]
-    columns = (best_blocks[:, :, None] * BLOCK_COLUMNS + np.arange(BLOCK_COLUMNS)).reshape(n_rows, -1)
+    columns = (best_blocks[:, :, None] + np.arange(BLOCK_COLUMNS) * n_blocks).reshape(n_rows, -1)
     if covered == n_cols:
         return columns
     tail = np.broadcast_to(np.arange(covered, n_cols), (n_rows, n_cols - covered))

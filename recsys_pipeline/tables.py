@@ -38,6 +38,22 @@ def pair_batches(path: Path, columns: list[str], batch_rows: int) -> Iterator[pa
             yield from pairs.read_row_group(group, columns=columns).to_batches(max_chunksize=batch_rows)
 
 
+def pair_tables(path: Path, columns: list[str], batch_rows: int) -> Iterator[pa.Table]:
+    """:func:`pair_batches` gathered into tables of at most ``batch_rows`` pairs, for steps whose cost
+    is per call rather than per pair: ``pc.is_in`` builds its set anew on each call, and the row
+    groups Arrow writes hold 1M pairs."""
+    gathered: list[pa.RecordBatch] = []
+    rows = 0
+    for batch in pair_batches(path, columns, batch_rows):
+        if rows + batch.num_rows > batch_rows:
+            yield pa.Table.from_batches(gathered)
+            gathered, rows = [], 0
+        gathered.append(batch)
+        rows += batch.num_rows
+    if gathered:
+        yield pa.Table.from_batches(gathered)
+
+
 @dataclass(frozen=True)
 class Triples:
     """A sparse matrix as parallel arrays, straight from Parquet via Arrow."""

@@ -128,8 +128,9 @@ def test_top_k_over_wide_rows_prunes_to_blocks_and_stays_exact() -> None:
     scores[0, :] = 1.0  # every column ties
     scores[1, 5:] = -np.inf  # fewer finite entries than k
     scores[2, -3:] = 50.0  # the best scores sit in the tail
-    scores[3, :64] = 9.0  # one block holds the whole top k
+    scores[3, :64] = 9.0  # adjacent columns hold the whole top k
     scores[4] = np.round(scores[4])  # ties across blocks
+    scores[5, : 64 * 300 : 300] = 9.0  # one block (every 300th column) holds the whole top k
     columns, best = top_k(scores, 10)
     expected = -np.sort(-scores, axis=1)[:, :10]
     np.testing.assert_array_equal(best, expected)

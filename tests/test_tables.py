@@ -8,6 +8,7 @@ from recsys_pipeline.tables import (
     MATRIX_ARROW_SCHEMA,
     Triples,
     pair_batches,
+    pair_tables,
     read_csr,
     read_csr_matrix,
     rows_of,
@@ -75,7 +76,7 @@ def test_a_matrix_read_in_batches_is_the_one_its_pairs_make_at_once(tmp_path: Pa
     np.testing.assert_allclose(read.data, expected.data, rtol=1e-6)
 
 
-def test_pair_files_are_read_in_bounded_batches_every_pair_once_in_file_order(tmp_path: Path) -> None:
+def test_pair_files_are_read_in_bounded_batches_and_tables_every_pair_once_in_file_order(tmp_path: Path) -> None:
     folder = tmp_path / "pairs"
     folder.mkdir()
     written = 0
@@ -92,3 +93,13 @@ def test_pair_files_are_read_in_bounded_batches_every_pair_once_in_file_order(tm
         assert all(batch.schema.names == ["user_idx", "confidence"] for batch in batches)
         read = np.concatenate([batch.column("user_idx").to_numpy() for batch in batches])
         np.testing.assert_array_equal(read, np.arange(written))
+        # Gathered into tables: each as full as the next batch allows, in the same order.
+        tables = list(pair_tables(folder, ["user_idx", "confidence"], batch_rows))
+        assert all(0 < table.num_rows <= batch_rows for table in tables)
+        assert all(
+            table.num_rows + len(following.column(0).chunk(0)) > batch_rows
+            for table, following in zip(tables, tables[1:], strict=False)
+        )
+        gathered = np.concatenate([table.column("user_idx").to_numpy() for table in tables])
+        np.testing.assert_array_equal(gathered, np.arange(written))
+    assert len(list(pair_tables(folder, ["user_idx"], written))) == 1
