@@ -35,7 +35,13 @@ from pyspark.sql import functions as F
 from recsys_pipeline.config import HoldoutConfig, InteractionsConfig
 from recsys_pipeline.errors import RecsysError
 from recsys_pipeline.events import LAKE_ARROW_SCHEMA, hash_sums, lake_window
-from recsys_pipeline.tables import MATRIX_ARROW_SCHEMA, PAIR_FILE_COMPRESSION, count_rows, pair_batches, pair_tables
+from recsys_pipeline.tables import (
+    MATRIX_ARROW_SCHEMA,
+    PAIR_FILE_COMPRESSION,
+    count_rows,
+    pair_batches,
+    pair_tables,
+)
 
 
 class EmptyInteractionsError(RecsysError):

@@ -76,7 +76,9 @@ def test_a_matrix_read_in_batches_is_the_one_its_pairs_make_at_once(tmp_path: Pa
     np.testing.assert_allclose(read.data, expected.data, rtol=1e-6)
 
 
-def test_pair_files_are_read_in_bounded_batches_and_tables_every_pair_once_in_file_order(tmp_path: Path) -> None:
+def test_pair_files_are_read_in_bounded_batches_and_tables_every_pair_once_in_order(
+    tmp_path: Path,
+) -> None:
     folder = tmp_path / "pairs"
     folder.mkdir()
     written = 0
