@@ -153,7 +153,7 @@ def sweep(
         trial_started = time.perf_counter()
         trained_config = base.with_params(params | {PRIOR: 0.0})
         try:
-            embeddings, _ = train(fit, trained_config, spark)
+            embeddings, _ = train(fit, trained_config, spark, track_loss=False)
         except ModelFitError as error:
             for weight in weights:
                 trials.append({"params": params | {PRIOR: weight}, "error": str(error)})

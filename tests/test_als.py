@@ -186,6 +186,17 @@ def test_bm25_weighting_is_implicits_bm25_weight_without_length_normalisation(mo
     np.testing.assert_allclose(steeper, weights**1.5, rtol=1e-5)
 
 
+def test_a_fit_that_does_not_track_its_loss_is_the_same_fit(movielens) -> None:
+    """A sweep's fits skip the loss (a pass over the matrix per iteration): nothing else changes."""
+    matrix = movielens.tocsr()
+    params = AlsConfig(factors=8, regularization=2.0, alpha=3.0, iterations=3, random_state=0)
+    tracked, losses = train(matrix, params)
+    untracked, no_losses = train(matrix, params, track_loss=False)
+    assert len(losses) == 3 and no_losses == []
+    np.testing.assert_array_equal(tracked.user_factors, untracked.user_factors)
+    np.testing.assert_array_equal(tracked.item_factors, untracked.item_factors)
+
+
 def test_training_fits_the_weighted_confidences(movielens) -> None:
     """A BM25-weighted model is the unweighted model of the BM25-weighted matrix: the weighting, and
     nothing else, reaches the trainer (and the raw matrix gives another model)."""
