@@ -646,6 +646,11 @@ def write_merged_history(
     untouched ones) before writing it.
     """
     since_keys = pc.unique(pair_keys(since))
+    # Only pairs of users active since can be shared: a night's are a fifth of the users, so most
+    # pairs skip the key lookup on one array read.
+    since_users = since.column("user_idx").to_numpy()
+    active = np.zeros(int(since_users.max(initial=-1)) + 1, dtype=bool)
+    active[since_users] = True
     factor = decay_factor(config, elapsed)
     shared: list[pa.Table] = []
     with history_writer(target) as writer:
@@ -653,9 +658,15 @@ def write_merged_history(
             pairs = pairs.cast(HISTORY_ARROW_SCHEMA)
             if factor != 1.0:
                 pairs = pairs.set_column(2, "confidence", pc.multiply(pairs.column("confidence"), factor))
-            shared_by_since = pc.is_in(pair_keys(pairs), value_set=since_keys)
+            users = pairs.column("user_idx").to_numpy()
+            candidate = users < len(active)
+            candidate[candidate] = active[users[candidate]]
+            shared_by_since = np.zeros(len(users), dtype=bool)
+            shared_by_since[candidate] = pc.is_in(
+                pair_keys(pairs.filter(candidate)), value_set=since_keys
+            ).to_numpy(zero_copy_only=False)
             shared.append(pairs.filter(shared_by_since))
-            writer.write_table(pairs.filter(pc.invert(shared_by_since)))
+            writer.write_table(pairs.filter(~shared_by_since))
         combined = (
             pa.concat_tables([*shared, since.select(HISTORY_ARROW_SCHEMA.names).cast(HISTORY_ARROW_SCHEMA)])
             .group_by(list(INDEX_PAIR))

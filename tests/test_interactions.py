@@ -548,12 +548,13 @@ def test_a_nights_pairs_merged_into_a_written_history_are_what_spark_aggregates(
     elapsed = timedelta(days=1)
     as_of = AS_OF + elapsed
     rng = np.random.default_rng(3)
-    # The night's events: on pairs the history holds, and on new ones.
+    # The night's events: on pairs the history holds, and on new ones; users 50-59 of the history
+    # have none (beyond every user of the night's).
     night_events = spark.createDataFrame(
         [
             (int(u), int(i), str(t), as_of - timedelta(hours=int(h)))
             for u, i, t, h in zip(
-                rng.integers(0, 70, 400),
+                rng.integers(0, 50, 400),
                 rng.integers(0, 40, 400),
                 rng.choice(["view", "click", "purchase"], 400),
                 rng.integers(1, 24, 400),
