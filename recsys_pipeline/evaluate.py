@@ -28,6 +28,7 @@ import scipy.sparse as sp
 from recsys_pipeline.config import GateConfig
 from recsys_pipeline.embeddings import Embeddings, presence_mask
 from recsys_pipeline.ranking import NO_ITEM, dot_top_k, pad, popular_unseen
+from recsys_pipeline.sets import distinct, member_of
 
 USER_METRICS = ("precision", "recall", "ndcg", "map")
 
@@ -47,7 +48,7 @@ def per_user_metrics(
     users = np.arange(len(shown), dtype=np.int64)[:, None]
     relevant_items = np.concatenate([np.empty(0, np.int64), *(np.asarray(rel, np.int64) for rel in relevant)])
     base = int(max(shown.max(initial=0), relevant_items.max(initial=0))) + 1
-    hits = np.isin(users * base + shown, np.repeat(users[:, 0], counts) * base + relevant_items) & (
+    hits = member_of(users * base + shown, np.repeat(users[:, 0], counts) * base + relevant_items) & (
         shown != NO_ITEM
     )
     hits, counts = hits[counts > 0], counts[counts > 0]
@@ -169,7 +170,7 @@ class Scores:
 
 def scores(recommended: np.ndarray, relevant: Sequence[np.ndarray], k: int, catalogue_size: int) -> Scores:
     shown = recommended[:, :k]
-    coverage = len(np.unique(shown[shown != NO_ITEM])) / catalogue_size if catalogue_size else 0.0
+    coverage = len(distinct(shown[shown != NO_ITEM])) / catalogue_size if catalogue_size else 0.0
     return Scores(per_user_metrics(recommended, relevant, k), coverage, k)
 
 
@@ -199,7 +200,7 @@ def row_difference(rows: sp.csr_matrix, taken: sp.csr_matrix) -> list[np.ndarray
         row_of = np.repeat(np.arange(matrix.shape[0], dtype=np.int64), np.diff(matrix.indptr))
         return row_of * n_cols + matrix.indices
 
-    kept = ~np.isin(keys(rows), keys(taken))
+    kept = ~member_of(keys(rows), keys(taken))
     row_of_kept = np.repeat(np.arange(rows.shape[0]), np.diff(rows.indptr))[kept]
     bounds = np.searchsorted(row_of_kept, np.arange(1, rows.shape[0]))
     return np.split(rows.indices[kept], bounds)

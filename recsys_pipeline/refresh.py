@@ -23,6 +23,7 @@ from recsys_pipeline import drift
 from recsys_pipeline.als import item_popularity, learned, weigh, weighted, with_popularity_prior
 from recsys_pipeline.config import AlsConfig, PipelineConfig, RefreshConfig
 from recsys_pipeline.embeddings import Embeddings, presence_mask
+from recsys_pipeline.sets import distinct
 
 
 def fold_in(
@@ -71,8 +72,8 @@ def fold_in(
                 cg_steps=config.cg_steps,
             )
             model.user_factors[users] = vectors
-    user_idx = np.union1d(parent.user_idx, users)
-    item_idx = np.union1d(parent.item_idx, new_items)
+    user_idx = distinct(np.concatenate([parent.user_idx, users]))
+    item_idx = distinct(np.concatenate([parent.item_idx, new_items]))
     # Items keep the popularity their vectors were fitted beside; new ones get today's.
     popularity = parent_items[:, -1].copy()
     if popularity_today is not None:

@@ -20,6 +20,7 @@ from recsys_pipeline.config import PipelineConfig
 from recsys_pipeline.errors import RecsysError
 from recsys_pipeline.events import EVENT_COLUMNS
 from recsys_pipeline.ranking import NO_ITEM, popular_unseen
+from recsys_pipeline.sets import distinct
 
 DATA_DOCS = Path("gx") / "uncommitted" / "data_docs" / "local_site"
 # Cosine above this to another vector counts as a collapsed (duplicate) embedding.
@@ -289,7 +290,7 @@ def compare_with_popular(
     attainable = min(len(popularity) - int(seen_by_every_user.sum()), len(items))
     return PopularComparison(
         share=float(shared) / len(items),
-        coverage_ratio=len(np.unique(items)) / max(len(popular_items), 1),
+        coverage_ratio=len(distinct(items)) / max(len(popular_items), 1),
         attainable_ratio=attainable / max(len(popular_items), 1),
     )
 

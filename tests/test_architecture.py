@@ -29,6 +29,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "tables",
             "embeddings",
             "ranking",
+            "sets",
             "resources",
             "spark",
         },

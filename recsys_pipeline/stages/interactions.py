@@ -11,7 +11,6 @@ from datetime import UTC, datetime, time
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
@@ -57,6 +56,7 @@ from recsys_pipeline.interactions import (
     write_merged_history,
 )
 from recsys_pipeline.runs import RunContext, parse_instant
+from recsys_pipeline.sets import distinct
 from recsys_pipeline.spark import label_actions
 from recsys_pipeline.stages.content import ITEMS_FILE
 from recsys_pipeline.tables import PAIR_FILE_COMPRESSION, count_rows, distinct_users, write_indices
@@ -237,7 +237,7 @@ def build_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]
         "items": float(items),
         "train_interactions": float(count_rows(out.train_dir)),
         "holdout_interactions": float(holdout.nnz),
-        "holdout_users": float(len(np.unique(holdout.user_idx))),
+        "holdout_users": float(len(distinct(holdout.user_idx))),
         "holdout_users_evaluable": float(evaluable),
         "window_events": float(fingerprint.events),
         "history_carried": float(history is not None),
