@@ -44,6 +44,7 @@ from recsys_pipeline.config import EventsConfig, SourceConfig
 from recsys_pipeline.errors import RecsysError
 from recsys_pipeline.files import atomic_dir, replace_file, restore_set_aside, write_json
 from recsys_pipeline.runs import RunContext
+from recsys_pipeline.sets import member_of
 from recsys_pipeline.spark import label_actions
 
 CORRUPT_COLUMN = "_corrupt_record"
@@ -474,7 +475,7 @@ def copies_after_the_first(rows: pa.Table) -> np.ndarray:
     for code in codes:
         mixed = mixed * np.uint64(0x9E3779B97F4A7C15) + code  # wraps around: a hash, not a number
     ordered = np.sort(mixed)
-    shared = np.isin(mixed, ordered[1:][ordered[1:] == ordered[:-1]])
+    shared = member_of(mixed, ordered[1:][ordered[1:] == ordered[:-1]])
     if not shared.any():
         return duplicate
     candidates = valid[shared]
