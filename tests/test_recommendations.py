@@ -1,12 +1,15 @@
+import threading
+import time
 from dataclasses import replace
 from datetime import timedelta
 
 import numpy as np
 import pandas as pd
+import pytest
 import scipy.sparse as sp
 
 from recsys_pipeline.index import ExactIndex
-from recsys_pipeline.recommendations import active_user_indices, recommend_for_users
+from recsys_pipeline.recommendations import active_user_indices, made_ahead, recommend_for_users
 from recsys_pipeline.stages.recommend import active_users
 
 
@@ -160,3 +163,28 @@ def test_carried_lists_are_copied_as_stored_and_counted_as_served(tmp_path) -> N
     assert [row["score"] for row in table] == [0.5, 0.0, 1.0, 4.0]
     assert written.users_served == 3
     assert written.items.tolist() == [True, True, True, True, False]
+
+
+def test_batches_are_made_ahead_in_order_by_a_worker_and_a_failure_surfaces() -> None:
+    makers: list[int] = []
+
+    def batches():
+        for number in range(4):
+            makers.append(threading.get_ident())
+            yield (np.array([number]),) * 4
+        raise RuntimeError("lost the index")
+
+    got = made_ahead(batches())
+    first = next(got)
+    # While the first batch is in hand, the worker makes the second.
+    for _ in range(500):
+        if len(makers) == 2:
+            break
+        time.sleep(0.01)
+    assert first[0].tolist() == [0] and len(makers) == 2
+    rest = []
+    with pytest.raises(RuntimeError, match="lost the index"):
+        for batch in got:
+            rest.append(int(batch[0][0]))
+    assert rest == [1, 2, 3]
+    assert len(set(makers)) == 1 and makers[0] != threading.get_ident()
