@@ -622,7 +622,8 @@ def decay_factor(config: InteractionsConfig, elapsed: timedelta) -> float:
 
 # History pairs one merge step reads: Arrow builds ``is_in``'s set of the pairs since anew on each
 # call, 0.13 s for a week's 1.7M; 4M pairs (about 100 MB) a step build it 5 times over 17.5M pairs,
-# where one call per 1M-pair row group built it 17 times (4.9 s against 2.5 for the lookups).
+# where one call per 1M-pair row group built it 17 times (4.9 s against 2.5 for the whole merge's
+# lookups over a week's 17M pairs).
 MERGE_BATCH_ROWS = 1 << 22
 
 
@@ -646,8 +647,8 @@ def write_merged_history(
     untouched ones) before writing it.
     """
     since_keys = pc.unique(pair_keys(since))
-    # Only pairs of users active since can be shared: a night's are a fifth of the users, so most
-    # pairs skip the key lookup on one array read.
+    # Only pairs of users active since can be shared: the pairs of every other user skip the key
+    # lookup on one read of a flag per user.
     since_users = since.column("user_idx").to_numpy()
     active = np.zeros(int(since_users.max(initial=-1)) + 1, dtype=bool)
     active[since_users] = True
