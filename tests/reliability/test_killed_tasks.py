@@ -96,9 +96,9 @@ if __name__ == "__main__":
 
         fit = ImplicitTrainer.fit
 
-        def fit_and_say_so(self, user_items, params, start=None):  # type: ignore[no-untyped-def]
+        def fit_and_say_so(self, *args, **kwargs):  # type: ignore[no-untyped-def]
             (Path(state_dir) / FIT_STARTED).touch()
-            return fit(self, user_items, params, start)
+            return fit(self, *args, **kwargs)
 
         ImplicitTrainer.fit = fit_and_say_so  # type: ignore[method-assign]
         run_training(context(state_dir, **SLOW_TRAINING))
