@@ -39,19 +39,30 @@ def pair_batches(path: Path, columns: list[str], batch_rows: int) -> Iterator[pa
 
 
 def pair_tables(path: Path, columns: list[str], batch_rows: int) -> Iterator[pa.Table]:
-    """:func:`pair_batches` gathered into tables of at most ``batch_rows`` pairs, for steps whose cost
-    is per call rather than per pair: ``pc.is_in`` builds its set anew on each call, and the row
-    groups Arrow writes hold 1M pairs."""
-    gathered: list[pa.RecordBatch] = []
+    """The pair files in the folder ``path`` as tables of at most ``batch_rows`` pairs, for steps whose
+    cost is per call rather than per pair (``pc.is_in`` builds its set anew on each call): row groups
+    smaller than that (Arrow writes 1M pairs a group) are gathered whole, larger ones (Spark writes
+    128 MB) handed over in slices as :func:`pair_batches` does. Memory holds one large row group or
+    ``batch_rows`` pairs: gathering the slices of two large groups held both."""
+    gathered: list[pa.Table] = []
     rows = 0
-    for batch in pair_batches(path, columns, batch_rows):
-        if rows + batch.num_rows > batch_rows:
-            yield pa.Table.from_batches(gathered)
-            gathered, rows = [], 0
-        gathered.append(batch)
-        rows += batch.num_rows
+    for file in sorted(path.glob("*.parquet")):
+        pairs = pq.ParquetFile(file)
+        for group in range(pairs.num_row_groups):
+            size = pairs.metadata.row_group(group).num_rows
+            if gathered and (size >= batch_rows or rows + size > batch_rows):
+                yield pa.concat_tables(gathered)
+                gathered, rows = [], 0
+            table = pairs.read_row_group(group, columns=columns)
+            if size >= batch_rows:
+                yield from (
+                    pa.Table.from_batches([batch]) for batch in table.to_batches(max_chunksize=batch_rows)
+                )
+            elif size:
+                gathered.append(table)
+                rows += size
     if gathered:
-        yield pa.Table.from_batches(gathered)
+        yield pa.concat_tables(gathered)
 
 
 @dataclass(frozen=True)
