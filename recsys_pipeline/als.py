@@ -184,7 +184,8 @@ class AlsTrainer(Protocol):
 
 
 class ImplicitTrainer:
-    """``implicit``'s CPU ALS: confidence = alpha x value, loss reported after every iteration."""
+    """``implicit``'s CPU ALS: confidence = alpha x value, loss reported after every iteration (when
+    tracked)."""
 
     def fit(
         self,
