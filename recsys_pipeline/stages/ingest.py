@@ -14,12 +14,12 @@ from recsys_pipeline.events import (
     IngestResult,
     check_quarantine_share,
     companion_files,
+    count_lake_events,
     ingest,
     ingest_settings_hash,
     ingest_window,
     ledger_dates,
     ledger_entry,
-    read_lake,
     read_ledger,
     read_source,
     record_counts,
@@ -99,8 +99,7 @@ def run_ingest(spark: SparkSession, run: RunContext) -> dict[str, float]:
                     ledger[path] = ledger_entry(listing[path], summary, window_end)
             write_ledger(lake, settings, ledger)
         shutil.rmtree(run.artifacts.ingest_staging, ignore_errors=True)
-        label_actions(spark, "ingest: count the interval's events")
-        interval_events = read_lake(spark, lake, run.interval_start, run.interval_end).count()
+        interval_events = count_lake_events(lake, run.interval_start, run.interval_end)
     metrics["events_in_interval"] = float(interval_events)
     metrics["lake_dates_unchanged"] = float(len(kept))
     run.artifacts.write_metrics("ingest", metrics)
