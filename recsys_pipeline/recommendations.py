@@ -184,7 +184,8 @@ def write_recommendations(
             served[users] = True
         for table in carried:
             writer.write_table(table)
-            carried_users.append(pc.unique(table.column("user_id")))
+            users = table.column("user_id")
+            carried_users.extend(users.take(list_starts(users)).chunks)
             carried_items.append(pc.unique(table.column("item_id")))
     # Ids carried are looked up once, deduplicated, rather than row by row.
     for names, found, flags in ((user_names, carried_users, served), (item_names, carried_items, shown)):
@@ -208,8 +209,21 @@ def made_ahead(batches: Iterable[Batch]) -> Iterator[Batch]:
 
 def carried_lists(path: Path, user_ids: np.ndarray, batch_rows: int = 1 << 22) -> Iterator[pa.Table]:
     """An earlier run's lists of the users ``user_ids`` names, ``batch_rows`` rows at a time, as they
-    are stored: a list carried over needs no id lookups."""
+    are stored: a list carried over needs no id lookups. A list is a run of one user's rows, so only
+    each run's first row is looked up (:func:`list_starts`), not every row."""
     wanted = pa.array(user_ids, pa.string())
     for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows):
-        kept = batch.filter(pc.is_in(batch.column("user_id"), value_set=wanted))
-        yield pa.Table.from_batches([kept]).cast(SCHEMA)
+        users = batch.column("user_id")
+        starts = list_starts(users)
+        carried = pc.is_in(users.take(starts), value_set=wanted).to_numpy(zero_copy_only=False)
+        kept = np.repeat(carried, np.diff(starts, append=len(users)))
+        yield pa.Table.from_batches([batch]).filter(kept).cast(SCHEMA)
+
+
+def list_starts(users: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Where each run of equal ``users`` begins: the first row of each list in a lists file (written
+    user by user), found by comparing each row with the one before instead of hashing every row."""
+    if len(users) == 0:
+        return np.empty(0, dtype=np.int64)
+    changed = pc.not_equal(users[1:], users[:-1]).to_numpy(zero_copy_only=False)
+    return np.concatenate([[0], np.flatnonzero(changed) + 1])

@@ -188,3 +188,30 @@ def test_batches_are_made_ahead_in_order_by_a_worker_and_a_failure_surfaces() ->
             rest.append(int(batch[0][0]))
     assert rest == [1, 2, 3]
     assert len(set(makers)) == 1 and makers[0] != threading.get_ident()
+
+
+def test_a_list_split_between_batches_is_carried_whole_and_runs_are_found_wherever_they_start(
+    tmp_path,
+) -> None:
+    """Lists are looked up by their first row: a list the batch cuts in two is kept (or dropped)
+    whole, and a user whose rows come back later starts a run of their own."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from recsys_pipeline.recommendations import SCHEMA, carried_lists, list_starts
+
+    assert list_starts(pa.array(["a", "a", "b", "a"])).tolist() == [0, 2, 3]
+    assert list_starts(pa.chunked_array([["a"], ["a", "b"]])).tolist() == [0, 2]
+    assert list_starts(pa.array([], pa.string())).tolist() == []
+    users = ["u1", "u1", "u2", "u2", "u2", "u3"]
+    parent = tmp_path / "parent.parquet"
+    pq.write_table(
+        pa.table(
+            [users, pa.array([1, 2, 1, 2, 3, 1], pa.int32()), ["i0"] * 6, pa.array([0.0] * 6, pa.float32())],
+            schema=SCHEMA,
+        ),
+        parent,
+    )
+    carried = pa.concat_tables(carried_lists(parent, np.array(["u2"], dtype=object), batch_rows=4))
+    assert carried.column("user_id").to_pylist() == ["u2"] * 3
+    assert carried.column("rank").to_pylist() == [1, 2, 3]
