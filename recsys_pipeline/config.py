@@ -450,9 +450,19 @@ class SparkConfig(_Section):
         "itself when it starts its session, never handed to Airflow, and recorded redacted.",
     )
 
-    def submit_conf(self) -> dict[str, str]:
+    refresh_conf: dict[str, str] = Field(
+        default={},
+        description="Settings layered over conf for a refresh's Spark job (the nightly's): a night's job "
+        "lasts seconds, where settings that suit a week's may cost more than they save.",
+    )
+
+    def job_conf(self, refresh: bool) -> dict[str, str]:
+        """The settings of a Spark job: conf, with refresh_conf over it for a refresh's."""
+        return {**self.conf, **self.refresh_conf} if refresh else dict(self.conf)
+
+    def submit_conf(self, refresh: bool) -> dict[str, str]:
         """The settings a Spark task may carry in Airflow (rendered and stored there): none secret."""
-        return {key: value for key, value in self.conf.items() if not is_secret_name(key)}
+        return {key: value for key, value in self.job_conf(refresh).items() if not is_secret_name(key)}
 
     @field_validator("master")
     @classmethod

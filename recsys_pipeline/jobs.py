@@ -84,7 +84,12 @@ def run_spark_job(argv: Sequence[str], master: str | None = None) -> int:
                     with measured(stage.name, cost):
                         if stage.uses_spark(run.config):
                             if spark is None:
-                                spark = spark_session(run.config, f"{app_name}:{run.interval_key}", master)
+                                spark = spark_session(
+                                    run.config,
+                                    f"{app_name}:{run.interval_key}",
+                                    master,
+                                    refresh=run.mode == "refresh",
+                                )
                             metrics |= stage.callable()(spark=spark, run=run)
                         else:
                             metrics |= stage.callable()(run)

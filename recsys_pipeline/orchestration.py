@@ -372,7 +372,8 @@ def spark_job(config: PipelineConfig, pipeline: Pipeline, job: str) -> SparkSubm
 
     from recsys_pipeline.spark import DRIVER_OPTIONS, class_archive, driver_java_options
 
-    configured_options = config.spark.conf.get(DRIVER_OPTIONS, "")
+    refresh = pipeline.mode == "refresh"
+    configured_options = config.spark.job_conf(refresh).get(DRIVER_OPTIONS, "")
 
     class StageSparkSubmitOperator(SparkSubmitOperator):
         """A job that exits with ``USER_ERROR_EXIT`` failed on its input: fail without retries."""
@@ -394,7 +395,7 @@ def spark_job(config: PipelineConfig, pipeline: Pipeline, job: str) -> SparkSubm
         conn_id=config.spark.conn_id,
         # Rendered and stored by Airflow: secret settings reach Spark through the job's own session.
         conf={
-            **config.spark.submit_conf(),
+            **config.spark.submit_conf(refresh),
             "spark.pyspark.python": sys.executable,
             "spark.pyspark.driver.python": sys.executable,
         },

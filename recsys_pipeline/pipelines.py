@@ -321,7 +321,12 @@ def run_in_process(
             arguments = [results[artifact] for artifact in stage.reads if artifact in results]
             if stage.uses_spark(run.config):
                 if session is None:
-                    session = spark_session(run.config, f"recsys-{pipeline.dag_id}", run.config.spark.master)
+                    session = spark_session(
+                        run.config,
+                        f"recsys-{pipeline.dag_id}",
+                        run.config.spark.master,
+                        refresh=run.mode == "refresh",
+                    )
                 outcome = stage.callable()(spark=session, run=run)
             else:
                 outcome = stage.callable()(run, *arguments)

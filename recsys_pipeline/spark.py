@@ -27,12 +27,16 @@ LOG_SETTINGS = PROJECT_ROOT / "conf" / "spark" / "log4j2.properties"
 DRIVER_OPTIONS = "spark.driver.extraJavaOptions"
 
 
-def spark_session(config: PipelineConfig, app_name: str, master: str | None = None) -> SparkSession:
-    """Get or create a session.
+def spark_session(
+    config: PipelineConfig, app_name: str, master: str | None = None, refresh: bool = False
+) -> SparkSession:
+    """Get or create a session, with the settings of a refresh's job when ``refresh``
+    (:meth:`~recsys_pipeline.config.SparkConfig.job_conf`).
 
     Under ``spark-submit`` the master comes from the submit command (``master=None``);
     in-process callers such as tests and benchmarks pass ``config.spark.master``.
     """
+    conf = config.spark.job_conf(refresh)
     # Imported here: a Spark task's Airflow side takes its driver's options from this module, and
     # Airflow imports that side wherever it parses the DAG files.
     from pyspark.sql import SparkSession
@@ -43,17 +47,17 @@ def spark_session(config: PipelineConfig, app_name: str, master: str | None = No
     if master is not None:
         builder = builder.master(master)
     # Event logs let Spark's history server replay any stage's run; a deployment's own setting wins.
-    if "spark.eventLog.enabled" not in config.spark.conf:
+    if "spark.eventLog.enabled" not in conf:
         events = config.state_home / "spark-events"
         events.mkdir(parents=True, exist_ok=True)
         builder = builder.config("spark.eventLog.enabled", "true").config(
             "spark.eventLog.dir", events.as_uri()
         )
-    for key, value in config.spark.conf.items():
+    for key, value in conf.items():
         builder = builder.config(key, value)
     # Under spark-submit the driver's JVM runs already: the submit command carries these options.
     builder = builder.config(
-        DRIVER_OPTIONS, driver_java_options(config.spark.conf.get(DRIVER_OPTIONS, ""), class_archive())
+        DRIVER_OPTIONS, driver_java_options(conf.get(DRIVER_OPTIONS, ""), class_archive())
     )
     builder = (
         builder.config("spark.sql.session.timeZone", "UTC")

@@ -271,6 +271,15 @@ def test_nightly_dag_folds_in_daily_and_can_hand_over_to_a_full_retrain(dagbag) 
     assert dag.timetable.delta == timedelta(days=1)
     submitted = dag.get_task("ingest_and_build_interactions").application_args
     assert submitted[submitted.index("--job") + 1] == "ingest_and_build_interactions"
+    # The night's Spark job takes spark.refresh_conf over spark.conf; the weekly's only spark.conf.
+    options = "spark.driver.extraJavaOptions"
+    spark = load_config().spark
+    nightly = dag.get_task("ingest_and_build_interactions").conf[options]
+    weekly = dagbag.dags["recsys_weekly"].get_task("ingest_and_build_interactions").conf[options]
+    assert nightly == spark.refresh_conf[options] != weekly == spark.conf[options]
+    assert spark.model_copy(update={"refresh_conf": {"a": "2"}, "conf": {"a": "1", "b": "1"}}).job_conf(
+        True
+    ) == {"a": "2", "b": "1"}
 
 
 def movie_genres() -> dict[str, set[int]]:
