@@ -194,9 +194,10 @@ def weekly_quality(runs: Path, spec: SyntheticSpec, max_users: int, sample_seed:
 
 def timed_dag(dag_id: str, logical_date: str, env: dict[str, str], log: Path) -> tuple[float, bool]:
     """(seconds a DAG run took, whether it succeeded), timed from a quiet disk: what the run before
-    left in the page cache is written back first, untimed. Written back while the next run was timed,
-    it was charged to that one (a 20M nightly started with a weekly's 2.3 GB still dirty took 63.2 and
-    71.9 s, after a sync 62.6 and 61.4 s); a production night does not start as its weekly ends.
+    left in the page cache is written back first, untimed, rather than charged to this run (a
+    production night does not start as its weekly ends). Hygiene more than a measured gain: a 20M
+    nightly started with 2.3 GB still dirty took 63.2 and 71.9 s, after a sync 62.6 and 61.4 s, within
+    the spread that what ran before leaves on these machines (docs/benchmarks.md).
     """
     os.sync()
     started = time.perf_counter()
