@@ -25,6 +25,7 @@ from recsys_pipeline.events import (
     lake_partitions,
     lake_signature,
     read_source,
+    utc_date,
     with_file_ranks,
 )
 from recsys_pipeline.runs import RunContext
@@ -202,6 +203,29 @@ def test_a_row_names_its_file_by_rank_or_else_by_its_uri(spark) -> None:
         # Not among the files listed: its URI stays, so that it is still counted against its file.
         ("u3", None, "file:///elsewhere.csv"),
     ]
+
+
+def test_a_control_character_in_either_id_makes_the_event_invalid(tmp_path, spark, make_config) -> None:
+    source = tmp_path / "source"
+    source.mkdir()
+    rows = ["u1,i1", "u\x07,i1", "u1,i\x85", "u\x7f,i2", "u2,i\x1f", "u2,i2"]
+    (source / "ids.csv").write_text(
+        "user,item,type,value,ts\n" + "".join(f"{ids},view,1,880000000\n" for ids in rows), encoding="utf-8"
+    )
+    config = make_config(**csv_events_source("ids", source), **{"events.max_quarantine_share": 1.0})
+    result = ingest_source(spark, config, tmp_path / "staging")
+    assert result.metrics["quarantine_invalid_id"] == 4
+    assert sorted((r.user_id, r.item_id) for r in result.events.collect()) == [("u1", "i1"), ("u2", "i2")]
+
+
+def test_an_events_utc_date_is_to_dates_either_side_of_the_epoch_and_of_midnight(spark) -> None:
+    micros = (-86_400_000_001, -1, 0, 86_399_999_999, 86_400_000_000, 1_709_000_000_123_456)
+    times = spark.createDataFrame([(m,) for m in micros], "micros long").select(
+        F.timestamp_micros("micros").alias("ts")
+    )
+    pairs = times.select(utc_date(F.col("ts")).alias("arithmetic"), F.to_date("ts").alias("zoned")).collect()
+    assert [row.arithmetic for row in pairs] == [row.zoned for row in pairs]
+    assert pairs[0].arithmetic == date(1969, 12, 30) and pairs[1].arithmetic == date(1969, 12, 31)
 
 
 def test_rows_outside_the_window_are_counted_not_quarantined(tmp_path, spark, make_config) -> None:
