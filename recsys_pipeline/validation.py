@@ -330,6 +330,19 @@ def embedding_profile(
     )
 
 
+def widened(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with its narrower NumPy numbers (the matrix's 32-bit indices and confidences, the
+    lists' ranks) as 64-bit ones, exactly: GX compares a column with a range in one vectorised step
+    only when it holds int64 or float64, and otherwise calls Python for every value (0.3-0.6 s a run
+    for four columns of 200k sampled rows)."""
+    wider = {
+        name: column.astype(np.float64 if column.dtype.kind == "f" else np.int64)
+        for name, column in frame.items()
+        if isinstance(column.dtype, np.dtype) and column.dtype.kind in "iuf" and column.dtype.itemsize < 8
+    }
+    return frame.assign(**wider) if wider else frame
+
+
 def validate_frames(project_dir: Path, frames: dict[str, tuple[pd.DataFrame, list[Any]]]) -> list[Failure]:
     """Run each (frame, expectations) as a GX checkpoint, then build the Data Docs over their results;
     return every failed expectation."""
@@ -349,7 +362,7 @@ def validate_frames(project_dir: Path, frames: dict[str, tuple[pd.DataFrame, lis
             gx.ValidationDefinition(name=name, data=batch, suite=suite)
         )
         checkpoint = context.checkpoints.add(gx.Checkpoint(name=name, validation_definitions=[definition]))
-        result = checkpoint.run(batch_parameters={"dataframe": frame})
+        result = checkpoint.run(batch_parameters={"dataframe": widened(frame)})
         for validation in result.run_results.values():
             for outcome in validation.results:
                 expectation = outcome.expectation_config

@@ -15,6 +15,7 @@ from recsys_pipeline.validation import (
     recommendations_summary,
     recommendations_summary_suite,
     validate_frames,
+    widened,
 )
 
 START, END = pd.Timestamp("2024-01-01", tz="UTC"), pd.Timestamp("2024-01-08", tz="UTC")
@@ -306,3 +307,19 @@ def test_validation_reads_a_bounded_sample_of_the_window_and_its_exact_count(wee
     again, _ = lake_sample(run)
     assert events.equals(again)  # seeded: a re-run validates the same rows
     assert sample_positions(10, 50).tolist() == list(range(10))
+
+
+def test_narrow_numbers_reach_gx_as_the_same_64_bit_numbers_and_other_columns_as_they_are() -> None:
+    frame = pd.DataFrame(
+        {
+            "user_idx": np.array([0, 2_000_000_000], dtype=np.int32),
+            "rank": np.array([1, 2], dtype=np.uint16),
+            "confidence": np.array([0.1, 3.5], dtype=np.float32),
+            "value": np.array([1.0, 2.0]),
+            "user_id": ["u1", "u2"],
+        }
+    )
+    wide = widened(frame)
+    assert [str(t) for t in wide.dtypes] == ["int64", "int64", "float64", "float64", "object"]
+    for name in frame.columns:
+        assert wide[name].tolist() == frame[name].tolist()
