@@ -81,7 +81,8 @@ class ItemIndex(Protocol):
     item_idx: np.ndarray
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k (dense item indices, scores) per query row, best first."""
+        """Top-k (dense item indices, scores) per query row, best first. Safe to call from several
+        threads at once (batch lists are made side by side), though not beside an update."""
         ...
 
     def upsert(self, item_idx: np.ndarray, vectors: np.ndarray) -> None:

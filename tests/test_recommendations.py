@@ -165,29 +165,29 @@ def test_carried_lists_are_copied_as_stored_and_counted_as_served(tmp_path) -> N
     assert written.items.tolist() == [True, True, True, True, False]
 
 
-def test_batches_are_made_ahead_in_order_by_a_worker_and_a_failure_surfaces() -> None:
-    makers: list[int] = []
+def test_batches_are_made_side_by_side_ahead_handed_out_in_order_and_a_failure_surfaces() -> None:
+    started: list[int] = []
+    makers: set[int] = set()
 
-    def batches():
-        for number in range(4):
-            makers.append(threading.get_ident())
-            yield (np.array([number]),) * 4
-        raise RuntimeError("lost the index")
+    def make(number: int) -> tuple[np.ndarray, ...]:
+        started.append(number)
+        makers.add(threading.get_ident())
+        time.sleep(0.02 * (3 - number % 3))  # later batches are ready before earlier ones
+        if number == 6:
+            raise RuntimeError("lost the index")
+        return (np.array([number]),) * 4
 
-    got = made_ahead(batches())
+    got = made_ahead(make, range(10), workers=2)
     first = next(got)
-    # While the first batch is in hand, the worker makes the second.
-    for _ in range(500):
-        if len(makers) == 2:
-            break
-        time.sleep(0.01)
-    assert first[0].tolist() == [0] and len(makers) == 2
+    time.sleep(0.3)
+    # While the first batch is in hand, four more are made or being made, and no further.
+    assert first[0].tolist() == [0] and sorted(started) == [0, 1, 2, 3, 4]
     rest = []
     with pytest.raises(RuntimeError, match="lost the index"):
         for batch in got:
             rest.append(int(batch[0][0]))
-    assert rest == [1, 2, 3]
-    assert len(set(makers)) == 1 and makers[0] != threading.get_ident()
+    assert rest == [1, 2, 3, 4, 5]
+    assert len(makers) == 2 and threading.get_ident() not in makers
 
 
 def test_a_list_split_between_batches_is_carried_whole_and_runs_are_found_wherever_they_start(
