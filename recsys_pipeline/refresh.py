@@ -53,16 +53,21 @@ def fold_in(
     model.user_factors = np.ascontiguousarray(learned(parent.dense_users(n_users), params))
     model.item_factors = np.ascontiguousarray(learned(parent_items, params))
     popularity_today = item_popularity(user_items) if params.popularity_weight else None
-    user_items = weighted(user_items.astype(np.float32, copy=False).tocsr(), params, item_weights)
+    user_items = user_items.astype(np.float32, copy=False).tocsr()
+    # Only the columns and rows solved are weighted, and only the columns transposed: a night solves
+    # a few items and under half the users of a matrix of millions of pairs.
     with threadpool_limits(limits=1, user_api="blas"):
         if len(new_items):
-            model.partial_fit_items(new_items, user_items.T.tocsr()[new_items])
+            column_weights = item_weights[new_items] if item_weights is not None else None
+            columns = weighted(user_items[:, new_items], params, column_weights)
+            model.partial_fit_items(new_items, columns.T.tocsr())
+        rows = weighted(user_items[users], params, item_weights)
         if len(users) and config.solver == "cholesky":
-            model.partial_fit_users(users, user_items[users])
+            model.partial_fit_users(users, rows)
         elif len(users):
             # Warm start from the parent's vector (zero for a new user); implicit's CG solver in place.
             vectors = np.ascontiguousarray(model.user_factors[users])
-            confidence = (params.alpha * user_items[users]).astype(np.float32, copy=False).tocsr()
+            confidence = (params.alpha * rows).astype(np.float32, copy=False).tocsr()
             _als.least_squares_cg(
                 confidence,
                 vectors,

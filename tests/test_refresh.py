@@ -134,12 +134,24 @@ def test_a_weighted_fold_in_solves_rows_weighted_as_the_parent_was_trained(movie
     np.testing.assert_array_equal(weights[parent.item_idx], stored[parent.item_idx])
     np.testing.assert_array_equal(weights[hidden_items], item_weights(full, params)[hidden_items])
     users = np.array([0, 5, full.shape[0] - 1])
-    result = fold_in(parent, full, users, np.array([], dtype=np.int64), params, RefreshConfig(), weights)
+    new_items = hidden_items[full.getnnz(axis=0)[hidden_items] > 0]
+    result = fold_in(parent, full, users, new_items, params, RefreshConfig(), weights)
     confidences = weighted(full, params, weights)
+    # New items are solved first, against the parent's users, from their weighted columns; then the
+    # users against every item.
+    refreshed_items = result.dense_items(full.shape[1])
+    item_confidences = confidences.T.tocsr()
+    for item in new_items[:10]:
+        np.testing.assert_allclose(
+            refreshed_items[item],
+            exact_solution(parent.dense_users(full.shape[0]), item_confidences[item], params),
+            rtol=1e-4,
+            atol=1e-5,
+        )
     for user in users:
         np.testing.assert_allclose(
             result.dense_users(full.shape[0])[user],
-            exact_solution(parent.dense_items(full.shape[1]), confidences[user], params),
+            exact_solution(refreshed_items, confidences[user], params),
             rtol=1e-4,
             atol=1e-5,
         )
