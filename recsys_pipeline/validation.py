@@ -19,7 +19,7 @@ import scipy.sparse as sp
 from recsys_pipeline.config import PipelineConfig
 from recsys_pipeline.errors import RecsysError
 from recsys_pipeline.events import EVENT_COLUMNS
-from recsys_pipeline.ranking import NO_ITEM, popular_unseen
+from recsys_pipeline.ranking import NO_ITEM, dot_top_k, popular_unseen
 from recsys_pipeline.sets import distinct
 
 DATA_DOCS = Path("gx") / "uncommitted" / "data_docs" / "local_site"
@@ -320,11 +320,13 @@ def embedding_profile(
     rng = np.random.default_rng(0)
     sample = np.sort(rng.choice(len(unit), min(sample_size, len(unit)), replace=False))
     nearest = np.full(len(unit), np.nan)
-    for start in range(0, len(sample), 2048):
-        rows = sample[start : start + 2048]
-        cosine = unit[rows] @ unit[sample].T
-        cosine[np.arange(len(rows)), start + np.arange(len(rows))] = -np.inf
-        nearest[rows] = cosine.max(axis=1) if len(sample) > 1 else -1.0
+    if len(sample) > 1:
+        # Each vector's own row is excluded; the batches are scored on every core.
+        itself = sp.identity(len(sample), dtype=np.float32, format="csr")
+        _, best = dot_top_k(unit[sample], unit[sample], 1, seen=itself)
+        nearest[sample] = best[:, 0]
+    else:
+        nearest[sample] = -1.0
     return pd.DataFrame(
         {"idx": idx, "norm": norms, "finite": np.isfinite(factors).all(axis=1), "nearest_cosine": nearest}
     )
