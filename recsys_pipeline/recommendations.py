@@ -99,33 +99,24 @@ def batch_lists(
     """The lists of the users ``batch`` (:func:`recommendation_batches`)."""
     seen_batch = seen[batch]
     history = np.diff(seen_batch.indptr)
+    first_unseen = partial(
+        _first_unseen,
+        top_n=top_n,
+        user_vectors=user_vectors,
+        has_vector=has_vector,
+        index=index,
+        popular=popular,
+        popular_scores=popular_scores,
+    )
     # Most users' top-N survives a margin of top_n seen items; the few who lose more to their
     # history are searched again as deep as their history, so one heavy user does not deepen
     # every search of the batch.
-    picked, picked_scores, counts = _first_unseen(
-        batch,
-        seen_batch,
-        top_n + min(int(history.max(initial=0)), top_n),
-        top_n,
-        user_vectors,
-        has_vector,
-        index,
-        popular,
-        popular_scores,
+    picked, picked_scores, counts = first_unseen(
+        batch, seen_batch, top_n + min(int(history.max(initial=0)), top_n)
     )
     short = np.flatnonzero((counts < top_n) & (history > top_n))
     if len(short):
-        deeper = _first_unseen(
-            batch[short],
-            seen_batch[short],
-            top_n + int(history[short].max()),
-            top_n,
-            user_vectors,
-            has_vector,
-            index,
-            popular,
-            popular_scores,
-        )
+        deeper = first_unseen(batch[short], seen_batch[short], top_n + int(history[short].max()))
         picked[short], picked_scores[short], counts[short] = deeper
     shown = np.arange(top_n)[None, :] < counts[:, None]
     return (
