@@ -66,10 +66,9 @@ def recommendation_batches(
     seen: sp.csr_matrix,
     popularity: np.ndarray,
     top_n: int,
-    workers: int = WORKERS,
 ) -> Iterator[Batch]:
     """(user_idx, rank, item_idx, score) rows, ``BATCH_USERS`` users at a time, in order: top-N unseen
-    items per user, popular items without a vector, made by ``workers`` threads ahead of the caller
+    items per user, popular items without a vector, made by ``WORKERS`` threads ahead of the caller
     (:func:`made_ahead`). Memory is bounded by the batches in hand, not by how many users."""
     popular = popular_items(popularity)
     lists = partial(
@@ -83,7 +82,7 @@ def recommendation_batches(
         top_n=top_n,
     )
     starts = range(0, len(users), BATCH_USERS)
-    return made_ahead(lists, (users[start : start + BATCH_USERS] for start in starts), workers)
+    return made_ahead(lists, (users[start : start + BATCH_USERS] for start in starts), WORKERS)
 
 
 def batch_lists(
