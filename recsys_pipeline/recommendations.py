@@ -20,7 +20,6 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
-from functools import partial
 from itertools import islice
 from pathlib import Path
 from typing import TypeVar
@@ -71,84 +70,63 @@ def recommendation_batches(
     items per user, popular items without a vector, made by ``WORKERS`` threads ahead of the caller
     (:func:`made_ahead`). Memory is bounded by the batches in hand, not by how many users."""
     popular = popular_items(popularity)
-    lists = partial(
-        batch_lists,
-        user_vectors=user_vectors,
-        has_vector=has_vector,
-        index=index,
-        seen=seen,
-        popular=popular,
-        popular_scores=popularity[popular].astype(np.float32),
-        top_n=top_n,
+    lists = ListMaker(
+        user_vectors, has_vector, index, seen, popular, popularity[popular].astype(np.float32), top_n
     )
     starts = range(0, len(users), BATCH_USERS)
     return made_ahead(lists, (users[start : start + BATCH_USERS] for start in starts), WORKERS)
 
 
-def batch_lists(
-    batch: np.ndarray,
-    user_vectors: np.ndarray,
-    has_vector: np.ndarray,
-    index: ItemIndex,
-    seen: sp.csr_matrix,
-    popular: np.ndarray,
-    popular_scores: np.ndarray,
-    top_n: int,
-) -> Batch:
-    """The lists of the users ``batch`` (:func:`recommendation_batches`)."""
-    seen_batch = seen[batch]
-    history = np.diff(seen_batch.indptr)
-    first_unseen = partial(
-        _first_unseen,
-        top_n=top_n,
-        user_vectors=user_vectors,
-        has_vector=has_vector,
-        index=index,
-        popular=popular,
-        popular_scores=popular_scores,
-    )
-    # Most users' top-N survives a margin of top_n seen items; the few who lose more to their
-    # history are searched again as deep as their history, so one heavy user does not deepen
-    # every search of the batch.
-    picked, picked_scores, counts = first_unseen(
-        batch, seen_batch, top_n + min(int(history.max(initial=0)), top_n)
-    )
-    short = np.flatnonzero((counts < top_n) & (history > top_n))
-    if len(short):
-        deeper = first_unseen(batch[short], seen_batch[short], top_n + int(history[short].max()))
-        picked[short], picked_scores[short], counts[short] = deeper
-    shown = np.arange(top_n)[None, :] < counts[:, None]
-    return (
-        np.repeat(batch, counts).astype(np.int64),
-        np.broadcast_to(np.arange(1, top_n + 1, dtype=np.int32), picked.shape)[shown],
-        picked[shown].astype(np.int64),
-        picked_scores[shown].astype(np.float32),
-    )
+@dataclass(frozen=True)
+class ListMaker:
+    """Makes the lists of a batch of users (:func:`recommendation_batches`); read-only, so batches
+    are made on several threads at once."""
 
+    user_vectors: np.ndarray
+    has_vector: np.ndarray
+    index: ItemIndex
+    seen: sp.csr_matrix
+    popular: np.ndarray
+    popular_scores: np.ndarray
+    top_n: int
 
-def _first_unseen(
-    batch: np.ndarray,
-    seen_batch: sp.csr_matrix,
-    width: int,
-    top_n: int,
-    user_vectors: np.ndarray,
-    has_vector: np.ndarray,
-    index: ItemIndex,
-    popular: np.ndarray,
-    popular_scores: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The batch's top-N unseen among ``width`` candidates each: the index's best for users with a
-    vector, the popular list for the others."""
-    items = np.full((len(batch), width), NO_ITEM, dtype=np.int64)
-    scores = np.zeros((len(batch), width), dtype=np.float32)
-    head = min(width, len(popular))
-    items[:, :head], scores[:, :head] = popular[:head], popular_scores[:head]
-    personal = np.flatnonzero(has_vector[batch])
-    if len(personal):
-        found, found_scores = index.search(user_vectors[batch[personal]], width)
-        items[personal], scores[personal] = NO_ITEM, 0.0
-        items[personal, : found.shape[1]], scores[personal, : found.shape[1]] = found, found_scores
-    return first_unseen_rows(items, scores, seen_batch, top_n)
+    def __call__(self, batch: np.ndarray) -> Batch:
+        top_n = self.top_n
+        seen_batch = self.seen[batch]
+        history = np.diff(seen_batch.indptr)
+        # Most users' top-N survives a margin of top_n seen items; the few who lose more to their
+        # history are searched again as deep as their history, so one heavy user does not deepen
+        # every search of the batch.
+        picked, picked_scores, counts = self.first_unseen(
+            batch, seen_batch, top_n + min(int(history.max(initial=0)), top_n)
+        )
+        short = np.flatnonzero((counts < top_n) & (history > top_n))
+        if len(short):
+            deeper = self.first_unseen(batch[short], seen_batch[short], top_n + int(history[short].max()))
+            picked[short], picked_scores[short], counts[short] = deeper
+        shown = np.arange(top_n)[None, :] < counts[:, None]
+        return (
+            np.repeat(batch, counts).astype(np.int64),
+            np.broadcast_to(np.arange(1, top_n + 1, dtype=np.int32), picked.shape)[shown],
+            picked[shown].astype(np.int64),
+            picked_scores[shown].astype(np.float32),
+        )
+
+    def first_unseen(
+        self, batch: np.ndarray, seen_batch: sp.csr_matrix, width: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The batch's top-N unseen among ``width`` candidates each: the index's best for users with
+        a vector, the popular list for the others."""
+        items = np.full((len(batch), width), NO_ITEM, dtype=np.int64)
+        scores = np.zeros((len(batch), width), dtype=np.float32)
+        head = min(width, len(self.popular))
+        items[:, :head], scores[:, :head] = self.popular[:head], self.popular_scores[:head]
+        personal = np.flatnonzero(self.has_vector[batch])
+        if len(personal):
+            found, found_scores = self.index.search(self.user_vectors[batch[personal]], width)
+            items[personal], scores[personal] = NO_ITEM, 0.0
+            items[personal, : found.shape[1]], scores[personal, : found.shape[1]] = found, found_scores
+        return first_unseen_rows(items, scores, seen_batch, self.top_n)
 
 
 def recommend_for_users(
