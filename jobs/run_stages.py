@@ -3,7 +3,11 @@
 
 import sys
 
-from recsys_pipeline.jobs import run_spark_job
+from recsys_pipeline.spark import installed_pyspark_first
 
 if __name__ == "__main__":
+    # Before anything imports pyspark: the installed copy, not the zip spark-submit put first.
+    sys.path[:] = installed_pyspark_first(sys.path)
+    from recsys_pipeline.jobs import run_spark_job
+
     sys.exit(run_spark_job(sys.argv[1:]))

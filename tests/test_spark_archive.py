@@ -1,12 +1,15 @@
-"""The Spark driver's class archive: the options a driver starts with, and how the archive is made."""
+"""How a Spark driver starts: the options it starts with, how its class archive is made, and where it
+imports pyspark from."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
+import pyspark
 import pytest
 
 from recsys_pipeline.spark import (
@@ -15,6 +18,7 @@ from recsys_pipeline.spark import (
     driver_java_options,
     exercise_command,
     failure_record,
+    installed_pyspark_first,
 )
 
 
@@ -33,6 +37,34 @@ def test_log_settings_of_ones_own_are_kept(tmp_path: Path) -> None:
     assert driver_java_options(own, tmp_path / "none.jsa") == own
     default = f"-Dlog4j2.configurationFile={LOG_SETTINGS.as_uri()}"
     assert driver_java_options("", tmp_path / "none.jsa") == default
+
+
+@pytest.mark.unit
+def test_the_zips_spark_submit_puts_first_give_way_to_the_installed_copies() -> None:
+    bundled = Path(pyspark.__file__).parent / "python" / "lib"
+    pyspark_zip, py4j_zip = str(bundled / "pyspark.zip"), str(bundled / f"py4j-{version('py4j')}-src.zip")
+    # As spark-submit hands the driver its path: the package's zips, then the rest.
+    submitted = [pyspark_zip, py4j_zip, *sys.path]
+    assert installed_pyspark_first(submitted) == sys.path
+    # A Spark distribution's zips, and a py4j zip of another version, are what that Spark needs.
+    distribution = ["/opt/spark/python/lib/pyspark.zip", "/opt/spark/python/lib/py4j-0.10.9.1-src.zip"]
+    other_py4j = str(bundled / "py4j-0.10.9.1-src.zip")
+    kept = [*distribution, other_py4j, *sys.path]
+    assert installed_pyspark_first(kept) == kept
+    # And the driver then imports the installed, byte-compiled pyspark.
+    imported = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from recsys_pipeline.spark import installed_pyspark_first; "
+            "sys.path[:] = installed_pyspark_first(sys.path); import pyspark; print(pyspark.__file__)",
+        ],
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([pyspark_zip, py4j_zip])},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert imported.stdout.strip() == pyspark.__file__
 
 
 @pytest.mark.slow
