@@ -38,7 +38,13 @@ from recsys_pipeline.config import PipelineConfig, load_config  # noqa: E402
 from recsys_pipeline.runs import PUBLISHED_RECORD, RunContext  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
-TEST_SPARK_CONF = {"spark.sql.shuffle.partitions": "2", "spark.ui.enabled": "false"}
+# The project's Spark settings (the write paths, joins and parsing they choose), with two partitions
+# a shuffle for the tests' few rows and no UI.
+TEST_SPARK_CONF = {
+    **load_config().spark.conf,
+    "spark.sql.shuffle.partitions": "2",
+    "spark.ui.enabled": "false",
+}
 # In-process runs train once at the configured values: the sweep (tens of trials) is covered by
 # test_tuning, the default-config quality test and every DAG test, which run the project config.
 TEST_OVERRIDES = {"spark.conf": TEST_SPARK_CONF, "als.sweep": None}

@@ -110,6 +110,22 @@ def _without_file(record: str) -> str:
     return json.dumps(fields)
 
 
+def test_each_task_stages_its_dates_without_first_sorting_its_rows(tmp_path, spark, make_config) -> None:
+    # The project's Spark settings open a file per date a task holds (maxConcurrentOutputFileWriters):
+    # a sort by date before the write held every row of a 100M-event weekly's tasks, spilling 2.5 GB.
+    result = ingest_source(spark, make_config(**BAD_SOURCE), tmp_path / "staging")
+
+    assert result.metrics["events_ingested"] == 6
+    executions = spark._jsparkSession.sharedState().statusStore().executionsList()
+    (plan,) = [
+        executions.apply(i).physicalPlanDescription()
+        for i in range(executions.size())
+        if executions.apply(i).description() == "ingest: classify and stage by date"
+    ][-1:]
+    assert "WriteFiles" in plan
+    assert "Sort" not in plan
+
+
 def test_a_parquet_sources_numbers_are_read_as_numbers_with_the_outcome_their_text_gives(
     tmp_path, spark, make_config
 ) -> None:
