@@ -110,12 +110,21 @@ def _without_file(record: str) -> str:
     return json.dumps(fields)
 
 
-def test_each_task_stages_its_dates_without_first_sorting_its_rows(tmp_path, spark, make_config) -> None:
+def test_each_task_stages_its_dates_unsorted_and_uncompressed(tmp_path, spark, make_config) -> None:
     # The project's Spark settings open a file per date a task holds (maxConcurrentOutputFileWriters):
     # a sort by date before the write held every row of a 100M-event weekly's tasks, spilling 2.5 GB.
     result = ingest_source(spark, make_config(**BAD_SOURCE), tmp_path / "staging")
 
     assert result.metrics["events_ingested"] == 6
+    staged = sorted((tmp_path / "staging").glob("event_date=*/*.parquet"))
+    assert len(staged) > 1
+    for path in staged:
+        metadata = pq.ParquetFile(path).metadata
+        assert {
+            metadata.row_group(group).column(column).compression
+            for group in range(metadata.num_row_groups)
+            for column in range(metadata.num_columns)
+        } == {"UNCOMPRESSED"}
     executions = spark._jsparkSession.sharedState().statusStore().executionsList()
     (plan,) = [
         executions.apply(i).physicalPlanDescription()
