@@ -848,31 +848,39 @@ def window_ids(
 
     Each date's distinct ids are found on a thread of its own: 500k users of 20M events took about
     2 s, where Spark's shuffle for the distinct ids and its numbering over one partition took 8 s.
+    Memory holds at most about ``max_rows`` ids more than the distinct ones: the dates' ids are merged
+    as they come, where a 100M-event weekly's 57 dates of about 1M distinct users each, held until all
+    were read, took the driver to 1.6 GB.
     """
     in_window = lake_window(start, end)
 
-    def distinct(chunks: list[pa.Array]) -> pa.Array:
+    def distinct(arrays: Iterable[pa.Array]) -> pa.Array:
+        """The distinct ids of ``arrays``, merged whenever they hold more than ``max_rows``."""
+        chunks: list[pa.Array] = []
+        held = 0
+        for ids in arrays:
+            chunks.append(ids)
+            held += len(ids)
+            if held > max_rows:
+                chunks = [distinct_of(chunks)]
+                held = len(chunks[0])
+        return distinct_of(chunks)
+
+    def distinct_of(chunks: list[pa.Array]) -> pa.Array:
         ids = pc.unique(pa.chunked_array(chunks, pa.string()))
         if len(ids) > max_rows:
             raise TooManyIds
         return ids
 
     def date_ids(partition: Path) -> pa.Array:
-        chunks: list[pa.Array] = []
-        held = 0
-        for batch in ds.dataset(str(partition), format="parquet").to_batches(
+        batches = ds.dataset(str(partition), format="parquet").to_batches(
             columns=[column], filter=in_window, batch_size=ID_BATCH_ROWS, use_threads=False
-        ):
-            chunks.append(pc.unique(batch.column(0)))
-            held += len(chunks[-1])
-            if held > max_rows:
-                chunks = [distinct(chunks)]
-                held = len(chunks[0])
-        return distinct(chunks)
+        )
+        return distinct(pc.unique(batch.column(0)) for batch in batches)
 
     try:
         with ThreadPoolExecutor(max_workers=max(1, min(pa.cpu_count(), len(partitions)))) as pool:
-            return distinct(list(pool.map(date_ids, partitions)))
+            return distinct(pool.map(date_ids, partitions))
     except TooManyIds:
         return None
 
