@@ -854,33 +854,33 @@ def window_ids(
     """
     in_window = lake_window(start, end)
 
-    def distinct(arrays: Iterable[pa.Array]) -> pa.Array:
-        """The distinct ids of ``arrays``, merged whenever they hold more than ``max_rows``."""
+    def distinct(chunks: list[pa.Array]) -> pa.Array:
+        ids = pc.unique(pa.chunked_array(chunks, pa.string()))
+        if len(ids) > max_rows:
+            raise TooManyIds
+        return ids
+
+    def merged(arrays: Iterable[pa.Array]) -> pa.Array:
+        """The distinct ids of ``arrays``, those in hand merged whenever they are more than ``max_rows``."""
         chunks: list[pa.Array] = []
         held = 0
         for ids in arrays:
             chunks.append(ids)
             held += len(ids)
             if held > max_rows:
-                chunks = [distinct_of(chunks)]
+                chunks = [distinct(chunks)]
                 held = len(chunks[0])
-        return distinct_of(chunks)
-
-    def distinct_of(chunks: list[pa.Array]) -> pa.Array:
-        ids = pc.unique(pa.chunked_array(chunks, pa.string()))
-        if len(ids) > max_rows:
-            raise TooManyIds
-        return ids
+        return distinct(chunks)
 
     def date_ids(partition: Path) -> pa.Array:
         batches = ds.dataset(str(partition), format="parquet").to_batches(
             columns=[column], filter=in_window, batch_size=ID_BATCH_ROWS, use_threads=False
         )
-        return distinct(pc.unique(batch.column(0)) for batch in batches)
+        return merged(pc.unique(batch.column(0)) for batch in batches)
 
     try:
         with ThreadPoolExecutor(max_workers=max(1, min(pa.cpu_count(), len(partitions)))) as pool:
-            return distinct(pool.map(date_ids, partitions))
+            return merged(pool.map(date_ids, partitions))
     except TooManyIds:
         return None
 
