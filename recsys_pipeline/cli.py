@@ -187,7 +187,7 @@ def airflow_environment(config: PipelineConfig, config_path: str | None) -> dict
     if not {"AIRFLOW_HOME", "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"} & set(env):
         # Only Airflow on the state's own SQLite database: a deployment's database takes its own.
         defaults["AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS"] = (
-            "recsys_pipeline.config.AIRFLOW_SQLITE_CONNECT_ARGS"
+            "recsys_pipeline.airflow_sqlite.CONNECT_ARGS"
         )
     if config_path:
         defaults["RECSYS_CONFIG"] = str(Path(config_path).resolve())

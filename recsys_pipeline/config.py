@@ -28,10 +28,6 @@ DEFAULT_CONFIG_PATH = PROJECT_ROOT / "conf" / "pipeline.yaml"
 SAMPLE_PROFILE_PATH = PROJECT_ROOT / "conf" / "sample.yaml"
 CONFIG_ENV = "RECSYS_CONFIG"  # names the profile when no path is given
 ALERTS_CONN_ID = "recsys_alerts"  # the Airflow connection a failed task's alert is posted through
-# Connection arguments of the embedded Airflow's SQLite database (``[database]
-# sql_alchemy_connect_args`` names this dict). The scheduler and a command such as a backfill write
-# at once; sqlite3's default 5 s wait for the other side's lock is too short on a busy machine.
-AIRFLOW_SQLITE_CONNECT_ARGS: dict[str, Any] = {"timeout": 60}
 CANONICAL_FIELDS = ("user_id", "item_id", "event_type", "value", "timestamp")
 
 

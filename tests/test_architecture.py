@@ -21,6 +21,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "errors",
             "redaction",
             "config",
+            "airflow_sqlite",
             "trigger",
             "files",
             "state",

@@ -2,8 +2,10 @@
 
 import hashlib
 import json
+import sqlite3
 import subprocess
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -487,23 +489,53 @@ def test_a_backfill_runs_one_week_at_a_time_unless_told_otherwise() -> None:
     assert one_run_at_a_time(["dags", "list"]) == ["dags", "list"]
 
 
+# Airflow's own engine on the state's database: a transaction that opens a savepoint, reads and then
+# writes (as creating a backfill's runs does), started while another connection holds the write lock.
+SAVEPOINT_READ_THEN_WRITE = """
+import sys
+from sqlalchemy import text
+from airflow.utils.session import create_session
+print("ready", flush=True)
+sys.stdin.readline()
+with create_session() as session, session.begin_nested():
+    session.execute(text("SELECT count(*) FROM probe")).scalar()
+    session.execute(text("INSERT INTO probe VALUES (2)"))
+"""
+
+
 @pytest.mark.e2e
 def test_airflow_on_the_state_waits_for_sqlite_locks_and_a_deployment_keeps_its_database(
     tmp_path: Path, monkeypatch
 ) -> None:
-    """The scheduler and a backfill writing at once must wait for each other's lock, not fail after
-    sqlite3's default 5 s: Airflow's own engine reports the longer busy timeout."""
+    """The scheduler and a backfill writing at once must wait for each other's lock: SQLite fails a
+    transaction that read first and then writes at once, whatever its busy timeout."""
     for name in ("AIRFLOW_HOME", "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"):
         monkeypatch.delenv(name, raising=False)
     env = airflow_environment(load_config(overrides={"state_dir": str(tmp_path)}), None)
-    probe = (
-        "from sqlalchemy import text; from airflow import settings; "
-        "print(settings.engine.connect().execute(text('PRAGMA busy_timeout')).scalar())"
+    database = Path(env["AIRFLOW_HOME"]) / "airflow.db"
+    database.parent.mkdir(parents=True)
+    writer = sqlite3.connect(database, isolation_level=None)
+    writer.execute("PRAGMA journal_mode=WAL")  # as Airflow sets it
+    writer.execute("CREATE TABLE probe (n INTEGER)")
+    probe = subprocess.Popen(
+        [sys.executable, "-c", SAVEPOINT_READ_THEN_WRITE],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
-    result = subprocess.run(
-        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True
-    )
-    assert result.stdout.strip().splitlines()[-1] == "60000"
+    assert probe.stdout.readline().strip() == "ready", probe.communicate()[1][-2000:]
+    writer.execute("BEGIN IMMEDIATE")
+    writer.execute("INSERT INTO probe VALUES (1)")
+    probe.stdin.write("go\n")
+    probe.stdin.flush()
+    time.sleep(2)  # the probe's transaction begins while the write lock is held
+    writer.execute("COMMIT")
+    _, errors = probe.communicate(timeout=120)
+    assert probe.returncode == 0, errors[-2000:]
+    assert sorted(writer.execute("SELECT n FROM probe").fetchall()) == [(1,), (2,)]
+    writer.close()
     monkeypatch.setenv("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "postgresql://airflow.internal/airflow")
     assert "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS" not in airflow_environment(load_config(), None)
 
