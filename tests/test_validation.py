@@ -51,8 +51,22 @@ def run(tmp_path: Path, name: str, frame: pd.DataFrame, suite: list) -> list:
     return validate_frames(tmp_path, {name: (frame, suite)})
 
 
-def test_good_frames_pass_and_data_docs_are_written(tmp_path: Path, make_config) -> None:
+def test_good_frames_pass_and_data_docs_are_written(tmp_path: Path, make_config, monkeypatch) -> None:
+    from great_expectations.core import config_provider
+
+    # GX looks its settings up at every step of every suite, parsing its config variables file each
+    # time there is one: after the context is made there is none, so a suite adds no parse.
+    parsed: list[str] = []
+    parse = config_provider.yaml.load
+    monkeypatch.setattr(config_provider.yaml, "load", lambda text: parsed.append(text) or parse(text))
     config = make_config()
+    assert (
+        validate_frames(
+            tmp_path / "one_suite", {"interactions": (good_interactions(), interactions_suite(3, 3))}
+        )
+        == []
+    )
+    parsed_for_one_suite, parsed[:] = len(parsed), []
     idx, factors = good_items()
     failures = validate_frames(
         tmp_path,
@@ -63,6 +77,7 @@ def test_good_frames_pass_and_data_docs_are_written(tmp_path: Path, make_config)
         },
     )
     assert failures == []
+    assert len(parsed) == parsed_for_one_suite
     site = tmp_path / DATA_DOCS
     assert (site / "index.html").is_file()
     # One validation page per suite, each run's result rendered (the site is built after the last).
