@@ -28,11 +28,10 @@ class WriteLockingCursor(sqlite3.Cursor):
     """A cursor whose connection takes the write lock before a transaction's first write."""
 
     def _lock_for(self, statement: str) -> None:
-        connection = self.connection
         # isolation_level None is autocommit (sqlite3 opens no transaction there either).
-        if connection.isolation_level is not None and not connection.in_transaction:
-            if _begins_writing(statement):
-                super().execute("BEGIN IMMEDIATE")
+        idle = self.connection.isolation_level is not None and not self.connection.in_transaction
+        if idle and _begins_writing(statement):
+            super().execute("BEGIN IMMEDIATE")
 
     def execute(self, statement: str, parameters: Any = (), /) -> WriteLockingCursor:
         self._lock_for(statement)
