@@ -40,7 +40,7 @@ def pair_batches(path: Path, columns: list[str], batch_rows: int) -> Iterator[pa
 
 def pair_tables(path: Path, columns: list[str], batch_rows: int) -> Iterator[pa.Table]:
     """The pair files in the folder ``path`` as tables of at most ``batch_rows`` pairs, for steps whose
-    cost is per call rather than per pair (``pc.is_in`` builds its set anew on each call): row groups
+    cost is per call rather than per pair (a lookup builds its set anew on each call): row groups
     smaller than that (Arrow writes 1M pairs a group) are gathered whole, larger ones (Spark writes
     128 MB) handed over in slices as :func:`pair_batches` does. Memory holds one large row group or
     ``batch_rows`` pairs: gathering the slices of two large groups held both."""
