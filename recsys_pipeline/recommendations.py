@@ -171,8 +171,12 @@ def write_recommendations(
     carried_users: list[pa.Array] = []
     carried_items: list[pa.Array] = []
     # A user's id repeats down their whole list, which plain encoding and compression keep as small
-    # as a dictionary would, without hashing every row of every list.
-    with pq.ParquetWriter(path, SCHEMA, use_dictionary=["item_id"]) as writer:
+    # as a dictionary would, without hashing every row of every list. The ids get no min/max
+    # statistics: lists go in index order, in which ids follow no order a reader could skip row groups
+    # by, and comparing every id took 0.35-0.5 s of the 1.2-1.8 s that writing 25M rows took.
+    with pq.ParquetWriter(
+        path, SCHEMA, use_dictionary=["item_id"], write_statistics=["rank", "score"]
+    ) as writer:
         for users, ranks, items, scores in batches:
             writer.write_table(
                 pa.table(

@@ -69,7 +69,7 @@ def test_active_users_beyond_a_shorter_training_window_come_from_the_lake(weekly
     assert active_users(short, user_ids, n_items).tolist() == from_lake.tolist()
 
 
-def test_batch_lists_for_many_users_are_written_in_bounded_memory(tmp_path) -> None:
+def test_batch_lists_for_many_users_are_written_in_bounded_memory_without_id_statistics(tmp_path) -> None:
     """40k active users x 50 items is 2M rows: as Python strings they alone would take hundreds of MB."""
     import tracemalloc
 
@@ -98,6 +98,14 @@ def test_batch_lists_for_many_users_are_written_in_bounded_memory(tmp_path) -> N
     table = pq.read_table(tmp_path / "recs.parquet")
     assert table.num_rows == n_users * 50 and table.column("user_id")[50].as_py() == "user-0000001"
     assert peak < 60 * 2**20, f"peak {peak / 2**20:.0f} MB"
+    # Min/max statistics only where they cost little: none for the ids.
+    group = pq.ParquetFile(tmp_path / "recs.parquet").metadata.row_group(0)
+    with_statistics = {
+        group.column(i).path_in_schema
+        for i in range(group.num_columns)
+        if group.column(i).statistics is not None and group.column(i).statistics.has_min_max
+    }
+    assert with_statistics == {"rank", "score"}
 
 
 def test_a_user_whose_history_fills_the_first_search_is_searched_deeper() -> None:
