@@ -619,10 +619,10 @@ def decay_factor(config: InteractionsConfig, elapsed: timedelta) -> float:
     return float(0.5 ** (elapsed.total_seconds() / 86400.0 / config.half_life_days))
 
 
-# History pairs one merge step reads: each step's lookup builds its set of the pairs since anew, 0.13 s
-# for a week's 1.7M; 4M pairs (about 100 MB) a step build it 5 times over 17.5M pairs, where one
-# call per 1M-pair row group built it 17 times (4.9 s against 2.5 for the whole merge's lookups over
-# a week's 17M pairs).
+# History pairs one merge step reads: each step's lookup builds its set of the pairs since anew (in
+# Arrow's is_in, 0.13 s for a week's 1.7M); 4M pairs (about 100 MB) a step build it 5 times over
+# 17.5M pairs, where one call per 1M-pair row group built it 17 times (with is_in, 4.9 s against 2.5
+# for the whole merge's lookups over a week's 17M pairs).
 MERGE_BATCH_ROWS = 1 << 22
 
 
@@ -645,13 +645,13 @@ def write_merged_history(
     2.4-3.0 s, where Spark's joins took 10.7 s: they read the history twice (the shared pairs, the
     untouched ones) before writing it.
     """
+    since_users = since.column("user_idx").to_numpy()
     # Pairs are looked up as 64-bit keys in pandas' hash set (a Series over the keys, not a copy):
     # 17.5M history pairs against a week's took 1.0 s, against 2.2-2.4 s in Arrow's is_in. The keys
     # since are not made unique first (a pair seen on several days repeats), which took 0.5 s more.
-    since_keys = pair_keys(since.column("user_idx").to_numpy(), since.column("item_idx").to_numpy())
+    since_keys = pair_keys(since_users, since.column("item_idx").to_numpy())
     # Only pairs of users active since can be shared: the pairs of every other user skip the key
     # lookup on one read of a flag per user.
-    since_users = since.column("user_idx").to_numpy()
     active = np.zeros(int(since_users.max(initial=-1)) + 1, dtype=bool)
     active[since_users] = True
     factor = decay_factor(config, elapsed)

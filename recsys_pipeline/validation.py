@@ -346,8 +346,9 @@ def widened(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def validate_frames(project_dir: Path, frames: dict[str, tuple[pd.DataFrame, list[Any]]]) -> list[Failure]:
-    """Run each (frame, expectations) as a GX checkpoint, then build the Data Docs over their results;
-    return every failed expectation."""
+    """Run each (frame, expectations) as a GX checkpoint in a new file-backed GX project under
+    ``project_dir`` (a folder of its own: the validate stage's staging), then build the Data Docs over
+    their results; return every failed expectation."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
