@@ -440,6 +440,14 @@ class SparkConfig(_Section):
         "broadcast_max_rows); memory: 24 bytes an event, and about 60 for each of a batch of 2M read "
         "at a time. More, by Spark.",
     )
+    driver_ingest_max_events: int = Field(
+        default=5_000_000,
+        ge=0,
+        description="A run's source records (a night's, a week's) are classified and staged by Arrow on "
+        "the driver, without a Spark job, when there are at most this many and the source is Parquet "
+        "that both read alike (recsys_pipeline.driver_ingest); memory: about 300 bytes a record. More, "
+        "or other sources, by Spark.",
+    )
     conf: dict[str, str] = Field(
         default={},
         description="Spark settings; one whose name is secret (spark.redaction.regex) is set by the job "

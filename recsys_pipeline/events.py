@@ -23,7 +23,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -43,6 +43,7 @@ from pyspark.sql import types as T
 from recsys_pipeline.config import EventsConfig, SourceConfig
 from recsys_pipeline.errors import RecsysError
 from recsys_pipeline.files import atomic_dir, replace_file, restore_set_aside, write_json
+from recsys_pipeline.hashing import hash_sums_of
 from recsys_pipeline.runs import RunContext
 from recsys_pipeline.sets import member_of
 from recsys_pipeline.spark import label_actions
@@ -202,8 +203,8 @@ def companion_files(
 
 @dataclass(frozen=True)
 class IngestResult:
-    events: DataFrame
-    quarantine: DataFrame
+    """Where the records read went; the rows themselves are in the staging folder ingest wrote."""
+
     metrics: dict[str, float]
     files: dict[str, FileSummary]  # per source file read
     dates: dict[date, DateContents]  # what the events hold per date
@@ -621,39 +622,83 @@ def ingest(
         .parquet(str(staging))
     )
     mark_duplicates(staging, names)
+    return account_with_spark(spark, staging, names)
+
+
+def account_with_spark(spark: SparkSession, staging: Path, names: list[str]) -> IngestResult:
+    """Where the rows staged in ``staging`` went, by one Spark aggregate over them (see :func:`account`)."""
     # With its schema given: files without a row stage nothing, and Spark cannot infer a schema from
     # no files.
     classified = spark.read.schema(STAGING_SCHEMA).parquet(str(staging))
+    label_actions(spark, "ingest: account for the records by file, date and reason")
+    groups = classified.groupBy(FILE_RANK_COLUMN, SOURCE_FILE_COLUMN, "event_date", "reason").agg(
+        F.max("event_ts").alias("latest_event"), *content_sums()
+    )
+    return account([row.asDict() for row in groups.collect()], names)
+
+
+def account(groups: Iterable[Mapping[str, Any]], names: list[str]) -> IngestResult:
+    """The counts, files and date contents of staged rows from their (file, date, reason) groups,
+    each with its file's rank (or URI), date, reason, ``events``, ``latest_event`` and, for accepted
+    rows, the :func:`content_sums` halves: the groups are few against the rows, and the accepted
+    ones' sums are what each date holds, for :func:`write_lake` to compare with the lake."""
     counts: dict[str | None, int] = {}
     rows: dict[str, int] = {}
     latest: dict[str, datetime | None] = {}
     filled: dict[str, set[date]] = {}
     contents: dict[date, DateContents] = {}
-    # The groups are (file, date, reason) triples, few against the rows. The accepted ones' hash
-    # sums are what each date holds, for write_lake to compare with the lake.
-    label_actions(spark, "ingest: account for the records by file, date and reason")
-    groups = classified.groupBy(FILE_RANK_COLUMN, SOURCE_FILE_COLUMN, "event_date", "reason").agg(
-        F.max("event_ts").alias("latest_event"), *content_sums()
-    )
-    for row in groups.collect():
-        rank = row[FILE_RANK_COLUMN]
-        path = file_path(names[rank] if rank is not None else row[SOURCE_FILE_COLUMN])
-        reason, day = row["reason"], row["event_date"]
-        counts[reason] = counts.get(reason, 0) + row["events"]
-        rows[path] = rows.get(path, 0) + row["events"]
-        latest[path] = max(filter(None, (latest.get(path), row["latest_event"])), default=None)
+    for group in groups:
+        rank = group[FILE_RANK_COLUMN]
+        path = file_path(names[rank] if rank is not None else group[SOURCE_FILE_COLUMN])
+        reason, day = group["reason"], group["event_date"]
+        counts[reason] = counts.get(reason, 0) + group["events"]
+        rows[path] = rows.get(path, 0) + group["events"]
+        latest[path] = max(filter(None, (latest.get(path), _utc(group["latest_event"]))), default=None)
         if reason is None:
             filled.setdefault(path, set()).add(day)
             held = contents.get(day, (0, 0, 0))
-            contents[day] = (held[0] + row["events"], held[1] + row["hash_high"], held[2] + row["hash_low"])
+            contents[day] = (
+                held[0] + group["events"],
+                held[1] + group["hash_high"],
+                held[2] + group["hash_low"],
+            )
     metrics = record_counts(sum(rows.values()), counts)
-    accepted = classified.where(F.col("reason").isNull())
-    # ``isNotNull`` spelled out: Parquet statistics then skip row groups without a quarantined row.
-    bad = classified.where(F.col("reason").isNotNull() & ~F.col("reason").isin(*COUNTED_ONLY)).select(
-        "raw_record", "reason", "event_ts", "ingested_at", "source"
-    )
-    files = {path: FileSummary(frozenset(filled.get(path, set())), _utc(latest[path])) for path in rows}
-    return IngestResult(accepted.select(*EVENT_COLUMNS), bad, metrics, files, contents)
+    files = {path: FileSummary(frozenset(filled.get(path, set())), latest[path]) for path in rows}
+    return IngestResult(metrics, files, contents)
+
+
+QUARANTINE_ARROW_SCHEMA = pa.schema(
+    [
+        ("raw_record", pa.string()),
+        ("reason", pa.string()),
+        ("event_ts", pa.timestamp("us", tz="UTC")),
+        ("ingested_at", pa.timestamp("us", tz="UTC")),
+        ("source", pa.string()),
+    ]
+)
+
+
+def write_quarantine(staging: Path | None, target: Path) -> int:
+    """The quarantined rows :func:`ingest` staged (every reason but those only counted) as the folder
+    ``target``, swapped in whole; return how many. Read by Arrow, row groups without a quarantined
+    row skipped by their statistics: a Spark job for the few rows of a usual run cost more than
+    they do. ``staging`` None or empty writes an empty table of the quarantine's schema."""
+    quarantined = 0
+    with atomic_dir(target) as folder:
+        folder.mkdir()
+        with pq.ParquetWriter(folder / "part-00000.parquet", QUARANTINE_ARROW_SCHEMA) as writer:
+            files = sorted(staging.glob("event_date=*/*.parquet")) if staging is not None else []
+            if files:
+                reason = ds.field("reason")
+                scanner = ds.dataset([str(path) for path in files], format="parquet").scanner(
+                    columns=QUARANTINE_ARROW_SCHEMA.names,
+                    filter=reason.is_valid() & ~reason.isin(list(COUNTED_ONLY)),
+                )
+                for batch in scanner.to_batches():
+                    if batch.num_rows:
+                        writer.write_table(pa.Table.from_batches([batch]).cast(QUARANTINE_ARROW_SCHEMA))
+                        quarantined += batch.num_rows
+    return quarantined
 
 
 def record_counts(total_rows: int, counts: Mapping[str | None, int]) -> dict[str, float]:
@@ -699,7 +744,6 @@ def check_quarantine_share(metrics: dict[str, float], max_share: float) -> None:
 
 
 def write_lake(
-    spark: SparkSession,
     staging: Path,
     incoming: Mapping[date, DateContents],
     lake: Path,
@@ -708,8 +752,8 @@ def write_lake(
     dates: Collection[date] | None = None,
 ) -> set[date]:
     """Replace the lake's ``dates`` (default: every date the window wholly covers) with the accepted
-    events :func:`ingest` staged in ``staging`` (holding ``incoming`` per date,
-    :func:`date_contents`); return the dates left as they were because the staged events are
+    events :func:`ingest` staged in ``staging`` (holding ``incoming`` per date, :func:`account`);
+    return the dates left as they were because the staged events are
     exactly what the lake has for them.
 
     Each staged date replaces the lake's folder of that date (:func:`copy_accepted`); dates to replace
@@ -723,11 +767,14 @@ def write_lake(
     overlapping = sorted(day for day in incoming if day in stored)
     unchanged: set[date] = set()
     if overlapping:
-        label_actions(spark, "ingest: compare the lake's dates")
-        existing = date_contents(
-            spark.read.option("basePath", str(lake)).parquet(*(str(stored[day]) for day in overlapping))
-        )
-        unchanged = {day for day in overlapping if existing.get(day) == incoming[day]}
+
+        def holds_incoming(day: date) -> bool:
+            # The count from the files' footers first: only a date that may be unchanged is hashed.
+            dataset = ds.dataset(str(stored[day]), format="parquet")
+            return dataset.count_rows() == incoming[day][0] and lake_date_contents(dataset) == incoming[day]
+
+        with ThreadPoolExecutor(max_workers=max(1, min(pa.cpu_count(), len(overlapping)))) as pool:
+            unchanged = {day for day, same in zip(overlapping, pool.map(holds_incoming, overlapping)) if same}
     replaced = sorted(set(incoming) - unchanged)
     with ThreadPoolExecutor(max_workers=max(1, min(pa.cpu_count(), len(replaced)))) as pool:
         list(
@@ -829,17 +876,24 @@ def hash_sums(*columns: str) -> list[Column]:
     ]
 
 
+# What a date's contents are summed over: every lake column but ``ingested_at``.
+CONTENT_COLUMNS = ["user_id", "item_id", "event_type", "value", "event_ts", "source"]
+
+
 def content_sums() -> list[Column]:
-    """:func:`hash_sums` over every lake column but ``ingested_at``."""
-    return hash_sums("user_id", "item_id", "event_type", "value", "event_ts", "source")
+    """:func:`hash_sums` over :data:`CONTENT_COLUMNS`."""
+    return hash_sums(*CONTENT_COLUMNS)
 
 
-def date_contents(lake_events: DataFrame) -> dict[date, DateContents]:
-    """:func:`content_sums` per ``event_date``."""
-    return {
-        row["event_date"]: (row["events"], row["hash_high"], row["hash_low"])
-        for row in lake_events.groupBy("event_date").agg(*content_sums()).collect()
-    }
+def lake_date_contents(dataset: ds.Dataset) -> DateContents:
+    """The count and :func:`content_sums` of one lake date's events (its files as a dataset), by
+    Arrow a batch at a time: the sums Spark adds up (:mod:`recsys_pipeline.hashing`), without a
+    Spark job."""
+    events, high, low = 0, 0, 0
+    for batch in dataset.to_batches(columns=CONTENT_COLUMNS):
+        batch_events, batch_high, batch_low = hash_sums_of([batch.column(name) for name in CONTENT_COLUMNS])
+        events, high, low = events + batch_events, high + batch_high, low + batch_low
+    return events, high, low
 
 
 def lake_signature(lake: Path, before: date) -> str:

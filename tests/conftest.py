@@ -21,6 +21,7 @@ import time
 import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +103,30 @@ CSV_EVENTS_MAPPING = {
     "value": "value",
     "timestamp": "ts",
 }
+
+
+@dataclass(frozen=True)
+class Staged:
+    """What :func:`~recsys_pipeline.events.ingest` (or the driver's) staged, as Spark reads it: the
+    accepted events, the quarantine as the stage writes it, and the result."""
+
+    events: Any
+    quarantine: Any
+    metrics: dict[str, float]
+    files: dict[str, Any]
+
+
+def staged(spark: Any, result: Any, staging: Path) -> Staged:
+    from recsys_pipeline.events import EVENT_COLUMNS, STAGING_SCHEMA, write_quarantine
+
+    write_quarantine(staging, staging.with_name(f"{staging.name}_quarantine"))
+    rows = spark.read.schema(STAGING_SCHEMA).parquet(str(staging))
+    return Staged(
+        rows.where("reason IS NULL").select(*EVENT_COLUMNS),
+        spark.read.parquet(str(staging.with_name(f"{staging.name}_quarantine"))),
+        result.metrics,
+        result.files,
+    )
 
 
 def csv_events_source(name: str, path: Path) -> dict[str, Any]:

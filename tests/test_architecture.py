@@ -31,6 +31,7 @@ LAYERS: list[tuple[str, set[str]]] = [
             "embeddings",
             "ranking",
             "sets",
+            "hashing",
             "resources",
             "spark",
         },
@@ -39,6 +40,7 @@ LAYERS: list[tuple[str, set[str]]] = [
         "algorithms",
         {
             "events",
+            "driver_ingest",
             "interactions",
             "als",
             "tuning",

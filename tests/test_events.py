@@ -30,7 +30,7 @@ from recsys_pipeline.events import (
 )
 from recsys_pipeline.runs import RunContext
 from recsys_pipeline.stages.ingest import run_ingest
-from tests.conftest import FIXTURES, csv_events_source
+from tests.conftest import FIXTURES, csv_events_source, staged
 
 BAD_SOURCE = csv_events_source("fixture", FIXTURES / "events_bad_records.csv")
 WINDOW = (datetime(1997, 1, 1, tzinfo=UTC), datetime(2000, 1, 1, tzinfo=UTC))
@@ -52,9 +52,10 @@ def ingest_source(
     spark: SparkSession, config: PipelineConfig, staging: Path, window: tuple[datetime, datetime] = WINDOW
 ) -> IngestResult:
     """The whole of ``config``'s source through :func:`ingest` over ``window``, staged in ``staging``."""
-    return ingest(
+    result = ingest(
         read_source(spark, config.source), config.source, config.events, *window, INGESTED_AT, staging
     )
+    return staged(spark, result, staging)
 
 
 def test_each_bad_record_kind_is_quarantined_with_its_reason(tmp_path, spark, make_config) -> None:
@@ -178,12 +179,9 @@ def test_a_parquet_sources_numbers_are_read_as_numbers_with_the_outcome_their_te
             events__max_quarantine_share=1.0,
         )
         raw = read_source(spark, config.source)
-        result = ingest(
-            raw,
-            config.source,
-            config.events,
-            *WINDOW,
-            INGESTED_AT,
+        result = staged(
+            spark,
+            ingest(raw, config.source, config.events, *WINDOW, INGESTED_AT, tmp_path / f"staging_{name}"),
             tmp_path / f"staging_{name}",
         )
         outcomes.append(

@@ -8,6 +8,7 @@ from typing import Any
 
 from pyspark.sql import SparkSession
 
+from recsys_pipeline.driver_ingest import driver_source, ingest_on_driver
 from recsys_pipeline.erasure import ErasureLedger, Forgotten, erase_rows, parquet_files
 from recsys_pipeline.events import (
     EmptyIntervalError,
@@ -28,13 +29,9 @@ from recsys_pipeline.events import (
     stale_files,
     write_lake,
     write_ledger,
+    write_quarantine,
 )
 from recsys_pipeline.runs import RunContext, now_utc
-from recsys_pipeline.spark import label_actions
-
-QUARANTINE_SCHEMA = (
-    "raw_record STRING, reason STRING, event_ts TIMESTAMP, ingested_at TIMESTAMP, source STRING"
-)
 
 
 def run_ingest(spark: SparkSession, run: RunContext) -> dict[str, float]:
@@ -75,23 +72,18 @@ def run_ingest(spark: SparkSession, run: RunContext) -> dict[str, float]:
             result = _ingest_files(spark, run, None, None, forgotten)
         metrics = _metrics(result, listing, ledger)
         if result is not None:
-            label_actions(spark, "ingest: write the quarantine")
-            result.quarantine.write.mode("overwrite").parquet(str(run.quarantine_dir))
+            write_quarantine(run.artifacts.ingest_staging, run.quarantine_dir)
             if forgotten is not None:
                 # A record too broken to map still names its user somewhere in its raw form.
                 scrubbed = erase_rows(parquet_files(run.quarantine_dir), ["raw_record"], forgotten)
                 metrics["quarantine_erased"] = float(scrubbed.rows_removed)
             check_quarantine_share(result.metrics, config.events.max_quarantine_share)
             kept = write_lake(
-                spark, run.artifacts.ingest_staging, result.dates, lake, window_start, window_end, replaced
+                run.artifacts.ingest_staging, result.dates, lake, window_start, window_end, replaced
             )
         else:
-            spark.createDataFrame([], QUARANTINE_SCHEMA).write.mode("overwrite").parquet(
-                str(run.quarantine_dir)
-            )
-            kept = write_lake(
-                spark, run.artifacts.ingest_staging, {}, lake, window_start, window_end, replaced
-            )
+            write_quarantine(None, run.quarantine_dir)
+            kept = write_lake(run.artifacts.ingest_staging, {}, lake, window_start, window_end, replaced)
         if run.mode == "full":
             ledger = {path: entry for path, entry in ledger.items() if path in listing}
             if result is not None:
@@ -119,19 +111,25 @@ def _ingest_files(
     dates: set[date] | None,
     forgotten: Forgotten | None,
 ) -> IngestResult:
+    """The run's ``files`` of the source (all of them: None) classified and staged: by Arrow on the
+    driver when they are few and Parquet that both read alike (:func:`driver_source`), else by Spark."""
+    config = run.config
     window_start, window_end = ingest_window(run)
-    raw = read_source(spark, run.config.source, files)
-    return ingest(
-        raw,
-        run.config.source,
-        run.config.events,
-        window_start,
-        window_end,
-        now_utc(),
-        run.artifacts.ingest_staging,
-        dates,
-        (forgotten.salt, forgotten.user_hashes) if forgotten is not None else None,
-    )
+    staging = run.artifacts.ingest_staging
+    erased = (forgotten.salt, forgotten.user_hashes) if forgotten is not None else None
+    paths = files if files is not None else list(source_files(config.source))
+    found = driver_source(config.source, paths, config.spark.driver_ingest_max_events)
+    if found is not None:
+        result = ingest_on_driver(
+            found, config.source, config.events, window_start, window_end, now_utc(), staging, dates, erased
+        )
+    else:
+        raw = read_source(spark, config.source, files)
+        result = ingest(
+            raw, config.source, config.events, window_start, window_end, now_utc(), staging, dates, erased
+        )
+    result.metrics["ingested_on_driver"] = float(found is not None)
+    return result
 
 
 def _metrics(

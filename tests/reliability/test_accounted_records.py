@@ -13,7 +13,7 @@ from recsys_pipeline.events import EmptyIntervalError, QuarantineThresholdError,
 from recsys_pipeline.runs import RunContext
 from recsys_pipeline.stages.ingest import run_ingest
 from recsys_pipeline.state import StateLayout
-from tests.conftest import FIXTURES
+from tests.conftest import FIXTURES, staged
 
 BAD_IDS = {
     "source.name": "bad-ids",
@@ -34,7 +34,7 @@ def accounted(metrics: dict[str, float]) -> float:
 
 def ingest_week(spark, config, staging, forgotten=None):
     """The fixture week of the configured source, classified (``forgotten``: salt and user hashes)."""
-    return ingest(
+    result = ingest(
         read_source(spark, config.source),
         config.source,
         config.events,
@@ -43,6 +43,7 @@ def ingest_week(spark, config, staging, forgotten=None):
         staging,
         forgotten=forgotten,
     )
+    return staged(spark, result, staging)
 
 
 def test_a_row_shifted_by_a_tab_in_an_id_is_quarantined_not_lost_outside_the_window(
