@@ -440,13 +440,14 @@ class SparkConfig(_Section):
         "broadcast_max_rows); memory: 24 bytes an event, and about 60 for each of a batch of 2M read "
         "at a time. More, by Spark.",
     )
-    driver_ingest_max_events: int = Field(
+    small_input_max_events: int = Field(
         default=5_000_000,
         ge=0,
-        description="A run's source records (a night's, a week's) are classified and staged by Arrow on "
-        "the driver, without a Spark job, when there are at most this many and the source is Parquet "
-        "that both read alike (recsys_pipeline.driver_ingest); memory: about 300 bytes a record. More, "
-        "or other sources, by Spark.",
+        description="A run's input of at most this many events (a night's, a week's) is handled by "
+        "Arrow on the driver instead of Spark jobs: ingest's source records, when the source is "
+        "Parquet that both read alike (recsys_pipeline.driver_ingest; about 300 bytes a record held "
+        "at once), and the interactions' input fingerprint over the lake's new events. More, or other "
+        "sources, by Spark.",
     )
     conf: dict[str, str] = Field(
         default={},

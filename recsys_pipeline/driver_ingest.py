@@ -21,6 +21,7 @@ import hashlib
 import math
 import re
 from collections.abc import Collection, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
@@ -35,7 +36,6 @@ import pyarrow.parquet as pq
 from recsys_pipeline.config import EventsConfig, SourceConfig
 from recsys_pipeline.events import (
     CONTENT_COLUMNS,
-    CONTROL_CHARACTERS,
     ERASED,
     FILE_RANK_COLUMN,
     OUTSIDE_WINDOW,
@@ -45,9 +45,10 @@ from recsys_pipeline.events import (
     mark_duplicates,
     partition_name,
 )
-from recsys_pipeline.hashing import spark_xxhash64
+from recsys_pipeline.hashing import spark_xxhash64, utf8_bytes
 
 MICROS_PER_DAY = 86_400_000_000
+EPOCH_ORDINAL = date(1970, 1, 1).toordinal()
 # Partition values Spark's type inference hands back as the same text: dates, integers written as
 # integers, and names (Spark would read 1.50 as the double 1.5, 2024-01-01 10:00 as a timestamp).
 VERBATIM_PARTITION_VALUE = re.compile(r"\d{4}-\d{2}-\d{2}|0|-?[1-9]\d{0,17}|[A-Za-z_][A-Za-z0-9_-]*")
@@ -71,6 +72,20 @@ STAGING_ARROW_SCHEMA = pa.schema(
     ]
 )
 LONG_LIMIT = float(2**63)
+# The reasons classify gives, in the order canonicalize checks them (unparseable_record is CSV's,
+# duplicate comes later); each row's is its code in REASONS, 0 for none.
+CLASSIFIED_REASONS = [
+    "missing_user_id",
+    "missing_item_id",
+    "invalid_id",
+    "unknown_event_type",
+    "invalid_value",
+    "invalid_timestamp",
+    "unparseable_timestamp",
+    "before_floor",
+    "future_timestamp",
+]
+REASONS = ["", *CLASSIFIED_REASONS, ERASED, OUTSIDE_WINDOW]
 # Jackson (Spark's to_json) escapes quotes, backslashes and C0 controls, these by name, the rest as
 # \u00XX in upper case.
 JSON_ESCAPES = {code: f"\\u{code:04X}" for code in range(0x20)} | {
@@ -197,6 +212,17 @@ def source_records(rows: pa.Table) -> list[str]:
     ]
 
 
+def control_characters(values: pa.Array) -> np.ndarray:
+    """Whether each string holds a C0 or C1 control character or DEL (``CONTROL_CHARACTERS``, which
+    Spark searches for by regex), from its UTF-8 bytes: C0 and DEL are one byte each, a C1 character
+    is 0xC2 then 0x80-0x9F. A tenth of the time RE2 takes over a week's ids."""
+    offsets, data = utf8_bytes(values)
+    control = (data < 0x20) | (data == 0x7F)
+    control[:-1] |= (data[:-1] == 0xC2) & (data[1:] >= 0x80) & (data[1:] <= 0x9F)
+    found = np.concatenate([[0], np.cumsum(control, dtype=np.int64)])
+    return found[offsets[1:]] > found[offsets[:-1]]
+
+
 def _mask(array: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """A boolean array as NumPy, null as False (Spark's ``when`` takes a null condition as false)."""
     return pc.fill_null(array, False).to_numpy(zero_copy_only=False)
@@ -247,7 +273,7 @@ def classify(
     if "event_type" in column:
         event_type = _lower(pc.utf8_trim(_text(column["event_type"]), " "))
     else:
-        event_type = pa.array([source.default_event_type] * rows, pa.string())
+        event_type = pa.repeat(pa.scalar(source.default_event_type, pa.string()), rows)
     if "value" in column:
         value = column["value"].combine_chunks().cast(pa.float64(), safe=False)
     else:
@@ -263,9 +289,8 @@ def classify(
     invalid_id = (
         _mask(pc.greater(pc.utf8_length(user_id), events.max_id_length))
         | _mask(pc.greater(pc.utf8_length(item_id), events.max_id_length))
-        | _mask(
-            pc.match_substring_regex(pc.binary_join_element_wise(user_id, item_id, ""), CONTROL_CHARACTERS)
-        )
+        | control_characters(user_id)
+        | control_characters(item_id)
     )
     unknown_type = ~_mask(pc.is_in(event_type, value_set=pa.array(events.event_types, pa.string())))
     numbers = value.fill_null(0.0).to_numpy(zero_copy_only=False)
@@ -273,7 +298,8 @@ def classify(
     bad_value = value_present & (np.isnan(numbers) | (numbers < 0) | np.isinf(numbers))
     floor = int(pa.scalar(events.min_event_time, pa.timestamp("us", tz="UTC")).value)
     now = int(pa.scalar(ingested_at, pa.timestamp("us", tz="UTC")).value)
-    reason = np.select(
+    # Each row's reason as its code in REASONS (0: none), in canonicalize's order.
+    code = np.select(
         [
             missing_user,
             missing_item,
@@ -285,40 +311,35 @@ def classify(
             has_time & (micros < floor),
             has_time & (micros > now),
         ],
-        [
-            "missing_user_id",
-            "missing_item_id",
-            "invalid_id",
-            "unknown_event_type",
-            "invalid_value",
-            "invalid_timestamp",
-            "unparseable_timestamp",
-            "before_floor",
-            "future_timestamp",
-        ],
-        default="",
-    ).astype(object)
+        [REASONS.index(reason) for reason in CLASSIFIED_REASONS],
+        default=0,
+    ).astype(np.int8)
     erased = np.zeros(rows, dtype=bool)
     if forgotten is not None:
         salt, user_hashes = forgotten
         distinct = pc.unique(user_id).drop_null().to_pylist()
         hits = [user for user in distinct if hashlib.sha256(salt + user.encode()).hexdigest() in user_hashes]
         erased = _mask(pc.is_in(user_id, value_set=pa.array(hits, pa.string())))
-        reason[erased] = ERASED
+        code[erased] = REASONS.index(ERASED)
         has_time = has_time & ~erased
     day = np.floor_divide(micros, MICROS_PER_DAY)
     start = int(pa.scalar(window_start, pa.timestamp("us", tz="UTC")).value)
     end = int(pa.scalar(window_end, pa.timestamp("us", tz="UTC")).value)
     in_window = (micros >= start) & (micros < end)
     if dates is not None:
-        in_window &= np.isin(day, [(chosen - date(1970, 1, 1)).days for chosen in dates])
-    flagged = np.isin(reason, ["before_floor", "future_timestamp", ERASED])
+        in_window &= np.isin(day, [chosen.toordinal() - EPOCH_ORDINAL for chosen in dates])
+    flagged = np.isin(
+        code, [REASONS.index(reason) for reason in ("before_floor", "future_timestamp", ERASED)]
+    )
     outside = has_time & ~in_window & ~flagged
-    reason[outside] = OUTSIDE_WINDOW
-    quarantined = np.flatnonzero((reason != "") & ~outside & ~erased)
-    records = np.full(rows, None, dtype=object)
-    if len(quarantined):
-        records[quarantined] = source_records(table.take(pa.array(quarantined)))
+    code[outside] = REASONS.index(OUTSIDE_WINDOW)
+    quarantined = np.flatnonzero((code > 0) & ~outside & ~erased)
+    # A record for the quarantined rows only, the others null: taken by position from their few.
+    position = np.full(rows, -1, dtype=np.int64)
+    position[quarantined] = np.arange(len(quarantined))
+    records = pa.array(source_records(table.take(pa.array(quarantined))), pa.string()).take(
+        pa.array(position, mask=position < 0)
+    )
     kept = pa.array(~erased)
     staged = pa.table(
         {
@@ -327,12 +348,14 @@ def classify(
             "event_type": pc.if_else(kept, event_type, None),
             "value": pc.if_else(kept, value, None),
             "event_ts": pa.array(micros, pa.int64(), mask=~has_time).cast(pa.timestamp("us", tz="UTC")),
-            "ingested_at": pa.array(np.full(rows, now, dtype=np.int64)).cast(pa.timestamp("us", tz="UTC")),
-            "source": pa.array([source.name] * rows, pa.string()),
-            "reason": pa.array(reason, pa.string(), mask=reason == ""),
-            "raw_record": pa.array(records, pa.string()),
+            "ingested_at": pa.repeat(pa.scalar(ingested_at, pa.timestamp("us", tz="UTC")), rows),
+            "source": pa.repeat(pa.scalar(source.name, pa.string()), rows),
+            "reason": pa.DictionaryArray.from_arrays(
+                pa.array(code, mask=code == 0), pa.array(REASONS, pa.string())
+            ).cast(pa.string()),
+            "raw_record": records,
             SOURCE_FILE_COLUMN: pa.nulls(rows, pa.string()),
-            FILE_RANK_COLUMN: pa.array(np.full(rows, rank, dtype=np.int32)),
+            FILE_RANK_COLUMN: pa.repeat(pa.scalar(rank, pa.int32()), rows),
         },
         schema=STAGING_ARROW_SCHEMA,
     )
@@ -352,24 +375,35 @@ def ingest_on_driver(
 ) -> IngestResult:
     """:func:`events.ingest` for a source :func:`driver_source` found: the same reasons, window,
     erasure, staging by date, duplicates and account, without Spark."""
-    by_date: dict[int, list[pa.Table]] = {}
-    undated: list[pa.Table] = []
-    for rank, (path, partition) in enumerate(zip(found.files, found.partitions, strict=True)):
+
+    def classified(ranked: tuple[int, tuple[str, dict[str, str]]]) -> tuple[pa.Table, np.ndarray]:
+        rank, (path, partition) = ranked
         table = pq.read_table(path)
         for name, value in partition.items():
-            table = table.append_column(name, pa.array([value] * table.num_rows, pa.string()))
-        staged, day = classify(
-            table, rank, source, events, window_start, window_end, ingested_at, dates, forgotten
-        )
-        lake_event = _mask(pc.is_null(staged.column("reason")))
-        undated.append(staged.filter(pa.array(~lake_event)))
-        for number in np.unique(day[lake_event]):
-            by_date.setdefault(int(number), []).append(staged.filter(pa.array(lake_event & (day == number))))
-    staging.mkdir(parents=True, exist_ok=True)
-    for number, parts in by_date.items():
-        folder = staging / partition_name(date.fromordinal(date(1970, 1, 1).toordinal() + number))
-        _write_staged(pa.concat_tables(parts), folder)
-    _write_staged(pa.concat_tables(undated), staging / NO_DATE_FOLDER)
+            table = table.append_column(name, pa.repeat(pa.scalar(value, pa.string()), table.num_rows))
+        return classify(table, rank, source, events, window_start, window_end, ingested_at, dates, forgotten)
+
+    by_date: dict[int, list[pa.Table]] = {}
+    undated: list[pa.Table] = []
+    # Files on threads of their own: Arrow's kernels and NumPy's let go of the interpreter's lock.
+    with ThreadPoolExecutor(max_workers=pa.cpu_count()) as pool:
+        for staged, day in pool.map(classified, enumerate(zip(found.files, found.partitions, strict=True))):
+            lake_event = np.flatnonzero(_mask(pc.is_null(staged.column("reason"))))
+            undated.append(staged.filter(pa.array(_mask(pc.is_valid(staged.column("reason"))))))
+            # The lake's events by date: one stable sort, then a slice per date.
+            order = lake_event[np.argsort(day[lake_event], kind="stable")]
+            ordered = staged.take(pa.array(order))
+            days, first = np.unique(day[order], return_index=True)
+            bounds = np.append(first, len(order))
+            for number, begin, stop in zip(days, bounds[:-1], bounds[1:], strict=True):
+                by_date.setdefault(int(number), []).append(ordered.slice(begin, stop - begin))
+        staging.mkdir(parents=True, exist_ok=True)
+        folders = {
+            staging / partition_name(date.fromordinal(EPOCH_ORDINAL + number)): pa.concat_tables(parts)
+            for number, parts in by_date.items()
+        }
+        folders[staging / NO_DATE_FOLDER] = pa.concat_tables(undated)
+        list(pool.map(lambda folder: _write_staged(folders[folder], folder), folders))
     mark_duplicates(staging, found.files)
     return account(staged_groups(staging), found.files)
 
@@ -377,37 +411,47 @@ def ingest_on_driver(
 def staged_groups(staging: Path) -> list[dict[str, Any]]:
     """The (file, date, reason) groups of the rows staged in ``staging`` with what :func:`account`
     reads of them: Spark's aggregate in :func:`events.account_with_spark`, by Arrow."""
-    groups: list[dict[str, Any]] = []
-    for folder in sorted(staging.glob("event_date=*")):
-        files = sorted(folder.glob("*.parquet"))
-        if not files:
-            continue
-        day = None if folder.name == NO_DATE_FOLDER else date.fromisoformat(folder.name.split("=", 1)[1])
-        rows = pa.concat_tables(
-            pq.read_table(path, columns=[*CONTENT_COLUMNS, "reason", FILE_RANK_COLUMN]) for path in files
-        )
+    with ThreadPoolExecutor(max_workers=pa.cpu_count()) as pool:
+        return [
+            group
+            for groups in pool.map(_date_groups, sorted(staging.glob("event_date=*")))
+            for group in groups
+        ]
+
+
+def _date_groups(folder: Path) -> list[dict[str, Any]]:
+    """One staged folder's groups; only a date's rows are hashed (the rows without a date are no
+    lake event, whose sums nothing reads)."""
+    files = sorted(folder.glob("*.parquet"))
+    if not files:
+        return []
+    day = None if folder.name == NO_DATE_FOLDER else date.fromisoformat(folder.name.split("=", 1)[1])
+    rows = pa.concat_tables(
+        pq.read_table(path, columns=[*CONTENT_COLUMNS, "reason", FILE_RANK_COLUMN]) for path in files
+    )
+    if day is None:
+        hashes = np.zeros(rows.num_rows, np.uint64)
+    else:
         hashes = spark_xxhash64([rows.column(name) for name in CONTENT_COLUMNS])
-        rows = rows.append_column("hash_high", pa.array(hashes >> np.uint64(32))).append_column(
-            "hash_low", pa.array(hashes & np.uint64(0xFFFFFFFF))
-        )
-        summed = rows.group_by([FILE_RANK_COLUMN, "reason"], use_threads=False).aggregate(
-            [("event_ts", "max"), ([], "count_all"), ("hash_high", "sum"), ("hash_low", "sum")]
-        )
-        for group in summed.to_pylist():
-            accepted = group["reason"] is None
-            groups.append(
-                {
-                    FILE_RANK_COLUMN: group[FILE_RANK_COLUMN],
-                    SOURCE_FILE_COLUMN: None,
-                    "event_date": day,
-                    "reason": group["reason"],
-                    "latest_event": group["event_ts_max"],
-                    "events": group["count_all"],
-                    "hash_high": int(group["hash_high_sum"]) if accepted else 0,
-                    "hash_low": int(group["hash_low_sum"]) if accepted else 0,
-                }
-            )
-    return groups
+    rows = rows.append_column("hash_high", pa.array(hashes >> np.uint64(32))).append_column(
+        "hash_low", pa.array(hashes & np.uint64(0xFFFFFFFF))
+    )
+    summed = rows.group_by([FILE_RANK_COLUMN, "reason"], use_threads=False).aggregate(
+        [("event_ts", "max"), ([], "count_all"), ("hash_high", "sum"), ("hash_low", "sum")]
+    )
+    return [
+        {
+            FILE_RANK_COLUMN: group[FILE_RANK_COLUMN],
+            SOURCE_FILE_COLUMN: None,
+            "event_date": day,
+            "reason": group["reason"],
+            "latest_event": group["event_ts_max"],
+            "events": group["count_all"],
+            "hash_high": int(group["hash_high_sum"]) if group["reason"] is None else 0,
+            "hash_low": int(group["hash_low_sum"]) if group["reason"] is None else 0,
+        }
+        for group in summed.to_pylist()
+    ]
 
 
 def _write_staged(table: pa.Table, folder: Path) -> None:

@@ -52,15 +52,21 @@ def _hash_longs(values: np.ndarray, seed: np.ndarray) -> np.ndarray:
     return _avalanche(_rotate(hash_, 27) * PRIME_1 + PRIME_4)
 
 
+def utf8_bytes(strings: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """A string array's value offsets (one more than its values) and UTF-8 bytes, as NumPy views."""
+    strings = strings.cast(pa.large_string())
+    offsets = np.frombuffer(strings.buffers()[1], dtype=np.int64)
+    data = strings.buffers()[2]
+    return (
+        offsets[strings.offset : strings.offset + len(strings) + 1],
+        np.frombuffer(data, dtype=np.uint8) if data is not None else np.empty(0, np.uint8),
+    )
+
+
 def _hash_strings(column: pa.Array, seed: np.ndarray) -> np.ndarray:
     """XXH64 of each string's UTF-8 bytes under its row's seed (nulls are hashed as empty; the caller
     keeps their seed)."""
-    column = column.cast(pa.large_string())
-    offsets = np.frombuffer(column.buffers()[1], dtype=np.int64)[
-        column.offset : column.offset + len(column) + 1
-    ]
-    data_buffer = column.buffers()[2]
-    data = np.frombuffer(data_buffer, dtype=np.uint8) if data_buffer is not None else np.empty(0, np.uint8)
+    offsets, data = utf8_bytes(column)
     # Padded so that a read of 8 bytes from any value's last byte stays inside the array.
     data = np.concatenate([data, np.zeros(8, dtype=np.uint8)])
     start = offsets[:-1].copy()

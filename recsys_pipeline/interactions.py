@@ -36,6 +36,7 @@ from pyspark.sql import functions as F
 from recsys_pipeline.config import HoldoutConfig, InteractionsConfig
 from recsys_pipeline.errors import RecsysError
 from recsys_pipeline.events import LAKE_ARROW_SCHEMA, hash_sums, lake_window
+from recsys_pipeline.hashing import hash_sums_of
 from recsys_pipeline.tables import (
     MATRIX_ARROW_SCHEMA,
     PAIR_FILE_COMPRESSION,
@@ -772,9 +773,13 @@ def entity_activity(events: DataFrame, column: str, recent_start: datetime, *sum
     )
 
 
+# What the input fingerprint hashes of each event.
+FINGERPRINT_COLUMNS = ["user_id", "item_id", "event_type", "value", "event_ts"]
+
+
 def fingerprint_sums() -> list[Column]:
     """Aggregates of a group's events (count and 64-bit hash sums) that add up to the input fingerprint."""
-    return hash_sums("user_id", "item_id", "event_type", "value", "event_ts")
+    return hash_sums(*FINGERPRINT_COLUMNS)
 
 
 @dataclass(frozen=True)
@@ -806,6 +811,20 @@ def input_fingerprint(groups: DataFrame) -> InputFingerprint:
     """The fingerprint of the events in groups carrying ``fingerprint_sums``."""
     row = groups.agg(*(F.sum(name) for name in ("events", "hash_high", "hash_low"))).collect()[0]
     return InputFingerprint(*(int(value or 0) for value in row))
+
+
+def driver_input_fingerprint(partitions: Sequence[Path], start: datetime, end: datetime) -> InputFingerprint:
+    """:func:`input_fingerprint` of the lake's events with start <= event_ts < end (its date folders
+    ``partitions``), by Arrow a batch at a time: the sums Spark's :func:`fingerprint_sums` give
+    (:mod:`recsys_pipeline.hashing`), so that a history's fingerprint adds up whichever computed it,
+    without a Spark job for a night's events."""
+    fingerprint = InputFingerprint(0, 0, 0)
+    for partition in partitions:
+        dataset = ds.dataset(str(partition), format="parquet")
+        for batch in dataset.to_batches(columns=FINGERPRINT_COLUMNS, filter=lake_window(start, end)):
+            sums = hash_sums_of([batch.column(name) for name in FINGERPRINT_COLUMNS])
+            fingerprint += InputFingerprint(*sums)
+    return fingerprint
 
 
 def unmapped_ids(events: DataFrame, column: str, existing: DataFrame | None) -> DataFrame:

@@ -7,15 +7,14 @@ import argparse
 import json
 import logging
 from collections.abc import Sequence
-
-from pyspark.sql import SparkSession
+from functools import partial
 
 from recsys_pipeline.errors import USER_ERROR_EXIT, RecsysError
 from recsys_pipeline.pipelines import PIPELINES
 from recsys_pipeline.redaction import redact_text
 from recsys_pipeline.resources import measured
 from recsys_pipeline.runs import RunContext
-from recsys_pipeline.spark import spark_session
+from recsys_pipeline.spark import SessionOnDemand, spark_session
 
 
 def run_arguments() -> argparse.ArgumentParser:
@@ -62,8 +61,10 @@ def run_spark_job(argv: Sequence[str], master: str | None = None) -> int:
     ``USER_ERROR_EXIT``.
 
     Stages that run together share the Spark start-up and a warm JVM: on a small input (a night's
-    events) those cost more than the work. Any failure but a user-facing one is a bug and keeps its
-    traceback.
+    events) those cost more than the work. The session starts when a stage first uses it
+    (:class:`SessionOnDemand`): stages that do a night's work on the driver start none, and the
+    log's ``spark_session_started`` says whether one did. Any failure but a user-facing one is a bug
+    and keeps its traceback.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = run_arguments().parse_args(argv)
@@ -76,20 +77,21 @@ def run_spark_job(argv: Sequence[str], master: str | None = None) -> int:
             raise RecsysError(f"{args.dag_id} has no Spark job {args.job!r}")
         for stage in stages:
             run.publication.refuse_if_published(stage.name)
-        spark: SparkSession | None = None
+        spark = SessionOnDemand(
+            partial(
+                spark_session,
+                run.config,
+                f"{app_name}:{run.interval_key}",
+                master,
+                refresh=run.mode == "refresh",
+            )
+        )
         try:
             for stage in stages:
                 cost: dict[str, float] = {}
                 try:
                     with measured(stage.name, cost):
                         if stage.uses_spark(run.config):
-                            if spark is None:
-                                spark = spark_session(
-                                    run.config,
-                                    f"{app_name}:{run.interval_key}",
-                                    master,
-                                    refresh=run.mode == "refresh",
-                                )
                             metrics |= stage.callable()(spark=spark, run=run)
                         else:
                             metrics |= stage.callable()(run)
@@ -99,8 +101,8 @@ def run_spark_job(argv: Sequence[str], master: str | None = None) -> int:
                 finally:
                     run.artifacts.write_metrics(f"stage_{stage.name}", cost)
         finally:
-            if spark is not None:
-                spark.stop()
+            spark.stop()
+        metrics["spark_session_started"] = float(spark.started)
     except RecsysError as error:
         logging.error("%s failed: %s", app_name, redact_text(str(error)))
         return USER_ERROR_EXIT

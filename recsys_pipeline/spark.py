@@ -9,11 +9,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from importlib.machinery import PathFinder
 from importlib.metadata import version
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from recsys_pipeline.config import PROJECT_ROOT, PipelineConfig
 from recsys_pipeline.files import write_json
@@ -69,6 +69,30 @@ def spark_session(
     session = builder.getOrCreate()
     session.sparkContext.setLogLevel("WARN")
     return session
+
+
+class SessionOnDemand:
+    """A Spark session started when a stage first uses it (any attribute: ``read``,
+    ``sparkContext``...), for the stages of one application: a run whose stages all find their input
+    small enough for the driver (a night's events, :mod:`recsys_pipeline.driver_ingest`) starts no
+    Spark context, and pays none of its start-up (1-2 s) or first job's warm-up."""
+
+    def __init__(self, start: Callable[[], SparkSession]) -> None:
+        self._start = start
+        self._session: SparkSession | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._session is None:
+            self._session = self._start()
+        return getattr(self._session, name)
+
+    @property
+    def started(self) -> bool:
+        return self._session is not None
+
+    def stop(self) -> None:
+        if self._session is not None:
+            self._session.stop()
 
 
 def installed_pyspark_first(path: Sequence[str]) -> list[str]:

@@ -4,11 +4,14 @@ they would read differently goes to Spark."""
 
 from __future__ import annotations
 
+import json
+import logging
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.csv as pa_csv
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
@@ -17,9 +20,12 @@ from recsys_pipeline.config import PipelineConfig
 from recsys_pipeline.driver_ingest import driver_source, ingest_on_driver, java_double_text
 from recsys_pipeline.erasure import ErasureLedger
 from recsys_pipeline.events import EVENT_COLUMNS, ingest, read_source, source_files, write_quarantine
+from recsys_pipeline.jobs import run_spark_job
+from recsys_pipeline.pipelines import INGEST_JOB
 from recsys_pipeline.runs import RunContext
 from recsys_pipeline.stages.ingest import run_ingest
 from recsys_pipeline.state import StateLayout
+from tests.conftest import TEST_OVERRIDES
 
 WINDOW = (datetime(2024, 1, 1, tzinfo=UTC), datetime(2024, 1, 8, tzinfo=UTC))
 INGESTED_AT = datetime(2026, 1, 1, 12, 30, 15, 123456, tzinfo=UTC)
@@ -47,6 +53,9 @@ def string_rows(offset: int) -> list[tuple[Any, ...]]:
         ("u4", "", "view", 0.0001, t, None),
         ("u\t5", "i1", "view", 123.456, t, None),
         ("x" * 300, "i1", "view", 1.0, t, None),
+        ("u18", "i\u0085", "view", 1.0, t, None),  # a C1 control character
+        ("u\x7f19", "i1", "view", 1.0, t, None),
+        ("u\u00a020", "i\u00e9", "view", 1.0, t, None),  # a no-break space and é: no controls
         ("u6", "i1", "like", 1.0, t, None),
         ("u7", "i1", None, 1.0, t, None),
         ("u7b", "i1", "V\u0130EW", 1.0, t, None),  # Java lower-cases İ to i and a combining dot
@@ -151,7 +160,7 @@ def assert_driver_stages_what_spark_does(
 def test_a_string_source_is_staged_and_accounted_for_as_spark_does(spark, make_config, tmp_path) -> None:
     config = parquet_config(make_config, write_source(tmp_path / "source", STRINGS, string_rows))
     result, lake_events, quarantine = assert_driver_stages_what_spark_does(spark, config, tmp_path)
-    assert result.metrics["events_ingested"] == 11 and result.metrics["quarantine_duplicate"] == 3
+    assert result.metrics["events_ingested"] == 13 and result.metrics["quarantine_duplicate"] == 3
     reasons = {row[1] for row in quarantine}
     assert reasons == {
         "missing_user_id", "missing_item_id", "invalid_id", "unknown_event_type", "invalid_value",
@@ -164,7 +173,13 @@ def test_a_string_source_is_staged_and_accounted_for_as_spark_does(spark, make_c
 def test_a_numeric_source_a_forgotten_user_and_chosen_dates_are_handled_as_spark_does(
     spark, make_config, tmp_path
 ) -> None:
-    config = parquet_config(make_config, write_source(tmp_path / "numbers", NUMBERS, number_rows), unit="ms")
+    numbers = write_source(tmp_path / "numbers", NUMBERS, number_rows)
+    (numbers / "day=2024-01-05").mkdir()  # a file without one event for the lake
+    broken = pa.table({field.name: pa.nulls(1, field.type) for field in NUMBERS})
+    pq.write_table(
+        broken.set_column(4, "ts", pa.array([1.7e12])), numbers / "day=2024-01-05" / "part.parquet"
+    )
+    config = parquet_config(make_config, numbers, unit="ms")
     assert_driver_stages_what_spark_does(spark, config, tmp_path / "numbers_run")
 
     strings = parquet_config(make_config, write_source(tmp_path / "strings", STRINGS, string_rows))
@@ -235,7 +250,7 @@ def test_the_stage_ingests_a_small_parquet_source_on_the_driver_into_the_same_la
         config = parquet_config(
             make_config,
             source,
-            **{"spark.driver_ingest_max_events": limit, "state_dir": str(tmp_path / name)},
+            **{"spark.small_input_max_events": limit, "state_dir": str(tmp_path / name)},
         )
         run = RunContext.create(config, "recsys_weekly", "2024-01-01", "2024-01-08", name)
         metrics = run_ingest(spark, run)
@@ -250,4 +265,36 @@ def test_the_stage_ingests_a_small_parquet_source_on_the_driver_into_the_same_la
             )
         )
     assert lakes[0] == lakes[1]
-    assert len(lakes[0][0]) == 12  # the weekly's history window takes the 2023 event too
+    assert len(lakes[0][0]) == 14  # the weekly's history window takes the 2023 event too
+
+
+def test_a_nights_job_over_a_small_parquet_source_starts_no_spark_session(
+    own_weekly_run, tmp_path, caplog
+) -> None:
+    """The sample's events as Parquet: the night's ingest, ID maps, pairs and input fingerprint are
+    all the driver's, so the job never starts a Spark context (whose start-up costs more than a
+    night's work)."""
+    ratings = pa_csv.read_csv(
+        "data/ml-100k/u.data",
+        read_options=pa_csv.ReadOptions(column_names=["user", "item", "rating", "ts"]),
+        parse_options=pa_csv.ParseOptions(delimiter="\t"),
+    )
+    (tmp_path / "source").mkdir()
+    pq.write_table(ratings, tmp_path / "source" / "ratings.parquet")
+    overrides = {
+        **TEST_OVERRIDES,
+        "state_dir": str(own_weekly_run.config.state_home),
+        "source.path": str(tmp_path / "source"),
+        "source.format": "parquet",
+        "source.column_names": None,
+    }
+    caplog.set_level(logging.INFO)
+    night = ["--interval-start", "1998-04-22T00:00:00+00:00", "--interval-end", "1998-04-23T00:00:00+00:00"]
+    exit_code = run_spark_job(
+        ["--dag-id", "recsys_nightly", "--job", INGEST_JOB, "--mode", "refresh", *night,
+         "--run-id", "night", "--overrides-json", json.dumps(overrides)]
+    )  # fmt: skip
+    assert exit_code == 0, caplog.text
+    done = json.loads(caplog.text.split(f"recsys-{INGEST_JOB} done: ", 1)[1].splitlines()[0])
+    assert done["ingested_on_driver"] == 1.0 and done["pairs_aggregated_on_driver"] == 1.0
+    assert done["events_read"] == 100_000 and done["spark_session_started"] == 0.0

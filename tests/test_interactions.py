@@ -16,11 +16,14 @@ from recsys_pipeline.interactions import (
     IdMaps,
     PairCounts,
     carried_pairs,
+    driver_input_fingerprint,
     driver_pair_confidences,
     entity_activity,
     extend_id_map,
     extend_id_map_on_driver,
+    fingerprint_sums,
     indexed_events,
+    input_fingerprint,
     pair_confidences,
     read_id_map_frame,
     recent_indices,
@@ -594,3 +597,16 @@ def _triples(triples) -> dict[tuple[int, int], float]:
         (int(u), int(i)): float(c)
         for u, i, c in zip(triples.user_idx, triples.item_idx, triples.confidence, strict=True)
     }
+
+
+def test_the_drivers_input_fingerprint_is_sparks(spark, weekly_run) -> None:
+    """A carried history's fingerprint adds up whichever computed each part: the same sums by Arrow."""
+    lake = weekly_run.layout.events_lake
+    windows = [
+        (datetime(1997, 9, 1, tzinfo=UTC), datetime(1998, 5, 1, tzinfo=UTC)),
+        (datetime(1998, 4, 16, 6, tzinfo=UTC), datetime(1998, 4, 23, tzinfo=UTC)),
+    ]
+    for start, end in windows:
+        by_spark = input_fingerprint(read_lake(spark, lake, start, end).agg(*fingerprint_sums()))
+        assert driver_input_fingerprint(lake_partitions_between(lake, start, end), start, end) == by_spark
+        assert by_spark.events > 0

@@ -118,7 +118,7 @@ def _ingest_files(
     staging = run.artifacts.ingest_staging
     erased = (forgotten.salt, forgotten.user_hashes) if forgotten is not None else None
     paths = files if files is not None else list(source_files(config.source))
-    found = driver_source(config.source, paths, config.spark.driver_ingest_max_events)
+    found = driver_source(config.source, paths, config.spark.small_input_max_events)
     if found is not None:
         result = ingest_on_driver(
             found, config.source, config.events, window_start, window_end, now_utc(), staging, dates, erased

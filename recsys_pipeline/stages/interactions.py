@@ -8,7 +8,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, time
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 
 import pyarrow as pa
@@ -21,7 +21,13 @@ from pyspark.sql import functions as F
 from recsys_pipeline.artifacts import SIDES, InteractionsFiles, Side
 from recsys_pipeline.config import InteractionsConfig
 from recsys_pipeline.content import ITEM_ID
-from recsys_pipeline.events import history_window, lake_partitions_between, lake_signature, read_lake
+from recsys_pipeline.events import (
+    count_lake_events,
+    history_window,
+    lake_partitions_between,
+    lake_signature,
+    read_lake,
+)
 from recsys_pipeline.files import atomic_dir, publish_snapshot, recover_pointer, write_json
 from recsys_pipeline.interactions import (
     INDEX_PAIR,
@@ -32,6 +38,7 @@ from recsys_pipeline.interactions import (
     carried_pairs,
     check_holdout_size,
     check_zero_confidence_share,
+    driver_input_fingerprint,
     driver_pair_confidences,
     entity_activity,
     evaluable_users,
@@ -84,9 +91,11 @@ def build_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]
     """
     config = run.config.interactions
     window_start, window_end = history_window(run)
-    history = carried_history(spark, run)
+    history = carried_history(run)
     start = history.as_of if history else window_start
-    events = read_lake(spark, run.layout.events_lake, start, window_end)
+    # Read by Spark only where Spark works on them: a night's events need no Spark session at all.
+    lake_events = cache(partial(read_lake, spark, run.layout.events_lake, start, window_end))
+    partitions = lake_partitions_between(run.layout.events_lake, start, window_end)
     map_dir = run.layout.id_maps
     for side in SIDES:
         recover_pointer(map_dir / side)
@@ -97,9 +106,10 @@ def build_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]
     }
     spark_maps: dict[Side, DataFrame] = {}
     cached: list[DataFrame] = []
+    read_sums: DataFrame | None = None
     if driver_maps["items"] is None:
         # Items are few enough to group every event by: that pass also sums the input fingerprint.
-        read_sums = entity_activity(events, "item_id", run.interval_start, *fingerprint_sums()).cache()
+        read_sums = entity_activity(lake_events(), "item_id", run.interval_start, *fingerprint_sums()).cache()
         # A stored map's size comes from its file footers: no Spark job.
         spark_maps["items"] = extend_id_map(
             read_id_map_frame(spark, map_dir / "items"),
@@ -108,12 +118,17 @@ def build_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]
         ).cache()
         cached += [read_sums, spark_maps["items"]]
         label_actions(spark, "interactions: item activity and the input fingerprint")
-    else:
-        read_sums = events.agg(*fingerprint_sums())
+    elif (
+        count_lake_events(run.layout.events_lake, start, window_end) > run.config.spark.small_input_max_events
+    ):
+        read_sums = lake_events().agg(*fingerprint_sums())
         label_actions(spark, "interactions: the input fingerprint")
     out = run.artifacts.interactions
     try:
-        read = input_fingerprint(read_sums)
+        if read_sums is None:
+            read = driver_input_fingerprint(partitions, start, window_end)
+        else:
+            read = input_fingerprint(read_sums)
         fingerprint = read + history.fingerprint if history else read
         train_counts = PairCounts("train")
         train_pairs: DataFrame | None
@@ -145,24 +160,23 @@ def build_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]
                         # 2.5M users ran its 4 GB heap into garbage collection for good.
                         spark_maps[side] = spark.read.parquet(str(written.map_dir(side)))
                 if users_table is None:
-                    spark_maps["users"] = spark_user_map(spark, map_dir / "users", events)
+                    spark_maps["users"] = spark_user_map(spark, map_dir / "users", lake_events())
                 cached.append(spark_maps["users"])
                 # Ids become dense indices before the aggregation: integer pairs shuffle and hash far
                 # cheaper than strings.
                 label_actions(spark, "interactions: the ID maps")
                 maps = IdMaps(users=spark_maps["users"], items=spark_maps["items"])
-                indexed = indexed_events(events, maps, run.config.spark.broadcast_max_rows)
+                indexed = indexed_events(lake_events(), maps, run.config.spark.broadcast_max_rows)
                 train_pairs, holdout_pairs, all_pairs = split(
-                    events, indexed, run, window_end, train_counts, cached, history
+                    lake_events(), indexed, run, window_end, train_counts, cached, history
                 )
             for side in SIDES:
                 if driver_maps[side] is None:
                     label_actions(spark, f"interactions: write the {side} map")
                     spark_maps[side].orderBy("idx").coalesce(1).write.parquet(str(written.map_dir(side)))
-            label_actions(spark, "interactions: write the pair history")
             if isinstance(all_pairs, DriverPairs):
                 since = driver_pair_confidences(
-                    lake_partitions_between(run.layout.events_lake, all_pairs.start, window_end),
+                    partitions,
                     all_pairs.start,
                     window_end,
                     (all_pairs.users, ds.dataset(str(written.map_dir("items")), format="parquet").to_table()),
@@ -179,6 +193,7 @@ def build_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]
                         written.history_dir,
                     )
             else:
+                label_actions(spark, "interactions: write the pair history")
                 pair_writer(history_columns(all_pairs)).parquet(str(written.history_dir))
             write_recent(written, run.interval_start)
             if train_pairs is None:
@@ -393,7 +408,11 @@ def split(
     the champion's, folded over the whole history.
     """
     config = run.config.interactions
-    carried = carried_pairs(history.pairs, config, window_end - history.as_of) if history else None
+    carried = (
+        carried_pairs(events.sparkSession.read.parquet(str(history.path)), config, window_end - history.as_of)
+        if history
+        else None
+    )
     if run.mode == "refresh" or config.holdout.strategy == "per_user_last":
         every_pair = pair_confidences(
             indexed, config, F.lit(window_end), INDEX_PAIR, last_seen=True, carried=carried
@@ -437,13 +456,12 @@ def holdout_settings(config: InteractionsConfig) -> InteractionsConfig:
 class PairHistory:
     """Pair aggregates an earlier run made over every event before ``as_of``."""
 
-    pairs: DataFrame
     path: Path
     as_of: datetime
     fingerprint: InputFingerprint
 
 
-def carried_history(spark: SparkSession, run: RunContext) -> PairHistory | None:
+def carried_history(run: RunContext) -> PairHistory | None:
     """The last run's pair history to carry forward, or None when the run must rebuild from every
     event: no history yet, a sliding ``history_days`` window (events leave it), a weekly holding out
     by a global cut (it aggregates the events before the cut apart), a history newer than a night's
@@ -470,7 +488,6 @@ def carried_history(spark: SparkSession, run: RunContext) -> PairHistory | None:
         reason = f"{record['path']} is gone"
     else:
         return PairHistory(
-            spark.read.parquet(record["path"]),
             Path(record["path"]),
             as_of,
             InputFingerprint.parse(record["fingerprint"]),
