@@ -38,6 +38,7 @@ from recsys_pipeline.events import (
     CONTENT_COLUMNS,
     ERASED,
     FILE_RANK_COLUMN,
+    LAKE_ARROW_SCHEMA,
     OUTSIDE_WINDOW,
     SOURCE_FILE_COLUMN,
     IngestResult,
@@ -56,19 +57,14 @@ SPARK_DOUBLE_WORDS = {"nan", "infinity", "inf"}
 # Staged rows that are no lake event sit under Spark's folder for a null date: only their reason and
 # file count, and Spark would stage a quarantined row's date only to account for it.
 NO_DATE_FOLDER = "event_date=__HIVE_DEFAULT_PARTITION__"
+# The staged rows as Spark stages them (STAGING_SCHEMA): the lake's columns, the quarantine's, the file.
 STAGING_ARROW_SCHEMA = pa.schema(
     [
-        ("user_id", pa.string()),
-        ("item_id", pa.string()),
-        ("event_type", pa.string()),
-        ("value", pa.float64()),
-        ("event_ts", pa.timestamp("us", tz="UTC")),
-        ("ingested_at", pa.timestamp("us", tz="UTC")),
-        ("source", pa.string()),
-        ("reason", pa.string()),
-        ("raw_record", pa.string()),
-        (SOURCE_FILE_COLUMN, pa.string()),
-        (FILE_RANK_COLUMN, pa.int32()),
+        *LAKE_ARROW_SCHEMA,
+        pa.field("reason", pa.string()),
+        pa.field("raw_record", pa.string()),
+        pa.field(SOURCE_FILE_COLUMN, pa.string()),
+        pa.field(FILE_RANK_COLUMN, pa.int32()),
     ]
 )
 LONG_LIMIT = float(2**63)

@@ -22,6 +22,7 @@ import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +115,29 @@ class Staged:
     quarantine: Any
     metrics: dict[str, float]
     files: dict[str, Any]
+
+
+def ingest_staged(
+    spark: Any,
+    config: PipelineConfig,
+    window: tuple[datetime, datetime],
+    ingested_at: datetime,
+    staging: Path,
+    **options: Any,
+) -> Staged:
+    """The whole of ``config``'s source through Spark's ingest over ``window``, staged in ``staging``."""
+    from recsys_pipeline.events import ingest, read_source
+
+    result = ingest(
+        read_source(spark, config.source),
+        config.source,
+        config.events,
+        *window,
+        ingested_at,
+        staging,
+        **options,
+    )
+    return staged(spark, result, staging)
 
 
 def staged(spark: Any, result: Any, staging: Path) -> Staged:

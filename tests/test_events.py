@@ -16,7 +16,6 @@ from recsys_pipeline.config import PipelineConfig
 from recsys_pipeline.events import (
     LAKE_SCHEMA,
     FileSummary,
-    IngestResult,
     QuarantineThresholdError,
     check_quarantine_share,
     copies_after_the_first,
@@ -30,7 +29,7 @@ from recsys_pipeline.events import (
 )
 from recsys_pipeline.runs import RunContext
 from recsys_pipeline.stages.ingest import run_ingest
-from tests.conftest import FIXTURES, csv_events_source, staged
+from tests.conftest import FIXTURES, Staged, csv_events_source, ingest_staged, staged
 
 BAD_SOURCE = csv_events_source("fixture", FIXTURES / "events_bad_records.csv")
 WINDOW = (datetime(1997, 1, 1, tzinfo=UTC), datetime(2000, 1, 1, tzinfo=UTC))
@@ -50,12 +49,9 @@ EXPECTED_REASONS = {
 
 def ingest_source(
     spark: SparkSession, config: PipelineConfig, staging: Path, window: tuple[datetime, datetime] = WINDOW
-) -> IngestResult:
+) -> Staged:
     """The whole of ``config``'s source through :func:`ingest` over ``window``, staged in ``staging``."""
-    result = ingest(
-        read_source(spark, config.source), config.source, config.events, *window, INGESTED_AT, staging
-    )
-    return staged(spark, result, staging)
+    return ingest_staged(spark, config, window, INGESTED_AT, staging)
 
 
 def test_each_bad_record_kind_is_quarantined_with_its_reason(tmp_path, spark, make_config) -> None:

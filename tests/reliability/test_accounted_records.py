@@ -9,11 +9,11 @@ import pytest
 from pyspark.sql import functions as F
 
 from recsys_pipeline.erasure import ErasureLedger
-from recsys_pipeline.events import EmptyIntervalError, QuarantineThresholdError, ingest, read_source
+from recsys_pipeline.events import EmptyIntervalError, QuarantineThresholdError
 from recsys_pipeline.runs import RunContext
 from recsys_pipeline.stages.ingest import run_ingest
 from recsys_pipeline.state import StateLayout
-from tests.conftest import FIXTURES, staged
+from tests.conftest import FIXTURES, ingest_staged
 
 BAD_IDS = {
     "source.name": "bad-ids",
@@ -34,16 +34,7 @@ def accounted(metrics: dict[str, float]) -> float:
 
 def ingest_week(spark, config, staging, forgotten=None):
     """The fixture week of the configured source, classified (``forgotten``: salt and user hashes)."""
-    result = ingest(
-        read_source(spark, config.source),
-        config.source,
-        config.events,
-        *WEEK,
-        datetime.now(UTC),
-        staging,
-        forgotten=forgotten,
-    )
-    return staged(spark, result, staging)
+    return ingest_staged(spark, config, WEEK, datetime.now(UTC), staging, forgotten=forgotten)
 
 
 def test_a_row_shifted_by_a_tab_in_an_id_is_quarantined_not_lost_outside_the_window(

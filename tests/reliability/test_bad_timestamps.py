@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from recsys_pipeline.events import ingest, read_source
-from tests.conftest import csv_events_source, staged
+from tests.conftest import csv_events_source, ingest_staged
 
 ROWS = [
     "u1,i1,view,1,880000000",
@@ -25,19 +24,8 @@ def test_timestamps_that_are_no_time_are_quarantined_and_every_row_is_accounted_
     source = tmp_path / "events.csv"
     source.write_text("user,item,type,value,ts\n" + "\n".join(ROWS) + "\n")
     config = make_config(**csv_events_source("overflow", source), events__max_quarantine_share=1.0)
-    result = staged(
-        spark,
-        ingest(
-            read_source(spark, config.source),
-            config.source,
-            config.events,
-            datetime(1997, 1, 1, tzinfo=UTC),
-            datetime(2000, 1, 1, tzinfo=UTC),
-            datetime(2026, 1, 1, tzinfo=UTC),
-            tmp_path / "staging",
-        ),
-        tmp_path / "staging",
-    )
+    window = (datetime(1997, 1, 1, tzinfo=UTC), datetime(2000, 1, 1, tzinfo=UTC))
+    result = ingest_staged(spark, config, window, datetime(2026, 1, 1, tzinfo=UTC), tmp_path / "staging")
     reasons = {row["reason"]: row["count"] for row in result.quarantine.groupBy("reason").count().collect()}
     assert reasons == {"invalid_timestamp": 3, "unparseable_timestamp": 2}
     assert result.metrics["quarantine_invalid_timestamp"] == 3

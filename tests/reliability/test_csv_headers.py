@@ -6,8 +6,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from recsys_pipeline.events import SourceHeaderError, ingest, read_source
-from tests.conftest import csv_events_source, staged
+from recsys_pipeline.events import SourceHeaderError, read_source
+from tests.conftest import csv_events_source, ingest_staged
 
 WINDOW = (datetime(1997, 1, 1, tzinfo=UTC), datetime(2000, 1, 1, tzinfo=UTC))
 
@@ -30,18 +30,7 @@ def test_files_whose_headers_order_the_columns_differently_are_each_read_by_thei
     )
     (folder / "empty.csv").write_text("")
     config = csv_source(make_config, folder)
-    result = staged(
-        spark,
-        ingest(
-            read_source(spark, config.source),
-            config.source,
-            config.events,
-            *WINDOW,
-            datetime.now(UTC),
-            tmp_path / "s",
-        ),
-        tmp_path / "s",
-    )
+    result = ingest_staged(spark, config, WINDOW, datetime.now(UTC), tmp_path / "s")
     pairs = {(row.user_id, row.item_id, row.event_type) for row in result.events.collect()}
     assert pairs == {("u1", "i1", "view"), ("u2", "i2", "click"), ("u3", "i3", "view"), ("u2", "i1", "view")}
     assert result.metrics["events_read"] == 4 and result.metrics["events_quarantined"] == 0
