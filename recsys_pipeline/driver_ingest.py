@@ -5,7 +5,7 @@ A Spark application's fixed part (the JVM, the first job reading the source's sc
 run cold) cost more than the work for a night's 350k events: 9.1 s of a 20M-event bench's nightly
 ingest, where Arrow classifies them in under a second. Both write the same staging (rows by date,
 the columns of ``STAGING_SCHEMA``), so that everything after it (:func:`events.mark_duplicates`,
-:func:`events.account_for_staged`, the lake's copy, the quarantine) is one code; the tests in
+:func:`events.account`, the lake's copy, the quarantine) is one code; the tests in
 ``tests/test_driver_ingest.py`` run both over the same sources and compare what each stages.
 
 Only sources whose records Spark and Arrow read alike come here (:func:`driver_source`): Parquet
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import re
 from collections.abc import Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -151,7 +152,8 @@ def partition_values(root: Path, path: Path) -> dict[str, str] | None:
     if not root.is_dir():
         return {}
     values: dict[str, str] = {}
-    for folder in path.relative_to(root.resolve() if path.is_absolute() else root).parts[:-1]:
+    # As source_files names the files: absolute, '.' and '..' resolved, links kept.
+    for folder in path.relative_to(os.path.normpath(os.path.abspath(root))).parts[:-1]:
         name, equals, value = folder.partition("=")
         if not equals or not VERBATIM_PARTITION_VALUE.fullmatch(value) or value.lower() in SPARK_DOUBLE_WORDS:
             return None
