@@ -433,12 +433,13 @@ class SparkConfig(_Section):
         "extended by the driver: up to this many rows; larger ones by Spark, joined by a shuffle.",
     )
     driver_max_events: int = Field(
-        default=25_000_000,
+        default=250_000_000,
         ge=0,
         description="A run's events (a night's, a week's, a first window) are aggregated into pairs "
         "by the driver when there are at most this many and the users' ID map is the driver's (within "
-        "broadcast_max_rows); memory: 24 bytes an event, and about 60 for each of a batch of 2M read "
-        "at a time. More, by Spark.",
+        "broadcast_max_rows); memory: a batch of 2M events read at a time (about 60 bytes each) and "
+        "one user range's pairs, the other ranges waiting on local disk (24 bytes an event). More, by "
+        "Spark, whose executors share the work on a cluster.",
     )
     small_input_max_events: int = Field(
         default=5_000_000,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -466,55 +467,78 @@ def driver_pair_confidences(
     end: datetime,
     maps: tuple[pa.Table, pa.Table],
     config: InteractionsConfig,
+    scratch: Path,
     batch_events: int = DRIVER_BATCH_EVENTS,
 ) -> Iterator[pa.Table]:
     """:func:`pair_confidences` by index pair, with ``last_seen``, as of ``end``, of the events with
     start <= event_ts < end in the lake's date folders ``partitions``, by Arrow and NumPy on the
-    driver (``HISTORY_ARROW_SCHEMA``): for events few enough to hold (``spark.driver_max_events``),
-    which Spark would index by broadcasting the ID maps (the users' and the items', ``maps``, which
-    hold every id of them) and shuffle.
+    driver (``HISTORY_ARROW_SCHEMA``), where Spark would index them by broadcasting the ID maps (the
+    users' and the items', ``maps``, which hold every id of them) and shuffle.
 
     The dates are read about ``batch_events`` events at a time; of each event only its pair (as one
     64-bit key), confidence and time are kept, in as many parts by user range as there are batches,
-    and the parts are aggregated one after the other: memory holds 24 bytes an event and one part's
-    groups. A 20M-event window grouped at once took the process to 2.75 GB (with Spark's heap, 6.6 GB
-    in the bench's weekly task), in 2M-event parts to 1.3 GB, and 27.4 s instead of 33.5 s for the
-    whole stage. Yields the parts' pairs, disjoint.
+    and the parts are aggregated one after the other. A single part stays in memory; more wait in
+    an uncompressed Arrow file in a temporary folder under ``scratch`` (24 bytes an event), so that
+    memory holds one batch and one part's groups whatever the window's size. A 20M-event window
+    grouped at once took the process to 2.75 GB (with Spark's heap, 6.6 GB in the bench's weekly
+    task), in 2M-event parts to 1.3 GB, and 27.4 s instead of 33.5 s for the whole stage; 100M
+    events' parts held in memory would take 2.4 GB beside the JVM of the job's ingest. Yields the
+    parts' pairs, disjoint.
     """
     expected = sum(count_rows(partition) for partition in partitions)
     parts = max(1, -(-expected // batch_events))
+    if parts == 1:
+        keyed = [
+            event_pairs(events, maps, config, end)
+            for events in event_batches(partitions, start, end, batch_events)
+        ]
+        yield grouped_pairs(pa.concat_tables(keyed) if keyed else PAIR_EVENT_SCHEMA.empty_table(), config)
+        return
     users_per_part = -(-maps[0].num_rows // parts)
-    # Each part's least pair key; the last part takes every key from its own on.
-    firsts = [pa.scalar((part * users_per_part) << 32, pa.int64()) for part in range(parts)]
-    pieces: list[list[pa.Table]] = [[] for _ in range(parts)]
-    for events in event_batches(partitions, start, end, batch_events):
-        keyed = event_pairs(events, maps, config, end)
-        pair = keyed.column("pair")
-        for part, held in enumerate(pieces):
-            if parts == 1:
-                held.append(keyed)
-                continue
-            within = pc.greater_equal(pair, firsts[part])
-            if part + 1 < parts:
-                within = pc.and_(within, pc.less(pair, firsts[part + 1]))
-            held.append(keyed.filter(within))
-    for held in pieces:
-        grouped = (
-            (pa.concat_tables(held) if held else PAIR_EVENT_SCHEMA.empty_table())
-            .group_by("pair")
-            .aggregate([("confidence", config.aggregation), ("event_ts", "max")])
-        )
-        held.clear()
-        pair = grouped.column("pair")
-        yield pa.table(
-            [
-                pc.shift_right(pair, 32).cast(pa.int32()),
-                pc.bit_wise_and(pair, 0xFFFFFFFF).cast(pa.int32()),
-                grouped.column(f"confidence_{config.aggregation}"),
-                grouped.column("event_ts_max"),
-            ],
-            schema=HISTORY_ARROW_SCHEMA,
-        )
+    with tempfile.TemporaryDirectory(dir=scratch, prefix=".pair-parts-") as folder:
+        spilled = Path(folder) / "parts.arrow"
+        # The record batches of each part, in the order they were written.
+        part_batches: list[list[int]] = [[] for _ in range(parts)]
+        written = 0
+        with pa.OSFile(str(spilled), "wb") as sink, pa.ipc.new_file(sink, PAIR_EVENT_SCHEMA) as writer:
+            for events in event_batches(partitions, start, end, batch_events):
+                keyed = event_pairs(events, maps, config, end)
+                # The last part takes every user index from its first on (a map's indices may run past
+                # its length); a stable sort of 16-bit part numbers is NumPy's radix sort.
+                part = np.minimum(
+                    np.right_shift(keyed.column("pair").to_numpy(), 32) // users_per_part, parts - 1
+                ).astype(np.int16 if parts <= np.iinfo(np.int16).max else np.int32)
+                order = np.argsort(part, kind="stable")
+                bounds = np.searchsorted(part[order], np.arange(parts + 1))
+                by_part = keyed.take(pa.array(order))
+                for number, (first, last) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+                    for batch in by_part.slice(first, last - first).to_batches():
+                        writer.write_batch(batch)
+                        part_batches[number].append(written)
+                        written += 1
+        # Read into memory a part at a time, not mapped: mapped pages read would count in the
+        # process's resident memory until the file closed.
+        with pa.OSFile(str(spilled)) as source:
+            reader = pa.ipc.open_file(source)
+            for numbers in part_batches:
+                yield grouped_pairs(
+                    pa.Table.from_batches([reader.get_batch(n) for n in numbers], PAIR_EVENT_SCHEMA), config
+                )
+
+
+def grouped_pairs(events: pa.Table, config: InteractionsConfig) -> pa.Table:
+    """The pairs of ``events`` (``PAIR_EVENT_SCHEMA``) aggregated (``HISTORY_ARROW_SCHEMA``)."""
+    grouped = events.group_by("pair").aggregate([("confidence", config.aggregation), ("event_ts", "max")])
+    pair = grouped.column("pair")
+    return pa.table(
+        [
+            pc.shift_right(pair, 32).cast(pa.int32()),
+            pc.bit_wise_and(pair, 0xFFFFFFFF).cast(pa.int32()),
+            grouped.column(f"confidence_{config.aggregation}"),
+            grouped.column("event_ts_max"),
+        ],
+        schema=HISTORY_ARROW_SCHEMA,
+    )
 
 
 # An event as the driver's aggregation keeps it: its (user, item) indices packed as pair_keys packs them.

@@ -363,8 +363,13 @@ def test_the_driver_aggregates_a_windows_pairs_as_spark_does(
     partitions = lake_partitions_between(lake, start, end)
     assert len(partitions) == 4
 
-    parts = list(driver_pair_confidences(partitions, start, end, (users, items), config, batch_events))
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    parts = list(
+        driver_pair_confidences(partitions, start, end, (users, items), config, scratch, batch_events)
+    )
     assert len(parts) == (1 if batch_events > 800 else 8)
+    assert not any(scratch.iterdir())  # the parts' file, if written, is gone
     driver = pa.concat_tables(parts)
     maps = IdMaps(users=spark.createDataFrame(users), items=spark.createDataFrame(items))
     expected = pair_confidences(

@@ -181,6 +181,7 @@ def build_interactions(spark: SparkSession, run: RunContext) -> dict[str, float]
                     window_end,
                     (all_pairs.users, ds.dataset(str(written.map_dir("items")), format="parquet").to_table()),
                     config,
+                    scratch=staging,
                 )
                 if all_pairs.history is None:
                     write_history(since, written.history_dir)
