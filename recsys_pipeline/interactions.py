@@ -499,7 +499,7 @@ def driver_pair_confidences(
         spilled = Path(folder) / "parts.arrow"
         # The record batches of each part, in the order they were written.
         part_batches: list[list[int]] = [[] for _ in range(parts)]
-        written = 0
+        next_batch = 0
         with pa.OSFile(str(spilled), "wb") as sink, pa.ipc.new_file(sink, PAIR_EVENT_SCHEMA) as writer:
             for events in event_batches(partitions, start, end, batch_events):
                 keyed = event_pairs(events, maps, config, end)
@@ -514,8 +514,8 @@ def driver_pair_confidences(
                 for number, (first, last) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
                     for batch in by_part.slice(first, last - first).to_batches():
                         writer.write_batch(batch)
-                        part_batches[number].append(written)
-                        written += 1
+                        part_batches[number].append(next_batch)
+                        next_batch += 1
         # Read into memory a part at a time, not mapped: mapped pages read would count in the
         # process's resident memory until the file closed.
         with pa.OSFile(str(spilled)) as source:
