@@ -1,7 +1,7 @@
 """Run every benchmark, or one: ``python -m benchmarks [NAME [KEY=VALUE ...]]``; each writes
 ``var/bench/NAME.json``. ``KEY=VALUE`` (a YAML value) replaces one of NAME's params for a one-off run,
 which writes ``var/bench/NAME-KEY=VALUE.json`` instead (the 100M-event pipeline run:
-``python -m benchmarks pipeline events=100000000 users=2500000``)."""
+``python -m benchmarks pipeline events=100000000 users=2500000 items=500000``)."""
 
 from __future__ import annotations
 
